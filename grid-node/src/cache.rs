@@ -1,0 +1,134 @@
+//! The on-disk cache of compiled modules.
+//!
+//! Compiling is the expensive part of running a module, so a node compiles each module once and
+//! keeps the machine code on disk, keyed by the module's SHA-256 and the engine's compatibility
+//! hash (wasmtime version, target, and every setting that changes generated code).
+//!
+//! **Architecture invariant:** a node only deserializes compiled code it wrote itself.
+//! `Module::deserialize` runs whatever machine code it is given, so an artifact from anywhere else —
+//! another node, a copied or shared cache directory, a tampered file — must never reach it. Each
+//! artifact is stored with an HMAC-SHA256 tag under a 256-bit key that the node generates on first
+//! use and keeps in the cache directory with mode 0600 (the directory itself is 0700). The tag
+//! covers the cache key and the bytes; an artifact whose tag does not verify is deleted and the
+//! module is compiled again. Someone who can read the node's key file already runs as the node's
+//! user, and could as well change its binary.
+
+use anyhow::{Context, Result};
+use grid_proto::Sha256Hex;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::fs;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use wasmtime::{Engine, Module};
+
+type HmacSha256 = Hmac<Sha256>;
+const TAG_BYTES: usize = 32;
+const KEY_FILE: &str = "node.key";
+
+pub struct ModuleCache {
+    dir: PathBuf,
+    key: [u8; 32],
+    engine_hash: u64,
+}
+
+impl ModuleCache {
+    /// Opens (creating if needed) the cache in `dir` for artifacts of `engine`.
+    pub fn open(dir: &Path, engine: &Engine) -> Result<Self> {
+        fs::create_dir_all(dir).with_context(|| format!("creating the module cache {}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting the module cache {} to its owner", dir.display()))?;
+        let key = load_or_create_key(&dir.join(KEY_FILE))?;
+        let mut hasher = DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Ok(Self { dir: dir.to_path_buf(), key, engine_hash: hasher.finish() })
+    }
+
+    fn name(&self, module: &Sha256Hex) -> String {
+        format!("{module}-{:016x}.cwasm", self.engine_hash)
+    }
+
+    fn tag(&self, name: &str, artifact: &[u8]) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        mac.update(name.as_bytes());
+        mac.update(artifact);
+        mac
+    }
+
+    /// The compiled module, if this node cached it before and the artifact is intact.
+    pub fn get(&self, engine: &Engine, module: &Sha256Hex) -> Option<Module> {
+        let name = self.name(module);
+        let path = self.dir.join(&name);
+        let bytes = fs::read(&path).ok()?;
+        if bytes.len() < TAG_BYTES {
+            let _ = fs::remove_file(&path);
+            return None;
+        }
+        let (tag, artifact) = bytes.split_at(TAG_BYTES);
+        if self.tag(&name, artifact).verify_slice(tag).is_err() {
+            tracing::warn!(path = %path.display(), "compiled artifact failed its integrity check; recompiling");
+            let _ = fs::remove_file(&path);
+            return None;
+        }
+        // SAFETY: the HMAC above proves this node wrote these bytes with `Module::serialize`
+        // (see the module docs); wasmtime additionally rejects artifacts of another version.
+        match unsafe { Module::deserialize(engine, artifact) } {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "stale compiled artifact; recompiling");
+                let _ = fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Stores `compiled` for later runs. Failures only cost a recompile later, so they are logged.
+    pub fn put(&self, module: &Sha256Hex, compiled: &Module) {
+        if let Err(e) = self.try_put(module, compiled) {
+            tracing::warn!(error = %format!("{e:#}"), "could not cache a compiled module");
+        }
+    }
+
+    fn try_put(&self, module: &Sha256Hex, compiled: &Module) -> Result<()> {
+        let name = self.name(module);
+        let artifact = compiled.serialize().map_err(crate::sandbox::wasm_err)?;
+        let tag = self.tag(&name, &artifact).finalize().into_bytes();
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        tmp.write_all(&tag)?;
+        tmp.write_all(&artifact)?;
+        tmp.persist(self.dir.join(&name))?;
+        Ok(())
+    }
+}
+
+fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
+    let mut key = [0u8; 32];
+    match fs::File::open(path) {
+        Ok(mut f) => {
+            let meta = f.metadata()?;
+            if meta.permissions().mode() & 0o077 != 0 || meta.len() != 32 {
+                anyhow::bail!(
+                    "{} must be 32 bytes readable only by its owner (chmod 600), or deleted to make a new one",
+                    path.display()
+                );
+            }
+            f.read_exact(&mut key)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::File::open("/dev/urandom")
+                .and_then(|mut r| r.read_exact(&mut key))
+                .context("reading /dev/urandom for the cache key")?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(&key)?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    Ok(key)
+}

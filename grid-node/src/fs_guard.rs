@@ -1,0 +1,363 @@
+//! The `/out` quota and the open-handle limit, enforced inside the WASI calls that write.
+//!
+//! wasmtime-wasi has no hook for a disk quota, so the sandbox shadows the preview 1 functions
+//! that can grow `/out` (`fd_write`, `fd_pwrite`, `fd_allocate`, `fd_filestat_set_size`) or add
+//! entries to it (`path_open` with `O_CREAT`, `path_create_directory`, `path_symlink`,
+//! `path_link`). Each shadow checks the quota, then calls wasmtime-wasi's own implementation
+//! (kept under the private module name [`ORIGINAL_MODULE`]), then checks again: a write never puts
+//! more bytes on disk than the quota has room for, and a task whose `/out` grows past its limit
+//! ends at once with `limit: output` / `limit: files` — while writing, not afterwards.
+//!
+//! ## How the byte count stays exact and cheap
+//! The apparent size of `/out` (sparse files count at their full length) is tracked as an upper
+//! bound: the total found by the last exact walk of `/out`, plus the current size (`fstat`) of
+//! every file opened for writing since. Only when that bound passes the limit is `/out` walked
+//! again (without following symlinks), which makes the bound exact. An honest task far from its
+//! limit pays one `fstat` per open writable file per write; a task near its limit pays walks,
+//! charged to its own time. Entry counts work the same way: creations are counted and checked
+//! by a walk when the count passes the limit.
+//!
+//! Symlinks: a guest may create only relative links whose target has no `..` component, so a
+//! link cannot point outside `/out`; outputs are collected without following links.
+//!
+//! Open files: the WASI handle table is capped at the task's `max_open_files`; a guest that runs
+//! out of handles ends with `limit: open-files`.
+
+use crate::sandbox::{LimitHit, TaskState};
+use grid_proto::Limit;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use wasmtime::{Caller, Linker, Result, Store, TypedFunc};
+use wasmtime_wasi::filesystem::Descriptor;
+use wasmtime_wasi::{OpenMode, WasiView};
+
+/// The module name under which wasmtime-wasi's own functions stay reachable to the shadows.
+/// Guests cannot import it: validation allows only `wasi_snapshot_preview1`.
+pub const ORIGINAL_MODULE: &str = "grid_wasi_p1_original";
+const P1: &str = "wasi_snapshot_preview1";
+
+const ERRNO_PERM: i32 = 63;
+const OFLAGS_CREAT: i32 = 1;
+
+/// Quota state of one task.
+pub struct OutputQuota {
+    out_dir: PathBuf,
+    max_bytes: u64,
+    max_files: u64,
+    /// Bytes of files not opened for writing since the last walk.
+    walked_bytes: u64,
+    /// (dev, ino) → last seen size, for every file opened for writing since the last walk.
+    touched: HashMap<(u64, u64), u64>,
+    /// Upper bound on entries under `/out`.
+    entries: u64,
+}
+
+impl OutputQuota {
+    pub fn new(out_dir: &Path, max_bytes: u64, max_files: u64) -> Self {
+        Self {
+            out_dir: out_dir.to_path_buf(),
+            max_bytes,
+            max_files,
+            walked_bytes: 0,
+            touched: HashMap::new(),
+            entries: 0,
+        }
+    }
+
+    fn bound(&self) -> u64 {
+        self.walked_bytes.saturating_add(self.touched.values().sum::<u64>())
+    }
+
+    /// Updates the sizes of the task's open writable files; true if `extra` more bytes fit.
+    fn fits(&mut self, state_files: &[((u64, u64), u64)], extra: u64) -> bool {
+        for (id, size) in state_files {
+            self.touched.insert(*id, *size);
+        }
+        if self.bound().saturating_add(extra) <= self.max_bytes {
+            return true;
+        }
+        self.walk(state_files);
+        self.bound().saturating_add(extra) <= self.max_bytes
+    }
+
+    /// Makes the counts exact by walking `/out`.
+    fn walk(&mut self, open_files: &[((u64, u64), u64)]) {
+        let open: HashSet<(u64, u64)> = open_files.iter().map(|(id, _)| *id).collect();
+        let mut seen = HashSet::new();
+        let (mut bytes, mut entries) = (0u64, 0u64);
+        let mut stack = vec![self.out_dir.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(read) = std::fs::read_dir(&dir) else { continue };
+            for entry in read.flatten() {
+                entries += 1;
+                let Ok(meta) = entry.path().symlink_metadata() else { continue };
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                } else if meta.is_file() {
+                    let id = (meta.dev(), meta.ino());
+                    if !open.contains(&id) && seen.insert(id) {
+                        bytes = bytes.saturating_add(meta.len());
+                    }
+                }
+            }
+        }
+        self.walked_bytes = bytes;
+        self.touched = open_files.iter().copied().collect();
+        self.entries = entries;
+    }
+
+    fn add_entry(&mut self, open_files: &[((u64, u64), u64)]) -> bool {
+        self.entries += 1;
+        if self.entries <= self.max_files {
+            return true;
+        }
+        self.walk(open_files);
+        self.entries <= self.max_files
+    }
+}
+
+/// (dev, ino) and size of every file the guest has open for writing.
+fn open_writable_files(store: &mut TaskState) -> Vec<((u64, u64), u64)> {
+    let table = store.wasi.ctx().table;
+    let mut files = Vec::new();
+    for entry in table.iter_mut() {
+        if let Some(Descriptor::File(f)) = entry.downcast_ref::<Descriptor>() {
+            if f.open_mode.contains(OpenMode::WRITE) {
+                if let Ok(meta) = f.file.metadata() {
+                    files.push(((meta.dev(), meta.ino()), meta.len()));
+                }
+            }
+        }
+    }
+    files
+}
+
+fn check_bytes(caller: &mut Caller<'_, TaskState>, extra: u64) -> Result<()> {
+    let files = open_writable_files(caller.data_mut());
+    if caller.data_mut().quota.fits(&files, extra) {
+        Ok(())
+    } else {
+        Err(LimitHit(Limit::Output).into())
+    }
+}
+
+fn check_new_entry(caller: &mut Caller<'_, TaskState>) -> Result<()> {
+    let files = open_writable_files(caller.data_mut());
+    if caller.data_mut().quota.add_entry(&files) {
+        Ok(())
+    } else {
+        Err(LimitHit(Limit::Files).into())
+    }
+}
+
+fn memory<'a>(caller: &'a mut Caller<'_, TaskState>) -> &'a [u8] {
+    match caller.get_export("memory").and_then(|e| e.into_memory()) {
+        Some(m) => m.data(caller),
+        None => &[],
+    }
+}
+
+fn read_u32(mem: &[u8], ptr: i32) -> Option<u32> {
+    let start = ptr as u32 as usize;
+    let bytes = mem.get(start..start.checked_add(4)?)?;
+    Some(u32::from_le_bytes(bytes.try_into().ok()?))
+}
+
+/// The total length of a guest iovec array, if it lies in memory (else the original reports EFAULT).
+fn iovecs_len(caller: &mut Caller<'_, TaskState>, iovs: i32, count: i32) -> u64 {
+    let mem = memory(caller);
+    let mut total = 0u64;
+    for i in 0..(count as u32).min(1024) {
+        let Some(at) = (iovs as u32).checked_add(i * 8) else { break };
+        if let Some(len) = read_u32(mem, at as i32 + 4) {
+            total = total.saturating_add(len as u64);
+        }
+    }
+    total
+}
+
+fn guest_str(caller: &mut Caller<'_, TaskState>, ptr: i32, len: i32) -> Option<String> {
+    let mem = memory(caller);
+    let start = ptr as u32 as usize;
+    let bytes = mem.get(start..start.checked_add(len as u32 as usize)?)?;
+    String::from_utf8(bytes.to_vec()).ok()
+}
+
+/// A symlink target that stays inside the directory tree it is created in.
+fn is_contained_link_target(target: &str) -> bool {
+    !target.is_empty() && !target.starts_with('/') && !target.split('/').any(|c| c == "..")
+}
+
+/// The original implementations, resolved once per task.
+pub struct Originals {
+    fd_write: TypedFunc<(i32, i32, i32, i32), i32>,
+    fd_pwrite: TypedFunc<(i32, i32, i32, i64, i32), i32>,
+    fd_allocate: TypedFunc<(i32, i64, i64), i32>,
+    fd_filestat_set_size: TypedFunc<(i32, i64), i32>,
+    path_open: TypedFunc<(i32, i32, i32, i32, i32, i64, i64, i32, i32), i32>,
+    path_create_directory: TypedFunc<(i32, i32, i32), i32>,
+    path_symlink: TypedFunc<(i32, i32, i32, i32, i32), i32>,
+    path_link: TypedFunc<(i32, i32, i32, i32, i32, i32, i32), i32>,
+    fd_renumber: TypedFunc<(i32, i32), i32>,
+}
+
+impl Originals {
+    pub fn resolve(linker: &Linker<TaskState>, store: &mut Store<TaskState>) -> Result<Self> {
+        macro_rules! get {
+            ($name:literal) => {
+                linker
+                    .get(&mut *store, ORIGINAL_MODULE, $name)?
+                    .into_func()
+                    .ok_or_else(|| wasmtime::format_err!("wasmtime-wasi lacks {}", $name))?
+                    .typed(&*store)?
+            };
+        }
+        Ok(Self {
+            fd_write: get!("fd_write"),
+            fd_pwrite: get!("fd_pwrite"),
+            fd_allocate: get!("fd_allocate"),
+            fd_filestat_set_size: get!("fd_filestat_set_size"),
+            path_open: get!("path_open"),
+            path_create_directory: get!("path_create_directory"),
+            path_symlink: get!("path_symlink"),
+            path_link: get!("path_link"),
+            fd_renumber: get!("fd_renumber"),
+        })
+    }
+}
+
+fn originals<'a>(caller: &'a Caller<'_, TaskState>) -> Result<&'a Originals> {
+    caller
+        .data()
+        .originals
+        .as_ref()
+        .ok_or_else(|| wasmtime::format_err!("WASI originals not resolved"))
+}
+
+/// Keeps wasmtime-wasi's functions under [`ORIGINAL_MODULE`] and shadows the ones that write.
+pub fn add_shadows(linker: &mut Linker<TaskState>) -> Result<()> {
+    linker.alias_module(P1, ORIGINAL_MODULE)?;
+    linker.allow_shadowing(true);
+
+    linker.func_wrap_async(P1, "fd_write", |mut caller: Caller<'_, TaskState>, (fd, iovs, n, nwritten): (i32, i32, i32, i32)| {
+        Box::new(async move {
+            let guarded = !caller.data().is_stdio(fd);
+            if guarded {
+                let want = iovecs_len(&mut caller, iovs, n);
+                check_bytes(&mut caller, want)?;
+            }
+            let f = originals(&caller)?.fd_write.clone();
+            let errno = f.call_async(&mut caller, (fd, iovs, n, nwritten)).await?;
+            if guarded {
+                check_bytes(&mut caller, 0)?;
+            }
+            Ok(errno)
+        })
+    })?;
+
+    linker.func_wrap_async(P1, "fd_pwrite", |mut caller: Caller<'_, TaskState>, (fd, iovs, n, offset, nwritten): (i32, i32, i32, i64, i32)| {
+        Box::new(async move {
+            let want = iovecs_len(&mut caller, iovs, n);
+            check_bytes(&mut caller, want)?;
+            let f = originals(&caller)?.fd_pwrite.clone();
+            let errno = f.call_async(&mut caller, (fd, iovs, n, offset, nwritten)).await?;
+            check_bytes(&mut caller, 0)?;
+            Ok(errno)
+        })
+    })?;
+
+    linker.func_wrap_async(P1, "fd_allocate", |mut caller: Caller<'_, TaskState>, (fd, offset, len): (i32, i64, i64)| {
+        Box::new(async move {
+            let end = (offset as u64).saturating_add(len as u64);
+            if end > caller.data().quota.max_bytes {
+                return Err(LimitHit(Limit::Output).into());
+            }
+            let f = originals(&caller)?.fd_allocate.clone();
+            let errno = f.call_async(&mut caller, (fd, offset, len)).await?;
+            check_bytes(&mut caller, 0)?;
+            Ok(errno)
+        })
+    })?;
+
+    linker.func_wrap_async(P1, "fd_filestat_set_size", |mut caller: Caller<'_, TaskState>, (fd, size): (i32, i64)| {
+        Box::new(async move {
+            if size as u64 > caller.data().quota.max_bytes {
+                return Err(LimitHit(Limit::Output).into());
+            }
+            let f = originals(&caller)?.fd_filestat_set_size.clone();
+            let errno = f.call_async(&mut caller, (fd, size)).await?;
+            check_bytes(&mut caller, 0)?;
+            Ok(errno)
+        })
+    })?;
+
+    linker.func_wrap_async(
+        P1,
+        "path_open",
+        |mut caller: Caller<'_, TaskState>, args: (i32, i32, i32, i32, i32, i64, i64, i32, i32)| {
+            Box::new(async move {
+                if args.4 & OFLAGS_CREAT != 0 {
+                    check_new_entry(&mut caller)?;
+                }
+                let f = originals(&caller)?.path_open.clone();
+                f.call_async(&mut caller, args).await
+            })
+        },
+    )?;
+
+    linker.func_wrap_async(P1, "path_create_directory", |mut caller: Caller<'_, TaskState>, args: (i32, i32, i32)| {
+        Box::new(async move {
+            check_new_entry(&mut caller)?;
+            let f = originals(&caller)?.path_create_directory.clone();
+            f.call_async(&mut caller, args).await
+        })
+    })?;
+
+    linker.func_wrap_async(P1, "path_symlink", |mut caller: Caller<'_, TaskState>, args: (i32, i32, i32, i32, i32)| {
+        Box::new(async move {
+            let contained = guest_str(&mut caller, args.0, args.1).is_some_and(|t| is_contained_link_target(&t));
+            if !contained {
+                return Ok(ERRNO_PERM);
+            }
+            check_new_entry(&mut caller)?;
+            let f = originals(&caller)?.path_symlink.clone();
+            f.call_async(&mut caller, args).await
+        })
+    })?;
+
+    linker.func_wrap_async(P1, "path_link", |mut caller: Caller<'_, TaskState>, args: (i32, i32, i32, i32, i32, i32, i32)| {
+        Box::new(async move {
+            check_new_entry(&mut caller)?;
+            let f = originals(&caller)?.path_link.clone();
+            f.call_async(&mut caller, args).await
+        })
+    })?;
+
+    // Renumbering onto 0..=2 turns a standard stream into a file; forget it is stdio.
+    linker.func_wrap_async(P1, "fd_renumber", |mut caller: Caller<'_, TaskState>, (from, to): (i32, i32)| {
+        Box::new(async move {
+            if to <= 2 {
+                caller.data_mut().stdio_replaced = true;
+            }
+            let f = originals(&caller)?.fd_renumber.clone();
+            f.call_async(&mut caller, (from, to)).await
+        })
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_targets_must_stay_inside() {
+        assert!(is_contained_link_target("data.csv"));
+        assert!(is_contained_link_target("shards/0.csv"));
+        assert!(!is_contained_link_target("/etc/passwd"));
+        assert!(!is_contained_link_target("../../etc"));
+        assert!(!is_contained_link_target("a/../../b"));
+        assert!(!is_contained_link_target(""));
+    }
+}

@@ -1,0 +1,24 @@
+//! The Grid provider: it runs strangers' WebAssembly under hard limits.
+//!
+//! Start at [`Sandbox`]: one engine per node, [`Sandbox::load`] to validate and compile a module
+//! (refused modules get an `invalid: …` reason before any code runs), [`Sandbox::run`] to run one
+//! task of it with [`Limits`]. `grid run` uses exactly this code, so a task behaves the same on a
+//! user's laptop as on any node.
+//!
+//! Modules: [`validate`] (static checks before compiling), [`limits`], [`sandbox`],
+//! [`fs_guard`] (the `/out` quota inside WASI), [`capture`] (capped logs), [`determinism`]
+//! (fixed clocks, seeded randomness), [`cache`] (compiled modules on disk), [`outputs`].
+
+pub mod cache;
+pub mod capture;
+mod cpu;
+pub mod determinism;
+pub mod fs_guard;
+pub mod limits;
+pub mod outputs;
+pub mod sandbox;
+pub mod validate;
+
+pub use limits::{Limits, NodeCaps};
+pub use sandbox::{LoadedModule, Sandbox, SandboxConfig, TaskReport, TaskSpec};
+pub use validate::CompileCaps;

@@ -1,0 +1,94 @@
+//! Hard limits for one task, and the caps a node puts on them.
+//!
+//! A job asks for [`Limits`]; the node applies its [`NodeCaps`] with [`Limits::capped_by`] — the one
+//! place where a request meets a provider's ceiling. Every limit ends only the task that hits it,
+//! with a `limit: …` reason; the node and its engine go on serving.
+//!
+//! What the limits do **not** cover: host memory spent on a task's behalf outside linear memory and
+//! tables (WASI's bookkeeping, captured logs up to their cap, the compiled code) is bounded by the
+//! other limits rather than counted; the wasm stack is a per-node engine setting
+//! ([`crate::SandboxConfig::max_wasm_stack_bytes`]), not a per-task one.
+
+use std::time::Duration;
+
+/// Per-task limits. `Default` gives the defaults of the sandbox contract.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Linear memory, summed over the task's memories. Default 512 MiB. `memory.grow` past it
+    /// fails inside the guest (returns -1); if the task then fails, its reason is `limit: memory`.
+    pub memory_bytes: u64,
+    /// Elements over all tables. Default 100,000.
+    pub table_elements: u64,
+    /// Wall time from the first guest instruction to exit; CPU time is capped by the same
+    /// value (a single-threaded guest cannot use more CPU than wall time). Default 10 min.
+    /// Compiling the module is not charged.
+    pub timeout: Duration,
+    /// Apparent size of everything under `/out` (a sparse file counts at its full length).
+    /// Default 1 GiB.
+    pub max_output_bytes: u64,
+    /// Entries (files, directories, links) created under `/out`. Default 10,000.
+    pub max_output_files: u64,
+    /// WASI handles open at once (files, directories, streams). Default 256.
+    pub max_open_files: u64,
+    /// Captured bytes of stdout, and separately of stderr; more is dropped and marked
+    /// `logs_truncated`, and the task goes on. Default 4 MiB.
+    pub max_log_bytes: u64,
+}
+
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 512 * MIB,
+            table_elements: 100_000,
+            timeout: Duration::from_secs(600),
+            max_output_bytes: GIB,
+            max_output_files: 10_000,
+            max_open_files: 256,
+            max_log_bytes: 4 * MIB,
+        }
+    }
+}
+
+/// A provider's ceilings: no task on this node gets more, whatever it asks for.
+/// `Default` is the same as [`Limits::default`], i.e. a node accepts the defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeCaps(pub Limits);
+
+impl Default for NodeCaps {
+    fn default() -> Self {
+        Self(Limits::default())
+    }
+}
+
+impl Limits {
+    /// Each limit lowered to the node's cap where it asks for more.
+    pub fn capped_by(&self, caps: &NodeCaps) -> Limits {
+        let c = &caps.0;
+        Limits {
+            memory_bytes: self.memory_bytes.min(c.memory_bytes),
+            table_elements: self.table_elements.min(c.table_elements),
+            timeout: self.timeout.min(c.timeout),
+            max_output_bytes: self.max_output_bytes.min(c.max_output_bytes),
+            max_output_files: self.max_output_files.min(c.max_output_files),
+            max_open_files: self.max_open_files.min(c.max_open_files),
+            max_log_bytes: self.max_log_bytes.min(c.max_log_bytes),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_caps_lower_what_a_task_asks_for_and_nothing_else() {
+        let caps = NodeCaps(Limits { memory_bytes: 64 * MIB, ..Limits::default() });
+        let asked = Limits { memory_bytes: GIB, timeout: Duration::from_secs(5), ..Limits::default() };
+        let got = asked.capped_by(&caps);
+        assert_eq!(got.memory_bytes, 64 * MIB);
+        assert_eq!(got.timeout, Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,470 @@
+//! The sandbox: one task of untrusted WebAssembly, run with hard limits.
+//!
+//! A [`Sandbox`] owns one wasmtime [`Engine`] (and its compiled-module cache) and serves many
+//! tasks at once on a multi-thread tokio runtime. A task that hits a limit, traps or misbehaves
+//! ends with a [`Reason`]; the engine stays healthy for the next one.
+//!
+//! # How each limit is enforced
+//! | limit | mechanism |
+//! |---|---|
+//! | memory, tables | a [`ResourceLimiter`] per store: `memory.grow` past the limit returns -1 in the guest; a task that then fails reports `limit: memory` |
+//! | time | a wall deadline checked on every epoch tick (10 ms) while wasm runs, and a tokio timeout around the whole call for a guest blocked in a host call (`poll_oneoff` sleeps) |
+//! | output bytes and files, open files | shadowed WASI calls, see [`crate::fs_guard`] |
+//! | logs | [`crate::capture::CappedPipe`]: truncated and marked, not fatal |
+//! | stack | `max_wasm_stack` on the engine (per node) |
+//!
+//! # Isolation
+//! A guest sees exactly: its args, its env plus `GRID_*`, stdin, `/in` read-only, `/out`
+//! read-write. No host env, no other preopens, no sockets (wasmtime-wasi grants no network unless
+//! asked), no threads (shared memory is refused by [`crate::validate`]).
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo(bytes: &[u8]) -> anyhow::Result<()> {
+//! use grid_node::{Limits, Sandbox, SandboxConfig, TaskSpec};
+//! let sandbox = Sandbox::new(SandboxConfig::default())?;
+//! let module = sandbox.load(bytes, &Limits::default()).await.map_err(|r| anyhow::anyhow!("{r}"))?;
+//! let out = tempfile::tempdir()?;
+//! let report = sandbox.run(&module, TaskSpec::new(out.path())).await;
+//! println!("{:?} in {:.3}s", report.outcome, report.wall_seconds);
+//! # Ok(()) }
+//! ```
+
+use crate::cache::ModuleCache;
+use crate::capture::CappedPipe;
+use crate::determinism::{FixedWallClock, VirtualMonotonicClock, seeded_rng};
+use crate::fs_guard::{self, Originals, OutputQuota};
+use crate::limits::{Limits, NodeCaps};
+use crate::validate::{CompileCaps, check_module};
+use grid_proto::{Limit, Outcome, Reason, Sha256Hex};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wasmtime::{
+    Config, Engine, Linker, Module, ResourceLimiter, Store, Trap, UpdateDeadline,
+};
+use wasmtime_wasi::p1::{self, WasiP1Ctx};
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder, WasiView};
+
+/// How often the engine's epoch advances; the granularity of the time limit for running wasm.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Settings of one node's sandbox (shared by all its tasks).
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    /// Ceilings on every task's limits.
+    pub caps: NodeCaps,
+    /// Static caps on compile work, checked before compiling.
+    pub compile_caps: CompileCaps,
+    /// Wasm stack per task. Default 1 MiB; deep recursion past it is `trap: stack overflow`.
+    pub max_wasm_stack_bytes: usize,
+    /// Where compiled modules are kept between runs; `None` compiles every time.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            caps: NodeCaps::default(),
+            compile_caps: CompileCaps::default(),
+            max_wasm_stack_bytes: 1 << 20,
+            cache_dir: None,
+        }
+    }
+}
+
+/// One task to run: what the guest sees, and its limits.
+#[derive(Clone, Debug)]
+pub struct TaskSpec {
+    /// args after argv[0] (which is always `job.wasm`, so that every node passes the same).
+    pub args: Vec<String>,
+    /// The job's env; `GRID_*` names are set by the sandbox and win over these.
+    pub env: Vec<(String, String)>,
+    pub stdin: Vec<u8>,
+    /// Host directory shown read-only at `/in`; `None` shows an empty directory.
+    pub input_dir: Option<PathBuf>,
+    /// Host directory shown read-write at `/out`. It should be empty: the quota counts what is there.
+    pub output_dir: PathBuf,
+    pub limits: Limits,
+    pub job_id: String,
+    pub task_index: u64,
+    pub task_count: u64,
+    /// The task's own seed (`GRID_SEED`), see [`grid_proto::task_seed`].
+    pub seed: u64,
+    /// Fixed clocks and seeded randomness (the default). Off: the host's clocks and randomness.
+    pub deterministic: bool,
+}
+
+impl TaskSpec {
+    /// A task with the defaults of `grid run`: job `local`, index 0 of 1, seed of job seed 0.
+    pub fn new(output_dir: &Path) -> Self {
+        Self {
+            args: Vec::new(),
+            env: Vec::new(),
+            stdin: Vec::new(),
+            input_dir: None,
+            output_dir: output_dir.to_path_buf(),
+            limits: Limits::default(),
+            job_id: "local".into(),
+            task_index: 0,
+            task_count: 1,
+            seed: grid_proto::task_seed(0, 0),
+            deterministic: true,
+        }
+    }
+}
+
+/// What one run produced.
+#[derive(Clone, Debug)]
+pub struct TaskReport {
+    pub outcome: Outcome,
+    /// CPU time of the threads while they ran this task's wasm and host calls.
+    pub cpu_seconds: f64,
+    pub wall_seconds: f64,
+    /// Apparent size of `/out` when the task ended.
+    pub bytes_out: u64,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub logs_truncated: bool,
+}
+
+/// A module that passed validation and is compiled for this sandbox's engine.
+#[derive(Clone)]
+pub struct LoadedModule {
+    pub sha256: Sha256Hex,
+    module: Module,
+}
+
+/// A limit that ended the task, raised from inside the store.
+#[derive(Debug, thiserror::Error)]
+#[error("limit: {0}")]
+pub struct LimitHit(pub Limit);
+
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<TaskState>,
+    config: SandboxConfig,
+    cache: Option<ModuleCache>,
+    loaded: Mutex<HashMap<Sha256Hex, Module>>,
+    _ticker: EpochTicker,
+}
+
+/// Per-task store data.
+pub struct TaskState {
+    pub(crate) wasi: WasiP1Ctx,
+    limiter: TaskLimiter,
+    pub(crate) quota: OutputQuota,
+    pub(crate) originals: Option<Originals>,
+    pub(crate) stdio_replaced: bool,
+}
+
+impl TaskState {
+    pub(crate) fn is_stdio(&self, fd: i32) -> bool {
+        (fd == 1 || fd == 2) && !self.stdio_replaced
+    }
+}
+
+struct TaskLimiter {
+    memory_bytes: u64,
+    table_elements: u64,
+    tables_total: u64,
+    hit: Option<Limit>,
+}
+
+impl ResourceLimiter for TaskLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired as u64 > self.memory_bytes {
+            self.hit.get_or_insert(Limit::Memory);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.tables_total.saturating_add((desired - current.min(desired)) as u64);
+        if total > self.table_elements {
+            self.hit.get_or_insert(Limit::Table);
+            return Ok(false);
+        }
+        self.tables_total = total;
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+    fn memories(&self) -> usize {
+        1
+    }
+    fn tables(&self) -> usize {
+        100
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
+struct EpochTicker;
+
+impl EpochTicker {
+    fn start(engine: &Engine) -> std::io::Result<Self> {
+        let weak = engine.weak();
+        std::thread::Builder::new().name("grid-epoch".into()).spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })?;
+        Ok(Self)
+    }
+}
+
+impl Sandbox {
+    pub fn new(config: SandboxConfig) -> anyhow::Result<Self> {
+        let mut wasm = Config::new();
+        wasm.epoch_interruption(true)
+            .max_wasm_stack(config.max_wasm_stack_bytes)
+            .wasm_multi_memory(false)
+            .parallel_compilation(true);
+        let engine = Engine::new(&wasm).map_err(wasm_err)?;
+        let mut linker: Linker<TaskState> = Linker::new(&engine);
+        p1::add_to_linker_async(&mut linker, |s: &mut TaskState| &mut s.wasi)
+            .map_err(wasm_err)?;
+        fs_guard::add_shadows(&mut linker).map_err(wasm_err)?;
+        let cache = match &config.cache_dir {
+            Some(dir) => Some(ModuleCache::open(dir, &engine)?),
+            None => None,
+        };
+        let ticker = EpochTicker::start(&engine)?;
+        Ok(Self { engine, linker, config, cache, loaded: Mutex::new(HashMap::new()), _ticker: ticker })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Validates and compiles (or fetches from the cache) a module for a task with `limits`.
+    /// `Err` is always `Reason::Invalid`, refused before running.
+    pub async fn load(&self, bytes: &[u8], limits: &Limits) -> Result<LoadedModule, Reason> {
+        let limits = limits.capped_by(&self.config.caps);
+        check_module(bytes, &limits, &self.config.compile_caps).map_err(Reason::Invalid)?;
+        let sha256 = Sha256Hex::of(bytes);
+        let module = self.compiled(bytes, &sha256).await?;
+        // Type-check the imports against WASI now, so a mismatch is `invalid`, not a trap later.
+        self.linker.instantiate_pre(&module).map_err(|e| Reason::Invalid(one_line(&e)))?;
+        Ok(LoadedModule { sha256, module })
+    }
+
+    async fn compiled(&self, bytes: &[u8], sha256: &Sha256Hex) -> Result<Module, Reason> {
+        if let Some(m) = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(sha256) {
+            return Ok(m.clone());
+        }
+        if let Some(m) = self.cache.as_ref().and_then(|c| c.get(&self.engine, sha256)) {
+            self.remember(sha256, &m);
+            return Ok(m);
+        }
+        let engine = self.engine.clone();
+        let owned = bytes.to_vec();
+        let started = Instant::now();
+        let module = tokio::task::spawn_blocking(move || Module::new(&engine, &owned))
+            .await
+            .map_err(|e| Reason::Invalid(format!("compiler crashed: {e}")))?
+            .map_err(|e| Reason::Invalid(one_line(&e)))?;
+        tracing::debug!(module = %sha256, seconds = started.elapsed().as_secs_f64(), "compiled");
+        if let Some(cache) = &self.cache {
+            cache.put(sha256, &module);
+        }
+        self.remember(sha256, &module);
+        Ok(module)
+    }
+
+    fn remember(&self, sha256: &Sha256Hex, module: &Module) {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if loaded.len() >= 64 {
+            loaded.clear();
+        }
+        loaded.insert(*sha256, module.clone());
+    }
+
+    /// Runs one task to its end. Never panics on guest behaviour; every way a task can end is an
+    /// [`Outcome`].
+    pub async fn run(&self, module: &LoadedModule, spec: TaskSpec) -> TaskReport {
+        let limits = spec.limits.capped_by(&self.config.caps);
+        let stdout = CappedPipe::new(limits.max_log_bytes);
+        let stderr = CappedPipe::new(limits.max_log_bytes);
+        let started = Instant::now();
+        let (outcome, cpu_seconds) = match self.prepare(&spec, &limits, &stdout, &stderr) {
+            Ok(store) => {
+                let run = self.call_start(store, &module.module, &limits, started);
+                let (outcome, cpu) = crate::cpu::CpuTimed::new(run).await;
+                (outcome, cpu.as_secs_f64())
+            }
+            Err(e) => (Outcome::Failed(Reason::Invalid(format!("could not set up the task: {e:#}"))), 0.0),
+        };
+        let wall_seconds = started.elapsed().as_secs_f64();
+        let (stdout, out_truncated) = stdout.take();
+        let (stderr, err_truncated) = stderr.take();
+        TaskReport {
+            outcome,
+            cpu_seconds,
+            wall_seconds,
+            bytes_out: crate::outputs::apparent_size(&spec.output_dir),
+            stdout,
+            stderr,
+            logs_truncated: out_truncated || err_truncated,
+        }
+    }
+
+    fn prepare(
+        &self,
+        spec: &TaskSpec,
+        limits: &Limits,
+        stdout: &CappedPipe,
+        stderr: &CappedPipe,
+    ) -> anyhow::Result<Store<TaskState>> {
+        let mut b = WasiCtxBuilder::new();
+        b.arg("job.wasm").args(&spec.args);
+        for (k, v) in &spec.env {
+            if !k.starts_with("GRID_") {
+                b.env(k, v);
+            }
+        }
+        b.env("GRID_JOB_ID", &spec.job_id)
+            .env("GRID_TASK_INDEX", spec.task_index.to_string())
+            .env("GRID_TASK_COUNT", spec.task_count.to_string())
+            .env("GRID_SEED", spec.seed.to_string());
+        b.stdin(wasmtime_wasi::p2::pipe::MemoryInputPipe::new(spec.stdin.clone()))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone());
+        let empty_in;
+        let in_dir = match &spec.input_dir {
+            Some(dir) => dir.as_path(),
+            None => {
+                empty_in = tempfile::tempdir()?;
+                empty_in.path()
+            }
+        };
+        b.preopened_dir(in_dir, "/in", FsPerms::ReadOnly).map_err(wasm_err)?;
+        b.preopened_dir(&spec.output_dir, "/out", FsPerms::ReadWrite).map_err(wasm_err)?;
+        if spec.deterministic {
+            b.secure_random(seeded_rng(spec.seed, 0))
+                .insecure_random(seeded_rng(spec.seed, 1))
+                .insecure_random_seed(u128::from(spec.seed))
+                .wall_clock(FixedWallClock)
+                .monotonic_clock(VirtualMonotonicClock::default());
+        }
+        let mut wasi = b.build_p1();
+        wasi.ctx().table.set_max_capacity(usize::try_from(limits.max_open_files).unwrap_or(usize::MAX));
+        let state = TaskState {
+            wasi,
+            limiter: TaskLimiter {
+                memory_bytes: limits.memory_bytes,
+                table_elements: limits.table_elements,
+                tables_total: 0,
+                hit: None,
+            },
+            quota: OutputQuota::new(&spec.output_dir, limits.max_output_bytes, limits.max_output_files),
+            originals: None,
+            stdio_replaced: false,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        let originals = Originals::resolve(&self.linker, &mut store).map_err(wasm_err)?;
+        store.data_mut().originals = Some(originals);
+        Ok(store)
+    }
+
+    async fn call_start(
+        &self,
+        mut store: Store<TaskState>,
+        module: &Module,
+        limits: &Limits,
+        started: Instant,
+    ) -> Outcome {
+        let deadline = started + limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Err(LimitHit(Limit::Time).into())
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        let run = async {
+            let instance = self.linker.instantiate_async(&mut store, module).await?;
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            start.call_async(&mut store, ()).await
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let result = match tokio::time::timeout(remaining, run).await {
+            Ok(result) => result,
+            Err(_elapsed) => return Outcome::Failed(Reason::Limit(Limit::Time)),
+        };
+        let limiter_hit = store.data().limiter.hit;
+        classify(result, limiter_hit)
+    }
+}
+
+/// Turns the result of `_start` into an outcome. A failure after a denied `memory.grow` or
+/// `table.grow` is blamed on that limit: the guest's allocator aborts in its own words
+/// (`unreachable`, an exit code), but the cause is the limit.
+fn classify(result: wasmtime::Result<()>, limiter_hit: Option<Limit>) -> Outcome {
+    let reason = match result {
+        Ok(()) => return Outcome::Succeeded,
+        Err(e) => {
+            if let Some(exit) = e.downcast_ref::<I32Exit>() {
+                if exit.0 == 0 {
+                    return Outcome::Succeeded;
+                }
+                Reason::Exit(exit.0)
+            } else if let Some(LimitHit(limit)) = e.downcast_ref::<LimitHit>() {
+                Reason::Limit(*limit)
+            } else if let Some(trap) = e.downcast_ref::<Trap>() {
+                Reason::Trap(trap_name(*trap))
+            } else if format!("{e:#}").contains("resource table has no free keys") {
+                Reason::Limit(Limit::OpenFiles)
+            } else {
+                Reason::Trap(one_line(&e))
+            }
+        }
+    };
+    match (limiter_hit, &reason) {
+        (Some(limit), Reason::Trap(_) | Reason::Exit(_)) => Outcome::Failed(Reason::Limit(limit)),
+        _ => Outcome::Failed(reason),
+    }
+}
+
+fn trap_name(trap: Trap) -> String {
+    match trap {
+        Trap::StackOverflow => "stack overflow".into(),
+        Trap::UnreachableCodeReached => "unreachable".into(),
+        Trap::MemoryOutOfBounds => "out of bounds memory access".into(),
+        Trap::HeapMisaligned => "misaligned memory access".into(),
+        Trap::TableOutOfBounds => "undefined table element".into(),
+        Trap::IndirectCallToNull => "indirect call to null".into(),
+        Trap::BadSignature => "indirect call type mismatch".into(),
+        Trap::IntegerOverflow => "integer overflow".into(),
+        Trap::IntegerDivisionByZero => "integer divide by zero".into(),
+        Trap::BadConversionToInteger => "invalid conversion to integer".into(),
+        other => other.to_string(),
+    }
+}
+
+/// wasmtime's error as an `anyhow` error (wasmtime 48's `Error` is not `std::error::Error`).
+pub(crate) fn wasm_err(e: wasmtime::Error) -> anyhow::Error {
+    anyhow::anyhow!("{e:#}")
+}
+
+/// An error chain on one line.
+fn one_line(e: &impl std::fmt::Display) -> String {
+    format!("{e:#}").lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+}
+
+impl std::fmt::Debug for LoadedModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModule").field("sha256", &self.sha256).finish()
+    }
+}
+
+/// `Arc` so that one sandbox can be shared by many concurrent tasks.
+pub type SharedSandbox = Arc<Sandbox>;
