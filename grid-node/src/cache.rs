@@ -46,8 +46,8 @@ impl ModuleCache {
         Ok(Self { dir: dir.to_path_buf(), key, engine_hash: hasher.finish() })
     }
 
-    fn name(&self, module: &Sha256Hex) -> String {
-        format!("{module}-{:016x}.cwasm", self.engine_hash)
+    fn name(&self, module: &Sha256Hex, variant: &str) -> String {
+        format!("{module}-{variant}-{:016x}.cwasm", self.engine_hash)
     }
 
     fn tag(&self, name: &str, artifact: &[u8]) -> HmacSha256 {
@@ -58,8 +58,8 @@ impl ModuleCache {
     }
 
     /// The compiled module, if this node cached it before and the artifact is intact.
-    pub fn get(&self, engine: &Engine, module: &Sha256Hex) -> Option<Module> {
-        let name = self.name(module);
+    pub fn get(&self, engine: &Engine, module: &Sha256Hex, variant: &str) -> Option<Module> {
+        let name = self.name(module, variant);
         let path = self.dir.join(&name);
         let bytes = fs::read(&path).ok()?;
         if bytes.len() < TAG_BYTES {
@@ -84,15 +84,15 @@ impl ModuleCache {
         }
     }
 
-    /// Stores `compiled` for later runs. Failures only cost a recompile later, so they are logged.
-    pub fn put(&self, module: &Sha256Hex, compiled: &Module) {
-        if let Err(e) = self.try_put(module, compiled) {
+    /// Stores `compiled` for later runs; `variant` tells apart forms of one module (plain, guarded). Failures only cost a recompile later, so they are logged.
+    pub fn put(&self, module: &Sha256Hex, variant: &str, compiled: &Module) {
+        if let Err(e) = self.try_put(module, variant, compiled) {
             tracing::warn!(error = %format!("{e:#}"), "could not cache a compiled module");
         }
     }
 
-    fn try_put(&self, module: &Sha256Hex, compiled: &Module) -> Result<()> {
-        let name = self.name(module);
+    fn try_put(&self, module: &Sha256Hex, variant: &str, compiled: &Module) -> Result<()> {
+        let name = self.name(module, variant);
         let artifact = compiled.serialize().map_err(crate::sandbox::wasm_err)?;
         let tag = self.tag(&name, &artifact).finalize().into_bytes();
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;

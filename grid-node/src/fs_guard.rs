@@ -1,12 +1,12 @@
 //! The `/out` quota and the open-handle limit, enforced inside the WASI calls that write.
 //!
-//! wasmtime-wasi has no hook for a disk quota, so the sandbox shadows the preview 1 functions
-//! that can grow `/out` (`fd_write`, `fd_pwrite`, `fd_allocate`, `fd_filestat_set_size`) or add
-//! entries to it (`path_open` with `O_CREAT`, `path_create_directory`, `path_symlink`,
-//! `path_link`). Each shadow checks the quota, then calls wasmtime-wasi's own implementation
-//! (kept under the private module name [`ORIGINAL_MODULE`]), then checks again: a write never puts
-//! more bytes on disk than the quota has room for, and a task whose `/out` grows past its limit
-//! ends at once with `limit: output` / `limit: files` — while writing, not afterwards.
+//! The preview 1 functions that can grow `/out` (`fd_write`, `fd_pwrite`, `fd_allocate`,
+//! `fd_filestat_set_size`) or add entries to it (`path_open` with `O_CREAT`,
+//! `path_create_directory`, `path_symlink`, `path_link`) reach wasmtime-wasi through the guard
+//! module (see [`crate::guard`]), which calls the hooks here before and after each of them: a
+//! write never puts more bytes on disk than the quota has room for, and a task whose `/out`
+//! grows past its limit ends at once with `limit: output` / `limit: files` — while writing, not
+//! afterwards.
 //!
 //! ## How the byte count stays exact and cheap
 //! The apparent size of `/out` (sparse files count at their full length) is tracked as an upper
@@ -28,14 +28,11 @@ use grid_proto::Limit;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use wasmtime::{Caller, Linker, Result, Store, TypedFunc};
+use crate::guard::HOOKS_MODULE;
+use wasmtime::{Caller, Linker, Result};
 use wasmtime_wasi::filesystem::Descriptor;
 use wasmtime_wasi::{OpenMode, WasiView};
 
-/// The module name under which wasmtime-wasi's own functions stay reachable to the shadows.
-/// Guests cannot import it: validation allows only `wasi_snapshot_preview1`.
-pub const ORIGINAL_MODULE: &str = "grid_wasi_p1_original";
-const P1: &str = "wasi_snapshot_preview1";
 
 const ERRNO_PERM: i32 = 63;
 const OFLAGS_CREAT: i32 = 1;
@@ -189,161 +186,77 @@ fn is_contained_link_target(target: &str) -> bool {
     !target.is_empty() && !target.starts_with('/') && !target.split('/').any(|c| c == "..")
 }
 
-/// The original implementations, resolved once per task.
-pub struct Originals {
-    fd_write: TypedFunc<(i32, i32, i32, i32), i32>,
-    fd_pwrite: TypedFunc<(i32, i32, i32, i64, i32), i32>,
-    fd_allocate: TypedFunc<(i32, i64, i64), i32>,
-    fd_filestat_set_size: TypedFunc<(i32, i64), i32>,
-    path_open: TypedFunc<(i32, i32, i32, i32, i32, i64, i64, i32, i32), i32>,
-    path_create_directory: TypedFunc<(i32, i32, i32), i32>,
-    path_symlink: TypedFunc<(i32, i32, i32, i32, i32), i32>,
-    path_link: TypedFunc<(i32, i32, i32, i32, i32, i32, i32), i32>,
-    fd_renumber: TypedFunc<(i32, i32), i32>,
+fn hook<P: wasmtime::WasmTyList + Send + Sync + 'static>(
+    linker: &mut Linker<TaskState>,
+    name: &str,
+    check: impl Fn(&mut Caller<'_, TaskState>, P) -> Result<i32> + Send + Sync + 'static,
+) -> Result<()> {
+    let check = std::sync::Arc::new(check);
+    linker.func_wrap_async(HOOKS_MODULE, &format!("pre_{name}"), move |mut caller: Caller<'_, TaskState>, args: P| {
+        let check = check.clone();
+        Box::new(async move { check(&mut caller, args) })
+    })?;
+    Ok(())
 }
 
-impl Originals {
-    pub fn resolve(linker: &Linker<TaskState>, store: &mut Store<TaskState>) -> Result<Self> {
-        macro_rules! get {
-            ($name:literal) => {
-                linker
-                    .get(&mut *store, ORIGINAL_MODULE, $name)?
-                    .into_func()
-                    .ok_or_else(|| wasmtime::format_err!("wasmtime-wasi lacks {}", $name))?
-                    .typed(&*store)?
-            };
+/// Defines the `grid_hooks` functions the guard module calls around each guarded WASI call.
+/// A pre-hook returns 0 to let the call through, or an errno to return instead; a limit ends
+/// the task by returning a [`LimitHit`] error.
+pub fn add_hooks(linker: &mut Linker<TaskState>) -> Result<()> {
+    hook(linker, "fd_write", |c, (fd, iovs, n, _nw): (i32, i32, i32, i32)| {
+        if !c.data().is_stdio(fd) {
+            let want = iovecs_len(c, iovs, n);
+            check_bytes(c, want)?;
         }
-        Ok(Self {
-            fd_write: get!("fd_write"),
-            fd_pwrite: get!("fd_pwrite"),
-            fd_allocate: get!("fd_allocate"),
-            fd_filestat_set_size: get!("fd_filestat_set_size"),
-            path_open: get!("path_open"),
-            path_create_directory: get!("path_create_directory"),
-            path_symlink: get!("path_symlink"),
-            path_link: get!("path_link"),
-            fd_renumber: get!("fd_renumber"),
-        })
-    }
-}
-
-fn originals<'a>(caller: &'a Caller<'_, TaskState>) -> Result<&'a Originals> {
-    caller
-        .data()
-        .originals
-        .as_ref()
-        .ok_or_else(|| wasmtime::format_err!("WASI originals not resolved"))
-}
-
-/// Keeps wasmtime-wasi's functions under [`ORIGINAL_MODULE`] and shadows the ones that write.
-pub fn add_shadows(linker: &mut Linker<TaskState>) -> Result<()> {
-    linker.alias_module(P1, ORIGINAL_MODULE)?;
-    linker.allow_shadowing(true);
-
-    linker.func_wrap_async(P1, "fd_write", |mut caller: Caller<'_, TaskState>, (fd, iovs, n, nwritten): (i32, i32, i32, i32)| {
-        Box::new(async move {
-            let guarded = !caller.data().is_stdio(fd);
-            if guarded {
-                let want = iovecs_len(&mut caller, iovs, n);
-                check_bytes(&mut caller, want)?;
-            }
-            let f = originals(&caller)?.fd_write.clone();
-            let errno = f.call_async(&mut caller, (fd, iovs, n, nwritten)).await?;
-            if guarded {
-                check_bytes(&mut caller, 0)?;
-            }
-            Ok(errno)
-        })
+        Ok(0)
     })?;
-
-    linker.func_wrap_async(P1, "fd_pwrite", |mut caller: Caller<'_, TaskState>, (fd, iovs, n, offset, nwritten): (i32, i32, i32, i64, i32)| {
-        Box::new(async move {
-            let want = iovecs_len(&mut caller, iovs, n);
-            check_bytes(&mut caller, want)?;
-            let f = originals(&caller)?.fd_pwrite.clone();
-            let errno = f.call_async(&mut caller, (fd, iovs, n, offset, nwritten)).await?;
-            check_bytes(&mut caller, 0)?;
-            Ok(errno)
-        })
+    hook(linker, "fd_pwrite", |c, (_fd, iovs, n, _off, _nw): (i32, i32, i32, i64, i32)| {
+        let want = iovecs_len(c, iovs, n);
+        check_bytes(c, want)?;
+        Ok(0)
     })?;
-
-    linker.func_wrap_async(P1, "fd_allocate", |mut caller: Caller<'_, TaskState>, (fd, offset, len): (i32, i64, i64)| {
-        Box::new(async move {
-            let end = (offset as u64).saturating_add(len as u64);
-            if end > caller.data().quota.max_bytes {
-                return Err(LimitHit(Limit::Output).into());
-            }
-            let f = originals(&caller)?.fd_allocate.clone();
-            let errno = f.call_async(&mut caller, (fd, offset, len)).await?;
-            check_bytes(&mut caller, 0)?;
-            Ok(errno)
-        })
+    hook(linker, "fd_allocate", |c, (_fd, offset, len): (i32, i64, i64)| {
+        let end = (offset as u64).saturating_add(len as u64);
+        if end > c.data().quota.max_bytes {
+            return Err(LimitHit(Limit::Output).into());
+        }
+        Ok(0)
     })?;
-
-    linker.func_wrap_async(P1, "fd_filestat_set_size", |mut caller: Caller<'_, TaskState>, (fd, size): (i32, i64)| {
-        Box::new(async move {
-            if size as u64 > caller.data().quota.max_bytes {
-                return Err(LimitHit(Limit::Output).into());
-            }
-            let f = originals(&caller)?.fd_filestat_set_size.clone();
-            let errno = f.call_async(&mut caller, (fd, size)).await?;
-            check_bytes(&mut caller, 0)?;
-            Ok(errno)
-        })
+    hook(linker, "fd_filestat_set_size", |c, (_fd, size): (i32, i64)| {
+        if size as u64 > c.data().quota.max_bytes {
+            return Err(LimitHit(Limit::Output).into());
+        }
+        Ok(0)
     })?;
-
-    linker.func_wrap_async(
-        P1,
-        "path_open",
-        |mut caller: Caller<'_, TaskState>, args: (i32, i32, i32, i32, i32, i64, i64, i32, i32)| {
-            Box::new(async move {
-                if args.4 & OFLAGS_CREAT != 0 {
-                    check_new_entry(&mut caller)?;
-                }
-                let f = originals(&caller)?.path_open.clone();
-                f.call_async(&mut caller, args).await
-            })
-        },
-    )?;
-
-    linker.func_wrap_async(P1, "path_create_directory", |mut caller: Caller<'_, TaskState>, args: (i32, i32, i32)| {
-        Box::new(async move {
-            check_new_entry(&mut caller)?;
-            let f = originals(&caller)?.path_create_directory.clone();
-            f.call_async(&mut caller, args).await
-        })
+    hook(linker, "path_open", |c, args: (i32, i32, i32, i32, i32, i64, i64, i32, i32)| {
+        if args.4 & OFLAGS_CREAT != 0 {
+            check_new_entry(c)?;
+        }
+        Ok(0)
     })?;
-
-    linker.func_wrap_async(P1, "path_symlink", |mut caller: Caller<'_, TaskState>, args: (i32, i32, i32, i32, i32)| {
-        Box::new(async move {
-            let contained = guest_str(&mut caller, args.0, args.1).is_some_and(|t| is_contained_link_target(&t));
-            if !contained {
-                return Ok(ERRNO_PERM);
-            }
-            check_new_entry(&mut caller)?;
-            let f = originals(&caller)?.path_symlink.clone();
-            f.call_async(&mut caller, args).await
-        })
+    hook(linker, "path_create_directory", |c, _: (i32, i32, i32)| {
+        check_new_entry(c)?;
+        Ok(0)
     })?;
-
-    linker.func_wrap_async(P1, "path_link", |mut caller: Caller<'_, TaskState>, args: (i32, i32, i32, i32, i32, i32, i32)| {
-        Box::new(async move {
-            check_new_entry(&mut caller)?;
-            let f = originals(&caller)?.path_link.clone();
-            f.call_async(&mut caller, args).await
-        })
+    hook(linker, "path_symlink", |c, (target, target_len, _fd, _new, _new_len): (i32, i32, i32, i32, i32)| {
+        if !guest_str(c, target, target_len).is_some_and(|t| is_contained_link_target(&t)) {
+            return Ok(ERRNO_PERM);
+        }
+        check_new_entry(c)?;
+        Ok(0)
     })?;
-
-    // Renumbering onto 0..=2 turns a standard stream into a file; forget it is stdio.
-    linker.func_wrap_async(P1, "fd_renumber", |mut caller: Caller<'_, TaskState>, (from, to): (i32, i32)| {
-        Box::new(async move {
-            if to <= 2 {
-                caller.data_mut().stdio_replaced = true;
-            }
-            let f = originals(&caller)?.fd_renumber.clone();
-            f.call_async(&mut caller, (from, to)).await
-        })
+    hook(linker, "path_link", |c, _: (i32, i32, i32, i32, i32, i32, i32)| {
+        check_new_entry(c)?;
+        Ok(0)
     })?;
+    // Renumbering onto 0..=2 turns a standard stream into a file: from then on, count it.
+    hook(linker, "fd_renumber", |c, (_from, to): (i32, i32)| {
+        if (0..=2).contains(&to) {
+            c.data_mut().stdio_replaced = true;
+        }
+        Ok(0)
+    })?;
+    linker.func_wrap(HOOKS_MODULE, "post", |mut caller: Caller<'_, TaskState>| check_bytes(&mut caller, 0))?;
     Ok(())
 }
 

@@ -33,7 +33,8 @@
 use crate::cache::ModuleCache;
 use crate::capture::CappedPipe;
 use crate::determinism::{FixedWallClock, VirtualMonotonicClock, seeded_rng};
-use crate::fs_guard::{self, Originals, OutputQuota};
+use crate::fs_guard::{self, OutputQuota};
+use crate::guard;
 use crate::limits::{Limits, NodeCaps};
 use crate::validate::{CompileCaps, check_module};
 use grid_proto::{Limit, Outcome, Reason, Sha256Hex};
@@ -133,7 +134,10 @@ pub struct TaskReport {
 #[derive(Clone)]
 pub struct LoadedModule {
     pub sha256: Sha256Hex,
+    /// The guest, rewired through the guard when it imports a guarded WASI call.
     module: Module,
+    /// The guard module instantiated before the guest, see [`crate::guard`].
+    guard: Option<Module>,
 }
 
 /// A limit that ended the task, raised from inside the store.
@@ -146,7 +150,7 @@ pub struct Sandbox {
     linker: Linker<TaskState>,
     config: SandboxConfig,
     cache: Option<ModuleCache>,
-    loaded: Mutex<HashMap<Sha256Hex, Module>>,
+    loaded: Mutex<HashMap<Sha256Hex, (Module, Option<Module>)>>,
     _ticker: EpochTicker,
 }
 
@@ -155,7 +159,6 @@ pub struct TaskState {
     pub(crate) wasi: WasiP1Ctx,
     limiter: TaskLimiter,
     pub(crate) quota: OutputQuota,
-    pub(crate) originals: Option<Originals>,
     pub(crate) stdio_replaced: bool,
 }
 
@@ -192,7 +195,7 @@ impl ResourceLimiter for TaskLimiter {
     }
 
     fn instances(&self) -> usize {
-        1
+        2 // the guest and its guard
     }
     fn memories(&self) -> usize {
         1
@@ -230,7 +233,7 @@ impl Sandbox {
         let mut linker: Linker<TaskState> = Linker::new(&engine);
         p1::add_to_linker_async(&mut linker, |s: &mut TaskState| &mut s.wasi)
             .map_err(wasm_err)?;
-        fs_guard::add_shadows(&mut linker).map_err(wasm_err)?;
+        fs_guard::add_hooks(&mut linker).map_err(wasm_err)?;
         let cache = match &config.cache_dir {
             Some(dir) => Some(ModuleCache::open(dir, &engine)?),
             None => None,
@@ -249,18 +252,30 @@ impl Sandbox {
         let limits = limits.capped_by(&self.config.caps);
         check_module(bytes, &limits, &self.config.compile_caps).map_err(Reason::Invalid)?;
         let sha256 = Sha256Hex::of(bytes);
-        let module = self.compiled(bytes, &sha256).await?;
-        // Type-check the imports against WASI now, so a mismatch is `invalid`, not a trap later.
-        self.linker.instantiate_pre(&module).map_err(|e| Reason::Invalid(one_line(&e)))?;
-        Ok(LoadedModule { sha256, module })
+        if let Some((module, guard)) = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(&sha256) {
+            return Ok(LoadedModule { sha256, module: module.clone(), guard: guard.clone() });
+        }
+        let guarded = guard::rewrite(bytes).map_err(Reason::Invalid)?;
+        let (module, guard) = match guarded {
+            None => (self.compiled(bytes, &sha256, "plain").await?, None),
+            Some(g) => {
+                let guest = self.compiled(&g.module, &sha256, "guarded").await?;
+                let guard_bytes = guard::guard_module(g.memory);
+                let guard_sha = Sha256Hex::of(&guard_bytes);
+                (guest, Some(self.compiled(&guard_bytes, &guard_sha, "guard").await?))
+            }
+        };
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if loaded.len() >= 64 {
+            loaded.clear();
+        }
+        loaded.insert(sha256, (module.clone(), guard.clone()));
+        Ok(LoadedModule { sha256, module, guard })
     }
 
-    async fn compiled(&self, bytes: &[u8], sha256: &Sha256Hex) -> Result<Module, Reason> {
-        if let Some(m) = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(sha256) {
-            return Ok(m.clone());
-        }
-        if let Some(m) = self.cache.as_ref().and_then(|c| c.get(&self.engine, sha256)) {
-            self.remember(sha256, &m);
+    /// Compiles `bytes`, or fetches them compiled from the cache under (`sha256`, `variant`).
+    async fn compiled(&self, bytes: &[u8], sha256: &Sha256Hex, variant: &str) -> Result<Module, Reason> {
+        if let Some(m) = self.cache.as_ref().and_then(|c| c.get(&self.engine, sha256, variant)) {
             return Ok(m);
         }
         let engine = self.engine.clone();
@@ -270,20 +285,11 @@ impl Sandbox {
             .await
             .map_err(|e| Reason::Invalid(format!("compiler crashed: {e}")))?
             .map_err(|e| Reason::Invalid(one_line(&e)))?;
-        tracing::debug!(module = %sha256, seconds = started.elapsed().as_secs_f64(), "compiled");
+        tracing::debug!(module = %sha256, variant, seconds = started.elapsed().as_secs_f64(), "compiled");
         if let Some(cache) = &self.cache {
-            cache.put(sha256, &module);
+            cache.put(sha256, variant, &module);
         }
-        self.remember(sha256, &module);
         Ok(module)
-    }
-
-    fn remember(&self, sha256: &Sha256Hex, module: &Module) {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if loaded.len() >= 64 {
-            loaded.clear();
-        }
-        loaded.insert(*sha256, module.clone());
     }
 
     /// Runs one task to its end. Never panics on guest behaviour; every way a task can end is an
@@ -295,7 +301,7 @@ impl Sandbox {
         let started = Instant::now();
         let (outcome, cpu_seconds) = match self.prepare(&spec, &limits, &stdout, &stderr) {
             Ok(store) => {
-                let run = self.call_start(store, &module.module, &limits, started);
+                let run = self.call_start(store, module, &limits, started);
                 let (outcome, cpu) = crate::cpu::CpuTimed::new(run).await;
                 (outcome, cpu.as_secs_f64())
             }
@@ -364,20 +370,17 @@ impl Sandbox {
                 hit: None,
             },
             quota: OutputQuota::new(&spec.output_dir, limits.max_output_bytes, limits.max_output_files),
-            originals: None,
             stdio_replaced: false,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        let originals = Originals::resolve(&self.linker, &mut store).map_err(wasm_err)?;
-        store.data_mut().originals = Some(originals);
         Ok(store)
     }
 
     async fn call_start(
         &self,
         mut store: Store<TaskState>,
-        module: &Module,
+        module: &LoadedModule,
         limits: &Limits,
         started: Instant,
     ) -> Outcome {
@@ -391,17 +394,51 @@ impl Sandbox {
             }
         });
         let run = async {
-            let instance = self.linker.instantiate_async(&mut store, module).await?;
-            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-            start.call_async(&mut store, ()).await
+            let instance = match self.instantiate(&mut store, module).await {
+                Ok(instance) => instance,
+                Err(e) => return Err(Reason::Invalid(one_line(&e))),
+            };
+            let start = instance
+                .get_typed_func::<(), ()>(&mut store, "_start")
+                .map_err(|e| Reason::Invalid(one_line(&e)))?;
+            Ok(start.call_async(&mut store, ()).await)
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         let result = match tokio::time::timeout(remaining, run).await {
-            Ok(result) => result,
+            Ok(Ok(result)) => result,
+            Ok(Err(invalid)) => return Outcome::Failed(invalid),
             Err(_elapsed) => return Outcome::Failed(Reason::Limit(Limit::Time)),
         };
         let limiter_hit = store.data().limiter.hit;
         classify(result, limiter_hit)
+    }
+}
+
+impl Sandbox {
+    /// Instantiates the guest, through its guard when it has one. A failure here (an import of
+    /// the wrong type, a start function that traps while the instance is created) means the
+    /// module was refused before `_start` ran.
+    async fn instantiate(
+        &self,
+        store: &mut Store<TaskState>,
+        module: &LoadedModule,
+    ) -> wasmtime::Result<wasmtime::Instance> {
+        let Some(guard) = &module.guard else {
+            return self.linker.instantiate_async(&mut *store, &module.module).await;
+        };
+        let guard = self.linker.instantiate_async(&mut *store, guard).await?;
+        let mut imports = Vec::new();
+        for import in module.module.imports() {
+            let export = if import.module() == guard::GUARD_MODULE {
+                guard
+                    .get_export(&mut *store, import.name())
+                    .ok_or_else(|| wasmtime::format_err!("the guard lacks {}", import.name()))?
+            } else {
+                self.linker.get(&mut *store, import.module(), import.name())?
+            };
+            imports.push(export);
+        }
+        wasmtime::Instance::new_async(&mut *store, &module.module, &imports).await
     }
 }
 

@@ -98,7 +98,7 @@ pub fn check_module(bytes: &[u8], limits: &Limits, caps: &CompileCaps) -> Result
                     let import = import.map_err(|e| format!("malformed import section: {}", e.message()))?;
                     let known = import.module == WASI_P1_MODULE
                         && WASI_P1_FUNCTIONS.contains(&import.name)
-                        && matches!(import.ty, TypeRef::Func(_) | TypeRef::FuncExact(_));
+                        && matches!(import.ty, TypeRef::Func(_));
                     if !known {
                         return Err(format!(
                             "unknown import {}::{} (only WASI preview 1 functions may be imported)",

@@ -1,1 +1,157 @@
+//! `grid-guest`: write Grid jobs in Rust.
+//!
+//! A Grid job is a WASI preview 1 command (`cargo build --target wasm32-wasip1`). Each task of a
+//! job runs the module once, in a sandbox, and sees:
+//!
+//! | what | where | this crate |
+//! |---|---|---|
+//! | which task it is | env `GRID_JOB_ID`, `GRID_TASK_INDEX`, `GRID_TASK_COUNT`, `GRID_SEED` | [`Task::current`] |
+//! | its parameters | stdin: one line of the job's params file (JSON) | [`Task::params`], [`Task::params_or_default`] |
+//! | its inputs | `/in`, read-only | [`input_dir`], [`read_input`] |
+//! | its outputs | `/out`, quota-limited; what is there at exit is the result | [`output_dir`], [`create_output`] |
+//! | randomness | seeded from `GRID_SEED`: the same task gives the same bytes on any node | [`Task::rng`] |
+//!
+//! No network, no threads, no host files. Exit non-zero (or panic) to fail the task; Grid
+//! reports `exit: N` or `trap: …` and retries if the job allows it.
+//!
+//! The same code also builds natively (for tests and benchmarks): then `/in` and `/out` are read
+//! from `GRID_IN_DIR` / `GRID_OUT_DIR` when set.
+//!
+//! # Example: a complete job
+//! ```no_run
+//! use grid_guest::{Task, create_output, rand::RngExt};
+//! use std::io::Write;
+//!
+//! #[derive(serde::Deserialize, Default)]
+//! struct Params { rows: Option<u64> }
+//!
+//! fn main() -> std::io::Result<()> {
+//!     let task = Task::current();
+//!     let params: Params = task.params_or_default().expect("params are JSON");
+//!     let mut rng = task.rng();
+//!     let mut out = create_output(&format!("part-{}.csv", task.index))?;
+//!     writeln!(out, "id,value")?;
+//!     for id in 0..params.rows.unwrap_or(10) {
+//!         writeln!(out, "{id},{}", rng.random::<f64>())?;
+//!     }
+//!     out.flush()
+//! }
+//! ```
 
+use std::fs::File;
+use std::io::{self, BufWriter, Read};
+use std::path::{Path, PathBuf};
+
+pub use rand;
+pub use rand_chacha;
+
+/// The task's random number generator: ChaCha12, seeded from `GRID_SEED`.
+/// Its output is the same on every platform and every run of the task.
+pub type Rng = rand_chacha::ChaCha12Rng;
+
+/// Who this task is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub job_id: String,
+    /// 0-based index of this task in its job.
+    pub index: u64,
+    /// Number of tasks in the job.
+    pub count: u64,
+    /// This task's seed, derived by Grid from the job seed and the index.
+    pub seed: u64,
+}
+
+/// Reading the task's parameters failed.
+#[derive(Debug)]
+pub enum ParamsError {
+    Io(io::Error),
+    Json(serde_json::Error),
+}
+
+impl std::fmt::Display for ParamsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParamsError::Io(e) => write!(f, "reading task params from stdin: {e}"),
+            ParamsError::Json(e) => write!(f, "task params are not the expected JSON: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ParamsError {}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+impl Task {
+    /// The task as Grid described it in the environment (outside Grid: job `local`, task 0 of 1,
+    /// seed 0).
+    pub fn current() -> Self {
+        Self {
+            job_id: std::env::var("GRID_JOB_ID").unwrap_or_else(|_| "local".into()),
+            index: env_u64("GRID_TASK_INDEX", 0),
+            count: env_u64("GRID_TASK_COUNT", 1),
+            seed: env_u64("GRID_SEED", 0),
+        }
+    }
+
+    /// A fresh RNG seeded with this task's seed.
+    pub fn rng(&self) -> Rng {
+        use rand::SeedableRng;
+        Rng::seed_from_u64(self.seed)
+    }
+
+    /// The task's parameters: stdin parsed as JSON.
+    pub fn params<T: serde::de::DeserializeOwned>(&self) -> Result<T, ParamsError> {
+        let text = read_stdin()?;
+        serde_json::from_str(&text).map_err(ParamsError::Json)
+    }
+
+    /// Like [`Task::params`], but an empty stdin gives `T::default()`.
+    pub fn params_or_default<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T, ParamsError> {
+        let text = read_stdin()?;
+        if text.trim().is_empty() {
+            return Ok(T::default());
+        }
+        serde_json::from_str(&text).map_err(ParamsError::Json)
+    }
+}
+
+fn read_stdin() -> Result<String, ParamsError> {
+    let mut text = String::new();
+    io::stdin().read_to_string(&mut text).map_err(ParamsError::Io)?;
+    Ok(text)
+}
+
+fn dir_from_env(var: &str, sandbox_path: &str) -> PathBuf {
+    if cfg!(target_os = "wasi") {
+        PathBuf::from(sandbox_path)
+    } else {
+        std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(sandbox_path))
+    }
+}
+
+/// `/in`: the task's inputs (and the job's shared inputs under `/in/shared`), read-only.
+pub fn input_dir() -> PathBuf {
+    dir_from_env("GRID_IN_DIR", "/in")
+}
+
+/// `/out`: what is here when the task exits is its result.
+pub fn output_dir() -> PathBuf {
+    dir_from_env("GRID_OUT_DIR", "/out")
+}
+
+/// Reads a whole input file, `name` relative to `/in`.
+pub fn read_input(name: impl AsRef<Path>) -> io::Result<Vec<u8>> {
+    std::fs::read(input_dir().join(name))
+}
+
+/// Creates (or truncates) an output file, `name` relative to `/out`, creating its parent
+/// directories, and returns it buffered. Call `flush` before dropping it to see write errors.
+pub fn create_output(name: impl AsRef<Path>) -> io::Result<BufWriter<File>> {
+    let path = output_dir().join(name);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    Ok(BufWriter::with_capacity(64 * 1024, File::create(path)?))
+}

@@ -1,0 +1,178 @@
+//! `grid run`: one task, locally, in the node's sandbox.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use grid_node::{Limits, Sandbox, SandboxConfig, TaskSpec};
+use grid_proto::{Outcome, TaskStatus};
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The job: a WASI preview 1 command module (.wasm).
+    pub module: PathBuf,
+    /// Shown read-only to the task at /in.
+    #[arg(long, value_name = "DIR")]
+    pub input: Option<PathBuf>,
+    /// Where the task's /out goes (must be empty or new); default: a new directory, printed.
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Linear memory limit, e.g. 64MiB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Wall-time limit (CPU is capped at the same value), e.g. 30s.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Limit on bytes written under /out, e.g. 100MiB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_output: Option<u64>,
+    /// Environment for the task, K=V; repeatable. Host env is never passed.
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Job seed; the task's GRID_SEED is derived from it and the task index.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The task's index (GRID_TASK_INDEX).
+    #[arg(long, default_value_t = 0)]
+    pub task_index: u64,
+    /// Ask for a GPU (not available yet: the GPU binding comes with a later release).
+    #[arg(long)]
+    pub gpu: bool,
+    /// Print one JSON object with the result (and the guest's output inside it).
+    #[arg(long)]
+    pub json: bool,
+    /// Directory for compiled modules (default: $XDG_CACHE_HOME/grid or ~/.cache/grid).
+    #[arg(long, value_name = "DIR", env = "GRID_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Arguments for the task.
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{e} (write sizes like 64MiB or 1GiB)"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 30s or 10min)"))
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not K=V")),
+    }
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("grid").join("modules"))
+}
+
+pub fn main(args: RunArgs) -> Result<ExitCode> {
+    if args.gpu {
+        bail!("--gpu is not supported yet: this build of grid has no GPU binding");
+    }
+    let bytes = std::fs::read(&args.module)
+        .with_context(|| format!("cannot read module {}", args.module.display()))?;
+    if let Some(input) = &args.input {
+        if !input.is_dir() {
+            bail!("--input {} is not a directory", input.display());
+        }
+    }
+    let output_dir = match &args.output {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            if std::fs::read_dir(dir)?.next().is_some() {
+                bail!("output directory {} is not empty; pass an empty or new directory", dir.display());
+            }
+            dir.canonicalize()?
+        }
+        None => tempfile::Builder::new()
+            .prefix("grid-run-")
+            .tempdir()
+            .context("cannot create an output directory")?
+            .keep(),
+    };
+    let mut stdin = Vec::new();
+    if !std::io::stdin().is_terminal() {
+        std::io::stdin().read_to_end(&mut stdin).context("reading stdin")?;
+    }
+
+    let defaults = Limits::default();
+    let limits = Limits {
+        memory_bytes: args.memory.unwrap_or(defaults.memory_bytes),
+        timeout: args.timeout.unwrap_or(defaults.timeout),
+        max_output_bytes: args.max_output.unwrap_or(defaults.max_output_bytes),
+        ..defaults
+    };
+    let mut spec = TaskSpec::new(&output_dir);
+    spec.args = args.args.clone();
+    spec.env = args.env.clone();
+    spec.stdin = stdin;
+    spec.input_dir = args.input.clone();
+    spec.limits = limits.clone();
+    spec.task_index = args.task_index;
+    spec.task_count = args.task_index + 1;
+    spec.seed = grid_proto::task_seed(args.seed, args.task_index);
+
+    let config = SandboxConfig { cache_dir: args.cache_dir.clone().or_else(default_cache_dir), ..SandboxConfig::default() };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = runtime.block_on(async {
+        let sandbox = Sandbox::new(config)?;
+        let report = match sandbox.load(&bytes, &limits).await {
+            Ok(module) => sandbox.run(&module, spec).await,
+            Err(reason) => grid_node::TaskReport {
+                outcome: Outcome::Failed(reason),
+                cpu_seconds: 0.0,
+                wall_seconds: 0.0,
+                bytes_out: 0,
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                logs_truncated: false,
+            },
+        };
+        anyhow::Ok(report)
+    })?;
+
+    let status = report.outcome.status();
+    if args.json {
+        let line = serde_json::json!({
+            "status": status,
+            "exit_code": report.outcome.exit_code(),
+            "reason": report.outcome.reason().map(|r| r.to_string()),
+            "cpu_seconds": report.cpu_seconds,
+            "wall_seconds": report.wall_seconds,
+            "bytes_out": report.bytes_out,
+            "output_dir": output_dir.display().to_string(),
+            "stdout": String::from_utf8_lossy(&report.stdout),
+            "stderr": String::from_utf8_lossy(&report.stderr),
+            "logs_truncated": report.logs_truncated,
+        });
+        write_ignoring_closed_pipe(&mut std::io::stdout(), format!("{line}\n").as_bytes())?;
+    } else {
+        write_ignoring_closed_pipe(&mut std::io::stdout(), &report.stdout)?;
+        write_ignoring_closed_pipe(&mut std::io::stderr(), &report.stderr)?;
+        if report.logs_truncated {
+            eprintln!("grid: logs truncated at {} per stream", bytesize::ByteSize(limits.max_log_bytes));
+        }
+        if let Some(reason) = report.outcome.reason() {
+            eprintln!("grid: task {}: {reason}", if status == TaskStatus::Refused { "refused" } else { "failed" });
+        }
+        eprintln!("grid: output in {}", output_dir.display());
+    }
+    Ok(if status == TaskStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn write_ignoring_closed_pipe(w: &mut impl Write, bytes: &[u8]) -> Result<()> {
+    match w.write_all(bytes).and_then(|()| w.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
