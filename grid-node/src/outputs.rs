@@ -61,3 +61,18 @@ pub fn manifest(dir: &Path) -> std::io::Result<Vec<OutputFile>> {
     }
     Ok(files)
 }
+
+/// Removes everything inside `dir` (not `dir` itself), without following symlinks.
+pub fn clear(dir: &Path) {
+    let Ok(read) = std::fs::read_dir(dir) else { return };
+    for entry in read.flatten() {
+        let path = entry.path();
+        let removed = match path.symlink_metadata() {
+            Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+        if let Err(e) = removed {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove an output");
+        }
+    }
+}

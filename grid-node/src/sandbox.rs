@@ -9,7 +9,7 @@
 //! |---|---|
 //! | memory, tables | a [`ResourceLimiter`] per store: `memory.grow` past the limit returns -1 in the guest; a task that then fails reports `limit: memory` |
 //! | time | a wall deadline checked on every epoch tick (10 ms) while wasm runs, and a tokio timeout around the whole call for a guest blocked in a host call (`poll_oneoff` sleeps) |
-//! | output bytes and files, open files | shadowed WASI calls, see [`crate::fs_guard`] |
+//! | output bytes and files, open files | checks around the writing WASI calls, see [`crate::guard`] and [`crate::fs_guard`]; a task over its output limit leaves an empty `/out` |
 //! | logs | [`crate::capture::CappedPipe`]: truncated and marked, not fatal |
 //! | stack | `max_wasm_stack` on the engine (per node) |
 //!
@@ -308,6 +308,11 @@ impl Sandbox {
             Err(e) => (Outcome::Failed(Reason::Invalid(format!("could not set up the task: {e:#}"))), 0.0),
         };
         let wall_seconds = started.elapsed().as_secs_f64();
+        if matches!(outcome, Outcome::Failed(Reason::Limit(Limit::Output | Limit::Files))) {
+            // The last write may have left a sparse file past the quota, or one entry too many:
+            // a task over its output limit leaves nothing behind.
+            crate::outputs::clear(&spec.output_dir);
+        }
         let (stdout, out_truncated) = stdout.take();
         let (stderr, err_truncated) = stderr.take();
         TaskReport {

@@ -1,0 +1,161 @@
+//! hostile: a guest that misbehaves on purpose, one behaviour per first argument.
+//! The sandbox tests run it with each mode and assert how the task ends.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+
+fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    match mode.as_str() {
+        "disk-fill" => {
+            let mut f = File::create("/out/fill.bin").unwrap();
+            let chunk = vec![7u8; 1 << 20];
+            loop {
+                f.write_all(&chunk).unwrap();
+            }
+        }
+        "one-big-write" => {
+            // A single write larger than the whole quota: nothing of it may reach the disk.
+            let mut f = File::create("/out/big.bin").unwrap();
+            f.write_all(&vec![1u8; 24 << 20]).unwrap();
+        }
+        "sparse-seek" => {
+            let mut f = File::create("/out/sparse.bin").unwrap();
+            f.seek(SeekFrom::Start(100 << 30)).unwrap();
+            f.write_all(b"x").unwrap();
+        }
+        "set-len" => {
+            let f = File::create("/out/huge.bin").unwrap();
+            f.set_len(100 << 30).unwrap();
+        }
+        "many-files" => {
+            for i in 0.. {
+                File::create(format!("/out/f{i}")).unwrap();
+            }
+        }
+        "many-dirs" => {
+            for i in 0.. {
+                fs::create_dir(format!("/out/d{i}")).unwrap();
+            }
+        }
+        "rewrite-one-file" => {
+            // Rewriting one small file many times stays within any sensible quota.
+            for i in 0..2000 {
+                fs::write("/out/state.txt", format!("{i:0>1000}")).unwrap();
+            }
+        }
+        "open-files" => {
+            File::create("/out/a").unwrap();
+            let mut keep = Vec::new();
+            loop {
+                keep.push(File::open("/out/a").unwrap());
+            }
+        }
+        "escape" => {
+            // Every attempt must fail; the exit code counts the ones that did not.
+            let mut escaped = 0;
+            for path in ["/etc/passwd", "/in/../../etc/passwd", "../etc/passwd", "/proc/self/environ", "/out/../../etc/hostname"] {
+                if fs::read(path).is_ok() {
+                    println!("read {path}");
+                    escaped += 1;
+                }
+            }
+            for path in ["/out/../escaped.txt", "/in/escaped.txt", "/escaped.txt", "/tmp/escaped.txt", "/out/../../escaped.txt"] {
+                if fs::write(path, b"escaped").is_ok() {
+                    println!("wrote {path}");
+                    escaped += 1;
+                }
+            }
+            std::process::exit(escaped);
+        }
+        "symlinks" => {
+            let mut made = 0;
+            for target in ["/etc/passwd", "../../../etc/passwd", "..", "../in"] {
+                if symlink(target, &format!("link{made}")) {
+                    println!("linked to {target}");
+                    made += 1;
+                }
+            }
+            fs::write("/out/real.txt", b"data").unwrap();
+            assert!(symlink("real.txt", "alias.txt"), "a contained link must be allowed");
+            // Writing through an escaping link must not be possible either.
+            if made > 0 && fs::write("/out/link0", b"x").is_ok() {
+                made += 1;
+            }
+            std::process::exit(made);
+        }
+        "env" => {
+            for (k, v) in std::env::vars() {
+                println!("{k}={v}");
+            }
+        }
+        "stdout-flood" => {
+            let line = "x".repeat(1023) + "\n";
+            let mut out = std::io::stdout().lock();
+            for _ in 0..(16 * 1024) {
+                out.write_all(line.as_bytes()).unwrap();
+            }
+            eprintln!("done");
+        }
+        "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
+        "spin" => {
+            let mut x = 0u64;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        "memory-bomb" => {
+            let mut keep: Vec<Vec<u8>> = Vec::new();
+            loop {
+                keep.push(vec![1u8; 1 << 20]);
+            }
+        }
+        "random" => {
+            let mut bytes = [0u8; 16];
+            File::open("/dev/urandom").map(|mut f| f.read_exact(&mut bytes)).ok();
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+            let mono = std::time::Instant::now();
+            let hash = std::collections::hash_map::RandomState::new();
+            use std::hash::BuildHasher;
+            println!("{}", hash.hash_one(42u32));
+            println!("{now:?} {:?}", mono.elapsed());
+            fs::write("/out/random.txt", format!("{} {}", hash.hash_one(7u32), now.as_nanos())).unwrap();
+        }
+        "read-input" => {
+            let mut names: Vec<String> = fs::read_dir("/in").unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            names.sort();
+            for name in names {
+                let text = fs::read_to_string(format!("/in/{name}")).unwrap();
+                println!("{name}: {text}");
+            }
+            let denied = OpenOptions::new().append(true).open("/in/data.txt").is_err();
+            println!("write to /in denied: {denied}");
+            let mut stdin = String::new();
+            std::io::stdin().read_to_string(&mut stdin).unwrap();
+            println!("stdin: {stdin}");
+            println!("args: {:?}", std::env::args().collect::<Vec<_>>());
+        }
+        "exit" => std::process::exit(std::env::args().nth(2).and_then(|c| c.parse().ok()).unwrap_or(3)),
+        "panic" => panic!("the guest panicked on purpose"),
+        other => {
+            eprintln!("hostile: unknown mode {other:?}");
+            std::process::exit(64);
+        }
+    }
+}
+
+/// `path_symlink` relative to `/out` (preopen fd 4: the sandbox opens /in, then /out).
+#[cfg(target_os = "wasi")]
+fn symlink(target: &str, link: &str) -> bool {
+    #[link(wasm_import_module = "wasi_snapshot_preview1")]
+    unsafe extern "C" {
+        fn path_symlink(old: *const u8, old_len: usize, fd: u32, new: *const u8, new_len: usize) -> u16;
+    }
+    // SAFETY: pointers and lengths come from live &str values.
+    unsafe { path_symlink(target.as_ptr(), target.len(), 4, link.as_ptr(), link.len()) == 0 }
+}
+
+#[cfg(not(target_os = "wasi"))]
+fn symlink(_target: &str, _link: &str) -> bool {
+    false
+}
