@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "grid", version, about = "Run WebAssembly batch jobs in a sandbox, on your machine or a grid")]
+#[command(
+    name = "grid",
+    version,
+    about = "Run WebAssembly batch jobs in a sandbox, on your machine or a grid"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -81,16 +81,20 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
     }
     let bytes = std::fs::read(&args.module)
         .with_context(|| format!("cannot read module {}", args.module.display()))?;
-    if let Some(input) = &args.input {
-        if !input.is_dir() {
-            bail!("--input {} is not a directory", input.display());
-        }
+    if let Some(input) = &args.input
+        && !input.is_dir()
+    {
+        bail!("--input {} is not a directory", input.display());
     }
     let output_dir = match &args.output {
         Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
             if std::fs::read_dir(dir)?.next().is_some() {
-                bail!("output directory {} is not empty; pass an empty or new directory", dir.display());
+                bail!(
+                    "output directory {} is not empty; pass an empty or new directory",
+                    dir.display()
+                );
             }
             dir.canonicalize()?
         }
@@ -102,7 +106,9 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
     };
     let mut stdin = Vec::new();
     if !std::io::stdin().is_terminal() {
-        std::io::stdin().read_to_end(&mut stdin).context("reading stdin")?;
+        std::io::stdin()
+            .read_to_end(&mut stdin)
+            .context("reading stdin")?;
     }
 
     let defaults = Limits::default();
@@ -122,8 +128,13 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
     spec.task_count = args.task_index + 1;
     spec.seed = grid_proto::task_seed(args.seed, args.task_index);
 
-    let config = SandboxConfig { cache_dir: args.cache_dir.clone().or_else(default_cache_dir), ..SandboxConfig::default() };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let config = SandboxConfig {
+        cache_dir: args.cache_dir.clone().or_else(default_cache_dir),
+        ..SandboxConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let report = runtime.block_on(async {
         let sandbox = Sandbox::new(config)?;
         let report = match sandbox.load(&bytes, &limits).await {
@@ -160,14 +171,28 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
         write_ignoring_closed_pipe(&mut std::io::stdout(), &report.stdout)?;
         write_ignoring_closed_pipe(&mut std::io::stderr(), &report.stderr)?;
         if report.logs_truncated {
-            eprintln!("grid: logs truncated at {} per stream", bytesize::ByteSize(limits.max_log_bytes));
+            eprintln!(
+                "grid: logs truncated at {} per stream",
+                bytesize::ByteSize(limits.max_log_bytes)
+            );
         }
         if let Some(reason) = report.outcome.reason() {
-            eprintln!("grid: task {}: {reason}", if status == TaskStatus::Refused { "refused" } else { "failed" });
+            eprintln!(
+                "grid: task {}: {reason}",
+                if status == TaskStatus::Refused {
+                    "refused"
+                } else {
+                    "failed"
+                }
+            );
         }
         eprintln!("grid: output in {}", output_dir.display());
     }
-    Ok(if status == TaskStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if status == TaskStatus::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn write_ignoring_closed_pipe(w: &mut impl Write, bytes: &[u8]) -> Result<()> {

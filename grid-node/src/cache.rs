@@ -37,13 +37,22 @@ pub struct ModuleCache {
 impl ModuleCache {
     /// Opens (creating if needed) the cache in `dir` for artifacts of `engine`.
     pub fn open(dir: &Path, engine: &Engine) -> Result<Self> {
-        fs::create_dir_all(dir).with_context(|| format!("creating the module cache {}", dir.display()))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("restricting the module cache {} to its owner", dir.display()))?;
+        fs::create_dir_all(dir)
+            .with_context(|| format!("creating the module cache {}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).with_context(|| {
+            format!(
+                "restricting the module cache {} to its owner",
+                dir.display()
+            )
+        })?;
         let key = load_or_create_key(&dir.join(KEY_FILE))?;
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        Ok(Self { dir: dir.to_path_buf(), key, engine_hash: hasher.finish() })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            key,
+            engine_hash: hasher.finish(),
+        })
     }
 
     fn name(&self, module: &Sha256Hex, variant: &str) -> String {

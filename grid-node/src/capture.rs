@@ -27,17 +27,28 @@ struct Captured {
 impl CappedPipe {
     pub fn new(cap: u64) -> Self {
         let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-        Self { inner: Arc::new(Mutex::new(Captured { cap, ..Captured::default() })) }
+        Self {
+            inner: Arc::new(Mutex::new(Captured {
+                cap,
+                ..Captured::default()
+            })),
+        }
     }
 
     /// The captured bytes and whether any were dropped.
     pub fn take(&self) -> (Vec<u8>, bool) {
-        let mut c = self.inner.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut c = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         (std::mem::take(&mut c.bytes), c.truncated)
     }
 
     fn push(&self, buf: &[u8]) {
-        let mut c = self.inner.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut c = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         let room = c.cap.saturating_sub(c.bytes.len());
         let keep = buf.len().min(room);
         c.bytes.extend_from_slice(&buf[..keep]);
@@ -60,7 +71,11 @@ impl StdoutStream for CappedPipe {
 }
 
 impl AsyncWrite for CappedPipe {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.push(buf);
         Poll::Ready(Ok(buf.len()))
     }

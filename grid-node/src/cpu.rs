@@ -20,7 +20,10 @@ pin_project! {
 
 impl<F> CpuTimed<F> {
     pub fn new(inner: F) -> Self {
-        Self { inner, spent: Duration::ZERO }
+        Self {
+            inner,
+            spent: Duration::ZERO,
+        }
     }
 }
 

@@ -23,16 +23,15 @@
 //! Open files: the WASI handle table is capped at the task's `max_open_files`; a guest that runs
 //! out of handles ends with `limit: open-files`.
 
+use crate::guard::HOOKS_MODULE;
 use crate::sandbox::{LimitHit, TaskState};
 use grid_proto::Limit;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use crate::guard::HOOKS_MODULE;
 use wasmtime::{Caller, Linker, Result};
 use wasmtime_wasi::filesystem::Descriptor;
 use wasmtime_wasi::{OpenMode, WasiView};
-
 
 const ERRNO_PERM: i32 = 63;
 const OFLAGS_CREAT: i32 = 1;
@@ -63,7 +62,8 @@ impl OutputQuota {
     }
 
     fn bound(&self) -> u64 {
-        self.walked_bytes.saturating_add(self.touched.values().sum::<u64>())
+        self.walked_bytes
+            .saturating_add(self.touched.values().sum::<u64>())
     }
 
     /// Updates the sizes of the task's open writable files; true if `extra` more bytes fit.
@@ -85,10 +85,14 @@ impl OutputQuota {
         let (mut bytes, mut entries) = (0u64, 0u64);
         let mut stack = vec![self.out_dir.clone()];
         while let Some(dir) = stack.pop() {
-            let Ok(read) = std::fs::read_dir(&dir) else { continue };
+            let Ok(read) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             for entry in read.flatten() {
                 entries += 1;
-                let Ok(meta) = entry.path().symlink_metadata() else { continue };
+                let Ok(meta) = entry.path().symlink_metadata() else {
+                    continue;
+                };
                 if meta.is_dir() {
                     stack.push(entry.path());
                 } else if meta.is_file() {
@@ -119,12 +123,11 @@ fn open_writable_files(store: &mut TaskState) -> Vec<((u64, u64), u64)> {
     let table = store.wasi.ctx().table;
     let mut files = Vec::new();
     for entry in table.iter_mut() {
-        if let Some(Descriptor::File(f)) = entry.downcast_ref::<Descriptor>() {
-            if f.open_mode.contains(OpenMode::WRITE) {
-                if let Ok(meta) = f.file.metadata() {
-                    files.push(((meta.dev(), meta.ino()), meta.len()));
-                }
-            }
+        if let Some(Descriptor::File(f)) = entry.downcast_ref::<Descriptor>()
+            && f.open_mode.contains(OpenMode::WRITE)
+            && let Ok(meta) = f.file.metadata()
+        {
+            files.push(((meta.dev(), meta.ino()), meta.len()));
         }
     }
     files
@@ -166,7 +169,9 @@ fn iovecs_len(caller: &mut Caller<'_, TaskState>, iovs: i32, count: i32) -> u64 
     let mem = memory(caller);
     let mut total = 0u64;
     for i in 0..(count as u32).min(1024) {
-        let Some(at) = (iovs as u32).checked_add(i * 8) else { break };
+        let Some(at) = (iovs as u32).checked_add(i * 8) else {
+            break;
+        };
         if let Some(len) = read_u32(mem, at as i32 + 4) {
             total = total.saturating_add(len as u64);
         }
@@ -192,10 +197,14 @@ fn hook<P: wasmtime::WasmTyList + Send + Sync + 'static>(
     check: impl Fn(&mut Caller<'_, TaskState>, P) -> Result<i32> + Send + Sync + 'static,
 ) -> Result<()> {
     let check = std::sync::Arc::new(check);
-    linker.func_wrap_async(HOOKS_MODULE, &format!("pre_{name}"), move |mut caller: Caller<'_, TaskState>, args: P| {
-        let check = check.clone();
-        Box::new(async move { check(&mut caller, args) })
-    })?;
+    linker.func_wrap_async(
+        HOOKS_MODULE,
+        &format!("pre_{name}"),
+        move |mut caller: Caller<'_, TaskState>, args: P| {
+            let check = check.clone();
+            Box::new(async move { check(&mut caller, args) })
+        },
+    )?;
     Ok(())
 }
 
@@ -203,52 +212,80 @@ fn hook<P: wasmtime::WasmTyList + Send + Sync + 'static>(
 /// A pre-hook returns 0 to let the call through, or an errno to return instead; a limit ends
 /// the task by returning a [`LimitHit`] error.
 pub fn add_hooks(linker: &mut Linker<TaskState>) -> Result<()> {
-    hook(linker, "fd_write", |c, (fd, iovs, n, _nw): (i32, i32, i32, i32)| {
-        if !c.data().is_stdio(fd) {
+    hook(
+        linker,
+        "fd_write",
+        |c, (fd, iovs, n, _nw): (i32, i32, i32, i32)| {
+            if !c.data().is_stdio(fd) {
+                let want = iovecs_len(c, iovs, n);
+                check_bytes(c, want)?;
+            }
+            Ok(0)
+        },
+    )?;
+    hook(
+        linker,
+        "fd_pwrite",
+        |c, (_fd, iovs, n, _off, _nw): (i32, i32, i32, i64, i32)| {
             let want = iovecs_len(c, iovs, n);
             check_bytes(c, want)?;
-        }
-        Ok(0)
-    })?;
-    hook(linker, "fd_pwrite", |c, (_fd, iovs, n, _off, _nw): (i32, i32, i32, i64, i32)| {
-        let want = iovecs_len(c, iovs, n);
-        check_bytes(c, want)?;
-        Ok(0)
-    })?;
-    hook(linker, "fd_allocate", |c, (_fd, offset, len): (i32, i64, i64)| {
-        let end = (offset as u64).saturating_add(len as u64);
-        if end > c.data().quota.max_bytes {
-            return Err(LimitHit(Limit::Output).into());
-        }
-        Ok(0)
-    })?;
-    hook(linker, "fd_filestat_set_size", |c, (_fd, size): (i32, i64)| {
-        if size as u64 > c.data().quota.max_bytes {
-            return Err(LimitHit(Limit::Output).into());
-        }
-        Ok(0)
-    })?;
-    hook(linker, "path_open", |c, args: (i32, i32, i32, i32, i32, i64, i64, i32, i32)| {
-        if args.4 & OFLAGS_CREAT != 0 {
-            check_new_entry(c)?;
-        }
-        Ok(0)
-    })?;
+            Ok(0)
+        },
+    )?;
+    hook(
+        linker,
+        "fd_allocate",
+        |c, (_fd, offset, len): (i32, i64, i64)| {
+            let end = (offset as u64).saturating_add(len as u64);
+            if end > c.data().quota.max_bytes {
+                return Err(LimitHit(Limit::Output).into());
+            }
+            Ok(0)
+        },
+    )?;
+    hook(
+        linker,
+        "fd_filestat_set_size",
+        |c, (_fd, size): (i32, i64)| {
+            if size as u64 > c.data().quota.max_bytes {
+                return Err(LimitHit(Limit::Output).into());
+            }
+            Ok(0)
+        },
+    )?;
+    hook(
+        linker,
+        "path_open",
+        |c, args: (i32, i32, i32, i32, i32, i64, i64, i32, i32)| {
+            if args.4 & OFLAGS_CREAT != 0 {
+                check_new_entry(c)?;
+            }
+            Ok(0)
+        },
+    )?;
     hook(linker, "path_create_directory", |c, _: (i32, i32, i32)| {
         check_new_entry(c)?;
         Ok(0)
     })?;
-    hook(linker, "path_symlink", |c, (target, target_len, _fd, _new, _new_len): (i32, i32, i32, i32, i32)| {
-        if !guest_str(c, target, target_len).is_some_and(|t| is_contained_link_target(&t)) {
-            return Ok(ERRNO_PERM);
-        }
-        check_new_entry(c)?;
-        Ok(0)
-    })?;
-    hook(linker, "path_link", |c, _: (i32, i32, i32, i32, i32, i32, i32)| {
-        check_new_entry(c)?;
-        Ok(0)
-    })?;
+    hook(
+        linker,
+        "path_symlink",
+        |c, (target, target_len, _fd, _new, _new_len): (i32, i32, i32, i32, i32)| {
+            if !guest_str(c, target, target_len).is_some_and(|t| is_contained_link_target(&t)) {
+                return Ok(ERRNO_PERM);
+            }
+            check_new_entry(c)?;
+            Ok(0)
+        },
+    )?;
+    hook(
+        linker,
+        "path_link",
+        |c, _: (i32, i32, i32, i32, i32, i32, i32)| {
+            check_new_entry(c)?;
+            Ok(0)
+        },
+    )?;
     // Renumbering onto 0..=2 turns a standard stream into a file: from then on, count it.
     hook(linker, "fd_renumber", |c, (_from, to): (i32, i32)| {
         if (0..=2).contains(&to) {
@@ -256,7 +293,9 @@ pub fn add_hooks(linker: &mut Linker<TaskState>) -> Result<()> {
         }
         Ok(0)
     })?;
-    linker.func_wrap(HOOKS_MODULE, "post", |mut caller: Caller<'_, TaskState>| check_bytes(&mut caller, 0))?;
+    linker.func_wrap(HOOKS_MODULE, "post", |mut caller: Caller<'_, TaskState>| {
+        check_bytes(&mut caller, 0)
+    })?;
     Ok(())
 }
 

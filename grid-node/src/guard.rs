@@ -89,7 +89,9 @@ pub fn rewrite(bytes: &[u8]) -> Result<Option<Guarded>, String> {
             _ => {}
         }
     }
-    let Some(imports) = imports else { return Ok(None) };
+    let Some(imports) = imports else {
+        return Ok(None);
+    };
     if !imports.iter().any(|(m, n, _)| is_guarded(m, n)) {
         return Ok(None);
     }
@@ -110,7 +112,11 @@ pub fn rewrite(bytes: &[u8]) -> Result<Option<Guarded>, String> {
             2 => {
                 let mut section = ImportSection::new();
                 for (module, name, ty) in &imports {
-                    let module = if is_guarded(module, name) { GUARD_MODULE } else { module.as_str() };
+                    let module = if is_guarded(module, name) {
+                        GUARD_MODULE
+                    } else {
+                        module.as_str()
+                    };
                     section.import(module, name, EntityType::Function(*ty));
                 }
                 section.import(GUARD_MODULE, "memory", EntityType::Memory(memory));
@@ -122,18 +128,26 @@ pub fn rewrite(bytes: &[u8]) -> Result<Option<Guarded>, String> {
             }
         }
     }
-    Ok(Some(Guarded { module: out.finish(), memory }))
+    Ok(Some(Guarded {
+        module: out.finish(),
+        memory,
+    }))
 }
 
-/// (id, offset of contents, contents) of every section after the 8-byte header.
-fn split_sections(bytes: &[u8]) -> Result<Vec<(u8, usize, &[u8])>, String> {
+/// One raw section: id, offset of its contents in the module, contents.
+type Section<'a> = (u8, usize, &'a [u8]);
+
+/// Every section after the 8-byte header.
+fn split_sections(bytes: &[u8]) -> Result<Vec<Section<'_>>, String> {
     let mut sections = Vec::new();
     let mut reader = BinaryReader::new(bytes.get(8..).ok_or("truncated module")?, 8);
     while !reader.eof() {
         let id = reader.read_u8().map_err(|e| e.message().to_string())?;
         let len = reader.read_var_u32().map_err(|e| e.message().to_string())? as usize;
         let offset = reader.original_position();
-        let data = reader.read_bytes(len).map_err(|e| e.message().to_string())?;
+        let data = reader
+            .read_bytes(len)
+            .map_err(|e| e.message().to_string())?;
         sections.push((id, offset, data));
     }
     Ok(sections)
@@ -155,7 +169,11 @@ pub fn guard_module(memory: MemoryType) -> Vec<u8> {
         imports.import(WASI, name, EntityType::Function(i as u32));
     }
     for (i, (name, _)) in GUARDED.iter().enumerate() {
-        imports.import(HOOKS_MODULE, &format!("pre_{name}"), EntityType::Function(i as u32));
+        imports.import(
+            HOOKS_MODULE,
+            &format!("pre_{name}"),
+            EntityType::Function(i as u32),
+        );
     }
     imports.import(HOOKS_MODULE, "post", EntityType::Function(n));
 
@@ -172,7 +190,9 @@ pub fn guard_module(memory: MemoryType) -> Vec<u8> {
         for p in 0..errno {
             body.local_get(p);
         }
-        body.call(n + i).local_tee(errno).if_(wasm_encoder::BlockType::Empty);
+        body.call(n + i)
+            .local_tee(errno)
+            .if_(wasm_encoder::BlockType::Empty);
         body.local_get(errno).return_().end();
         for p in 0..errno {
             body.local_get(p);
@@ -202,7 +222,13 @@ mod tests {
 
     #[test]
     fn the_guard_module_is_valid_wasm() {
-        let m = guard_module(MemoryType { minimum: 1, maximum: None, memory64: false, shared: false, page_size_log2: None });
+        let m = guard_module(MemoryType {
+            minimum: 1,
+            maximum: None,
+            memory64: false,
+            shared: false,
+            page_size_log2: None,
+        });
         wasmparser::Validator::new().validate_all(&m).unwrap();
     }
 
@@ -221,11 +247,16 @@ mod tests {
         assert_eq!(g.memory.maximum, Some(10));
         let text = wasmprinter_like(&g.module);
         assert!(text.contains(&("grid_guard".to_string(), "fd_write".to_string())));
-        assert!(text.contains(&("wasi_snapshot_preview1".to_string(), "proc_exit".to_string())));
+        assert!(text.contains(&(
+            "wasi_snapshot_preview1".to_string(),
+            "proc_exit".to_string()
+        )));
         assert!(text.contains(&("grid_guard".to_string(), "memory".to_string())));
         let mut features = wasmparser::WasmFeatures::default();
         features.insert(wasmparser::WasmFeatures::MULTI_MEMORY);
-        wasmparser::Validator::new_with_features(features).validate_all(&g.module).unwrap();
+        wasmparser::Validator::new_with_features(features)
+            .validate_all(&g.module)
+            .unwrap();
     }
 
     fn wasmprinter_like(bytes: &[u8]) -> Vec<(String, String)> {

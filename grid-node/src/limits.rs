@@ -54,14 +54,8 @@ impl Default for Limits {
 
 /// A provider's ceilings: no task on this node gets more, whatever it asks for.
 /// `Default` is the same as [`Limits::default`], i.e. a node accepts the defaults.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct NodeCaps(pub Limits);
-
-impl Default for NodeCaps {
-    fn default() -> Self {
-        Self(Limits::default())
-    }
-}
 
 impl Limits {
     /// Each limit lowered to the node's cap where it asks for more.
@@ -85,8 +79,15 @@ mod tests {
 
     #[test]
     fn node_caps_lower_what_a_task_asks_for_and_nothing_else() {
-        let caps = NodeCaps(Limits { memory_bytes: 64 * MIB, ..Limits::default() });
-        let asked = Limits { memory_bytes: GIB, timeout: Duration::from_secs(5), ..Limits::default() };
+        let caps = NodeCaps(Limits {
+            memory_bytes: 64 * MIB,
+            ..Limits::default()
+        });
+        let asked = Limits {
+            memory_bytes: GIB,
+            timeout: Duration::from_secs(5),
+            ..Limits::default()
+        };
         let got = asked.capped_by(&caps);
         assert_eq!(got.memory_bytes, 64 * MIB);
         assert_eq!(got.timeout, Duration::from_secs(5));

@@ -19,11 +19,19 @@ fn walk(dir: &Path) -> Vec<(String, PathBuf, std::fs::Metadata)> {
     let mut found = Vec::new();
     let mut stack = vec![(String::new(), dir.to_path_buf())];
     while let Some((prefix, dir)) = stack.pop() {
-        let Ok(read) = std::fs::read_dir(&dir) else { continue };
+        let Ok(read) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in read.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
-            let Ok(meta) = entry.path().symlink_metadata() else { continue };
+            let rel = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
             if meta.is_dir() {
                 stack.push((rel.clone(), entry.path()));
             }
@@ -36,7 +44,11 @@ fn walk(dir: &Path) -> Vec<(String, PathBuf, std::fs::Metadata)> {
 
 /// Sum of the lengths of the regular files under `dir` (sparse files at full length).
 pub fn apparent_size(dir: &Path) -> u64 {
-    walk(dir).iter().filter(|(_, _, m)| m.is_file()).map(|(_, _, m)| m.len()).sum()
+    walk(dir)
+        .iter()
+        .filter(|(_, _, m)| m.is_file())
+        .map(|(_, _, m)| m.len())
+        .sum()
 }
 
 /// The regular files under `dir`, hashed, in byte order of path. Symlinks and other non-regular
@@ -57,14 +69,20 @@ pub fn manifest(dir: &Path) -> std::io::Result<Vec<OutputFile>> {
             }
             hasher.update(&buf[..n]);
         }
-        files.push(OutputFile { path: rel, bytes: meta.len(), sha256: Sha256Hex::from_hasher(hasher) });
+        files.push(OutputFile {
+            path: rel,
+            bytes: meta.len(),
+            sha256: Sha256Hex::from_hasher(hasher),
+        });
     }
     Ok(files)
 }
 
 /// Removes everything inside `dir` (not `dir` itself), without following symlinks.
 pub fn clear(dir: &Path) {
-    let Ok(read) = std::fs::read_dir(dir) else { return };
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in read.flatten() {
         let path = entry.path();
         let removed = match path.symlink_metadata() {

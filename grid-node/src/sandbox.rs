@@ -42,9 +42,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wasmtime::{
-    Config, Engine, Linker, Module, ResourceLimiter, Store, Trap, UpdateDeadline,
-};
+use wasmtime::{Config, Engine, Linker, Module, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p1::{self, WasiP1Ctx};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder, WasiView};
 
@@ -151,6 +149,8 @@ pub struct Sandbox {
     config: SandboxConfig,
     cache: Option<ModuleCache>,
     loaded: Mutex<HashMap<Sha256Hex, (Module, Option<Module>)>>,
+    /// Shown (read-only) at `/in` to tasks that have no inputs.
+    empty_in: tempfile::TempDir,
     _ticker: EpochTicker,
 }
 
@@ -176,7 +176,12 @@ struct TaskLimiter {
 }
 
 impl ResourceLimiter for TaskLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired as u64 > self.memory_bytes {
             self.hit.get_or_insert(Limit::Memory);
             return Ok(false);
@@ -184,8 +189,15 @@ impl ResourceLimiter for TaskLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        let total = self.tables_total.saturating_add((desired - current.min(desired)) as u64);
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self
+            .tables_total
+            .saturating_add((desired - current.min(desired)) as u64);
         if total > self.table_elements {
             self.hit.get_or_insert(Limit::Table);
             return Ok(false);
@@ -211,13 +223,15 @@ struct EpochTicker;
 impl EpochTicker {
     fn start(engine: &Engine) -> std::io::Result<Self> {
         let weak = engine.weak();
-        std::thread::Builder::new().name("grid-epoch".into()).spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("grid-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
         Ok(Self)
     }
 }
@@ -231,15 +245,22 @@ impl Sandbox {
             .parallel_compilation(true);
         let engine = Engine::new(&wasm).map_err(wasm_err)?;
         let mut linker: Linker<TaskState> = Linker::new(&engine);
-        p1::add_to_linker_async(&mut linker, |s: &mut TaskState| &mut s.wasi)
-            .map_err(wasm_err)?;
+        p1::add_to_linker_async(&mut linker, |s: &mut TaskState| &mut s.wasi).map_err(wasm_err)?;
         fs_guard::add_hooks(&mut linker).map_err(wasm_err)?;
         let cache = match &config.cache_dir {
             Some(dir) => Some(ModuleCache::open(dir, &engine)?),
             None => None,
         };
         let ticker = EpochTicker::start(&engine)?;
-        Ok(Self { engine, linker, config, cache, loaded: Mutex::new(HashMap::new()), _ticker: ticker })
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            cache,
+            loaded: Mutex::new(HashMap::new()),
+            empty_in: tempfile::tempdir()?,
+            _ticker: ticker,
+        })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -252,8 +273,17 @@ impl Sandbox {
         let limits = limits.capped_by(&self.config.caps);
         check_module(bytes, &limits, &self.config.compile_caps).map_err(Reason::Invalid)?;
         let sha256 = Sha256Hex::of(bytes);
-        if let Some((module, guard)) = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(&sha256) {
-            return Ok(LoadedModule { sha256, module: module.clone(), guard: guard.clone() });
+        if let Some((module, guard)) = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sha256)
+        {
+            return Ok(LoadedModule {
+                sha256,
+                module: module.clone(),
+                guard: guard.clone(),
+            });
         }
         let guarded = guard::rewrite(bytes).map_err(Reason::Invalid)?;
         let (module, guard) = match guarded {
@@ -262,7 +292,10 @@ impl Sandbox {
                 let guest = self.compiled(&g.module, &sha256, "guarded").await?;
                 let guard_bytes = guard::guard_module(g.memory);
                 let guard_sha = Sha256Hex::of(&guard_bytes);
-                (guest, Some(self.compiled(&guard_bytes, &guard_sha, "guard").await?))
+                (
+                    guest,
+                    Some(self.compiled(&guard_bytes, &guard_sha, "guard").await?),
+                )
             }
         };
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
@@ -270,12 +303,25 @@ impl Sandbox {
             loaded.clear();
         }
         loaded.insert(sha256, (module.clone(), guard.clone()));
-        Ok(LoadedModule { sha256, module, guard })
+        Ok(LoadedModule {
+            sha256,
+            module,
+            guard,
+        })
     }
 
     /// Compiles `bytes`, or fetches them compiled from the cache under (`sha256`, `variant`).
-    async fn compiled(&self, bytes: &[u8], sha256: &Sha256Hex, variant: &str) -> Result<Module, Reason> {
-        if let Some(m) = self.cache.as_ref().and_then(|c| c.get(&self.engine, sha256, variant)) {
+    async fn compiled(
+        &self,
+        bytes: &[u8],
+        sha256: &Sha256Hex,
+        variant: &str,
+    ) -> Result<Module, Reason> {
+        if let Some(m) = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.get(&self.engine, sha256, variant))
+        {
             return Ok(m);
         }
         let engine = self.engine.clone();
@@ -305,10 +351,16 @@ impl Sandbox {
                 let (outcome, cpu) = crate::cpu::CpuTimed::new(run).await;
                 (outcome, cpu.as_secs_f64())
             }
-            Err(e) => (Outcome::Failed(Reason::Invalid(format!("could not set up the task: {e:#}"))), 0.0),
+            Err(e) => (
+                Outcome::Failed(Reason::Invalid(format!("could not set up the task: {e:#}"))),
+                0.0,
+            ),
         };
         let wall_seconds = started.elapsed().as_secs_f64();
-        if matches!(outcome, Outcome::Failed(Reason::Limit(Limit::Output | Limit::Files))) {
+        if matches!(
+            outcome,
+            Outcome::Failed(Reason::Limit(Limit::Output | Limit::Files))
+        ) {
             // The last write may have left a sparse file past the quota, or one entry too many:
             // a task over its output limit leaves nothing behind.
             crate::outputs::clear(&spec.output_dir);
@@ -344,19 +396,16 @@ impl Sandbox {
             .env("GRID_TASK_INDEX", spec.task_index.to_string())
             .env("GRID_TASK_COUNT", spec.task_count.to_string())
             .env("GRID_SEED", spec.seed.to_string());
-        b.stdin(wasmtime_wasi::p2::pipe::MemoryInputPipe::new(spec.stdin.clone()))
-            .stdout(stdout.clone())
-            .stderr(stderr.clone());
-        let empty_in;
-        let in_dir = match &spec.input_dir {
-            Some(dir) => dir.as_path(),
-            None => {
-                empty_in = tempfile::tempdir()?;
-                empty_in.path()
-            }
-        };
-        b.preopened_dir(in_dir, "/in", FsPerms::ReadOnly).map_err(wasm_err)?;
-        b.preopened_dir(&spec.output_dir, "/out", FsPerms::ReadWrite).map_err(wasm_err)?;
+        b.stdin(wasmtime_wasi::p2::pipe::MemoryInputPipe::new(
+            spec.stdin.clone(),
+        ))
+        .stdout(stdout.clone())
+        .stderr(stderr.clone());
+        let in_dir = spec.input_dir.as_deref().unwrap_or(self.empty_in.path());
+        b.preopened_dir(in_dir, "/in", FsPerms::ReadOnly)
+            .map_err(wasm_err)?;
+        b.preopened_dir(&spec.output_dir, "/out", FsPerms::ReadWrite)
+            .map_err(wasm_err)?;
         if spec.deterministic {
             b.secure_random(seeded_rng(spec.seed, 0))
                 .insecure_random(seeded_rng(spec.seed, 1))
@@ -365,7 +414,9 @@ impl Sandbox {
                 .monotonic_clock(VirtualMonotonicClock::default());
         }
         let mut wasi = b.build_p1();
-        wasi.ctx().table.set_max_capacity(usize::try_from(limits.max_open_files).unwrap_or(usize::MAX));
+        wasi.ctx()
+            .table
+            .set_max_capacity(usize::try_from(limits.max_open_files).unwrap_or(usize::MAX));
         let state = TaskState {
             wasi,
             limiter: TaskLimiter {
@@ -374,7 +425,11 @@ impl Sandbox {
                 tables_total: 0,
                 hit: None,
             },
-            quota: OutputQuota::new(&spec.output_dir, limits.max_output_bytes, limits.max_output_files),
+            quota: OutputQuota::new(
+                &spec.output_dir,
+                limits.max_output_bytes,
+                limits.max_output_files,
+            ),
             stdio_replaced: false,
         };
         let mut store = Store::new(&self.engine, state);
@@ -429,7 +484,10 @@ impl Sandbox {
         module: &LoadedModule,
     ) -> wasmtime::Result<wasmtime::Instance> {
         let Some(guard) = &module.guard else {
-            return self.linker.instantiate_async(&mut *store, &module.module).await;
+            return self
+                .linker
+                .instantiate_async(&mut *store, &module.module)
+                .await;
         };
         let guard = self.linker.instantiate_async(&mut *store, guard).await?;
         let mut imports = Vec::new();
@@ -439,7 +497,8 @@ impl Sandbox {
                     .get_export(&mut *store, import.name())
                     .ok_or_else(|| wasmtime::format_err!("the guard lacks {}", import.name()))?
             } else {
-                self.linker.get(&mut *store, import.module(), import.name())?
+                self.linker
+                    .get(&mut *store, import.module(), import.name())?
             };
             imports.push(export);
         }
@@ -499,12 +558,19 @@ pub(crate) fn wasm_err(e: wasmtime::Error) -> anyhow::Error {
 
 /// An error chain on one line.
 fn one_line(e: &impl std::fmt::Display) -> String {
-    format!("{e:#}").lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+    format!("{e:#}")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl std::fmt::Debug for LoadedModule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModule").field("sha256", &self.sha256).finish()
+        f.debug_struct("LoadedModule")
+            .field("sha256", &self.sha256)
+            .finish()
     }
 }
 

@@ -36,15 +36,52 @@ impl Default for CompileCaps {
 
 /// Every function of WASI preview 1, the only imports a guest may have.
 pub const WASI_P1_FUNCTIONS: &[&str] = &[
-    "args_get", "args_sizes_get", "environ_get", "environ_sizes_get", "clock_res_get",
-    "clock_time_get", "fd_advise", "fd_allocate", "fd_close", "fd_datasync", "fd_fdstat_get",
-    "fd_fdstat_set_flags", "fd_fdstat_set_rights", "fd_filestat_get", "fd_filestat_set_size",
-    "fd_filestat_set_times", "fd_pread", "fd_prestat_get", "fd_prestat_dir_name", "fd_pwrite",
-    "fd_read", "fd_readdir", "fd_renumber", "fd_seek", "fd_sync", "fd_tell", "fd_write",
-    "path_create_directory", "path_filestat_get", "path_filestat_set_times", "path_link",
-    "path_open", "path_readlink", "path_remove_directory", "path_rename", "path_symlink",
-    "path_unlink_file", "poll_oneoff", "proc_exit", "proc_raise", "sched_yield", "random_get",
-    "sock_accept", "sock_recv", "sock_send", "sock_shutdown",
+    "args_get",
+    "args_sizes_get",
+    "environ_get",
+    "environ_sizes_get",
+    "clock_res_get",
+    "clock_time_get",
+    "fd_advise",
+    "fd_allocate",
+    "fd_close",
+    "fd_datasync",
+    "fd_fdstat_get",
+    "fd_fdstat_set_flags",
+    "fd_fdstat_set_rights",
+    "fd_filestat_get",
+    "fd_filestat_set_size",
+    "fd_filestat_set_times",
+    "fd_pread",
+    "fd_prestat_get",
+    "fd_prestat_dir_name",
+    "fd_pwrite",
+    "fd_read",
+    "fd_readdir",
+    "fd_renumber",
+    "fd_seek",
+    "fd_sync",
+    "fd_tell",
+    "fd_write",
+    "path_create_directory",
+    "path_filestat_get",
+    "path_filestat_set_times",
+    "path_link",
+    "path_open",
+    "path_readlink",
+    "path_remove_directory",
+    "path_rename",
+    "path_symlink",
+    "path_unlink_file",
+    "poll_oneoff",
+    "proc_exit",
+    "proc_raise",
+    "sched_yield",
+    "random_get",
+    "sock_accept",
+    "sock_recv",
+    "sock_send",
+    "sock_shutdown",
 ];
 
 pub const WASI_P1_MODULE: &str = "wasi_snapshot_preview1";
@@ -75,7 +112,10 @@ pub fn check_module(bytes: &[u8], limits: &Limits, caps: &CompileCaps) -> Result
     let mut has_start = false;
     let mut memory_min_bytes: u64 = 0;
     let mut table_min_elements: u64 = 0;
-    let mut check_memory = |min_pages: u64, shared: bool, page_size_log2: Option<u32>| -> Result<(), String> {
+    let mut check_memory = |min_pages: u64,
+                            shared: bool,
+                            page_size_log2: Option<u32>|
+     -> Result<(), String> {
         if shared {
             return Err("shared memory (threads) is not supported".into());
         }
@@ -91,11 +131,13 @@ pub fn check_module(bytes: &[u8], limits: &Limits, caps: &CompileCaps) -> Result
     };
 
     for payload in Parser::new(0).parse_all(bytes) {
-        let payload = payload.map_err(|e| format!("malformed or truncated module: {}", e.message()))?;
+        let payload =
+            payload.map_err(|e| format!("malformed or truncated module: {}", e.message()))?;
         match payload {
             Payload::ImportSection(reader) => {
                 for import in reader.into_imports() {
-                    let import = import.map_err(|e| format!("malformed import section: {}", e.message()))?;
+                    let import =
+                        import.map_err(|e| format!("malformed import section: {}", e.message()))?;
                     let known = import.module == WASI_P1_MODULE
                         && WASI_P1_FUNCTIONS.contains(&import.name)
                         && matches!(import.ty, TypeRef::Func(_));
@@ -109,13 +151,15 @@ pub fn check_module(bytes: &[u8], limits: &Limits, caps: &CompileCaps) -> Result
             }
             Payload::MemorySection(reader) => {
                 for memory in reader {
-                    let m = memory.map_err(|e| format!("malformed memory section: {}", e.message()))?;
+                    let m =
+                        memory.map_err(|e| format!("malformed memory section: {}", e.message()))?;
                     check_memory(m.initial, m.shared, m.page_size_log2)?;
                 }
             }
             Payload::TableSection(reader) => {
                 for table in reader {
-                    let t = table.map_err(|e| format!("malformed table section: {}", e.message()))?;
+                    let t =
+                        table.map_err(|e| format!("malformed table section: {}", e.message()))?;
                     if t.ty.shared {
                         return Err("shared tables (threads) are not supported".into());
                     }
@@ -128,14 +172,12 @@ pub fn check_module(bytes: &[u8], limits: &Limits, caps: &CompileCaps) -> Result
                     }
                 }
             }
-            Payload::FunctionSection(reader) => {
-                if reader.count() > caps.max_functions {
-                    return Err(format!(
-                        "{} functions, over the cap of {}",
-                        reader.count(),
-                        caps.max_functions
-                    ));
-                }
+            Payload::FunctionSection(reader) if reader.count() > caps.max_functions => {
+                return Err(format!(
+                    "{} functions, over the cap of {}",
+                    reader.count(),
+                    caps.max_functions
+                ));
             }
             Payload::CodeSectionEntry(body) => {
                 let range = body.range();
@@ -151,16 +193,21 @@ pub fn check_module(bytes: &[u8], limits: &Limits, caps: &CompileCaps) -> Result
                     .get_locals_reader()
                     .map_err(|e| format!("malformed function locals: {}", e.message()))?;
                 for local in reader {
-                    let (count, _) = local.map_err(|e| format!("malformed function locals: {}", e.message()))?;
+                    let (count, _) =
+                        local.map_err(|e| format!("malformed function locals: {}", e.message()))?;
                     locals = locals.saturating_add(count as u64);
                 }
                 if locals > caps.max_locals as u64 {
-                    return Err(format!("a function with {locals} locals, over the cap of {}", caps.max_locals));
+                    return Err(format!(
+                        "a function with {locals} locals, over the cap of {}",
+                        caps.max_locals
+                    ));
                 }
             }
             Payload::ExportSection(reader) => {
                 for export in reader {
-                    let export = export.map_err(|e| format!("malformed export section: {}", e.message()))?;
+                    let export =
+                        export.map_err(|e| format!("malformed export section: {}", e.message()))?;
                     if export.name == "_start" && export.kind == wasmparser::ExternalKind::Func {
                         has_start = true;
                     }
@@ -180,7 +227,11 @@ mod tests {
     use super::*;
 
     fn check(wat: &str) -> Result<(), String> {
-        check_module(&wat::parse_str(wat).unwrap(), &Limits::default(), &CompileCaps::default())
+        check_module(
+            &wat::parse_str(wat).unwrap(),
+            &Limits::default(),
+            &CompileCaps::default(),
+        )
     }
 
     #[test]
@@ -191,20 +242,30 @@ mod tests {
     #[test]
     fn problems_are_named() {
         assert!(check("(module)").unwrap_err().contains("no `_start`"));
-        assert!(check(r#"(module (import "env" "f" (func)) (func (export "_start")))"#)
-            .unwrap_err()
-            .contains("unknown import env::f"));
-        assert!(check(r#"(module (memory 1 1 shared) (func (export "_start")))"#)
-            .unwrap_err()
-            .contains("shared memory"));
-        assert!(check(r#"(module (memory 65536) (func (export "_start")))"#)
-            .unwrap_err()
-            .contains("exceeds the task's memory limit"));
-        assert!(check_module(b"\0asm\x01", &Limits::default(), &CompileCaps::default())
-            .unwrap_err()
-            .contains("truncated"));
-        assert!(check_module(b"hello", &Limits::default(), &CompileCaps::default())
-            .unwrap_err()
-            .contains("not a WebAssembly module"));
+        assert!(
+            check(r#"(module (import "env" "f" (func)) (func (export "_start")))"#)
+                .unwrap_err()
+                .contains("unknown import env::f")
+        );
+        assert!(
+            check(r#"(module (memory 1 1 shared) (func (export "_start")))"#)
+                .unwrap_err()
+                .contains("shared memory")
+        );
+        assert!(
+            check(r#"(module (memory 65536) (func (export "_start")))"#)
+                .unwrap_err()
+                .contains("exceeds the task's memory limit")
+        );
+        assert!(
+            check_module(b"\0asm\x01", &Limits::default(), &CompileCaps::default())
+                .unwrap_err()
+                .contains("truncated")
+        );
+        assert!(
+            check_module(b"hello", &Limits::default(), &CompileCaps::default())
+                .unwrap_err()
+                .contains("not a WebAssembly module")
+        );
     }
 }

@@ -129,12 +129,21 @@ mod tests {
     #[test]
     fn reasons_are_spelled_as_the_cli_contract_says() {
         assert_eq!(Reason::Exit(3).to_string(), "exit: 3");
-        assert_eq!(Reason::Trap("unreachable".into()).to_string(), "trap: unreachable");
-        assert_eq!(Reason::Limit(Limit::OpenFiles).to_string(), "limit: open-files");
+        assert_eq!(
+            Reason::Trap("unreachable".into()).to_string(),
+            "trap: unreachable"
+        );
+        assert_eq!(
+            Reason::Limit(Limit::OpenFiles).to_string(),
+            "limit: open-files"
+        );
         assert_eq!(
             Reason::Invalid("unknown import env::f".into()).to_string(),
             "invalid: unknown import env::f"
         );
-        assert_eq!(Outcome::Failed(Reason::Invalid("x".into())).status(), TaskStatus::Refused);
+        assert_eq!(
+            Outcome::Failed(Reason::Invalid("x".into())).status(),
+            TaskStatus::Refused
+        );
     }
 }

@@ -80,7 +80,10 @@ impl std::fmt::Display for ParamsError {
 impl std::error::Error for ParamsError {}
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 impl Task {
@@ -108,7 +111,9 @@ impl Task {
     }
 
     /// Like [`Task::params`], but an empty stdin gives `T::default()`.
-    pub fn params_or_default<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T, ParamsError> {
+    pub fn params_or_default<T: serde::de::DeserializeOwned + Default>(
+        &self,
+    ) -> Result<T, ParamsError> {
         let text = read_stdin()?;
         if text.trim().is_empty() {
             return Ok(T::default());
@@ -119,7 +124,9 @@ impl Task {
 
 fn read_stdin() -> Result<String, ParamsError> {
     let mut text = String::new();
-    io::stdin().read_to_string(&mut text).map_err(ParamsError::Io)?;
+    io::stdin()
+        .read_to_string(&mut text)
+        .map_err(ParamsError::Io)?;
     Ok(text)
 }
 
@@ -127,7 +134,9 @@ fn dir_from_env(var: &str, sandbox_path: &str) -> PathBuf {
     if cfg!(target_os = "wasi") {
         PathBuf::from(sandbox_path)
     } else {
-        std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(sandbox_path))
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(sandbox_path))
     }
 }
 

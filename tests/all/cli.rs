@@ -17,8 +17,16 @@ fn json_line_has_every_field_of_the_contract() {
     assert_eq!(code, 0);
     let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
     let mut want = [
-        "status", "exit_code", "reason", "cpu_seconds", "wall_seconds", "bytes_out", "output_dir", "stdout",
-        "stderr", "logs_truncated",
+        "status",
+        "exit_code",
+        "reason",
+        "cpu_seconds",
+        "wall_seconds",
+        "bytes_out",
+        "output_dir",
+        "stdout",
+        "stderr",
+        "logs_truncated",
     ];
     want.sort();
     let mut keys = keys;
@@ -32,12 +40,24 @@ fn json_line_has_every_field_of_the_contract() {
     assert!(v["wall_seconds"].as_f64().unwrap() > 0.0);
     let csv = std::fs::read_to_string(target.join("part-00000.csv")).unwrap();
     assert_eq!(v["bytes_out"].as_u64().unwrap(), csv.len() as u64);
-    assert_eq!(v["output_dir"], target.canonicalize().unwrap().to_str().unwrap());
+    assert_eq!(
+        v["output_dir"],
+        target.canonicalize().unwrap().to_str().unwrap()
+    );
 }
 
 #[test]
 fn a_failed_task_exits_1_with_its_reason() {
-    let (v, code) = grid_run_json(&[path(&guest("hostile")), "--memory", "32MiB", "--", "memory-bomb"], b"");
+    let (v, code) = grid_run_json(
+        &[
+            path(&guest("hostile")),
+            "--memory",
+            "32MiB",
+            "--",
+            "memory-bomb",
+        ],
+        b"",
+    );
     assert_eq!(code, 1);
     assert_eq!(v["status"], "failed");
     assert_eq!(v["reason"], "limit: memory");
@@ -46,7 +66,10 @@ fn a_failed_task_exits_1_with_its_reason() {
 
 #[test]
 fn timeout_takes_a_human_duration() {
-    let (v, code) = grid_run_json(&[path(&guest("hostile")), "--timeout", "300ms", "--", "sleep"], b"");
+    let (v, code) = grid_run_json(
+        &[path(&guest("hostile")), "--timeout", "300ms", "--", "sleep"],
+        b"",
+    );
     assert_eq!(code, 1);
     assert_eq!(v["reason"], "limit: time");
     assert!(v["wall_seconds"].as_f64().unwrap() < 5.0);
@@ -54,7 +77,16 @@ fn timeout_takes_a_human_duration() {
 
 #[test]
 fn max_output_takes_a_human_size() {
-    let (v, code) = grid_run_json(&[path(&guest("hostile")), "--max-output", "2MiB", "--", "disk-fill"], b"");
+    let (v, code) = grid_run_json(
+        &[
+            path(&guest("hostile")),
+            "--max-output",
+            "2MiB",
+            "--",
+            "disk-fill",
+        ],
+        b"",
+    );
     assert_eq!(code, 1);
     assert_eq!(v["reason"], "limit: output");
 }
@@ -67,7 +99,12 @@ fn a_refused_module_exits_1_with_status_refused() {
     let (v, code) = grid_run_json(&[path(&bad)], b"");
     assert_eq!(code, 1);
     assert_eq!(v["status"], "refused");
-    assert!(v["reason"].as_str().unwrap().starts_with("invalid: not a WebAssembly module"));
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid: not a WebAssembly module")
+    );
 }
 
 #[test]
@@ -90,7 +127,10 @@ fn usage_and_setup_errors_exit_2_with_one_line() {
         let out = grid(&args, b"");
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let stderr = String::from_utf8(out.stderr).unwrap();
-        assert!(stderr.starts_with("grid: ") || stderr.starts_with("error: "), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("grid: ") || stderr.starts_with("error: "),
+            "{args:?}: {stderr}"
+        );
     }
     let out = grid(&["run", "/no/such/module.wasm"], b"");
     let stderr = String::from_utf8(out.stderr).unwrap();
@@ -102,10 +142,21 @@ fn usage_and_setup_errors_exit_2_with_one_line() {
 fn a_non_empty_output_dir_is_refused_and_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("keep.txt"), "mine").unwrap();
-    let out = grid(&["run", path(&guest("synth-data")), "--output", path(dir.path())], b"");
+    let out = grid(
+        &[
+            "run",
+            path(&guest("synth-data")),
+            "--output",
+            path(dir.path()),
+        ],
+        b"",
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not empty"));
-    assert_eq!(std::fs::read_to_string(dir.path().join("keep.txt")).unwrap(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("keep.txt")).unwrap(),
+        "mine"
+    );
 }
 
 #[test]
@@ -114,11 +165,17 @@ fn without_json_guest_output_passes_through_and_the_output_dir_is_printed() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("grid: task failed: exit: 5"), "{stderr}");
-    let out = grid(&["run", path(&guest("monte-carlo-pi"))], br#"{"samples": 1000}"#);
+    let out = grid(
+        &["run", path(&guest("monte-carlo-pi"))],
+        br#"{"samples": 1000}"#,
+    );
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8(out.stdout).unwrap().starts_with("pi ≈ "));
     let stderr = String::from_utf8(out.stderr).unwrap();
-    let dir = stderr.lines().find_map(|l| l.strip_prefix("grid: output in ")).expect("output dir printed");
+    let dir = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("grid: output in "))
+        .expect("output dir printed");
     assert!(std::path::Path::new(dir).join("estimate.json").exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -128,7 +185,15 @@ fn env_input_stdin_and_task_index_reach_the_guest_and_host_env_does_not() {
     let input = tempfile::tempdir().unwrap();
     std::fs::write(input.path().join("data.txt"), "hello").unwrap();
     let (v, code) = grid_run_json(
-        &[path(&guest("hostile")), "--input", path(input.path()), "--env", "A=1", "--", "read-input"],
+        &[
+            path(&guest("hostile")),
+            "--input",
+            path(input.path()),
+            "--env",
+            "A=1",
+            "--",
+            "read-input",
+        ],
         b"params",
     );
     assert_eq!(code, 0, "{v}");
@@ -137,12 +202,25 @@ fn env_input_stdin_and_task_index_reach_the_guest_and_host_env_does_not() {
     assert!(stdout.contains("stdin: params"));
 
     let (v, _) = grid_run_json(
-        &[path(&guest("hostile")), "--env", "A=1", "--seed", "9", "--task-index", "4", "--", "env"],
+        &[
+            path(&guest("hostile")),
+            "--env",
+            "A=1",
+            "--seed",
+            "9",
+            "--task-index",
+            "4",
+            "--",
+            "env",
+        ],
         b"",
     );
     let stdout = v["stdout"].as_str().unwrap();
     assert!(stdout.contains("A=1"));
     assert!(stdout.contains("GRID_TASK_INDEX=4"));
     assert!(stdout.contains(&format!("GRID_SEED={}", grid_proto::task_seed(9, 4))));
-    assert!(!stdout.contains("must-not-leak"), "host env leaked: {stdout}");
+    assert!(
+        !stdout.contains("must-not-leak"),
+        "host env leaked: {stdout}"
+    );
 }

@@ -5,11 +5,22 @@ use crate::support::*;
 fn synth(params: &str, index: &str, seed: &str) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap().keep();
     let (v, code) = grid_run_json(
-        &[guest("synth-data").to_str().unwrap(), "--output", dir.to_str().unwrap(), "--task-index", index, "--seed", seed],
+        &[
+            guest("synth-data").to_str().unwrap(),
+            "--output",
+            dir.to_str().unwrap(),
+            "--task-index",
+            index,
+            "--seed",
+            seed,
+        ],
         params.as_bytes(),
     );
     assert_eq!(code, 0, "{v}");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(files.len(), 1);
     let text = std::fs::read_to_string(files.pop().unwrap()).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
@@ -36,8 +47,15 @@ fn synth_data_writes_the_promised_rows_schema_and_correlation() {
     let (mut ages, mut log_incomes, mut groups) = (Vec::new(), Vec::new(), [0usize; 3]);
     for (i, row) in rows.iter().enumerate() {
         assert_eq!(row.len(), 6);
-        assert_eq!(row[0].parse::<u64>().unwrap(), 2 * 5000 + i as u64, "ids continue across shards");
-        groups[["A", "B", "C"].iter().position(|g| *g == row[1]).expect("group is A, B or C")] += 1;
+        assert_eq!(
+            row[0].parse::<u64>().unwrap(),
+            2 * 5000 + i as u64,
+            "ids continue across shards"
+        );
+        groups[["A", "B", "C"]
+            .iter()
+            .position(|g| *g == row[1])
+            .expect("group is A, B or C")] += 1;
         let age: f64 = row[2].parse().unwrap();
         assert!((18.0..=90.0).contains(&age));
         let income: f64 = row[3].parse().unwrap();
@@ -48,8 +66,14 @@ fn synth_data_writes_the_promised_rows_schema_and_correlation() {
         log_incomes.push(income.ln());
     }
     let r = pearson(&ages, &log_incomes);
-    assert!((r - 0.7).abs() < 0.05, "corr(age, log income) = {r}, want about 0.7");
-    assert!((groups[0] as f64 / 5000.0 - 0.5).abs() < 0.03, "group A share: {groups:?}");
+    assert!(
+        (r - 0.7).abs() < 0.05,
+        "corr(age, log income) = {r}, want about 0.7"
+    );
+    assert!(
+        (groups[0] as f64 / 5000.0 - 0.5).abs() < 0.03,
+        "group A share: {groups:?}"
+    );
 }
 
 #[test]
@@ -66,7 +90,10 @@ fn synth_data_is_reproducible_by_seed_and_differs_across_tasks() {
 #[test]
 fn synth_data_writes_jsonl_on_request() {
     let (text, _) = synth(r#"{"rows": 50, "format": "jsonl"}"#, "0", "0");
-    let records: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(records.len(), 50);
     let keys: Vec<&String> = records[0].as_object().unwrap().keys().collect();
     assert_eq!(keys, ["age", "group", "id", "income", "label", "score"]);
@@ -74,22 +101,42 @@ fn synth_data_writes_jsonl_on_request() {
 
 #[test]
 fn synth_data_rejects_bad_params_with_a_clear_message() {
-    let (v, code) = grid_run_json(&[guest("synth-data").to_str().unwrap()], br#"{"rows": 5, "rho": 3}"#);
+    let (v, code) = grid_run_json(
+        &[guest("synth-data").to_str().unwrap()],
+        br#"{"rows": 5, "rho": 3}"#,
+    );
     assert_eq!(code, 1);
     assert_eq!(v["reason"], "exit: 1");
-    assert!(v["stderr"].as_str().unwrap().contains("rho must be within [-1, 1]"));
+    assert!(
+        v["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("rho must be within [-1, 1]")
+    );
     let (v, _) = grid_run_json(&[guest("synth-data").to_str().unwrap()], br#"{"rowz": 5}"#);
-    assert!(v["stderr"].as_str().unwrap().contains("unknown field `rowz`"));
+    assert!(
+        v["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `rowz`")
+    );
 }
 
 #[test]
 fn monte_carlo_pi_estimates_pi() {
-    let (v, code) = grid_run_json(&[guest("monte-carlo-pi").to_str().unwrap()], br#"{"samples": 400000}"#);
+    let (v, code) = grid_run_json(
+        &[guest("monte-carlo-pi").to_str().unwrap()],
+        br#"{"samples": 400000}"#,
+    );
     assert_eq!(code, 0);
     let dir = v["output_dir"].as_str().unwrap();
     let est: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/estimate.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/estimate.json")).unwrap())
+            .unwrap();
     assert_eq!(est["samples"], 400000);
-    assert!((est["pi"].as_f64().unwrap() - std::f64::consts::PI).abs() < 0.02, "{est}");
+    assert!(
+        (est["pi"].as_f64().unwrap() - std::f64::consts::PI).abs() < 0.02,
+        "{est}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

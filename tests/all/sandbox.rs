@@ -31,7 +31,10 @@ async fn hostile(mode: &str) -> (grid_node::TaskReport, TaskDirs) {
 async fn wat_task(text: &str, timeout: Duration) -> grid_node::TaskReport {
     let dirs = TaskDirs::new();
     let report = run_task(&wat(text), &dirs, |s| {
-        s.limits = Limits { timeout, ..small_limits() };
+        s.limits = Limits {
+            timeout,
+            ..small_limits()
+        };
     })
     .await;
     dirs.assert_nothing_outside_out();
@@ -40,9 +43,17 @@ async fn wat_task(text: &str, timeout: Duration) -> grid_node::TaskReport {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn infinite_loop_is_stopped_by_the_time_limit() {
-    let r = wat_task(r#"(module (func (export "_start") (loop (br 0))))"#, Duration::from_millis(500)).await;
+    let r = wat_task(
+        r#"(module (func (export "_start") (loop (br 0))))"#,
+        Duration::from_millis(500),
+    )
+    .await;
     assert_eq!(reason(&r), "limit: time");
-    assert!(r.wall_seconds < 5.0, "stopped promptly, took {}", r.wall_seconds);
+    assert!(
+        r.wall_seconds < 5.0,
+        "stopped promptly, took {}",
+        r.wall_seconds
+    );
     assert_a_good_task_runs().await;
 }
 
@@ -50,7 +61,11 @@ async fn infinite_loop_is_stopped_by_the_time_limit() {
 async fn busy_guest_is_stopped_by_the_time_limit() {
     let (r, _) = hostile("spin").await;
     assert_eq!(reason(&r), "limit: time");
-    assert!(r.cpu_seconds > 1.0, "CPU time is measured: {}", r.cpu_seconds);
+    assert!(
+        r.cpu_seconds > 1.0,
+        "CPU time is measured: {}",
+        r.cpu_seconds
+    );
     assert_a_good_task_runs().await;
 }
 
@@ -86,16 +101,32 @@ async fn memory_grow_loop_fails_inside_the_guest_and_hits_the_memory_limit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn huge_initial_memory_is_refused_before_running() {
-    let r = wat_task(r#"(module (memory 65536) (func (export "_start")))"#, Duration::from_secs(5)).await;
+    let r = wat_task(
+        r#"(module (memory 65536) (func (export "_start")))"#,
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(r.outcome.status(), grid_proto::TaskStatus::Refused);
-    assert!(reason(&r).starts_with("invalid: declared minimum memory"), "{}", reason(&r));
+    assert!(
+        reason(&r).starts_with("invalid: declared minimum memory"),
+        "{}",
+        reason(&r)
+    );
     assert_a_good_task_runs().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn huge_table_is_refused_before_running() {
-    let r = wat_task(r#"(module (table 10000000 funcref) (func (export "_start")))"#, Duration::from_secs(5)).await;
-    assert!(reason(&r).starts_with("invalid: declared minimum table size"), "{}", reason(&r));
+    let r = wat_task(
+        r#"(module (table 10000000 funcref) (func (export "_start")))"#,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        reason(&r).starts_with("invalid: declared minimum table size"),
+        "{}",
+        reason(&r)
+    );
     assert_a_good_task_runs().await;
 }
 
@@ -115,14 +146,22 @@ async fn table_grow_loop_hits_the_table_limit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn deep_recursion_is_a_stack_overflow_trap() {
-    let r = wat_task(r#"(module (func $f (export "_start") (call $f)))"#, Duration::from_secs(5)).await;
+    let r = wat_task(
+        r#"(module (func $f (export "_start") (call $f)))"#,
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(reason(&r), "trap: stack overflow");
     assert_a_good_task_runs().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_is_a_trap() {
-    let r = wat_task(r#"(module (func (export "_start") unreachable))"#, Duration::from_secs(5)).await;
+    let r = wat_task(
+        r#"(module (func (export "_start") unreachable))"#,
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(reason(&r), "trap: unreachable");
     assert_a_good_task_runs().await;
 }
@@ -138,7 +177,10 @@ async fn a_panicking_guest_is_a_trap_with_its_message_in_stderr() {
 #[tokio::test(flavor = "multi_thread")]
 async fn non_zero_exit_is_reported_with_its_code() {
     let dirs = TaskDirs::new();
-    let r = run_task(&guest_bytes("hostile"), &dirs, |s| s.args = vec!["exit".into(), "7".into()]).await;
+    let r = run_task(&guest_bytes("hostile"), &dirs, |s| {
+        s.args = vec!["exit".into(), "7".into()]
+    })
+    .await;
     assert_eq!(reason(&r), "exit: 7");
     assert_eq!(r.outcome.exit_code(), Some(7));
 }
@@ -147,7 +189,10 @@ async fn non_zero_exit_is_reported_with_its_code() {
 async fn disk_fill_stops_at_the_output_limit_and_leaves_nothing() {
     let (r, dirs) = hostile("disk-fill").await;
     assert_eq!(reason(&r), "limit: output");
-    assert_eq!(r.bytes_out, 0, "a task over its output limit leaves an empty /out");
+    assert_eq!(
+        r.bytes_out, 0,
+        "a task over its output limit leaves an empty /out"
+    );
     assert_eq!(std::fs::read_dir(dirs.output()).unwrap().count(), 0);
     assert_a_good_task_runs().await;
 }
@@ -192,7 +237,12 @@ async fn directory_bomb_stops_at_the_files_limit() {
 async fn rewriting_one_file_many_times_is_not_counted_as_many_files() {
     let (r, dirs) = hostile("rewrite-one-file").await;
     assert_eq!(reason(&r), "succeeded");
-    assert_eq!(std::fs::read_to_string(dirs.output().join("state.txt")).unwrap().len(), 1000);
+    assert_eq!(
+        std::fs::read_to_string(dirs.output().join("state.txt"))
+            .unwrap()
+            .len(),
+        1000
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -205,7 +255,10 @@ async fn too_many_open_files_hits_the_open_files_limit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn stdout_flood_is_truncated_and_marked_not_fatal() {
     let dirs = TaskDirs::new();
-    let r = run_task(&guest_bytes("hostile"), &dirs, |s| s.args = vec!["stdout-flood".into()]).await;
+    let r = run_task(&guest_bytes("hostile"), &dirs, |s| {
+        s.args = vec!["stdout-flood".into()]
+    })
+    .await;
     assert_eq!(reason(&r), "succeeded");
     assert!(r.logs_truncated);
     assert_eq!(r.stdout.len() as u64, Limits::default().max_log_bytes);
@@ -216,15 +269,31 @@ async fn stdout_flood_is_truncated_and_marked_not_fatal() {
 #[tokio::test(flavor = "multi_thread")]
 async fn host_paths_with_dotdot_cannot_be_read_or_written() {
     let (r, _) = hostile("escape").await;
-    assert_eq!(reason(&r), "succeeded", "escapes: {}", String::from_utf8_lossy(&r.stdout));
+    assert_eq!(
+        reason(&r),
+        "succeeded",
+        "escapes: {}",
+        String::from_utf8_lossy(&r.stdout)
+    );
     assert_a_good_task_runs().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn symlinks_cannot_point_out_of_out_and_are_not_followed() {
     let (r, dirs) = hostile("symlinks").await;
-    assert_eq!(reason(&r), "succeeded", "links made: {}", String::from_utf8_lossy(&r.stdout));
-    assert!(dirs.output().join("alias.txt").symlink_metadata().unwrap().is_symlink());
+    assert_eq!(
+        reason(&r),
+        "succeeded",
+        "links made: {}",
+        String::from_utf8_lossy(&r.stdout)
+    );
+    assert!(
+        dirs.output()
+            .join("alias.txt")
+            .symlink_metadata()
+            .unwrap()
+            .is_symlink()
+    );
     let manifest = grid_node::outputs::manifest(&dirs.output()).unwrap();
     let paths: Vec<&str> = manifest.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(paths, ["real.txt"], "links are never collected as files");
@@ -238,14 +307,32 @@ async fn the_guest_sees_only_its_own_env() {
     unsafe { std::env::set_var("GRID_TEST_SANDBOX_SECRET", "must-not-leak") };
     let r = run_task(&guest_bytes("hostile"), &dirs, |s| {
         s.args = vec!["env".into()];
-        s.env = vec![("MY_VAR".into(), "1".into()), ("GRID_SEED".into(), "spoofed".into())];
+        s.env = vec![
+            ("MY_VAR".into(), "1".into()),
+            ("GRID_SEED".into(), "spoofed".into()),
+        ];
     })
     .await;
     let stdout = String::from_utf8(r.stdout).unwrap();
-    let mut names: Vec<&str> = stdout.lines().map(|l| l.split('=').next().unwrap()).collect();
+    let mut names: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.split('=').next().unwrap())
+        .collect();
     names.sort();
-    assert_eq!(names, ["GRID_JOB_ID", "GRID_SEED", "GRID_TASK_COUNT", "GRID_TASK_INDEX", "MY_VAR"]);
-    assert!(!stdout.contains("spoofed"), "GRID_* is set by the sandbox, not the job");
+    assert_eq!(
+        names,
+        [
+            "GRID_JOB_ID",
+            "GRID_SEED",
+            "GRID_TASK_COUNT",
+            "GRID_TASK_INDEX",
+            "MY_VAR"
+        ]
+    );
+    assert!(
+        !stdout.contains("spoofed"),
+        "GRID_* is set by the sandbox, not the job"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -261,7 +348,10 @@ async fn in_is_read_only_and_stdin_and_args_arrive() {
     assert!(stdout.contains("data.txt: input data"));
     assert!(stdout.contains("write to /in denied: true"));
     assert!(stdout.contains("stdin: {\"k\":1}"));
-    assert!(stdout.contains(r#"args: ["job.wasm", "read-input", "extra"]"#), "{stdout}");
+    assert!(
+        stdout.contains(r#"args: ["job.wasm", "read-input", "extra"]"#),
+        "{stdout}"
+    );
     dirs.assert_nothing_outside_out();
 }
 
@@ -272,7 +362,11 @@ async fn unknown_import_is_refused_and_named() {
         Duration::from_secs(5),
     )
     .await;
-    assert!(reason(&r).starts_with("invalid: unknown import env::launch_missiles"), "{}", reason(&r));
+    assert!(
+        reason(&r).starts_with("invalid: unknown import env::launch_missiles"),
+        "{}",
+        reason(&r)
+    );
     assert_a_good_task_runs().await;
 }
 
@@ -284,7 +378,12 @@ async fn wasi_import_of_the_wrong_type_is_refused() {
         Duration::from_secs(5),
     )
     .await;
-    assert_eq!(r.outcome.status(), grid_proto::TaskStatus::Refused, "{}", reason(&r));
+    assert_eq!(
+        r.outcome.status(),
+        grid_proto::TaskStatus::Refused,
+        "{}",
+        reason(&r)
+    );
     assert_a_good_task_runs().await;
 }
 
@@ -293,29 +392,51 @@ async fn garbage_empty_and_truncated_bytes_are_refused() {
     let good = guest_bytes("monte-carlo-pi");
     let cases: [(&[u8], &str); 4] = [
         (b"", "invalid: empty module"),
-        (b"#!/bin/sh\nrm -rf /\n", "invalid: not a WebAssembly module"),
-        (&good[..good.len() / 2], "invalid: malformed or truncated module"),
+        (
+            b"#!/bin/sh\nrm -rf /\n",
+            "invalid: not a WebAssembly module",
+        ),
+        (
+            &good[..good.len() / 2],
+            "invalid: malformed or truncated module",
+        ),
         (b"\0asm\x0d\0\x01\0", "invalid: a component"),
     ];
     for (bytes, want) in cases {
         let dirs = TaskDirs::new();
         let r = run_task(bytes, &dirs, |_| {}).await;
-        assert!(reason(&r).starts_with(want), "got {:?}, want {want:?}", reason(&r));
+        assert!(
+            reason(&r).starts_with(want),
+            "got {:?}, want {want:?}",
+            reason(&r)
+        );
     }
     assert_a_good_task_runs().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shared_memory_is_refused() {
-    let r = wat_task(r#"(module (memory 1 1 shared) (func (export "_start")))"#, Duration::from_secs(5)).await;
-    assert!(reason(&r).starts_with("invalid: shared memory"), "{}", reason(&r));
+    let r = wat_task(
+        r#"(module (memory 1 1 shared) (func (export "_start")))"#,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        reason(&r).starts_with("invalid: shared memory"),
+        "{}",
+        reason(&r)
+    );
     assert_a_good_task_runs().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_library_without_start_is_refused() {
     let r = wat_task(r#"(module (func (export "run")))"#, Duration::from_secs(5)).await;
-    assert!(reason(&r).starts_with("invalid: no `_start` export"), "{}", reason(&r));
+    assert!(
+        reason(&r).starts_with("invalid: no `_start` export"),
+        "{}",
+        reason(&r)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -337,23 +458,43 @@ async fn a_module_over_the_size_cap_is_refused_before_parsing() {
     bytes.resize(bytes.len() + payload, 0);
     let dirs = TaskDirs::new();
     let r = run_task(&bytes, &dirs, |_| {}).await;
-    assert!(reason(&r).contains("over the cap of 67108864 bytes"), "{}", reason(&r));
+    assert!(
+        reason(&r).contains("over the cap of 67108864 bytes"),
+        "{}",
+        reason(&r)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn many_hostile_tasks_at_once_share_one_engine() {
-    let modes = ["memory-bomb", "disk-fill", "escape", "spin", "many-files", "stdout-flood"];
+    let modes = [
+        "memory-bomb",
+        "disk-fill",
+        "escape",
+        "spin",
+        "many-files",
+        "stdout-flood",
+    ];
     let runs = modes.iter().map(|m| hostile(m));
     let reports = futures_join_all(runs).await;
     let reasons: Vec<String> = reports.iter().map(|(r, _)| reason(r)).collect();
     assert_eq!(
         reasons,
-        ["limit: memory", "limit: output", "succeeded", "limit: time", "limit: files", "succeeded"]
+        [
+            "limit: memory",
+            "limit: output",
+            "succeeded",
+            "limit: time",
+            "limit: files",
+            "succeeded"
+        ]
     );
     assert_a_good_task_runs().await;
 }
 
-async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
 where
     F::Output: Send + 'static,
 {
@@ -376,11 +517,17 @@ async fn deterministic_mode_gives_the_same_bytes_twice() {
         })
         .await;
         assert_eq!(reason(&r), "succeeded");
-        outputs.push((r.stdout, std::fs::read(dirs.output().join("random.txt")).unwrap()));
+        outputs.push((
+            r.stdout,
+            std::fs::read(dirs.output().join("random.txt")).unwrap(),
+        ));
     }
     assert_eq!(outputs[0], outputs[1]);
     let stdout = String::from_utf8_lossy(&outputs[0].0);
-    assert!(stdout.contains("946684800s"), "the wall clock is fixed: {stdout}");
+    assert!(
+        stdout.contains("946684800s"),
+        "the wall clock is fixed: {stdout}"
+    );
 
     let dirs = TaskDirs::new();
     let other_seed = run_task(&guest_bytes("hostile"), &dirs, |s| {
@@ -388,5 +535,8 @@ async fn deterministic_mode_gives_the_same_bytes_twice() {
         s.seed = 43;
     })
     .await;
-    assert_ne!(other_seed.stdout, outputs[0].0, "the seed drives the randomness");
+    assert_ne!(
+        other_seed.stdout, outputs[0].0,
+        "the seed drives the randomness"
+    );
 }

@@ -6,16 +6,23 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("grid-cli sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("grid-cli sits in the workspace")
+        .to_path_buf()
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// A guest built by `cargo xtask build-guests`; fails with the command to run when missing.
 pub fn guest(name: &str) -> PathBuf {
-    let path = target_dir().join("wasm32-wasip1/guest").join(format!("{name}.wasm"));
+    let path = target_dir()
+        .join("wasm32-wasip1/guest")
+        .join(format!("{name}.wasm"));
     assert!(
         path.exists(),
         "{} is missing: build the guests with `cargo xtask build-guests` (`cargo xtask test` does it for you)",
@@ -38,8 +45,11 @@ pub fn sandbox() -> &'static Sandbox {
     static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
     SANDBOX.get_or_init(|| {
         let cache = tempfile::tempdir().expect("temp dir").keep();
-        Sandbox::new(SandboxConfig { cache_dir: Some(cache), ..SandboxConfig::default() })
-            .expect("sandbox starts")
+        Sandbox::new(SandboxConfig {
+            cache_dir: Some(cache),
+            ..SandboxConfig::default()
+        })
+        .expect("sandbox starts")
     })
 }
 
@@ -78,12 +88,19 @@ impl TaskDirs {
             .collect();
         inputs.sort();
         assert_eq!(inputs, ["data.txt"], "the task changed /in");
-        assert_eq!(std::fs::read_to_string(self.input().join("data.txt")).unwrap(), "input data");
+        assert_eq!(
+            std::fs::read_to_string(self.input().join("data.txt")).unwrap(),
+            "input data"
+        );
     }
 }
 
 /// Loads `bytes` and runs one task of it with `configure` applied to the spec.
-pub async fn run_task(bytes: &[u8], dirs: &TaskDirs, configure: impl FnOnce(&mut TaskSpec)) -> TaskReport {
+pub async fn run_task(
+    bytes: &[u8],
+    dirs: &TaskDirs,
+    configure: impl FnOnce(&mut TaskSpec),
+) -> TaskReport {
     let mut spec = TaskSpec::new(&dirs.output());
     spec.input_dir = Some(dirs.input());
     configure(&mut spec);
@@ -102,15 +119,27 @@ pub async fn run_task(bytes: &[u8], dirs: &TaskDirs, configure: impl FnOnce(&mut
 }
 
 pub fn reason(report: &TaskReport) -> String {
-    report.outcome.reason().map(|r| r.to_string()).unwrap_or_else(|| "succeeded".into())
+    report
+        .outcome
+        .reason()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| "succeeded".into())
 }
 
 /// Runs a well-behaved task in the shared engine and checks its result: proof that whatever
 /// ran before left the engine healthy.
 pub async fn assert_a_good_task_runs() {
     let dirs = TaskDirs::new();
-    let report = run_task(&guest_bytes("monte-carlo-pi"), &dirs, |s| s.stdin = br#"{"samples": 20000}"#.to_vec()).await;
-    assert_eq!(reason(&report), "succeeded", "stderr: {}", String::from_utf8_lossy(&report.stderr));
+    let report = run_task(&guest_bytes("monte-carlo-pi"), &dirs, |s| {
+        s.stdin = br#"{"samples": 20000}"#.to_vec()
+    })
+    .await;
+    assert_eq!(
+        reason(&report),
+        "succeeded",
+        "stderr: {}",
+        String::from_utf8_lossy(&report.stderr)
+    );
     let estimate = std::fs::read_to_string(dirs.output().join("estimate.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&estimate).unwrap();
     assert_eq!(v["samples"], 20000);
@@ -145,7 +174,13 @@ pub fn grid_run_json(args: &[&str], stdin: &[u8]) -> (serde_json::Value, i32) {
     all.extend_from_slice(args);
     let out = grid(&all, stdin);
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(stdout.lines().count(), 1, "--json prints exactly one line, got: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
-    let value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "--json prints exactly one line, got: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
     (value, out.status.code().expect("exit code"))
 }

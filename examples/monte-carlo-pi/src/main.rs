@@ -32,8 +32,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let pi = 4.0 * inside as f64 / p.samples.max(1) as f64;
     let mut out = grid_guest::create_output("estimate.json")?;
-    writeln!(out, r#"{{"samples":{},"inside":{inside},"pi":{pi}}}"#, p.samples)?;
+    writeln!(
+        out,
+        r#"{{"samples":{},"inside":{inside},"pi":{pi}}}"#,
+        p.samples
+    )?;
     out.flush()?;
-    println!("pi ≈ {pi:.6} from {} samples (task {})", p.samples, task.index);
+    println!(
+        "pi ≈ {pi:.6} from {} samples (task {})",
+        p.samples, task.index
+    );
     Ok(())
 }

@@ -26,7 +26,11 @@ struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Self { rows: 10_000, rho: 0.6, format: "csv".into() }
+        Self {
+            rows: 10_000,
+            rho: 0.6,
+            format: "csv".into(),
+        }
     }
 }
 
@@ -51,7 +55,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("format must be csv or jsonl, got {other}").into()),
     };
     let mut rng = task.rng();
-    let name = format!("part-{:05}.{}", task.index, if jsonl { "jsonl" } else { "csv" });
+    let name = format!(
+        "part-{:05}.{}",
+        task.index,
+        if jsonl { "jsonl" } else { "csv" }
+    );
     let mut out = grid_guest::create_output(&name)?;
     if !jsonl {
         writeln!(out, "id,group,age,income,score,label")?;
@@ -61,7 +69,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let id = task.index * p.rows + row;
         let pick: f64 = rng.random();
         let mut acc = 0.0;
-        let group = GROUPS.iter().find(|(_, w)| { acc += w; pick < acc }).map_or("C", |g| g.0);
+        let group = GROUPS
+            .iter()
+            .find(|(_, w)| {
+                acc += w;
+                pick < acc
+            })
+            .map_or("C", |g| g.0);
         let z1: f64 = StandardNormal.sample(&mut rng);
         let z2: f64 = StandardNormal.sample(&mut rng);
         let age = (45.0 + 12.0 * z1).clamp(18.0, 90.0).round();

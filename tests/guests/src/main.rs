@@ -54,13 +54,25 @@ fn main() {
         "escape" => {
             // Every attempt must fail; the exit code counts the ones that did not.
             let mut escaped = 0;
-            for path in ["/etc/passwd", "/in/../../etc/passwd", "../etc/passwd", "/proc/self/environ", "/out/../../etc/hostname"] {
+            for path in [
+                "/etc/passwd",
+                "/in/../../etc/passwd",
+                "../etc/passwd",
+                "/proc/self/environ",
+                "/out/../../etc/hostname",
+            ] {
                 if fs::read(path).is_ok() {
                     println!("read {path}");
                     escaped += 1;
                 }
             }
-            for path in ["/out/../escaped.txt", "/in/escaped.txt", "/escaped.txt", "/tmp/escaped.txt", "/out/../../escaped.txt"] {
+            for path in [
+                "/out/../escaped.txt",
+                "/in/escaped.txt",
+                "/escaped.txt",
+                "/tmp/escaped.txt",
+                "/out/../../escaped.txt",
+            ] {
                 if fs::write(path, b"escaped").is_ok() {
                     println!("wrote {path}");
                     escaped += 1;
@@ -77,7 +89,10 @@ fn main() {
                 }
             }
             fs::write("/out/real.txt", b"data").unwrap();
-            assert!(symlink("real.txt", "alias.txt"), "a contained link must be allowed");
+            assert!(
+                symlink("real.txt", "alias.txt"),
+                "a contained link must be allowed"
+            );
             // Writing through an escaping link must not be possible either.
             if made > 0 && fs::write("/out/link0", b"x").is_ok() {
                 made += 1;
@@ -112,30 +127,49 @@ fn main() {
         }
         "random" => {
             let mut bytes = [0u8; 16];
-            File::open("/dev/urandom").map(|mut f| f.read_exact(&mut bytes)).ok();
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+            File::open("/dev/urandom")
+                .map(|mut f| f.read_exact(&mut bytes))
+                .ok();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
             let mono = std::time::Instant::now();
             let hash = std::collections::hash_map::RandomState::new();
             use std::hash::BuildHasher;
             println!("{}", hash.hash_one(42u32));
             println!("{now:?} {:?}", mono.elapsed());
-            fs::write("/out/random.txt", format!("{} {}", hash.hash_one(7u32), now.as_nanos())).unwrap();
+            fs::write(
+                "/out/random.txt",
+                format!("{} {}", hash.hash_one(7u32), now.as_nanos()),
+            )
+            .unwrap();
         }
         "read-input" => {
-            let mut names: Vec<String> = fs::read_dir("/in").unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            let mut names: Vec<String> = fs::read_dir("/in")
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
             names.sort();
             for name in names {
                 let text = fs::read_to_string(format!("/in/{name}")).unwrap();
                 println!("{name}: {text}");
             }
-            let denied = OpenOptions::new().append(true).open("/in/data.txt").is_err();
+            let denied = OpenOptions::new()
+                .append(true)
+                .open("/in/data.txt")
+                .is_err();
             println!("write to /in denied: {denied}");
             let mut stdin = String::new();
             std::io::stdin().read_to_string(&mut stdin).unwrap();
             println!("stdin: {stdin}");
             println!("args: {:?}", std::env::args().collect::<Vec<_>>());
         }
-        "exit" => std::process::exit(std::env::args().nth(2).and_then(|c| c.parse().ok()).unwrap_or(3)),
+        "exit" => std::process::exit(
+            std::env::args()
+                .nth(2)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(3),
+        ),
         "panic" => panic!("the guest panicked on purpose"),
         other => {
             eprintln!("hostile: unknown mode {other:?}");
@@ -149,7 +183,13 @@ fn main() {
 fn symlink(target: &str, link: &str) -> bool {
     #[link(wasm_import_module = "wasi_snapshot_preview1")]
     unsafe extern "C" {
-        fn path_symlink(old: *const u8, old_len: usize, fd: u32, new: *const u8, new_len: usize) -> u16;
+        fn path_symlink(
+            old: *const u8,
+            old_len: usize,
+            fd: u32,
+            new: *const u8,
+            new_len: usize,
+        ) -> u16;
     }
     // SAFETY: pointers and lengths come from live &str values.
     unsafe { path_symlink(target.as_ptr(), target.len(), 4, link.as_ptr(), link.len()) == 0 }
