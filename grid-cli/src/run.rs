@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use grid_node::{Limits, Sandbox, SandboxConfig, TaskSpec};
-use grid_proto::{Outcome, TaskStatus};
+use grid_proto::TaskStatus;
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -139,15 +139,7 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
         let sandbox = Sandbox::new(config)?;
         let report = match sandbox.load(&bytes, &limits).await {
             Ok(module) => sandbox.run(&module, spec).await,
-            Err(reason) => grid_node::TaskReport {
-                outcome: Outcome::Failed(reason),
-                cpu_seconds: 0.0,
-                wall_seconds: 0.0,
-                bytes_out: 0,
-                stdout: Vec::new(),
-                stderr: Vec::new(),
-                logs_truncated: false,
-            },
+            Err(reason) => grid_node::TaskReport::refused(reason),
         };
         anyhow::Ok(report)
     })?;

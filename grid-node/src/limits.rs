@@ -8,6 +8,26 @@
 //! tables (WASI's bookkeeping, captured logs up to their cap, the compiled code) is bounded by the
 //! other limits rather than counted; the wasm stack is a per-node engine setting
 //! ([`crate::SandboxConfig::max_wasm_stack_bytes`]), not a per-task one.
+//!
+//! # Example: a task that hits its memory limit
+//! ```
+//! # #[tokio::main] async fn main() -> anyhow::Result<()> {
+//! use grid_node::{Limits, Sandbox, SandboxConfig, TaskSpec};
+//! // Grows memory 1 MiB at a time until `memory.grow` fails, then gives up.
+//! let bomb = wat::parse_str(r#"(module (memory 1)
+//!     (func (export "_start")
+//!       (loop (br_if 0 (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))
+//!       unreachable))"#)?;
+//! let sandbox = Sandbox::new(SandboxConfig::default())?;
+//! let limits = Limits { memory_bytes: 16 << 20, ..Limits::default() };
+//! let module = sandbox.load(&bomb, &limits).await.map_err(|r| anyhow::anyhow!("{r}"))?;
+//! let out = tempfile::tempdir()?;
+//! let mut task = TaskSpec::new(out.path());
+//! task.limits = limits;
+//! let report = sandbox.run(&module, task).await;
+//! assert_eq!(report.outcome.reason().unwrap().to_string(), "limit: memory");
+//! # Ok(()) }
+//! ```
 
 use std::time::Duration;
 

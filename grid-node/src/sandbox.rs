@@ -128,6 +128,21 @@ pub struct TaskReport {
     pub logs_truncated: bool,
 }
 
+impl TaskReport {
+    /// The report of a task whose module was refused before running.
+    pub fn refused(reason: Reason) -> Self {
+        Self {
+            outcome: Outcome::Failed(reason),
+            cpu_seconds: 0.0,
+            wall_seconds: 0.0,
+            bytes_out: 0,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            logs_truncated: false,
+        }
+    }
+}
+
 /// A module that passed validation and is compiled for this sandbox's engine.
 #[derive(Clone)]
 pub struct LoadedModule {

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | which task it is | env `GRID_JOB_ID`, `GRID_TASK_INDEX`, `GRID_TASK_COUNT`, `GRID_SEED` | [`Task::current`] |
 //! | its parameters | stdin: one line of the job's params file (JSON) | [`Task::params`], [`Task::params_or_default`] |
-//! | its inputs | `/in`, read-only | [`input_dir`], [`read_input`] |
+//! | its inputs | `/in`, read-only | [`input_files`] (sorted), [`read_input`], [`input_dir`] |
 //! | its outputs | `/out`, quota-limited; what is there at exit is the result | [`output_dir`], [`create_output`] |
 //! | randomness | seeded from `GRID_SEED`: the same task gives the same bytes on any node | [`Task::rng`] |
 //!
@@ -148,6 +148,23 @@ pub fn input_dir() -> PathBuf {
 /// `/out`: what is here when the task exits is its result.
 pub fn output_dir() -> PathBuf {
     dir_from_env("GRID_OUT_DIR", "/out")
+}
+
+/// The names of the files in `/in` (not `/in/shared`), in byte order.
+///
+/// Directory listings come from the provider's filesystem in whatever order it keeps them;
+/// iterate over this list, not over `read_dir`, so that the task gives the same bytes on every
+/// node.
+pub fn input_files() -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(input_dir())? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
 }
 
 /// Reads a whole input file, `name` relative to `/in`.

@@ -106,15 +106,7 @@ pub async fn run_task(
     configure(&mut spec);
     match sandbox().load(bytes, &spec.limits).await {
         Ok(module) => sandbox().run(&module, spec).await,
-        Err(reason) => TaskReport {
-            outcome: grid_proto::Outcome::Failed(reason),
-            cpu_seconds: 0.0,
-            wall_seconds: 0.0,
-            bytes_out: 0,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            logs_truncated: false,
-        },
+        Err(reason) => TaskReport::refused(reason),
     }
 }
 
