@@ -17,8 +17,9 @@
 //! charged to its own time. Entry counts work the same way: creations are counted and checked
 //! by a walk when the count passes the limit.
 //!
-//! Symlinks: a guest may create only relative links whose target has no `..` component, so a
-//! link cannot point outside `/out`; outputs are collected without following links.
+//! Links: a guest may create only relative symlinks whose target has no `..` component, so a
+//! link cannot point outside `/out`; outputs are collected without following links. Hard links
+//! are refused (`EPERM`): one from `/in` into `/out` would make an input writable.
 //!
 //! Open files: the WASI handle table is capped at the task's `max_open_files`; a guest that runs
 //! out of handles ends with `limit: open-files`.
@@ -278,13 +279,12 @@ pub fn add_hooks(linker: &mut Linker<TaskState>) -> Result<()> {
             Ok(0)
         },
     )?;
+    // Hard links are refused: a link from `/in` (or the job's shared inputs) into `/out` would
+    // make a read-only file writable through its new name.
     hook(
         linker,
         "path_link",
-        |c, _: (i32, i32, i32, i32, i32, i32, i32)| {
-            check_new_entry(c)?;
-            Ok(0)
-        },
+        |_, _: (i32, i32, i32, i32, i32, i32, i32)| Ok(ERRNO_PERM),
     )?;
     // Renumbering onto 0..=2 turns a standard stream into a file: from then on, count it.
     hook(linker, "fd_renumber", |c, (_from, to): (i32, i32)| {

@@ -279,6 +279,18 @@ async fn host_paths_with_dotdot_cannot_be_read_or_written() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn inputs_cannot_be_linked_moved_or_removed() {
+    let (r, _) = hostile("links-from-in").await;
+    assert_eq!(
+        reason(&r),
+        "succeeded",
+        "escapes: {}",
+        String::from_utf8_lossy(&r.stdout)
+    );
+    assert_a_good_task_runs().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn symlinks_cannot_point_out_of_out_and_are_not_followed() {
     let (r, dirs) = hostile("symlinks").await;
     assert_eq!(

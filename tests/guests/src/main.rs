@@ -80,6 +80,26 @@ fn main() {
             }
             std::process::exit(escaped);
         }
+        "links-from-in" => {
+            // A hard link or a rename of an input into /out would make it writable.
+            let mut escaped = 0;
+            if fs::hard_link("/in/data.txt", "/out/stolen.txt").is_ok() {
+                println!("hard-linked /in/data.txt");
+                escaped += 1;
+                if fs::write("/out/stolen.txt", b"overwritten").is_ok() {
+                    println!("wrote through the link");
+                }
+            }
+            if fs::rename("/in/data.txt", "/out/moved.txt").is_ok() {
+                println!("moved /in/data.txt");
+                escaped += 1;
+            }
+            if fs::remove_file("/in/data.txt").is_ok() {
+                println!("removed /in/data.txt");
+                escaped += 1;
+            }
+            std::process::exit(escaped);
+        }
         "symlinks" => {
             let mut made = 0;
             for target in ["/etc/passwd", "../../../etc/passwd", "..", "../in"] {
