@@ -3,7 +3,9 @@
 //! Exit codes (every command): 0 success; 1 a task or job failed, was refused, cancelled or
 //! disputed; 2 usage or setup error. Errors are one line, `grid: …`, on stderr.
 
+mod jobs;
 mod run;
+mod up;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -23,15 +25,32 @@ struct Cli {
 enum Command {
     /// Run one task locally, in exactly the sandbox a node uses.
     Run(run::RunArgs),
+    /// Start a local grid (nats-server, a broker, nodes) in the foreground.
+    Up(up::UpArgs),
+    /// Submit a job to the grid.
+    Submit(jobs::SubmitArgs),
+    /// Show a job's state.
+    Status(jobs::StatusArgs),
+    /// List jobs.
+    Jobs(jobs::ListArgs),
+    /// List nodes that sent a heartbeat recently.
+    Nodes(jobs::ListArgs),
+    /// Collect a job's outputs into a folder (works while it runs).
+    Results(jobs::ResultsArgs),
+    /// Print tasks' captured stdout and stderr.
+    Logs(jobs::LogsArgs),
+    /// Cancel a job: queued tasks are dropped, running ones stopped.
+    Cancel(jobs::CancelArgs),
+    /// Run a broker (what `grid-broker` runs).
+    #[command(hide = true)]
+    Broker(grid_broker::BrokerArgs),
+    /// Run a node (what `grid-node` runs).
+    #[command(hide = true)]
+    Node(grid_node::worker::NodeArgs),
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    grid_client::init_tracing();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -42,12 +61,35 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run::main(args),
+        Command::Up(args) => up::up(args),
+        Command::Submit(args) => jobs::submit(args),
+        Command::Status(args) => jobs::status(args),
+        Command::Jobs(args) => jobs::jobs(args),
+        Command::Nodes(args) => jobs::nodes(args),
+        Command::Results(args) => jobs::results(args),
+        Command::Logs(args) => jobs::logs(args),
+        Command::Cancel(args) => jobs::cancel(args),
+        Command::Broker(args) => return grid_broker::main(args),
+        Command::Node(args) => return grid_node::worker::main(args),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("grid: {e:#}");
-            ExitCode::from(2)
+            eprintln!("grid: {}", one_line(&e));
+            // A refused job or module is the job's failure (1); anything else is usage or setup (2).
+            ExitCode::from(if e.downcast_ref::<jobs::Refused>().is_some() {
+                1
+            } else {
+                2
+            })
         }
     }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod outputs;
 pub mod sandbox;
 pub mod validate;
+pub mod worker;
 
 pub use limits::{Limits, NodeCaps};
 pub use sandbox::{LoadedModule, Sandbox, SandboxConfig, TaskReport, TaskSpec};

@@ -5,14 +5,7 @@ use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// One regular file of a task's output.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct OutputFile {
-    /// Relative to `/out`, with `/` separators.
-    pub path: String,
-    pub bytes: u64,
-    pub sha256: Sha256Hex,
-}
+pub use grid_proto::OutputFile;
 
 /// Every entry under `dir` (not following symlinks), in byte order of their relative paths.
 fn walk(dir: &Path) -> Vec<(String, PathBuf, std::fs::Metadata)> {

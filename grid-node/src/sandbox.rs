@@ -93,6 +93,8 @@ pub struct TaskSpec {
     pub seed: u64,
     /// Fixed clocks and seeded randomness (the default). Off: the host's clocks and randomness.
     pub deterministic: bool,
+    /// Which try of this task this is (`GRID_ATTEMPT`): 0 first, 1 the first retry, …
+    pub attempt: u32,
 }
 
 impl TaskSpec {
@@ -110,6 +112,7 @@ impl TaskSpec {
             task_count: 1,
             seed: grid_proto::task_seed(0, 0),
             deterministic: true,
+            attempt: 0,
         }
     }
 }
@@ -410,7 +413,8 @@ impl Sandbox {
         b.env("GRID_JOB_ID", &spec.job_id)
             .env("GRID_TASK_INDEX", spec.task_index.to_string())
             .env("GRID_TASK_COUNT", spec.task_count.to_string())
-            .env("GRID_SEED", spec.seed.to_string());
+            .env("GRID_SEED", spec.seed.to_string())
+            .env("GRID_ATTEMPT", spec.attempt.to_string());
         b.stdin(wasmtime_wasi::p2::pipe::MemoryInputPipe::new(
             spec.stdin.clone(),
         ))

@@ -5,10 +5,13 @@
 //! broker and the `grid` command can never disagree on what a reason means or how it is spelled.
 
 pub mod hash;
+pub mod names;
 pub mod outcome;
+pub mod wire;
 
 pub use hash::Sha256Hex;
 pub use outcome::{Limit, Outcome, Reason, TaskStatus};
+pub use wire::*;
 
 /// The seed of task `index` of a job with seed `job_seed` (`GRID_SEED`): the first 8 bytes,
 /// little-endian, of SHA-256(`"grid-seed-v1"` ‖ job_seed as u64 LE ‖ index as u64 LE).

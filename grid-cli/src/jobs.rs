@@ -1,0 +1,575 @@
+//! The commands that talk to a grid: submit, status, jobs, nodes, results, logs, cancel.
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use futures::StreamExt;
+use grid_client::Grid;
+use grid_proto::{
+    ApiReply, CancelRequest, InputRef, JobLimits, JobRecord, JobSpec, JobState, NodeInfo,
+    SubmitRequest, TaskRecord, TaskSource, TaskState, decode, encode, names,
+};
+use serde_json::json;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::run::{parse_duration, parse_env, parse_size};
+
+/// `--nats URL`, shared by every command that talks to a grid.
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// NATS server(s) of the grid [default: GRID_NATS_URL or nats://127.0.0.1:4222]
+    #[arg(long, value_name = "URL", global = true)]
+    pub nats: Option<String>,
+}
+
+impl Conn {
+    pub async fn open(&self) -> Result<Grid> {
+        let url = grid_client::nats_url(self.nats.as_deref());
+        let client = grid_client::connect(&url, false).await?;
+        Grid::open(client).await
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// A failure that is the job's or the input's, not a usage error: exit code 1.
+#[derive(Debug)]
+pub struct Refused(pub String);
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Refused {}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// The job: a WASI preview 1 command module (.wasm).
+    pub module: PathBuf,
+    /// Run N tasks with empty stdin.
+    #[arg(long, conflicts_with_all = ["params", "input"])]
+    pub tasks: Option<u64>,
+    /// One task per non-blank line of this JSONL file (the line is the task's stdin).
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with = "input")]
+    pub params: Option<PathBuf>,
+    /// One task per file of DIR, in byte order of name; each sees its file at /in/<name>.
+    #[arg(long, value_name = "DIR")]
+    pub input: Option<PathBuf>,
+    /// Files every task sees read-only at /in/shared/.
+    #[arg(long, value_name = "DIR")]
+    pub shared: Option<PathBuf>,
+    /// Attempts after the first for a task that fails or is lost.
+    #[arg(long, default_value_t = 2)]
+    pub retries: u32,
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_output: Option<u64>,
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Run each task on K nodes (not available yet).
+    #[arg(long)]
+    pub replicas: Option<u32>,
+    /// Ask for GPU nodes (not available yet).
+    #[arg(long)]
+    pub gpu: bool,
+    /// Follow the job to its end (progress bar on a terminal), then print its status.
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Arguments for every task.
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+fn read_dir_sorted(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read directory {}", dir.display()))?
+    {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        let name = entry
+            .file_name()
+            .into_string()
+            .map_err(|n| anyhow!("file name {n:?} is not UTF-8"))?;
+        let bytes = std::fs::read(entry.path())
+            .with_context(|| format!("cannot read {}", entry.path().display()))?;
+        files.push((name, bytes));
+    }
+    files.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    Ok(files)
+}
+
+pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
+    if args.gpu {
+        bail!("--gpu is not supported yet: this grid has no GPU nodes");
+    }
+    if args.replicas.is_some() {
+        bail!("--replicas is not supported yet");
+    }
+    let module = std::fs::read(&args.module)
+        .with_context(|| format!("cannot read module {}", args.module.display()))?;
+    let defaults = JobLimits::default();
+    let limits = JobLimits {
+        memory_bytes: args.memory.unwrap_or(defaults.memory_bytes),
+        timeout_ms: args
+            .timeout
+            .map_or(defaults.timeout_ms, |d| d.as_millis() as u64),
+        max_output_bytes: args.max_output.unwrap_or(defaults.max_output_bytes),
+    };
+    let sandbox_limits = grid_node::Limits {
+        memory_bytes: limits.memory_bytes,
+        ..grid_node::Limits::default()
+    };
+    if let Err(why) = grid_node::validate::check_module(
+        &module,
+        &sandbox_limits,
+        &grid_node::CompileCaps::default(),
+    ) {
+        return Err(Refused(format!("module {} refused: {why}", args.module.display())).into());
+    }
+    let params = match &args.params {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read params file {}", path.display()))?;
+            for (n, line) in bytes.split(|b| *b == b'\n').enumerate() {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                if let Err(e) = serde_json::from_slice::<serde_json::Value>(line) {
+                    bail!("{} line {} is not valid JSON: {e}", path.display(), n + 1);
+                }
+            }
+            Some(bytes)
+        }
+        None => None,
+    };
+    let inputs = args.input.as_deref().map(read_dir_sorted).transpose()?;
+    let shared = args.shared.as_deref().map(read_dir_sorted).transpose()?;
+    if inputs.as_ref().is_some_and(Vec::is_empty) {
+        bail!(
+            "--input {} has no files",
+            args.input.as_deref().unwrap_or(Path::new("")).display()
+        );
+    }
+
+    let rt = runtime()?;
+    rt.block_on(async {
+        let grid = args.conn.open().await?;
+        let tenant = names::DEFAULT_TENANT;
+        let (module_sha, sent) = Grid::put_object(&grid.modules, tenant, &module).await?;
+        tracing::info!(module = %module_sha, uploaded = sent, "module stored");
+        let upload = |files: Vec<(String, Vec<u8>)>| {
+            let grid = grid.clone();
+            async move {
+                let mut refs = Vec::new();
+                for (name, bytes) in files {
+                    let (sha, _) = Grid::put_object(&grid.blobs, tenant, &bytes).await?;
+                    refs.push(InputRef { name, sha256: sha, bytes: bytes.len() as u64 });
+                }
+                anyhow::Ok(refs)
+            }
+        };
+        let tasks = if let Some(bytes) = params {
+            let lines = grid_proto::params_lines(&bytes).count() as u64;
+            let (blob, _) = Grid::put_object(&grid.blobs, tenant, &bytes).await?;
+            TaskSource::Params { blob, lines }
+        } else if let Some(files) = inputs {
+            TaskSource::Inputs(upload(files).await?)
+        } else {
+            TaskSource::Count(args.tasks.unwrap_or(1))
+        };
+        if tasks.is_empty() {
+            bail!("the job has no tasks");
+        }
+        let spec = JobSpec {
+            tenant: tenant.into(),
+            class: names::DEFAULT_CLASS.into(),
+            module_sha256: module_sha,
+            module_name: args.module.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            args: args.args.clone(),
+            env: args.env.clone(),
+            limits,
+            seed: args.seed,
+            retries: args.retries,
+            tasks: tasks.clone(),
+            shared: upload(shared.unwrap_or_default()).await?,
+        };
+        let reply = grid
+            .client
+            .request(names::submit_subject(tenant), encode(&SubmitRequest { spec }).into())
+            .await
+            .map_err(|e| anyhow!("no broker answered the submit ({e}); is `grid up` or `grid-broker` running?"))?;
+        let job_id = match decode::<ApiReply>(&reply.payload).map_err(|e| anyhow!("{e}"))? {
+            ApiReply::Ok { job_id } => job_id,
+            ApiReply::Err(why) => return Err(Refused(format!("job refused: {why}")).into()),
+        };
+        if !args.wait {
+            if args.json {
+                println!("{}", json!({"job_id": job_id, "tasks": tasks.len(), "module_sha256": module_sha.to_string()}));
+            } else {
+                println!("{job_id}");
+                eprintln!("grid: submitted job {job_id} ({} tasks); follow it with `grid status {job_id} --wait`", tasks.len());
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let record = follow(&grid, &job_id).await?;
+        print_status(&record, args.json);
+        Ok(if record.state == JobState::Done { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    })
+}
+
+async fn job_record(grid: &Grid, job: &str) -> Result<JobRecord> {
+    let bytes = grid
+        .jobs
+        .get(job)
+        .await
+        .map_err(|e| anyhow!("reading job {job}: {e}"))?;
+    let bytes = bytes.ok_or_else(|| anyhow!("unknown job {job}"))?;
+    decode::<JobRecord>(&bytes).map_err(|e| anyhow!("job {job}: {e}"))
+}
+
+/// Waits for the job to end, with a progress bar on stderr when it is a terminal.
+async fn follow(grid: &Grid, job: &str) -> Result<JobRecord> {
+    let mut record = job_record(grid, job).await?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(record.counts.total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut watch = grid.jobs.watch(job).await.map_err(|e| anyhow!("{e}"))?;
+    loop {
+        if let Some(bar) = &bar {
+            let c = &record.counts;
+            bar.set_position(c.succeeded + c.failed);
+            bar.set_message(format!("failed {} running {}", c.failed, c.in_flight));
+        }
+        if record.state.is_final() {
+            break;
+        }
+        // The watch delivers each update; a timeout re-reads in case one was missed.
+        match tokio::time::timeout(Duration::from_secs(2), watch.next()).await {
+            Ok(Some(Ok(entry))) => {
+                if let Ok(r) = decode::<JobRecord>(&entry.value) {
+                    record = r;
+                }
+            }
+            Ok(Some(Err(e))) => bail!("following job {job}: {e}"),
+            Ok(None) => watch = grid.jobs.watch(job).await.map_err(|e| anyhow!("{e}"))?,
+            Err(_) => record = job_record(grid, job).await?,
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(record)
+}
+
+fn status_json(record: &JobRecord) -> serde_json::Value {
+    let c = &record.counts;
+    let finished = c.succeeded + c.failed;
+    json!({
+        "job_id": record.id,
+        "state": record.state.as_str(),
+        "reason": record.reason,
+        "tasks": {
+            "total": c.total,
+            "queued": c.total.saturating_sub(finished + c.in_flight),
+            "running": c.in_flight,
+            "succeeded": c.succeeded,
+            "failed": c.failed,
+            "disputed": 0,
+        }
+    })
+}
+
+fn print_status(record: &JobRecord, as_json: bool) {
+    if as_json {
+        println!("{}", status_json(record));
+        return;
+    }
+    let c = &record.counts;
+    println!(
+        "job {}: {} — {} of {} succeeded, {} failed, {} running{}",
+        record.id,
+        record.state.as_str(),
+        c.succeeded,
+        c.total,
+        c.failed,
+        c.in_flight,
+        record
+            .reason
+            .as_ref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    );
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    pub job: String,
+    /// Follow the job to its end.
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+pub fn status(args: StatusArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let grid = args.conn.open().await?;
+        let record = if args.wait {
+            follow(&grid, &args.job).await?
+        } else {
+            job_record(&grid, &args.job).await?
+        };
+        print_status(&record, args.json);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+async fn all_keys(store: &async_nats::jetstream::kv::Store) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut stream = match store.keys().await {
+        Ok(s) => s,
+        Err(e) => bail!("listing keys: {e}"),
+    };
+    while let Some(key) = stream.next().await {
+        keys.push(key.map_err(|e| anyhow!("{e}"))?);
+    }
+    keys.sort();
+    Ok(keys)
+}
+
+pub fn jobs(args: ListArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let grid = args.conn.open().await?;
+        for key in all_keys(&grid.jobs).await? {
+            let Ok(record) = job_record(&grid, &key).await else {
+                continue;
+            };
+            if args.json {
+                let mut v = status_json(&record);
+                v["module"] = json!(record.spec.module_name);
+                println!("{v}");
+            } else {
+                print_status(&record, false);
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn nodes(args: ListArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let grid = args.conn.open().await?;
+        for key in all_keys(&grid.nodes).await? {
+            let Ok(Some(bytes)) = grid.nodes.get(&key).await else { continue };
+            let Ok(node) = decode::<NodeInfo>(&bytes) else { continue };
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"id": node.id, "class": node.class, "slots": node.slots, "busy": node.busy, "tasks_done": node.tasks_done})
+                );
+            } else {
+                println!("{}  {}  slots {}  busy {}  done {}", node.id, node.class, node.slots, node.busy, node.tasks_done);
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn task_record(grid: &Grid, job: &str, index: u64) -> Result<Option<TaskRecord>> {
+    let bytes = grid
+        .tasks
+        .get(names::task_key(job, index))
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    bytes
+        .map(|b| decode::<TaskRecord>(&b).map_err(|e| anyhow!("task {index}: {e}")))
+        .transpose()
+}
+
+/// A path from a result manifest, checked to stay inside the results folder.
+fn safe_relative(path: &str) -> Option<PathBuf> {
+    let p = Path::new(path);
+    let ok = !path.is_empty()
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    ok.then(|| p.to_path_buf())
+}
+
+#[derive(Args, Debug)]
+pub struct ResultsArgs {
+    pub job: String,
+    /// Folder to write DIR/<index>/ and DIR/manifest.jsonl into.
+    #[arg(short = 'o', long = "output", value_name = "DIR")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+pub fn results(args: ResultsArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let grid = args.conn.open().await?;
+        let record = job_record(&grid, &args.job).await?;
+        let tenant = record.spec.tenant.clone();
+        std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
+        let mut manifest = String::new();
+        let mut collected = 0u64;
+        for index in 0..record.counts.total {
+            let Some(task) = task_record(&grid, &record.id, index).await? else {
+                manifest.push_str(&format!("{}\n", json!({"index": index, "state": "pending"})));
+                continue;
+            };
+            let dir = args.output.join(index.to_string());
+            std::fs::create_dir_all(&dir)?;
+            let r = &task.result;
+            for file in &r.files {
+                let Some(rel) = safe_relative(&file.path) else {
+                    tracing::warn!(path = %file.path, "skipping an output with an unsafe path");
+                    continue;
+                };
+                let bytes = Grid::get_object(&grid.blobs, &tenant, &file.sha256).await?;
+                let path = dir.join(rel);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+            }
+            collected += 1;
+            let line = json!({
+                "index": index,
+                "state": match task.state { TaskState::Succeeded => "succeeded", TaskState::Failed => "failed" },
+                "exit_code": r.outcome.exit_code(),
+                "reason": r.outcome.reason().map(|x| x.to_string()),
+                "attempts": task.attempts,
+                "cpu_seconds": r.usage.cpu_seconds,
+                "wall_seconds": r.usage.wall_seconds,
+                "files": r.files.iter().map(|f| json!({"path": f.path, "bytes": f.bytes, "sha256": f.sha256.to_string()})).collect::<Vec<_>>(),
+            });
+            manifest.push_str(&format!("{line}\n"));
+        }
+        std::fs::write(args.output.join("manifest.jsonl"), manifest)?;
+        eprintln!(
+            "grid: {collected} of {} tasks collected into {} ({})",
+            record.counts.total,
+            args.output.display(),
+            record.state.as_str()
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    pub job: String,
+    /// Only this task.
+    #[arg(long)]
+    pub task: Option<u64>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+pub fn logs(args: LogsArgs) -> Result<ExitCode> {
+    use std::io::Write;
+    runtime()?.block_on(async {
+        let grid = args.conn.open().await?;
+        let record = job_record(&grid, &args.job).await?;
+        let indices: Vec<u64> = match args.task {
+            Some(i) if i >= record.counts.total => bail!(
+                "job {} has no task {i} (it has {})",
+                record.id,
+                record.counts.total
+            ),
+            Some(i) => vec![i],
+            None => (0..record.counts.total).collect(),
+        };
+        for index in indices {
+            let Some(task) = task_record(&grid, &record.id, index).await? else {
+                continue;
+            };
+            if args.task.is_none() {
+                println!("== task {index} ==");
+            }
+            for (blob, to_stderr) in [(&task.result.stdout, false), (&task.result.stderr, true)] {
+                if let Some(sha) = blob {
+                    let bytes = Grid::get_object(&grid.blobs, &record.spec.tenant, sha).await?;
+                    if to_stderr {
+                        std::io::stderr().write_all(&bytes)?;
+                    } else {
+                        std::io::stdout().write_all(&bytes)?;
+                    }
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    pub job: String,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+pub fn cancel(args: CancelArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let grid = args.conn.open().await?;
+        let reply = grid
+            .client
+            .request(
+                names::cancel_subject(names::DEFAULT_TENANT),
+                encode(&CancelRequest {
+                    job_id: args.job.clone(),
+                })
+                .into(),
+            )
+            .await
+            .map_err(|e| {
+                anyhow!("no broker answered ({e}); is `grid up` or `grid-broker` running?")
+            })?;
+        match decode::<ApiReply>(&reply.payload).map_err(|e| anyhow!("{e}"))? {
+            ApiReply::Ok { job_id } => {
+                let record = job_record(&grid, &job_id).await?;
+                print_status(&record, args.json);
+                Ok(ExitCode::SUCCESS)
+            }
+            ApiReply::Err(why) => bail!("{why}"),
+        }
+    })
+}

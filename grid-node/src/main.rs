@@ -1,0 +1,20 @@
+//! `grid-node`: a provider. Thin shell over [`grid_node::worker`].
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "grid-node",
+    version,
+    about = "Serve a grid: run its tasks in the sandbox"
+)]
+struct Args {
+    #[command(flatten)]
+    node: grid_node::worker::NodeArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    grid_client::init_tracing();
+    let args = Args::parse();
+    grid_node::worker::main(args.node)
+}

@@ -1,0 +1,497 @@
+//! The node's task loop: take tasks from JetStream, run them in the sandbox, store results.
+//!
+//! Every node of a class pulls from one shared durable consumer (`nodes-<class>`) and runs up
+//! to `slots` tasks at once. For each task it fetches the job spec (KV, cached), the module (by
+//! hash: object store, then a local file cache, then the compiled cache), the task's inputs; runs
+//! it while sending progress acks; stores the outputs and logs as content-addressed blobs;
+//! publishes the result with message id `job.task.attempt`; and only then acks the task. A node
+//! killed at any point loses nothing: an unacked task is redelivered after its ack wait, and a
+//! result published twice is deduplicated by JetStream and counted once by the broker.
+
+use crate::{Limits, Sandbox, SandboxConfig, TaskSpec};
+use anyhow::{Context, Result, anyhow};
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use grid_client::{Grid, TASK_PROGRESS_EVERY, now_unix_ms};
+use grid_proto::{
+    JobRecord, JobState, NodeInfo, Outcome, Reason, ResultMsg, Sha256Hex, TaskMsg, Usage, decode,
+    encode, names,
+};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::{Mutex, Semaphore, watch};
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub nats_url: String,
+    pub node_id: String,
+    pub class: String,
+    pub slots: u32,
+    pub cache_dir: PathBuf,
+}
+
+struct Node {
+    config: NodeConfig,
+    grid: Grid,
+    sandbox: Sandbox,
+    jobs: Mutex<HashMap<String, Arc<JobRecord>>>,
+    /// One sender per job with running tasks; `true` means cancelled.
+    cancels: Mutex<HashMap<String, watch::Sender<bool>>>,
+    busy: AtomicU32,
+    done: AtomicU64,
+}
+
+/// Runs a node until `shutdown` resolves; running tasks are then abandoned unacked (JetStream
+/// redelivers them elsewhere).
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let client = grid_client::connect(&config.nats_url, true).await?;
+    let grid = loop {
+        match Grid::open(client.clone()).await {
+            Ok(grid) => break grid,
+            Err(e) => {
+                tracing::info!("waiting for the broker to set up the grid: {e:#}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    std::fs::create_dir_all(config.cache_dir.join("modules"))?;
+    std::fs::create_dir_all(config.cache_dir.join("work"))?;
+    let sandbox = Sandbox::new(SandboxConfig {
+        cache_dir: Some(config.cache_dir.join("compiled")),
+        ..Default::default()
+    })?;
+    let node = Arc::new(Node {
+        config,
+        grid,
+        sandbox,
+        jobs: Mutex::new(HashMap::new()),
+        cancels: Mutex::new(HashMap::new()),
+        busy: AtomicU32::new(0),
+        done: AtomicU64::new(0),
+    });
+    let started = now_unix_ms();
+    tokio::select! {
+        r = node.clone().pull_loop() => r,
+        r = node.clone().heartbeat_loop(started) => r,
+        r = node.clone().cancel_loop() => r,
+        () = shutdown => Ok(()),
+    }
+}
+
+impl Node {
+    async fn pull_loop(self: Arc<Self>) -> Result<()> {
+        let consumer: jetstream::consumer::PullConsumer = loop {
+            let stream = self
+                .grid
+                .js
+                .get_stream(names::TASKS_STREAM)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            match stream
+                .get_consumer(&names::tasks_consumer(&self.config.class))
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::info!("waiting for the task consumer: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        let slots = Arc::new(Semaphore::new(self.config.slots as usize));
+        loop {
+            // Wait for a free slot, then ask for as many tasks as there are free slots.
+            let first = slots.clone().acquire_owned().await?;
+            let free = slots.available_permits() + 1;
+            let batch = consumer
+                .fetch()
+                .max_messages(free)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!("fetching tasks: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let mut permit = Some(first);
+            while let Some(msg) = batch.next().await {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!("receiving a task: {e}");
+                        break;
+                    }
+                };
+                let p = match permit.take() {
+                    Some(p) => p,
+                    None => slots.clone().acquire_owned().await?,
+                };
+                let node = self.clone();
+                tokio::spawn(async move {
+                    node.handle(msg).await;
+                    drop(p);
+                });
+            }
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, started_unix_ms: u64) -> Result<()> {
+        loop {
+            let info = NodeInfo {
+                id: self.config.node_id.clone(),
+                class: self.config.class.clone(),
+                slots: self.config.slots,
+                busy: self.busy.load(Ordering::Relaxed),
+                tasks_done: self.done.load(Ordering::Relaxed),
+                started_unix_ms,
+            };
+            if let Err(e) = self
+                .grid
+                .nodes
+                .put(&self.config.node_id, encode(&info).into())
+                .await
+            {
+                tracing::warn!("heartbeat: {e}");
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    async fn cancel_loop(self: Arc<Self>) -> Result<()> {
+        let mut sub = self
+            .grid
+            .client
+            .subscribe("grid.cancel.>")
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        while let Some(msg) = sub.next().await {
+            let Some(job) = msg.subject.as_str().strip_prefix("grid.cancel.") else {
+                continue;
+            };
+            tracing::info!(job, "cancelled");
+            if let Some(tx) = self.cancels.lock().await.get(job) {
+                let _ = tx.send(true);
+            }
+            if let Some(record) = self.jobs.lock().await.get_mut(job) {
+                let mut r = (**record).clone();
+                r.state = JobState::Cancelled;
+                *record = Arc::new(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// The job record, from the node's cache or the KV bucket.
+    async fn job(&self, id: &str) -> Result<Option<Arc<JobRecord>>> {
+        if let Some(j) = self.jobs.lock().await.get(id) {
+            return Ok(Some(j.clone()));
+        }
+        let Some(bytes) = self
+            .grid
+            .jobs
+            .get(id)
+            .await
+            .map_err(|e| anyhow!("reading job {id}: {e}"))?
+        else {
+            return Ok(None);
+        };
+        let record = Arc::new(decode::<JobRecord>(&bytes).map_err(|e| anyhow!("job {id}: {e}"))?);
+        let mut jobs = self.jobs.lock().await;
+        if jobs.len() > 1000 {
+            jobs.clear();
+        }
+        jobs.insert(id.to_string(), record.clone());
+        Ok(Some(record))
+    }
+
+    async fn handle(self: Arc<Self>, msg: jetstream::Message) {
+        let task = match decode::<TaskMsg>(&msg.payload) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(subject = %msg.subject, "rejecting a task message: {e}");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let job = match self.job(&task.job_id).await {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                tracing::warn!(job = %task.job_id, "task of an unknown job; dropping it");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("{e:#}; handing the task back");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                    .await;
+                return;
+            }
+        };
+        if job.state == JobState::Cancelled {
+            let _ = msg.ack().await;
+            return;
+        }
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        let msg = Arc::new(msg);
+        let progress = {
+            let msg = msg.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(TASK_PROGRESS_EVERY).await;
+                    let _ = msg.ack_with(AckKind::Progress).await;
+                }
+            })
+        };
+        let outcome = self.run_task(&job, &task).await;
+        progress.abort();
+        self.busy.fetch_sub(1, Ordering::Relaxed);
+        match outcome {
+            Ok(result) => {
+                if let Err(e) = self.publish(&job, &task, result).await {
+                    tracing::warn!("publishing a result: {e:#}; the task will be redelivered");
+                    return;
+                }
+                self.done.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = msg.double_ack().await {
+                    tracing::warn!("acking a task: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(job = %task.job_id, index = task.index, "could not run the task here: {e:#}; handing it back");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                    .await;
+            }
+        }
+    }
+
+    async fn publish(&self, job: &JobRecord, task: &TaskMsg, result: ResultMsg) -> Result<()> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(encode(&result).into())
+            .message_id(names::attempt_id(&job.id, task.index, task.attempt));
+        let ack = self
+            .grid
+            .js
+            .send_publish(names::results_subject(&job.id), publish)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        ack.await.map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    }
+
+    async fn module_bytes(&self, job: &JobRecord) -> Result<Vec<u8>> {
+        let sha = &job.spec.module_sha256;
+        let path = self
+            .config
+            .cache_dir
+            .join("modules")
+            .join(format!("{sha}.wasm"));
+        if let Ok(bytes) = tokio::fs::read(&path).await {
+            if Sha256Hex::of(&bytes) == *sha {
+                return Ok(bytes);
+            }
+        }
+        let bytes = Grid::get_object(&self.grid.modules, &job.spec.tenant, sha).await?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        tokio::fs::write(&tmp, &bytes).await?;
+        tokio::fs::rename(&tmp, &path).await?;
+        Ok(bytes)
+    }
+
+    /// Runs one task; `Err` means this node could not run it (another may), not that it failed.
+    async fn run_task(&self, job: &JobRecord, task: &TaskMsg) -> Result<ResultMsg> {
+        let spec = &job.spec;
+        let limits = Limits {
+            memory_bytes: spec.limits.memory_bytes,
+            timeout: Duration::from_millis(spec.limits.timeout_ms),
+            max_output_bytes: spec.limits.max_output_bytes,
+            ..Limits::default()
+        };
+        let failed = |reason: Reason| ResultMsg {
+            job_id: job.id.clone(),
+            index: task.index,
+            attempt: task.attempt,
+            node_id: self.config.node_id.clone(),
+            outcome: Outcome::Failed(reason),
+            usage: Usage::default(),
+            files: Vec::new(),
+            stdout: None,
+            stderr: None,
+            logs_truncated: false,
+        };
+        let bytes = self
+            .module_bytes(job)
+            .await
+            .context("fetching the module")?;
+        let module = match self.sandbox.load(&bytes, &limits).await {
+            Ok(m) => m,
+            Err(reason) => return Ok(failed(reason)),
+        };
+        let work = tempfile::Builder::new()
+            .prefix("task-")
+            .tempdir_in(self.config.cache_dir.join("work"))?;
+        let (in_dir, out_dir) = (work.path().join("in"), work.path().join("out"));
+        std::fs::create_dir_all(&in_dir)?;
+        std::fs::create_dir_all(&out_dir)?;
+        let mut inputs: Vec<(PathBuf, &grid_proto::InputRef)> = Vec::new();
+        if let Some(input) = &task.input {
+            inputs.push((in_dir.clone(), input));
+        }
+        if !spec.shared.is_empty() {
+            std::fs::create_dir_all(in_dir.join("shared"))?;
+            inputs.extend(spec.shared.iter().map(|i| (in_dir.join("shared"), i)));
+        }
+        for (dir, input) in inputs {
+            if !is_plain_file_name(&input.name) {
+                return Ok(failed(Reason::Invalid(format!(
+                    "input name {:?} is not a plain file name",
+                    input.name
+                ))));
+            }
+            let data = Grid::get_object(&self.grid.blobs, &spec.tenant, &input.sha256).await?;
+            tokio::fs::write(dir.join(&input.name), data).await?;
+        }
+
+        let mut task_spec = TaskSpec::new(&out_dir);
+        task_spec.args = spec.args.clone();
+        task_spec.env = spec.env.clone();
+        task_spec.stdin = task.params.clone();
+        task_spec.input_dir = Some(in_dir);
+        task_spec.limits = limits;
+        task_spec.job_id = job.id.clone();
+        task_spec.task_index = task.index;
+        task_spec.task_count = job.counts.total;
+        task_spec.seed = grid_proto::task_seed(spec.seed, task.index);
+        task_spec.attempt = task.attempt;
+
+        let mut cancelled = {
+            let mut cancels = self.cancels.lock().await;
+            cancels
+                .entry(job.id.clone())
+                .or_insert_with(|| watch::channel(false).0)
+                .subscribe()
+        };
+        let report = tokio::select! {
+            report = self.sandbox.run(&module, task_spec) => Some(report),
+            _ = cancelled.wait_for(|c| *c) => None,
+        };
+        let Some(report) = report else {
+            return Ok(failed(Reason::Cancelled));
+        };
+        let files = crate::outputs::manifest(&out_dir)?;
+        for file in &files {
+            let data = tokio::fs::read(out_dir.join(&file.path)).await?;
+            Grid::put_object(&self.grid.blobs, &spec.tenant, &data).await?;
+        }
+        let mut logs = Vec::new();
+        for log in [&report.stdout, &report.stderr] {
+            logs.push(if log.is_empty() {
+                None
+            } else {
+                Some(
+                    Grid::put_object(&self.grid.blobs, &spec.tenant, log)
+                        .await?
+                        .0,
+                )
+            });
+        }
+        Ok(ResultMsg {
+            job_id: job.id.clone(),
+            index: task.index,
+            attempt: task.attempt,
+            node_id: self.config.node_id.clone(),
+            outcome: report.outcome,
+            usage: Usage {
+                cpu_seconds: report.cpu_seconds,
+                wall_seconds: report.wall_seconds,
+                bytes_out: report.bytes_out,
+            },
+            files,
+            stdout: logs[0],
+            stderr: logs[1],
+            logs_truncated: report.logs_truncated,
+        })
+    }
+}
+
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
+/// Command-line flags of a node (`grid-node` and `grid node`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// NATS server(s) of the grid [default: GRID_NATS_URL or nats://127.0.0.1:4222]
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
+    /// Tasks run at once [default: the number of CPUs]
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// Where modules, compiled code and task work dirs are kept [default: ~/.cache/grid/node]
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Capability class to serve.
+    #[arg(long, default_value = names::DEFAULT_CLASS)]
+    pub class: String,
+    /// This node's id [default: host name and a random suffix]
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+/// Runs a node from its flags until Ctrl-C or SIGTERM.
+pub fn main(args: NodeArgs) -> std::process::ExitCode {
+    let slots = args
+        .slots
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    let cache_dir = args.cache_dir.unwrap_or_else(|| {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join(".cache/grid/node")
+    });
+    let id = args.id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "node".into());
+        format!(
+            "{host}-{}-{:x}",
+            std::process::id(),
+            now_unix_ms() % 0xffffff
+        )
+    });
+    let config = NodeConfig {
+        nats_url: grid_client::nats_url(args.nats.as_deref()),
+        node_id: id,
+        class: args.class,
+        slots,
+        cache_dir,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("grid-node: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(config, grid_client::shutdown_signal())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("grid-node: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Every NATS subject, stream, consumer, bucket and header name Grid uses, in one place.
+//! With the `nats` CLI and this file, a person can read a grid's layout.
+//!
+//! | name | kind | holds |
+//! |---|---|---|
+//! | `GRID_TASKS` | work-queue stream, subjects `grid.tasks.<class>.<job>` | tasks waiting for a node |
+//! | `nodes-<class>` | durable pull consumer on `GRID_TASKS` | shared by every node of a class |
+//! | `GRID_RESULTS` | stream, subjects `grid.results.<job>` | results, deduplicated by `job.task.attempt` |
+//! | `broker` | durable pull consumer on `GRID_RESULTS` | the broker's intake |
+//! | `grid_jobs` | KV, key `<job>` | the job record ([`crate::JobRecord`]) |
+//! | `grid_tasks` | KV, key `<job>.<index>` | each task's final state ([`crate::TaskRecord`]) |
+//! | `grid_nodes` | KV with a TTL, key `<node id>` | node heartbeats ([`crate::NodeInfo`]) |
+//! | `grid_modules` | object store, name `<tenant>/<sha256>` | job modules |
+//! | `grid_blobs` | object store, name `<tenant>/<sha256>` | params files, inputs, outputs, logs |
+//! | `grid.api.<tenant>.submit`, `.cancel` | request/reply to the broker | job intake and cancel |
+//! | `grid.cancel.<job>` | core NATS broadcast | tells nodes to stop a cancelled job's tasks |
+
+pub const TASKS_STREAM: &str = "GRID_TASKS";
+pub const RESULTS_STREAM: &str = "GRID_RESULTS";
+pub const RESULTS_CONSUMER: &str = "broker";
+pub const JOBS_BUCKET: &str = "grid_jobs";
+pub const TASKS_BUCKET: &str = "grid_tasks";
+pub const NODES_BUCKET: &str = "grid_nodes";
+pub const MODULES_BUCKET: &str = "grid_modules";
+pub const BLOBS_BUCKET: &str = "grid_blobs";
+pub const DEFAULT_TENANT: &str = "default";
+pub const DEFAULT_CLASS: &str = "cpu";
+
+pub fn tasks_subject(class: &str, job: &str) -> String {
+    format!("grid.tasks.{class}.{job}")
+}
+pub fn tasks_filter(class: &str) -> String {
+    format!("grid.tasks.{class}.>")
+}
+pub fn tasks_consumer(class: &str) -> String {
+    format!("nodes-{class}")
+}
+pub fn results_subject(job: &str) -> String {
+    format!("grid.results.{job}")
+}
+pub fn submit_subject(tenant: &str) -> String {
+    format!("grid.api.{tenant}.submit")
+}
+pub fn cancel_subject(tenant: &str) -> String {
+    format!("grid.api.{tenant}.cancel")
+}
+pub fn cancel_broadcast(job: &str) -> String {
+    format!("grid.cancel.{job}")
+}
+/// The JetStream message id of one attempt of one task (`Nats-Msg-Id`): a retry is a new id,
+/// a redelivery or a republish of the same attempt is not.
+pub fn attempt_id(job: &str, index: u64, attempt: u32) -> String {
+    format!("{job}.{index}.{attempt}")
+}
+pub fn task_key(job: &str, index: u64) -> String {
+    format!("{job}.{index}")
+}
+pub fn object_name(tenant: &str, sha256: &crate::Sha256Hex) -> String {
+    format!("{tenant}/{sha256}")
+}

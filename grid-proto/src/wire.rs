@@ -1,0 +1,355 @@
+//! Wire messages: postcard inside a versioned envelope.
+//!
+//! Every NATS payload is `Envelope { version, kind, body }` in postcard. A reader rejects a
+//! message of another wire version or another kind with a [`WireError`] that says so, instead of
+//! misreading it; callers log it and terminate the message so it is not redelivered forever.
+
+use crate::{Outcome, Sha256Hex};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::fmt;
+
+/// Bumped on any incompatible change of a wire type.
+pub const WIRE_VERSION: u16 = 1;
+
+/// A type that travels over NATS.
+pub trait Message: Serialize + DeserializeOwned {
+    const KIND: &'static str;
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    version: u16,
+    kind: String,
+    body: Vec<u8>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum WireError {
+    Garbled(String),
+    Version { got: u16, want: u16 },
+    Kind { got: String, want: &'static str },
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WireError::Garbled(e) => write!(f, "garbled message: {e}"),
+            WireError::Version { got, want } => {
+                write!(
+                    f,
+                    "message of wire version {got}, this build speaks {want}: upgrade the older side"
+                )
+            }
+            WireError::Kind { got, want } => write!(f, "expected a {want} message, got a {got}"),
+        }
+    }
+}
+
+impl std::error::Error for WireError {}
+
+pub fn encode<T: Message>(msg: &T) -> Vec<u8> {
+    let body = postcard::to_stdvec(msg).expect("wire types serialize");
+    postcard::to_stdvec(&Envelope {
+        version: WIRE_VERSION,
+        kind: T::KIND.into(),
+        body,
+    })
+    .expect("envelope serializes")
+}
+
+pub fn decode<T: Message>(bytes: &[u8]) -> Result<T, WireError> {
+    let env: Envelope =
+        postcard::from_bytes(bytes).map_err(|e| WireError::Garbled(e.to_string()))?;
+    if env.version != WIRE_VERSION {
+        return Err(WireError::Version {
+            got: env.version,
+            want: WIRE_VERSION,
+        });
+    }
+    if env.kind != T::KIND {
+        return Err(WireError::Kind {
+            got: env.kind,
+            want: T::KIND,
+        });
+    }
+    postcard::from_bytes(&env.body).map_err(|e| WireError::Garbled(e.to_string()))
+}
+
+/// Limits as a job asks for them (node caps apply on top).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobLimits {
+    pub memory_bytes: u64,
+    pub timeout_ms: u64,
+    pub max_output_bytes: u64,
+}
+
+/// A file given to tasks, stored in the blob bucket by content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputRef {
+    pub name: String,
+    pub sha256: Sha256Hex,
+    pub bytes: u64,
+}
+
+/// Where a job's tasks come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskSource {
+    /// `--tasks N`: N tasks with empty stdin.
+    Count(u64),
+    /// `--params FILE.jsonl`: one task per line; the file is a blob.
+    Params { blob: Sha256Hex, lines: u64 },
+    /// `--input DIR`: one task per file, in byte order of name.
+    Inputs(Vec<InputRef>),
+}
+
+impl TaskSource {
+    pub fn len(&self) -> u64 {
+        match self {
+            TaskSource::Count(n) => *n,
+            TaskSource::Params { lines, .. } => *lines,
+            TaskSource::Inputs(files) => files.len() as u64,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Everything a node needs to run any task of a job, besides the task's own params or input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub tenant: String,
+    pub class: String,
+    pub module_sha256: Sha256Hex,
+    /// The file name the user submitted, for display.
+    pub module_name: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub limits: JobLimits,
+    pub seed: u64,
+    /// Attempts after the first for a failed or lost task.
+    pub retries: u32,
+    pub tasks: TaskSource,
+    /// Read-only at `/in/shared/` for every task.
+    pub shared: Vec<InputRef>,
+}
+
+/// `grid.api.<tenant>.submit` request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    pub spec: JobSpec,
+}
+impl Message for SubmitRequest {
+    const KIND: &'static str = "submit";
+}
+
+/// Reply to a submit or cancel: the job id, or one line saying why not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApiReply {
+    Ok { job_id: String },
+    Err(String),
+}
+impl Message for ApiReply {
+    const KIND: &'static str = "api-reply";
+}
+
+/// `grid.api.<tenant>.cancel` request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CancelRequest {
+    pub job_id: String,
+}
+impl Message for CancelRequest {
+    const KIND: &'static str = "cancel";
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCounts {
+    pub total: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Tasks handed to the work queue and not yet finished (queued or running).
+    pub in_flight: u64,
+}
+
+/// The job record in `grid_jobs`. Only the broker writes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub reason: Option<String>,
+    pub created_unix_ms: u64,
+    pub finished_unix_ms: Option<u64>,
+    pub counts: TaskCounts,
+    /// Tasks `0..enqueued` have been handed to the work queue at least once.
+    pub enqueued: u64,
+}
+impl Message for JobRecord {
+    const KIND: &'static str = "job";
+}
+
+/// One task handed to a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskMsg {
+    pub job_id: String,
+    pub index: u64,
+    /// 0 for the first try, 1 for the first retry, …
+    pub attempt: u32,
+    /// stdin: the task's params line.
+    pub params: Vec<u8>,
+    /// The task's own input, shown at `/in/<name>`.
+    pub input: Option<InputRef>,
+}
+impl Message for TaskMsg {
+    const KIND: &'static str = "task";
+}
+
+/// A regular file a task left in `/out`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// Relative to `/out`, `/`-separated.
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: Sha256Hex,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub wall_seconds: f64,
+    pub bytes_out: u64,
+}
+
+/// What one attempt of a task produced, published by the node that ran it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResultMsg {
+    pub job_id: String,
+    pub index: u64,
+    pub attempt: u32,
+    pub node_id: String,
+    pub outcome: Outcome,
+    pub usage: Usage,
+    pub files: Vec<OutputFile>,
+    /// Blobs of the captured logs, when not empty.
+    pub stdout: Option<Sha256Hex>,
+    pub stderr: Option<Sha256Hex>,
+    pub logs_truncated: bool,
+}
+impl Message for ResultMsg {
+    const KIND: &'static str = "result";
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    Succeeded,
+    Failed,
+}
+
+/// A task's final state in `grid_tasks`, written once by the broker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub state: TaskState,
+    /// Attempts made, including the counted one.
+    pub attempts: u32,
+    /// Why each failed attempt failed, in order.
+    pub failures: Vec<String>,
+    pub result: ResultMsg,
+}
+impl Message for TaskRecord {
+    const KIND: &'static str = "task-record";
+}
+
+/// A node's heartbeat in `grid_nodes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: String,
+    pub class: String,
+    pub slots: u32,
+    pub busy: u32,
+    pub tasks_done: u64,
+    pub started_unix_ms: u64,
+}
+impl Message for NodeInfo {
+    const KIND: &'static str = "node";
+}
+
+/// The default limits of a job, as the sandbox contract states them.
+impl Default for JobLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 512 << 20,
+            timeout_ms: 600_000,
+            max_output_bytes: 1 << 30,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_rejections() {
+        let msg = CancelRequest {
+            job_id: "j1".into(),
+        };
+        let bytes = encode(&msg);
+        assert_eq!(decode::<CancelRequest>(&bytes).unwrap().job_id, "j1");
+        assert!(matches!(
+            decode::<TaskMsg>(&bytes),
+            Err(WireError::Kind { .. })
+        ));
+        assert!(matches!(
+            decode::<TaskMsg>(b"\xff\xff\xff"),
+            Err(WireError::Garbled(_))
+        ));
+        let future = postcard::to_stdvec(&Envelope {
+            version: 99,
+            kind: "cancel".into(),
+            body: vec![],
+        })
+        .unwrap();
+        assert_eq!(
+            decode::<CancelRequest>(&future),
+            Err(WireError::Version {
+                got: 99,
+                want: WIRE_VERSION
+            })
+        );
+    }
+}
+
+/// The task lines of a params file: every non-blank line, in order. Submit and broker both use
+/// this, so that they agree on the task count.
+pub fn params_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
+}
