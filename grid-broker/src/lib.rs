@@ -125,15 +125,14 @@ fn new_job_id() -> String {
 
 impl Broker {
     async fn reply(&self, msg: &async_nats::Message, reply: ApiReply) {
-        if let Some(to) = &msg.reply {
-            if let Err(e) = self
+        if let Some(to) = &msg.reply
+            && let Err(e) = self
                 .grid
                 .client
                 .publish(to.clone(), encode(&reply).into())
                 .await
-            {
-                tracing::warn!("replying: {e}");
-            }
+        {
+            tracing::warn!("replying: {e}");
         }
     }
 
@@ -200,7 +199,10 @@ impl Broker {
     async fn activate(&self, record: JobRecord) -> Result<ActiveJob> {
         let params = match &record.spec.tasks {
             TaskSource::Params { blob, .. } => {
-                let bytes = Grid::get_object(&self.grid.blobs, &record.spec.tenant, blob).await?;
+                let bytes = self
+                    .grid
+                    .get_object(names::BLOBS_BUCKET, &record.spec.tenant, blob)
+                    .await?;
                 Some(
                     grid_proto::params_lines(&bytes)
                         .map(<[u8]>::to_vec)
@@ -249,7 +251,10 @@ impl Broker {
         match &spec.tasks {
             TaskSource::Params { blob, lines } => {
                 blobs.push(blob);
-                let bytes = Grid::get_object(&self.grid.blobs, &tenant, blob).await?;
+                let bytes = self
+                    .grid
+                    .get_object(names::BLOBS_BUCKET, &tenant, blob)
+                    .await?;
                 let counted = grid_proto::params_lines(&bytes).count() as u64;
                 if counted != *lines {
                     anyhow::bail!("params file has {counted} tasks, the request says {lines}");

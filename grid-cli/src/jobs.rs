@@ -461,7 +461,7 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
                     tracing::warn!(path = %file.path, "skipping an output with an unsafe path");
                     continue;
                 };
-                let bytes = Grid::get_object(&grid.blobs, &tenant, &file.sha256).await?;
+                let bytes = grid.get_object(names::BLOBS_BUCKET, &tenant, &file.sha256).await?;
                 let path = dir.join(rel);
                 if let Some(parent) = path.parent() {
                     std::fs::create_dir_all(parent)?;
@@ -525,7 +525,9 @@ pub fn logs(args: LogsArgs) -> Result<ExitCode> {
             }
             for (blob, to_stderr) in [(&task.result.stdout, false), (&task.result.stderr, true)] {
                 if let Some(sha) = blob {
-                    let bytes = Grid::get_object(&grid.blobs, &record.spec.tenant, sha).await?;
+                    let bytes = grid
+                        .get_object(names::BLOBS_BUCKET, &record.spec.tenant, sha)
+                        .await?;
                     if to_stderr {
                         std::io::stderr().write_all(&bytes)?;
                     } else {

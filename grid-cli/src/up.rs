@@ -222,16 +222,16 @@ fn wait_for_nodes(url: &str, want: usize, children: &mut [(String, Child)]) -> R
                     bail!("{name} exited while starting ({status})");
                 }
             }
-            if let Ok(grid) = Grid::open(client.clone()).await {
-                if let Ok(mut keys) = grid.nodes.keys().await {
-                    use futures::StreamExt;
-                    let mut n = 0;
-                    while let Some(Ok(_)) = keys.next().await {
-                        n += 1;
-                    }
-                    if n >= want {
-                        return Ok(());
-                    }
+            if let Ok(grid) = Grid::open(client.clone()).await
+                && let Ok(mut keys) = grid.nodes.keys().await
+            {
+                use futures::StreamExt;
+                let mut n = 0;
+                while let Some(Ok(_)) = keys.next().await {
+                    n += 1;
+                }
+                if n >= want {
+                    return Ok(());
                 }
             }
             if Instant::now() > deadline {

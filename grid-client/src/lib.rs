@@ -11,7 +11,6 @@ use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use grid_proto::{Sha256Hex, names};
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// How long a node may hold a task without a progress ack before JetStream redelivers it.
@@ -224,22 +223,39 @@ impl Grid {
         store.info(names::object_name(tenant, sha)).await.is_ok()
     }
 
-    /// Reads `<tenant>/<sha256>` and checks that its bytes hash to the name.
-    pub async fn get_object(
-        store: &object_store::ObjectStore,
-        tenant: &str,
-        sha: &Sha256Hex,
-    ) -> Result<Vec<u8>> {
+    /// Reads `<tenant>/<sha256>` from object store `bucket` and checks that its bytes hash to the
+    /// name.
+    ///
+    /// Reads the chunks with direct gets rather than `ObjectStore::get`, which creates a consumer
+    /// per read: thousands of reads a minute (a node fetching inputs, `grid results`) hit
+    /// JetStream's consumer limit.
+    pub async fn get_object(&self, bucket: &str, tenant: &str, sha: &Sha256Hex) -> Result<Vec<u8>> {
         let name = names::object_name(tenant, sha);
-        let mut object = store
-            .get(&name)
+        let store = if bucket == names::MODULES_BUCKET {
+            &self.modules
+        } else {
+            &self.blobs
+        };
+        let info = store
+            .info(&name)
             .await
             .map_err(|e| anyhow!("fetching {name}: {e}"))?;
-        let mut bytes = Vec::new();
-        object
-            .read_to_end(&mut bytes)
+        let stream = self
+            .js
+            .get_stream(format!("OBJ_{bucket}"))
             .await
-            .with_context(|| format!("reading {name}"))?;
+            .map_err(|e| anyhow!("{e}"))?;
+        let subject = format!("$O.{bucket}.C.{}", info.nuid);
+        let mut bytes = Vec::with_capacity(info.size);
+        let mut next = None;
+        for _ in 0..info.chunks {
+            let chunk = stream
+                .direct_get_next_for_subject(subject.as_str(), next)
+                .await
+                .map_err(|e| anyhow!("fetching {name}: {e}"))?;
+            bytes.extend_from_slice(&chunk.payload);
+            next = Some(chunk.sequence + 1);
+        }
         if Sha256Hex::of(&bytes) != *sha {
             bail!("object {name} does not match its hash");
         }

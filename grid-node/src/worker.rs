@@ -297,15 +297,19 @@ impl Node {
             .cache_dir
             .join("modules")
             .join(format!("{sha}.wasm"));
-        if let Ok(bytes) = tokio::fs::read(&path).await {
-            if Sha256Hex::of(&bytes) == *sha {
-                return Ok(bytes);
-            }
+        if let Ok(bytes) = tokio::fs::read(&path).await
+            && Sha256Hex::of(&bytes) == *sha
+        {
+            return Ok(bytes);
         }
-        let bytes = Grid::get_object(&self.grid.modules, &job.spec.tenant, sha).await?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        tokio::fs::write(&tmp, &bytes).await?;
-        tokio::fs::rename(&tmp, &path).await?;
+        let bytes = self
+            .grid
+            .get_object(names::MODULES_BUCKET, &job.spec.tenant, sha)
+            .await?;
+        // Several tasks may fetch the same module at once: each writes its own temp file.
+        let mut tmp = tempfile::NamedTempFile::new_in(self.config.cache_dir.join("modules"))?;
+        std::io::Write::write_all(&mut tmp, &bytes)?;
+        tmp.persist(&path).map_err(|e| e.error)?;
         Ok(bytes)
     }
 
@@ -359,7 +363,10 @@ impl Node {
                     input.name
                 ))));
             }
-            let data = Grid::get_object(&self.grid.blobs, &spec.tenant, &input.sha256).await?;
+            let data = self
+                .grid
+                .get_object(names::BLOBS_BUCKET, &spec.tenant, &input.sha256)
+                .await?;
             tokio::fs::write(dir.join(&input.name), data).await?;
         }
 

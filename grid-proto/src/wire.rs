@@ -154,7 +154,7 @@ impl Message for ApiReply {
 }
 
 /// `grid.api.<tenant>.cancel` request.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CancelRequest {
     pub job_id: String,
 }
@@ -311,6 +311,14 @@ impl Default for JobLimits {
     }
 }
 
+/// The task lines of a params file: every non-blank line, in order. Submit and broker both use
+/// this, so that they agree on the task count.
+pub fn params_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,12 +352,4 @@ mod tests {
             })
         );
     }
-}
-
-/// The task lines of a params file: every non-blank line, in order. Submit and broker both use
-/// this, so that they agree on the task count.
-pub fn params_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
-    bytes
-        .split(|b| *b == b'\n')
-        .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
 }

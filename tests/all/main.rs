@@ -9,4 +9,5 @@ mod support;
 mod cache;
 mod cli;
 mod examples;
+mod grid;
 mod sandbox;

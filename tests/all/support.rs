@@ -176,3 +176,235 @@ pub fn grid_run_json(args: &[&str], stdin: &[u8]) -> (serde_json::Value, i32) {
         serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
     (value, out.status.code().expect("exit code"))
 }
+
+/// A real `nats-server` with JetStream on a port the OS picks, its store in a temp dir; killed
+/// and removed on drop.
+pub struct NatsServer {
+    child: Option<std::process::Child>,
+    pub url: String,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, 0)
+    }
+
+    fn start_in(dir: tempfile::TempDir, port: u16) -> Self {
+        let bin = grid_client::find_nats_server().unwrap_or_else(|| {
+            panic!(
+                "{} (the tests need a real nats-server)",
+                grid_client::NATS_SERVER_MISSING
+            )
+        });
+        let ports_dir = dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).unwrap();
+        let port_arg = if port == 0 {
+            "-1".to_string()
+        } else {
+            port.to_string()
+        };
+        let child = Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
+            .arg(dir.path().join("store"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let url = loop {
+            let found = std::fs::read_dir(&ports_dir)
+                .ok()
+                .and_then(|mut d| d.next())
+                .and_then(|e| e.ok());
+            if let Some(entry) = found
+                && let Ok(text) = std::fs::read_to_string(entry.path())
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+                && let Some(url) = v["nats"][0].as_str()
+            {
+                break url.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not report its port"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let port = url.rsplit(':').next().unwrap().parse().unwrap();
+        Self {
+            child: Some(child),
+            url,
+            dir,
+            port,
+        }
+    }
+
+    /// A stand-in that owns nothing, for `std::mem::replace` while restarting.
+    pub fn placeholder() -> Self {
+        Self {
+            child: None,
+            url: String::new(),
+            dir: tempfile::tempdir().unwrap(),
+            port: 0,
+        }
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port and store.
+    pub fn restart(mut self) -> Self {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        Self::start_in(dir, self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A `grid broker` or `grid node` process; SIGKILLed on drop.
+pub struct GridProcess {
+    child: std::process::Child,
+}
+
+impl GridProcess {
+    pub fn broker(nats: &NatsServer, extra: &[&str]) -> Self {
+        Self::spawn(&[&["broker", "--nats", &nats.url], extra].concat())
+    }
+
+    pub fn node(nats: &NatsServer, id: &str, cache: &Path, slots: u32) -> Self {
+        let slots = slots.to_string();
+        Self::spawn(&[
+            "node",
+            "--nats",
+            &nats.url,
+            "--id",
+            id,
+            "--slots",
+            &slots,
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ])
+    }
+
+    fn spawn(args: &[&str]) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_grid"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("grid starts");
+        Self { child }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GridProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A grid for one test: a server, a broker and `nodes` nodes with their own caches.
+pub struct TestGrid {
+    pub nats: NatsServer,
+    pub broker: GridProcess,
+    pub nodes: Vec<GridProcess>,
+    pub caches: tempfile::TempDir,
+}
+
+impl TestGrid {
+    pub fn start(nodes: usize, broker_args: &[&str]) -> Self {
+        let nats = NatsServer::start();
+        let broker = GridProcess::broker(&nats, broker_args);
+        let caches = tempfile::tempdir().unwrap();
+        let nodes = (0..nodes)
+            .map(|i| {
+                GridProcess::node(
+                    &nats,
+                    &format!("node-{i}"),
+                    &caches.path().join(format!("node-{i}")),
+                    2,
+                )
+            })
+            .collect();
+        let grid = Self {
+            nats,
+            broker,
+            nodes,
+            caches,
+        };
+        grid.wait_for_nodes(grid.nodes.len());
+        grid
+    }
+
+    /// `grid ARGS --nats URL`.
+    pub fn grid(&self, args: &[&str]) -> Output {
+        // Right after the subcommand: anything after `--` belongs to the task.
+        let mut all = args.to_vec();
+        all.splice(1..1, ["--nats", self.nats.url.as_str()]);
+        grid(&all, b"")
+    }
+
+    /// `grid ARGS --json --nats URL`, parsed; panics unless it exits with `code`.
+    pub fn grid_json(&self, args: &[&str], code: i32) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.insert(1, "--json");
+        let out = self.grid(&all);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "grid {args:?}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(stdout.lines().last().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    }
+
+    /// Waits until the broker has set the grid up and `n` nodes sent heartbeats.
+    pub fn wait_for_nodes(&self, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = self.grid(&["nodes", "--json"]);
+            if out.status.success() && String::from_utf8_lossy(&out.stdout).lines().count() >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nodes did not report: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// Waits for the job to end (the deadline only guards against a hang) and returns its status.
+    pub fn wait(&self, job: &str) -> serde_json::Value {
+        let out = self.grid(&["status", job, "--wait", "--json"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}

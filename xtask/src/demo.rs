@@ -1,65 +1,111 @@
-//! The README's main job: a few tasks of the synthetic-data example through `grid run`.
+//! The README's main job: a local grid runs the synthetic-data example.
+//!
+//! Starts `grid up` (nats-server, a broker, two nodes) on a free port with its data under
+//! `grid-demo/`, submits 300 tasks of `examples/synth-data` with a params file, follows the job
+//! with a progress bar, collects the results into `grid-demo/results/` and stops the grid.
 
 use crate::{build_guests, cargo, guest_wasm, root, setup, target_dir};
 use anyhow::{Context, Result, bail};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
-const TASKS: u32 = 4;
-const ROWS: u32 = 25_000;
+const TASKS: u32 = 300;
+const ROWS: u32 = 2_000;
 
 pub fn run() -> Result<()> {
     setup::run()?;
     build_guests()?;
     cargo(&["build", "--locked", "-p", "grid-cli"])?;
     let grid = target_dir().join("debug/grid");
-    let module = guest_wasm("synth-data");
-    let out = root().join("grid-demo-out");
-    if out.exists() {
-        std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
+    let demo = root().join("grid-demo");
+    if demo.exists() {
+        std::fs::remove_dir_all(&demo).with_context(|| format!("clearing {}", demo.display()))?;
     }
-    println!("Running {TASKS} tasks of the synth-data example ({ROWS} rows each) in the sandbox:");
-    for index in 0..TASKS {
-        let dir = out.join(index.to_string());
-        let mut child = Command::new(&grid)
-            .args([
-                "run",
-                module.to_str().unwrap_or_default(),
-                "--json",
-                "--seed",
-                "1",
-            ])
-            .args([
-                "--task-index",
-                &index.to_string(),
-                "--output",
-                dir.to_str().unwrap_or_default(),
-            ])
-            .args([
-                "--memory",
-                "64MiB",
-                "--timeout",
-                "60s",
-                "--max-output",
-                "100MiB",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", grid.display()))?;
-        use std::io::Write;
-        if let Some(mut stdin) = child.stdin.take() {
-            writeln!(stdin, r#"{{"rows": {ROWS}, "rho": 0.6}}"#)?;
+    std::fs::create_dir_all(&demo)?;
+
+    println!("Starting a local grid (nats-server, a broker, 2 nodes)…");
+    let mut up = Command::new(&grid)
+        .args([
+            "up",
+            "--nodes",
+            "2",
+            "--nats",
+            "nats://127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(demo.join("data"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", grid.display()))?;
+    let stdout = up.stdout.take().context("grid up's stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        match lines.next() {
+            Some(line) => {
+                if let Some(url) = line?.strip_prefix("grid: ready ") {
+                    break url.to_string();
+                }
+            }
+            None => {
+                let status = up.wait()?;
+                bail!(
+                    "grid up exited before it was ready ({status}); see {}",
+                    demo.join("data/logs").display()
+                );
+            }
         }
-        let output = child.wait_with_output()?;
-        let line = String::from_utf8_lossy(&output.stdout);
-        if !output.status.success() {
-            bail!("task {index} failed: {line}");
-        }
-        println!("  task {index}: {}", line.trim());
+    };
+    let result = submit_and_collect(&grid, &url, &demo);
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(up.id().to_string())
+        .status();
+    let _ = up.wait();
+    result
+}
+
+fn submit_and_collect(grid: &std::path::Path, url: &str, demo: &std::path::Path) -> Result<()> {
+    let params = demo.join("params.jsonl");
+    let mut file = std::fs::File::create(&params)?;
+    for _ in 0..TASKS {
+        writeln!(file, r#"{{"rows": {ROWS}, "rho": 0.6}}"#)?;
+    }
+    drop(file);
+    println!("Submitting {TASKS} tasks of synth-data ({ROWS} rows each) to {url}…");
+    let module = guest_wasm("synth-data");
+    let out = Command::new(grid)
+        .args([
+            "submit", "--nats", url, "--seed", "1", "--wait", "--json", "--params",
+        ])
+        .arg(&params)
+        .arg(&module)
+        .stderr(Stdio::inherit())
+        .output()?;
+    let status = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    println!("{status}");
+    if !out.status.success() {
+        bail!("the job did not finish as done");
+    }
+    let job = status
+        .split("\"job_id\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .context("job id in grid's answer")?
+        .to_string();
+    let results = demo.join("results");
+    let ok = Command::new(grid)
+        .args(["results", "--nats", url, &job, "-o"])
+        .arg(&results)
+        .status()?
+        .success();
+    if !ok {
+        bail!("collecting results failed");
     }
     println!(
-        "\nDone. Each task's /out is in {}/<index>/ (CSV shards part-0000N.csv).",
-        out.display()
+        "\nDone: job {job}, {TASKS} CSV shards of {ROWS} rows in {}/<task>/part-<task>.csv, \
+         index in {}/manifest.jsonl",
+        results.display(),
+        results.display()
     );
     Ok(())
 }

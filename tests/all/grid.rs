@@ -1,0 +1,463 @@
+//! The grid end to end: a real nats-server, a broker and nodes as real processes, driven through
+//! the `grid` command. Tests assert outcomes and the order of events; a deadline only guards
+//! against a hang.
+
+use crate::support::*;
+use grid_proto::{Outcome, ResultMsg, Usage, encode, names};
+use std::collections::HashSet;
+use std::path::Path;
+
+fn write_params(dir: &Path, lines: impl Iterator<Item = String>) -> std::path::PathBuf {
+    let path = dir.join("params.jsonl");
+    std::fs::write(&path, lines.map(|l| l + "\n").collect::<String>()).unwrap();
+    path
+}
+
+fn submit(grid: &TestGrid, args: &[&str]) -> String {
+    let mut all = vec!["submit"];
+    all.extend_from_slice(args);
+    let v = grid.grid_json(&all, 0);
+    v["job_id"].as_str().unwrap().to_string()
+}
+
+fn manifest(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("manifest.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_thousand_task_job_on_two_nodes_completes_with_correct_results() {
+    let grid = TestGrid::start(2, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let params = write_params(tmp.path(), (0..1000).map(|_| r#"{"rows": 4}"#.to_string()));
+    let module = guest("synth-data");
+    let status = grid.grid_json(
+        &[
+            "submit",
+            module.to_str().unwrap(),
+            "--params",
+            params.to_str().unwrap(),
+            "--seed",
+            "7",
+            "--wait",
+        ],
+        0,
+    );
+    assert_eq!(status["state"], "done");
+    assert_eq!(status["tasks"]["succeeded"], 1000);
+    assert_eq!(status["tasks"]["failed"], 0);
+    let job = status["job_id"].as_str().unwrap();
+
+    let out = tmp.path().join("results");
+    let r = grid.grid(&["results", job, "-o", out.to_str().unwrap()]);
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let lines = manifest(&out);
+    assert_eq!(lines.len(), 1000);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["index"], i as u64, "manifest in index order");
+        assert_eq!(line["state"], "succeeded");
+        assert_eq!(line["attempts"], 1);
+        let name = format!("part-{i:05}.csv");
+        assert_eq!(line["files"][0]["path"], name.as_str());
+        let csv = std::fs::read_to_string(out.join(i.to_string()).join(&name)).unwrap();
+        let ids: Vec<u64> = csv
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(ids, (i as u64 * 4..i as u64 * 4 + 4).collect::<Vec<_>>());
+    }
+    // A grid task gives exactly the bytes `grid run` gives for the same index and seed.
+    for i in [0u64, 517, 999] {
+        let local = tempfile::tempdir().unwrap();
+        let target = local.path().join("o");
+        let (v, code) = grid_run_json(
+            &[
+                module.to_str().unwrap(),
+                "--output",
+                target.to_str().unwrap(),
+                "--seed",
+                "7",
+                "--task-index",
+                &i.to_string(),
+            ],
+            br#"{"rows": 4}"#,
+        );
+        assert_eq!(code, 0, "{v}");
+        let name = format!("part-{i:05}.csv");
+        assert_eq!(
+            std::fs::read(target.join(&name)).unwrap(),
+            std::fs::read(out.join(i.to_string()).join(&name)).unwrap()
+        );
+    }
+}
+
+#[test]
+fn the_same_module_is_uploaded_once_and_compiled_once_per_node() {
+    let grid = TestGrid::start(1, &[]);
+    let module = guest("monte-carlo-pi");
+    for _ in 0..2 {
+        let job = submit(&grid, &[module.to_str().unwrap(), "--tasks", "3"]);
+        assert_eq!(grid.wait(&job)["state"], "done");
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let objects = rt.block_on(async {
+        use futures::StreamExt;
+        let client = async_nats::connect(&grid.nats.url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let store = js.get_object_store(names::MODULES_BUCKET).await.unwrap();
+        let list: Vec<_> = store.list().await.unwrap().collect().await;
+        list.len()
+    });
+    assert_eq!(objects, 1, "one module object for two submits");
+    let compiled: Vec<_> = std::fs::read_dir(grid.caches.path().join("node-0/compiled"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.path().extension().is_some_and(|x| x == "cwasm")
+                && e.file_name().to_string_lossy().contains("guarded")
+        })
+        .collect();
+    assert_eq!(compiled.len(), 1, "compiled once on the node");
+}
+
+#[test]
+fn a_flaky_task_is_retried_and_counted_once_and_a_failing_one_fails_the_job() {
+    let grid = TestGrid::start(1, &[]);
+    let hostile = guest("hostile");
+    let status = grid.grid_json(
+        &[
+            "submit",
+            hostile.to_str().unwrap(),
+            "--retries",
+            "2",
+            "--wait",
+            "--",
+            "flaky",
+        ],
+        0,
+    );
+    assert_eq!(status["state"], "done");
+    assert_eq!(status["tasks"]["succeeded"], 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let job = status["job_id"].as_str().unwrap();
+    grid.grid(&["results", job, "-o", tmp.path().to_str().unwrap()]);
+    let m = manifest(tmp.path());
+    assert_eq!(m[0]["attempts"], 3);
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("0/attempt.txt")).unwrap(),
+        "2"
+    );
+
+    let status = grid.grid_json(
+        &[
+            "submit",
+            hostile.to_str().unwrap(),
+            "--retries",
+            "1",
+            "--wait",
+            "--",
+            "exit",
+            "4",
+        ],
+        1,
+    );
+    assert_eq!(status["state"], "failed");
+    assert_eq!(status["reason"], "task 0 failed: exit: 4");
+    assert_eq!(status["tasks"]["failed"], 1);
+    let tmp = tempfile::tempdir().unwrap();
+    grid.grid(&[
+        "results",
+        status["job_id"].as_str().unwrap(),
+        "-o",
+        tmp.path().to_str().unwrap(),
+    ]);
+    let m = manifest(tmp.path());
+    assert_eq!(m[0]["attempts"], 2);
+    assert_eq!(m[0]["reason"], "exit: 4");
+}
+
+#[test]
+fn a_result_delivered_twice_is_counted_once() {
+    // No nodes: the test plays the node and publishes results itself.
+    let grid = TestGrid::start(0, &[]);
+    let job = submit(
+        &grid,
+        &[guest("monte-carlo-pi").to_str().unwrap(), "--tasks", "2"],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(&grid.nats.url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let result = |index: u64| ResultMsg {
+            job_id: job.clone(),
+            index,
+            attempt: 0,
+            node_id: "test".into(),
+            outcome: Outcome::Succeeded,
+            usage: Usage::default(),
+            files: vec![],
+            stdout: None,
+            stderr: None,
+            logs_truncated: false,
+        };
+        // Task 0 twice under different message ids (JetStream's dedup cannot help), then task 1.
+        for (index, id) in [(0, "a"), (0, "b"), (1, "c")] {
+            let msg = async_nats::jetstream::message::PublishMessage::build()
+                .payload(encode(&result(index)).into())
+                .message_id(id);
+            js.send_publish(names::results_subject(&job), msg)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done");
+    assert_eq!(status["tasks"]["succeeded"], 2, "{status}");
+}
+
+#[test]
+fn a_node_killed_mid_job_loses_nothing() {
+    let mut grid = TestGrid::start(2, &[]);
+    let job = submit(
+        &grid,
+        &[
+            guest("hostile").to_str().unwrap(),
+            "--tasks",
+            "30",
+            "--",
+            "nap",
+            "300",
+        ],
+    );
+    // Let both nodes start work, then kill one of them outright.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    grid.nodes[0].kill();
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["tasks"]["succeeded"], 30);
+    let tmp = tempfile::tempdir().unwrap();
+    grid.grid(&["results", &job, "-o", tmp.path().to_str().unwrap()]);
+    let indices: HashSet<String> = (0..30)
+        .map(|i| std::fs::read_to_string(tmp.path().join(format!("{i}/index.txt"))).unwrap())
+        .collect();
+    assert_eq!(indices.len(), 30, "every task's own output");
+}
+
+#[test]
+fn the_broker_restarted_mid_job_finishes_it() {
+    let mut grid = TestGrid::start(2, &["--window", "4"]);
+    let job = submit(
+        &grid,
+        &[
+            guest("hostile").to_str().unwrap(),
+            "--tasks",
+            "40",
+            "--",
+            "nap",
+            "50",
+        ],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    grid.broker.kill();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    grid.broker = GridProcess::broker(&grid.nats, &["--window", "4"]);
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["tasks"]["succeeded"], 40);
+    assert_eq!(status["tasks"]["total"], 40);
+}
+
+#[test]
+fn cancel_stops_running_tasks_and_starts_no_more() {
+    let grid = TestGrid::start(1, &["--window", "4"]);
+    let job = submit(
+        &grid,
+        &[
+            guest("hostile").to_str().unwrap(),
+            "--tasks",
+            "20",
+            "--",
+            "sleep",
+        ],
+    );
+    // Wait until the node is busy with the job's tasks.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let nodes = grid.grid_json(&["nodes"], 0);
+        if nodes["busy"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node never started the job"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status = grid.grid_json(&["cancel", &job], 0);
+    assert_eq!(status["state"], "cancelled");
+    // Running tasks stop (the node goes idle) and nothing else of the job starts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let nodes = grid.grid_json(&["nodes"], 0);
+        if nodes["busy"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "running tasks were not stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(
+        grid.grid_json(&["nodes"], 0)["busy"],
+        0,
+        "no task of the cancelled job started"
+    );
+    assert_eq!(grid.grid_json(&["status", &job], 0)["state"], "cancelled");
+    let out = grid.grid(&["cancel", &job]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already ended (cancelled)"));
+}
+
+#[test]
+fn a_small_job_behind_a_large_one_finishes_first() {
+    let grid = TestGrid::start(1, &["--window", "4"]);
+    let hostile = guest("hostile");
+    let big = submit(
+        &grid,
+        &[
+            hostile.to_str().unwrap(),
+            "--tasks",
+            "60",
+            "--",
+            "nap",
+            "100",
+        ],
+    );
+    let small = submit(
+        &grid,
+        &[
+            hostile.to_str().unwrap(),
+            "--tasks",
+            "3",
+            "--",
+            "nap",
+            "100",
+        ],
+    );
+    assert_eq!(grid.wait(&small)["state"], "done");
+    let big_status = grid.grid_json(&["status", &big], 0);
+    assert_eq!(
+        big_status["state"], "running",
+        "the large job is still going when the small one is done: {big_status}"
+    );
+    assert_eq!(grid.wait(&big)["state"], "done");
+}
+
+#[test]
+fn bad_submissions_are_refused_with_one_line_and_the_grid_keeps_serving() {
+    let grid = TestGrid::start(1, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let params = write_params(
+        tmp.path(),
+        ["{\"rows\": 1}".to_string(), "{not json".to_string()].into_iter(),
+    );
+    let module = guest("synth-data");
+    let out = grid.grid(&[
+        "submit",
+        module.to_str().unwrap(),
+        "--params",
+        params.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("params.jsonl line 2 is not valid JSON"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1);
+
+    let out = grid.grid(&["submit", "/no/such.wasm", "--tasks", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let bad = tmp.path().join("bad.wasm");
+    std::fs::write(&bad, b"\0asm\x01\0\0\0").unwrap();
+    let out = grid.grid(&["submit", bad.to_str().unwrap(), "--tasks", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused: no `_start` export"));
+
+    let out = grid.grid(&["status", "nosuchjob"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown job nosuchjob"));
+
+    // Garbled messages straight onto the wire: a task and a result nobody can read.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(&grid.nats.url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        for subject in [
+            names::tasks_subject("cpu", "garbage"),
+            names::results_subject("garbage"),
+        ] {
+            js.publish(subject, bytes::Bytes::from_static(b"\xde\xad\xbe\xef"))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let job = submit(
+        &grid,
+        &[guest("monte-carlo-pi").to_str().unwrap(), "--tasks", "2"],
+    );
+    assert_eq!(grid.wait(&job)["state"], "done");
+}
+
+#[test]
+fn no_grid_at_the_address_is_a_setup_error() {
+    let out = grid(&["status", "x", "--nats", "nats://127.0.0.1:1"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("grid: cannot reach the grid at nats://127.0.0.1:1"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_nats_server_restarted_mid_job_loses_nothing() {
+    let mut grid = TestGrid::start(2, &["--window", "8"]);
+    let job = submit(
+        &grid,
+        &[
+            guest("hostile").to_str().unwrap(),
+            "--tasks",
+            "60",
+            "--",
+            "nap",
+            "200",
+        ],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let before = grid.grid_json(&["status", &job], 0);
+    assert_eq!(
+        before["state"], "running",
+        "the restart happens mid-job: {before}"
+    );
+    grid.nats = std::mem::replace(&mut grid.nats, NatsServer::placeholder()).restart();
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["tasks"]["succeeded"], 60);
+}
