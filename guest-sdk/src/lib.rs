@@ -5,7 +5,7 @@
 //!
 //! | what | where | this crate |
 //! |---|---|---|
-//! | which task it is | env `GRID_JOB_ID`, `GRID_TASK_INDEX`, `GRID_TASK_COUNT`, `GRID_SEED` | [`Task::current`] |
+//! | which task it is | env `GRID_JOB_ID`, `GRID_TASK_INDEX`, `GRID_TASK_COUNT`, `GRID_SEED`, `GRID_ATTEMPT` | [`Task::current`] |
 //! | its parameters | stdin: one line of the job's params file (JSON) | [`Task::params`], [`Task::params_or_default`] |
 //! | its inputs | `/in`, read-only | [`input_files`] (sorted), [`read_input`], [`input_dir`] |
 //! | its outputs | `/out`, quota-limited; what is there at exit is the result | [`output_dir`], [`create_output`] |
@@ -59,6 +59,8 @@ pub struct Task {
     pub count: u64,
     /// This task's seed, derived by Grid from the job seed and the index.
     pub seed: u64,
+    /// Which try this is: 0 the first, 1 the first retry, … (results should not depend on it).
+    pub attempt: u32,
 }
 
 /// Reading the task's parameters failed.
@@ -95,6 +97,7 @@ impl Task {
             index: env_u64("GRID_TASK_INDEX", 0),
             count: env_u64("GRID_TASK_COUNT", 1),
             seed: env_u64("GRID_SEED", 0),
+            attempt: env_u64("GRID_ATTEMPT", 0) as u32,
         }
     }
 

@@ -334,6 +334,7 @@ async fn the_guest_sees_only_its_own_env() {
     assert_eq!(
         names,
         [
+            "GRID_ATTEMPT",
             "GRID_JOB_ID",
             "GRID_SEED",
             "GRID_TASK_COUNT",
