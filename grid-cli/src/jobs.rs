@@ -498,21 +498,73 @@ pub struct LogsArgs {
     /// Only this task.
     #[arg(long)]
     pub task: Option<u64>,
+    /// Keep printing tasks' logs as they finish, until the job ends.
+    #[arg(long, conflicts_with = "task")]
+    pub follow: bool,
     #[command(flatten)]
     pub conn: Conn,
 }
 
-pub fn logs(args: LogsArgs) -> Result<ExitCode> {
+async fn print_logs(grid: &Grid, tenant: &str, task: &TaskRecord) -> Result<()> {
     use std::io::Write;
+    for (blob, to_stderr) in [(&task.result.stdout, false), (&task.result.stderr, true)] {
+        if let Some(sha) = blob {
+            let bytes = grid.get_object(names::BLOBS_BUCKET, tenant, sha).await?;
+            if to_stderr {
+                std::io::stderr().write_all(&bytes)?;
+            } else {
+                std::io::stdout().write_all(&bytes)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints each task's logs as its record appears, until the job has ended and all are printed.
+async fn follow_logs(grid: &Grid, record: JobRecord) -> Result<()> {
+    let mut watch = grid
+        .tasks
+        .watch_with_history(format!("{}.>", record.id))
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut seen = 0u64;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), watch.next()).await {
+            Ok(Some(Ok(entry))) => {
+                let Ok(task) = decode::<TaskRecord>(&entry.value) else {
+                    continue;
+                };
+                seen += 1;
+                println!("== task {} ==", task.result.index);
+                print_logs(grid, &record.spec.tenant, &task).await?;
+            }
+            Ok(Some(Err(e))) => bail!("following logs: {e}"),
+            Ok(None) => bail!("the log watch ended"),
+            Err(_) => {}
+        }
+        let now = job_record(grid, &record.id).await?;
+        if now.state.is_final() && seen >= now.counts.succeeded + now.counts.failed {
+            return Ok(());
+        }
+    }
+}
+
+pub fn logs(args: LogsArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open().await?;
         let record = job_record(&grid, &args.job).await?;
+        if args.follow {
+            follow_logs(&grid, record).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
         let indices: Vec<u64> = match args.task {
-            Some(i) if i >= record.counts.total => bail!(
-                "job {} has no task {i} (it has {})",
-                record.id,
-                record.counts.total
-            ),
+            Some(i) if i >= record.counts.total => {
+                bail!(
+                    "job {} has no task {i} (it has {})",
+                    record.id,
+                    record.counts.total
+                )
+            }
             Some(i) => vec![i],
             None => (0..record.counts.total).collect(),
         };
@@ -523,18 +575,7 @@ pub fn logs(args: LogsArgs) -> Result<ExitCode> {
             if args.task.is_none() {
                 println!("== task {index} ==");
             }
-            for (blob, to_stderr) in [(&task.result.stdout, false), (&task.result.stderr, true)] {
-                if let Some(sha) = blob {
-                    let bytes = grid
-                        .get_object(names::BLOBS_BUCKET, &record.spec.tenant, sha)
-                        .await?;
-                    if to_stderr {
-                        std::io::stderr().write_all(&bytes)?;
-                    } else {
-                        std::io::stdout().write_all(&bytes)?;
-                    }
-                }
-            }
+            print_logs(&grid, &record.spec.tenant, &task).await?;
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -461,3 +461,48 @@ fn the_nats_server_restarted_mid_job_loses_nothing() {
     assert_eq!(status["state"], "done", "{status}");
     assert_eq!(status["tasks"]["succeeded"], 60);
 }
+
+#[test]
+fn input_files_become_tasks_and_shared_files_reach_every_task() {
+    let grid = TestGrid::start(1, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (inputs, shared) = (tmp.path().join("inputs"), tmp.path().join("shared"));
+    std::fs::create_dir_all(&inputs).unwrap();
+    std::fs::create_dir_all(&shared).unwrap();
+    // Byte order, not creation order: "B" < "a".
+    std::fs::write(inputs.join("a.txt"), "alpha").unwrap();
+    std::fs::write(inputs.join("B.txt"), "bravo").unwrap();
+    std::fs::write(shared.join("ref.txt"), "reference").unwrap();
+    let status = grid.grid_json(
+        &[
+            "submit",
+            guest("hostile").to_str().unwrap(),
+            "--input",
+            inputs.to_str().unwrap(),
+            "--shared",
+            shared.to_str().unwrap(),
+            "--wait",
+            "--",
+            "show-inputs",
+        ],
+        0,
+    );
+    assert_eq!(status["tasks"]["total"], 2);
+    let job = status["job_id"].as_str().unwrap();
+    let logs =
+        |task: &str| String::from_utf8(grid.grid(&["logs", job, "--task", task]).stdout).unwrap();
+    assert_eq!(
+        logs("0"),
+        "/in/B.txt: bravo\n/in/shared/ref.txt: reference\n"
+    );
+    assert_eq!(
+        logs("1"),
+        "/in/a.txt: alpha\n/in/shared/ref.txt: reference\n"
+    );
+    let followed = String::from_utf8(grid.grid(&["logs", job, "--follow"]).stdout).unwrap();
+    assert!(
+        followed.contains("== task 0 ==") && followed.contains("== task 1 =="),
+        "{followed}"
+    );
+    assert_eq!(followed.matches("/in/shared/ref.txt: reference").count(), 2);
+}

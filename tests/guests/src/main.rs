@@ -184,6 +184,29 @@ fn main() {
             println!("stdin: {stdin}");
             println!("args: {:?}", std::env::args().collect::<Vec<_>>());
         }
+        "show-inputs" => {
+            // Prints every file under /in, sorted, as `path: content`.
+            let mut stack = vec![std::path::PathBuf::from("/in")];
+            let mut lines = Vec::new();
+            while let Some(dir) = stack.pop() {
+                for entry in fs::read_dir(&dir).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.is_dir() {
+                        stack.push(path);
+                    } else {
+                        lines.push(format!(
+                            "{}: {}",
+                            path.display(),
+                            fs::read_to_string(&path).unwrap()
+                        ));
+                    }
+                }
+            }
+            lines.sort();
+            for line in lines {
+                println!("{line}");
+            }
+        }
         "flaky" => {
             // Fails on its first two attempts, succeeds on the third.
             let attempt: u32 = std::env::var("GRID_ATTEMPT").unwrap().parse().unwrap();
