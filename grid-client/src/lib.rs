@@ -17,6 +17,10 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const TASK_ACK_WAIT: Duration = Duration::from_secs(10);
 /// How often a node tells JetStream a long task is still running.
 pub const TASK_PROGRESS_EVERY: Duration = Duration::from_secs(3);
+/// Deliveries of one attempt of a task before a node gives up on it as `lost` (each node that
+/// took it died, or could not fetch what it needs); the broker then retries it as a new attempt,
+/// up to the job's `--retries`.
+pub const MAX_TASK_DELIVERIES: i64 = 5;
 /// How long a node's heartbeat outlives its last update.
 pub const NODE_TTL: Duration = Duration::from_secs(10);
 

@@ -242,6 +242,15 @@ impl Node {
             let _ = msg.ack().await;
             return;
         }
+        let delivered = msg.info().map_or(1, |i| i.delivered);
+        if delivered > grid_client::MAX_TASK_DELIVERIES {
+            tracing::warn!(job = %task.job_id, index = task.index, delivered, "task delivered too often; reporting it lost");
+            let lost = self.failed_result(&job, &task, Reason::Lost);
+            if self.publish(&job, &task, lost).await.is_ok() {
+                let _ = msg.double_ack().await;
+            }
+            return;
+        }
         self.busy.fetch_add(1, Ordering::Relaxed);
         let msg = Arc::new(msg);
         let progress = {
@@ -290,6 +299,22 @@ impl Node {
         Ok(())
     }
 
+    /// The result of an attempt that ended before the guest ran.
+    fn failed_result(&self, job: &JobRecord, task: &TaskMsg, reason: Reason) -> ResultMsg {
+        ResultMsg {
+            job_id: job.id.clone(),
+            index: task.index,
+            attempt: task.attempt,
+            node_id: self.config.node_id.clone(),
+            outcome: Outcome::Failed(reason),
+            usage: Usage::default(),
+            files: Vec::new(),
+            stdout: None,
+            stderr: None,
+            logs_truncated: false,
+        }
+    }
+
     async fn module_bytes(&self, job: &JobRecord) -> Result<Vec<u8>> {
         let sha = &job.spec.module_sha256;
         let path = self
@@ -322,18 +347,7 @@ impl Node {
             max_output_bytes: spec.limits.max_output_bytes,
             ..Limits::default()
         };
-        let failed = |reason: Reason| ResultMsg {
-            job_id: job.id.clone(),
-            index: task.index,
-            attempt: task.attempt,
-            node_id: self.config.node_id.clone(),
-            outcome: Outcome::Failed(reason),
-            usage: Usage::default(),
-            files: Vec::new(),
-            stdout: None,
-            stderr: None,
-            logs_truncated: false,
-        };
+        let failed = |reason: Reason| self.failed_result(job, task, reason);
         let bytes = self
             .module_bytes(job)
             .await

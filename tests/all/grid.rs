@@ -506,3 +506,40 @@ fn input_files_become_tasks_and_shared_files_reach_every_task() {
     );
     assert_eq!(followed.matches("/in/shared/ref.txt: reference").count(), 2);
 }
+
+#[test]
+fn a_task_no_node_can_run_is_retried_then_reported_lost() {
+    // Submit with no node up, remove the module from the grid, then start a node: every
+    // delivery of the task fails to fetch the module and is handed back, until it is lost.
+    let mut grid = TestGrid::start(0, &[]);
+    let module = guest("monte-carlo-pi");
+    let job = submit(
+        &grid,
+        &[module.to_str().unwrap(), "--tasks", "1", "--retries", "1"],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(&grid.nats.url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let store = js.get_object_store(names::MODULES_BUCKET).await.unwrap();
+        let sha = grid_proto::Sha256Hex::of(&std::fs::read(&module).unwrap());
+        store
+            .delete(names::object_name(names::DEFAULT_TENANT, &sha))
+            .await
+            .unwrap();
+    });
+    grid.nodes.push(GridProcess::node(
+        &grid.nats,
+        "node-0",
+        &grid.caches.path().join("node-0"),
+        2,
+    ));
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "failed", "{status}");
+    assert_eq!(status["reason"], "task 0 failed: lost");
+    let tmp = tempfile::tempdir().unwrap();
+    grid.grid(&["results", &job, "-o", tmp.path().to_str().unwrap()]);
+    let m = manifest(tmp.path());
+    assert_eq!(m[0]["attempts"], 2, "the lost attempt was retried once");
+    assert_eq!(m[0]["reason"], "lost");
+}
