@@ -552,21 +552,5 @@ pub fn main(args: BrokerArgs) -> std::process::ExitCode {
         nats_url: grid_client::nats_url(args.nats.as_deref()),
         window: args.window,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("grid-broker: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    match runtime.block_on(run(config, grid_client::shutdown_signal())) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("grid-broker: {e:#}");
-            std::process::ExitCode::from(2)
-        }
-    }
+    grid_client::run_service("grid-broker", |shutdown| run(config, shutdown))
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::run::{parse_duration, parse_env, parse_size};
+use crate::run::TaskFlags;
 
 /// `--nats URL`, shared by every command that talks to a grid.
 #[derive(Args, Debug, Clone)]
@@ -67,16 +67,8 @@ pub struct SubmitArgs {
     /// Attempts after the first for a task that fails or is lost.
     #[arg(long, default_value_t = 2)]
     pub retries: u32,
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub memory: Option<u64>,
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-    pub timeout: Option<Duration>,
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub max_output: Option<u64>,
-    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
-    pub env: Vec<(String, String)>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub task: TaskFlags,
     /// Run each task on K nodes (not available yet).
     #[arg(long)]
     pub replicas: Option<u32>,
@@ -125,17 +117,11 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
     }
     let module = std::fs::read(&args.module)
         .with_context(|| format!("cannot read module {}", args.module.display()))?;
-    let defaults = JobLimits::default();
+    let sandbox_limits = args.task.limits();
     let limits = JobLimits {
-        memory_bytes: args.memory.unwrap_or(defaults.memory_bytes),
-        timeout_ms: args
-            .timeout
-            .map_or(defaults.timeout_ms, |d| d.as_millis() as u64),
-        max_output_bytes: args.max_output.unwrap_or(defaults.max_output_bytes),
-    };
-    let sandbox_limits = grid_node::Limits {
-        memory_bytes: limits.memory_bytes,
-        ..grid_node::Limits::default()
+        memory_bytes: sandbox_limits.memory_bytes,
+        timeout_ms: sandbox_limits.timeout.as_millis() as u64,
+        max_output_bytes: sandbox_limits.max_output_bytes,
     };
     if let Err(why) = grid_node::validate::check_module(
         &module,
@@ -204,9 +190,9 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
             module_sha256: module_sha,
             module_name: args.module.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             args: args.args.clone(),
-            env: args.env.clone(),
+            env: args.task.env.clone(),
             limits,
-            seed: args.seed,
+            seed: args.task.seed,
             retries: args.retries,
             tasks: tasks.clone(),
             shared: upload(shared.unwrap_or_default()).await?,

@@ -19,21 +19,8 @@ pub struct RunArgs {
     /// Where the task's /out goes (must be empty or new); default: a new directory, printed.
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
-    /// Linear memory limit, e.g. 64MiB.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub memory: Option<u64>,
-    /// Wall-time limit (CPU is capped at the same value), e.g. 30s.
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-    pub timeout: Option<Duration>,
-    /// Limit on bytes written under /out, e.g. 100MiB.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub max_output: Option<u64>,
-    /// Environment for the task, K=V; repeatable. Host env is never passed.
-    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
-    pub env: Vec<(String, String)>,
-    /// Job seed; the task's GRID_SEED is derived from it and the task index.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub task: TaskFlags,
     /// The task's index (GRID_TASK_INDEX).
     #[arg(long, default_value_t = 0)]
     pub task_index: u64,
@@ -49,6 +36,39 @@ pub struct RunArgs {
     /// Arguments for the task.
     #[arg(last = true)]
     pub args: Vec<String>,
+}
+
+/// The flags `grid run` and `grid submit` share: limits, env and seed of a task.
+#[derive(Args, Debug, Clone)]
+pub struct TaskFlags {
+    /// Linear memory limit, e.g. 64MiB [default: 512MiB]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Wall-time limit (CPU is capped at the same value), e.g. 30s [default: 10min]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Limit on bytes written under /out, e.g. 100MiB [default: 1GiB]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_output: Option<u64>,
+    /// Environment for the task, K=V; repeatable. Host env is never passed.
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Job seed; each task's GRID_SEED is derived from it and the task index.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl TaskFlags {
+    /// The limits asked for, defaults filled in.
+    pub fn limits(&self) -> Limits {
+        let defaults = Limits::default();
+        Limits {
+            memory_bytes: self.memory.unwrap_or(defaults.memory_bytes),
+            timeout: self.timeout.unwrap_or(defaults.timeout),
+            max_output_bytes: self.max_output.unwrap_or(defaults.max_output_bytes),
+            ..defaults
+        }
+    }
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -111,22 +131,16 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
             .context("reading stdin")?;
     }
 
-    let defaults = Limits::default();
-    let limits = Limits {
-        memory_bytes: args.memory.unwrap_or(defaults.memory_bytes),
-        timeout: args.timeout.unwrap_or(defaults.timeout),
-        max_output_bytes: args.max_output.unwrap_or(defaults.max_output_bytes),
-        ..defaults
-    };
+    let limits = args.task.limits();
     let mut spec = TaskSpec::new(&output_dir);
     spec.args = args.args.clone();
-    spec.env = args.env.clone();
+    spec.env = args.task.env.clone();
     spec.stdin = stdin;
     spec.input_dir = args.input.clone();
     spec.limits = limits.clone();
     spec.task_index = args.task_index;
     spec.task_count = args.task_index + 1;
-    spec.seed = grid_proto::task_seed(args.seed, args.task_index);
+    spec.seed = grid_proto::task_seed(args.task.seed, args.task_index);
 
     let config = SandboxConfig {
         cache_dir: args.cache_dir.clone().or_else(default_cache_dir),

@@ -330,3 +330,31 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+/// Runs a long-lived service (`grid-broker`, `grid-node`) on a multi-thread runtime until Ctrl-C
+/// or SIGTERM; errors print once as `NAME: …` and exit 2.
+pub fn run_service<F>(
+    name: &str,
+    service: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(service(Box::pin(shutdown_signal()))) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -498,21 +498,5 @@ pub fn main(args: NodeArgs) -> std::process::ExitCode {
         slots,
         cache_dir,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("grid-node: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    match runtime.block_on(run(config, grid_client::shutdown_signal())) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("grid-node: {e:#}");
-            std::process::ExitCode::from(2)
-        }
-    }
+    grid_client::run_service("grid-node", |shutdown| run(config, shutdown))
 }
