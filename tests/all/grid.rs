@@ -543,3 +543,89 @@ fn a_task_no_node_can_run_is_retried_then_reported_lost() {
     assert_eq!(m[0]["attempts"], 2, "the lost attempt was retried once");
     assert_eq!(m[0]["reason"], "lost");
 }
+
+#[test]
+fn a_task_longer_than_the_ack_wait_runs_once() {
+    // One node, one slot: a redelivery would have to wait for the slot and run afterwards.
+    let mut grid = TestGrid::start(0, &[]);
+    grid.nodes.push(GridProcess::node(
+        &grid.nats,
+        "solo",
+        &grid.caches.path().join("solo"),
+        1,
+    ));
+    grid.wait_for_nodes(1);
+    let wait = grid_client::TASK_ACK_WAIT.as_millis() + 4000;
+    let job = submit(
+        &grid,
+        &[
+            guest("hostile").to_str().unwrap(),
+            "--tasks",
+            "1",
+            "--",
+            "nap",
+            &wait.to_string(),
+        ],
+    );
+    assert_eq!(grid.wait(&job)["state"], "done");
+    std::thread::sleep(std::time::Duration::from_secs(4)); // a redelivery would be running by now
+    let node = grid.grid_json(&["nodes"], 0);
+    assert_eq!(node["tasks_done"], 1, "{node}");
+    assert_eq!(node["busy"], 0, "{node}");
+}
+
+#[test]
+fn grid_up_serves_until_interrupted_then_stops_everything() {
+    let data = tempfile::tempdir().unwrap();
+    let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_grid"))
+        .args([
+            "up",
+            "--nodes",
+            "1",
+            "--nats",
+            "nats://127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(up.stdout.take().unwrap()).lines();
+    let ready = lines.next().expect("a ready line").unwrap();
+    let url = ready
+        .strip_prefix("grid: ready ")
+        .unwrap_or_else(|| panic!("{ready}"))
+        .to_string();
+    let out = grid(
+        &[
+            "submit",
+            "--nats",
+            &url,
+            "--wait",
+            "--json",
+            guest("monte-carlo-pi").to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let pid = rustix::process::Pid::from_child(&up);
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let status = up.wait().unwrap();
+    assert!(
+        status.success(),
+        "grid up exits cleanly on Ctrl-C: {status}"
+    );
+    // Nothing of the grid is left serving.
+    assert!(
+        std::net::TcpStream::connect(url.trim_start_matches("nats://")).is_err(),
+        "nats-server stopped"
+    );
+}
