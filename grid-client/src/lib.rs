@@ -218,6 +218,29 @@ impl Grid {
         Ok((sha, true))
     }
 
+    /// Streams the file at `path`, whose hash the caller computed, into `<tenant>/<sha256>`
+    /// unless it is there already — outputs can be large, so they are never read whole into memory.
+    /// `get_object` checks the hash on every read.
+    pub async fn put_file(
+        store: &object_store::ObjectStore,
+        tenant: &str,
+        sha: &Sha256Hex,
+        path: &std::path::Path,
+    ) -> Result<bool> {
+        let name = names::object_name(tenant, sha);
+        if store.info(&name).await.is_ok() {
+            return Ok(false);
+        }
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("opening {}", path.display()))?;
+        store
+            .put(name.as_str(), &mut file)
+            .await
+            .map_err(|e| anyhow!("storing {name}: {e}"))?;
+        Ok(true)
+    }
+
     /// Whether `<tenant>/<sha256>` is stored.
     pub async fn has_object(
         store: &object_store::ObjectStore,

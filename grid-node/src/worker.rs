@@ -412,8 +412,8 @@ impl Node {
         };
         let files = crate::outputs::manifest(&out_dir)?;
         for file in &files {
-            let data = tokio::fs::read(out_dir.join(&file.path)).await?;
-            Grid::put_object(&self.grid.blobs, &spec.tenant, &data).await?;
+            let path = out_dir.join(&file.path);
+            Grid::put_file(&self.grid.blobs, &spec.tenant, &file.sha256, &path).await?;
         }
         let mut logs = Vec::new();
         for log in [&report.stdout, &report.stderr] {
