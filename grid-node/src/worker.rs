@@ -407,6 +407,17 @@ impl Node {
             report = self.sandbox.run(&module, task_spec) => Some(report),
             _ = cancelled.wait_for(|c| *c) => None,
         };
+        drop(cancelled);
+        {
+            // The last running task of a job takes its cancel channel with it.
+            let mut cancels = self.cancels.lock().await;
+            if cancels
+                .get(&job.id)
+                .is_some_and(|tx| tx.receiver_count() == 0)
+            {
+                cancels.remove(&job.id);
+            }
+        }
         let Some(report) = report else {
             return Ok(failed(Reason::Cancelled));
         };
