@@ -24,7 +24,7 @@ pub struct RunArgs {
     /// The task's index (GRID_TASK_INDEX).
     #[arg(long, default_value_t = 0)]
     pub task_index: u64,
-    /// Ask for a GPU (not available yet: the GPU binding comes with a later release).
+    /// Give the task this machine's GPU (through `grid_gpu_v1`); without it, GPU calls say "no GPU".
     #[arg(long)]
     pub gpu: bool,
     /// Print one JSON object with the result (and the guest's output inside it).
@@ -96,9 +96,6 @@ fn default_cache_dir() -> Option<PathBuf> {
 }
 
 pub fn main(args: RunArgs) -> Result<ExitCode> {
-    if args.gpu {
-        bail!("--gpu is not supported yet: this build of grid has no GPU binding");
-    }
     let bytes = std::fs::read(&args.module)
         .with_context(|| format!("cannot read module {}", args.module.display()))?;
     if let Some(input) = &args.input
@@ -142,7 +139,16 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
     spec.task_count = args.task_index + 1;
     spec.seed = grid_proto::task_seed(args.task.seed, args.task_index);
 
+    spec.gpu = args.gpu;
+    let gpu = if args.gpu {
+        Some(std::sync::Arc::new(
+            grid_gpu::GpuDevice::open(false).map_err(|e| anyhow::anyhow!("--gpu: {e}"))?,
+        ))
+    } else {
+        None
+    };
     let config = SandboxConfig {
+        gpu,
         cache_dir: args.cache_dir.clone().or_else(default_cache_dir),
         ..SandboxConfig::default()
     };

@@ -168,6 +168,14 @@ impl GpuSession {
         });
         self.gpu_time_used += started.elapsed();
         match polled {
+            // Another thread's wait on the shared queue can hold this one past its timeout.
+            Ok(_) if self.gpu_time_used > self.limits.gpu_time => Err(limit(
+                Limit::GpuTime,
+                format!(
+                    "GPU work ran past the task's GPU time limit of {:?}",
+                    self.limits.gpu_time
+                ),
+            )),
             Ok(_) => Ok(()),
             Err(wgpu::PollError::Timeout) => Err(limit(
                 Limit::GpuTime,

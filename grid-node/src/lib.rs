@@ -14,6 +14,7 @@ pub mod capture;
 mod cpu;
 pub mod determinism;
 pub mod fs_guard;
+pub mod gpu_binding;
 pub mod guard;
 pub mod limits;
 pub mod outputs;

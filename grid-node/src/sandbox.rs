@@ -50,7 +50,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder, WasiView};
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Settings of one node's sandbox (shared by all its tasks).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SandboxConfig {
     /// Ceilings on every task's limits.
     pub caps: NodeCaps,
@@ -60,6 +60,8 @@ pub struct SandboxConfig {
     pub max_wasm_stack_bytes: usize,
     /// Where compiled modules are kept between runs; `None` compiles every time.
     pub cache_dir: Option<PathBuf>,
+    /// The node's GPU, for tasks that ask for one (`grid_gpu_v1`); `None`: no GPU here.
+    pub gpu: Option<Arc<grid_gpu::GpuDevice>>,
 }
 
 impl Default for SandboxConfig {
@@ -69,6 +71,7 @@ impl Default for SandboxConfig {
             compile_caps: CompileCaps::default(),
             max_wasm_stack_bytes: 1 << 20,
             cache_dir: None,
+            gpu: None,
         }
     }
 }
@@ -95,6 +98,8 @@ pub struct TaskSpec {
     pub deterministic: bool,
     /// Which try of this task this is (`GRID_ATTEMPT`): 0 first, 1 the first retry, …
     pub attempt: u32,
+    /// The task may use the node's GPU through `grid_gpu_v1` (otherwise every call says so).
+    pub gpu: bool,
 }
 
 impl TaskSpec {
@@ -113,6 +118,7 @@ impl TaskSpec {
             seed: grid_proto::task_seed(0, 0),
             deterministic: true,
             attempt: 0,
+            gpu: false,
         }
     }
 }
@@ -178,6 +184,7 @@ pub struct TaskState {
     limiter: TaskLimiter,
     pub(crate) quota: OutputQuota,
     pub(crate) stdio_replaced: bool,
+    pub(crate) gpu: crate::gpu_binding::TaskGpu,
 }
 
 impl TaskState {
@@ -265,6 +272,7 @@ impl Sandbox {
         let mut linker: Linker<TaskState> = Linker::new(&engine);
         p1::add_to_linker_async(&mut linker, |s: &mut TaskState| &mut s.wasi).map_err(wasm_err)?;
         fs_guard::add_hooks(&mut linker).map_err(wasm_err)?;
+        crate::gpu_binding::add_to_linker(&mut linker).map_err(wasm_err)?;
         let cache = match &config.cache_dir {
             Some(dir) => Some(ModuleCache::open(dir, &engine)?),
             None => None,
@@ -450,6 +458,16 @@ impl Sandbox {
                 limits.max_output_files,
             ),
             stdio_replaced: false,
+            gpu: crate::gpu_binding::TaskGpu {
+                session: match (&self.config.gpu, spec.gpu) {
+                    (Some(device), true) => Some(grid_gpu::GpuSession::new(
+                        device.clone(),
+                        grid_gpu::GpuLimits::default(),
+                    )),
+                    _ => None,
+                },
+                last_error: String::new(),
+            },
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);

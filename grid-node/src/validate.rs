@@ -4,7 +4,7 @@
 //! with `wasmparser` and stops at the first problem, which it names in one line (the text after
 //! `invalid: `). It bounds what the compiler will be asked to do — module size, function count,
 //! body size, locals — and enforces the guest contract: a WASI preview 1 *command* (`_start`),
-//! importing only `wasi_snapshot_preview1` functions, with no shared memory, and declared minimum
+//! importing only `wasi_snapshot_preview1` functions (and Grid's `grid_gpu_v1`), with no shared memory, and declared minimum
 //! memory and tables within the task's limits. Full validation happens when wasmtime compiles.
 
 use crate::limits::Limits;
@@ -138,13 +138,16 @@ pub fn check_module(bytes: &[u8], limits: &Limits, caps: &CompileCaps) -> Result
                 for import in reader.into_imports() {
                     let import =
                         import.map_err(|e| format!("malformed import section: {}", e.message()))?;
-                    let known = import.module == WASI_P1_MODULE
-                        && WASI_P1_FUNCTIONS.contains(&import.name)
-                        && matches!(import.ty, TypeRef::Func(_));
-                    if !known {
+                    let known = (import.module == WASI_P1_MODULE
+                        && WASI_P1_FUNCTIONS.contains(&import.name))
+                        || (import.module == crate::gpu_binding::MODULE
+                            && crate::gpu_binding::FUNCTIONS.contains(&import.name));
+                    if !known || !matches!(import.ty, TypeRef::Func(_)) {
                         return Err(format!(
-                            "unknown import {}::{} (only WASI preview 1 functions may be imported)",
-                            import.module, import.name
+                            "unknown import {}::{} (only WASI preview 1 and {} functions may be imported)",
+                            import.module,
+                            import.name,
+                            crate::gpu_binding::MODULE
                         ));
                     }
                 }

@@ -38,6 +38,8 @@
 //! }
 //! ```
 
+pub mod gpu;
+
 use std::fs::File;
 use std::io::{self, BufWriter, Read};
 use std::path::{Path, PathBuf};

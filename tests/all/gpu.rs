@@ -261,3 +261,84 @@ fn handles_are_private_and_die_with_destroy() {
     );
     vector_add(&mut mine, 1000);
 }
+
+/// A sandbox whose tasks may use the test binary's GPU.
+fn gpu_sandbox() -> &'static grid_node::Sandbox {
+    static SANDBOX: OnceLock<grid_node::Sandbox> = OnceLock::new();
+    SANDBOX.get_or_init(|| {
+        grid_node::Sandbox::new(grid_node::SandboxConfig {
+            gpu: Some(gpu()),
+            ..Default::default()
+        })
+        .expect("sandbox")
+    })
+}
+
+async fn gpu_task(mode: &str, with_gpu: bool) -> grid_node::TaskReport {
+    let out = tempfile::tempdir().unwrap();
+    let sandbox = gpu_sandbox();
+    let module = sandbox
+        .load(
+            &crate::support::guest_bytes("hostile"),
+            &grid_node::Limits::default(),
+        )
+        .await
+        .unwrap();
+    let mut spec = grid_node::TaskSpec::new(out.path());
+    spec.args = vec![mode.to_string()];
+    spec.gpu = with_gpu;
+    sandbox.run(&module, spec).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_computes_on_the_gpu_through_the_binding() {
+    let r = gpu_task("gpu-double", true).await;
+    assert_eq!(
+        crate::support::reason(&r),
+        "succeeded",
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(r.stdout).unwrap(),
+        format!("gpu: {}\n", (0..4096u64).map(|v| 2 * v).sum::<u64>())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_gpu_the_same_module_falls_back_to_the_cpu() {
+    let r = gpu_task("gpu-double", false).await;
+    assert_eq!(
+        String::from_utf8(r.stdout).unwrap(),
+        format!(
+            "cpu fallback: {}\n",
+            (0..4096u64).map(|v| 2 * v).sum::<u64>()
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wild_pointers_bad_handles_and_bad_wgsl_get_clean_statuses() {
+    let r = gpu_task("gpu-bad-calls", true).await;
+    assert_eq!(
+        crate::support::reason(&r),
+        "succeeded",
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(r.stdout, b"all refused\n");
+    assert_eq!(
+        crate::support::reason(&gpu_task("gpu-double", true).await),
+        "succeeded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_buffer_bomb_ends_the_task_with_limit_gpu_objects() {
+    let r = gpu_task("gpu-objects-bomb", true).await;
+    assert_eq!(crate::support::reason(&r), "limit: gpu-objects");
+    assert_eq!(
+        crate::support::reason(&gpu_task("gpu-double", true).await),
+        "succeeded"
+    );
+}

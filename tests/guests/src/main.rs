@@ -207,6 +207,55 @@ fn main() {
                 println!("{line}");
             }
         }
+        "gpu-double" => {
+            // Doubles 0..n on the GPU, or says it had to fall back to the CPU.
+            use grid_guest::gpu::Gpu;
+            let n = 4096u32;
+            let values: Vec<u32> = (0..n).collect();
+            match Gpu::open() {
+                Err(e) if e.is_unavailable() => {
+                    let doubled: u64 = values.iter().map(|v| u64::from(*v) * 2).sum();
+                    println!("cpu fallback: {doubled}");
+                }
+                Err(e) => panic!("{e}"),
+                Ok(gpu) => {
+                    let xs = gpu.buffer_from(&values).unwrap();
+                    let k = gpu
+                        .kernel(
+                            "@group(0) @binding(0) var<storage, read_write> xs: array<u32>;\n\
+                             @compute @workgroup_size(64) fn main(@builtin(global_invocation_id) id: vec3<u32>) {\n\
+                             if (id.x < arrayLength(&xs)) { xs[id.x] = xs[id.x] * 2u; } }",
+                            "main",
+                        )
+                        .unwrap();
+                    k.dispatch(&[&xs], [n / 64, 1, 1]).unwrap();
+                    let out = xs.read_u32().unwrap();
+                    assert!(out.iter().enumerate().all(|(i, v)| *v == 2 * i as u32));
+                    println!("gpu: {}", out.iter().map(|v| u64::from(*v)).sum::<u64>());
+                }
+            }
+        }
+        "gpu-objects-bomb" => {
+            let gpu = grid_guest::gpu::Gpu::open().unwrap();
+            let mut keep = Vec::new();
+            loop {
+                keep.push(gpu.buffer(4).unwrap());
+            }
+        }
+        "gpu-bad-calls" => {
+            // Wild pointers, bad handles, bad WGSL: each a clean status, never a crash.
+            use grid_guest::gpu::Gpu;
+            let gpu = Gpu::open().unwrap();
+            let b = gpu.buffer(16).unwrap();
+            assert_eq!(
+                b.write(0, &[0u8; 32]).unwrap_err().status,
+                2,
+                "write past the end"
+            );
+            assert_eq!(gpu.kernel("not wgsl", "main").unwrap_err().status, 3);
+            wild_gpu_calls();
+            println!("all refused");
+        }
         "flaky" => {
             // Fails on its first two attempts, succeeds on the third.
             let attempt: u32 = std::env::var("GRID_ATTEMPT").unwrap().parse().unwrap();
@@ -261,3 +310,45 @@ fn symlink(target: &str, link: &str) -> bool {
 fn symlink(_target: &str, _link: &str) -> bool {
     false
 }
+
+/// Raw `grid_gpu_v1` calls with pointers and lengths outside memory and foreign handles.
+#[cfg(target_os = "wasi")]
+fn wild_gpu_calls() {
+    #[link(wasm_import_module = "grid_gpu_v1")]
+    unsafe extern "C" {
+        fn buffer_create(size: i64, out: *mut u32) -> i32;
+        fn buffer_read(h: u32, offset: i64, ptr: *mut u8, len: u32) -> i32;
+        fn kernel_create(
+            src: *const u8,
+            src_len: u32,
+            entry: *const u8,
+            entry_len: u32,
+            out: *mut u32,
+        ) -> i32;
+        fn dispatch(kernel: u32, handles: *const u32, count: u32, x: u32, y: u32, z: u32) -> i32;
+        fn destroy(h: u32) -> i32;
+    }
+    let wild = usize::MAX - 16;
+    // SAFETY: the host must refuse these without touching the pointers.
+    unsafe {
+        assert_eq!(buffer_create(16, wild as *mut u32), 2);
+        let mut h = 0;
+        assert_eq!(buffer_create(16, &mut h), 0);
+        assert_eq!(buffer_read(h, 0, wild as *mut u8, 16), 2);
+        assert_eq!(
+            buffer_read(h, 0, std::ptr::null_mut::<u8>().wrapping_add(8), u32::MAX),
+            2
+        );
+        assert_eq!(
+            kernel_create(wild as *const u8, 100, wild as *const u8, 4, &mut h),
+            2
+        );
+        assert_eq!(dispatch(12345, wild as *const u32, 3, 1, 1, 1), 2);
+        assert_eq!(destroy(999_999), 1, "a handle this task never had");
+        assert_eq!(destroy(h), 0);
+        assert_eq!(destroy(h), 1, "use after destroy");
+    }
+}
+
+#[cfg(not(target_os = "wasi"))]
+fn wild_gpu_calls() {}

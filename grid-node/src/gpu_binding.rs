@@ -1,0 +1,277 @@
+//! `grid_gpu_v1`: the host functions through which a guest uses the node's GPU.
+//!
+//! Every function returns a status (`i32`): 0 ok, 1 bad handle, 2 bad argument (including any
+//! pointer or length outside guest memory), 3 shader error, 4 device error, 5 no GPU for this task.
+//! After a non-zero status, `last_error` copies a one-line message into guest memory. A hard
+//! limit (`gpu-memory`, `gpu-objects`, `gpu-dispatch`, `gpu-time`) does not return: it ends the
+//! task with `limit: …`. No pointer from the guest is trusted: every (ptr, len) is checked
+//! against the guest's memory before use. The ABI is documented for guest authors in
+//! `grid-guest`'s `gpu` module.
+
+use crate::sandbox::{LimitHit, TaskState};
+use grid_gpu::{GpuError, GpuErrorKind, GpuSession};
+use wasmtime::{Caller, Linker, Result};
+
+pub const MODULE: &str = "grid_gpu_v1";
+pub const FUNCTIONS: &[&str] = &[
+    "buffer_create",
+    "buffer_write",
+    "buffer_read",
+    "kernel_create",
+    "dispatch",
+    "destroy",
+    "last_error",
+];
+
+const OK: i32 = 0;
+const BAD_HANDLE: i32 = 1;
+const BAD_ARGUMENT: i32 = 2;
+const SHADER: i32 = 3;
+const DEVICE: i32 = 4;
+const UNAVAILABLE: i32 = 5;
+/// Longest entry point name a guest may pass.
+const MAX_ENTRY_BYTES: usize = 256;
+/// Most buffers one dispatch may bind.
+const MAX_BINDINGS: usize = 64;
+
+/// The task's GPU state: a session when the task may use the GPU, and the last error message.
+#[derive(Default)]
+pub struct TaskGpu {
+    pub session: Option<GpuSession>,
+    pub last_error: String,
+}
+
+fn memory<'a>(caller: &'a mut Caller<'_, TaskState>) -> (&'a mut [u8], &'a mut TaskState) {
+    match caller.get_export("memory").and_then(|e| e.into_memory()) {
+        Some(m) => m.data_and_store_mut(caller),
+        None => (&mut [], caller.data_mut()),
+    }
+}
+
+fn range(mem_len: usize, ptr: i32, len: i32) -> Option<std::ops::Range<usize>> {
+    let start = ptr as u32 as usize;
+    let end = start.checked_add(len as u32 as usize)?;
+    (end <= mem_len).then_some(start..end)
+}
+
+/// Records `message` for `last_error` and returns `status`.
+fn fail(state: &mut TaskState, status: i32, message: impl Into<String>) -> i32 {
+    state.gpu.last_error = message.into();
+    status
+}
+
+/// Turns a session error into a status, or ends the task for a limit.
+fn status_of(state: &mut TaskState, e: GpuError) -> Result<i32> {
+    let status = match e.kind {
+        GpuErrorKind::Limit(limit) => {
+            state.gpu.last_error = e.message;
+            return Err(LimitHit(limit).into());
+        }
+        GpuErrorKind::BadHandle => BAD_HANDLE,
+        GpuErrorKind::BadArgument => BAD_ARGUMENT,
+        GpuErrorKind::Shader => SHADER,
+        GpuErrorKind::Device => DEVICE,
+    };
+    Ok(fail(state, status, e.message))
+}
+
+fn write_u32(mem: &mut [u8], ptr: i32, value: u32) -> bool {
+    match range(mem.len(), ptr, 4) {
+        Some(r) => {
+            mem[r].copy_from_slice(&value.to_le_bytes());
+            true
+        }
+        None => false,
+    }
+}
+
+pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
+    linker.func_wrap(
+        MODULE,
+        "buffer_create",
+        |mut c: Caller<'_, TaskState>, size: i64, out: i32| -> Result<i32> {
+            let (mem, state) = memory(&mut c);
+            if range(mem.len(), out, 4).is_none() {
+                return Ok(fail(
+                    state,
+                    BAD_ARGUMENT,
+                    "the handle pointer is outside guest memory",
+                ));
+            }
+            let Some(session) = state.gpu.session.as_mut() else {
+                return Ok(fail(state, UNAVAILABLE, "no GPU for this task"));
+            };
+            match session.create_buffer(size as u64) {
+                Ok(h) => {
+                    write_u32(mem, out, h);
+                    Ok(OK)
+                }
+                Err(e) => status_of(state, e),
+            }
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "buffer_write",
+        |mut c: Caller<'_, TaskState>, h: i32, offset: i64, ptr: i32, len: i32| -> Result<i32> {
+            let (mem, state) = memory(&mut c);
+            let Some(r) = range(mem.len(), ptr, len) else {
+                return Ok(fail(
+                    state,
+                    BAD_ARGUMENT,
+                    "the data range is outside guest memory",
+                ));
+            };
+            let Some(session) = state.gpu.session.as_mut() else {
+                return Ok(fail(state, UNAVAILABLE, "no GPU for this task"));
+            };
+            match session.write(h as u32, offset as u64, &mem[r]) {
+                Ok(()) => Ok(OK),
+                Err(e) => status_of(state, e),
+            }
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "buffer_read",
+        |mut c: Caller<'_, TaskState>, h: i32, offset: i64, ptr: i32, len: i32| -> Result<i32> {
+            let (mem, state) = memory(&mut c);
+            let Some(r) = range(mem.len(), ptr, len) else {
+                return Ok(fail(
+                    state,
+                    BAD_ARGUMENT,
+                    "the destination range is outside guest memory",
+                ));
+            };
+            let Some(session) = state.gpu.session.as_mut() else {
+                return Ok(fail(state, UNAVAILABLE, "no GPU for this task"));
+            };
+            match session.read(h as u32, offset as u64, r.len() as u64) {
+                Ok(bytes) => {
+                    mem[r].copy_from_slice(&bytes);
+                    Ok(OK)
+                }
+                Err(e) => status_of(state, e),
+            }
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "kernel_create",
+        |mut c: Caller<'_, TaskState>,
+         src: i32,
+         src_len: i32,
+         entry: i32,
+         entry_len: i32,
+         out: i32|
+         -> Result<i32> {
+            let (mem, state) = memory(&mut c);
+            let (Some(sr), Some(er)) = (
+                range(mem.len(), src, src_len),
+                range(mem.len(), entry, entry_len),
+            ) else {
+                return Ok(fail(
+                    state,
+                    BAD_ARGUMENT,
+                    "the source or entry point is outside guest memory",
+                ));
+            };
+            if range(mem.len(), out, 4).is_none() || er.len() > MAX_ENTRY_BYTES {
+                return Ok(fail(
+                    state,
+                    BAD_ARGUMENT,
+                    "bad handle pointer or entry point name",
+                ));
+            }
+            let (Ok(source), Ok(entry)) =
+                (std::str::from_utf8(&mem[sr]), std::str::from_utf8(&mem[er]))
+            else {
+                return Ok(fail(
+                    state,
+                    BAD_ARGUMENT,
+                    "the source and entry point must be UTF-8",
+                ));
+            };
+            let (source, entry) = (source.to_string(), entry.to_string());
+            let Some(session) = state.gpu.session.as_mut() else {
+                return Ok(fail(state, UNAVAILABLE, "no GPU for this task"));
+            };
+            match session.create_kernel(&source, &entry) {
+                Ok(h) => {
+                    write_u32(mem, out, h);
+                    Ok(OK)
+                }
+                Err(e) => status_of(state, e),
+            }
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "dispatch",
+        |mut c: Caller<'_, TaskState>,
+         kernel: i32,
+         handles: i32,
+         count: i32,
+         x: i32,
+         y: i32,
+         z: i32|
+         -> Result<i32> {
+            let (mem, state) = memory(&mut c);
+            let n = count as u32 as usize;
+            let Some(r) = (n <= MAX_BINDINGS)
+                .then(|| range(mem.len(), handles, (n * 4) as i32))
+                .flatten()
+            else {
+                return Ok(fail(
+                    state,
+                    BAD_ARGUMENT,
+                    "the handle list is outside guest memory or too long",
+                ));
+            };
+            let list: Vec<u32> = mem[r]
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let Some(session) = state.gpu.session.as_mut() else {
+                return Ok(fail(state, UNAVAILABLE, "no GPU for this task"));
+            };
+            match session.dispatch(kernel as u32, &list, [x as u32, y as u32, z as u32]) {
+                Ok(()) => Ok(OK),
+                Err(e) => status_of(state, e),
+            }
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "destroy",
+        |mut c: Caller<'_, TaskState>, h: i32| -> Result<i32> {
+            let state = c.data_mut();
+            let Some(session) = state.gpu.session.as_mut() else {
+                return Ok(fail(state, UNAVAILABLE, "no GPU for this task"));
+            };
+            match session.destroy(h as u32) {
+                Ok(()) => Ok(OK),
+                Err(e) => status_of(state, e),
+            }
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "last_error",
+        |mut c: Caller<'_, TaskState>, ptr: i32, len: i32, out: i32| -> Result<i32> {
+            let (mem, state) = memory(&mut c);
+            let message = state.gpu.last_error.as_bytes();
+            let Some(r) = range(mem.len(), ptr, len) else {
+                return Ok(BAD_ARGUMENT);
+            };
+            let n = message.len().min(r.len());
+            let copied = message[..n].to_vec();
+            mem[r.start..r.start + n].copy_from_slice(&copied);
+            if !write_u32(mem, out, n as u32) {
+                return Ok(BAD_ARGUMENT);
+            }
+            Ok(OK)
+        },
+    )?;
+    Ok(())
+}
