@@ -47,6 +47,7 @@ struct Broker {
     grid: Grid,
     /// Ordered by job id (ids grow with time): round-robin fill visits older jobs first.
     active: BTreeMap<String, ActiveJob>,
+    /// Results dropped as duplicates since start (logged when a job finishes).
     duplicates: u64,
 }
 
@@ -453,7 +454,7 @@ impl Broker {
                 .put(&record.id, encode(&record).into())
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
-            tracing::info!(job = %record.id, state = record.state.as_str(), "finished");
+            tracing::info!(job = %record.id, state = record.state.as_str(), duplicates_dropped = self.duplicates, "finished");
         }
         Ok(())
     }

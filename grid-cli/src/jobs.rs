@@ -236,6 +236,7 @@ async fn follow(grid: &Grid, job: &str) -> Result<JobRecord> {
     let mut record = job_record(grid, job).await?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(record.counts.total);
+        bar.enable_steady_tick(Duration::from_millis(200));
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} ({per_sec}, eta {eta})",
