@@ -75,7 +75,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("grid: {}", one_line(&e));
+            eprintln!("grid: {}", grid_proto::one_line(&format!("{e:#}"), " "));
             // A refused job or module is the job's failure (1); anything else is usage or setup (2).
             ExitCode::from(if e.downcast_ref::<jobs::Refused>().is_some() {
                 1
@@ -84,12 +84,4 @@ fn main() -> ExitCode {
             })
         }
     }
-}
-
-fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}")
-        .lines()
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join(" ")
 }

@@ -2,7 +2,7 @@
 
 use crate::block_on;
 use crate::device::GpuDevice;
-use grid_proto::Limit;
+use grid_proto::{Limit, one_line};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -154,7 +154,7 @@ impl GpuSession {
         let value = f(&self.gpu.device);
         match block_on(scope.pop()) {
             None => Ok(value),
-            Some(e) => Err(err(kind, one_line(&e.to_string()))),
+            Some(e) => Err(err(kind, one_line(&e.to_string(), " "))),
         }
     }
 
@@ -311,13 +311,13 @@ impl GpuSession {
         }
         self.check_room_for_object()?;
         let module = naga::front::wgsl::parse_str(wgsl)
-            .map_err(|e| err(GpuErrorKind::Shader, one_line(&e.emit_to_string(wgsl))))?;
+            .map_err(|e| err(GpuErrorKind::Shader, one_line(&e.emit_to_string(wgsl), " ")))?;
         naga::valid::Validator::new(
             naga::valid::ValidationFlags::all(),
             naga::valid::Capabilities::default(),
         )
         .validate(&module)
-        .map_err(|e| err(GpuErrorKind::Shader, one_line(&e.emit_to_string(wgsl))))?;
+        .map_err(|e| err(GpuErrorKind::Shader, one_line(&e.emit_to_string(wgsl), " ")))?;
         if !module
             .entry_points
             .iter()
@@ -483,12 +483,4 @@ fn storage_bindings(module: &naga::Module) -> Result<u32, GpuError> {
         ));
     }
     Ok(seen.len() as u32)
-}
-
-fn one_line(text: &str) -> String {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
 }

@@ -75,6 +75,21 @@ fn status_of(state: &mut TaskState, e: GpuError) -> Result<i32> {
     Ok(fail(state, status, e.message))
 }
 
+/// Runs `op` on the task's GPU session. `Ok(Err(status))`: there is none, or `op` failed (the
+/// message is kept for `last_error`); `Err`: a limit, which ends the task.
+fn with_session<T>(
+    state: &mut TaskState,
+    op: impl FnOnce(&mut GpuSession) -> std::result::Result<T, GpuError>,
+) -> Result<std::result::Result<T, i32>> {
+    let Some(session) = state.gpu.session.as_mut() else {
+        return Ok(Err(fail(state, UNAVAILABLE, "no GPU for this task")));
+    };
+    match op(session) {
+        Ok(value) => Ok(Ok(value)),
+        Err(e) => status_of(state, e).map(Err),
+    }
+}
+
 fn write_u32(mem: &mut [u8], ptr: i32, value: u32) -> bool {
     match range(mem.len(), ptr, 4) {
         Some(r) => {
@@ -98,15 +113,12 @@ pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
                     "the handle pointer is outside guest memory",
                 ));
             }
-            let Some(session) = state.gpu.session.as_mut() else {
-                return Ok(fail(state, UNAVAILABLE, "no GPU for this task"));
-            };
-            match session.create_buffer(size as u64) {
+            match with_session(state, |session| session.create_buffer(size as u64))? {
                 Ok(h) => {
                     write_u32(mem, out, h);
                     Ok(OK)
                 }
-                Err(e) => status_of(state, e),
+                Err(status) => Ok(status),
             }
         },
     )?;
@@ -122,12 +134,11 @@ pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
                     "the data range is outside guest memory",
                 ));
             };
-            let Some(session) = state.gpu.session.as_mut() else {
-                return Ok(fail(state, UNAVAILABLE, "no GPU for this task"));
-            };
-            match session.write(h as u32, offset as u64, &mem[r]) {
+            match with_session(state, |session| {
+                session.write(h as u32, offset as u64, &mem[r])
+            })? {
                 Ok(()) => Ok(OK),
-                Err(e) => status_of(state, e),
+                Err(status) => Ok(status),
             }
         },
     )?;
@@ -143,15 +154,14 @@ pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
                     "the destination range is outside guest memory",
                 ));
             };
-            let Some(session) = state.gpu.session.as_mut() else {
-                return Ok(fail(state, UNAVAILABLE, "no GPU for this task"));
-            };
-            match session.read(h as u32, offset as u64, r.len() as u64) {
+            match with_session(state, |session| {
+                session.read(h as u32, offset as u64, r.len() as u64)
+            })? {
                 Ok(bytes) => {
                     mem[r].copy_from_slice(&bytes);
                     Ok(OK)
                 }
-                Err(e) => status_of(state, e),
+                Err(status) => Ok(status),
             }
         },
     )?;
@@ -192,16 +202,12 @@ pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
                     "the source and entry point must be UTF-8",
                 ));
             };
-            let (source, entry) = (source.to_string(), entry.to_string());
-            let Some(session) = state.gpu.session.as_mut() else {
-                return Ok(fail(state, UNAVAILABLE, "no GPU for this task"));
-            };
-            match session.create_kernel(&source, &entry) {
+            match with_session(state, |session| session.create_kernel(source, entry))? {
                 Ok(h) => {
                     write_u32(mem, out, h);
                     Ok(OK)
                 }
-                Err(e) => status_of(state, e),
+                Err(status) => Ok(status),
             }
         },
     )?;
@@ -232,12 +238,11 @@ pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
                 .chunks_exact(4)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect();
-            let Some(session) = state.gpu.session.as_mut() else {
-                return Ok(fail(state, UNAVAILABLE, "no GPU for this task"));
-            };
-            match session.dispatch(kernel as u32, &list, [x as u32, y as u32, z as u32]) {
+            match with_session(state, |session| {
+                session.dispatch(kernel as u32, &list, [x as u32, y as u32, z as u32])
+            })? {
                 Ok(()) => Ok(OK),
-                Err(e) => status_of(state, e),
+                Err(status) => Ok(status),
             }
         },
     )?;
@@ -246,12 +251,9 @@ pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
         "destroy",
         |mut c: Caller<'_, TaskState>, h: i32| -> Result<i32> {
             let state = c.data_mut();
-            let Some(session) = state.gpu.session.as_mut() else {
-                return Ok(fail(state, UNAVAILABLE, "no GPU for this task"));
-            };
-            match session.destroy(h as u32) {
+            match with_session(state, |session| session.destroy(h as u32))? {
                 Ok(()) => Ok(OK),
-                Err(e) => status_of(state, e),
+                Err(status) => Ok(status),
             }
         },
     )?;

@@ -595,12 +595,7 @@ pub(crate) fn wasm_err(e: wasmtime::Error) -> anyhow::Error {
 
 /// An error chain on one line.
 fn one_line(e: &impl std::fmt::Display) -> String {
-    format!("{e:#}")
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
+    grid_proto::one_line(&format!("{e:#}"), "; ")
 }
 
 impl std::fmt::Debug for LoadedModule {
@@ -610,6 +605,3 @@ impl std::fmt::Debug for LoadedModule {
             .finish()
     }
 }
-
-/// `Arc` so that one sandbox can be shared by many concurrent tasks.
-pub type SharedSandbox = Arc<Sandbox>;

@@ -27,3 +27,13 @@ pub fn task_seed(job_seed: u64, index: u64) -> u64 {
     first.copy_from_slice(&digest[..8]);
     u64::from_le_bytes(first)
 }
+
+/// `text` on one line: its lines trimmed, blank ones dropped, joined with `separator`. Errors that
+/// reach a user (reasons, `grid: …` lines) are always one line.
+pub fn one_line(text: &str, separator: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(separator)
+}

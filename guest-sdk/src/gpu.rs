@@ -35,8 +35,10 @@
 
 use std::fmt;
 
+/// The raw `grid_gpu_v1` imports, as the table above describes them. Prefer [`Gpu`]: these
+/// take raw pointers and return bare statuses.
 #[cfg(target_os = "wasi")]
-mod abi {
+pub mod abi {
     #[link(wasm_import_module = "grid_gpu_v1")]
     unsafe extern "C" {
         pub fn buffer_create(size: i64, out: *mut u32) -> i32;
@@ -65,7 +67,7 @@ mod abi {
 /// Outside a Grid sandbox there is no `grid_gpu_v1`: every call answers "no GPU".
 #[cfg(not(target_os = "wasi"))]
 #[allow(clippy::missing_safety_doc)]
-mod abi {
+pub mod abi {
     pub unsafe fn buffer_create(_: i64, _: *mut u32) -> i32 {
         5
     }

@@ -314,20 +314,7 @@ fn symlink(_target: &str, _link: &str) -> bool {
 /// Raw `grid_gpu_v1` calls with pointers and lengths outside memory and foreign handles.
 #[cfg(target_os = "wasi")]
 fn wild_gpu_calls() {
-    #[link(wasm_import_module = "grid_gpu_v1")]
-    unsafe extern "C" {
-        fn buffer_create(size: i64, out: *mut u32) -> i32;
-        fn buffer_read(h: u32, offset: i64, ptr: *mut u8, len: u32) -> i32;
-        fn kernel_create(
-            src: *const u8,
-            src_len: u32,
-            entry: *const u8,
-            entry_len: u32,
-            out: *mut u32,
-        ) -> i32;
-        fn dispatch(kernel: u32, handles: *const u32, count: u32, x: u32, y: u32, z: u32) -> i32;
-        fn destroy(h: u32) -> i32;
-    }
+    use grid_guest::gpu::abi::{buffer_create, buffer_read, destroy, dispatch, kernel_create};
     let wild = usize::MAX - 16;
     // SAFETY: the host must refuse these without touching the pointers.
     unsafe {
