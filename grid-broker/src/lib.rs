@@ -237,8 +237,23 @@ impl Broker {
             .map_err(|e| anyhow!("{e}"))?
             .spec;
         spec.tenant = tenant.clone();
+        if !names::CLASSES.contains(&spec.class.as_str()) {
+            anyhow::bail!(
+                "unknown class {:?}: a job runs on class {}",
+                spec.class,
+                names::CLASSES.join(" or ")
+            );
+        }
         if spec.class != names::DEFAULT_CLASS {
-            anyhow::bail!("class {} has no nodes in this grid (only cpu)", spec.class);
+            // A CPU job may wait for nodes to join; a GPU job on a grid without GPUs would wait
+            // forever, so it is refused while no node offers the class.
+            let nodes = self.grid.live_nodes().await?;
+            if !nodes.iter().any(|n| n.classes.contains(&spec.class)) {
+                anyhow::bail!(
+                    "no node of this grid has a GPU: start grid-node on a machine with one (a CPU-only \
+                     machine can serve GPU jobs with lavapipe: apt-get install mesa-vulkan-drivers)"
+                );
+            }
         }
         let total = spec.tasks.len();
         if total == 0 {

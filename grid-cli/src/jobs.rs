@@ -5,8 +5,8 @@ use clap::Args;
 use futures::StreamExt;
 use grid_client::Grid;
 use grid_proto::{
-    ApiReply, CancelRequest, InputRef, JobLimits, JobRecord, JobSpec, JobState, NodeInfo,
-    SubmitRequest, TaskRecord, TaskSource, TaskState, decode, encode, names,
+    ApiReply, CancelRequest, InputRef, JobLimits, JobRecord, JobSpec, JobState, SubmitRequest,
+    TaskRecord, TaskSource, TaskState, decode, encode, names,
 };
 use serde_json::json;
 use std::io::IsTerminal;
@@ -72,7 +72,7 @@ pub struct SubmitArgs {
     /// Run each task on K nodes (not available yet).
     #[arg(long)]
     pub replicas: Option<u32>,
-    /// Ask for GPU nodes (not available yet).
+    /// Run on nodes with a GPU: tasks get it through grid_gpu_v1 (the grid must have one).
     #[arg(long)]
     pub gpu: bool,
     /// Follow the job to its end (progress bar on a terminal), then print its status.
@@ -109,9 +109,6 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
 }
 
 pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
-    if args.gpu {
-        bail!("--gpu is not supported yet: this grid has no GPU nodes");
-    }
     if args.replicas.is_some() {
         bail!("--replicas is not supported yet");
     }
@@ -122,6 +119,8 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
         memory_bytes: sandbox_limits.memory_bytes,
         timeout_ms: sandbox_limits.timeout.as_millis() as u64,
         max_output_bytes: sandbox_limits.max_output_bytes,
+        gpu_memory_bytes: sandbox_limits.gpu.max_buffer_bytes,
+        gpu_time_ms: sandbox_limits.gpu.gpu_time.as_millis() as u64,
     };
     if let Err(why) = grid_node::validate::check_module(
         &module,
@@ -186,7 +185,7 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
         }
         let spec = JobSpec {
             tenant: tenant.into(),
-            class: names::DEFAULT_CLASS.into(),
+            class: if args.gpu { names::GPU_CLASS } else { names::DEFAULT_CLASS }.into(),
             module_sha256: module_sha,
             module_name: args.module.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             args: args.args.clone(),
@@ -381,16 +380,22 @@ pub fn jobs(args: ListArgs) -> Result<ExitCode> {
 pub fn nodes(args: ListArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open().await?;
-        for key in all_keys(&grid.nodes).await? {
-            let Ok(Some(bytes)) = grid.nodes.get(&key).await else { continue };
-            let Ok(node) = decode::<NodeInfo>(&bytes) else { continue };
+        for node in grid.live_nodes().await? {
             if args.json {
                 println!(
                     "{}",
-                    json!({"id": node.id, "class": node.class, "slots": node.slots, "busy": node.busy, "tasks_done": node.tasks_done})
+                    json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "tasks_done": node.tasks_done})
                 );
             } else {
-                println!("{}  {}  slots {}  busy {}  done {}", node.id, node.class, node.slots, node.busy, node.tasks_done);
+                let gpu = node.gpu.as_deref().map(|g| format!("  gpu {g}")).unwrap_or_default();
+                println!(
+                    "{}  {}  slots {}  busy {}  done {}{gpu}",
+                    node.id,
+                    node.classes.join(","),
+                    node.slots,
+                    node.busy,
+                    node.tasks_done
+                );
             }
         }
         Ok(ExitCode::SUCCESS)
@@ -462,8 +467,10 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
                 "exit_code": r.outcome.exit_code(),
                 "reason": r.outcome.reason().map(|x| x.to_string()),
                 "attempts": task.attempts,
+                "node": r.node_id,
                 "cpu_seconds": r.usage.cpu_seconds,
                 "wall_seconds": r.usage.wall_seconds,
+                "gpu_seconds": r.usage.gpu_seconds,
                 "files": r.files.iter().map(|f| json!({"path": f.path, "bytes": f.bytes, "sha256": f.sha256.to_string()})).collect::<Vec<_>>(),
             });
             manifest.push_str(&format!("{line}\n"));

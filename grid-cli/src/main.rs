@@ -50,6 +50,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    grid_node::gpu_worker::serve_if_asked();
     grid_client::init_tracing();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

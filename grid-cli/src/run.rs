@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use grid_node::{Limits, Sandbox, SandboxConfig, TaskSpec};
+pub use grid_node::limits::{parse_duration, parse_size};
+use grid_node::{GpuWorker, Limits, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use grid_proto::TaskStatus;
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -53,6 +54,12 @@ pub struct TaskFlags {
     /// Environment for the task, K=V; repeatable. Host env is never passed.
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
+    /// With --gpu: limit on the bytes of the task's GPU buffers together [default: 256MiB]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub gpu_memory: Option<u64>,
+    /// With --gpu: limit on the time the task's GPU work may take in all [default: 60s]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub gpu_time: Option<Duration>,
     /// Job seed; each task's GRID_SEED is derived from it and the task index.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -66,19 +73,14 @@ impl TaskFlags {
             memory_bytes: self.memory.unwrap_or(defaults.memory_bytes),
             timeout: self.timeout.unwrap_or(defaults.timeout),
             max_output_bytes: self.max_output.unwrap_or(defaults.max_output_bytes),
+            gpu: grid_gpu::GpuLimits {
+                max_buffer_bytes: self.gpu_memory.unwrap_or(defaults.gpu.max_buffer_bytes),
+                gpu_time: self.gpu_time.unwrap_or(defaults.gpu.gpu_time),
+                ..defaults.gpu.clone()
+            },
             ..defaults
         }
     }
-}
-
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    s.parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("{e} (write sizes like 64MiB or 1GiB)"))
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 30s or 10min)"))
 }
 
 pub fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -140,22 +142,25 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
     spec.seed = grid_proto::task_seed(args.task.seed, args.task_index);
 
     spec.gpu = args.gpu;
-    let gpu = if args.gpu {
-        Some(std::sync::Arc::new(
-            grid_gpu::GpuDevice::open(false).map_err(|e| anyhow::anyhow!("--gpu: {e}"))?,
-        ))
-    } else {
-        None
-    };
-    let config = SandboxConfig {
-        gpu,
-        cache_dir: args.cache_dir.clone().or_else(default_cache_dir),
-        ..SandboxConfig::default()
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let report = runtime.block_on(async {
+        let gpu = if args.gpu {
+            let worker = WorkerCommand::current_exe()?;
+            Some(
+                GpuWorker::start(worker)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--gpu: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let config = SandboxConfig {
+            gpu,
+            cache_dir: args.cache_dir.clone().or_else(default_cache_dir),
+            ..SandboxConfig::default()
+        };
         let sandbox = Sandbox::new(config)?;
         let report = match sandbox.load(&bytes, &limits).await {
             Ok(module) => sandbox.run(&module, spec).await,

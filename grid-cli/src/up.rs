@@ -25,6 +25,9 @@ pub struct UpArgs {
     /// Address to serve [default: GRID_NATS_URL or nats://127.0.0.1:4222; port 0 picks a free one]
     #[arg(long, value_name = "URL")]
     pub nats: Option<String>,
+    /// Serve no GPU jobs (otherwise node-1 serves them when this machine has a GPU).
+    #[arg(long)]
+    pub no_gpu: bool,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -143,7 +146,9 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                         &slots.to_string(),
                     ])
                     .arg("--cache-dir")
-                    .arg(data.join(format!("node-{i}"))),
+                    .arg(data.join(format!("node-{i}")))
+                    // One GPU worker per machine: node-1 serves GPU jobs if there is a GPU.
+                    .args((i > 1 || args.no_gpu).then_some("--no-gpu")),
                 &data.join(format!("logs/node-{i}.log")),
             )?;
             children.push((format!("node-{i}"), node));

@@ -111,13 +111,12 @@ impl Grid {
             .get_stream(names::TASKS_STREAM)
             .await
             .map_err(|e| anyhow!("{e}"))?;
-        tasks
-            .get_or_create_consumer(
-                &names::tasks_consumer(names::DEFAULT_CLASS),
-                task_consumer_config(names::DEFAULT_CLASS),
-            )
-            .await
-            .map_err(|e| anyhow!("creating the task consumer: {e}"))?;
+        for class in names::CLASSES {
+            tasks
+                .get_or_create_consumer(&names::tasks_consumer(class), task_consumer_config(class))
+                .await
+                .map_err(|e| anyhow!("creating the task consumer of class {class}: {e}"))?;
+        }
         let results = js
             .get_stream(names::RESULTS_STREAM)
             .await
@@ -239,6 +238,28 @@ impl Grid {
             .await
             .map_err(|e| anyhow!("storing {name}: {e}"))?;
         Ok(true)
+    }
+
+    /// The nodes that sent a heartbeat within the bucket's TTL, sorted by id. A heartbeat that
+    /// does not decode (another wire version) is skipped.
+    pub async fn live_nodes(&self) -> Result<Vec<grid_proto::NodeInfo>> {
+        use futures::StreamExt;
+        let mut keys = self
+            .nodes
+            .keys()
+            .await
+            .map_err(|e| anyhow!("listing nodes: {e}"))?;
+        let mut nodes = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| anyhow!("listing nodes: {e}"))?;
+            if let Ok(Some(bytes)) = self.nodes.get(&key).await
+                && let Ok(node) = grid_proto::decode::<grid_proto::NodeInfo>(&bytes)
+            {
+                nodes.push(node);
+            }
+        }
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
     }
 
     /// Whether `<tenant>/<sha256>` is stored.

@@ -4,7 +4,7 @@ use crate::block_on;
 use std::sync::Arc;
 
 /// What a node reports about its GPU (`grid nodes` shows it).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GpuInfo {
     pub name: String,
     pub backend: String,
@@ -68,5 +68,11 @@ impl GpuDevice {
 
     pub fn info(&self) -> &GpuInfo {
         &self.info
+    }
+}
+
+impl std::fmt::Display for GpuInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}, {})", self.name, self.backend, self.device_type)
     }
 }

@@ -3,13 +3,14 @@
 use crate::block_on;
 use crate::device::GpuDevice;
 use grid_proto::{Limit, one_line};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wgpu::naga;
 
 /// Per-task GPU limits. `Default` gives a node's defaults.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuLimits {
     /// Bytes of all live buffers together. Default 256 MiB. Past it: `limit: gpu-memory`.
     pub max_buffer_bytes: u64,
@@ -38,10 +39,26 @@ impl Default for GpuLimits {
     }
 }
 
+impl GpuLimits {
+    /// Each limit lowered to `caps` where it asks for more (a node's ceilings).
+    pub fn capped_by(&self, caps: &GpuLimits) -> GpuLimits {
+        GpuLimits {
+            max_buffer_bytes: self.max_buffer_bytes.min(caps.max_buffer_bytes),
+            max_objects: self.max_objects.min(caps.max_objects),
+            max_workgroups_per_dispatch: self
+                .max_workgroups_per_dispatch
+                .min(caps.max_workgroups_per_dispatch),
+            max_dispatches: self.max_dispatches.min(caps.max_dispatches),
+            max_shader_bytes: self.max_shader_bytes.min(caps.max_shader_bytes),
+            gpu_time: self.gpu_time.min(caps.gpu_time),
+        }
+    }
+}
+
 /// A task's name for one of its buffers or kernels. 0 is never a valid handle.
 pub type Handle = u32;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GpuErrorKind {
     /// No such handle in this task (never created, destroyed, another task's, wrong kind).
     BadHandle,
@@ -56,7 +73,7 @@ pub enum GpuErrorKind {
 }
 
 /// A failed GPU call: what kind, and one line a guest can show.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
 pub struct GpuError {
     pub kind: GpuErrorKind,

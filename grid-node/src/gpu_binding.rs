@@ -7,9 +7,13 @@
 //! task with `limit: …`. No pointer from the guest is trusted: every (ptr, len) is checked
 //! against the guest's memory before use. The ABI is documented for guest authors in
 //! `grid-guest`'s `gpu` module.
+//!
+//! The functions are async: each call goes to the node's GPU worker process
+//! ([`crate::gpu_worker`]), which the node can kill when GPU work overruns.
 
+use crate::gpu_worker::{CallError, GpuCall, GpuLost, GpuValue, RemoteSession};
 use crate::sandbox::{LimitHit, TaskState};
-use grid_gpu::{GpuError, GpuErrorKind, GpuSession};
+use grid_gpu::{GpuError, GpuErrorKind};
 use wasmtime::{Caller, Linker, Result};
 
 pub const MODULE: &str = "grid_gpu_v1";
@@ -34,12 +38,18 @@ const MAX_ENTRY_BYTES: usize = 256;
 /// Most buffers one dispatch may bind.
 const MAX_BINDINGS: usize = 64;
 
-/// The task's GPU state: a session when the task may use the GPU, and the last error message.
+/// The task's GPU state: a session in the node's GPU worker when the task may use the GPU, and
+/// the last error message.
 #[derive(Default)]
 pub struct TaskGpu {
-    pub session: Option<GpuSession>,
+    pub session: Option<RemoteSession>,
     pub last_error: String,
 }
+
+/// A task's GPU call failed because the GPU worker died during it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct GpuCrashed(pub String);
 
 fn memory<'a>(caller: &'a mut Caller<'_, TaskState>) -> (&'a mut [u8], &'a mut TaskState) {
     match caller.get_export("memory").and_then(|e| e.into_memory()) {
@@ -75,18 +85,26 @@ fn status_of(state: &mut TaskState, e: GpuError) -> Result<i32> {
     Ok(fail(state, status, e.message))
 }
 
-/// Runs `op` on the task's GPU session. `Ok(Err(status))`: there is none, or `op` failed (the
-/// message is kept for `last_error`); `Err`: a limit, which ends the task.
-fn with_session<T>(
-    state: &mut TaskState,
-    op: impl FnOnce(&mut GpuSession) -> std::result::Result<T, GpuError>,
-) -> Result<std::result::Result<T, i32>> {
+/// Runs `call` in the task's GPU session. `Ok(Err(status))`: there is none, or the call failed
+/// (the message is kept for `last_error`); `Err`: the task ends (a limit, a lost or crashed
+/// worker).
+async fn call(state: &mut TaskState, call: GpuCall) -> Result<std::result::Result<GpuValue, i32>> {
     let Some(session) = state.gpu.session.as_mut() else {
         return Ok(Err(fail(state, UNAVAILABLE, "no GPU for this task")));
     };
-    match op(session) {
+    match session.call(call).await {
         Ok(value) => Ok(Ok(value)),
-        Err(e) => status_of(state, e).map(Err),
+        Err(CallError::Gpu(e)) => status_of(state, e).map(Err),
+        Err(CallError::Lost) => Err(GpuLost.into()),
+        Err(CallError::Crashed(why)) => Err(GpuCrashed(why).into()),
+    }
+}
+
+/// The status of a call that gives back nothing (or a value the guest does not need).
+fn status(result: std::result::Result<GpuValue, i32>) -> i32 {
+    match result {
+        Ok(_) => OK,
+        Err(status) => status,
     }
 }
 
@@ -100,161 +118,189 @@ fn write_u32(mem: &mut [u8], ptr: i32, value: u32) -> bool {
     }
 }
 
-pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
-    linker.func_wrap(
-        MODULE,
-        "buffer_create",
-        |mut c: Caller<'_, TaskState>, size: i64, out: i32| -> Result<i32> {
-            let (mem, state) = memory(&mut c);
-            if range(mem.len(), out, 4).is_none() {
-                return Ok(fail(
+/// Writes a handle the worker returned to `out` (already checked to be in guest memory).
+fn give_handle(
+    c: &mut Caller<'_, TaskState>,
+    out: i32,
+    result: std::result::Result<GpuValue, i32>,
+) -> i32 {
+    match result {
+        Ok(GpuValue::Handle(h)) => {
+            let (mem, state) = memory(c);
+            if write_u32(mem, out, h) {
+                OK
+            } else {
+                fail(
                     state,
                     BAD_ARGUMENT,
                     "the handle pointer is outside guest memory",
-                ));
+                )
             }
-            match with_session(state, |session| session.create_buffer(size as u64))? {
-                Ok(h) => {
-                    write_u32(mem, out, h);
-                    Ok(OK)
+        }
+        Ok(_) => fail(c.data_mut(), DEVICE, "the GPU worker gave no handle"),
+        Err(status) => status,
+    }
+}
+
+pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
+    linker.func_wrap_async(
+        MODULE,
+        "buffer_create",
+        |mut c: Caller<'_, TaskState>, (size, out): (i64, i32)| {
+            Box::new(async move {
+                let (mem, state) = memory(&mut c);
+                if range(mem.len(), out, 4).is_none() {
+                    return Ok(fail(
+                        state,
+                        BAD_ARGUMENT,
+                        "the handle pointer is outside guest memory",
+                    ));
                 }
-                Err(status) => Ok(status),
-            }
+                let size = size as u64;
+                let result = call(state, GpuCall::BufferCreate { size }).await?;
+                Ok(give_handle(&mut c, out, result))
+            })
         },
     )?;
-    linker.func_wrap(
+    linker.func_wrap_async(
         MODULE,
         "buffer_write",
-        |mut c: Caller<'_, TaskState>, h: i32, offset: i64, ptr: i32, len: i32| -> Result<i32> {
-            let (mem, state) = memory(&mut c);
-            let Some(r) = range(mem.len(), ptr, len) else {
-                return Ok(fail(
-                    state,
-                    BAD_ARGUMENT,
-                    "the data range is outside guest memory",
-                ));
-            };
-            match with_session(state, |session| {
-                session.write(h as u32, offset as u64, &mem[r])
-            })? {
-                Ok(()) => Ok(OK),
-                Err(status) => Ok(status),
-            }
+        |mut c: Caller<'_, TaskState>, (h, offset, ptr, len): (i32, i64, i32, i32)| {
+            Box::new(async move {
+                let (mem, state) = memory(&mut c);
+                let Some(r) = range(mem.len(), ptr, len) else {
+                    return Ok(fail(
+                        state,
+                        BAD_ARGUMENT,
+                        "the data range is outside guest memory",
+                    ));
+                };
+                let write = GpuCall::Write {
+                    buffer: h as u32,
+                    offset: offset as u64,
+                    data: mem[r].to_vec(),
+                };
+                Ok(status(call(state, write).await?))
+            })
         },
     )?;
-    linker.func_wrap(
+    linker.func_wrap_async(
         MODULE,
         "buffer_read",
-        |mut c: Caller<'_, TaskState>, h: i32, offset: i64, ptr: i32, len: i32| -> Result<i32> {
-            let (mem, state) = memory(&mut c);
-            let Some(r) = range(mem.len(), ptr, len) else {
-                return Ok(fail(
-                    state,
-                    BAD_ARGUMENT,
-                    "the destination range is outside guest memory",
-                ));
-            };
-            match with_session(state, |session| {
-                session.read(h as u32, offset as u64, r.len() as u64)
-            })? {
-                Ok(bytes) => {
-                    mem[r].copy_from_slice(&bytes);
-                    Ok(OK)
+        |mut c: Caller<'_, TaskState>, (h, offset, ptr, len): (i32, i64, i32, i32)| {
+            Box::new(async move {
+                let (mem, state) = memory(&mut c);
+                let Some(r) = range(mem.len(), ptr, len) else {
+                    return Ok(fail(
+                        state,
+                        BAD_ARGUMENT,
+                        "the destination range is outside guest memory",
+                    ));
+                };
+                let read = GpuCall::Read {
+                    buffer: h as u32,
+                    offset: offset as u64,
+                    len: r.len() as u64,
+                };
+                match call(state, read).await? {
+                    Ok(GpuValue::Bytes(bytes)) => {
+                        // Memory cannot shrink, and nothing ran in the guest since the check.
+                        let (mem, state) = memory(&mut c);
+                        match mem.get_mut(r) {
+                            Some(dst) if dst.len() == bytes.len() => {
+                                dst.copy_from_slice(&bytes);
+                                Ok(OK)
+                            }
+                            _ => Ok(fail(state, DEVICE, "the GPU worker read the wrong length")),
+                        }
+                    }
+                    Ok(_) => Ok(fail(c.data_mut(), DEVICE, "the GPU worker gave no bytes")),
+                    Err(status) => Ok(status),
                 }
-                Err(status) => Ok(status),
-            }
+            })
         },
     )?;
-    linker.func_wrap(
+    linker.func_wrap_async(
         MODULE,
         "kernel_create",
         |mut c: Caller<'_, TaskState>,
-         src: i32,
-         src_len: i32,
-         entry: i32,
-         entry_len: i32,
-         out: i32|
-         -> Result<i32> {
-            let (mem, state) = memory(&mut c);
-            let (Some(sr), Some(er)) = (
-                range(mem.len(), src, src_len),
-                range(mem.len(), entry, entry_len),
-            ) else {
-                return Ok(fail(
-                    state,
-                    BAD_ARGUMENT,
-                    "the source or entry point is outside guest memory",
-                ));
-            };
-            if range(mem.len(), out, 4).is_none() || er.len() > MAX_ENTRY_BYTES {
-                return Ok(fail(
-                    state,
-                    BAD_ARGUMENT,
-                    "bad handle pointer or entry point name",
-                ));
-            }
-            let (Ok(source), Ok(entry)) =
-                (std::str::from_utf8(&mem[sr]), std::str::from_utf8(&mem[er]))
-            else {
-                return Ok(fail(
-                    state,
-                    BAD_ARGUMENT,
-                    "the source and entry point must be UTF-8",
-                ));
-            };
-            match with_session(state, |session| session.create_kernel(source, entry))? {
-                Ok(h) => {
-                    write_u32(mem, out, h);
-                    Ok(OK)
+         (src, src_len, entry, entry_len, out): (i32, i32, i32, i32, i32)| {
+            Box::new(async move {
+                let (mem, state) = memory(&mut c);
+                let (Some(sr), Some(er)) = (
+                    range(mem.len(), src, src_len),
+                    range(mem.len(), entry, entry_len),
+                ) else {
+                    return Ok(fail(
+                        state,
+                        BAD_ARGUMENT,
+                        "the source or entry point is outside guest memory",
+                    ));
+                };
+                if range(mem.len(), out, 4).is_none() || er.len() > MAX_ENTRY_BYTES {
+                    return Ok(fail(
+                        state,
+                        BAD_ARGUMENT,
+                        "bad handle pointer or entry point name",
+                    ));
                 }
-                Err(status) => Ok(status),
-            }
+                let (Ok(wgsl), Ok(entry)) =
+                    (std::str::from_utf8(&mem[sr]), std::str::from_utf8(&mem[er]))
+                else {
+                    return Ok(fail(
+                        state,
+                        BAD_ARGUMENT,
+                        "the source and entry point must be UTF-8",
+                    ));
+                };
+                let kernel = GpuCall::KernelCreate {
+                    wgsl: wgsl.to_string(),
+                    entry: entry.to_string(),
+                };
+                let result = call(state, kernel).await?;
+                Ok(give_handle(&mut c, out, result))
+            })
         },
     )?;
-    linker.func_wrap(
+    linker.func_wrap_async(
         MODULE,
         "dispatch",
         |mut c: Caller<'_, TaskState>,
-         kernel: i32,
-         handles: i32,
-         count: i32,
-         x: i32,
-         y: i32,
-         z: i32|
-         -> Result<i32> {
-            let (mem, state) = memory(&mut c);
-            let n = count as u32 as usize;
-            let Some(r) = (n <= MAX_BINDINGS)
-                .then(|| range(mem.len(), handles, (n * 4) as i32))
-                .flatten()
-            else {
-                return Ok(fail(
-                    state,
-                    BAD_ARGUMENT,
-                    "the handle list is outside guest memory or too long",
-                ));
-            };
-            let list: Vec<u32> = mem[r]
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            match with_session(state, |session| {
-                session.dispatch(kernel as u32, &list, [x as u32, y as u32, z as u32])
-            })? {
-                Ok(()) => Ok(OK),
-                Err(status) => Ok(status),
-            }
+         (kernel, handles, count, x, y, z): (i32, i32, i32, i32, i32, i32)| {
+            Box::new(async move {
+                let (mem, state) = memory(&mut c);
+                let n = count as u32 as usize;
+                let Some(r) = (n <= MAX_BINDINGS)
+                    .then(|| range(mem.len(), handles, (n * 4) as i32))
+                    .flatten()
+                else {
+                    return Ok(fail(
+                        state,
+                        BAD_ARGUMENT,
+                        "the handle list is outside guest memory or too long",
+                    ));
+                };
+                let buffers: Vec<u32> = mem[r]
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                let dispatch = GpuCall::Dispatch {
+                    kernel: kernel as u32,
+                    buffers,
+                    groups: [x as u32, y as u32, z as u32],
+                };
+                Ok(status(call(state, dispatch).await?))
+            })
         },
     )?;
-    linker.func_wrap(
+    linker.func_wrap_async(
         MODULE,
         "destroy",
-        |mut c: Caller<'_, TaskState>, h: i32| -> Result<i32> {
-            let state = c.data_mut();
-            match with_session(state, |session| session.destroy(h as u32))? {
-                Ok(()) => Ok(OK),
-                Err(status) => Ok(status),
-            }
+        |mut c: Caller<'_, TaskState>, (h,): (i32,)| {
+            Box::new(async move {
+                let destroy = GpuCall::Destroy { handle: h as u32 };
+                Ok(status(call(c.data_mut(), destroy).await?))
+            })
         },
     )?;
     linker.func_wrap(

@@ -7,7 +7,9 @@
 //!
 //! Modules: [`validate`] (static checks before compiling), [`limits`], [`sandbox`],
 //! [`fs_guard`] (the `/out` quota inside WASI), [`capture`] (capped logs), [`determinism`]
-//! (fixed clocks, seeded randomness), [`cache`] (compiled modules on disk), [`outputs`].
+//! (fixed clocks, seeded randomness), [`cache`] (compiled modules on disk), [`outputs`],
+//! [`gpu_binding`] (the guest's `grid_gpu_v1` imports) over [`gpu_worker`] (the process that
+//! owns the GPU, killed and restarted when GPU work overruns).
 
 pub mod cache;
 pub mod capture;
@@ -15,6 +17,7 @@ mod cpu;
 pub mod determinism;
 pub mod fs_guard;
 pub mod gpu_binding;
+pub mod gpu_worker;
 pub mod guard;
 pub mod limits;
 pub mod outputs;
@@ -22,6 +25,7 @@ pub mod sandbox;
 pub mod validate;
 pub mod worker;
 
+pub use gpu_worker::{GpuWorker, WorkerCommand};
 pub use limits::{Limits, NodeCaps};
 pub use sandbox::{LoadedModule, Sandbox, SandboxConfig, TaskReport, TaskSpec};
 pub use validate::CompileCaps;

@@ -53,6 +53,9 @@ pub struct Limits {
     /// Captured bytes of stdout, and separately of stderr; more is dropped and marked
     /// `logs_truncated`, and the task goes on. Default 4 MiB.
     pub max_log_bytes: u64,
+    /// GPU buffer bytes, objects, dispatch size and count, shader size and GPU time, for a task
+    /// that may use the GPU. See [`grid_gpu::GpuLimits`].
+    pub gpu: grid_gpu::GpuLimits,
 }
 
 pub const MIB: u64 = 1 << 20;
@@ -68,6 +71,7 @@ impl Default for Limits {
             max_output_files: 10_000,
             max_open_files: 256,
             max_log_bytes: 4 * MIB,
+            gpu: grid_gpu::GpuLimits::default(),
         }
     }
 }
@@ -89,8 +93,21 @@ impl Limits {
             max_output_files: self.max_output_files.min(c.max_output_files),
             max_open_files: self.max_open_files.min(c.max_open_files),
             max_log_bytes: self.max_log_bytes.min(c.max_log_bytes),
+            gpu: self.gpu.capped_by(&c.gpu),
         }
     }
+}
+
+/// A size as users write it (`64MiB`, `1GiB`), for command-line flags.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{e} (write sizes like 64MiB or 1GiB)"))
+}
+
+/// A duration as users write it (`30s`, `10min`), for command-line flags.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 30s or 10min)"))
 }
 
 #[cfg(test)]

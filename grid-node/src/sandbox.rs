@@ -60,8 +60,8 @@ pub struct SandboxConfig {
     pub max_wasm_stack_bytes: usize,
     /// Where compiled modules are kept between runs; `None` compiles every time.
     pub cache_dir: Option<PathBuf>,
-    /// The node's GPU, for tasks that ask for one (`grid_gpu_v1`); `None`: no GPU here.
-    pub gpu: Option<Arc<grid_gpu::GpuDevice>>,
+    /// The node's GPU worker, for tasks that ask for a GPU (`grid_gpu_v1`); `None`: no GPU here.
+    pub gpu: Option<Arc<crate::gpu_worker::GpuWorker>>,
 }
 
 impl Default for SandboxConfig {
@@ -130,6 +130,8 @@ pub struct TaskReport {
     /// CPU time of the threads while they ran this task's wasm and host calls.
     pub cpu_seconds: f64,
     pub wall_seconds: f64,
+    /// Time the task's GPU calls held the node's GPU.
+    pub gpu_seconds: f64,
     /// Apparent size of `/out` when the task ended.
     pub bytes_out: u64,
     pub stdout: Vec<u8>,
@@ -144,6 +146,7 @@ impl TaskReport {
             outcome: Outcome::Failed(reason),
             cpu_seconds: 0.0,
             wall_seconds: 0.0,
+            gpu_seconds: 0.0,
             bytes_out: 0,
             stdout: Vec::new(),
             stderr: Vec::new(),
@@ -293,6 +296,11 @@ impl Sandbox {
         &self.engine
     }
 
+    /// The GPU worker of this sandbox's tasks, if it has a GPU.
+    pub fn gpu_worker(&self) -> Option<&crate::gpu_worker::GpuWorker> {
+        self.config.gpu.as_deref()
+    }
+
     /// Validates and compiles (or fetches from the cache) a module for a task with `limits`.
     /// `Err` is always `Reason::Invalid`, refused before running.
     pub async fn load(&self, bytes: &[u8], limits: &Limits) -> Result<LoadedModule, Reason> {
@@ -371,17 +379,19 @@ impl Sandbox {
         let stdout = CappedPipe::new(limits.max_log_bytes);
         let stderr = CappedPipe::new(limits.max_log_bytes);
         let started = Instant::now();
-        let (outcome, cpu_seconds) = match self.prepare(&spec, &limits, &stdout, &stderr) {
-            Ok(store) => {
-                let run = self.call_start(store, module, &limits, started);
-                let (outcome, cpu) = crate::cpu::CpuTimed::new(run).await;
-                (outcome, cpu.as_secs_f64())
-            }
-            Err(e) => (
-                Outcome::Failed(Reason::Invalid(format!("could not set up the task: {e:#}"))),
-                0.0,
-            ),
-        };
+        let (outcome, cpu_seconds, gpu_seconds) =
+            match self.prepare(&spec, &limits, &stdout, &stderr) {
+                Ok(store) => {
+                    let run = self.call_start(store, module, &limits, started);
+                    let ((outcome, gpu), cpu) = crate::cpu::CpuTimed::new(run).await;
+                    (outcome, cpu.as_secs_f64(), gpu.as_secs_f64())
+                }
+                Err(e) => (
+                    Outcome::Failed(Reason::Invalid(format!("could not set up the task: {e:#}"))),
+                    0.0,
+                    0.0,
+                ),
+            };
         let wall_seconds = started.elapsed().as_secs_f64();
         if matches!(
             outcome,
@@ -397,6 +407,7 @@ impl Sandbox {
             outcome,
             cpu_seconds,
             wall_seconds,
+            gpu_seconds,
             bytes_out: crate::outputs::apparent_size(&spec.output_dir),
             stdout,
             stderr,
@@ -460,10 +471,7 @@ impl Sandbox {
             stdio_replaced: false,
             gpu: crate::gpu_binding::TaskGpu {
                 session: match (&self.config.gpu, spec.gpu) {
-                    (Some(device), true) => Some(grid_gpu::GpuSession::new(
-                        device.clone(),
-                        grid_gpu::GpuLimits::default(),
-                    )),
+                    (Some(worker), true) => Some(worker.session(limits.gpu.clone())),
                     _ => None,
                 },
                 last_error: String::new(),
@@ -480,7 +488,7 @@ impl Sandbox {
         module: &LoadedModule,
         limits: &Limits,
         started: Instant,
-    ) -> Outcome {
+    ) -> (Outcome, Duration) {
         let deadline = started + limits.timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
@@ -501,13 +509,19 @@ impl Sandbox {
             Ok(start.call_async(&mut store, ()).await)
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let result = match tokio::time::timeout(remaining, run).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(invalid)) => return Outcome::Failed(invalid),
-            Err(_elapsed) => return Outcome::Failed(Reason::Limit(Limit::Time)),
+        let ran = tokio::time::timeout(remaining, run).await;
+        let gpu_used = store
+            .data()
+            .gpu
+            .session
+            .as_ref()
+            .map_or(Duration::ZERO, |s| s.gpu_time_used());
+        let outcome = match ran {
+            Ok(Ok(result)) => classify(result, store.data().limiter.hit),
+            Ok(Err(invalid)) => Outcome::Failed(invalid),
+            Err(_elapsed) => Outcome::Failed(Reason::Limit(Limit::Time)),
         };
-        let limiter_hit = store.data().limiter.hit;
-        classify(result, limiter_hit)
+        (outcome, gpu_used)
     }
 }
 
@@ -557,6 +571,10 @@ fn classify(result: wasmtime::Result<()>, limiter_hit: Option<Limit>) -> Outcome
                 Reason::Exit(exit.0)
             } else if let Some(LimitHit(limit)) = e.downcast_ref::<LimitHit>() {
                 Reason::Limit(*limit)
+            } else if e.downcast_ref::<crate::gpu_worker::GpuLost>().is_some() {
+                return Outcome::Failed(Reason::Lost);
+            } else if let Some(crashed) = e.downcast_ref::<crate::gpu_binding::GpuCrashed>() {
+                Reason::Trap(crashed.0.clone())
             } else if let Some(trap) = e.downcast_ref::<Trap>() {
                 Reason::Trap(trap_name(*trap))
             } else if format!("{e:#}").contains("resource table has no free keys") {

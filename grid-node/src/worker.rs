@@ -8,8 +8,9 @@
 //! killed at any point loses nothing: an unacked task is redelivered after its ack wait, and a
 //! result published twice is deduplicated by JetStream and counted once by the broker.
 
-use crate::{Limits, Sandbox, SandboxConfig, TaskSpec};
-use anyhow::{Context, Result, anyhow};
+use crate::limits::{parse_duration, parse_size};
+use crate::{GpuWorker, Limits, NodeCaps, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
+use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use grid_client::{Grid, TASK_PROGRESS_EVERY, now_unix_ms};
@@ -31,12 +32,21 @@ pub struct NodeConfig {
     pub class: String,
     pub slots: u32,
     pub cache_dir: PathBuf,
+    /// Look for a GPU and, when there is one, also serve the `gpu` class.
+    pub use_gpu: bool,
+    /// GPU tasks run at once (they also take turns on the GPU itself).
+    pub gpu_slots: u32,
+    /// This provider's ceilings on every task's limits.
+    pub caps: NodeCaps,
 }
 
 struct Node {
     config: NodeConfig,
     grid: Grid,
     sandbox: Sandbox,
+    /// The classes served: the node's own, and `gpu` when it has a GPU.
+    classes: Vec<String>,
+    gpu: Option<String>,
     jobs: Mutex<HashMap<String, Arc<JobRecord>>>,
     /// One sender per job with running tasks; `true` means cancelled.
     cancels: Mutex<HashMap<String, watch::Sender<bool>>>,
@@ -62,22 +72,62 @@ pub async fn run(
     };
     std::fs::create_dir_all(config.cache_dir.join("modules"))?;
     std::fs::create_dir_all(config.cache_dir.join("work"))?;
+    let gpu = if config.use_gpu {
+        match GpuWorker::start(WorkerCommand::current_exe()?).await {
+            Ok(worker) => {
+                tracing::info!(gpu = %worker.info(), "serving GPU tasks");
+                Some(worker)
+            }
+            Err(e) if config.class == names::GPU_CLASS => bail!("--class gpu: {e}"),
+            Err(e) => {
+                tracing::info!("no GPU, serving class {} only: {e}", config.class);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if config.class == names::GPU_CLASS && gpu.is_none() {
+        bail!("--class gpu needs the GPU: drop --no-gpu");
+    }
+    let mut classes = vec![config.class.clone()];
+    if gpu.is_some() && config.class != names::GPU_CLASS {
+        classes.push(names::GPU_CLASS.to_string());
+    }
+    let gpu_name = gpu.as_ref().map(|w| w.info().to_string());
     let sandbox = Sandbox::new(SandboxConfig {
         cache_dir: Some(config.cache_dir.join("compiled")),
+        caps: config.caps.clone(),
+        gpu,
         ..Default::default()
     })?;
+    tracing::info!(id = %config.node_id, classes = %classes.join(","), slots = config.slots, "node ready");
     let node = Arc::new(Node {
         config,
         grid,
         sandbox,
+        classes,
+        gpu: gpu_name,
         jobs: Mutex::new(HashMap::new()),
         cancels: Mutex::new(HashMap::new()),
         busy: AtomicU32::new(0),
         done: AtomicU64::new(0),
     });
     let started = now_unix_ms();
+    let mut pulls = tokio::task::JoinSet::new();
+    for class in node.classes.clone() {
+        let slots = if class == names::GPU_CLASS && node.config.class != names::GPU_CLASS {
+            node.config.gpu_slots
+        } else {
+            node.config.slots
+        };
+        pulls.spawn(
+            node.clone()
+                .pull_loop(class, Arc::new(Semaphore::new(slots as usize))),
+        );
+    }
     tokio::select! {
-        r = node.clone().pull_loop() => r,
+        Some(r) = pulls.join_next() => r.map_err(|e| anyhow!("{e}"))?,
         r = node.clone().heartbeat_loop(started) => r,
         r = node.clone().cancel_loop() => r,
         () = shutdown => Ok(()),
@@ -85,7 +135,8 @@ pub async fn run(
 }
 
 impl Node {
-    async fn pull_loop(self: Arc<Self>) -> Result<()> {
+    /// Takes tasks of `class`, at most `slots` at once.
+    async fn pull_loop(self: Arc<Self>, class: String, slots: Arc<Semaphore>) -> Result<()> {
         let consumer: jetstream::consumer::PullConsumer = loop {
             let stream = self
                 .grid
@@ -93,10 +144,7 @@ impl Node {
                 .get_stream(names::TASKS_STREAM)
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
-            match stream
-                .get_consumer(&names::tasks_consumer(&self.config.class))
-                .await
-            {
+            match stream.get_consumer(&names::tasks_consumer(&class)).await {
                 Ok(c) => break c,
                 Err(e) => {
                     tracing::info!("waiting for the task consumer: {e}");
@@ -104,7 +152,6 @@ impl Node {
                 }
             }
         };
-        let slots = Arc::new(Semaphore::new(self.config.slots as usize));
         loop {
             // Wait for a free slot, then ask for as many tasks as there are free slots.
             let first = slots.clone().acquire_owned().await?;
@@ -149,7 +196,8 @@ impl Node {
         loop {
             let info = NodeInfo {
                 id: self.config.node_id.clone(),
-                class: self.config.class.clone(),
+                classes: self.classes.clone(),
+                gpu: self.gpu.clone(),
                 slots: self.config.slots,
                 busy: self.busy.load(Ordering::Relaxed),
                 tasks_done: self.done.load(Ordering::Relaxed),
@@ -341,11 +389,17 @@ impl Node {
     /// Runs one task; `Err` means this node could not run it (another may), not that it failed.
     async fn run_task(&self, job: &JobRecord, task: &TaskMsg) -> Result<ResultMsg> {
         let spec = &job.spec;
+        let defaults = Limits::default();
         let limits = Limits {
             memory_bytes: spec.limits.memory_bytes,
             timeout: Duration::from_millis(spec.limits.timeout_ms),
             max_output_bytes: spec.limits.max_output_bytes,
-            ..Limits::default()
+            gpu: grid_gpu::GpuLimits {
+                max_buffer_bytes: spec.limits.gpu_memory_bytes,
+                gpu_time: Duration::from_millis(spec.limits.gpu_time_ms),
+                ..defaults.gpu.clone()
+            },
+            ..defaults
         };
         let failed = |reason: Reason| self.failed_result(job, task, reason);
         let bytes = self
@@ -395,6 +449,7 @@ impl Node {
         task_spec.task_count = job.counts.total;
         task_spec.seed = grid_proto::task_seed(spec.seed, task.index);
         task_spec.attempt = task.attempt;
+        task_spec.gpu = spec.class == names::GPU_CLASS;
 
         let mut cancelled = {
             let mut cancels = self.cancels.lock().await;
@@ -421,6 +476,10 @@ impl Node {
         let Some(report) = report else {
             return Ok(failed(Reason::Cancelled));
         };
+        if report.outcome == Outcome::Failed(Reason::Lost) {
+            // Another task's GPU overrun restarted the GPU worker under this one: not its fault.
+            bail!("the GPU worker restarted under it");
+        }
         let files = crate::outputs::manifest(&out_dir)?;
         for file in &files {
             let path = out_dir.join(&file.path);
@@ -447,6 +506,7 @@ impl Node {
             usage: Usage {
                 cpu_seconds: report.cpu_seconds,
                 wall_seconds: report.wall_seconds,
+                gpu_seconds: report.gpu_seconds,
                 bytes_out: report.bytes_out,
             },
             files,
@@ -479,6 +539,21 @@ pub struct NodeArgs {
     /// This node's id [default: host name and a random suffix]
     #[arg(long)]
     pub id: Option<String>,
+    /// Do not look for a GPU (serve only --class).
+    #[arg(long)]
+    pub no_gpu: bool,
+    /// GPU tasks run at once, besides --slots [default: 1]
+    #[arg(long, default_value_t = 1)]
+    pub gpu_slots: u32,
+    /// Ceiling on every task's memory, whatever the job asks for, e.g. 1GiB
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+    /// Ceiling on every task's GPU buffer bytes, e.g. 1GiB
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_gpu_memory: Option<u64>,
+    /// Ceiling on every task's GPU time, e.g. 5min
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub max_gpu_time: Option<Duration>,
 }
 
 /// Runs a node from its flags until Ctrl-C or SIGTERM.
@@ -502,12 +577,19 @@ pub fn main(args: NodeArgs) -> std::process::ExitCode {
             now_unix_ms() % 0xffffff
         )
     });
+    let mut caps = Limits::default();
+    caps.memory_bytes = args.max_memory.unwrap_or(caps.memory_bytes);
+    caps.gpu.max_buffer_bytes = args.max_gpu_memory.unwrap_or(caps.gpu.max_buffer_bytes);
+    caps.gpu.gpu_time = args.max_gpu_time.unwrap_or(caps.gpu.gpu_time);
     let config = NodeConfig {
         nats_url: grid_client::nats_url(args.nats.as_deref()),
         node_id: id,
         class: args.class,
         slots,
         cache_dir,
+        use_gpu: !args.no_gpu,
+        gpu_slots: args.gpu_slots,
+        caps: NodeCaps(caps),
     };
     grid_client::run_service("grid-node", |shutdown| run(config, shutdown))
 }

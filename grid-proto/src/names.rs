@@ -25,6 +25,10 @@ pub const MODULES_BUCKET: &str = "grid_modules";
 pub const BLOBS_BUCKET: &str = "grid_blobs";
 pub const DEFAULT_TENANT: &str = "default";
 pub const DEFAULT_CLASS: &str = "cpu";
+/// The class of nodes with a GPU; its tasks get the node's GPU through `grid_gpu_v1`.
+pub const GPU_CLASS: &str = "gpu";
+/// Every class a grid has a task consumer for.
+pub const CLASSES: &[&str] = &[DEFAULT_CLASS, GPU_CLASS];
 
 pub fn tasks_subject(class: &str, job: &str) -> String {
     format!("grid.tasks.{class}.{job}")

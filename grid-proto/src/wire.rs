@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// Bumped on any incompatible change of a wire type.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 
 /// A type that travels over NATS.
 pub trait Message: Serialize + DeserializeOwned {
@@ -81,6 +81,10 @@ pub struct JobLimits {
     pub memory_bytes: u64,
     pub timeout_ms: u64,
     pub max_output_bytes: u64,
+    /// GPU jobs: bytes of a task's GPU buffers together.
+    pub gpu_memory_bytes: u64,
+    /// GPU jobs: time a task's GPU work may take in all.
+    pub gpu_time_ms: u64,
 }
 
 /// A file given to tasks, stored in the blob bucket by content.
@@ -119,6 +123,7 @@ impl TaskSource {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSpec {
     pub tenant: String,
+    /// The capability class whose nodes run it: `cpu`, or `gpu` (tasks get the node's GPU).
     pub class: String,
     pub module_sha256: Sha256Hex,
     /// The file name the user submitted, for display.
@@ -244,6 +249,8 @@ pub struct OutputFile {
 pub struct Usage {
     pub cpu_seconds: f64,
     pub wall_seconds: f64,
+    /// Time the task's GPU calls held the node's GPU.
+    pub gpu_seconds: f64,
     pub bytes_out: u64,
 }
 
@@ -290,7 +297,10 @@ impl Message for TaskRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub id: String,
-    pub class: String,
+    /// The classes it serves: its own (`cpu` by default), and `gpu` when it has a GPU.
+    pub classes: Vec<String>,
+    /// Its GPU, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (vulkan, cpu)`.
+    pub gpu: Option<String>,
     pub slots: u32,
     pub busy: u32,
     pub tasks_done: u64,
@@ -307,6 +317,8 @@ impl Default for JobLimits {
             memory_bytes: 512 << 20,
             timeout_ms: 600_000,
             max_output_bytes: 1 << 30,
+            gpu_memory_bytes: 256 << 20,
+            gpu_time_ms: 60_000,
         }
     }
 }

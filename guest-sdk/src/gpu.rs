@@ -128,6 +128,31 @@ fn check(status: i32) -> Result<(), GpuError> {
     Err(GpuError { status, message })
 }
 
+/// Runs `on_gpu` with the task's GPU, or `on_cpu` when the task has none (the job did not ask
+/// for one, or the node has none) — the CPU fallback hook, so one module runs everywhere. Any
+/// other GPU error is returned. A job that must not fall back checks for the CPU result itself.
+///
+/// ```no_run
+/// let sum = grid_guest::gpu::or_cpu(
+///     |gpu| {
+///         let xs = gpu.buffer_from(&[1, 2, 3])?;
+///         Ok(xs.read_u32()?.iter().sum::<u32>())
+///     },
+///     || 1 + 2 + 3,
+/// )
+/// .expect("no GPU error");
+/// ```
+pub fn or_cpu<T>(
+    on_gpu: impl FnOnce(&Gpu) -> Result<T, GpuError>,
+    on_cpu: impl FnOnce() -> T,
+) -> Result<T, GpuError> {
+    match Gpu::open() {
+        Ok(gpu) => on_gpu(&gpu),
+        Err(e) if e.is_unavailable() => Ok(on_cpu()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The task's GPU.
 #[derive(Debug)]
 pub struct Gpu(());
@@ -153,12 +178,17 @@ impl Gpu {
         Ok(Buffer { handle: h, size })
     }
 
-    /// A buffer holding `values`.
+    /// A buffer holding `values` (WGSL `array<u32>`).
     pub fn buffer_from(&self, values: &[u32]) -> Result<Buffer, GpuError> {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let buffer = self.buffer(bytes.len() as u64)?;
-        buffer.write(0, &bytes)?;
+        let buffer = self.buffer(values.len() as u64 * 4)?;
+        buffer.write_u32(0, values)?;
         Ok(buffer)
+    }
+
+    /// A buffer holding `values` (WGSL `array<f32>`).
+    pub fn buffer_from_f32(&self, values: &[f32]) -> Result<Buffer, GpuError> {
+        let bits: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+        self.buffer_from(&bits)
     }
 
     /// A compute kernel from WGSL source and the name of its `@compute` entry point.
@@ -208,6 +238,17 @@ impl Buffer {
         // SAFETY: the vector is live and as long as passed.
         check(unsafe { abi::buffer_read(self.handle, 0, bytes.as_mut_ptr(), bytes.len() as u32) })?;
         Ok(bytes)
+    }
+
+    /// Writes `values` at byte `offset` (a multiple of 4).
+    pub fn write_u32(&self, offset: u64, values: &[u32]) -> Result<(), GpuError> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.write(offset, &bytes)
+    }
+
+    /// The whole buffer as `f32`s.
+    pub fn read_f32(&self) -> Result<Vec<f32>, GpuError> {
+        Ok(self.read_u32()?.into_iter().map(f32::from_bits).collect())
     }
 
     /// The whole buffer as `u32`s.

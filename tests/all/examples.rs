@@ -140,3 +140,82 @@ fn monte_carlo_pi_estimates_pi() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Runs gpu-noise with `params` (and `--gpu` when asked) and returns its JSON line and files.
+fn gpu_noise(params: &str, gpu: bool) -> (serde_json::Value, Vec<(String, Vec<u8>)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        guest("gpu-noise").to_str().unwrap().to_string(),
+        "--output".into(),
+        dir.path().to_str().unwrap().into(),
+        "--seed".into(),
+        "11".into(),
+        "--task-index".into(),
+        "3".into(),
+    ];
+    if gpu {
+        args.push("--gpu".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (v, _code) = grid_run_json(&args, params.as_bytes());
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    (v, files)
+}
+
+#[test]
+fn gpu_noise_on_the_gpu_matches_the_cpu_reference_exactly() {
+    let params = r#"{"images": 3, "size": 200, "octaves": 6, "cell": 50}"#;
+    let (v, on_gpu) = gpu_noise(params, true);
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert!(v["stdout"].as_str().unwrap().contains("on the GPU"), "{v}");
+    // The reference, computed natively from the same seed the task got.
+    let seed = grid_proto::task_seed(11, 3);
+    let noise = gpu_noise::Noise {
+        size: 200,
+        octaves: 6,
+        cell: 50,
+        seed: (seed ^ (seed >> 32)) as u32,
+    };
+    let expected: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| {
+            (
+                format!("noise-00003-{i:02}.pgm"),
+                gpu_noise::pgm(200, &gpu_noise::cpu_image(&noise, i)),
+            )
+        })
+        .collect();
+    assert!(
+        on_gpu == expected,
+        "GPU images differ from the CPU reference"
+    );
+    // Without a GPU the same module falls back to the CPU and writes the same bytes.
+    let (v, on_cpu) = gpu_noise(params, false);
+    assert!(v["stdout"].as_str().unwrap().contains("on the CPU"), "{v}");
+    assert!(on_cpu == expected, "the CPU fallback differs");
+}
+
+#[test]
+fn gpu_noise_can_refuse_to_fall_back_and_checks_its_params() {
+    let (v, files) = gpu_noise(r#"{"images": 1, "require_gpu": true}"#, false);
+    assert_eq!(v["reason"], "exit: 1", "{v}");
+    assert!(
+        v["stderr"].as_str().unwrap().contains("submit with --gpu"),
+        "{v}"
+    );
+    assert!(files.is_empty());
+    let (v, _) = gpu_noise(r#"{"size": 0}"#, true);
+    assert_eq!(
+        v["stderr"], "gpu-noise: size must be 1..=2048, got 0\n",
+        "{v}"
+    );
+}

@@ -262,21 +262,52 @@ fn handles_are_private_and_die_with_destroy() {
     vector_add(&mut mine, 1000);
 }
 
-/// A sandbox whose tasks may use the test binary's GPU.
-fn gpu_sandbox() -> &'static grid_node::Sandbox {
-    static SANDBOX: OnceLock<grid_node::Sandbox> = OnceLock::new();
-    SANDBOX.get_or_init(|| {
-        grid_node::Sandbox::new(grid_node::SandboxConfig {
-            gpu: Some(gpu()),
-            ..Default::default()
-        })
-        .expect("sandbox")
+/// The runtime of the GPU sandbox tests: the GPU worker's pipes live on the runtime that started
+/// it, as they do on a node, so every test runs its tasks here.
+fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
     })
 }
 
-async fn gpu_task(mode: &str, with_gpu: bool) -> grid_node::TaskReport {
-    let out = tempfile::tempdir().unwrap();
-    let sandbox = gpu_sandbox();
+/// A sandbox whose tasks may use the GPU through its own GPU worker process (`grid`'s), like a
+/// node's.
+fn new_gpu_sandbox() -> grid_node::Sandbox {
+    // Started from a thread of its own, so that this may be called inside `rt().block_on`.
+    let worker = std::thread::spawn(|| {
+        rt().block_on(grid_node::GpuWorker::start(grid_node::WorkerCommand::of(
+            env!("CARGO_BIN_EXE_grid"),
+        )))
+    })
+    .join()
+    .expect("starting the GPU worker")
+    .unwrap_or_else(|e| panic!("{e}"));
+    grid_node::Sandbox::new(grid_node::SandboxConfig {
+        gpu: Some(worker),
+        ..Default::default()
+    })
+    .expect("sandbox")
+}
+
+/// The sandbox of the well-behaved GPU tests. Tests that bring a worker down use their own, so
+/// that they cannot take these tests' GPU objects with them.
+fn gpu_sandbox() -> &'static grid_node::Sandbox {
+    static SANDBOX: OnceLock<grid_node::Sandbox> = OnceLock::new();
+    SANDBOX.get_or_init(new_gpu_sandbox)
+}
+
+/// Runs the hostile guest with `args` in `sandbox`, with `/in` and `/out` under `dirs`.
+async fn gpu_task_in(
+    sandbox: &grid_node::Sandbox,
+    dirs: &crate::support::TaskDirs,
+    args: &[&str],
+    with_gpu: bool,
+    gpu_limits: GpuLimits,
+) -> grid_node::TaskReport {
     let module = sandbox
         .load(
             &crate::support::guest_bytes("hostile"),
@@ -284,14 +315,30 @@ async fn gpu_task(mode: &str, with_gpu: bool) -> grid_node::TaskReport {
         )
         .await
         .unwrap();
-    let mut spec = grid_node::TaskSpec::new(out.path());
-    spec.args = vec![mode.to_string()];
+    let mut spec = grid_node::TaskSpec::new(&dirs.output());
+    spec.input_dir = Some(dirs.input());
+    spec.args = args.iter().map(|a| a.to_string()).collect();
     spec.gpu = with_gpu;
+    spec.deterministic = false;
+    spec.limits.gpu = gpu_limits;
     sandbox.run(&module, spec).await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_guest_computes_on_the_gpu_through_the_binding() {
+async fn gpu_task_with(
+    args: &[&str],
+    with_gpu: bool,
+    gpu_limits: GpuLimits,
+) -> grid_node::TaskReport {
+    let dirs = crate::support::TaskDirs::new();
+    gpu_task_in(gpu_sandbox(), &dirs, args, with_gpu, gpu_limits).await
+}
+
+async fn gpu_task(mode: &str, with_gpu: bool) -> grid_node::TaskReport {
+    gpu_task_with(&[mode], with_gpu, GpuLimits::default()).await
+}
+
+/// A guest's GPU task succeeds: the GPU (and its worker) still serve.
+async fn assert_a_gpu_task_runs() {
     let r = gpu_task("gpu-double", true).await;
     assert_eq!(
         crate::support::reason(&r),
@@ -299,46 +346,307 @@ async fn a_guest_computes_on_the_gpu_through_the_binding() {
         "{}",
         String::from_utf8_lossy(&r.stderr)
     );
-    assert_eq!(
-        String::from_utf8(r.stdout).unwrap(),
-        format!("gpu: {}\n", (0..4096u64).map(|v| 2 * v).sum::<u64>())
-    );
+    assert!(String::from_utf8_lossy(&r.stdout).starts_with("gpu: "));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn without_a_gpu_the_same_module_falls_back_to_the_cpu() {
-    let r = gpu_task("gpu-double", false).await;
-    assert_eq!(
-        String::from_utf8(r.stdout).unwrap(),
-        format!(
-            "cpu fallback: {}\n",
-            (0..4096u64).map(|v| 2 * v).sum::<u64>()
-        )
-    );
+#[test]
+fn a_guest_computes_on_the_gpu_through_the_binding() {
+    rt().block_on(async {
+        let r = gpu_task("gpu-double", true).await;
+        assert_eq!(
+            crate::support::reason(&r),
+            "succeeded",
+            "{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(r.stdout).unwrap(),
+            format!("gpu: {}\n", (0..4096u64).map(|v| 2 * v).sum::<u64>())
+        );
+        assert!(r.gpu_seconds > 0.0, "GPU time is accounted");
+    });
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn wild_pointers_bad_handles_and_bad_wgsl_get_clean_statuses() {
-    let r = gpu_task("gpu-bad-calls", true).await;
+#[test]
+fn without_a_gpu_the_same_module_falls_back_to_the_cpu() {
+    rt().block_on(async {
+        let r = gpu_task("gpu-double", false).await;
+        assert_eq!(
+            String::from_utf8(r.stdout).unwrap(),
+            format!(
+                "cpu fallback: {}\n",
+                (0..4096u64).map(|v| 2 * v).sum::<u64>()
+            )
+        );
+    });
+}
+
+#[test]
+fn wild_pointers_bad_handles_and_bad_wgsl_get_clean_statuses() {
+    rt().block_on(async {
+        let r = gpu_task("gpu-bad-calls", true).await;
+        assert_eq!(
+            crate::support::reason(&r),
+            "succeeded",
+            "{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        assert_eq!(r.stdout, b"all refused\n");
+        assert_a_gpu_task_runs().await;
+    });
+}
+
+#[test]
+fn a_buffer_bomb_ends_the_task_with_limit_gpu_objects() {
+    rt().block_on(async {
+        let r = gpu_task("gpu-objects-bomb", true).await;
+        assert_eq!(crate::support::reason(&r), "limit: gpu-objects");
+        assert_a_gpu_task_runs().await;
+    });
+}
+
+#[test]
+fn gpu_memory_past_the_tasks_limit_ends_it() {
+    rt().block_on(async {
+        // gpu-double needs 16 KiB of buffer.
+        let tight = GpuLimits {
+            max_buffer_bytes: 1024,
+            ..GpuLimits::default()
+        };
+        let r = gpu_task_with(&["gpu-double"], true, tight).await;
+        assert_eq!(crate::support::reason(&r), "limit: gpu-memory");
+        assert_a_gpu_task_runs().await;
+    });
+}
+
+/// A GPU task in `sandbox` succeeds: its GPU worker serves.
+async fn assert_a_gpu_task_runs_in(sandbox: &grid_node::Sandbox) {
+    let dirs = crate::support::TaskDirs::new();
+    let r = gpu_task_in(sandbox, &dirs, &["gpu-double"], true, GpuLimits::default()).await;
     assert_eq!(
         crate::support::reason(&r),
         "succeeded",
         "{}",
         String::from_utf8_lossy(&r.stderr)
     );
-    assert_eq!(r.stdout, b"all refused\n");
-    assert_eq!(
-        crate::support::reason(&gpu_task("gpu-double", true).await),
-        "succeeded"
+}
+
+/// The GPU-time limit holds for GPU work that would run for hours: the node kills its GPU worker,
+/// the task ends with `limit: gpu-time`, and the next GPU task runs on a fresh worker.
+#[test]
+fn gpu_work_that_never_ends_is_stopped_and_the_gpu_serves_again() {
+    let sandbox = new_gpu_sandbox();
+    rt().block_on(async {
+        let worker = sandbox.gpu_worker().expect("a GPU");
+        let limits = GpuLimits {
+            gpu_time: Duration::from_secs(1),
+            ..GpuLimits::default()
+        };
+        let dirs = crate::support::TaskDirs::new();
+        let r = gpu_task_in(&sandbox, &dirs, &["gpu-spin"], true, limits).await;
+        assert_eq!(
+            crate::support::reason(&r),
+            "limit: gpu-time",
+            "{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        assert!(!String::from_utf8_lossy(&r.stdout).contains("finished"));
+        assert_eq!(worker.restarts(), 1, "the worker was killed");
+        assert_a_gpu_task_runs_in(&sandbox).await;
+        assert_eq!(worker.restarts(), 1);
+    });
+}
+
+/// A task whose GPU objects died with a restarted worker is `lost` (a node hands it back to run
+/// again, uncharged), not failed; the task that overran is the one charged.
+#[test]
+fn a_task_caught_in_a_gpu_worker_restart_is_lost_not_failed() {
+    let sandbox = std::sync::Arc::new(new_gpu_sandbox());
+    rt().block_on(async {
+        let holder_dirs = std::sync::Arc::new(crate::support::TaskDirs::new());
+        let holder = tokio::spawn({
+            let (sandbox, dirs) = (sandbox.clone(), holder_dirs.clone());
+            async move {
+                gpu_task_in(&sandbox, &dirs, &["gpu-hold"], true, GpuLimits::default()).await
+            }
+        });
+        // Once the holder has its buffer, a spinner brings the worker down.
+        while !holder_dirs.output().join("holding").exists() {
+            assert!(!holder.is_finished(), "the holder ended early");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let limits = GpuLimits {
+            gpu_time: Duration::from_millis(500),
+            ..GpuLimits::default()
+        };
+        let dirs = crate::support::TaskDirs::new();
+        let spinner = gpu_task_in(&sandbox, &dirs, &["gpu-spin"], true, limits).await;
+        assert_eq!(crate::support::reason(&spinner), "limit: gpu-time");
+        std::fs::write(holder_dirs.input().join("release"), b"").unwrap();
+        let held = holder.await.unwrap();
+        assert_eq!(
+            crate::support::reason(&held),
+            "lost",
+            "{}",
+            String::from_utf8_lossy(&held.stderr)
+        );
+        assert_a_gpu_task_runs_in(&sandbox).await;
+    });
+}
+
+// ---- GPU jobs through the grid ----
+
+use crate::support::{GridProcess, TestGrid, guest};
+
+/// A grid with one CPU-only node and one node that serves the `gpu` class on this machine's GPU.
+fn grid_with_a_gpu_node(gpu_slots: &str) -> TestGrid {
+    let mut grid = TestGrid::start(1, &[]);
+    grid.nodes.push(GridProcess::node_with(
+        &grid.nats,
+        "gpu-node",
+        &grid.caches.path().join("gpu-node"),
+        2,
+        &["--gpu-slots", gpu_slots],
+    ));
+    grid.wait_for_nodes(2);
+    grid
+}
+
+fn results_manifest(grid: &TestGrid, job: &str) -> (tempfile::TempDir, Vec<serde_json::Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = grid.grid(&["results", job, "-o", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest = std::fs::read_to_string(dir.path().join("manifest.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (dir, manifest)
+}
+
+#[test]
+fn a_gpu_job_runs_through_the_grid_on_the_gpu_node() {
+    let grid = grid_with_a_gpu_node("1");
+    let out = grid.grid(&["nodes", "--json"]);
+    let nodes: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let gpu_node = nodes.iter().find(|n| n["id"] == "gpu-node").unwrap();
+    assert_eq!(gpu_node["classes"], serde_json::json!(["cpu", "gpu"]));
+    assert!(
+        gpu_node["gpu"].as_str().unwrap().contains("vulkan"),
+        "{gpu_node}"
+    );
+    let cpu_node = nodes.iter().find(|n| n["id"] == "node-0").unwrap();
+    assert_eq!(cpu_node["classes"], serde_json::json!(["cpu"]));
+    assert!(cpu_node["gpu"].is_null());
+
+    let status = grid.grid_json(
+        &[
+            "submit",
+            guest("hostile").to_str().unwrap(),
+            "--gpu",
+            "--tasks",
+            "4",
+            "--wait",
+            "--",
+            "gpu-double",
+        ],
+        0,
+    );
+    assert_eq!(status["state"], "done", "{status}");
+    let job = status["job_id"].as_str().unwrap();
+    let logs = grid.grid(&["logs", job]);
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    let expected = format!("gpu: {}", (0..4096u64).map(|v| 2 * v).sum::<u64>());
+    assert_eq!(logs.matches(&expected).count(), 4, "{logs}");
+    assert!(!logs.contains("cpu fallback"), "{logs}");
+    let (_dir, manifest) = results_manifest(&grid, job);
+    assert!(
+        manifest.iter().all(|t| t["node"] == "gpu-node"),
+        "{manifest:?}"
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_buffer_bomb_ends_the_task_with_limit_gpu_objects() {
-    let r = gpu_task("gpu-objects-bomb", true).await;
-    assert_eq!(crate::support::reason(&r), "limit: gpu-objects");
-    assert_eq!(
-        crate::support::reason(&gpu_task("gpu-double", true).await),
-        "succeeded"
+#[test]
+fn a_gpu_job_on_a_grid_without_a_gpu_is_refused_at_once() {
+    let grid = TestGrid::start(1, &[]);
+    let out = grid.grid(&[
+        "submit",
+        guest("hostile").to_str().unwrap(),
+        "--gpu",
+        "--wait",
+        "--",
+        "gpu-double",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no node of this grid has a GPU"),
+        "{stderr}"
     );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+/// One job's GPU work runs past its GPU time while another job's GPU tasks run on the same node:
+/// the overrun fails alone; tasks caught in the GPU worker's restart run again uncharged.
+#[test]
+fn a_gpu_overrun_on_a_node_fails_only_its_task() {
+    let grid = grid_with_a_gpu_node("3");
+    let hostile = guest("hostile");
+    let good = grid.grid_json(
+        &[
+            "submit",
+            hostile.to_str().unwrap(),
+            "--gpu",
+            "--tasks",
+            "6",
+            "--",
+            "gpu-double",
+        ],
+        0,
+    );
+    let spin = grid.grid_json(
+        &[
+            "submit",
+            hostile.to_str().unwrap(),
+            "--gpu",
+            "--gpu-time",
+            "1s",
+            "--retries",
+            "0",
+            "--",
+            "gpu-spin",
+        ],
+        0,
+    );
+    let spin = grid.wait(spin["job_id"].as_str().unwrap());
+    assert_eq!(spin["state"], "failed", "{spin}");
+    assert_eq!(spin["reason"], "task 0 failed: limit: gpu-time", "{spin}");
+    let good_job = good["job_id"].as_str().unwrap();
+    let good = grid.wait(good_job);
+    assert_eq!(good["state"], "done", "{good}");
+    let (_dir, manifest) = results_manifest(&grid, good_job);
+    assert!(
+        manifest.iter().all(|t| t["attempts"] == 1),
+        "no retry was charged: {manifest:?}"
+    );
+    // And the node serves GPU work after the overrun.
+    let after = grid.grid_json(
+        &[
+            "submit",
+            hostile.to_str().unwrap(),
+            "--gpu",
+            "--wait",
+            "--",
+            "gpu-double",
+        ],
+        0,
+    );
+    assert_eq!(after["state"], "done", "{after}");
 }

@@ -284,9 +284,22 @@ impl GridProcess {
         Self::spawn(&[&["broker", "--nats", &nats.url], extra].concat())
     }
 
+    /// A CPU-only node (`--no-gpu`): most tests need no GPU worker.
     pub fn node(nats: &NatsServer, id: &str, cache: &Path, slots: u32) -> Self {
+        Self::node_with(nats, id, cache, slots, &["--no-gpu"])
+    }
+
+    /// A node with `extra` flags; without `--no-gpu` it serves the `gpu` class on this
+    /// machine's GPU (lavapipe on CPU-only machines).
+    pub fn node_with(
+        nats: &NatsServer,
+        id: &str,
+        cache: &Path,
+        slots: u32,
+        extra: &[&str],
+    ) -> Self {
         let slots = slots.to_string();
-        Self::spawn(&[
+        let args = [
             "node",
             "--nats",
             &nats.url,
@@ -296,7 +309,8 @@ impl GridProcess {
             &slots,
             "--cache-dir",
             cache.to_str().unwrap(),
-        ])
+        ];
+        Self::spawn(&[&args[..], extra].concat())
     }
 
     fn spawn(args: &[&str]) -> Self {

@@ -5,6 +5,8 @@
 //!   per-task fixed cost (see `grid-node/benches/sandbox.rs`).
 //! - `grid`: trivial tasks per second through submit → broker → JetStream → node → result, and a
 //!   job of ~100 ms tasks against the same task run directly in the sandbox, divided by slots.
+//! - `gpu`: the gpu-noise example as a wasm task through `grid_gpu_v1` and the GPU worker vs the
+//!   same WGSL from a native program, and the per-dispatch overhead (see `grid-node/benches/gpu.rs`).
 
 use crate::{build_guests, cargo, guest_wasm, setup, target_dir};
 use anyhow::{Context, Result, bail};
@@ -30,9 +32,10 @@ pub fn run(which: Option<&str>) -> Result<()> {
             cargo(&["bench", "--locked", "-p", "grid-node", "--bench", "sandbox"])
         }
         "grid" => grid(),
-        other => bail!(
-            "unknown benchmark `{other}`; try `cargo xtask bench sandbox` or `cargo xtask bench grid`"
-        ),
+        "gpu" => cargo(&["bench", "--locked", "-p", "grid-node", "--bench", "gpu"]),
+        other => {
+            bail!("unknown benchmark `{other}`; try `cargo xtask bench sandbox`, `grid` or `gpu`")
+        }
     }
 }
 

@@ -58,7 +58,12 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// The guest modules, built with the `guest` profile.
-pub const GUESTS: &[&str] = &["synth-data", "monte-carlo-pi", "grid-test-guests"];
+pub const GUESTS: &[&str] = &[
+    "synth-data",
+    "monte-carlo-pi",
+    "gpu-noise",
+    "grid-test-guests",
+];
 
 pub fn guest_wasm(name: &str) -> PathBuf {
     target_dir()

@@ -235,6 +235,38 @@ fn main() {
                 }
             }
         }
+        "gpu-spin" => {
+            // Hours of GPU work in one dispatch: a million workgroups of invocations that each
+            // loop as long as lavapipe lets them (on a real GPU, forever).
+            let gpu = grid_guest::gpu::Gpu::open().unwrap();
+            let xs = gpu.buffer(64).unwrap();
+            let k = gpu
+                .kernel(
+                    "@group(0) @binding(0) var<storage, read_write> xs: array<u32>;\n\
+                     @compute @workgroup_size(64) fn main(@builtin(global_invocation_id) id: vec3<u32>) {\n\
+                     var acc = id.x;\n\
+                     loop { acc = acc * 1664525u + 1013904223u; if (acc == 7u) { break; } }\n\
+                     xs[id.x % 16u] = acc; }",
+                    "main",
+                )
+                .unwrap();
+            k.dispatch(&[&xs], [65_535, 16, 1]).unwrap();
+            println!("the GPU finished");
+        }
+        "gpu-hold" => {
+            // Makes a GPU buffer, says so in /out/holding, waits for /in/release, then reads it.
+            use grid_guest::gpu::Gpu;
+            let gpu = Gpu::open().unwrap();
+            let xs = gpu.buffer_from(&[1u32, 2, 3, 4]).unwrap();
+            fs::write("/out/holding", b"").unwrap();
+            for _ in 0..1200 {
+                if fs::metadata("/in/release").is_ok() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            println!("read {:?}", xs.read_u32().unwrap());
+        }
         "gpu-objects-bomb" => {
             let gpu = grid_guest::gpu::Gpu::open().unwrap();
             let mut keep = Vec::new();
