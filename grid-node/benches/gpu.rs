@@ -26,7 +26,12 @@ fn median(mut xs: Vec<Duration>) -> Duration {
 }
 
 /// The example's job natively: the same GPU calls and the same files.
-fn native(gpu: &Arc<GpuDevice>, noise: &Noise, images: u32, out: &Path) -> anyhow::Result<f64> {
+fn native(
+    gpu: &Arc<GpuDevice>,
+    noise: &Noise,
+    images: u32,
+    out: Option<&Path>,
+) -> anyhow::Result<f64> {
     let mut s = GpuSession::new(gpu.clone(), GpuLimits::default());
     let params = s.create_buffer(20)?;
     let pixels = s.create_buffer(u64::from(images) * noise.pixels() as u64 * 4)?;
@@ -45,17 +50,21 @@ fn native(gpu: &Arc<GpuDevice>, noise: &Noise, images: u32, out: &Path) -> anyho
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    for (i, values) in all.chunks(noise.pixels()).enumerate() {
-        std::fs::write(
-            out.join(format!("noise-{i:02}.pgm")),
-            pgm(noise.size, values),
-        )?;
+    if let Some(out) = out {
+        for (i, values) in all.chunks(noise.pixels()).enumerate() {
+            std::fs::write(
+                out.join(format!("noise-{i:02}.pgm")),
+                pgm(noise.size, values),
+            )?;
+        }
     }
     Ok(all.iter().map(|v| f64::from(*v)).sum::<f64>() / all.len() as f64)
 }
 
 struct Case {
     name: &'static str,
+    /// Write the PGM files (both sides), or only compute the statistics.
+    save: bool,
     images: u32,
     size: u32,
     octaves: u32,
@@ -77,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         ))))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("GPU: {}", worker.info());
+    let worker_handle = worker.clone();
     let sandbox = Sandbox::new(SandboxConfig {
         gpu: Some(worker),
         ..Default::default()
@@ -89,6 +99,7 @@ fn main() -> anyhow::Result<()> {
     let cases = [
         Case {
             name: "example",
+            save: true,
             images: 16,
             size: 1024,
             octaves: 8,
@@ -97,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         },
         Case {
             name: "tiny",
+            save: false,
             images: 2000,
             size: 8,
             octaves: 1,
@@ -114,8 +126,8 @@ fn main() -> anyhow::Result<()> {
             seed: (seed ^ (seed >> 32)) as u32,
         };
         let params = format!(
-            r#"{{"images": {}, "size": {}, "octaves": {}, "cell": {}, "require_gpu": true}}"#,
-            case.images, case.size, case.octaves, case.cell
+            r#"{{"images": {}, "size": {}, "octaves": {}, "cell": {}, "save": {}, "require_gpu": true}}"#,
+            case.images, case.size, case.octaves, case.cell, case.save
         );
         let (mut in_wasm, mut natively) = (Vec::new(), Vec::new());
         // Alternate, after a warm-up of each, so that both see the same machine.
@@ -133,7 +145,7 @@ fn main() -> anyhow::Result<()> {
                 report.outcome,
                 String::from_utf8_lossy(&report.stderr)
             );
-            if rep == 0 {
+            if rep == 0 && case.save {
                 // Once: the wasm task's images are the CPU reference's.
                 let first = std::fs::read(out.path().join("noise-00000-00.pgm"))?;
                 anyhow::ensure!(first == pgm(noise.size, &cpu_image(&noise, 0)), "GPU ≠ CPU");
@@ -142,7 +154,7 @@ fn main() -> anyhow::Result<()> {
             }
             let out = tempfile::tempdir()?;
             let started = Instant::now();
-            native(&gpu, &noise, case.images, out.path())?;
+            native(&gpu, &noise, case.images, case.save.then_some(out.path()))?;
             if rep > 0 {
                 natively.push(started.elapsed());
             }
@@ -162,6 +174,18 @@ fn main() -> anyhow::Result<()> {
             per_image = (w / case.images, n / case.images);
         }
     }
+    // The worker pipe alone: a call the worker answers without touching the GPU.
+    let mut session = worker_handle.session(GpuLimits::default());
+    let calls = 2000u32;
+    let started = Instant::now();
+    for _ in 0..calls {
+        let r = rt.block_on(session.call(grid_node::gpu_worker::GpuCall::Destroy { handle: 999 }));
+        anyhow::ensure!(r.is_err(), "handle 999 does not exist");
+    }
+    println!(
+        "worker round trip without GPU work: {:.1} µs per call",
+        started.elapsed().as_secs_f64() * 1e6 / f64::from(calls)
+    );
     println!(
         "per image (one params write + one dispatch, tiny kernel): wasm {:.1} µs, native {:.1} µs → overhead {:.1} µs per image",
         per_image.0.as_secs_f64() * 1e6,

@@ -251,13 +251,20 @@ impl Buffer {
         Ok(self.read_u32()?.into_iter().map(f32::from_bits).collect())
     }
 
-    /// The whole buffer as `u32`s.
+    /// The whole buffer as `u32`s, read straight into the vector.
     pub fn read_u32(&self) -> Result<Vec<u32>, GpuError> {
-        Ok(self
-            .read()?
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        let mut values = vec![0u32; (self.size / 4) as usize];
+        // SAFETY: the vector is live and holds `values.len() * 4` bytes; wasm is little-endian,
+        // as the GPU buffer's contents are.
+        check(unsafe {
+            abi::buffer_read(
+                self.handle,
+                0,
+                values.as_mut_ptr().cast::<u8>(),
+                (values.len() * 4) as u32,
+            )
+        })?;
+        Ok(values)
     }
 }
 

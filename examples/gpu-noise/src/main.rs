@@ -27,6 +27,8 @@ struct Params {
     require_gpu: bool,
     /// Draw on the CPU even when there is a GPU (for comparisons).
     cpu: bool,
+    /// Write the images to /out; without, only their statistics are printed.
+    save: bool,
 }
 
 impl Default for Params {
@@ -38,6 +40,7 @@ impl Default for Params {
             cell: 64,
             require_gpu: false,
             cpu: false,
+            save: true,
         }
     }
 }
@@ -64,8 +67,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let cpu = || {
         (0..p.images)
-            .map(|i| cpu_image(&noise, i))
-            .collect::<Vec<_>>()
+            .flat_map(|i| cpu_image(&noise, i))
+            .collect::<Vec<u32>>()
     };
     let (images, on) = if p.cpu {
         (cpu(), "CPU")
@@ -80,12 +83,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             None => (cpu(), "CPU (no GPU for this task)"),
         }
     };
-    for (i, values) in images.iter().enumerate() {
+    for (i, values) in images.chunks(noise.pixels()).enumerate().filter(|_| p.save) {
         let name = format!("noise-{:05}-{i:02}.pgm", task.index);
         std::fs::write(grid_guest::output_dir().join(name), pgm(noise.size, values))?;
     }
-    let mean = images.iter().flatten().map(|v| u64::from(*v)).sum::<u64>() as f64
-        / (images.len() * noise.pixels()).max(1) as f64;
+    let mean =
+        images.iter().map(|v| u64::from(*v)).sum::<u64>() as f64 / images.len().max(1) as f64;
     println!(
         "gpu-noise: {} images of {}x{} on the {on}, mean gray {mean:.2}",
         p.images, noise.size, noise.size
@@ -93,8 +96,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// All images on the GPU: one params write and one dispatch per image, one read at the end.
-fn draw_on_gpu(gpu: &Gpu, noise: &Noise, images: u32) -> Result<Vec<Vec<u32>>, GpuError> {
+/// All images on the GPU, one after another in one vector: one params write and one dispatch per
+/// image, one read at the end.
+fn draw_on_gpu(gpu: &Gpu, noise: &Noise, images: u32) -> Result<Vec<u32>, GpuError> {
     let params = gpu.buffer(20)?;
     let pixels = gpu.buffer(u64::from(images) * noise.pixels() as u64 * 4)?;
     let kernel = gpu.kernel(gpu_noise::WGSL, "main")?;
@@ -102,6 +106,5 @@ fn draw_on_gpu(gpu: &Gpu, noise: &Noise, images: u32) -> Result<Vec<Vec<u32>>, G
         params.write_u32(0, &noise.params(image))?;
         kernel.dispatch(&[&params, &pixels], noise.groups())?;
     }
-    let all = pixels.read_u32()?;
-    Ok(all.chunks(noise.pixels()).map(<[u32]>::to_vec).collect())
+    pixels.read_u32()
 }
