@@ -245,6 +245,7 @@ async fn follow(grid: &Grid, job: &str) -> Result<JobRecord> {
         bar
     });
     let mut watch = grid.jobs.watch(job).await.map_err(|e| anyhow!("{e}"))?;
+    let mut warned = false;
     loop {
         if let Some(bar) = &bar {
             let c = &record.counts;
@@ -263,13 +264,37 @@ async fn follow(grid: &Grid, job: &str) -> Result<JobRecord> {
             }
             Ok(Some(Err(e))) => bail!("following job {job}: {e}"),
             Ok(None) => watch = grid.jobs.watch(job).await.map_err(|e| anyhow!("{e}"))?,
-            Err(_) => record = job_record(grid, job).await?,
+            Err(_) => {
+                record = job_record(grid, job).await?;
+                if !warned && !record.state.is_final() {
+                    if let Some(note) = no_nodes_note(grid, &record).await {
+                        warned = true;
+                        match &bar {
+                            Some(bar) => bar.println(note),
+                            None => eprintln!("{note}"),
+                        }
+                    }
+                }
+            }
         }
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     Ok(record)
+}
+
+/// A line saying that no live node serves the job's class, so it cannot make progress now.
+async fn no_nodes_note(grid: &Grid, record: &JobRecord) -> Option<String> {
+    let class = &record.spec.class;
+    let nodes = grid.live_nodes().await.ok()?;
+    (!nodes.iter().any(|n| n.classes.contains(class))).then(|| {
+        format!(
+            "grid: no node of class {class} is online; job {} waits until one joins \
+             (`grid cancel {}` drops it)",
+            record.id, record.id
+        )
+    })
 }
 
 fn status_json(record: &JobRecord) -> serde_json::Value {
@@ -333,6 +358,11 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
             job_record(&grid, &args.job).await?
         };
         print_status(&record, args.json);
+        if !record.state.is_final()
+            && let Some(note) = no_nodes_note(&grid, &record).await
+        {
+            eprintln!("{note}");
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -650,3 +650,33 @@ fn a_gpu_overrun_on_a_node_fails_only_its_task() {
     );
     assert_eq!(after["state"], "done", "{after}");
 }
+
+#[test]
+fn a_gpu_job_whose_gpu_node_died_says_it_waits_for_one() {
+    let mut grid = grid_with_a_gpu_node("1");
+    let job = grid.grid_json(
+        &[
+            "submit",
+            guest("hostile").to_str().unwrap(),
+            "--gpu",
+            "--",
+            "nap",
+            "60000",
+        ],
+        0,
+    );
+    let job = job["job_id"].as_str().unwrap();
+    grid.nodes[1].kill();
+    // The dead node's heartbeat expires with the bucket's TTL; until then it counts as online.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = grid.grid(&["status", job]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("no node of class gpu is online") {
+            assert!(out.status.success(), "{stderr}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no note: {stderr}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
