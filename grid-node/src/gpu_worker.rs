@@ -43,8 +43,9 @@ pub const WORKER_ARG: &str = "__grid-gpu-worker";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Size asked for the pipes to the worker.
 const PIPE_BYTES: usize = 1 << 20;
-/// Largest frame either side accepts (a buffer of the largest size, plus headers).
-const MAX_FRAME: u32 = (1 << 30) + 4096;
+/// Largest frame either side accepts. Payloads are bounded by the task's GPU memory limit before
+/// they are sent.
+const MAX_FRAME: u32 = u32::MAX;
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Request {
@@ -686,6 +687,35 @@ impl RemoteSession {
 
     /// Runs one call within the task's remaining GPU time.
     pub async fn call(&mut self, call: GpuCall) -> Result<GpuValue, CallError> {
+        // What cannot fit any buffer or kernel of this task never crosses the pipe.
+        let max = self.limits.max_buffer_bytes;
+        let refused = match &call {
+            GpuCall::Write { data, .. } if data.len() as u64 > max => Some((
+                GpuErrorKind::BadArgument,
+                format!(
+                    "a write of {} bytes, over the task's GPU memory of {max}",
+                    data.len()
+                ),
+            )),
+            GpuCall::Read { len, .. } if *len > max => Some((
+                GpuErrorKind::BadArgument,
+                format!("a read of {len} bytes, over the task's GPU memory of {max}"),
+            )),
+            GpuCall::KernelCreate { wgsl, .. } if wgsl.len() > self.limits.max_shader_bytes => {
+                Some((
+                    GpuErrorKind::Shader,
+                    format!(
+                        "shader source of {} bytes, over the cap of {}",
+                        wgsl.len(),
+                        self.limits.max_shader_bytes
+                    ),
+                ))
+            }
+            _ => None,
+        };
+        if let Some((kind, message)) = refused {
+            return Err(CallError::Gpu(GpuError { kind, message }));
+        }
         let remaining = self.limits.gpu_time.saturating_sub(self.used);
         if remaining.is_zero() {
             return Err(CallError::Gpu(GpuError {
