@@ -43,9 +43,6 @@ pub const WORKER_ARG: &str = "__grid-gpu-worker";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Size asked for the pipes to the worker.
 const PIPE_BYTES: usize = 1 << 20;
-/// Largest frame either side accepts. Payloads are bounded by the task's GPU memory limit before
-/// they are sent.
-const MAX_FRAME: u32 = u32::MAX;
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Request {
@@ -253,10 +250,7 @@ fn handle(
 fn frame_header<T: Serialize>(header: &T, payload_len: usize) -> std::io::Result<Vec<u8>> {
     let head = postcard::to_stdvec(header).map_err(std::io::Error::other)?;
     let total = 4 + head.len() + payload_len;
-    let total = u32::try_from(total)
-        .ok()
-        .filter(|t| *t <= MAX_FRAME)
-        .ok_or_else(|| std::io::Error::other("GPU frame too large"))?;
+    let total = u32::try_from(total).map_err(|_| std::io::Error::other("GPU frame over 4 GiB"))?;
     let mut out = Vec::with_capacity(8 + head.len());
     out.extend_from_slice(&total.to_le_bytes());
     out.extend_from_slice(&(head.len() as u32).to_le_bytes());
@@ -266,7 +260,7 @@ fn frame_header<T: Serialize>(header: &T, payload_len: usize) -> std::io::Result
 
 /// Splits a frame's length (after the leading `u32`) into header and payload lengths.
 fn frame_lengths(total: u32, head_len: u32) -> std::io::Result<(usize, usize)> {
-    if total > MAX_FRAME || head_len > total.saturating_sub(4) {
+    if head_len > total.saturating_sub(4) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "garbled GPU frame",
