@@ -266,13 +266,14 @@ async fn follow(grid: &Grid, job: &str) -> Result<JobRecord> {
             Ok(None) => watch = grid.jobs.watch(job).await.map_err(|e| anyhow!("{e}"))?,
             Err(_) => {
                 record = job_record(grid, job).await?;
-                if !warned && !record.state.is_final() {
-                    if let Some(note) = no_nodes_note(grid, &record).await {
-                        warned = true;
-                        match &bar {
-                            Some(bar) => bar.println(note),
-                            None => eprintln!("{note}"),
-                        }
+                if !warned
+                    && !record.state.is_final()
+                    && let Some(note) = no_nodes_note(grid, &record).await
+                {
+                    warned = true;
+                    match &bar {
+                        Some(bar) => bar.println(note),
+                        None => eprintln!("{note}"),
                     }
                 }
             }
