@@ -32,7 +32,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
@@ -379,6 +379,7 @@ pub struct GpuWorker {
     state: tokio::sync::Mutex<State>,
     next_session: AtomicU64,
     restarts: AtomicU64,
+    pid: AtomicU32,
 }
 
 impl GpuWorker {
@@ -386,6 +387,7 @@ impl GpuWorker {
     /// (with the install command for lavapipe when there is no driver at all).
     pub async fn start(command: WorkerCommand) -> Result<Arc<Self>, String> {
         let (conn, info) = spawn(&command, 0).await?;
+        let pid = AtomicU32::new(conn.child.id().unwrap_or(0));
         tracing::info!(adapter = %info.name, backend = %info.backend, kind = %info.device_type, "GPU worker ready");
         Ok(Arc::new(Self {
             command,
@@ -397,12 +399,19 @@ impl GpuWorker {
             }),
             next_session: AtomicU64::new(1),
             restarts: AtomicU64::new(0),
+            pid,
         }))
     }
 
     /// The GPU the worker opened.
     pub fn info(&self) -> &GpuInfo {
         &self.info
+    }
+
+    /// The process id of the latest worker (for operators and fault tests). Read without the
+    /// lock, so it answers while a call runs.
+    pub fn pid(&self) -> u32 {
+        self.pid.load(Ordering::Relaxed)
     }
 
     /// How often the worker was killed and restarted (overruns and crashes).
@@ -459,6 +468,8 @@ impl GpuWorker {
             let generation = state.generation + 1;
             match spawn(&self.command, generation).await {
                 Ok((conn, _)) => {
+                    self.pid
+                        .store(conn.child.id().unwrap_or(0), Ordering::Relaxed);
                     state.conn = Some(conn);
                     state.generation = generation;
                 }

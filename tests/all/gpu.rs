@@ -457,6 +457,41 @@ fn gpu_work_that_never_ends_is_stopped_and_the_gpu_serves_again() {
     });
 }
 
+/// The GPU worker dies mid-call (as in a driver crash; here SIGKILL from outside): the task of
+/// that call fails with a trap, the node's sandbox goes on, and the next GPU task gets a new worker.
+#[test]
+fn a_gpu_worker_that_dies_mid_call_fails_that_call_only() {
+    let sandbox = std::sync::Arc::new(new_gpu_sandbox());
+    rt().block_on(async {
+        let dirs = std::sync::Arc::new(crate::support::TaskDirs::new());
+        let spinner = tokio::spawn({
+            let (sandbox, dirs) = (sandbox.clone(), dirs.clone());
+            async move {
+                gpu_task_in(&sandbox, &dirs, &["gpu-spin"], true, GpuLimits::default()).await
+            }
+        });
+        while !dirs.output().join("dispatching").exists() {
+            assert!(!spinner.is_finished(), "the spinner ended early");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let worker = sandbox.gpu_worker().expect("a GPU");
+        let pid = worker.pid();
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+        let r = spinner.await.unwrap();
+        let reason = crate::support::reason(&r);
+        assert!(
+            reason.starts_with("trap: the GPU worker died"),
+            "{reason}"
+        );
+        assert_a_gpu_task_runs_in(&sandbox).await;
+        assert_eq!(worker.restarts(), 1);
+    });
+}
+
 /// A task whose GPU objects died with a restarted worker is `lost` (a node hands it back to run
 /// again, uncharged), not failed; the task that overran is the one charged.
 #[test]

@@ -250,6 +250,7 @@ fn main() {
                     "main",
                 )
                 .unwrap();
+            fs::write("/out/dispatching", b"").unwrap();
             k.dispatch(&[&xs], [65_535, 16, 1]).unwrap();
             println!("the GPU finished");
         }
