@@ -129,4 +129,18 @@ mod tests {
         assert_eq!(got.memory_bytes, 64 * MIB);
         assert_eq!(got.timeout, Duration::from_secs(5));
     }
+
+    #[test]
+    fn node_caps_lower_gpu_limits_too() {
+        let mut caps = Limits::default();
+        caps.gpu.max_buffer_bytes = MIB;
+        caps.gpu.gpu_time = Duration::from_secs(2);
+        let mut asked = Limits::default();
+        asked.gpu.max_buffer_bytes = GIB;
+        asked.gpu.max_objects = 8;
+        let got = asked.capped_by(&NodeCaps(caps));
+        assert_eq!(got.gpu.max_buffer_bytes, MIB);
+        assert_eq!(got.gpu.gpu_time, Duration::from_secs(2));
+        assert_eq!(got.gpu.max_objects, 8);
+    }
 }

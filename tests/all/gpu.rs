@@ -535,13 +535,18 @@ use crate::support::{GridProcess, TestGrid, guest};
 
 /// A grid with one CPU-only node and one node that serves the `gpu` class on this machine's GPU.
 fn grid_with_a_gpu_node(gpu_slots: &str) -> TestGrid {
+    grid_with_a_gpu_node_with(&["--gpu-slots", gpu_slots])
+}
+
+/// The same, the GPU node started with `flags`.
+fn grid_with_a_gpu_node_with(flags: &[&str]) -> TestGrid {
     let mut grid = TestGrid::start(1, &[]);
     grid.nodes.push(GridProcess::node_with(
         &grid.nats,
         "gpu-node",
         &grid.caches.path().join("gpu-node"),
         2,
-        &["--gpu-slots", gpu_slots],
+        flags,
     ));
     grid.wait_for_nodes(2);
     grid
@@ -714,4 +719,30 @@ fn a_gpu_job_whose_gpu_node_died_says_it_waits_for_one() {
         assert!(std::time::Instant::now() < deadline, "no note: {stderr}");
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
+}
+
+#[test]
+fn a_node_caps_what_a_gpu_job_asks_for() {
+    // The job asks for 1 GiB of GPU memory; this provider allows 1 KiB, less than gpu-double's
+    // 16 KiB buffer.
+    let grid = grid_with_a_gpu_node_with(&["--max-gpu-memory", "1KiB"]);
+    let status = grid.grid_json(
+        &[
+            "submit",
+            guest("hostile").to_str().unwrap(),
+            "--gpu",
+            "--gpu-memory",
+            "1GiB",
+            "--retries",
+            "0",
+            "--wait",
+            "--",
+            "gpu-double",
+        ],
+        1,
+    );
+    assert_eq!(
+        status["reason"], "task 0 failed: limit: gpu-memory",
+        "{status}"
+    );
 }
