@@ -246,7 +246,8 @@ impl Broker {
         }
         if spec.class != names::DEFAULT_CLASS {
             // A CPU job may wait for nodes to join; a GPU job on a grid without GPUs would wait
-            // forever, so it is refused while no node offers the class.
+            // forever, so it is refused while no node offers the class. Checked at submit only:
+            // if the class's nodes leave later, `grid status` says so.
             let nodes = self.grid.live_nodes().await?;
             if !nodes.iter().any(|n| n.classes.contains(&spec.class)) {
                 anyhow::bail!(

@@ -69,6 +69,17 @@ impl GpuDevice {
     pub fn info(&self) -> &GpuInfo {
         &self.info
     }
+
+    /// Calls `f` with the driver's message if the device is lost (a driver reset or crash); a
+    /// lost device fails every later call, so the GPU worker exits and is started anew.
+    pub fn on_lost(&self, f: impl Fn(String) + Send + 'static) {
+        self.device
+            .set_device_lost_callback(move |reason, message| {
+                if reason != wgpu::DeviceLostReason::Destroyed {
+                    f(message);
+                }
+            });
+    }
 }
 
 impl std::fmt::Display for GpuInfo {

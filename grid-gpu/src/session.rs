@@ -22,7 +22,8 @@ pub struct GpuLimits {
     pub max_dispatches: u64,
     /// Bytes of one kernel's WGSL source. Default 256 KiB.
     pub max_shader_bytes: usize,
-    /// Time the task's GPU work may take in all (waits for dispatches and reads). Default 60 s.
+    /// Time the task's GPU work may take in all. Default 60 s. A session on its own counts the
+    /// waits for its submissions; the node's GPU worker counts the whole of every call.
     pub gpu_time: Duration,
 }
 
@@ -98,6 +99,8 @@ enum Object {
     },
     Kernel {
         pipeline: wgpu::ComputePipeline,
+        /// The layout of `@group(0)`: every storage binding the module declares, used or not.
+        layout: wgpu::BindGroupLayout,
         bindings: u32,
     },
 }
@@ -158,21 +161,39 @@ impl GpuSession {
         }
     }
 
-    /// Runs `f` inside a validation error scope; a wgpu validation error becomes `kind`.
+    /// Runs `f` inside error scopes: a wgpu validation error becomes `kind`, running out of GPU
+    /// memory becomes `limit: gpu-memory`, an internal error `Device`.
     fn scoped<T>(
         &self,
         kind: GpuErrorKind,
         f: impl FnOnce(&wgpu::Device) -> T,
     ) -> Result<T, GpuError> {
-        let scope = self
-            .gpu
-            .device
-            .push_error_scope(wgpu::ErrorFilter::Validation);
-        let value = f(&self.gpu.device);
-        match block_on(scope.pop()) {
-            None => Ok(value),
-            Some(e) => Err(err(kind, one_line(&e.to_string(), " "))),
+        let device = &self.gpu.device;
+        let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+        let memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f(device);
+        let (validation, memory, internal) = (
+            block_on(validation.pop()),
+            block_on(memory.pop()),
+            block_on(internal.pop()),
+        );
+        if let Some(e) = validation {
+            return Err(err(kind, one_line(&e.to_string(), " ")));
         }
+        if let Some(e) = memory {
+            return Err(limit(
+                Limit::GpuMemory,
+                format!(
+                    "the GPU is out of memory: {}",
+                    one_line(&e.to_string(), " ")
+                ),
+            ));
+        }
+        if let Some(e) = internal {
+            return Err(err(GpuErrorKind::Device, one_line(&e.to_string(), " ")));
+        }
+        Ok(value)
     }
 
     /// Waits for submitted work, charging the wait to the task's GPU time.
@@ -185,7 +206,7 @@ impl GpuSession {
         });
         self.gpu_time_used += started.elapsed();
         match polled {
-            // Another thread's wait on the shared queue can hold this one past its timeout.
+            // A wait can return a little after its timeout.
             Ok(_) if self.gpu_time_used > self.limits.gpu_time => Err(limit(
                 Limit::GpuTime,
                 format!(
@@ -218,12 +239,6 @@ impl GpuSession {
             .limits
             .max_buffer_size
             .min(self.gpu.limits.max_storage_buffer_binding_size);
-        if size > device_max {
-            return Err(limit(
-                Limit::GpuMemory,
-                format!("a buffer of {size} bytes is over this GPU's maximum of {device_max}"),
-            ));
-        }
         if self.live_bytes.saturating_add(size) > self.limits.max_buffer_bytes {
             return Err(limit(
                 Limit::GpuMemory,
@@ -232,6 +247,12 @@ impl GpuSession {
                     self.live_bytes + size,
                     self.limits.max_buffer_bytes
                 ),
+            ));
+        }
+        if size > device_max {
+            return Err(err(
+                GpuErrorKind::BadArgument,
+                format!("a buffer of {size} bytes is over this GPU's maximum of {device_max}"),
             ));
         }
         self.check_room_for_object()?;
@@ -266,13 +287,17 @@ impl GpuSession {
         }
     }
 
-    /// Copies `data` into buffer `h` at `offset`.
+    /// Copies `data` into buffer `h` at `offset`, and waits until the copy is done: a write
+    /// left pending would hold a staging copy of the data until some later submission — memory a
+    /// task could pile up, and GPU time charged to whoever submits next.
     pub fn write(&mut self, h: Handle, offset: u64, data: &[u8]) -> Result<(), GpuError> {
         let buffer = self.check_range(h, offset, data.len() as u64)?;
         let queue = &self.gpu.queue;
-        self.scoped(GpuErrorKind::Device, |_| {
-            queue.write_buffer(buffer, offset, data)
-        })
+        let submission = self.scoped(GpuErrorKind::Device, |_| {
+            queue.write_buffer(buffer, offset, data);
+            queue.submit([])
+        })?;
+        self.wait(submission)
     }
 
     /// Reads `len` bytes of buffer `h` from `offset`, after all the task's work so far.
@@ -345,22 +370,54 @@ impl GpuSession {
                 format!("no @compute entry point named {entry:?}"),
             ));
         }
-        let bindings = storage_bindings(&module)?;
-        let pipeline = self.scoped(GpuErrorKind::Shader, |d| {
+        let read_only = storage_bindings(&module)?;
+        let (pipeline, layout) = self.scoped(GpuErrorKind::Shader, |d| {
+            // An explicit layout with every declared binding: a derived one would hold only the
+            // bindings this entry point uses, and a dispatch binding all n would not match it.
+            let entries: Vec<wgpu::BindGroupLayoutEntry> = read_only
+                .iter()
+                .enumerate()
+                .map(|(i, read_only)| wgpu::BindGroupLayoutEntry {
+                    binding: i as u32,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage {
+                            read_only: *read_only,
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                })
+                .collect();
+            let layout = d.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: None,
+                entries: &entries,
+            });
+            let pipeline_layout = d.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: None,
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
             let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: None,
                 source: wgpu::ShaderSource::Wgsl(wgsl.into()),
             });
-            d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            let pipeline = d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: None,
-                layout: None,
+                layout: Some(&pipeline_layout),
                 module: &module,
                 entry_point: Some(entry),
                 compilation_options: Default::default(),
                 cache: None,
-            })
+            });
+            (pipeline, layout)
         })?;
-        Ok(self.insert(Object::Kernel { pipeline, bindings }))
+        Ok(self.insert(Object::Kernel {
+            pipeline,
+            layout,
+            bindings: read_only.len() as u32,
+        }))
     }
 
     /// Runs `kernel` over `groups` workgroups with `buffers` bound at `@binding(0..)`, and waits
@@ -371,8 +428,12 @@ impl GpuSession {
         buffers: &[Handle],
         groups: [u32; 3],
     ) -> Result<(), GpuError> {
-        let (pipeline, bindings) = match self.objects.get(&kernel) {
-            Some(Object::Kernel { pipeline, bindings }) => (pipeline.clone(), *bindings),
+        let (pipeline, layout, bindings) = match self.objects.get(&kernel) {
+            Some(Object::Kernel {
+                pipeline,
+                layout,
+                bindings,
+            }) => (pipeline.clone(), layout.clone(), *bindings),
             _ => {
                 return Err(err(
                     GpuErrorKind::BadHandle,
@@ -426,7 +487,6 @@ impl GpuSession {
                     resource: b.as_entire_binding(),
                 })
                 .collect();
-            let layout = pipeline.get_bind_group_layout(0);
             let group = d.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: None,
                 layout: &layout,
@@ -471,8 +531,9 @@ impl Drop for GpuSession {
     }
 }
 
-/// The number of storage-buffer bindings of `@group(0)`, which must be `0..n` exactly.
-fn storage_bindings(module: &naga::Module) -> Result<u32, GpuError> {
+/// The storage-buffer bindings of `@group(0)`, which must be `0..n` exactly: for each, whether it
+/// is read-only.
+fn storage_bindings(module: &naga::Module) -> Result<Vec<bool>, GpuError> {
     let mut seen = Vec::new();
     for (_, var) in module.global_variables.iter() {
         let Some(binding) = &var.binding else {
@@ -484,20 +545,24 @@ fn storage_bindings(module: &naga::Module) -> Result<u32, GpuError> {
                 "only @group(0) bindings are supported",
             ));
         }
-        if !matches!(var.space, naga::AddressSpace::Storage { .. }) {
+        let naga::AddressSpace::Storage { access } = var.space else {
             return Err(err(
                 GpuErrorKind::Shader,
                 "only storage buffer bindings (var<storage>) are supported",
             ));
-        }
-        seen.push(binding.binding);
-    }
-    seen.sort_unstable();
-    if seen.iter().enumerate().any(|(i, b)| *b != i as u32) {
-        return Err(err(
-            GpuErrorKind::Shader,
-            format!("bindings must be numbered 0..n without gaps, got {seen:?}"),
+        };
+        seen.push((
+            binding.binding,
+            !access.contains(naga::StorageAccess::STORE),
         ));
     }
-    Ok(seen.len() as u32)
+    seen.sort_unstable();
+    if seen.iter().enumerate().any(|(i, (b, _))| *b != i as u32) {
+        let numbers: Vec<u32> = seen.iter().map(|(b, _)| *b).collect();
+        return Err(err(
+            GpuErrorKind::Shader,
+            format!("bindings must be numbered 0..n without gaps, got {numbers:?}"),
+        ));
+    }
+    Ok(seen.into_iter().map(|(_, read_only)| read_only).collect())
 }

@@ -175,7 +175,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     // The worker pipe alone: a call the worker answers without touching the GPU.
-    let mut session = worker_handle.session(GpuLimits::default());
+    let mut session = worker_handle.session(
+        GpuLimits::default(),
+        Instant::now() + Duration::from_secs(600),
+    );
     let calls = 2000u32;
     let started = Instant::now();
     for _ in 0..calls {

@@ -100,6 +100,28 @@ async fn call(state: &mut TaskState, call: GpuCall) -> Result<std::result::Resul
     }
 }
 
+/// Before copying anything out of guest memory: `Some(status)` when the task has no GPU, or when
+/// `len` bytes are more than the task's `cap` allows.
+fn refuse_early(
+    state: &mut TaskState,
+    len: usize,
+    cap: impl Fn(&grid_gpu::GpuLimits) -> u64,
+    status: i32,
+    what: &str,
+) -> Option<i32> {
+    let Some(session) = state.gpu.session.as_ref() else {
+        return Some(fail(state, UNAVAILABLE, "no GPU for this task"));
+    };
+    let cap = cap(session.limits());
+    (len as u64 > cap).then(|| {
+        fail(
+            state,
+            status,
+            format!("{what} of {len} bytes, over the task's cap of {cap}"),
+        )
+    })
+}
+
 /// The status of a call that gives back nothing (or a value the guest does not need).
 fn status(result: std::result::Result<GpuValue, i32>) -> i32 {
     match result {
@@ -156,7 +178,13 @@ pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
                         "the handle pointer is outside guest memory",
                     ));
                 }
-                let size = size as u64;
+                let Ok(size) = u64::try_from(size) else {
+                    return Ok(fail(
+                        state,
+                        BAD_ARGUMENT,
+                        format!("buffer size {size} is negative"),
+                    ));
+                };
                 let result = call(state, GpuCall::BufferCreate { size }).await?;
                 Ok(give_handle(&mut c, out, result))
             })
@@ -175,6 +203,10 @@ pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
                         "the data range is outside guest memory",
                     ));
                 };
+                let max = |l: &grid_gpu::GpuLimits| l.max_buffer_bytes;
+                if let Some(status) = refuse_early(state, r.len(), max, BAD_ARGUMENT, "a write") {
+                    return Ok(status);
+                }
                 let write = GpuCall::Write {
                     buffer: h as u32,
                     offset: offset as u64,
@@ -243,6 +275,10 @@ pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
                         BAD_ARGUMENT,
                         "bad handle pointer or entry point name",
                     ));
+                }
+                let max = |l: &grid_gpu::GpuLimits| l.max_shader_bytes as u64;
+                if let Some(status) = refuse_early(state, sr.len(), max, SHADER, "shader source") {
+                    return Ok(status);
                 }
                 let (Ok(wgsl), Ok(entry)) =
                     (std::str::from_utf8(&mem[sr]), std::str::from_utf8(&mem[er]))

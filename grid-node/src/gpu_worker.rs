@@ -16,10 +16,17 @@
 //!   `limit: gpu-time`, and the next call starts a fresh worker.
 //! - **Others caught in a restart.** A task that had GPU objects in the killed worker cannot go
 //!   on; its next call ends it with [`GpuLost`], reported as `lost`, which a node hands back to
-//!   the grid to run again without charging the task's retries. A task that had no objects there
-//!   just opens its session in the new worker.
+//!   the grid to run again without charging the task's retries. A task that had no live objects
+//!   there (the node counts them) just opens its session in the new worker.
 //! - **Crash.** If the worker dies during a call (a driver crash), the task of that call ends
-//!   with `trap: …` (it may have caused it) and the others are lost as above.
+//!   with `trap: …` (it may have caused it) and the others are lost as above. A worker that
+//!   cannot start again makes its callers `lost` too: another node may run them.
+//! - **A task that ends mid-call** (cancelled, out of wall time) leaves its call running to its
+//!   end (the pipe must not be left mid-frame), but a call never runs past the task's wall
+//!   deadline, and a closed session is never reopened.
+//! - **The worker is not trusted blindly either**: reply lengths are checked against what was
+//!   asked before anything is allocated, and the worker keeps frames on a private copy of its
+//!   stdout, pointing fd 1 at stderr so that nothing a driver prints can corrupt them.
 //!
 //! Wire: each frame is `u32 length (LE) · u32 header length · postcard header · raw payload`;
 //! buffer contents travel as the raw payload, never through serde.
@@ -32,7 +39,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
@@ -41,6 +48,12 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 pub const WORKER_ARG: &str = "__grid-gpu-worker";
 /// How long a new worker may take to open the device.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long opening or closing a session may take (no GPU work): past it the worker is stuck.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest postcard header either side accepts.
+const MAX_HEADER: u32 = 64 << 10;
+/// Largest payload a call may carry: a frame's length is a `u32`.
+const MAX_PAYLOAD: u64 = (u32::MAX - 2 * MAX_HEADER) as u64;
 /// Size asked for the pipes to the worker.
 const PIPE_BYTES: usize = 1 << 20;
 
@@ -141,16 +154,17 @@ pub enum GpuValue {
 pub enum CallError {
     /// The call failed inside the session (a status for the guest, or a limit).
     Gpu(GpuError),
-    /// The worker was restarted after another task's overrun or crash, and took this task's
-    /// objects with it.
+    /// The worker was restarted after another task's overrun or crash and took this task's
+    /// objects with it, or it cannot start: the task can run again, here or elsewhere.
     Lost,
     /// The worker died during this call.
     Crashed(String),
 }
 
-/// A task that cannot go on because the GPU worker was restarted under it; reported as `lost`.
+/// A task that cannot go on because the node's GPU worker was restarted under it (or cannot
+/// start); reported as `lost`.
 #[derive(Debug, thiserror::Error)]
-#[error("the GPU worker was restarted after another task's fault; the task can run again")]
+#[error("the node's GPU worker was restarted under the task; the task can run again")]
 pub struct GpuLost;
 
 /// Runs this process as a GPU worker when it was started as one, and exits. Call it first thing
@@ -163,8 +177,16 @@ pub fn serve_if_asked() {
 }
 
 fn serve() -> i32 {
+    // Frames go to a private copy of stdout; fd 1 becomes stderr, so that whatever a driver
+    // prints cannot corrupt the frame stream.
+    let Ok(frames) = rustix::io::dup(std::io::stdout()) else {
+        return 1;
+    };
+    if rustix::stdio::dup2_stdout(std::io::stderr()).is_err() {
+        return 1;
+    }
     let mut input = std::io::BufReader::new(std::io::stdin().lock());
-    let mut output = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut output = std::io::BufWriter::new(std::fs::File::from(frames));
     let gpu = match GpuDevice::open(false) {
         Ok(gpu) => Arc::new(gpu),
         Err(e) => {
@@ -172,6 +194,10 @@ fn serve() -> i32 {
             return 0;
         }
     };
+    gpu.on_lost(|why| {
+        tracing::error!("the GPU device was lost: {why}");
+        std::process::exit(3);
+    });
     if write_frame_sync(&mut output, &Reply::Ready(gpu.info().clone()), &[]).is_err() {
         return 0;
     }
@@ -260,13 +286,12 @@ fn frame_header<T: Serialize>(header: &T, payload_len: usize) -> std::io::Result
 
 /// Splits a frame's length (after the leading `u32`) into header and payload lengths.
 fn frame_lengths(total: u32, head_len: u32) -> std::io::Result<(usize, usize)> {
-    if head_len > total.saturating_sub(4) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "garbled GPU frame",
-        ));
-    }
-    Ok((head_len as usize, (total - 4 - head_len) as usize))
+    let payload = total
+        .checked_sub(4)
+        .and_then(|rest| rest.checked_sub(head_len))
+        .filter(|_| head_len <= MAX_HEADER)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "garbled GPU frame"))?;
+    Ok((head_len as usize, payload as usize))
 }
 
 fn header_of<T: DeserializeOwned>(head: &[u8]) -> std::io::Result<T> {
@@ -317,10 +342,18 @@ impl Conn {
         self.stdin.flush().await
     }
 
-    async fn receive(&mut self) -> std::io::Result<(Reply, Vec<u8>)> {
+    /// Reads a reply whose payload is `expected` bytes long (a read's length, else 0); any
+    /// other length is refused before anything is allocated.
+    async fn receive(&mut self, expected: usize) -> std::io::Result<(Reply, Vec<u8>)> {
         let total = self.stdout.read_u32_le().await?;
         let head_len = self.stdout.read_u32_le().await?;
         let (head_len, payload_len) = frame_lengths(total, head_len)?;
+        if payload_len != expected && payload_len != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the GPU worker sent {payload_len} bytes for {expected}"),
+            ));
+        }
         let mut head = vec![0u8; head_len];
         self.stdout.read_exact(&mut head).await?;
         let mut payload = vec![0u8; payload_len];
@@ -333,17 +366,37 @@ impl Conn {
         request: &Request,
         payload: &[u8],
     ) -> std::io::Result<(Reply, Vec<u8>)> {
+        let expected = match request {
+            Request::Read { len, .. } => *len as usize,
+            _ => 0,
+        };
         self.send(request, payload).await?;
-        self.receive().await
+        self.receive(expected).await
     }
 }
 
 /// The node's state of its worker, behind one lock: holding it is holding the GPU.
 struct State {
     conn: Option<Conn>,
-    /// The worker generation each open session lives in.
-    bound: HashMap<u64, u64>,
+    /// Where each open session lives.
+    bound: HashMap<u64, Bound>,
     generation: u64,
+}
+
+/// A session's place in a worker: its generation, and how many objects it holds there.
+#[derive(Clone, Copy)]
+struct Bound {
+    generation: u64,
+    objects: u64,
+}
+
+/// What a session shares with its calls, which may outlive the task (see [`GpuWorker::call`]).
+#[derive(Default)]
+struct SessionShared {
+    /// The task ended: its session must not be opened (again).
+    closed: AtomicBool,
+    /// GPU time used, in nanoseconds.
+    used_nanos: AtomicU64,
 }
 
 /// How to start a worker: an executable that calls [`serve_if_asked`], and its arguments.
@@ -419,46 +472,63 @@ impl GpuWorker {
         self.restarts.load(Ordering::Relaxed)
     }
 
-    /// A new session for one task; it opens in the worker on its first call.
-    pub fn session(self: &Arc<Self>, limits: GpuLimits) -> RemoteSession {
+    /// A new session for one task, whose calls may not run past `deadline` (the task's wall
+    /// deadline); it opens in the worker on its first call.
+    pub fn session(self: &Arc<Self>, limits: GpuLimits, deadline: Instant) -> RemoteSession {
         RemoteSession {
             worker: self.clone(),
             id: self.next_session.fetch_add(1, Ordering::Relaxed),
             limits,
-            used: Duration::ZERO,
+            deadline,
+            shared: Arc::new(SessionShared::default()),
         }
     }
 
     /// Sends one call of `session` and waits for it at most `budget`. Runs as its own tokio task,
-    /// so a caller that goes away (a cancelled task) never leaves the pipe mid-frame. Returns the
-    /// result and the time the call held the GPU.
+    /// so a caller that goes away (a cancelled task) never leaves the pipe mid-frame; the time
+    /// the call held the GPU is added to the session's.
     async fn call(
         self: &Arc<Self>,
         session: u64,
+        shared: Arc<SessionShared>,
         limits: GpuLimits,
         call: GpuCall,
         budget: Duration,
-    ) -> (Result<GpuValue, CallError>, Duration) {
+    ) -> Result<GpuValue, CallError> {
         let worker = self.clone();
-        let handle =
-            tokio::spawn(async move { worker.call_locked(session, limits, call, budget).await });
-        handle.await.unwrap_or_else(|e| {
-            (
-                Err(CallError::Crashed(format!("GPU call panicked: {e}"))),
-                Duration::ZERO,
-            )
-        })
+        let handle = tokio::spawn(async move {
+            let (result, used) = worker
+                .call_locked(session, &shared, limits, call, budget)
+                .await;
+            shared
+                .used_nanos
+                .fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
+            result
+        });
+        match handle.await {
+            Ok(result) => result,
+            Err(e) => {
+                // The call may have stopped between a request and its reply.
+                let mut state = self.state.lock().await;
+                self.kill(&mut state, "a GPU call panicked");
+                Err(CallError::Crashed(format!("GPU call panicked: {e}")))
+            }
+        }
     }
 
     async fn call_locked(
         &self,
         session: u64,
+        shared: &SessionShared,
         limits: GpuLimits,
         call: GpuCall,
         budget: Duration,
     ) -> (Result<GpuValue, CallError>, Duration) {
         let gpu_time = limits.gpu_time;
         let mut state = self.state.lock().await;
+        if shared.closed.load(Ordering::Acquire) {
+            return (Err(CallError::Lost), Duration::ZERO);
+        }
         if let Some(conn) = state.conn.as_mut()
             && !matches!(conn.child.try_wait(), Ok(None))
         {
@@ -473,25 +543,44 @@ impl GpuWorker {
                     state.conn = Some(conn);
                     state.generation = generation;
                 }
-                Err(e) => return (Err(CallError::Crashed(e)), Duration::ZERO),
+                Err(e) => {
+                    // Not this task's fault: it goes back to the grid.
+                    tracing::warn!("the GPU worker cannot start again: {e}");
+                    return (Err(CallError::Lost), Duration::ZERO);
+                }
             }
         }
         let generation = state.generation;
         match state.bound.get(&session) {
-            Some(g) if *g != generation => return (Err(CallError::Lost), Duration::ZERO),
-            Some(_) => {}
-            None => {
+            Some(b) if b.generation == generation => {}
+            Some(b) if b.objects > 0 => return (Err(CallError::Lost), Duration::ZERO),
+            _ => {
+                // New, or holding nothing in the worker that was lost: open here.
                 let open = Request::Open { session, limits };
-                let conn = state.conn.as_mut().expect("started above");
-                if let Err(e) = conn.round_trip(&open, &[]).await {
-                    self.kill(&mut state, &format!("the GPU worker failed: {e}"));
-                    return (Err(CallError::Crashed(e.to_string())), Duration::ZERO);
+                let Some(conn) = state.conn.as_mut() else {
+                    return (Err(CallError::Lost), Duration::ZERO);
+                };
+                match tokio::time::timeout(CONTROL_TIMEOUT, conn.round_trip(&open, &[])).await {
+                    Ok(Ok((Reply::Done, _))) => {}
+                    other => {
+                        self.kill(&mut state, &format!("opening a session failed: {other:?}"));
+                        return (Err(CallError::Lost), Duration::ZERO);
+                    }
                 }
-                state.bound.insert(session, generation);
+                state.bound.insert(
+                    session,
+                    Bound {
+                        generation,
+                        objects: 0,
+                    },
+                );
             }
         }
+        let destroys = matches!(call, GpuCall::Destroy { .. });
         let (request, payload) = request_of(session, call);
-        let conn = state.conn.as_mut().expect("started above");
+        let Some(conn) = state.conn.as_mut() else {
+            return (Err(CallError::Lost), Duration::ZERO);
+        };
         let started = Instant::now();
         let replied = tokio::time::timeout(budget, conn.round_trip(&request, &payload)).await;
         let used = started.elapsed();
@@ -521,17 +610,24 @@ impl GpuWorker {
                 )))
             }
             Err(_elapsed) => {
-                self.kill(&mut state, "a task's GPU work ran past its GPU time");
+                self.kill(&mut state, "a task's GPU work ran past its time");
                 Err(CallError::Gpu(GpuError {
                     kind: GpuErrorKind::Limit(Limit::GpuTime),
                     message: format!("GPU work ran past the task's GPU time limit of {gpu_time:?}"),
                 }))
             }
         };
+        if let Some(b) = state.bound.get_mut(&session) {
+            match &result {
+                Ok(GpuValue::Handle(_)) => b.objects += 1,
+                Ok(_) if destroys => b.objects = b.objects.saturating_sub(1),
+                _ => {}
+            }
+        }
         (result, used)
     }
 
-    /// Kills the worker (the next call starts a new one); sessions bound to it are lost.
+    /// Kills the worker (the next call starts a new one); sessions with objects in it are lost.
     fn kill(&self, state: &mut State, why: &str) {
         if let Some(mut conn) = state.conn.take() {
             let _ = conn.child.start_kill();
@@ -549,16 +645,22 @@ impl GpuWorker {
     /// Frees a session's objects in the worker (if it still lives there).
     async fn close(&self, session: u64) {
         let mut state = self.state.lock().await;
-        let Some(generation) = state.bound.remove(&session) else {
+        let Some(bound) = state.bound.remove(&session) else {
             return;
         };
-        if generation != state.generation {
+        if bound.generation != state.generation {
             return;
         }
-        if let Some(conn) = state.conn.as_mut()
-            && let Err(e) = conn.round_trip(&Request::Close { session }, &[]).await
-        {
-            self.kill(&mut state, &format!("the GPU worker failed: {e}"));
+        let Some(conn) = state.conn.as_mut() else {
+            return;
+        };
+        let closed = tokio::time::timeout(
+            CONTROL_TIMEOUT,
+            conn.round_trip(&Request::Close { session }, &[]),
+        )
+        .await;
+        if !matches!(closed, Ok(Ok((Reply::Done, _)))) {
+            self.kill(&mut state, &format!("closing a session failed: {closed:?}"));
         }
     }
 }
@@ -661,7 +763,7 @@ async fn spawn(command: &WorkerCommand, generation: u64) -> Result<(Conn, GpuInf
         stdout: BufReader::new(stdout),
         generation,
     };
-    match tokio::time::timeout(START_TIMEOUT, conn.receive()).await {
+    match tokio::time::timeout(START_TIMEOUT, conn.receive(0)).await {
         Ok(Ok((Reply::Ready(info), _))) => Ok((conn, info)),
         Ok(Ok((Reply::NoGpu(why), _))) => Err(why),
         Ok(Ok((other, _))) => Err(format!("the GPU worker started with {other:?}")),
@@ -681,33 +783,47 @@ pub struct RemoteSession {
     worker: Arc<GpuWorker>,
     id: u64,
     limits: GpuLimits,
-    used: Duration,
+    deadline: Instant,
+    shared: Arc<SessionShared>,
+}
+
+fn refused(kind: GpuErrorKind, message: String) -> CallError {
+    CallError::Gpu(GpuError { kind, message })
 }
 
 impl RemoteSession {
     /// GPU time used so far: the time this task's calls held the worker.
     pub fn gpu_time_used(&self) -> Duration {
-        self.used
+        Duration::from_nanos(self.shared.used_nanos.load(Ordering::Relaxed))
     }
 
-    /// Runs one call within the task's remaining GPU time.
-    pub async fn call(&mut self, call: GpuCall) -> Result<GpuValue, CallError> {
-        // What cannot fit any buffer or kernel of this task never crosses the pipe.
-        let max = self.limits.max_buffer_bytes;
-        let refused = match &call {
-            GpuCall::Write { data, .. } if data.len() as u64 > max => Some((
+    /// The task's GPU limits.
+    pub fn limits(&self) -> &GpuLimits {
+        &self.limits
+    }
+
+    /// Refuses at once what cannot fit any buffer or kernel of this task, so that it never
+    /// crosses the pipe.
+    fn precheck(&self, call: &GpuCall) -> Result<(), CallError> {
+        let max = self.limits.max_buffer_bytes.min(MAX_PAYLOAD);
+        match call {
+            GpuCall::BufferCreate { size: 0 } => Err(refused(
+                GpuErrorKind::BadArgument,
+                "buffer size 0 is not a positive multiple of 4".into(),
+            )),
+            GpuCall::Write { data, .. } if data.len() as u64 > max => Err(refused(
                 GpuErrorKind::BadArgument,
                 format!(
                     "a write of {} bytes, over the task's GPU memory of {max}",
                     data.len()
                 ),
             )),
-            GpuCall::Read { len, .. } if *len > max => Some((
+            GpuCall::Read { len, .. } if *len > max => Err(refused(
                 GpuErrorKind::BadArgument,
                 format!("a read of {len} bytes, over the task's GPU memory of {max}"),
             )),
             GpuCall::KernelCreate { wgsl, .. } if wgsl.len() > self.limits.max_shader_bytes => {
-                Some((
+                Err(refused(
                     GpuErrorKind::Shader,
                     format!(
                         "shader source of {} bytes, over the cap of {}",
@@ -716,34 +832,42 @@ impl RemoteSession {
                     ),
                 ))
             }
-            _ => None,
-        };
-        if let Some((kind, message)) = refused {
-            return Err(CallError::Gpu(GpuError { kind, message }));
+            _ => Ok(()),
         }
-        let remaining = self.limits.gpu_time.saturating_sub(self.used);
+    }
+
+    /// Runs one call within the task's remaining GPU time and wall time.
+    pub async fn call(&mut self, call: GpuCall) -> Result<GpuValue, CallError> {
+        self.precheck(&call)?;
+        let remaining = self.limits.gpu_time.saturating_sub(self.gpu_time_used());
         if remaining.is_zero() {
-            return Err(CallError::Gpu(GpuError {
-                kind: GpuErrorKind::Limit(Limit::GpuTime),
-                message: format!(
+            return Err(refused(
+                GpuErrorKind::Limit(Limit::GpuTime),
+                format!(
                     "the task used its GPU time limit of {:?}",
                     self.limits.gpu_time
                 ),
-            }));
+            ));
         }
-        let (result, used) = self
+        let budget = remaining.min(self.deadline.saturating_duration_since(Instant::now()));
+        let result = self
             .worker
-            .call(self.id, self.limits.clone(), call, remaining)
+            .call(
+                self.id,
+                self.shared.clone(),
+                self.limits.clone(),
+                call,
+                budget,
+            )
             .await;
-        self.used += used;
         match result {
-            Ok(_) if self.used > self.limits.gpu_time => Err(CallError::Gpu(GpuError {
-                kind: GpuErrorKind::Limit(Limit::GpuTime),
-                message: format!(
+            Ok(_) if self.gpu_time_used() > self.limits.gpu_time => Err(refused(
+                GpuErrorKind::Limit(Limit::GpuTime),
+                format!(
                     "GPU work ran past the task's GPU time limit of {:?}",
                     self.limits.gpu_time
                 ),
-            })),
+            )),
             other => other,
         }
     }
@@ -751,6 +875,7 @@ impl RemoteSession {
 
 impl Drop for RemoteSession {
     fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
         let (worker, id) = (self.worker.clone(), self.id);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move { worker.close(id).await });

@@ -471,7 +471,9 @@ impl Sandbox {
             stdio_replaced: false,
             gpu: crate::gpu_binding::TaskGpu {
                 session: match (&self.config.gpu, spec.gpu) {
-                    (Some(worker), true) => Some(worker.session(limits.gpu.clone())),
+                    (Some(worker), true) => {
+                        Some(worker.session(limits.gpu.clone(), Instant::now() + limits.timeout))
+                    }
                     _ => None,
                 },
                 last_error: String::new(),

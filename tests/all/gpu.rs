@@ -492,41 +492,87 @@ fn a_gpu_worker_that_dies_mid_call_fails_that_call_only() {
     });
 }
 
+/// Runs a holder (`gpu-hold` with `hold_args`) while a spinner brings the GPU worker down, and
+/// returns the holder's report.
+async fn hold_through_a_restart(hold_args: &[&'static str]) -> grid_node::TaskReport {
+    let sandbox = std::sync::Arc::new(new_gpu_sandbox());
+    let holder_dirs = std::sync::Arc::new(crate::support::TaskDirs::new());
+    let holder = tokio::spawn({
+        let (sandbox, dirs) = (sandbox.clone(), holder_dirs.clone());
+        let args: Vec<&'static str> = [&["gpu-hold"], hold_args].concat();
+        async move { gpu_task_in(&sandbox, &dirs, &args, true, GpuLimits::default()).await }
+    });
+    // Once the holder is set, a spinner brings the worker down.
+    while !holder_dirs.output().join("holding").exists() {
+        assert!(!holder.is_finished(), "the holder ended early");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let limits = GpuLimits {
+        gpu_time: Duration::from_millis(500),
+        ..GpuLimits::default()
+    };
+    let dirs = crate::support::TaskDirs::new();
+    let spinner = gpu_task_in(&sandbox, &dirs, &["gpu-spin"], true, limits).await;
+    assert_eq!(crate::support::reason(&spinner), "limit: gpu-time");
+    std::fs::write(holder_dirs.input().join("release"), b"").unwrap();
+    let held = holder.await.unwrap();
+    assert_a_gpu_task_runs_in(&sandbox).await;
+    held
+}
+
 /// A task whose GPU objects died with a restarted worker is `lost` (a node hands it back to run
 /// again, uncharged), not failed; the task that overran is the one charged.
 #[test]
 fn a_task_caught_in_a_gpu_worker_restart_is_lost_not_failed() {
-    let sandbox = std::sync::Arc::new(new_gpu_sandbox());
-    rt().block_on(async {
-        let holder_dirs = std::sync::Arc::new(crate::support::TaskDirs::new());
-        let holder = tokio::spawn({
-            let (sandbox, dirs) = (sandbox.clone(), holder_dirs.clone());
-            async move {
-                gpu_task_in(&sandbox, &dirs, &["gpu-hold"], true, GpuLimits::default()).await
-            }
-        });
-        // Once the holder has its buffer, a spinner brings the worker down.
-        while !holder_dirs.output().join("holding").exists() {
-            assert!(!holder.is_finished(), "the holder ended early");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let limits = GpuLimits {
-            gpu_time: Duration::from_millis(500),
-            ..GpuLimits::default()
-        };
-        let dirs = crate::support::TaskDirs::new();
-        let spinner = gpu_task_in(&sandbox, &dirs, &["gpu-spin"], true, limits).await;
-        assert_eq!(crate::support::reason(&spinner), "limit: gpu-time");
-        std::fs::write(holder_dirs.input().join("release"), b"").unwrap();
-        let held = holder.await.unwrap();
-        assert_eq!(
-            crate::support::reason(&held),
-            "lost",
-            "{}",
-            String::from_utf8_lossy(&held.stderr)
-        );
-        assert_a_gpu_task_runs_in(&sandbox).await;
-    });
+    let held = rt().block_on(hold_through_a_restart(&[]));
+    assert_eq!(
+        crate::support::reason(&held),
+        "lost",
+        "{}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+}
+
+/// A task that holds no GPU objects when the worker restarts (it freed them) goes on in the
+/// new worker.
+#[test]
+fn a_task_holding_no_gpu_objects_survives_a_restart() {
+    let held = rt().block_on(hold_through_a_restart(&["none"]));
+    assert_eq!(
+        crate::support::reason(&held),
+        "succeeded",
+        "{}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&held.stdout), "read [1, 2, 3, 4]\n");
+}
+
+#[test]
+fn kernels_bind_every_declared_buffer_whatever_the_entry_point_uses() {
+    // Two entry points over three bindings; `only_b` uses one of them, `none` uses none.
+    let src = r#"
+@group(0) @binding(0) var<storage, read> a: array<u32>;
+@group(0) @binding(1) var<storage, read_write> b: array<u32>;
+@group(0) @binding(2) var<storage, read_write> c: array<u32>;
+@compute @workgroup_size(1) fn both(@builtin(global_invocation_id) id: vec3<u32>) { c[id.x] = a[id.x] + b[id.x]; }
+@compute @workgroup_size(1) fn only_b(@builtin(global_invocation_id) id: vec3<u32>) { b[id.x] = 7u; }
+"#;
+    let mut s = session();
+    let (a, b, c) = (
+        s.create_buffer(16).unwrap(),
+        s.create_buffer(16).unwrap(),
+        s.create_buffer(16).unwrap(),
+    );
+    s.write(a, 0, &bytes(&[1, 2, 3, 4])).unwrap();
+    let only_b = s.create_kernel(src, "only_b").unwrap();
+    s.dispatch(only_b, &[a, b, c], [4, 1, 1]).unwrap();
+    let both = s.create_kernel(src, "both").unwrap();
+    s.dispatch(both, &[a, b, c], [4, 1, 1]).unwrap();
+    assert_eq!(u32s(&s.read(c, 0, 16).unwrap()), [8, 9, 10, 11]);
+    let none = s
+        .create_kernel("@compute @workgroup_size(1) fn main() {}", "main")
+        .unwrap();
+    s.dispatch(none, &[], [1, 1, 1]).unwrap();
 }
 
 // ---- GPU jobs through the grid ----

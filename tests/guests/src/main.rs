@@ -255,10 +255,14 @@ fn main() {
             println!("the GPU finished");
         }
         "gpu-hold" => {
-            // Makes a GPU buffer, says so in /out/holding, waits for /in/release, then reads it.
+            // Makes a GPU buffer (with arg 2 `none`: makes one and frees it again), says so in
+            // /out/holding, waits for /in/release, then uses the GPU.
             use grid_guest::gpu::Gpu;
             let gpu = Gpu::open().unwrap();
-            let xs = gpu.buffer_from(&[1u32, 2, 3, 4]).unwrap();
+            let mut xs = Some(gpu.buffer_from(&[1u32, 2, 3, 4]).unwrap());
+            if std::env::args().nth(2).as_deref() == Some("none") {
+                xs = None;
+            }
             fs::write("/out/holding", b"").unwrap();
             for _ in 0..1200 {
                 if fs::metadata("/in/release").is_ok() {
@@ -266,6 +270,10 @@ fn main() {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
+            let xs = match xs {
+                Some(xs) => xs,
+                None => gpu.buffer_from(&[1u32, 2, 3, 4]).unwrap(),
+            };
             println!("read {:?}", xs.read_u32().unwrap());
         }
         "gpu-objects-bomb" => {
