@@ -46,7 +46,7 @@ enum Command {
     Broker(grid_broker::BrokerArgs),
     /// Run a node (what `grid-node` runs).
     #[command(hide = true)]
-    Node(grid_node::worker::NodeArgs),
+    Node(grid_node::settings::NodeArgs),
 }
 
 fn main() -> ExitCode {

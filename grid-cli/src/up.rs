@@ -144,6 +144,9 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                         &format!("node-{i}"),
                         "--slots",
                         &slots.to_string(),
+                        // Ctrl-C: running tasks get 3 s, then go back to the queue (kept on disk).
+                        "--grace",
+                        "3s",
                     ])
                     .arg("--cache-dir")
                     .arg(data.join(format!("node-{i}")))

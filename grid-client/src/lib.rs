@@ -38,12 +38,24 @@ pub fn nats_url(flag: Option<&str>) -> String {
 /// Connects to `url`. With `forever`, retries until it works (broker and nodes); otherwise gives
 /// up after a few seconds with a one-line error (`grid` commands).
 pub async fn connect(url: &str, forever: bool) -> Result<async_nats::Client> {
+    connect_with(url, forever, None).await
+}
+
+/// [`connect`] with a NATS credentials file; `None` uses `GRID_CREDS` when it is set.
+pub async fn connect_with(
+    url: &str,
+    forever: bool,
+    creds: Option<&std::path::Path>,
+) -> Result<async_nats::Client> {
     let mut options = async_nats::ConnectOptions::new().name("grid");
-    if let Ok(creds) = std::env::var("GRID_CREDS") {
+    let creds = creds
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| std::env::var_os("GRID_CREDS").map(PathBuf::from));
+    if let Some(creds) = creds {
         options = options
             .credentials_file(&creds)
             .await
-            .with_context(|| format!("reading credentials {creds}"))?;
+            .with_context(|| format!("reading credentials {}", creds.display()))?;
     }
     if forever {
         options = options.retry_on_initial_connect().max_reconnects(None);

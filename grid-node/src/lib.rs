@@ -22,6 +22,7 @@ pub mod guard;
 pub mod limits;
 pub mod outputs;
 pub mod sandbox;
+pub mod settings;
 pub mod validate;
 pub mod worker;
 

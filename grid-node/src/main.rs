@@ -10,7 +10,7 @@ use clap::Parser;
 )]
 struct Args {
     #[command(flatten)]
-    node: grid_node::worker::NodeArgs,
+    node: grid_node::settings::NodeArgs,
 }
 
 fn main() -> std::process::ExitCode {

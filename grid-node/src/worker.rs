@@ -7,8 +7,22 @@
 //! publishes the result with message id `job.task.attempt`; and only then acks the task. A node
 //! killed at any point loses nothing: an unacked task is redelivered after its ack wait, and a
 //! result published twice is deduplicated by JetStream and counted once by the broker.
+//!
+//! # Life cycle
+//! On SIGTERM or Ctrl-C a node *drains*: it takes no new tasks (any it already fetched go back
+//! at once), lets running tasks finish for up to `--grace` (default 10 s), then hands the rest
+//! back (nak with a short delay: redelivered elsewhere, same attempt, no retry used), removes its
+//! heartbeat so `grid nodes` stops listing it, and exits. A second signal skips the wait.
+//!
+//! # Timeouts
+//! | what | value | why |
+//! |---|---|---|
+//! | ack wait ([`grid_client::TASK_ACK_WAIT`]) | 10 s | a dead node's tasks come back this long after its last sign of life |
+//! | progress acks ([`TASK_PROGRESS_EVERY`]) | 3 s | a slow but alive task resets its ack wait well before it ends: two acks may be lost before a task is redelivered |
+//! | heartbeat, bucket TTL | 2 s, 10 s | `grid nodes` and the GPU-class check drop a dead node within 10 s |
+//! | hand-back delay ([`HAND_BACK_DELAY`]) | 1 s | a task this node cannot run (draining, module missing, GPU worker restarted) is offered to others at once, without a hot loop |
+//! | deliveries ([`grid_client::MAX_TASK_DELIVERIES`]) | 5 | a task that no node can run ends `lost` instead of circling forever |
 
-use crate::limits::{parse_duration, parse_size};
 use crate::{GpuWorker, Limits, NodeCaps, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, AckKind};
@@ -25,9 +39,24 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{Mutex, Semaphore, watch};
 
+/// How long a task this node cannot run waits before JetStream offers it again.
+pub const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
+
+/// Where a node is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// No new tasks; running ones may finish.
+    Draining,
+    /// Running tasks stop and go back to the grid.
+    HandingBack,
+}
+
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub nats_url: String,
+    /// NATS credentials file (else `GRID_CREDS`, else none).
+    pub creds: Option<PathBuf>,
     pub node_id: String,
     pub class: String,
     pub slots: u32,
@@ -38,6 +67,8 @@ pub struct NodeConfig {
     pub gpu_slots: u32,
     /// This provider's ceilings on every task's limits.
     pub caps: NodeCaps,
+    /// On shutdown, how long running tasks may take to finish before they are handed back.
+    pub grace: Duration,
 }
 
 struct Node {
@@ -52,6 +83,7 @@ struct Node {
     cancels: Mutex<HashMap<String, watch::Sender<bool>>>,
     busy: AtomicU32,
     done: AtomicU64,
+    phase: watch::Sender<Phase>,
 }
 
 /// Runs a node until `shutdown` resolves; running tasks are then abandoned unacked (JetStream
@@ -60,7 +92,7 @@ pub async fn run(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let client = grid_client::connect(&config.nats_url, true).await?;
+    let client = grid_client::connect_with(&config.nats_url, true, config.creds.as_deref()).await?;
     let grid = loop {
         match Grid::open(client.clone()).await {
             Ok(grid) => break grid,
@@ -112,29 +144,62 @@ pub async fn run(
         cancels: Mutex::new(HashMap::new()),
         busy: AtomicU32::new(0),
         done: AtomicU64::new(0),
+        phase: watch::channel(Phase::Serving).0,
     });
     let started = now_unix_ms();
-    let mut pulls = tokio::task::JoinSet::new();
+    let mut services = tokio::task::JoinSet::new();
     for class in node.classes.clone() {
         let slots = if class == names::GPU_CLASS && node.config.class != names::GPU_CLASS {
             node.config.gpu_slots
         } else {
             node.config.slots
         };
-        pulls.spawn(
+        services.spawn(
             node.clone()
                 .pull_loop(class, Arc::new(Semaphore::new(slots as usize))),
         );
     }
+    services.spawn(node.clone().heartbeat_loop(started));
+    services.spawn(node.clone().cancel_loop());
     tokio::select! {
-        Some(r) = pulls.join_next() => r.map_err(|e| anyhow!("{e}"))?,
-        r = node.clone().heartbeat_loop(started) => r,
-        r = node.clone().cancel_loop() => r,
-        () = shutdown => Ok(()),
+        Some(r) = services.join_next() => return r.map_err(|e| anyhow!("{e}"))?,
+        () = shutdown => {}
     }
+    node.drain().await;
+    services.abort_all();
+    if let Err(e) = node.grid.nodes.purge(&node.config.node_id).await {
+        tracing::warn!("removing the heartbeat: {e}");
+    }
+    tracing::info!("node stopped");
+    Ok(())
 }
 
 impl Node {
+    /// Stops taking tasks, waits up to the grace period (or a second signal) for running ones,
+    /// then hands the rest back and waits until they are gone.
+    async fn drain(&self) {
+        let _ = self.phase.send(Phase::Draining);
+        tracing::info!(running = self.busy.load(Ordering::Relaxed), grace = ?self.config.grace, "draining");
+        tokio::select! {
+            () = self.idle() => return,
+            () = tokio::time::sleep(self.config.grace) => {}
+            () = grid_client::shutdown_signal() => {}
+        }
+        tracing::info!(
+            running = self.busy.load(Ordering::Relaxed),
+            "handing running tasks back"
+        );
+        let _ = self.phase.send(Phase::HandingBack);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.idle()).await;
+    }
+
+    /// Resolves when no task is running.
+    async fn idle(&self) {
+        while self.busy.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Takes tasks of `class`, at most `slots` at once.
     async fn pull_loop(self: Arc<Self>, class: String, slots: Arc<Semaphore>) -> Result<()> {
         let consumer: jetstream::consumer::PullConsumer = loop {
@@ -152,9 +217,13 @@ impl Node {
                 }
             }
         };
+        let mut phase = self.phase.subscribe();
         loop {
             // Wait for a free slot, then ask for as many tasks as there are free slots.
-            let first = slots.clone().acquire_owned().await?;
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit?,
+                _ = phase.wait_for(|p| *p != Phase::Serving) => return Ok(()),
+            };
             let free = slots.available_permits() + 1;
             let batch = consumer
                 .fetch()
@@ -179,13 +248,21 @@ impl Node {
                         break;
                     }
                 };
+                if *phase.borrow() != Phase::Serving {
+                    // Fetched as the node began to drain: straight back.
+                    let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+                    continue;
+                }
                 let p = match permit.take() {
                     Some(p) => p,
                     None => slots.clone().acquire_owned().await?,
                 };
                 let node = self.clone();
+                // Counted from here, so that a drain waits for it.
+                node.busy.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(async move {
-                    node.handle(msg).await;
+                    node.clone().handle(msg).await;
+                    node.busy.fetch_sub(1, Ordering::AcqRel);
                     drop(p);
                 });
             }
@@ -280,9 +357,7 @@ impl Node {
             }
             Err(e) => {
                 tracing::warn!("{e:#}; handing the task back");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
-                    .await;
+                let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
                 return;
             }
         };
@@ -299,7 +374,6 @@ impl Node {
             }
             return;
         }
-        self.busy.fetch_add(1, Ordering::Relaxed);
         let msg = Arc::new(msg);
         let progress = {
             let msg = msg.clone();
@@ -312,7 +386,6 @@ impl Node {
         };
         let outcome = self.run_task(&job, &task).await;
         progress.abort();
-        self.busy.fetch_sub(1, Ordering::Relaxed);
         match outcome {
             Ok(result) => {
                 if let Err(e) = self.publish(&job, &task, result).await {
@@ -326,9 +399,7 @@ impl Node {
             }
             Err(e) => {
                 tracing::warn!(job = %task.job_id, index = task.index, "could not run the task here: {e:#}; handing it back");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
-                    .await;
+                let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
             }
         }
     }
@@ -458,9 +529,11 @@ impl Node {
                 .or_insert_with(|| watch::channel(false).0)
                 .subscribe()
         };
+        let mut phase = self.phase.subscribe();
         let report = tokio::select! {
-            report = self.sandbox.run(&module, task_spec) => Some(report),
-            _ = cancelled.wait_for(|c| *c) => None,
+            report = self.sandbox.run(&module, task_spec) => Ok(report),
+            _ = cancelled.wait_for(|c| *c) => Err(Reason::Cancelled),
+            _ = phase.wait_for(|p| *p == Phase::HandingBack) => Err(Reason::Lost),
         };
         drop(cancelled);
         {
@@ -473,8 +546,10 @@ impl Node {
                 cancels.remove(&job.id);
             }
         }
-        let Some(report) = report else {
-            return Ok(failed(Reason::Cancelled));
+        let report = match report {
+            Ok(report) => report,
+            Err(Reason::Lost) => bail!("the node is shutting down"),
+            Err(reason) => return Ok(failed(reason)),
         };
         if report.outcome == Outcome::Failed(Reason::Lost) {
             // Another task's GPU overrun restarted the GPU worker under this one: not its fault.
@@ -521,75 +596,14 @@ fn is_plain_file_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 
-/// Command-line flags of a node (`grid-node` and `grid node`).
-#[derive(clap::Args, Debug, Clone)]
-pub struct NodeArgs {
-    /// NATS server(s) of the grid [default: GRID_NATS_URL or nats://127.0.0.1:4222]
-    #[arg(long, value_name = "URL")]
-    pub nats: Option<String>,
-    /// Tasks run at once [default: the number of CPUs]
-    #[arg(long)]
-    pub slots: Option<u32>,
-    /// Where modules, compiled code and task work dirs are kept [default: ~/.cache/grid/node]
-    #[arg(long, value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
-    /// Capability class to serve.
-    #[arg(long, default_value = names::DEFAULT_CLASS)]
-    pub class: String,
-    /// This node's id [default: host name and a random suffix]
-    #[arg(long)]
-    pub id: Option<String>,
-    /// Do not look for a GPU (serve only --class).
-    #[arg(long)]
-    pub no_gpu: bool,
-    /// GPU tasks run at once, besides --slots [default: 1]
-    #[arg(long, default_value_t = 1)]
-    pub gpu_slots: u32,
-    /// Ceiling on every task's memory, whatever the job asks for, e.g. 1GiB
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub max_memory: Option<u64>,
-    /// Ceiling on every task's GPU buffer bytes, e.g. 1GiB
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub max_gpu_memory: Option<u64>,
-    /// Ceiling on every task's GPU time, e.g. 5min
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-    pub max_gpu_time: Option<Duration>,
-}
-
-/// Runs a node from its flags until Ctrl-C or SIGTERM.
-pub fn main(args: NodeArgs) -> std::process::ExitCode {
-    let slots = args
-        .slots
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
-    let cache_dir = args.cache_dir.unwrap_or_else(|| {
-        std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir)
-            .join(".cache/grid/node")
-    });
-    let id = args.id.unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "node".into());
-        format!(
-            "{host}-{}-{:x}",
-            std::process::id(),
-            now_unix_ms() % 0xffffff
-        )
-    });
-    let mut caps = Limits::default();
-    caps.memory_bytes = args.max_memory.unwrap_or(caps.memory_bytes);
-    caps.gpu.max_buffer_bytes = args.max_gpu_memory.unwrap_or(caps.gpu.max_buffer_bytes);
-    caps.gpu.gpu_time = args.max_gpu_time.unwrap_or(caps.gpu.gpu_time);
-    let config = NodeConfig {
-        nats_url: grid_client::nats_url(args.nats.as_deref()),
-        node_id: id,
-        class: args.class,
-        slots,
-        cache_dir,
-        use_gpu: !args.no_gpu,
-        gpu_slots: args.gpu_slots,
-        caps: NodeCaps(caps),
+/// Runs a node from its flags (and config file) until Ctrl-C or SIGTERM.
+pub fn main(args: crate::settings::NodeArgs) -> std::process::ExitCode {
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("grid-node: {e}");
+            return std::process::ExitCode::from(2);
+        }
     };
     grid_client::run_service("grid-node", |shutdown| run(config, shutdown))
 }

@@ -629,3 +629,156 @@ fn grid_up_serves_until_interrupted_then_stops_everything() {
         "nats-server stopped"
     );
 }
+
+/// The ids of the nodes `grid nodes` lists.
+fn node_ids(grid: &TestGrid) -> Vec<String> {
+    let out = grid.grid(&["nodes", "--json"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// Waits until `node` reports a running task.
+fn wait_until_busy(grid: &TestGrid, node: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = grid.grid(&["nodes", "--json"]);
+        let busy = String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["id"] == node && v["busy"].as_u64().unwrap_or(0) > 0
+        });
+        if busy {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{node} never got busy"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_node_stopped_with_sigterm_finishes_its_task_and_leaves_the_grid() {
+    let mut grid = TestGrid::start(0, &[]);
+    grid.nodes.push(GridProcess::node_with(
+        &grid.nats,
+        "leaver",
+        &grid.caches.path().join("leaver"),
+        1,
+        &["--no-gpu", "--grace", "60s"],
+    ));
+    grid.wait_for_nodes(1);
+    let job = submit(
+        &grid,
+        &[guest("hostile").to_str().unwrap(), "--", "nap", "2000"],
+    );
+    wait_until_busy(&grid, "leaver");
+    assert!(grid.nodes[0].terminate(), "the node exits cleanly");
+    assert!(
+        !node_ids(&grid).contains(&"leaver".to_string()),
+        "the node removed its heartbeat"
+    );
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    let tmp = tempfile::tempdir().unwrap();
+    grid.grid(&["results", &job, "-o", tmp.path().to_str().unwrap()]);
+    let m = manifest(tmp.path());
+    assert_eq!(
+        m[0]["node"], "leaver",
+        "it finished the task before leaving"
+    );
+    assert_eq!(m[0]["attempts"], 1);
+}
+
+#[test]
+fn a_node_stopped_with_sigterm_hands_back_what_it_cannot_finish() {
+    let mut grid = TestGrid::start(0, &[]);
+    grid.nodes.push(GridProcess::node_with(
+        &grid.nats,
+        "leaver",
+        &grid.caches.path().join("leaver"),
+        1,
+        &["--no-gpu", "--grace", "500ms"],
+    ));
+    grid.wait_for_nodes(1);
+    let job = submit(
+        &grid,
+        &[guest("hostile").to_str().unwrap(), "--", "nap", "4000"],
+    );
+    wait_until_busy(&grid, "leaver");
+    let stopped = std::time::Instant::now();
+    assert!(grid.nodes[0].terminate(), "the node exits cleanly");
+    assert!(
+        stopped.elapsed() < grid_client::TASK_ACK_WAIT,
+        "it handed the task back rather than leaving it to time out"
+    );
+    grid.nodes.push(GridProcess::node(
+        &grid.nats,
+        "stayer",
+        &grid.caches.path().join("stayer"),
+        1,
+    ));
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    let tmp = tempfile::tempdir().unwrap();
+    grid.grid(&["results", &job, "-o", tmp.path().to_str().unwrap()]);
+    let m = manifest(tmp.path());
+    assert_eq!(m[0]["node"], "stayer");
+    assert_eq!(m[0]["attempts"], 1, "handing back used no retry");
+}
+
+#[test]
+fn a_node_reads_its_settings_from_a_config_file() {
+    let mut grid = TestGrid::start(0, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "nats = \"{}\"\nid = \"from-file\"\nslots = 3\ngpu = false\ncache_dir = \"{}\"\n[caps]\nmemory = \"8MiB\"\n",
+            grid.nats.url,
+            dir.path().join("cache").display()
+        ),
+    )
+    .unwrap();
+    grid.nodes.push(GridProcess::start(&[
+        "node",
+        "--config",
+        config.to_str().unwrap(),
+    ]));
+    grid.wait_for_nodes(1);
+    let node = grid.grid_json(&["nodes"], 0);
+    assert_eq!(node["id"], "from-file");
+    assert_eq!(node["slots"], 3);
+    assert_eq!(node["classes"], serde_json::json!(["cpu"]));
+    // The file's memory cap holds: a task asking for the default 512 MiB gets 8 MiB.
+    let status = grid.grid_json(
+        &[
+            "submit",
+            guest("hostile").to_str().unwrap(),
+            "--retries",
+            "0",
+            "--wait",
+            "--",
+            "memory-bomb",
+        ],
+        1,
+    );
+    assert_eq!(status["reason"], "task 0 failed: limit: memory", "{status}");
+    // A mistake in the file is one line naming it.
+    std::fs::write(&config, "slotz = 3\n").unwrap();
+    let out = crate::support::grid(&["node", "--config", config.to_str().unwrap()], b"");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("slotz") && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
+}

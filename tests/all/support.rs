@@ -328,6 +328,29 @@ impl GridProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// `grid ARGS` as a long-running part of a grid (a node from a config file, say).
+    pub fn start(args: &[&str]) -> Self {
+        Self::spawn(args)
+    }
+
+    /// Sends SIGTERM and waits for the process to exit (the deadline only guards against a
+    /// hang); returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the process did not exit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for GridProcess {

@@ -1,0 +1,267 @@
+//! A node's settings: command-line flags, and a TOML config file for what a provider sets once.
+//!
+//! Every setting can be given either way; a flag wins over the file. Sizes and durations are
+//! written as users write them (`2GiB`, `5min`). An unknown key in the file is an error that
+//! names it, so a typo never silently falls back to a default.
+//!
+//! ```toml
+//! nats = "nats://grid.example.org:4222"
+//! creds = "/etc/grid/provider.creds"
+//! id = "lab-box-1"
+//! slots = 4
+//! class = "cpu"
+//! cache_dir = "/var/cache/grid"
+//! gpu = true            # look for a GPU and serve the gpu class too
+//! gpu_slots = 1
+//! grace = "30s"         # on shutdown, how long running tasks may finish
+//!
+//! [caps]                # ceilings on every task's limits
+//! memory = "2GiB"
+//! gpu_memory = "1GiB"
+//! gpu_time = "5min"
+//! ```
+
+use crate::limits::{Limits, NodeCaps, parse_duration, parse_size};
+use crate::worker::NodeConfig;
+use grid_proto::names;
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Command-line flags of a node (`grid-node` and `grid node`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct NodeArgs {
+    /// Settings file (TOML); flags win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// NATS server(s) of the grid [default: GRID_NATS_URL or nats://127.0.0.1:4222]
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
+    /// NATS credentials file [default: GRID_CREDS]
+    #[arg(long, value_name = "FILE")]
+    pub creds: Option<PathBuf>,
+    /// Tasks run at once [default: the number of CPUs]
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// Where modules, compiled code and task work dirs are kept [default: ~/.cache/grid/node]
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Capability class to serve: cpu, or gpu (only GPU jobs) [default: cpu]
+    #[arg(long)]
+    pub class: Option<String>,
+    /// This node's id [default: host name and a random suffix]
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Do not look for a GPU (serve only --class).
+    #[arg(long)]
+    pub no_gpu: bool,
+    /// GPU tasks run at once, besides --slots [default: 1]
+    #[arg(long)]
+    pub gpu_slots: Option<u32>,
+    /// On shutdown, how long running tasks may take to finish before they are handed back to
+    /// the grid [default: 10s]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub grace: Option<Duration>,
+    /// Ceiling on every task's memory, whatever the job asks for, e.g. 1GiB
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+    /// Ceiling on every task's GPU buffer bytes, e.g. 1GiB
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_gpu_memory: Option<u64>,
+    /// Ceiling on every task's GPU time, e.g. 5min
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub max_gpu_time: Option<Duration>,
+}
+
+/// The config file, as written.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct NodeFile {
+    nats: Option<String>,
+    creds: Option<PathBuf>,
+    id: Option<String>,
+    slots: Option<u32>,
+    class: Option<String>,
+    cache_dir: Option<PathBuf>,
+    gpu: Option<bool>,
+    gpu_slots: Option<u32>,
+    grace: Option<String>,
+    #[serde(default)]
+    caps: CapsFile,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct CapsFile {
+    memory: Option<String>,
+    gpu_memory: Option<String>,
+    gpu_time: Option<String>,
+}
+
+/// Parses an optional `key = "…"` value of the file with `parse`, naming the key when it fails.
+fn parsed<T>(
+    key: &str,
+    value: Option<&String>,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    value
+        .map(|v| parse(v).map_err(|e| format!("{key} = {v:?}: {e}")))
+        .transpose()
+}
+
+impl NodeArgs {
+    /// The node's settings: flags, then the config file, then defaults. `Err` is one line that
+    /// names the file and the problem.
+    pub fn into_config(self) -> Result<NodeConfig, String> {
+        let file = match &self.config {
+            None => NodeFile::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+                toml::from_str::<NodeFile>(&text).map_err(|e| {
+                    format!(
+                        "config {}: {}",
+                        path.display(),
+                        grid_proto::one_line(&e.to_string(), " ")
+                    )
+                })?
+            }
+        };
+        let in_file = |e: String| match &self.config {
+            Some(path) => format!("config {}: {e}", path.display()),
+            None => e,
+        };
+        let grace = parsed("grace", file.grace.as_ref(), parse_duration).map_err(in_file)?;
+        let memory =
+            parsed("caps.memory", file.caps.memory.as_ref(), parse_size).map_err(in_file)?;
+        let gpu_memory = parsed("caps.gpu_memory", file.caps.gpu_memory.as_ref(), parse_size)
+            .map_err(in_file)?;
+        let gpu_time = parsed("caps.gpu_time", file.caps.gpu_time.as_ref(), parse_duration)
+            .map_err(in_file)?;
+
+        let class = self
+            .class
+            .or(file.class)
+            .unwrap_or_else(|| names::DEFAULT_CLASS.into());
+        if !names::CLASSES.contains(&class.as_str()) {
+            return Err(format!(
+                "unknown class {class:?}: a node serves {}",
+                names::CLASSES.join(" or ")
+            ));
+        }
+        let slots = self
+            .slots
+            .or(file.slots)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+        let gpu_slots = self.gpu_slots.or(file.gpu_slots).unwrap_or(1);
+        if slots == 0 || gpu_slots == 0 {
+            return Err("slots and gpu_slots must be at least 1".into());
+        }
+        let cache_dir = self.cache_dir.or(file.cache_dir).unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir)
+                .join(".cache/grid/node")
+        });
+        let node_id = self.id.or(file.id).unwrap_or_else(default_id);
+        let mut caps = Limits::default();
+        caps.memory_bytes = self.max_memory.or(memory).unwrap_or(caps.memory_bytes);
+        caps.gpu.max_buffer_bytes = self
+            .max_gpu_memory
+            .or(gpu_memory)
+            .unwrap_or(caps.gpu.max_buffer_bytes);
+        caps.gpu.gpu_time = self.max_gpu_time.or(gpu_time).unwrap_or(caps.gpu.gpu_time);
+        Ok(NodeConfig {
+            nats_url: grid_client::nats_url(self.nats.or(file.nats).as_deref()),
+            creds: self.creds.or(file.creds),
+            node_id,
+            class,
+            slots,
+            cache_dir,
+            use_gpu: !self.no_gpu && file.gpu.unwrap_or(true),
+            gpu_slots,
+            caps: NodeCaps(caps),
+            grace: self.grace.or(grace).unwrap_or(Duration::from_secs(10)),
+        })
+    }
+}
+
+/// The host name and a suffix that differs per process.
+fn default_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "node".into());
+    format!(
+        "{host}-{}-{:x}",
+        std::process::id(),
+        grid_client::now_unix_ms() % 0xffffff
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_file(text: &str, args: NodeArgs) -> Result<NodeConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).unwrap();
+        NodeArgs {
+            config: Some(path),
+            ..args
+        }
+        .into_config()
+    }
+
+    #[test]
+    fn the_file_sets_what_flags_leave_out_and_flags_win() {
+        let text = r#"
+nats = "nats://10.0.0.1:4222"
+id = "lab-box-1"
+slots = 3
+gpu = false
+grace = "30s"
+[caps]
+memory = "1GiB"
+gpu_time = "5min"
+"#;
+        let c = with_file(
+            text,
+            NodeArgs {
+                slots: Some(7),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.nats_url, "nats://10.0.0.1:4222");
+        assert_eq!(c.node_id, "lab-box-1");
+        assert_eq!(c.slots, 7, "the flag wins");
+        assert!(!c.use_gpu);
+        assert_eq!(c.grace, Duration::from_secs(30));
+        assert_eq!(c.caps.0.memory_bytes, 1 << 30);
+        assert_eq!(c.caps.0.gpu.gpu_time, Duration::from_secs(300));
+        assert_eq!(c.class, "cpu");
+    }
+
+    #[test]
+    fn mistakes_in_the_file_are_named() {
+        let e = with_file("slotz = 3\n", NodeArgs::default()).unwrap_err();
+        assert!(e.contains("slotz"), "{e}");
+        assert!(e.contains("node.toml"), "{e}");
+        let e = with_file("[caps]\nmemory = \"lots\"\n", NodeArgs::default()).unwrap_err();
+        assert!(e.contains("caps.memory"), "{e}");
+        let e = with_file("class = \"tpu\"\n", NodeArgs::default()).unwrap_err();
+        assert!(e.contains("unknown class"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        let e = NodeArgs {
+            config: Some("/nonexistent/node.toml".into()),
+            ..Default::default()
+        }
+        .into_config()
+        .unwrap_err();
+        assert!(
+            e.starts_with("cannot read config /nonexistent/node.toml"),
+            "{e}"
+        );
+    }
+}
