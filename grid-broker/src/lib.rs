@@ -35,8 +35,6 @@ struct ActiveJob {
     record: JobRecord,
     /// Params lines, for jobs with a params file.
     params: Option<Vec<Vec<u8>>>,
-    /// (index, attempt) of retries to publish.
-    retries: Vec<(u64, u32)>,
     /// Failure reasons of tasks still being retried.
     failures: HashMap<u64, Vec<String>>,
     dirty: bool,
@@ -215,7 +213,6 @@ impl Broker {
         Ok(ActiveJob {
             record,
             params,
-            retries: Vec::new(),
             failures: HashMap::new(),
             dirty: true,
         })
@@ -411,8 +408,12 @@ impl Broker {
                 .map(|r| r.to_string())
                 .unwrap_or_default();
             tracing::info!(job = %result.job_id, index = result.index, attempt = result.attempt, %reason, "retrying");
+            // Published before the failed result is acked: a broker killed in between gets the
+            // result again and republishes the retry under the same message id, which JetStream
+            // drops; a retry kept only in memory would be lost with the broker.
+            publish_task(&self.grid.js, job, result.index, result.attempt + 1).await?;
+            crash_point("after-retry");
             job.failures.entry(result.index).or_default().push(reason);
-            job.retries.push((result.index, result.attempt + 1));
             return Ok(());
         }
         let state = if result.outcome == Outcome::Succeeded {
@@ -432,7 +433,7 @@ impl Broker {
         };
         let key = names::task_key(&record.result.job_id, record.result.index);
         match self.grid.tasks.create(&key, encode(&record).into()).await {
-            Ok(_) => {}
+            Ok(_) => crash_point("after-store"),
             Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
                 self.duplicates += 1;
                 tracing::debug!(task = %key, "duplicate result ignored");
@@ -475,65 +476,35 @@ impl Broker {
         Ok(())
     }
 
-    /// Tops up every job's window, round-robin, and publishes pending retries.
+    /// Tops up every job's window, round-robin. A job whose publishes fail goes back to where
+    /// it was and is published again on the next tick (the same message ids: no duplicates).
     async fn fill(&mut self) -> Result<()> {
         let window = self.config.window;
-        let mut acks = Vec::new();
+        let mut failed = None;
         for job in self.active.values_mut() {
-            let spec = &job.record.spec;
-            let subject = names::tasks_subject(&spec.class, &job.record.id);
-            let publish = |index: u64, attempt: u32, job: &ActiveJob| {
-                let spec = &job.record.spec;
-                let params = job
-                    .params
-                    .as_ref()
-                    .and_then(|p| p.get(index as usize))
-                    .cloned()
-                    .unwrap_or_default();
-                let input = match &spec.tasks {
-                    TaskSource::Inputs(files) => files.get(index as usize).cloned(),
-                    _ => None,
-                };
-                let task = TaskMsg {
-                    job_id: job.record.id.clone(),
-                    index,
-                    attempt,
-                    params,
-                    input,
-                };
-                let msg = jetstream::message::PublishMessage::build()
-                    .payload(encode(&task).into())
-                    .message_id(names::attempt_id(&job.record.id, index, attempt));
-                let js = self.grid.js.clone();
-                let subject = subject.clone();
-                async move {
-                    js.send_publish(subject, msg)
-                        .await
-                        .map_err(|e| anyhow!("{e}"))?
-                        .await
-                        .map_err(|e| anyhow!("{e}"))
-                }
-            };
-            for (index, attempt) in std::mem::take(&mut job.retries) {
-                acks.push(publish(index, attempt, job));
+            let first = job.record.enqueued;
+            let room = window.saturating_sub(job.record.counts.in_flight);
+            let last = (first + room).min(job.record.counts.total);
+            if last == first {
+                continue;
             }
-            while job.record.counts.in_flight < window
-                && job.record.enqueued < job.record.counts.total
+            let acks = (first..last).map(|index| publish_task(&self.grid.js, job, index, 0));
+            if let Some(Err(e)) = futures::future::join_all(acks)
+                .await
+                .into_iter()
+                .find(Result::is_err)
             {
-                let index = job.record.enqueued;
-                acks.push(publish(index, 0, job));
-                job.record.enqueued += 1;
-                job.record.counts.in_flight += 1;
-                job.dirty = true;
+                failed = Some(e);
+                continue;
             }
-            if job.record.state == JobState::Queued && job.record.enqueued > 0 {
+            job.record.enqueued = last;
+            job.record.counts.in_flight += last - first;
+            job.dirty = true;
+            if job.record.state == JobState::Queued {
                 job.record.state = JobState::Running;
             }
         }
-        for ack in futures::future::join_all(acks).await {
-            ack?;
-        }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Writes the records of jobs that changed (their counts feed `grid status` and progress).
@@ -549,6 +520,61 @@ impl Broker {
                 Err(e) => tracing::warn!(job = %job.record.id, "saving the job record: {e}"),
             }
         }
+    }
+}
+
+/// Test-only fault injection: with `GRID_TEST_CRASH_AT=<point>` in its environment, the broker
+/// aborts the first time it reaches that point — the way fault tests kill it at an exact moment
+/// (`after-store`: a task's record is stored, its result not yet acked; `after-retry`: a retry is
+/// published, the failed result not yet acked).
+fn crash_point(point: &str) {
+    if std::env::var("GRID_TEST_CRASH_AT").is_ok_and(|p| p == point) {
+        tracing::warn!("GRID_TEST_CRASH_AT={point}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Publishes attempt `attempt` of task `index` of `job` to the work queue and waits for
+/// JetStream's ack. The message id (`job.task.attempt`) makes a second publish of the same
+/// attempt a no-op.
+fn publish_task(
+    js: &jetstream::Context,
+    job: &ActiveJob,
+    index: u64,
+    attempt: u32,
+) -> impl std::future::Future<Output = Result<()>> + use<> {
+    let spec = &job.record.spec;
+    let params = job
+        .params
+        .as_ref()
+        .and_then(|p| p.get(index as usize))
+        .cloned()
+        .unwrap_or_default();
+    let input = match &spec.tasks {
+        TaskSource::Inputs(files) => files.get(index as usize).cloned(),
+        _ => None,
+    };
+    let task = TaskMsg {
+        job_id: job.record.id.clone(),
+        index,
+        attempt,
+        params,
+        input,
+    };
+    let msg = jetstream::message::PublishMessage::build()
+        .payload(encode(&task).into())
+        .message_id(names::attempt_id(&job.record.id, index, attempt));
+    let (js, subject) = (
+        js.clone(),
+        names::tasks_subject(&spec.class, &job.record.id),
+    );
+    async move {
+        js.send_publish(subject, msg)
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(())
     }
 }
 

@@ -782,3 +782,76 @@ fn a_node_reads_its_settings_from_a_config_file() {
         "{stderr}"
     );
 }
+
+/// Kills the broker at `point` while it counts a job of a flaky task and nine good ones, starts
+/// a normal one, and checks that every task is counted exactly once.
+fn broker_crash_at(point: &str) {
+    let mut grid = TestGrid::start(2, &[]);
+    grid.broker.kill();
+    grid.broker = GridProcess::broker_crashing_at(&grid.nats, point);
+    let hostile = guest("hostile");
+    // The new broker answers once it has subscribed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let flaky_args = [
+        "submit",
+        hostile.to_str().unwrap(),
+        "--retries",
+        "3",
+        "--json",
+        "--",
+        "flaky",
+    ];
+    let flaky = loop {
+        let out = grid.grid(&flaky_args);
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            break v["job_id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker never answered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let good = submit(
+        &grid,
+        &[hostile.to_str().unwrap(), "--tasks", "9", "--", "nap", "10"],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !grid.broker.exited() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker never reached {point}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    grid.broker = GridProcess::broker(&grid.nats, &[]);
+    let flaky = grid.wait(&flaky);
+    assert_eq!(flaky["state"], "done", "{flaky}");
+    let good = grid.wait(&good);
+    assert_eq!(good["state"], "done", "{good}");
+    assert_eq!(good["tasks"]["succeeded"], 9, "{good}");
+    let tmp = tempfile::tempdir().unwrap();
+    grid.grid(&[
+        "results",
+        flaky["job_id"].as_str().unwrap(),
+        "-o",
+        tmp.path().to_str().unwrap(),
+    ]);
+    let m = manifest(tmp.path());
+    assert_eq!(m.len(), 1);
+    assert_eq!(
+        m[0]["attempts"], 3,
+        "two failures and the success, each counted once"
+    );
+}
+
+#[test]
+fn a_broker_killed_between_storing_a_result_and_acking_it_counts_it_once() {
+    broker_crash_at("after-store");
+}
+
+#[test]
+fn a_broker_killed_after_publishing_a_retry_loses_no_task() {
+    broker_crash_at("after-retry");
+}

@@ -313,9 +313,27 @@ impl GridProcess {
         Self::spawn(&[&args[..], extra].concat())
     }
 
+    /// A broker that aborts at the test-only fault point `crash_at` (`GRID_TEST_CRASH_AT`).
+    pub fn broker_crashing_at(nats: &NatsServer, crash_at: &str) -> Self {
+        Self::spawn_with(
+            &["broker", "--nats", &nats.url],
+            &[("GRID_TEST_CRASH_AT", crash_at)],
+        )
+    }
+
+    /// Whether the process has exited (without waiting).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     fn spawn(args: &[&str]) -> Self {
+        Self::spawn_with(args, &[])
+    }
+
+    fn spawn_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_grid"))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
