@@ -37,6 +37,10 @@ struct ActiveJob {
     params: Option<Vec<Vec<u8>>>,
     /// Failure reasons of tasks still being retried.
     failures: HashMap<u64, Vec<String>>,
+    /// With replicas: the votes of undecided tasks (reloaded from `grid_votes` after a restart)
+    /// and how many replicas each was given.
+    votes: HashMap<u64, Vec<ResultMsg>>,
+    dispatched: HashMap<u64, u32>,
     dirty: bool,
 }
 
@@ -157,11 +161,15 @@ impl Broker {
                 continue;
             }
             let mut job = self.activate(record).await?;
-            let (succeeded, failed) = self.recount(&job.record.id).await?;
+            let (succeeded, failed, disputed) = self.recount(&job.record.id).await?;
             let counts = &mut job.record.counts;
             counts.succeeded = succeeded;
             counts.failed = failed;
-            counts.in_flight = job.record.enqueued.saturating_sub(succeeded + failed);
+            counts.disputed = disputed;
+            counts.in_flight = job
+                .record
+                .enqueued
+                .saturating_sub(succeeded + failed + disputed);
             job.dirty = true;
             tracing::info!(job = %id, succeeded, failed, "resumed");
             self.active.insert(id, job);
@@ -169,14 +177,15 @@ impl Broker {
         Ok(())
     }
 
-    async fn recount(&self, job: &str) -> Result<(u64, u64)> {
+    /// Succeeded, failed and disputed tasks of `job`, from `grid_tasks`.
+    async fn recount(&self, job: &str) -> Result<(u64, u64, u64)> {
         let mut watch = self
             .grid
             .tasks
             .watch_with_history(format!("{job}.>"))
             .await
             .map_err(|e| anyhow!("{e}"))?;
-        let (mut succeeded, mut failed) = (0, 0);
+        let (mut succeeded, mut failed, mut disputed) = (0, 0, 0);
         // An empty history sends nothing: stop after a short quiet period.
         loop {
             let next = tokio::time::timeout(Duration::from_millis(500), watch.next()).await;
@@ -186,13 +195,14 @@ impl Broker {
                 match record.state {
                     TaskState::Succeeded => succeeded += 1,
                     TaskState::Failed => failed += 1,
+                    TaskState::Disputed => disputed += 1,
                 }
             }
             if entry.delta == 0 {
                 break;
             }
         }
-        Ok((succeeded, failed))
+        Ok((succeeded, failed, disputed))
     }
 
     async fn activate(&self, record: JobRecord) -> Result<ActiveJob> {
@@ -214,6 +224,8 @@ impl Broker {
             record,
             params,
             failures: HashMap::new(),
+            votes: HashMap::new(),
+            dispatched: HashMap::new(),
             dirty: true,
         })
     }
@@ -256,6 +268,29 @@ impl Broker {
         let total = spec.tasks.len();
         if total == 0 {
             anyhow::bail!("the job has no tasks");
+        }
+        if spec.replicas == 0 || spec.quorum == 0 || spec.quorum > spec.replicas {
+            anyhow::bail!(
+                "--quorum must be between 1 and --replicas ({}), got {}",
+                spec.replicas,
+                spec.quorum
+            );
+        }
+        if spec.replicas > 1 {
+            // Replicas run on distinct nodes: fewer nodes than replicas could never finish.
+            let nodes = self.grid.live_nodes().await?;
+            let online = nodes
+                .iter()
+                .filter(|n| n.classes.contains(&spec.class))
+                .count();
+            if (online as u32) < spec.replicas {
+                anyhow::bail!(
+                    "--replicas {} needs {} nodes of class {}; {online} online",
+                    spec.replicas,
+                    spec.replicas,
+                    spec.class
+                );
+            }
         }
         if !Grid::has_object(&self.grid.modules, &tenant, &spec.module_sha256).await {
             anyhow::bail!("module {} was not uploaded", spec.module_sha256);
@@ -393,11 +428,15 @@ impl Broker {
     /// Counts one result, exactly once per task.
     async fn count(&mut self, result: ResultMsg) -> Result<()> {
         let Some(job) = self.active.get_mut(&result.job_id) else {
-            return Ok(()); // finished, cancelled or unknown: nothing to count
+            // Finished, cancelled or unknown: nothing to count, but a late replica's vote.
+            return self.late_vote(&result).await;
         };
         if result.index >= job.record.counts.total {
             tracing::warn!(job = %result.job_id, index = result.index, "result for a task that does not exist");
             return Ok(());
+        }
+        if job.record.spec.replicas > 1 {
+            return self.vote(result).await;
         }
         let retry = matches!(result.outcome, Outcome::Failed(ref r) if !matches!(r, Reason::Invalid(_) | Reason::Cancelled))
             && result.attempt < job.record.spec.retries;
@@ -411,7 +450,7 @@ impl Broker {
             // Published before the failed result is acked: a broker killed in between gets the
             // result again and republishes the retry under the same message id, which JetStream
             // drops; a retry kept only in memory would be lost with the broker.
-            publish_task(&self.grid.js, job, result.index, result.attempt + 1).await?;
+            publish_task(&self.grid.js, job, result.index, result.attempt + 1, 0).await?;
             crash_point("after-retry");
             job.failures.entry(result.index).or_default().push(reason);
             return Ok(());
@@ -430,32 +469,208 @@ impl Broker {
             attempts: result.attempt + 1,
             failures,
             result,
+            votes: Vec::new(),
         };
+        self.record_task(record).await.map(|_| ())
+    }
+
+    /// A replica's result: stored once as a vote; the task is decided when `quorum` votes agree,
+    /// given another replica when all are in and none agree enough, and disputed when the extra
+    /// replicas run out. A lost replica (its node died, say) is not a vote: it runs again.
+    async fn vote(&mut self, result: ResultMsg) -> Result<()> {
+        let Some(job) = self.active.get_mut(&result.job_id) else {
+            return Ok(());
+        };
+        let spec = &job.record.spec;
+        let (index, replicas, quorum) = (result.index, spec.replicas, spec.quorum);
+        let most = max_replicas(replicas);
+        if matches!(result.outcome, Outcome::Failed(Reason::Cancelled)) {
+            return Ok(());
+        }
+        if result.outcome == Outcome::Failed(Reason::Lost) && result.attempt < spec.retries {
+            tracing::info!(job = %result.job_id, index, replica = result.replica, "replica lost; running it again");
+            return publish_task(
+                &self.grid.js,
+                job,
+                index,
+                result.attempt + 1,
+                result.replica,
+            )
+            .await;
+        }
+        let task_key = names::task_key(&result.job_id, index);
+        if self
+            .grid
+            .tasks
+            .get(&task_key)
+            .await
+            .map_err(|e| anyhow!("reading task {task_key}: {e}"))?
+            .is_some()
+        {
+            return self.late_vote(&result).await;
+        }
+        let key = names::vote_key(&result.job_id, index, result.replica);
+        match self.grid.votes.create(&key, encode(&result).into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                self.duplicates += 1;
+                return Ok(());
+            }
+            Err(e) => return Err(anyhow!("storing vote {key}: {e}")),
+        }
+        let votes = match job.votes.get_mut(&index) {
+            Some(votes) => {
+                votes.push(result);
+                votes.clone()
+            }
+            None => {
+                // The first vote this broker sees for the task: any earlier ones are stored.
+                let mut votes = Vec::new();
+                for replica in 0..most {
+                    let key = names::vote_key(&job.record.id, index, replica);
+                    if let Ok(Some(bytes)) = self.grid.votes.get(&key).await
+                        && let Ok(vote) = decode::<ResultMsg>(&bytes)
+                    {
+                        votes.push(vote);
+                    }
+                }
+                job.votes.insert(index, votes.clone());
+                votes
+            }
+        };
+        let mut groups: HashMap<&grid_proto::Sha256Hex, Vec<&ResultMsg>> = HashMap::new();
+        for vote in &votes {
+            groups.entry(&vote.digest).or_default().push(vote);
+        }
+        let best = groups
+            .values()
+            .max_by_key(|g| g.len())
+            .cloned()
+            .unwrap_or_default();
+        let given = votes
+            .iter()
+            .map(|v| v.replica + 1)
+            .max()
+            .unwrap_or(0)
+            .max(replicas);
+        let dispatched = *job.dispatched.entry(index).or_insert(given);
+        let winner = if best.len() as u32 >= quorum {
+            best.iter().min_by_key(|v| v.replica).map(|v| (*v).clone())
+        } else if (votes.len() as u32) < dispatched {
+            return Ok(()); // more votes are coming
+        } else if dispatched < most {
+            tracing::info!(job = %job.record.id, index, votes = votes.len(), "replicas disagree; one more");
+            publish_task(&self.grid.js, job, index, 0, dispatched).await?;
+            job.dispatched.insert(index, dispatched + 1);
+            return Ok(());
+        } else {
+            None
+        };
+        job.votes.remove(&index);
+        job.dispatched.remove(&index);
+        let (state, result) = match &winner {
+            Some(w) if w.outcome == Outcome::Succeeded => (TaskState::Succeeded, w.clone()),
+            Some(w) => (TaskState::Failed, w.clone()),
+            None => (TaskState::Disputed, votes[0].clone()),
+        };
+        let record = TaskRecord {
+            state,
+            attempts: result.attempt + 1,
+            failures: result
+                .outcome
+                .reason()
+                .map(|r| r.to_string())
+                .into_iter()
+                .collect(),
+            votes: votes
+                .iter()
+                .map(|v| grid_proto::Vote {
+                    replica: v.replica,
+                    node_id: v.node_id.clone(),
+                    digest: v.digest,
+                    agreed: winner.as_ref().is_some_and(|w| w.digest == v.digest),
+                })
+                .collect(),
+            result,
+        };
+        if self.record_task(record.clone()).await? {
+            for vote in &record.votes {
+                tally(&self.grid, &vote.node_id, vote.agreed).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// A replica's result for a task already decided (its job may have finished): it changes
+    /// nothing but its node's tally, once.
+    async fn late_vote(&mut self, result: &ResultMsg) -> Result<()> {
+        let task_key = names::task_key(&result.job_id, result.index);
+        let Some(bytes) = self
+            .grid
+            .tasks
+            .get(&task_key)
+            .await
+            .map_err(|e| anyhow!("reading task {task_key}: {e}"))?
+        else {
+            return Ok(());
+        };
+        let Ok(record) = decode::<TaskRecord>(&bytes) else {
+            return Ok(());
+        };
+        if record.votes.is_empty() || record.votes.iter().any(|v| v.replica == result.replica) {
+            return Ok(()); // no replicas, or a vote the decision counted
+        }
+        let key = names::vote_key(&result.job_id, result.index, result.replica);
+        match self.grid.votes.create(&key, encode(result).into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                self.duplicates += 1;
+                return Ok(());
+            }
+            Err(e) => return Err(anyhow!("storing vote {key}: {e}")),
+        }
+        let agreed = record.state != TaskState::Disputed && record.result.digest == result.digest;
+        tally(&self.grid, &result.node_id, agreed).await;
+        Ok(())
+    }
+
+    /// Stores a task's final record (once: false if it was there already) and counts it.
+    async fn record_task(&mut self, record: TaskRecord) -> Result<bool> {
         let key = names::task_key(&record.result.job_id, record.result.index);
         match self.grid.tasks.create(&key, encode(&record).into()).await {
             Ok(_) => crash_point("after-store"),
             Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
                 self.duplicates += 1;
                 tracing::debug!(task = %key, "duplicate result ignored");
-                return Ok(());
+                return Ok(false);
             }
             Err(e) => return Err(anyhow!("storing task {key}: {e}")),
         }
+        let Some(job) = self.active.get_mut(&record.result.job_id) else {
+            return Ok(true);
+        };
         let counts = &mut job.record.counts;
-        match state {
+        let index = record.result.index;
+        match record.state {
             TaskState::Succeeded => counts.succeeded += 1,
             TaskState::Failed => {
                 counts.failed += 1;
                 if job.record.reason.is_none() {
                     let why = record.failures.last().cloned().unwrap_or_default();
-                    job.record.reason = Some(format!("task {} failed: {why}", record.result.index));
+                    job.record.reason = Some(format!("task {index} failed: {why}"));
+                }
+            }
+            TaskState::Disputed => {
+                counts.disputed += 1;
+                if job.record.reason.is_none() {
+                    job.record.reason = Some(format!("task {index} disputed"));
                 }
             }
         }
         counts.in_flight = counts.in_flight.saturating_sub(1);
         job.dirty = true;
-        if counts.succeeded + counts.failed == counts.total {
-            job.record.state = if counts.failed == 0 {
+        if counts.succeeded + counts.failed + counts.disputed == counts.total {
+            job.record.state = if counts.failed + counts.disputed == 0 {
                 JobState::Done
             } else {
                 JobState::Failed
@@ -473,7 +688,7 @@ impl Broker {
                 .map_err(|e| anyhow!("{e}"))?;
             tracing::info!(job = %record.id, state = record.state.as_str(), duplicates_dropped = self.duplicates, "finished");
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Tops up every job's window, round-robin. A job whose publishes fail goes back to where
@@ -488,7 +703,11 @@ impl Broker {
             if last == first {
                 continue;
             }
-            let acks = (first..last).map(|index| publish_task(&self.grid.js, job, index, 0));
+            let replicas = job.record.spec.replicas.max(1);
+            let acks =
+                (first..last).flat_map(|index| (0..replicas).map(move |replica| (index, replica)));
+            let acks =
+                acks.map(|(index, replica)| publish_task(&self.grid.js, job, index, 0, replica));
             if let Some(Err(e)) = futures::future::join_all(acks)
                 .await
                 .into_iter()
@@ -523,6 +742,27 @@ impl Broker {
     }
 }
 
+/// Replicas a task may get in all: two more than asked, to break a disagreement.
+fn max_replicas(replicas: u32) -> u32 {
+    replicas + 2
+}
+
+/// Counts one vote of `node` in its tally (only the broker writes tallies).
+async fn tally(grid: &Grid, node: &str, agreed: bool) {
+    let mut tally = match grid.tally.get(node).await {
+        Ok(Some(bytes)) => decode::<grid_proto::NodeTally>(&bytes).unwrap_or_default(),
+        _ => grid_proto::NodeTally::default(),
+    };
+    if agreed {
+        tally.agreed += 1;
+    } else {
+        tally.outvoted += 1;
+    }
+    if let Err(e) = grid.tally.put(node, encode(&tally).into()).await {
+        tracing::warn!(node, "updating the vote tally: {e}");
+    }
+}
+
 /// Test-only fault injection: with `GRID_TEST_CRASH_AT=<point>` in its environment, the broker
 /// aborts the first time it reaches that point — the way fault tests kill it at an exact moment
 /// (`after-store`: a task's record is stored, its result not yet acked; `after-retry`: a retry is
@@ -542,6 +782,7 @@ fn publish_task(
     job: &ActiveJob,
     index: u64,
     attempt: u32,
+    replica: u32,
 ) -> impl std::future::Future<Output = Result<()>> + use<> {
     let spec = &job.record.spec;
     let params = job
@@ -558,12 +799,13 @@ fn publish_task(
         job_id: job.record.id.clone(),
         index,
         attempt,
+        replica,
         params,
         input,
     };
     let msg = jetstream::message::PublishMessage::build()
         .payload(encode(&task).into())
-        .message_id(names::attempt_id(&job.record.id, index, attempt));
+        .message_id(names::attempt_id(&job.record.id, index, attempt, replica));
     let (js, subject) = (
         js.clone(),
         names::tasks_subject(&spec.class, &job.record.id),

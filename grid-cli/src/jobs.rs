@@ -6,7 +6,7 @@ use futures::StreamExt;
 use grid_client::Grid;
 use grid_proto::{
     ApiReply, CancelRequest, InputRef, JobLimits, JobRecord, JobSpec, JobState, SubmitRequest,
-    TaskRecord, TaskSource, TaskState, decode, encode, names,
+    TaskRecord, TaskSource, decode, encode, names,
 };
 use serde_json::json;
 use std::io::IsTerminal;
@@ -69,9 +69,12 @@ pub struct SubmitArgs {
     pub retries: u32,
     #[command(flatten)]
     pub task: TaskFlags,
-    /// Run each task on K nodes (not available yet).
-    #[arg(long)]
+    /// Run each task on K distinct nodes and compare their results (outcome and outputs).
+    #[arg(long, value_name = "K")]
     pub replicas: Option<u32>,
+    /// With --replicas: how many must agree for a result to count [default: a majority]
+    #[arg(long, value_name = "Q")]
+    pub quorum: Option<u32>,
     /// Run on nodes with a GPU: tasks get it through grid_gpu_v1 (the grid must have one).
     #[arg(long)]
     pub gpu: bool,
@@ -109,8 +112,10 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
 }
 
 pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
-    if args.replicas.is_some() {
-        bail!("--replicas is not supported yet");
+    let replicas = args.replicas.unwrap_or(1);
+    let quorum = args.quorum.unwrap_or(replicas / 2 + 1);
+    if !(1..=16).contains(&replicas) || !(1..=replicas).contains(&quorum) {
+        bail!("--replicas must be 1..=16 and --quorum 1..=replicas (got {replicas} and {quorum})");
     }
     let module = std::fs::read(&args.module)
         .with_context(|| format!("cannot read module {}", args.module.display()))?;
@@ -193,6 +198,8 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
             limits,
             seed: args.task.seed,
             retries: args.retries,
+            replicas,
+            quorum,
             tasks: tasks.clone(),
             shared: upload(shared.unwrap_or_default()).await?,
         };
@@ -311,7 +318,7 @@ fn status_json(record: &JobRecord) -> serde_json::Value {
             "running": c.in_flight,
             "succeeded": c.succeeded,
             "failed": c.failed,
-            "disputed": 0,
+            "disputed": c.disputed,
         }
     })
 }
@@ -322,8 +329,13 @@ fn print_status(record: &JobRecord, as_json: bool) {
         return;
     }
     let c = &record.counts;
+    let disputed = if c.disputed > 0 {
+        format!(", {} disputed", c.disputed)
+    } else {
+        String::new()
+    };
     println!(
-        "job {}: {} — {} of {} succeeded, {} failed, {} running{}",
+        "job {}: {} — {} of {} succeeded, {} failed{disputed}, {} running{}",
         record.id,
         record.state.as_str(),
         c.succeeded,
@@ -412,15 +424,24 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open().await?;
         for node in grid.live_nodes().await? {
+            let tally = match grid.tally.get(&node.id).await {
+                Ok(Some(bytes)) => decode::<grid_proto::NodeTally>(&bytes).unwrap_or_default(),
+                _ => grid_proto::NodeTally::default(),
+            };
             if args.json {
                 println!(
                     "{}",
-                    json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "tasks_done": node.tasks_done})
+                    json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "tasks_done": node.tasks_done, "votes_agreed": tally.agreed, "votes_lost": tally.outvoted})
                 );
             } else {
                 let gpu = node.gpu.as_deref().map(|g| format!("  gpu {g}")).unwrap_or_default();
+                let votes = if tally.agreed + tally.outvoted > 0 {
+                    format!("  votes agreed {} lost {}", tally.agreed, tally.outvoted)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{}  {}  slots {}  busy {}  done {}{gpu}",
+                    "{}  {}  slots {}  busy {}  done {}{votes}{gpu}",
                     node.id,
                     node.classes.join(","),
                     node.slots,
@@ -494,7 +515,8 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
             collected += 1;
             let line = json!({
                 "index": index,
-                "state": match task.state { TaskState::Succeeded => "succeeded", TaskState::Failed => "failed" },
+                "state": task.state.as_str(),
+                "votes": task.votes.iter().map(|v| json!({"replica": v.replica, "node": v.node_id, "agreed": v.agreed})).collect::<Vec<_>>(),
                 "exit_code": r.outcome.exit_code(),
                 "reason": r.outcome.reason().map(|x| x.to_string()),
                 "attempts": task.attempts,

@@ -84,6 +84,9 @@ pub struct Grid {
     pub jobs: kv::Store,
     pub tasks: kv::Store,
     pub nodes: kv::Store,
+    pub votes: kv::Store,
+    pub claims: kv::Store,
+    pub tally: kv::Store,
     pub modules: object_store::ObjectStore,
     pub blobs: object_store::ObjectStore,
 }
@@ -150,6 +153,9 @@ impl Grid {
             (names::JOBS_BUCKET, Duration::ZERO),
             (names::TASKS_BUCKET, Duration::ZERO),
             (names::NODES_BUCKET, NODE_TTL),
+            (names::VOTES_BUCKET, Duration::ZERO),
+            (names::CLAIMS_BUCKET, Duration::ZERO),
+            (names::TALLY_BUCKET, Duration::ZERO),
         ] {
             js.create_or_update_key_value(kv::Config {
                 bucket: bucket.into(),
@@ -196,6 +202,18 @@ impl Grid {
                 .get_key_value(names::NODES_BUCKET)
                 .await
                 .map_err(|e| missing(names::NODES_BUCKET, &e))?,
+            votes: js
+                .get_key_value(names::VOTES_BUCKET)
+                .await
+                .map_err(|e| missing(names::VOTES_BUCKET, &e))?,
+            claims: js
+                .get_key_value(names::CLAIMS_BUCKET)
+                .await
+                .map_err(|e| missing(names::CLAIMS_BUCKET, &e))?,
+            tally: js
+                .get_key_value(names::TALLY_BUCKET)
+                .await
+                .map_err(|e| missing(names::TALLY_BUCKET, &e))?,
             modules: js
                 .get_object_store(names::MODULES_BUCKET)
                 .await

@@ -71,6 +71,9 @@ pub struct NodeArgs {
     /// Ceiling on every task's GPU time, e.g. 5min
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub max_gpu_time: Option<Duration>,
+    /// TEST ONLY: corrupt every task's outputs (a lying provider, for replica tests).
+    #[arg(long, hide = true)]
+    pub test_corrupt_outputs: bool,
 }
 
 /// The config file, as written.
@@ -164,6 +167,15 @@ impl NodeArgs {
                 .join(".cache/grid/node")
         });
         let node_id = self.id.or(file.id).unwrap_or_else(default_id);
+        if node_id.is_empty()
+            || !node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "node id {node_id:?}: use letters, digits, - and _ only"
+            ));
+        }
         let mut caps = Limits::default();
         caps.memory_bytes = self.max_memory.or(memory).unwrap_or(caps.memory_bytes);
         caps.gpu.max_buffer_bytes = self
@@ -182,15 +194,25 @@ impl NodeArgs {
             gpu_slots,
             caps: NodeCaps(caps),
             grace: self.grace.or(grace).unwrap_or(Duration::from_secs(10)),
+            test_corrupt_outputs: self.test_corrupt_outputs,
         })
     }
 }
 
 /// The host name and a suffix that differs per process.
 fn default_id() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
+    let host: String = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "node".into());
+        .unwrap_or_else(|_| "node".into())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     format!(
         "{host}-{}-{:x}",
         std::process::id(),

@@ -69,6 +69,9 @@ pub struct NodeConfig {
     pub caps: NodeCaps,
     /// On shutdown, how long running tasks may take to finish before they are handed back.
     pub grace: Duration,
+    /// TEST ONLY: add a file of this node's own to every task's outputs, so that its replica
+    /// results never agree with anyone's.
+    pub test_corrupt_outputs: bool,
 }
 
 struct Node {
@@ -366,12 +369,19 @@ impl Node {
             return;
         }
         let delivered = msg.info().map_or(1, |i| i.delivered);
-        if delivered > grid_client::MAX_TASK_DELIVERIES {
+        // A replica may also be handed back once by each node that already ran another replica.
+        let replicas = i64::from(job.spec.replicas.max(1) - 1);
+        if delivered > grid_client::MAX_TASK_DELIVERIES + replicas {
             tracing::warn!(job = %task.job_id, index = task.index, delivered, "task delivered too often; reporting it lost");
             let lost = self.failed_result(&job, &task, Reason::Lost);
             if self.publish(&job, &task, lost).await.is_ok() {
                 let _ = msg.double_ack().await;
             }
+            return;
+        }
+        if job.spec.replicas > 1 && !self.claim(&task).await {
+            // This node ran (or runs) another replica of the task: another node must.
+            let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
             return;
         }
         let msg = Arc::new(msg);
@@ -404,10 +414,32 @@ impl Node {
         }
     }
 
+    /// Claims `task`'s replica for this node: false when the node holds another replica of the
+    /// same task (true for a redelivery of its own). An unreachable KV claims nothing.
+    async fn claim(&self, task: &TaskMsg) -> bool {
+        let key = names::claim_key(&task.job_id, task.index, &self.config.node_id);
+        let mine = task.replica.to_le_bytes();
+        match self.grid.claims.create(&key, mine.to_vec().into()).await {
+            Ok(_) => true,
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                matches!(self.grid.claims.get(&key).await, Ok(Some(v)) if v.as_ref() == mine)
+            }
+            Err(e) => {
+                tracing::warn!("claiming a replica: {e}");
+                false
+            }
+        }
+    }
+
     async fn publish(&self, job: &JobRecord, task: &TaskMsg, result: ResultMsg) -> Result<()> {
         let publish = jetstream::message::PublishMessage::build()
             .payload(encode(&result).into())
-            .message_id(names::attempt_id(&job.id, task.index, task.attempt));
+            .message_id(names::attempt_id(
+                &job.id,
+                task.index,
+                task.attempt,
+                task.replica,
+            ));
         let ack = self
             .grid
             .js
@@ -420,12 +452,15 @@ impl Node {
 
     /// The result of an attempt that ended before the guest ran.
     fn failed_result(&self, job: &JobRecord, task: &TaskMsg, reason: Reason) -> ResultMsg {
+        let outcome = Outcome::Failed(reason);
         ResultMsg {
             job_id: job.id.clone(),
             index: task.index,
             attempt: task.attempt,
+            replica: task.replica,
             node_id: self.config.node_id.clone(),
-            outcome: Outcome::Failed(reason),
+            digest: grid_proto::result_digest(&outcome, &[]),
+            outcome,
             usage: Usage::default(),
             files: Vec::new(),
             stdout: None,
@@ -555,6 +590,13 @@ impl Node {
             // Another task's GPU overrun restarted the GPU worker under this one: not its fault.
             bail!("the GPU worker restarted under it");
         }
+        if self.config.test_corrupt_outputs {
+            // TEST ONLY: a provider that lies, differently from any other.
+            std::fs::write(
+                out_dir.join(format!("corrupted-by-{}", self.config.node_id)),
+                b"not what the task wrote",
+            )?;
+        }
         let files = crate::outputs::manifest(&out_dir)?;
         for file in &files {
             let path = out_dir.join(&file.path);
@@ -576,7 +618,9 @@ impl Node {
             job_id: job.id.clone(),
             index: task.index,
             attempt: task.attempt,
+            replica: task.replica,
             node_id: self.config.node_id.clone(),
+            digest: grid_proto::result_digest(&report.outcome, &files),
             outcome: report.outcome,
             usage: Usage {
                 cpu_seconds: report.cpu_seconds,

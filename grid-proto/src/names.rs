@@ -10,6 +10,9 @@
 //! | `grid_jobs` | KV, key `<job>` | the job record ([`crate::JobRecord`]) |
 //! | `grid_tasks` | KV, key `<job>.<index>` | each task's final state ([`crate::TaskRecord`]) |
 //! | `grid_nodes` | KV with a TTL, key `<node id>` | node heartbeats ([`crate::NodeInfo`]) |
+//! | `grid_votes` | KV, key `<job>.<index>.<replica>` | each replica's result, stored once ([`crate::ResultMsg`]) |
+//! | `grid_claims` | KV, key `<job>.<index>.<node id>` | which replica of a task a node took: never two on one node |
+//! | `grid_tally` | KV, key `<node id>` | votes each node's results won and lost ([`crate::NodeTally`]) |
 //! | `grid_modules` | object store, name `<tenant>/<sha256>` | job modules |
 //! | `grid_blobs` | object store, name `<tenant>/<sha256>` | params files, inputs, outputs, logs |
 //! | `grid.api.<tenant>.submit`, `.cancel` | request/reply to the broker | job intake and cancel |
@@ -21,6 +24,9 @@ pub const RESULTS_CONSUMER: &str = "broker";
 pub const JOBS_BUCKET: &str = "grid_jobs";
 pub const TASKS_BUCKET: &str = "grid_tasks";
 pub const NODES_BUCKET: &str = "grid_nodes";
+pub const VOTES_BUCKET: &str = "grid_votes";
+pub const CLAIMS_BUCKET: &str = "grid_claims";
+pub const TALLY_BUCKET: &str = "grid_tally";
 pub const MODULES_BUCKET: &str = "grid_modules";
 pub const BLOBS_BUCKET: &str = "grid_blobs";
 pub const DEFAULT_TENANT: &str = "default";
@@ -51,10 +57,16 @@ pub fn cancel_subject(tenant: &str) -> String {
 pub fn cancel_broadcast(job: &str) -> String {
     format!("grid.cancel.{job}")
 }
-/// The JetStream message id of one attempt of one task (`Nats-Msg-Id`): a retry is a new id,
-/// a redelivery or a republish of the same attempt is not.
-pub fn attempt_id(job: &str, index: u64, attempt: u32) -> String {
-    format!("{job}.{index}.{attempt}")
+/// The JetStream message id of one attempt of one replica of one task (`Nats-Msg-Id`): a retry or
+/// another replica is a new id, a redelivery or a republish of the same attempt is not.
+pub fn attempt_id(job: &str, index: u64, attempt: u32, replica: u32) -> String {
+    format!("{job}.{index}.{attempt}.{replica}")
+}
+pub fn vote_key(job: &str, index: u64, replica: u32) -> String {
+    format!("{job}.{index}.{replica}")
+}
+pub fn claim_key(job: &str, index: u64, node: &str) -> String {
+    format!("{job}.{index}.{node}")
 }
 pub fn task_key(job: &str, index: u64) -> String {
     format!("{job}.{index}")

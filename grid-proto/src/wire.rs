@@ -132,8 +132,12 @@ pub struct JobSpec {
     pub env: Vec<(String, String)>,
     pub limits: JobLimits,
     pub seed: u64,
-    /// Attempts after the first for a failed or lost task.
+    /// Attempts after the first for a failed or lost task (with replicas: for a lost replica).
     pub retries: u32,
+    /// Each task runs on this many distinct nodes (1: no replicas).
+    pub replicas: u32,
+    /// Replicas whose results (outcome and outputs, see [`result_digest`]) must agree.
+    pub quorum: u32,
     pub tasks: TaskSource,
     /// Read-only at `/in/shared/` for every task.
     pub shared: Vec<InputRef>,
@@ -201,6 +205,8 @@ pub struct TaskCounts {
     pub failed: u64,
     /// Tasks handed to the work queue and not yet finished (queued or running).
     pub in_flight: u64,
+    /// Tasks whose replicas never reached a quorum.
+    pub disputed: u64,
 }
 
 /// The job record in `grid_jobs`. Only the broker writes it.
@@ -227,6 +233,8 @@ pub struct TaskMsg {
     pub index: u64,
     /// 0 for the first try, 1 for the first retry, …
     pub attempt: u32,
+    /// Which replica of the task this is (0 without replicas).
+    pub replica: u32,
     /// stdin: the task's params line.
     pub params: Vec<u8>,
     /// The task's own input, shown at `/in/<name>`.
@@ -260,8 +268,11 @@ pub struct ResultMsg {
     pub job_id: String,
     pub index: u64,
     pub attempt: u32,
+    pub replica: u32,
     pub node_id: String,
     pub outcome: Outcome,
+    /// [`result_digest`] of the outcome and the files: what replicas vote with.
+    pub digest: Sha256Hex,
     pub usage: Usage,
     pub files: Vec<OutputFile>,
     /// Blobs of the captured logs, when not empty.
@@ -277,6 +288,28 @@ impl Message for ResultMsg {
 pub enum TaskState {
     Succeeded,
     Failed,
+    /// Its replicas did not reach a quorum.
+    Disputed,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Disputed => "disputed",
+        }
+    }
+}
+
+/// One replica's vote on a task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vote {
+    pub replica: u32,
+    pub node_id: String,
+    pub digest: Sha256Hex,
+    /// It agreed with the accepted result (false for every vote of a disputed task).
+    pub agreed: bool,
 }
 
 /// A task's final state in `grid_tasks`, written once by the broker.
@@ -287,10 +320,41 @@ pub struct TaskRecord {
     pub attempts: u32,
     /// Why each failed attempt failed, in order.
     pub failures: Vec<String>,
+    /// The accepted result (for a disputed task, the first vote's).
     pub result: ResultMsg,
+    /// With replicas: every replica's vote.
+    pub votes: Vec<Vote>,
 }
 impl Message for TaskRecord {
     const KIND: &'static str = "task-record";
+}
+
+/// How a node's replica results fared in votes, in `grid_tally` (written by the broker).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeTally {
+    pub agreed: u64,
+    /// Votes it lost: its result differed from the accepted one, or no quorum was reached.
+    pub outvoted: u64,
+}
+impl Message for NodeTally {
+    const KIND: &'static str = "tally";
+}
+
+/// What replicas of a task compare: the outcome and every output file's path, size and hash.
+pub fn result_digest(outcome: &Outcome, files: &[OutputFile]) -> Sha256Hex {
+    let mut text = format!(
+        "{}\n",
+        outcome
+            .reason()
+            .map_or("succeeded".into(), |r| r.to_string())
+    );
+    let mut lines: Vec<String> = files
+        .iter()
+        .map(|f| format!("{}\t{}\t{}\n", f.path, f.bytes, f.sha256))
+        .collect();
+    lines.sort();
+    text.extend(lines);
+    Sha256Hex::of(text.as_bytes())
 }
 
 /// A node's heartbeat in `grid_nodes`.

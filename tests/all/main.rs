@@ -11,4 +11,5 @@ mod cli;
 mod examples;
 mod gpu;
 mod grid;
+mod replicas;
 mod sandbox;

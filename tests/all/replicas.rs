@@ -1,0 +1,171 @@
+//! Replicas and quorum: each task on distinct nodes, results compared, liars outvoted, and
+//! disagreements that never reach a quorum marked `disputed`. Nodes started with the test-only
+//! `--test-corrupt-outputs` add a file of their own to every result: they never agree with anyone.
+
+use crate::support::*;
+
+/// A node of this test grid; `liar` corrupts its outputs.
+fn node(grid: &TestGrid, id: &str, liar: bool) -> GridProcess {
+    let mut flags = vec!["--no-gpu"];
+    if liar {
+        flags.push("--test-corrupt-outputs");
+    }
+    GridProcess::node_with(&grid.nats, id, &grid.caches.path().join(id), 2, &flags)
+}
+
+fn grid_of(nodes: &[(&str, bool)]) -> TestGrid {
+    let mut grid = TestGrid::start(0, &[]);
+    for (id, liar) in nodes {
+        grid.nodes.push(node(&grid, id, *liar));
+    }
+    grid.wait_for_nodes(nodes.len());
+    grid
+}
+
+fn submit_nap(grid: &TestGrid, tasks: &str, flags: &[&str]) -> String {
+    let hostile = guest("hostile");
+    let mut args = vec!["submit", hostile.to_str().unwrap(), "--tasks", tasks];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--", "nap", "10"]);
+    grid.grid_json(&args, 0)["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn results(grid: &TestGrid, job: &str) -> (tempfile::TempDir, Vec<serde_json::Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = grid.grid(&["results", job, "-o", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest = std::fs::read_to_string(dir.path().join("manifest.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (dir, manifest)
+}
+
+/// Waits until `grid nodes` shows `node` with `agreed` and `lost` votes.
+fn wait_for_tally(grid: &TestGrid, node: &str, agreed: u64, lost: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = grid.grid(&["nodes", "--json"]);
+        let found = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|n| n["id"] == node);
+        if let Some(n) = &found
+            && n["votes_agreed"] == agreed
+            && n["votes_lost"] == lost
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tally of {node}: {found:?}, expected {agreed} agreed and {lost} lost"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn replicas_run_on_distinct_nodes_and_agree() {
+    let grid = grid_of(&[("a", false), ("b", false), ("c", false)]);
+    let job = submit_nap(&grid, "6", &["--replicas", "3", "--quorum", "3"]);
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["tasks"]["succeeded"], 6);
+    let (dir, manifest) = results(&grid, &job);
+    for task in &manifest {
+        let votes = task["votes"].as_array().unwrap();
+        assert_eq!(votes.len(), 3, "{task}");
+        let mut nodes: Vec<&str> = votes.iter().map(|v| v["node"].as_str().unwrap()).collect();
+        nodes.sort();
+        assert_eq!(nodes, ["a", "b", "c"], "one replica on each node: {task}");
+        assert!(votes.iter().all(|v| v["agreed"] == true), "{task}");
+        let index = task["index"].as_u64().unwrap();
+        let written = std::fs::read_to_string(dir.path().join(index.to_string()).join("index.txt"));
+        assert_eq!(written.unwrap(), index.to_string());
+    }
+    for node in ["a", "b", "c"] {
+        wait_for_tally(&grid, node, 6, 0);
+    }
+}
+
+#[test]
+fn a_lying_node_is_outvoted_and_its_outputs_never_count() {
+    let grid = grid_of(&[("honest-1", false), ("honest-2", false), ("liar", true)]);
+    let job = submit_nap(&grid, "4", &["--replicas", "3", "--quorum", "2"]);
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    let (dir, manifest) = results(&grid, &job);
+    for task in &manifest {
+        assert_ne!(task["node"], "liar", "{task}");
+        let index = task["index"].as_u64().unwrap();
+        let files: Vec<String> = std::fs::read_dir(dir.path().join(index.to_string()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(files, ["index.txt"], "only the agreed outputs: {task}");
+    }
+    // Every task ran on all three nodes: the liar lost every vote (some after the decision).
+    wait_for_tally(&grid, "liar", 0, 4);
+}
+
+#[test]
+fn a_disagreement_gets_another_replica_which_breaks_the_tie() {
+    // Two nodes, one lying: every task's two replicas disagree; a third node joins and takes
+    // the extra replica of each, which agrees with the honest one.
+    let mut grid = grid_of(&[("honest-1", false), ("liar", true)]);
+    let job = submit_nap(&grid, "3", &["--replicas", "2", "--quorum", "2"]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    grid.nodes.push(node(&grid, "honest-2", false));
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    let (_dir, manifest) = results(&grid, &job);
+    for task in &manifest {
+        let votes = task["votes"].as_array().unwrap();
+        assert_eq!(votes.len(), 3, "an extra replica: {task}");
+        for v in votes {
+            assert_eq!(v["agreed"], v["node"] != "liar", "{task}");
+        }
+    }
+    wait_for_tally(&grid, "liar", 0, 3);
+}
+
+#[test]
+fn replicas_that_never_agree_leave_the_task_disputed() {
+    let grid = grid_of(&[
+        ("liar-1", true),
+        ("liar-2", true),
+        ("liar-3", true),
+        ("liar-4", true),
+    ]);
+    let job = submit_nap(&grid, "1", &["--replicas", "2", "--quorum", "2"]);
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "failed", "{status}");
+    assert_eq!(status["reason"], "task 0 disputed");
+    assert_eq!(status["tasks"]["disputed"], 1);
+    let (_dir, manifest) = results(&grid, &job);
+    assert_eq!(manifest[0]["state"], "disputed");
+    let votes = manifest[0]["votes"].as_array().unwrap();
+    assert_eq!(votes.len(), 4, "two replicas and two extra: {votes:?}");
+    assert!(votes.iter().all(|v| v["agreed"] == false));
+}
+
+#[test]
+fn more_replicas_than_nodes_is_refused_at_once() {
+    let grid = grid_of(&[("a", false), ("b", false)]);
+    let hostile = guest("hostile");
+    let out = grid.grid(&["submit", hostile.to_str().unwrap(), "--replicas", "3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--replicas 3 needs 3 nodes of class cpu; 2 online"),
+        "{stderr}"
+    );
+}
