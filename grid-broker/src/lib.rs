@@ -29,6 +29,8 @@ pub struct BrokerConfig {
     pub nats_url: String,
     /// Tasks of one job queued or running at once.
     pub window: u64,
+    /// Servers of the NATS cluster that keep each stream and bucket.
+    pub stream_replicas: usize,
 }
 
 struct ActiveJob {
@@ -59,7 +61,16 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let client = grid_client::connect(&config.nats_url, true).await?;
-    let grid = Grid::setup(client.clone()).await?;
+    // A NATS cluster may still be electing its JetStream leader: wait for it.
+    let grid = loop {
+        match Grid::setup(client.clone(), config.stream_replicas).await {
+            Ok(grid) => break grid,
+            Err(e) => {
+                tracing::info!("waiting for JetStream: {e:#}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
     let mut broker = Broker {
         config,
         grid,
@@ -829,6 +840,10 @@ pub struct BrokerArgs {
     /// Tasks of one job queued or running at once.
     #[arg(long, default_value_t = 256)]
     pub window: u64,
+    /// Copies of every stream, bucket and object store in a NATS cluster (3 on a 3-server
+    /// cluster: any one server may die).
+    #[arg(long, default_value_t = 1)]
+    pub stream_replicas: usize,
 }
 
 /// Runs a broker from its flags until Ctrl-C or SIGTERM.
@@ -836,6 +851,7 @@ pub fn main(args: BrokerArgs) -> std::process::ExitCode {
     let config = BrokerConfig {
         nats_url: grid_client::nats_url(args.nats.as_deref()),
         window: args.window,
+        stream_replicas: args.stream_replicas,
     };
     grid_client::run_service("grid-broker", |shutdown| run(config, shutdown))
 }

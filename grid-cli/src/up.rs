@@ -28,6 +28,10 @@ pub struct UpArgs {
     /// Serve no GPU jobs (otherwise node-1 serves them when this machine has a GPU).
     #[arg(long)]
     pub no_gpu: bool,
+    /// Run N nats-servers as one JetStream cluster, every stream and bucket kept on min(N, 3)
+    /// of them, so that a server can die without the grid noticing [default: 1, no cluster]
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cluster: u32,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -102,7 +106,6 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     let nats_server = find_nats_server().ok_or_else(|| anyhow!(NATS_SERVER_MISSING))?;
     let url = grid_client::nats_url(args.nats.as_deref());
     let (host, port) = host_port(&url)?;
-    let url = format!("nats://{host}:{port}");
     let data = args.data_dir.unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(data.join("logs"))
         .with_context(|| format!("creating {}", data.display()))?;
@@ -112,24 +115,61 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         (cpus / args.nodes.max(1)).max(1)
     });
 
+    if !(1..=5).contains(&args.cluster) {
+        bail!("--cluster must be 1 to 5 servers, got {}", args.cluster);
+    }
+    let free_port = || -> Result<u16> {
+        Ok(std::net::TcpListener::bind((host.as_str(), 0))?
+            .local_addr()?
+            .port())
+    };
+    // Server 0 serves the asked port; the others, and the cluster routes, free ones.
+    let mut client_ports = vec![port];
+    for _ in 1..args.cluster {
+        client_ports.push(free_port()?);
+    }
+    let route_ports = (0..args.cluster)
+        .map(|_| free_port())
+        .collect::<Result<Vec<_>>>()?;
+    let routes = route_ports
+        .iter()
+        .map(|p| format!("nats://{host}:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let url = client_ports
+        .iter()
+        .map(|p| format!("nats://{host}:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut servers: Vec<(String, Child)> = Vec::new();
     let mut children: Vec<(String, Child)> = Vec::new();
     let result = (|| -> Result<()> {
-        let nats = spawn(
-            Command::new(&nats_server)
-                .args(["-js", "-sd"])
-                .arg(data.join("jetstream"))
-                .args(["-a", &host, "-p", &port.to_string()]),
-            &data.join("logs/nats-server.log"),
-        )?;
-        children.push(("nats-server".into(), nats));
-        wait_for_port(
-            &host,
-            port,
-            &mut children[0].1,
-            &data.join("logs/nats-server.log"),
-        )?;
+        for (i, client_port) in client_ports.iter().enumerate() {
+            let (name, store) = if args.cluster == 1 {
+                ("nats-server".to_string(), data.join("jetstream"))
+            } else {
+                (
+                    format!("nats-server-{i}"),
+                    data.join(format!("jetstream-{i}")),
+                )
+            };
+            let log = data.join(format!("logs/{name}.log"));
+            let mut cmd = Command::new(&nats_server);
+            cmd.args(["-js", "-sd"])
+                .arg(store)
+                .args(["-a", &host, "-p", &client_port.to_string()]);
+            if args.cluster > 1 {
+                cmd.args(["-n", &format!("grid-{i}"), "--cluster_name", "grid"])
+                    .args(["--cluster", &format!("nats://{host}:{}", route_ports[i])])
+                    .args(["--routes", &routes]);
+            }
+            servers.push((name, spawn(&mut cmd, &log)?));
+            let last = servers.len() - 1;
+            wait_for_port(&host, *client_port, &mut servers[last].1, &log)?;
+        }
+        let replicas = args.cluster.min(3).to_string();
         let broker = spawn(
-            Command::new(&exe).args(["broker", "--nats", &url]),
+            Command::new(&exe).args(["broker", "--nats", &url, "--stream-replicas", &replicas]),
             &data.join("logs/broker.log"),
         )?;
         children.push(("broker".into(), broker));
@@ -159,9 +199,9 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         wait_for_nodes(&url, args.nodes as usize, &mut children)
     })();
     if let Err(e) = result {
-        // Stop the parts in reverse order: nodes and broker before the server they talk to.
-        children.reverse();
+        // Nodes and broker before the servers they talk to.
         terminate(&mut children);
+        terminate(&mut servers);
         return Err(e.context(format!("logs are in {}", data.join("logs").display())));
     }
     println!("grid: ready {url}");
@@ -182,7 +222,7 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
             tokio::select! {
                 () = &mut signal => return None,
                 () = tokio::time::sleep(Duration::from_millis(500)) => {
-                    for (name, child) in children.iter_mut() {
+                    for (name, child) in children.iter_mut().chain(servers.iter_mut()) {
                         if let Ok(Some(status)) = child.try_wait() {
                             return Some(format!("{name} exited ({status})"));
                         }
@@ -192,9 +232,8 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         }
     });
     eprintln!("grid: stopping");
-    let mut server = children.remove(0);
     terminate(&mut children);
-    terminate(std::slice::from_mut(&mut server));
+    terminate(&mut servers);
     match exited {
         None => Ok(ExitCode::SUCCESS),
         Some(why) => bail!("{why}; logs are in {}", data.join("logs").display()),

@@ -57,14 +57,20 @@ pub async fn connect_with(
             .await
             .with_context(|| format!("reading credentials {}", creds.display()))?;
     }
+    // A cluster is a comma-separated list; the client fails over between its servers.
+    let servers = url
+        .split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("bad NATS URL {url:?}: {e}"))?;
     if forever {
         options = options.retry_on_initial_connect().max_reconnects(None);
         return options
-            .connect(url)
+            .connect(servers)
             .await
             .with_context(|| format!("connecting to {url}"));
     }
-    let attempt = tokio::time::timeout(Duration::from_secs(5), options.connect(url)).await;
+    let attempt = tokio::time::timeout(Duration::from_secs(5), options.connect(servers)).await;
     match attempt {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(e)) => bail!(
@@ -100,7 +106,11 @@ fn context(client: &async_nats::Client) -> jetstream::Context {
 impl Grid {
     /// Creates (or updates) every stream, consumer, bucket and object store. The broker calls it
     /// at start; it is idempotent.
-    pub async fn setup(client: async_nats::Client) -> Result<Self> {
+    ///
+    /// `replicas` is how many servers of a NATS cluster keep each stream, bucket and object store
+    /// (1 on a single server; 3 on a 3-server cluster, so that one server can die). Consumers
+    /// follow their stream.
+    pub async fn setup(client: async_nats::Client, replicas: usize) -> Result<Self> {
         let js = context(&client);
         js.create_or_update_stream(stream::Config {
             name: names::TASKS_STREAM.into(),
@@ -108,6 +118,7 @@ impl Grid {
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
+            num_replicas: replicas,
             ..Default::default()
         })
         .await
@@ -118,6 +129,7 @@ impl Grid {
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
+            num_replicas: replicas,
             ..Default::default()
         })
         .await
@@ -162,6 +174,7 @@ impl Grid {
                 history: 1,
                 max_age,
                 storage: stream::StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await
@@ -172,6 +185,7 @@ impl Grid {
                 js.create_object_store(object_store::Config {
                     bucket: bucket.into(),
                     storage: stream::StorageType::File,
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await

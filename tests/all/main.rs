@@ -8,6 +8,7 @@ mod support;
 
 mod cache;
 mod cli;
+mod cluster;
 mod examples;
 mod gpu;
 mod grid;

@@ -193,6 +193,49 @@ impl NatsServer {
     }
 
     fn start_in(dir: tempfile::TempDir, port: u16) -> Self {
+        Self::start_with(dir, port, &[])
+    }
+
+    /// `n` servers on loopback joined in one JetStream cluster (routes between all of them).
+    /// The grid's URL is their client URLs joined with commas ([`cluster_url`]).
+    pub fn start_cluster(n: usize) -> Vec<Self> {
+        let free_port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        (0..n)
+            .map(|i| {
+                let name = format!("grid-{i}");
+                let cluster = format!("nats://127.0.0.1:{}", cluster_ports[i]);
+                Self::start_with(
+                    tempfile::tempdir().unwrap(),
+                    client_ports[i],
+                    &[
+                        "-n",
+                        &name,
+                        "--cluster_name",
+                        "grid",
+                        "--cluster",
+                        &cluster,
+                        "--routes",
+                        &routes,
+                    ],
+                )
+            })
+            .collect()
+    }
+
+    fn start_with(dir: tempfile::TempDir, port: u16, extra: &[&str]) -> Self {
         let bin = grid_client::find_nats_server().unwrap_or_else(|| {
             panic!(
                 "{} (the tests need a real nats-server)",
@@ -212,6 +255,7 @@ impl NatsServer {
             .arg(dir.path().join("store"))
             .arg("--ports_file_dir")
             .arg(&ports_dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -254,6 +298,14 @@ impl NatsServer {
         }
     }
 
+    /// Kills the server (SIGKILL) and leaves it dead.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Kills the server (SIGKILL) and starts it again on the same port and store.
     pub fn restart(mut self) -> Self {
         if let Some(mut child) = self.child.take() {
@@ -279,9 +331,23 @@ pub struct GridProcess {
     child: std::process::Child,
 }
 
+/// The URL of a cluster: every server's client URL, comma-separated.
+pub fn cluster_url(servers: &[NatsServer]) -> String {
+    servers
+        .iter()
+        .map(|s| s.url.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl GridProcess {
     pub fn broker(nats: &NatsServer, extra: &[&str]) -> Self {
         Self::spawn(&[&["broker", "--nats", &nats.url], extra].concat())
+    }
+
+    /// `grid ARGS --nats URL` as a long-running part of a grid (for a cluster's URL list).
+    pub fn start_at(url: &str, args: &[&str]) -> Self {
+        Self::spawn(&[args, &["--nats", url]].concat())
     }
 
     /// A CPU-only node (`--no-gpu`): most tests need no GPU worker.
