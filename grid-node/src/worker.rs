@@ -369,6 +369,9 @@ impl Node {
             return;
         }
         let delivered = msg.info().map_or(1, |i| i.delivered);
+        if delivered > 1 {
+            tracing::debug!(job = %task.job_id, index = task.index, delivered, "redelivered task");
+        }
         // A replica may also be handed back once by each node that already ran another replica.
         let replicas = i64::from(job.spec.replicas.max(1) - 1);
         if delivered > grid_client::MAX_TASK_DELIVERIES + replicas {

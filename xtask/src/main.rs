@@ -5,10 +5,12 @@
 //! | `setup` | installs what is missing (the wasm32-wasip1 target) or says exactly how |
 //! | `build-guests` | builds the example jobs and the test guests to `target/wasm32-wasip1/guest/` |
 //! | `demo` | the README's main job: runs the synthetic-data example, a few tasks, via `grid run` |
-//! | `test` | setup, build-guests, then every test of the workspace |
-//! | `bench [sandbox]` | the sandbox benchmark: sandbox vs bare wasmtime vs native, per-task fixed cost |
+//! | `test` | setup, build-guests, every test of the workspace, then a short chaos run |
+//! | `bench [sandbox|grid|gpu]` | benchmarks: sandbox vs bare wasmtime vs native; tasks per second through the grid; GPU binding vs native |
+//! | `chaos [--tasks N] [--seed S]` | a job on a local grid while nodes, the broker and nats-server are killed at random; checked against a calm run |
 
 mod bench;
+mod chaos;
 mod demo;
 mod setup;
 
@@ -35,10 +37,15 @@ fn run() -> Result<()> {
         Some("test") => {
             setup::run()?;
             build_guests()?;
-            cargo(&["test", "--workspace", "--locked"])
+            cargo(&["test", "--workspace", "--locked"])?;
+            // The short chaos run: the grid under kills of every kind of process.
+            chaos::run(&["--tasks".into(), "300".into(), "--seed".into(), "1".into()])
         }
         Some("bench") => bench::run(args.get(1).map(String::as_str)),
-        _ => bail!("usage: cargo xtask <setup|build-guests|demo|test|bench [sandbox]>"),
+        Some("chaos") => chaos::run(&args[1..]),
+        _ => bail!(
+            "usage: cargo xtask <setup|build-guests|demo|test|bench [sandbox|grid|gpu]|chaos [--tasks N] [--seed S]>"
+        ),
     }
 }
 

@@ -1,0 +1,353 @@
+//! `cargo xtask chaos [--tasks N] [--seed S]`: a job run twice on a local grid of real processes
+//! (nats-server with a file store, a broker, three nodes) — once calm, once while a seeded
+//! schedule SIGKILLs and restarts nodes, the broker and nats-server at random moments — then
+//! checked: the job completes; every task is counted exactly once; every task's outputs are
+//! byte-identical to the calm run's; no task used more attempts than its retry budget allows.
+//! It prints a summary: kills of each kind, retries used, duplicate results the broker dropped,
+//! wall time against the calm run. CI runs a short one (`--tasks 300`).
+
+use crate::{build_guests, cargo, guest_wasm, setup, target_dir};
+use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NODES: usize = 3;
+const RETRIES: u64 = 2;
+
+pub fn run(args: &[String]) -> Result<()> {
+    let mut tasks = 2000u64;
+    let mut seed = 1u64;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let value = it.next().with_context(|| format!("{arg} needs a value"))?;
+        match arg.as_str() {
+            "--tasks" => tasks = value.parse().context("--tasks N")?,
+            "--seed" => seed = value.parse().context("--seed S")?,
+            other => {
+                bail!("unknown argument {other}; usage: cargo xtask chaos [--tasks N] [--seed S]")
+            }
+        }
+    }
+    setup::run()?;
+    build_guests()?;
+    cargo(&["build", "--locked", "-p", "grid-cli"])?;
+    let work = std::env::temp_dir().join(format!("grid-chaos-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    println!("chaos: {tasks} tasks of monte-carlo-pi on {NODES} nodes, schedule seed {seed}");
+    let calm = run_job(&work.join("calm"), tasks, None)?;
+    println!("chaos: calm run {:.1} s", calm.wall.as_secs_f64());
+    let chaos = run_job(&work.join("chaos"), tasks, Some(seed))?;
+
+    let mut problems = Vec::new();
+    if chaos.tasks.len() as u64 != tasks {
+        problems.push(format!(
+            "{} of {tasks} tasks in the results",
+            chaos.tasks.len()
+        ));
+    }
+    for (index, task) in &chaos.tasks {
+        match calm.tasks.get(index) {
+            Some(c) if c.files == task.files => {}
+            _ => problems.push(format!("task {index}: outputs differ from the calm run")),
+        }
+        if task.attempts > RETRIES + 1 {
+            problems.push(format!("task {index}: {} attempts", task.attempts));
+        }
+    }
+    let retries: u64 = chaos.tasks.values().map(|t| t.attempts - 1).sum();
+    println!(
+        "chaos: kills: {} node, {} broker, {} nats-server; redeliveries {}; retries used {retries}; duplicate results dropped {}; wall {:.1} s vs calm {:.1} s ({:.2}×)",
+        chaos.kills[0],
+        chaos.kills[1],
+        chaos.kills[2],
+        chaos.redeliveries,
+        chaos.duplicates,
+        chaos.wall.as_secs_f64(),
+        calm.wall.as_secs_f64(),
+        chaos.wall.as_secs_f64() / calm.wall.as_secs_f64()
+    );
+    if !problems.is_empty() {
+        bail!(
+            "chaos run failed its checks ({} problems; logs in {}): {}",
+            problems.len(),
+            work.display(),
+            problems
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    println!("chaos: every task counted once, outputs identical to the calm run");
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+struct TaskResult {
+    files: Vec<(String, String)>,
+    attempts: u64,
+}
+
+struct JobRun {
+    wall: Duration,
+    tasks: BTreeMap<u64, TaskResult>,
+    /// Kills of nodes, the broker, nats-server.
+    kills: [u32; 3],
+    duplicates: u64,
+    /// Tasks JetStream delivered again (a node died holding them, or handed them back).
+    redeliveries: u64,
+}
+
+/// A process of the grid that can be killed and started again the same way.
+struct Part {
+    cmd: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Part {
+    fn new(cmd: Vec<String>, env: Vec<(String, String)>, log: PathBuf) -> Result<Self> {
+        let mut part = Self {
+            cmd,
+            env,
+            log,
+            child: None,
+        };
+        part.start()?;
+        Ok(part)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.cmd[0])
+            .args(&self.cmd[1..])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.cmd.join(" ")))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A small seeded generator (SplitMix64): the same seed gives the same schedule.
+struct Schedule(u64);
+
+impl Schedule {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.next() % (hi - lo))
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn run_job(dir: &Path, tasks: u64, chaos: Option<u64>) -> Result<JobRun> {
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let grid = target_dir()
+        .join("debug/grid")
+        .to_string_lossy()
+        .into_owned();
+    let port = free_port()?;
+    let url = format!("nats://127.0.0.1:{port}");
+    let s = |v: &str| v.to_string();
+    let mut nats = Part::new(
+        vec![
+            setup::nats_server()?.to_string_lossy().into_owned(),
+            s("-js"),
+            s("-a"),
+            s("127.0.0.1"),
+            s("-p"),
+            port.to_string(),
+            s("-sd"),
+            dir.join("store").to_string_lossy().into_owned(),
+        ],
+        Vec::new(),
+        dir.join("logs/nats-server.log"),
+    )?;
+    let debug_log = vec![(s("RUST_LOG"), s("grid_broker=debug"))];
+    let mut broker = Part::new(
+        vec![grid.clone(), s("broker"), s("--nats"), url.clone()],
+        debug_log,
+        dir.join("logs/broker.log"),
+    )?;
+    let mut nodes = (0..NODES)
+        .map(|i| {
+            Part::new(
+                vec![
+                    grid.clone(),
+                    s("node"),
+                    s("--nats"),
+                    url.clone(),
+                    s("--id"),
+                    format!("node-{i}"),
+                    s("--slots"),
+                    s("2"),
+                    s("--no-gpu"),
+                    s("--cache-dir"),
+                    dir.join(format!("node-{i}")).to_string_lossy().into_owned(),
+                ],
+                vec![(s("RUST_LOG"), s("grid_node::worker=debug"))],
+                dir.join(format!("logs/node-{i}.log")),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let grid_cmd = |args: &[&str]| {
+        Command::new(&grid)
+            .args(args)
+            .args(["--nats", &url])
+            .stderr(Stdio::piped())
+            .output()
+    };
+
+    let module = guest_wasm("monte-carlo-pi");
+    let started = Instant::now();
+    let tasks_arg = tasks.to_string();
+    let job = loop {
+        let out = grid_cmd(&[
+            "submit",
+            module.to_str().context("module path")?,
+            "--tasks",
+            &tasks_arg,
+            "--seed",
+            "7",
+            "--retries",
+            &RETRIES.to_string(),
+            "--json",
+        ])?;
+        if out.status.success() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let id = text
+                .split("\"job_id\":\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .context("submit printed no job id")?;
+            break id.to_string();
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("submit failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+
+    let mut kills = [0u32; 3];
+    let mut schedule = chaos.map(Schedule);
+    let mut next_kill = Instant::now() + Duration::from_secs(1);
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let out = grid_cmd(&["status", &job, "--json"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("\"state\":\"done\"") {
+            break;
+        }
+        if text.contains("\"state\":\"failed\"") || text.contains("\"state\":\"cancelled\"") {
+            bail!("the job ended {text}");
+        }
+        if Instant::now() > deadline {
+            bail!("the job did not finish within 15 min: {text}");
+        }
+        if let Some(schedule) = schedule.as_mut()
+            && Instant::now() >= next_kill
+        {
+            let roll = schedule.next() % 100;
+            let (kind, part): (usize, &mut Part) = if roll < 60 {
+                let i = (schedule.next() % NODES as u64) as usize;
+                (0, &mut nodes[i])
+            } else if roll < 85 {
+                (1, &mut broker)
+            } else {
+                (2, &mut nats)
+            };
+            part.kill();
+            kills[kind] += 1;
+            std::thread::sleep(schedule.millis(100, 1500));
+            part.start()?;
+            next_kill = Instant::now() + schedule.millis(300, 2000);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let wall = started.elapsed();
+
+    let results = dir.join("results");
+    let out = grid_cmd(&[
+        "results",
+        &job,
+        "-o",
+        results.to_str().context("results path")?,
+    ])?;
+    if !out.status.success() {
+        bail!("results: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let manifest = std::fs::read_to_string(results.join("manifest.jsonl"))?;
+    let mut tasks_seen = BTreeMap::new();
+    for line in manifest.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let index = v["index"].as_u64().context("index")?;
+        let mut files: Vec<(String, String)> = v["files"]
+            .as_array()
+            .context("files")?
+            .iter()
+            .map(|f| (f["path"].to_string(), f["sha256"].to_string()))
+            .collect();
+        files.sort();
+        let task = TaskResult {
+            files,
+            attempts: v["attempts"].as_u64().context("attempts")?,
+        };
+        if tasks_seen.insert(index, task).is_some() {
+            bail!("task {index} is in the results twice");
+        }
+    }
+    let count_in_logs = |file: &str, what: &str| {
+        std::fs::read_to_string(dir.join("logs").join(file))
+            .unwrap_or_default()
+            .matches(what)
+            .count() as u64
+    };
+    let duplicates = count_in_logs("broker.log", "duplicate result ignored");
+    let redeliveries = (0..NODES)
+        .map(|i| count_in_logs(&format!("node-{i}.log"), "redelivered task"))
+        .sum();
+    drop(nodes);
+    drop(broker);
+    drop(nats);
+    Ok(JobRun {
+        wall,
+        tasks: tasks_seen,
+        kills,
+        duplicates,
+        redeliveries,
+    })
+}
