@@ -449,7 +449,11 @@ impl Node {
             .send_publish(names::results_subject(&job.id), publish)
             .await
             .map_err(|e| anyhow!("{e}"))?;
-        ack.await.map_err(|e| anyhow!("{e}"))?;
+        let ack = ack.await.map_err(|e| anyhow!("{e}"))?;
+        if ack.duplicate {
+            // Another run of the same attempt published first (this one was redelivered).
+            tracing::debug!(job = %job.id, index = task.index, "duplicate result dropped by JetStream");
+        }
         Ok(())
     }
 

@@ -336,7 +336,17 @@ fn run_job(dir: &Path, tasks: u64, chaos: Option<u64>) -> Result<JobRun> {
             .matches(what)
             .count() as u64
     };
-    let duplicates = count_in_logs("broker.log", "duplicate result ignored");
+    // Dropped by JetStream's message-id window (a redelivered task published again), or by the
+    // broker (a result counted already).
+    let duplicates = count_in_logs("broker.log", "duplicate result ignored")
+        + (0..NODES)
+            .map(|i| {
+                count_in_logs(
+                    &format!("node-{i}.log"),
+                    "duplicate result dropped by JetStream",
+                )
+            })
+            .sum::<u64>();
     let redeliveries = (0..NODES)
         .map(|i| count_in_logs(&format!("node-{i}.log"), "redelivered task"))
         .sum();
