@@ -22,6 +22,7 @@
 //! | heartbeat, bucket TTL | 2 s, 10 s | `grid nodes` and the GPU-class check drop a dead node within 10 s |
 //! | hand-back delay ([`HAND_BACK_DELAY`]) | 1 s | a task this node cannot run (draining, module missing, GPU worker restarted) is offered to others at once, without a hot loop |
 //! | deliveries ([`grid_client::MAX_TASK_DELIVERIES`]) | 5 | a task that no node can run ends `lost` instead of circling forever |
+//! | retries (broker) | at once | a failed attempt is published again immediately: its cause is in the task or the node, not in time; a node that cannot run a task hands it back after 1 s instead |
 
 use crate::{GpuWorker, Limits, NodeCaps, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use anyhow::{Context, Result, anyhow, bail};
