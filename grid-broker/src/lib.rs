@@ -440,7 +440,10 @@ impl Broker {
     async fn count(&mut self, result: ResultMsg) -> Result<()> {
         let Some(job) = self.active.get_mut(&result.job_id) else {
             // Finished, cancelled or unknown: nothing to count, but a late replica's vote.
-            return self.late_vote(&result).await;
+            if let Some(record) = self.decided(&result).await? {
+                self.late_vote(&result, &record).await?;
+            }
+            return Ok(());
         };
         if result.index >= job.record.counts.total {
             tracing::warn!(job = %result.job_id, index = result.index, "result for a task that does not exist");
@@ -509,26 +512,15 @@ impl Broker {
             )
             .await;
         }
-        let task_key = names::task_key(&result.job_id, index);
-        if self
-            .grid
-            .tasks
-            .get(&task_key)
-            .await
-            .map_err(|e| anyhow!("reading task {task_key}: {e}"))?
-            .is_some()
-        {
-            return self.late_vote(&result).await;
+        if let Some(record) = self.decided(&result).await? {
+            return self.late_vote(&result, &record).await;
         }
-        let key = names::vote_key(&result.job_id, index, result.replica);
-        match self.grid.votes.create(&key, encode(&result).into()).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
-                self.duplicates += 1;
-                return Ok(());
-            }
-            Err(e) => return Err(anyhow!("storing vote {key}: {e}")),
+        if !self.store_vote(&result).await? {
+            return Ok(());
         }
+        let Some(job) = self.active.get_mut(&result.job_id) else {
+            return Ok(());
+        };
         let votes = match job.votes.get_mut(&index) {
             Some(votes) => {
                 votes.push(result);
@@ -612,36 +604,42 @@ impl Broker {
         Ok(())
     }
 
-    /// A replica's result for a task already decided (its job may have finished): it changes
-    /// nothing but its node's tally, once.
-    async fn late_vote(&mut self, result: &ResultMsg) -> Result<()> {
-        let task_key = names::task_key(&result.job_id, result.index);
-        let Some(bytes) = self
+    /// The final record of `result`'s task, if the task is decided.
+    async fn decided(&self, result: &ResultMsg) -> Result<Option<TaskRecord>> {
+        let key = names::task_key(&result.job_id, result.index);
+        let bytes = self
             .grid
             .tasks
-            .get(&task_key)
+            .get(&key)
             .await
-            .map_err(|e| anyhow!("reading task {task_key}: {e}"))?
-        else {
-            return Ok(());
-        };
-        let Ok(record) = decode::<TaskRecord>(&bytes) else {
-            return Ok(());
-        };
+            .map_err(|e| anyhow!("reading task {key}: {e}"))?;
+        Ok(bytes.and_then(|b| decode::<TaskRecord>(&b).ok()))
+    }
+
+    /// Stores a replica's result in `grid_votes`, once: false for a duplicate.
+    async fn store_vote(&mut self, result: &ResultMsg) -> Result<bool> {
+        let key = names::vote_key(&result.job_id, result.index, result.replica);
+        match self.grid.votes.create(&key, encode(result).into()).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                self.duplicates += 1;
+                Ok(false)
+            }
+            Err(e) => Err(anyhow!("storing vote {key}: {e}")),
+        }
+    }
+
+    /// A replica's result for a task already decided (its job may have finished): it changes
+    /// nothing but its node's tally, once.
+    async fn late_vote(&mut self, result: &ResultMsg, record: &TaskRecord) -> Result<()> {
         if record.votes.is_empty() || record.votes.iter().any(|v| v.replica == result.replica) {
             return Ok(()); // no replicas, or a vote the decision counted
         }
-        let key = names::vote_key(&result.job_id, result.index, result.replica);
-        match self.grid.votes.create(&key, encode(result).into()).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
-                self.duplicates += 1;
-                return Ok(());
-            }
-            Err(e) => return Err(anyhow!("storing vote {key}: {e}")),
+        if self.store_vote(result).await? {
+            let agreed =
+                record.state != TaskState::Disputed && record.result.digest == result.digest;
+            tally(&self.grid, &result.node_id, agreed).await;
         }
-        let agreed = record.state != TaskState::Disputed && record.result.digest == result.digest;
-        tally(&self.grid, &result.node_id, agreed).await;
         Ok(())
     }
 

@@ -10,20 +10,12 @@
 use gpu_noise::{Noise, cpu_image, pgm};
 use grid_gpu::{GpuDevice, GpuLimits, GpuSession};
 use grid_node::{GpuWorker, Limits, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
-
-fn median(mut xs: Vec<Duration>) -> Duration {
-    xs.sort();
-    xs[xs.len() / 2]
-}
+mod common;
+use common::{median, target_dir};
 
 /// The example's job natively: the same GPU calls and the same files.
 fn native(

@@ -598,22 +598,6 @@ fn grid_with_a_gpu_node_with(flags: &[&str]) -> TestGrid {
     grid
 }
 
-fn results_manifest(grid: &TestGrid, job: &str) -> (tempfile::TempDir, Vec<serde_json::Value>) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = grid.grid(&["results", job, "-o", dir.path().to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let manifest = std::fs::read_to_string(dir.path().join("manifest.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (dir, manifest)
-}
-
 #[test]
 fn a_gpu_job_runs_through_the_grid_on_the_gpu_node() {
     let grid = grid_with_a_gpu_node("1");
@@ -652,7 +636,7 @@ fn a_gpu_job_runs_through_the_grid_on_the_gpu_node() {
     let expected = format!("gpu: {}", (0..4096u64).map(|v| 2 * v).sum::<u64>());
     assert_eq!(logs.matches(&expected).count(), 4, "{logs}");
     assert!(!logs.contains("cpu fallback"), "{logs}");
-    let (_dir, manifest) = results_manifest(&grid, job);
+    let (_dir, manifest) = grid.results(job);
     assert!(
         manifest.iter().all(|t| t["node"] == "gpu-node"),
         "{manifest:?}"
@@ -717,7 +701,7 @@ fn a_gpu_overrun_on_a_node_fails_only_its_task() {
     let good_job = good["job_id"].as_str().unwrap();
     let good = grid.wait(good_job);
     assert_eq!(good["state"], "done", "{good}");
-    let (_dir, manifest) = results_manifest(&grid, good_job);
+    let (_dir, manifest) = grid.results(good_job);
     assert!(
         manifest.iter().all(|t| t["attempts"] == 1),
         "no retry was charged: {manifest:?}"

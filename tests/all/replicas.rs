@@ -33,22 +33,6 @@ fn submit_nap(grid: &TestGrid, tasks: &str, flags: &[&str]) -> String {
         .to_string()
 }
 
-fn results(grid: &TestGrid, job: &str) -> (tempfile::TempDir, Vec<serde_json::Value>) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = grid.grid(&["results", job, "-o", dir.path().to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let manifest = std::fs::read_to_string(dir.path().join("manifest.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (dir, manifest)
-}
-
 /// Waits until `grid nodes` shows `node` with `agreed` and `lost` votes.
 fn wait_for_tally(grid: &TestGrid, node: &str, agreed: u64, lost: u64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -79,7 +63,7 @@ fn replicas_run_on_distinct_nodes_and_agree() {
     let status = grid.wait(&job);
     assert_eq!(status["state"], "done", "{status}");
     assert_eq!(status["tasks"]["succeeded"], 6);
-    let (dir, manifest) = results(&grid, &job);
+    let (dir, manifest) = grid.results(&job);
     for task in &manifest {
         let votes = task["votes"].as_array().unwrap();
         assert_eq!(votes.len(), 3, "{task}");
@@ -102,7 +86,7 @@ fn a_lying_node_is_outvoted_and_its_outputs_never_count() {
     let job = submit_nap(&grid, "4", &["--replicas", "3", "--quorum", "2"]);
     let status = grid.wait(&job);
     assert_eq!(status["state"], "done", "{status}");
-    let (dir, manifest) = results(&grid, &job);
+    let (dir, manifest) = grid.results(&job);
     for task in &manifest {
         assert_ne!(task["node"], "liar", "{task}");
         let index = task["index"].as_u64().unwrap();
@@ -126,7 +110,7 @@ fn a_disagreement_gets_another_replica_which_breaks_the_tie() {
     grid.nodes.push(node(&grid, "honest-2", false));
     let status = grid.wait(&job);
     assert_eq!(status["state"], "done", "{status}");
-    let (_dir, manifest) = results(&grid, &job);
+    let (_dir, manifest) = grid.results(&job);
     for task in &manifest {
         let votes = task["votes"].as_array().unwrap();
         assert_eq!(votes.len(), 3, "an extra replica: {task}");
@@ -150,7 +134,7 @@ fn replicas_that_never_agree_leave_the_task_disputed() {
     assert_eq!(status["state"], "failed", "{status}");
     assert_eq!(status["reason"], "task 0 disputed");
     assert_eq!(status["tasks"]["disputed"], 1);
-    let (_dir, manifest) = results(&grid, &job);
+    let (_dir, manifest) = grid.results(&job);
     assert_eq!(manifest[0]["state"], "disputed");
     let votes = manifest[0]["votes"].as_array().unwrap();
     assert_eq!(votes.len(), 4, "two replicas and two extra: {votes:?}");

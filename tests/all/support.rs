@@ -517,6 +517,23 @@ impl TestGrid {
         }
     }
 
+    /// `grid results JOB -o DIR` into a new temp dir: the dir and its `manifest.jsonl` lines.
+    pub fn results(&self, job: &str) -> (tempfile::TempDir, Vec<serde_json::Value>) {
+        let dir = tempfile::tempdir().unwrap();
+        let out = self.grid(&["results", job, "-o", dir.path().to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let manifest = std::fs::read_to_string(dir.path().join("manifest.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (dir, manifest)
+    }
+
     /// Waits for the job to end (the deadline only guards against a hang) and returns its status.
     pub fn wait(&self, job: &str) -> serde_json::Value {
         let out = self.grid(&["status", job, "--wait", "--json"]);

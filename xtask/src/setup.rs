@@ -110,9 +110,8 @@ fn nats_server_version(path: &std::path::Path) -> Option<(u32, u32)> {
     Some((parts.next()??, parts.next()??))
 }
 
-/// The nats-server `cargo xtask setup` found or installed.
-pub fn nats_server() -> Result<PathBuf> {
-    ensure_nats_server()?;
+/// Where a nats-server may be, in order: `GRID_NATS_SERVER`, `PATH`, then our venv.
+fn nats_server_candidates() -> Result<Vec<PathBuf>> {
     let mut candidates: Vec<PathBuf> = std::env::var_os("GRID_NATS_SERVER")
         .map(PathBuf::from)
         .into_iter()
@@ -121,22 +120,21 @@ pub fn nats_server() -> Result<PathBuf> {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("nats-server")));
     }
     candidates.push(venv()?.join("bin/nats-server"));
-    candidates
+    Ok(candidates)
+}
+
+/// The nats-server `cargo xtask setup` found or installed.
+pub fn nats_server() -> Result<PathBuf> {
+    ensure_nats_server()?;
+    nats_server_candidates()?
         .into_iter()
         .find(|c| c.is_file() && nats_server_version(c).is_some_and(|v| v >= (2, 10)))
         .context("nats-server is missing: run `cargo xtask setup`")
 }
 
 fn ensure_nats_server() -> Result<()> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("GRID_NATS_SERVER")
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("nats-server")));
-    }
+    let candidates = nats_server_candidates()?;
     let ours = venv()?.join("bin/nats-server");
-    candidates.push(ours.clone());
     for candidate in candidates.iter().filter(|c| c.is_file()) {
         match nats_server_version(candidate) {
             Some(v) if v >= (2, 10) => return Ok(()),
