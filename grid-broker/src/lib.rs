@@ -1,11 +1,15 @@
 //! The broker: job intake, fair fan-out of tasks, exactly-once counting of results, retries.
 //!
 //! It keeps no state of its own: job records live in KV (`grid_jobs`), each task's final state
-//! in KV (`grid_tasks`, created once — a second result for the same task finds the key taken
-//! and is counted as a duplicate), tasks and results in streams. Killed and restarted, it
+//! in KV (`grid_tasks`, created once — a second result for the same task finds the key taken),
+//! tasks and results in streams. A job's counts follow the set of its `grid_tasks` entries:
+//! the broker remembers which entries it has counted, so a second result is a duplicate, while
+//! a result whose create reached the store but whose reply was lost (the server died
+//! mid-request) is counted when it comes back, from the stored record. Killed and restarted, it
 //! reloads unfinished jobs, recounts them from `grid_tasks`, and goes on; a task it had
 //! published but not yet recorded is published again under the same message id, and JetStream
-//! drops the copy.
+//! drops the copy. A job's final record is written before the broker lets go of the job; until
+//! that write succeeds the job stays in memory and the write is retried on every tick.
 //!
 //! Fairness: each job has at most `window` tasks in the work queue or running; the broker fills
 //! windows round-robin across jobs, so a small job submitted behind a large one waits for at
@@ -15,6 +19,7 @@
 
 use anyhow::{Result, anyhow};
 use async_nats::jetstream::{self, AckKind};
+use bit_set::BitSet;
 use futures::StreamExt;
 use grid_client::{Grid, now_unix_ms};
 use grid_proto::{
@@ -43,7 +48,65 @@ struct ActiveJob {
     /// and how many replicas each was given.
     votes: HashMap<u64, Vec<ResultMsg>>,
     dispatched: HashMap<u64, u32>,
+    /// Tasks whose final record in `grid_tasks` is in `record.counts`.
+    counted: BitSet,
     dirty: bool,
+}
+
+impl ActiveJob {
+    /// Counts a task's stored final record, once: false if it was counted already.
+    fn count(&mut self, record: &TaskRecord) -> bool {
+        let Ok(index) = usize::try_from(record.result.index) else {
+            return false;
+        };
+        if !self.counted.insert(index) {
+            return false;
+        }
+        let counts = &mut self.record.counts;
+        match record.state {
+            TaskState::Succeeded => counts.succeeded += 1,
+            TaskState::Failed => {
+                counts.failed += 1;
+                if self.record.reason.is_none() {
+                    let why = record.failures.last().cloned().unwrap_or_default();
+                    self.record.reason = Some(format!("task {index} failed: {why}"));
+                }
+            }
+            TaskState::Disputed => {
+                counts.disputed += 1;
+                if self.record.reason.is_none() {
+                    self.record.reason = Some(format!("task {index} disputed"));
+                }
+            }
+        }
+        counts.in_flight = counts.in_flight.saturating_sub(1);
+        self.dirty = true;
+        true
+    }
+
+    /// Whether this task's final record is counted.
+    fn has_counted(&self, index: u64) -> bool {
+        usize::try_from(index).is_ok_and(|i| self.counted.contains(i))
+    }
+
+    /// Ends the job once every task is counted: its final state, saved by the next `persist`.
+    fn finish_if_complete(&mut self, duplicates: u64) {
+        let counts = &self.record.counts;
+        if self.record.state.is_final()
+            || counts.succeeded + counts.failed + counts.disputed < counts.total
+        {
+            return;
+        }
+        self.record.state = if counts.failed + counts.disputed == 0 {
+            self.record.reason = None;
+            JobState::Done
+        } else {
+            JobState::Failed
+        };
+        self.record.finished_unix_ms = Some(now_unix_ms());
+        self.dirty = true;
+        tracing::info!(job = %self.record.id, state = self.record.state.as_str(), duplicates_dropped = duplicates, "finished");
+    }
 }
 
 struct Broker {
@@ -172,48 +235,47 @@ impl Broker {
                 continue;
             }
             let mut job = self.activate(record).await?;
-            let (succeeded, failed, disputed) = self.recount(&job.record.id).await?;
-            let counts = &mut job.record.counts;
-            counts.succeeded = succeeded;
-            counts.failed = failed;
-            counts.disputed = disputed;
-            counts.in_flight = job
-                .record
-                .enqueued
-                .saturating_sub(succeeded + failed + disputed);
+            let stored = self.recount(&job.record.id).await?;
+            job.record.counts = TaskCounts {
+                total: job.record.counts.total,
+                in_flight: job.record.enqueued,
+                ..TaskCounts::default()
+            };
+            for record in &stored {
+                job.count(record);
+            }
             job.dirty = true;
-            tracing::info!(job = %id, succeeded, failed, "resumed");
+            let counts = &job.record.counts;
+            tracing::info!(job = %id, succeeded = counts.succeeded, failed = counts.failed, "resumed");
+            // Every task was recorded, but the broker died before it saved the final record.
+            job.finish_if_complete(self.duplicates);
             self.active.insert(id, job);
         }
         Ok(())
     }
 
-    /// Succeeded, failed and disputed tasks of `job`, from `grid_tasks`.
-    async fn recount(&self, job: &str) -> Result<(u64, u64, u64)> {
+    /// The final records of `job`'s tasks in `grid_tasks`.
+    async fn recount(&self, job: &str) -> Result<Vec<TaskRecord>> {
         let mut watch = self
             .grid
             .tasks
             .watch_with_history(format!("{job}.>"))
             .await
             .map_err(|e| anyhow!("{e}"))?;
-        let (mut succeeded, mut failed, mut disputed) = (0, 0, 0);
+        let mut stored = Vec::new();
         // An empty history sends nothing: stop after a short quiet period.
         loop {
             let next = tokio::time::timeout(Duration::from_millis(500), watch.next()).await;
             let Ok(Some(entry)) = next else { break };
             let entry = entry.map_err(|e| anyhow!("{e}"))?;
             if let Ok(record) = decode::<TaskRecord>(&entry.value) {
-                match record.state {
-                    TaskState::Succeeded => succeeded += 1,
-                    TaskState::Failed => failed += 1,
-                    TaskState::Disputed => disputed += 1,
-                }
+                stored.push(record);
             }
             if entry.delta == 0 {
                 break;
             }
         }
-        Ok((succeeded, failed, disputed))
+        Ok(stored)
     }
 
     async fn activate(&self, record: JobRecord) -> Result<ActiveJob> {
@@ -237,6 +299,7 @@ impl Broker {
             failures: HashMap::new(),
             votes: HashMap::new(),
             dispatched: HashMap::new(),
+            counted: BitSet::new(),
             dirty: true,
         })
     }
@@ -382,16 +445,24 @@ impl Broker {
         if job.record.spec.tenant != tenant {
             anyhow::bail!("unknown job {}", req.job_id);
         }
-        job.record.state = JobState::Cancelled;
-        job.record.reason = Some("cancelled".into());
-        job.record.finished_unix_ms = Some(now_unix_ms());
-        let record = job.record.clone();
-        self.active.remove(&req.job_id);
+        if job.record.state.is_final() {
+            anyhow::bail!(
+                "job {} already ended ({})",
+                req.job_id,
+                job.record.state.as_str()
+            );
+        }
+        let mut record = job.record.clone();
+        record.state = JobState::Cancelled;
+        record.reason = Some("cancelled".into());
+        record.finished_unix_ms = Some(now_unix_ms());
+        // Saved before the broker lets go of the job: a failed write leaves it running.
         self.grid
             .jobs
             .put(&record.id, encode(&record).into())
             .await
-            .map_err(|e| anyhow!("{e}"))?;
+            .map_err(|e| anyhow!("saving the cancellation: {e}; try again"))?;
+        self.active.remove(&req.job_id);
         let stream = self
             .grid
             .js
@@ -485,7 +556,7 @@ impl Broker {
             result,
             votes: Vec::new(),
         };
-        self.record_task(record).await.map(|_| ())
+        self.record_task(record).await.map(drop)
     }
 
     /// A replica's result: stored once as a vote; the task is decided when `quorum` votes agree,
@@ -513,14 +584,26 @@ impl Broker {
             .await;
         }
         if let Some(record) = self.decided(&result).await? {
+            // Decided by a store whose reply was lost: counted now, when a replica comes back.
+            if self.count_once(&record) {
+                tally_votes(&self.grid, &record).await;
+            }
             return self.late_vote(&result, &record).await;
         }
-        if !self.store_vote(&result).await? {
-            return Ok(());
-        }
+        let fresh = self.store_vote(&result).await?;
         let Some(job) = self.active.get_mut(&result.job_id) else {
             return Ok(());
         };
+        // Stored already: a duplicate if this broker holds the vote, else a vote whose store
+        // reached the server but whose reply was lost, or one from before a restart.
+        let held = job
+            .votes
+            .get(&index)
+            .is_some_and(|votes| votes.iter().any(|v| v.replica == result.replica));
+        if !fresh && held {
+            self.duplicates += 1;
+            return Ok(());
+        }
         let votes = match job.votes.get_mut(&index) {
             Some(votes) => {
                 votes.push(result);
@@ -596,10 +679,8 @@ impl Broker {
                 .collect(),
             result,
         };
-        if self.record_task(record.clone()).await? {
-            for vote in &record.votes {
-                tally(&self.grid, &vote.node_id, vote.agreed).await;
-            }
+        if let Some(record) = self.record_task(record).await? {
+            tally_votes(&self.grid, &record).await;
         }
         Ok(())
     }
@@ -616,15 +697,13 @@ impl Broker {
         Ok(bytes.and_then(|b| decode::<TaskRecord>(&b).ok()))
     }
 
-    /// Stores a replica's result in `grid_votes`, once: false for a duplicate.
-    async fn store_vote(&mut self, result: &ResultMsg) -> Result<bool> {
+    /// Stores a replica's result in `grid_votes`, once: false if it was stored already.
+    async fn store_vote(&self, result: &ResultMsg) -> Result<bool> {
         let key = names::vote_key(&result.job_id, result.index, result.replica);
         match self.grid.votes.create(&key, encode(result).into()).await {
+            Ok(_) if reply_lost(&key) => Err(anyhow!("storing vote {key}: {REPLY_LOST}")),
             Ok(_) => Ok(true),
-            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
-                self.duplicates += 1;
-                Ok(false)
-            }
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(anyhow!("storing vote {key}: {e}")),
         }
     }
@@ -639,65 +718,58 @@ impl Broker {
             let agreed =
                 record.state != TaskState::Disputed && record.result.digest == result.digest;
             tally(&self.grid, &result.node_id, agreed).await;
+        } else {
+            self.duplicates += 1;
         }
         Ok(())
     }
 
-    /// Stores a task's final record (once: false if it was there already) and counts it.
-    async fn record_task(&mut self, record: TaskRecord) -> Result<bool> {
-        let key = names::task_key(&record.result.job_id, record.result.index);
-        match self.grid.tasks.create(&key, encode(&record).into()).await {
-            Ok(_) => crash_point("after-store"),
+    /// Stores a task's final record once and counts it once. Returns the stored record when
+    /// this call counted it, `None` for a duplicate.
+    async fn record_task(&mut self, record: TaskRecord) -> Result<Option<TaskRecord>> {
+        let (job_id, index) = (record.result.job_id.clone(), record.result.index);
+        let key = names::task_key(&job_id, index);
+        let stored = match self.grid.tasks.create(&key, encode(&record).into()).await {
+            Ok(_) if reply_lost(&key) => return Err(anyhow!("storing task {key}: {REPLY_LOST}")),
+            Ok(_) => {
+                crash_point("after-store");
+                record
+            }
             Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
-                self.duplicates += 1;
-                tracing::debug!(task = %key, "duplicate result ignored");
-                return Ok(false);
+                if self
+                    .active
+                    .get(&job_id)
+                    .is_none_or(|j| j.has_counted(index))
+                {
+                    self.duplicates += 1;
+                    tracing::debug!(task = %key, "duplicate result ignored");
+                    return Ok(None);
+                }
+                // Stored by an earlier create whose reply never came: count what was stored.
+                let bytes = self
+                    .grid
+                    .tasks
+                    .get(&key)
+                    .await
+                    .map_err(|e| anyhow!("reading task {key}: {e}"))?
+                    .ok_or_else(|| anyhow!("task {key} vanished"))?;
+                decode::<TaskRecord>(&bytes).map_err(|e| anyhow!("task {key}: {e}"))?
             }
             Err(e) => return Err(anyhow!("storing task {key}: {e}")),
-        }
-        let Some(job) = self.active.get_mut(&record.result.job_id) else {
-            return Ok(true);
         };
-        let counts = &mut job.record.counts;
-        let index = record.result.index;
-        match record.state {
-            TaskState::Succeeded => counts.succeeded += 1,
-            TaskState::Failed => {
-                counts.failed += 1;
-                if job.record.reason.is_none() {
-                    let why = record.failures.last().cloned().unwrap_or_default();
-                    job.record.reason = Some(format!("task {index} failed: {why}"));
-                }
-            }
-            TaskState::Disputed => {
-                counts.disputed += 1;
-                if job.record.reason.is_none() {
-                    job.record.reason = Some(format!("task {index} disputed"));
-                }
-            }
-        }
-        counts.in_flight = counts.in_flight.saturating_sub(1);
-        job.dirty = true;
-        if counts.succeeded + counts.failed + counts.disputed == counts.total {
-            job.record.state = if counts.failed + counts.disputed == 0 {
-                JobState::Done
-            } else {
-                JobState::Failed
-            };
-            if job.record.state == JobState::Done {
-                job.record.reason = None;
-            }
-            job.record.finished_unix_ms = Some(now_unix_ms());
-            let record = job.record.clone();
-            self.active.remove(&record.id);
-            self.grid
-                .jobs
-                .put(&record.id, encode(&record).into())
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            tracing::info!(job = %record.id, state = record.state.as_str(), duplicates_dropped = self.duplicates, "finished");
-        }
-        Ok(true)
+        Ok(self.count_once(&stored).then_some(stored))
+    }
+
+    /// Counts a stored final record in its job, unless it is counted already (or the job is
+    /// no longer active); true when this call counted it.
+    fn count_once(&mut self, stored: &TaskRecord) -> bool {
+        let duplicates = self.duplicates;
+        let Some(job) = self.active.get_mut(&stored.result.job_id) else {
+            return false;
+        };
+        let counted = job.count(stored);
+        job.finish_if_complete(duplicates);
+        counted
     }
 
     /// Tops up every job's window, round-robin. A job whose publishes fail goes back to where
@@ -735,18 +807,31 @@ impl Broker {
         failed.map_or(Ok(()), Err)
     }
 
-    /// Writes the records of jobs that changed (their counts feed `grid status` and progress).
+    /// Writes the records of jobs that changed (their counts feed `grid status` and progress),
+    /// and lets go of a job that ended once its final record is saved.
     async fn persist(&mut self) {
+        let mut saved_final = Vec::new();
         for job in self.active.values_mut().filter(|j| j.dirty) {
+            if job.record.state.is_final() {
+                crash_point("before-finish");
+            }
             match self
                 .grid
                 .jobs
                 .put(&job.record.id, encode(&job.record).into())
                 .await
             {
-                Ok(_) => job.dirty = false,
+                Ok(_) => {
+                    job.dirty = false;
+                    if job.record.state.is_final() {
+                        saved_final.push(job.record.id.clone());
+                    }
+                }
                 Err(e) => tracing::warn!(job = %job.record.id, "saving the job record: {e}"),
             }
+        }
+        for id in saved_final {
+            self.active.remove(&id);
         }
     }
 }
@@ -754,6 +839,13 @@ impl Broker {
 /// Replicas a task may get in all: two more than asked, to break a disagreement.
 fn max_replicas(replicas: u32) -> u32 {
     replicas + 2
+}
+
+/// Counts the votes of a decided task in their nodes' tallies.
+async fn tally_votes(grid: &Grid, record: &TaskRecord) {
+    for vote in &record.votes {
+        tally(grid, &vote.node_id, vote.agreed).await;
+    }
 }
 
 /// Counts one vote of `node` in its tally (only the broker writes tallies).
@@ -775,12 +867,34 @@ async fn tally(grid: &Grid, node: &str, agreed: bool) {
 /// Test-only fault injection: with `GRID_TEST_CRASH_AT=<point>` in its environment, the broker
 /// aborts the first time it reaches that point — the way fault tests kill it at an exact moment
 /// (`after-store`: a task's record is stored, its result not yet acked; `after-retry`: a retry is
-/// published, the failed result not yet acked).
+/// published, the failed result not yet acked; `before-finish`: every task of a job is counted,
+/// its final record not yet saved).
 fn crash_point(point: &str) {
     if std::env::var("GRID_TEST_CRASH_AT").is_ok_and(|p| p == point) {
         tracing::warn!("GRID_TEST_CRASH_AT={point}: aborting");
         std::process::abort();
     }
+}
+
+const REPLY_LOST: &str = "reply lost (GRID_TEST_LOSE_REPLIES)";
+
+/// Test-only fault injection: with `GRID_TEST_LOSE_REPLIES=1` in its environment, the broker
+/// takes the first successful store of each task record and each vote for a failure — as if
+/// the server had died between storing and replying — so every result goes back to JetStream
+/// and returns to find its key taken.
+fn reply_lost(key: &str) -> bool {
+    static LOST: std::sync::OnceLock<Option<std::sync::Mutex<std::collections::HashSet<String>>>> =
+        std::sync::OnceLock::new();
+    let lost = LOST.get_or_init(|| {
+        std::env::var("GRID_TEST_LOSE_REPLIES")
+            .is_ok_and(|v| v == "1")
+            .then(Default::default)
+    });
+    lost.as_ref().is_some_and(|keys| {
+        keys.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.to_string())
+    })
 }
 
 /// Publishes attempt `attempt` of task `index` of `job` to the work queue and waits for

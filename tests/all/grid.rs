@@ -857,3 +857,33 @@ fn a_broker_killed_between_storing_a_result_and_acking_it_counts_it_once() {
 fn a_broker_killed_after_publishing_a_retry_loses_no_task() {
     broker_crash_at("after-retry");
 }
+
+#[test]
+fn a_broker_killed_before_saving_a_finished_job_finishes_it_after_a_restart() {
+    broker_crash_at("before-finish");
+}
+
+#[test]
+fn a_result_stored_but_unacknowledged_by_the_server_is_counted_once() {
+    // The broker takes the first store of every task record for a failure, as when the server
+    // dies between storing and replying: each result comes back and finds its record stored.
+    let grid = TestGrid::start_with(2, |nats| {
+        GridProcess::broker_with_env(nats, &[("GRID_TEST_LOSE_REPLIES", "1")])
+    });
+    let hostile = guest("hostile");
+    let job = submit(
+        &grid,
+        &[
+            hostile.to_str().unwrap(),
+            "--tasks",
+            "12",
+            "--",
+            "nap",
+            "10",
+        ],
+    );
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["tasks"]["succeeded"], 12, "{status}");
+    assert_eq!(status["tasks"]["failed"], 0, "{status}");
+}

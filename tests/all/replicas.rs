@@ -14,7 +14,12 @@ fn node(grid: &TestGrid, id: &str, liar: bool) -> GridProcess {
 }
 
 fn grid_of(nodes: &[(&str, bool)]) -> TestGrid {
-    let mut grid = TestGrid::start(0, &[]);
+    grid_with(nodes, &[])
+}
+
+/// A grid of `nodes` whose broker has `env` (test-only fault injection).
+fn grid_with(nodes: &[(&str, bool)], env: &[(&str, &str)]) -> TestGrid {
+    let mut grid = TestGrid::start_with(0, |nats| GridProcess::broker_with_env(nats, env));
     for (id, liar) in nodes {
         grid.nodes.push(node(&grid, id, *liar));
     }
@@ -54,6 +59,31 @@ fn wait_for_tally(grid: &TestGrid, node: &str, agreed: u64, lost: u64) {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// Waits until `grid_votes` holds `n` votes for `job`.
+fn wait_for_votes(grid: &TestGrid, job: &str, n: usize) {
+    use futures::StreamExt;
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = grid_client::connect(&grid.nats.url, false).await.unwrap();
+        let open = grid_client::Grid::open(client).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let keys: Vec<String> = match open.votes.keys().await {
+                Ok(keys) => keys.filter_map(|k| async { k.ok() }).collect().await,
+                Err(_) => Vec::new(), // no vote yet
+            };
+            let votes = keys.iter().filter(|k| k.starts_with(job)).count();
+            if votes >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{votes} of {n} votes stored for job {job}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
 }
 
 #[test]
@@ -106,7 +136,9 @@ fn a_disagreement_gets_another_replica_which_breaks_the_tie() {
     // the extra replica of each, which agrees with the honest one.
     let mut grid = grid_of(&[("honest-1", false), ("liar", true)]);
     let job = submit_nap(&grid, "3", &["--replicas", "2", "--quorum", "2"]);
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // Only once both first replicas of every task voted: then each task's third replica can
+    // only go to the newcomer.
+    wait_for_votes(&grid, &job, 6);
     grid.nodes.push(node(&grid, "honest-2", false));
     let status = grid.wait(&job);
     assert_eq!(status["state"], "done", "{status}");
@@ -152,4 +184,25 @@ fn more_replicas_than_nodes_is_refused_at_once() {
         stderr.contains("--replicas 3 needs 3 nodes of class cpu; 2 online"),
         "{stderr}"
     );
+}
+
+#[test]
+fn votes_and_decisions_stored_but_unacknowledged_by_the_server_count_once() {
+    // The broker takes the first store of every vote and every task record for a failure, as
+    // when the server dies between storing and replying.
+    let grid = grid_with(
+        &[("a", false), ("b", false)],
+        &[("GRID_TEST_LOSE_REPLIES", "1")],
+    );
+    let job = submit_nap(&grid, "5", &["--replicas", "2", "--quorum", "2"]);
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["tasks"]["succeeded"], 5, "{status}");
+    let (_dir, manifest) = grid.results(&job);
+    for task in &manifest {
+        assert_eq!(task["votes"].as_array().unwrap().len(), 2, "{task}");
+    }
+    for node in ["a", "b"] {
+        wait_for_tally(&grid, node, 5, 0);
+    }
 }

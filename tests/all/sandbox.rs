@@ -61,10 +61,13 @@ async fn infinite_loop_is_stopped_by_the_time_limit() {
 async fn busy_guest_is_stopped_by_the_time_limit() {
     let (r, _) = hostile("spin").await;
     assert_eq!(reason(&r), "limit: time");
+    // Measured, and never more than the wall time of one thread (how much CPU a spin gets in
+    // its 2 s depends on the machine's load).
     assert!(
-        r.cpu_seconds > 1.0,
-        "CPU time is measured: {}",
-        r.cpu_seconds
+        r.cpu_seconds > 0.05 && r.cpu_seconds <= r.wall_seconds + 0.05,
+        "CPU time is measured: {} s CPU in {} s wall",
+        r.cpu_seconds,
+        r.wall_seconds
     );
     assert_a_good_task_runs().await;
 }

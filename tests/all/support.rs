@@ -139,8 +139,13 @@ pub async fn assert_a_good_task_runs() {
 }
 
 /// `grid` with `args`, `stdin` on its standard input, and a private module cache.
+/// How long one `grid` command may run in a test before it is killed and the test fails:
+/// far above any command's normal time, so a hang shows up as a failure with its output instead
+/// of a stuck test run.
+pub const GRID_COMMAND_LIMIT: std::time::Duration = std::time::Duration::from_secs(240);
+
 pub fn grid(args: &[&str], stdin: &[u8]) -> Output {
-    use std::io::Write;
+    use std::io::{Read, Write};
     let cache = cli_cache_dir();
     let mut child = Command::new(env!("CARGO_BIN_EXE_grid"))
         .args(args)
@@ -152,7 +157,36 @@ pub fn grid(args: &[&str], stdin: &[u8]) -> Output {
         .spawn()
         .expect("grid starts");
     child.stdin.take().unwrap().write_all(stdin).unwrap();
-    child.wait_with_output().expect("grid finishes")
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = std::time::Instant::now() + GRID_COMMAND_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for grid") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = stderr.join().unwrap_or_default();
+            panic!(
+                "grid {args:?} still ran after {GRID_COMMAND_LIMIT:?}; killed it. stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
 }
 
 fn cli_cache_dir() -> &'static Path {
@@ -381,10 +415,12 @@ impl GridProcess {
 
     /// A broker that aborts at the test-only fault point `crash_at` (`GRID_TEST_CRASH_AT`).
     pub fn broker_crashing_at(nats: &NatsServer, crash_at: &str) -> Self {
-        Self::spawn_with(
-            &["broker", "--nats", &nats.url],
-            &[("GRID_TEST_CRASH_AT", crash_at)],
-        )
+        Self::broker_with_env(nats, &[("GRID_TEST_CRASH_AT", crash_at)])
+    }
+
+    /// A broker with test-only fault injection in its environment (`GRID_TEST_…`).
+    pub fn broker_with_env(nats: &NatsServer, env: &[(&str, &str)]) -> Self {
+        Self::spawn_with(&["broker", "--nats", &nats.url], env)
     }
 
     /// Whether the process has exited (without waiting).
@@ -453,8 +489,13 @@ pub struct TestGrid {
 
 impl TestGrid {
     pub fn start(nodes: usize, broker_args: &[&str]) -> Self {
+        Self::start_with(nodes, |nats| GridProcess::broker(nats, broker_args))
+    }
+
+    /// A grid whose broker `broker` starts (one with test-only fault injection, say).
+    pub fn start_with(nodes: usize, broker: impl FnOnce(&NatsServer) -> GridProcess) -> Self {
         let nats = NatsServer::start();
-        let broker = GridProcess::broker(&nats, broker_args);
+        let broker = broker(&nats);
         let caches = tempfile::tempdir().unwrap();
         let nodes = (0..nodes)
             .map(|i| {

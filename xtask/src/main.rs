@@ -17,6 +17,7 @@ mod setup;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 fn main() {
     if let Err(e) = run() {
@@ -37,7 +38,7 @@ fn run() -> Result<()> {
         Some("test") => {
             setup::run()?;
             build_guests()?;
-            cargo(&["test", "--workspace", "--locked"])?;
+            cargo_within(&["test", "--workspace", "--locked"], TEST_LIMIT)?;
             // The short chaos run: the grid under kills of every kind of process.
             chaos::run(&["--tasks".into(), "300".into(), "--seed".into(), "1".into()])
         }
@@ -91,6 +92,85 @@ pub fn build_guests() -> Result<()> {
         args.extend(["-p", g]);
     }
     cargo(&args)
+}
+
+/// How long `cargo test` (building included) may take in `cargo xtask test`: far above a cold
+/// run (about 12 minutes on 2 cores), so that a hung test fails the run with a clear message
+/// instead of stalling CI until it is killed without one.
+const TEST_LIMIT: Duration = Duration::from_secs(45 * 60);
+
+/// Runs cargo like [`cargo`], but kills it and everything it started (test binaries, and the
+/// grids and nats-servers they run) once `limit` has passed.
+pub fn cargo_within(args: &[&str], limit: Duration) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .current_dir(root())
+        .spawn()
+        .with_context(|| format!("running {cargo}"))?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            // Cargo, the test binary and whatever it spawned.
+            let mut pids = descendants(child.id());
+            pids.push(child.id());
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .args(pids.iter().map(u32::to_string))
+                .status();
+            let _ = child.wait();
+            bail!(
+                "`cargo {}` still ran after {} minutes: a test hangs; killed it (the output above names it: \"… has been running for over 60 seconds\")",
+                args.join(" "),
+                limit.as_secs() / 60
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Every process below `pid`, from `/proc` (collected before anything is killed, so that
+/// none is missed by being handed to init).
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // `pid (comm) state ppid …`: comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((child, ppid))
+        })
+        .collect();
+    let mut found = vec![pid];
+    let mut next = 0;
+    while next < found.len() {
+        let parent = found[next];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        next += 1;
+    }
+    found.remove(0);
+    found
 }
 
 /// Runs cargo in the workspace root, failing on a non-zero exit.
