@@ -50,7 +50,7 @@ impl std::error::Error for Refused {}
 
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
-    /// The job: a WASI preview 1 command module (.wasm).
+    /// The job: a WASI preview 1 command module (.wasm), or a program for a runtime (job.py).
     pub module: PathBuf,
     /// Run N tasks with empty stdin.
     #[arg(long, conflicts_with_all = ["params", "input"])]
@@ -117,8 +117,35 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
     if !(1..=16).contains(&replicas) || !(1..=replicas).contains(&quorum) {
         bail!("--replicas must be 1..=16 and --quorum 1..=replicas (got {replicas} and {quorum})");
     }
+    let program_runtime = args.task.runtime_for(&args.module)?;
     let module = std::fs::read(&args.module)
-        .with_context(|| format!("cannot read module {}", args.module.display()))?;
+        .with_context(|| format!("cannot read {}", args.module.display()))?;
+    // A program: the job's module is its runtime's, read from this machine and sent along.
+    let runtime_files = match program_runtime {
+        Some(runtime) => {
+            let artifacts = grid_client::find_runtime(runtime)?;
+            let read = |path: &Path, pin: &str| -> Result<Vec<u8>> {
+                let bytes =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let sha = grid_proto::Sha256Hex::of(&bytes);
+                if sha.to_string() != pin {
+                    bail!(
+                        "{} has sha256 {sha}, not the pinned {pin}: reinstall the {} runtime (`cargo xtask setup`)",
+                        path.display(),
+                        runtime.name
+                    );
+                }
+                Ok(bytes)
+            };
+            Some((
+                runtime,
+                read(&artifacts.module, runtime.module_sha256)?,
+                read(&artifacts.stdlib, runtime.stdlib_sha256)?,
+                crate::run::program_file_name(&args.module)?,
+            ))
+        }
+        None => None,
+    };
     let sandbox_limits = args.task.limits();
     let limits = JobLimits {
         memory_bytes: sandbox_limits.memory_bytes,
@@ -127,11 +154,13 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
         gpu_memory_bytes: sandbox_limits.gpu.max_buffer_bytes,
         gpu_time_ms: sandbox_limits.gpu.gpu_time.as_millis() as u64,
     };
-    if let Err(why) = grid_node::validate::check_module(
-        &module,
-        &sandbox_limits,
-        &grid_node::CompileCaps::default(),
-    ) {
+    if program_runtime.is_none()
+        && let Err(why) = grid_node::validate::check_module(
+            &module,
+            &sandbox_limits,
+            &grid_node::CompileCaps::default(),
+        )
+    {
         return Err(Refused(format!("module {} refused: {why}", args.module.display())).into());
     }
     let params = match &args.params {
@@ -163,8 +192,26 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
     rt.block_on(async {
         let grid = args.conn.open().await?;
         let tenant = names::DEFAULT_TENANT;
-        let (module_sha, sent) = Grid::put_object(&grid.modules, tenant, &module).await?;
-        tracing::info!(module = %module_sha, uploaded = sent, "module stored");
+        let (module_sha, program) = match &runtime_files {
+            None => {
+                let (module_sha, sent) = Grid::put_object(&grid.modules, tenant, &module).await?;
+                tracing::info!(module = %module_sha, uploaded = sent, "module stored");
+                (module_sha, None)
+            }
+            Some((runtime, runtime_module, stdlib, file_name)) => {
+                // Stored once per grid: the next job finds them there and sends nothing.
+                let (module_sha, sent) = Grid::put_object(&grid.modules, tenant, runtime_module).await?;
+                let (stdlib_sha, _) = Grid::put_object(&grid.blobs, tenant, stdlib).await?;
+                tracing::info!(runtime = runtime.name, uploaded = sent, "runtime stored");
+                let (program_sha, _) = Grid::put_object(&grid.blobs, tenant, &module).await?;
+                let program = grid_proto::ProgramRef {
+                    runtime: runtime.name.to_string(),
+                    file: InputRef { name: file_name.clone(), sha256: program_sha, bytes: module.len() as u64 },
+                    stdlib_sha256: stdlib_sha,
+                };
+                (module_sha, Some(program))
+            }
+        };
         let upload = |files: Vec<(String, Vec<u8>)>| {
             let grid = grid.clone();
             async move {
@@ -202,6 +249,7 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
             quorum,
             tasks: tasks.clone(),
             shared: upload(shared.unwrap_or_default()).await?,
+            program,
         };
         let reply = grid
             .client
@@ -253,6 +301,7 @@ async fn follow(grid: &Grid, job: &str) -> Result<JobRecord> {
     });
     let mut watch = grid.jobs.watch(job).await.map_err(|e| anyhow!("{e}"))?;
     let mut warned = false;
+    let mut told = std::collections::HashSet::new();
     loop {
         if let Some(bar) = &bar {
             let c = &record.counts;
@@ -273,6 +322,22 @@ async fn follow(grid: &Grid, job: &str) -> Result<JobRecord> {
             Ok(None) => watch = grid.jobs.watch(job).await.map_err(|e| anyhow!("{e}"))?,
             Err(_) => {
                 record = job_record(grid, job).await?;
+                // A quiet job may be waiting for a node that prepares a runtime: say so, once.
+                for node in grid.live_nodes().await.unwrap_or_default() {
+                    if let Some(what) = &node.preparing
+                        && !record.state.is_final()
+                        && told.insert((node.id.clone(), what.clone()))
+                    {
+                        let note = format!(
+                            "grid: node {} is {what} (once per node; about a minute)",
+                            node.id
+                        );
+                        match &bar {
+                            Some(bar) => bar.println(note),
+                            None => eprintln!("{note}"),
+                        }
+                    }
+                }
                 if !warned
                     && !record.state.is_final()
                     && let Some(note) = no_nodes_note(grid, &record).await
@@ -431,17 +496,18 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
             if args.json {
                 println!(
                     "{}",
-                    json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "tasks_done": node.tasks_done, "votes_agreed": tally.agreed, "votes_lost": tally.outvoted})
+                    json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "tasks_done": node.tasks_done, "votes_agreed": tally.agreed, "votes_lost": tally.outvoted, "preparing": node.preparing})
                 );
             } else {
                 let gpu = node.gpu.as_deref().map(|g| format!("  gpu {g}")).unwrap_or_default();
+                let preparing = node.preparing.as_deref().map(|p| format!("  ({p})")).unwrap_or_default();
                 let votes = if tally.agreed + tally.outvoted > 0 {
                     format!("  votes agreed {} lost {}", tally.agreed, tally.outvoted)
                 } else {
                     String::new()
                 };
                 println!(
-                    "{}  {}  slots {}  busy {}  done {}{votes}{gpu}",
+                    "{}  {}  slots {}  busy {}  done {}{votes}{gpu}{preparing}",
                     node.id,
                     node.classes.join(","),
                     node.slots,
@@ -480,11 +546,37 @@ pub struct ResultsArgs {
     /// Folder to write DIR/<index>/ and DIR/manifest.jsonl into.
     #[arg(short = 'o', long = "output", value_name = "DIR")]
     pub output: PathBuf,
+    /// Also join every task's output file NAME, in task order, into one table DIR/NAME (a CSV
+    /// or TSV header shared by the tasks is kept once); repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub concat: Vec<String>,
     #[command(flatten)]
     pub conn: Conn,
 }
 
+/// Appends one task's `bytes` of a joined file: a first line equal to the header already
+/// written is dropped for CSV and TSV files.
+fn concat_into(joined: &mut Vec<u8>, name: &str, bytes: &[u8]) {
+    let tabular = name.ends_with(".csv") || name.ends_with(".tsv");
+    let header = |b: &[u8]| {
+        b.split_inclusive(|c| *c == b'\n')
+            .next()
+            .map(<[u8]>::to_vec)
+    };
+    let mut rest = bytes;
+    if tabular && !joined.is_empty() && header(joined) == header(bytes) {
+        rest = &bytes[header(bytes).map_or(0, |h| h.len())..];
+    }
+    if !joined.is_empty() && !joined.ends_with(b"\n") {
+        joined.push(b'\n');
+    }
+    joined.extend_from_slice(rest);
+}
+
 pub fn results(args: ResultsArgs) -> Result<ExitCode> {
+    if let Some(bad) = args.concat.iter().find(|n| safe_relative(n).is_none()) {
+        bail!("--concat {bad:?}: not a relative path inside the output folder");
+    }
     runtime()?.block_on(async {
         let grid = args.conn.open().await?;
         let record = job_record(&grid, &args.job).await?;
@@ -492,6 +584,7 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
         std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
         let mut manifest = String::new();
         let mut collected = 0u64;
+        let mut joined: Vec<(String, Vec<u8>, u64)> = args.concat.iter().map(|n| (n.clone(), Vec::new(), 0)).collect();
         for index in 0..record.counts.total {
             let Some(task) = task_record(&grid, &record.id, index).await? else {
                 manifest.push_str(&format!("{}\n", json!({"index": index, "state": "pending"})));
@@ -509,6 +602,10 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
                 let path = dir.join(rel);
                 if let Some(parent) = path.parent() {
                     std::fs::create_dir_all(parent)?;
+                }
+                for (name, all, tasks) in joined.iter_mut().filter(|(n, _, _)| *n == file.path) {
+                    concat_into(all, name, &bytes);
+                    *tasks += 1;
                 }
                 std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
             }
@@ -529,6 +626,11 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
             manifest.push_str(&format!("{line}\n"));
         }
         std::fs::write(args.output.join("manifest.jsonl"), manifest)?;
+        for (name, all, tasks) in &joined {
+            let path = args.output.join(safe_relative(name).unwrap_or_default());
+            std::fs::write(&path, all).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("grid: {} joins {name} of {tasks} tasks", path.display());
+        }
         eprintln!(
             "grid: {collected} of {} tasks collected into {} ({})",
             record.counts.total,

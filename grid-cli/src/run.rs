@@ -5,14 +5,15 @@ use clap::Args;
 pub use grid_node::limits::{parse_duration, parse_size};
 use grid_node::{GpuWorker, Limits, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use grid_proto::TaskStatus;
+use grid_proto::runtime::Runtime;
 use std::io::{IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// The job: a WASI preview 1 command module (.wasm).
+    /// The job: a WASI preview 1 command module (.wasm), or a program for a runtime (job.py).
     pub module: PathBuf,
     /// Shown read-only to the task at /in.
     #[arg(long, value_name = "DIR")]
@@ -63,9 +64,26 @@ pub struct TaskFlags {
     /// Job seed; each task's GRID_SEED is derived from it and the task index.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Run the file as a program of this runtime (`python`) [default: by its extension: .py]
+    #[arg(long, value_name = "NAME")]
+    pub runtime: Option<String>,
 }
 
 impl TaskFlags {
+    /// The runtime that runs `file`, if it is a program rather than a module.
+    pub fn runtime_for(&self, file: &Path) -> Result<Option<&'static Runtime>> {
+        match &self.runtime {
+            Some(name) => grid_proto::runtime::by_name(name).map(Some).ok_or_else(|| {
+                let known: Vec<&str> = grid_proto::runtime::RUNTIMES
+                    .iter()
+                    .map(|r| r.name)
+                    .collect();
+                anyhow::anyhow!("unknown runtime {name:?}; known: {}", known.join(", "))
+            }),
+            None => Ok(grid_proto::runtime::for_program(file)),
+        }
+    }
+
     /// The limits asked for, defaults filled in.
     pub fn limits(&self) -> Limits {
         let defaults = Limits::default();
@@ -90,11 +108,38 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
-fn default_cache_dir() -> Option<PathBuf> {
+fn grid_cache_dir() -> Option<PathBuf> {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|d| d.join("grid").join("modules"))
+        .map(|d| d.join("grid"))
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    grid_cache_dir().map(|d| d.join("modules"))
+}
+
+/// A runtime's laid-out files for local runs (`~/.cache/grid/runtimes`), made on first use.
+pub fn local_runtime_files(runtime: &Runtime) -> Result<grid_node::runtime::RuntimeFiles> {
+    let root = grid_cache_dir()
+        .context("neither XDG_CACHE_HOME nor HOME is set")?
+        .join("runtimes");
+    if let Some(files) = grid_node::runtime::RuntimeFiles::find(&root, runtime) {
+        files.refresh_helper()?;
+        return Ok(files);
+    }
+    let artifacts = grid_client::find_runtime(runtime)?;
+    let stdlib = std::fs::read(&artifacts.stdlib)
+        .with_context(|| format!("reading {}", artifacts.stdlib.display()))?;
+    grid_node::runtime::RuntimeFiles::install(&root, runtime, &stdlib)
+}
+
+/// Reads a runtime's module from this machine (checked against its pin by the sandbox).
+pub async fn local_runtime_module(runtime: &Runtime) -> Result<Vec<u8>> {
+    let artifacts = grid_client::find_runtime(runtime)?;
+    tokio::fs::read(&artifacts.module)
+        .await
+        .with_context(|| format!("reading {}", artifacts.module.display()))
 }
 
 pub fn main(args: RunArgs) -> Result<ExitCode> {
@@ -142,6 +187,19 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
     spec.seed = grid_proto::task_seed(args.task.seed, args.task_index);
 
     spec.gpu = args.gpu;
+    let program_runtime = args.task.runtime_for(&args.module)?;
+    // A program is shown alone at /job, as on a grid node.
+    let program_dir = tempfile::Builder::new().prefix("grid-job-").tempdir()?;
+    if let Some(runtime) = program_runtime {
+        let file = program_file_name(&args.module)?;
+        std::fs::write(program_dir.path().join(&file), &bytes)?;
+        spec.program = Some(grid_node::Program {
+            runtime,
+            files: local_runtime_files(runtime)?,
+            dir: program_dir.path().to_path_buf(),
+            file,
+        });
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -162,7 +220,15 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
             ..SandboxConfig::default()
         };
         let sandbox = Sandbox::new(config)?;
-        let report = match sandbox.load(&bytes, &limits).await {
+        let loaded = match program_runtime {
+            Some(runtime) => {
+                sandbox
+                    .load_runtime(runtime, local_runtime_module(runtime))
+                    .await
+            }
+            None => sandbox.load(&bytes, &limits).await,
+        };
+        let report = match loaded {
             Ok(module) => sandbox.run(&module, spec).await,
             Err(reason) => grid_node::TaskReport::refused(reason),
         };
@@ -210,6 +276,15 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The program's file name, as the guest sees it in /job.
+pub fn program_file_name(path: &Path) -> Result<String> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .with_context(|| format!("{} has no usable file name", path.display()))
 }
 
 fn write_ignoring_closed_pipe(w: &mut impl Write, bytes: &[u8]) -> Result<()> {

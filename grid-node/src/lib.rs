@@ -21,6 +21,7 @@ pub mod gpu_worker;
 pub mod guard;
 pub mod limits;
 pub mod outputs;
+pub mod runtime;
 pub mod sandbox;
 pub mod settings;
 pub mod validate;
@@ -28,5 +29,5 @@ pub mod worker;
 
 pub use gpu_worker::{GpuWorker, WorkerCommand};
 pub use limits::{Limits, NodeCaps};
-pub use sandbox::{LoadedModule, Sandbox, SandboxConfig, TaskReport, TaskSpec};
+pub use sandbox::{LoadedModule, Program, Sandbox, SandboxConfig, TaskReport, TaskSpec};
 pub use validate::CompileCaps;

@@ -18,6 +18,15 @@
 //! read-write. No host env, no other preopens, no sockets (wasmtime-wasi grants no network unless
 //! asked), no threads (shared memory is refused by [`crate::validate`]).
 //!
+//! # Runtimes
+//! A task with a [`Program`] runs a pinned runtime (the Python interpreter, see
+//! [`grid_proto::runtime`]) on the user's program, under the same limits and the same view, plus
+//! three read-only folders — the runtime's stdlib at `/usr/local/lib`, Grid's helper module at
+//! `/usr/local/grid`, and the program at `/job` — and a writable, empty `/tmp` (also `HOME`),
+//! whose bytes and files count in the task's output limits and which is removed afterwards. The runtime is a WASI *reactor*: `_initialize`,
+//! then `run`, whose return value is the exit code; its one extra import, `host::call`, answers
+//! "no host" and grants nothing.
+//!
 //! # Example
 //! ```no_run
 //! # async fn demo(bytes: &[u8]) -> anyhow::Result<()> {
@@ -100,6 +109,20 @@ pub struct TaskSpec {
     pub attempt: u32,
     /// The task may use the node's GPU through `grid_gpu_v1` (otherwise every call says so).
     pub gpu: bool,
+    /// The program a runtime runs (the module is then that runtime's).
+    pub program: Option<Program>,
+}
+
+/// A program for a runtime: the folders the guest sees besides `/in` and `/out`.
+#[derive(Clone, Debug)]
+pub struct Program {
+    pub runtime: &'static grid_proto::runtime::Runtime,
+    /// The runtime's files on this host, see [`crate::runtime::RuntimeFiles`].
+    pub files: crate::runtime::RuntimeFiles,
+    /// Host folder shown read-only at `/job`, holding the program.
+    pub dir: PathBuf,
+    /// The program's file name in `dir`.
+    pub file: String,
 }
 
 impl TaskSpec {
@@ -119,6 +142,7 @@ impl TaskSpec {
             deterministic: true,
             attempt: 0,
             gpu: false,
+            program: None,
         }
     }
 }
@@ -163,6 +187,8 @@ pub struct LoadedModule {
     module: Module,
     /// The guard module instantiated before the guest, see [`crate::guard`].
     guard: Option<Module>,
+    /// A runtime's reactor (`_initialize`, `run`) rather than a command (`_start`).
+    reactor: bool,
 }
 
 /// A limit that ended the task, raised from inside the store.
@@ -175,7 +201,8 @@ pub struct Sandbox {
     linker: Linker<TaskState>,
     config: SandboxConfig,
     cache: Option<ModuleCache>,
-    loaded: Mutex<HashMap<Sha256Hex, (Module, Option<Module>)>>,
+    loaded: Mutex<HashMap<Sha256Hex, LoadedModule>>,
+    runtime_compile: tokio::sync::Mutex<()>,
     /// Shown (read-only) at `/in` to tasks that have no inputs.
     empty_in: tempfile::TempDir,
     _ticker: EpochTicker,
@@ -276,6 +303,7 @@ impl Sandbox {
         p1::add_to_linker_async(&mut linker, |s: &mut TaskState| &mut s.wasi).map_err(wasm_err)?;
         fs_guard::add_hooks(&mut linker).map_err(wasm_err)?;
         crate::gpu_binding::add_to_linker(&mut linker).map_err(wasm_err)?;
+        crate::runtime::add_host_call(&mut linker).map_err(wasm_err)?;
         let cache = match &config.cache_dir {
             Some(dir) => Some(ModuleCache::open(dir, &engine)?),
             None => None,
@@ -287,6 +315,7 @@ impl Sandbox {
             config,
             cache,
             loaded: Mutex::new(HashMap::new()),
+            runtime_compile: tokio::sync::Mutex::new(()),
             empty_in: tempfile::tempdir()?,
             _ticker: ticker,
         })
@@ -307,18 +336,67 @@ impl Sandbox {
         let limits = limits.capped_by(&self.config.caps);
         check_module(bytes, &limits, &self.config.compile_caps).map_err(Reason::Invalid)?;
         let sha256 = Sha256Hex::of(bytes);
-        if let Some((module, guard)) = self
-            .loaded
+        if let Some(module) = self.already_loaded(&sha256) {
+            return Ok(module);
+        }
+        self.compile_and_keep(bytes, sha256, false).await
+    }
+
+    /// The interpreter module of `runtime`, compiled once per sandbox: `fetch` is called for its
+    /// bytes only when it is not loaded yet. The bytes must hash to the runtime's pin; they are
+    /// exempt from the rules for user modules (a command, the size cap) because of that pin.
+    pub async fn load_runtime<F>(
+        &self,
+        runtime: &grid_proto::runtime::Runtime,
+        fetch: F,
+    ) -> Result<LoadedModule, Reason>
+    where
+        F: std::future::Future<Output = anyhow::Result<Vec<u8>>>,
+    {
+        let pinned: Sha256Hex = runtime
+            .module_sha256
+            .parse()
+            .map_err(|e| Reason::Invalid(format!("runtime {}: bad pin: {e}", runtime.name)))?;
+        if let Some(module) = self.already_loaded(&pinned) {
+            return Ok(module);
+        }
+        // One compile at a time: tasks that arrive meanwhile wait for it instead of compiling
+        // the same 100 MB module again.
+        let _compiling = self.runtime_compile.lock().await;
+        if let Some(module) = self.already_loaded(&pinned) {
+            return Ok(module);
+        }
+        let bytes = fetch
+            .await
+            .map_err(|e| Reason::Invalid(format!("runtime {}: {}", runtime.name, one_line(&e))))?;
+        let sha256 = Sha256Hex::of(&bytes);
+        if sha256 != pinned {
+            return Err(Reason::Invalid(format!(
+                "runtime {}: module has sha256 {sha256}, not the pinned {pinned}",
+                runtime.name
+            )));
+        }
+        tracing::info!(
+            runtime = runtime.name,
+            "loading the runtime (compiled once per node; the first time takes a minute)"
+        );
+        self.compile_and_keep(&bytes, sha256, true).await
+    }
+
+    fn already_loaded(&self, sha256: &Sha256Hex) -> Option<LoadedModule> {
+        self.loaded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&sha256)
-        {
-            return Ok(LoadedModule {
-                sha256,
-                module: module.clone(),
-                guard: guard.clone(),
-            });
-        }
+            .get(sha256)
+            .cloned()
+    }
+
+    async fn compile_and_keep(
+        &self,
+        bytes: &[u8],
+        sha256: Sha256Hex,
+        reactor: bool,
+    ) -> Result<LoadedModule, Reason> {
         let guarded = guard::rewrite(bytes).map_err(Reason::Invalid)?;
         let (module, guard) = match guarded {
             None => (self.compiled(bytes, &sha256, "plain").await?, None),
@@ -332,16 +410,19 @@ impl Sandbox {
                 )
             }
         };
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if loaded.len() >= 64 {
-            loaded.clear();
-        }
-        loaded.insert(sha256, (module.clone(), guard.clone()));
-        Ok(LoadedModule {
+        let loaded = LoadedModule {
             sha256,
             module,
             guard,
-        })
+            reactor,
+        };
+        let mut all = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if all.len() >= 64 {
+            // Runtimes stay: they are few, and costly to compile again.
+            all.retain(|_, m| m.reactor);
+        }
+        all.insert(sha256, loaded.clone());
+        Ok(loaded)
     }
 
     /// Compiles `bytes`, or fetches them compiled from the cache under (`sha256`, `variant`).
@@ -379,8 +460,22 @@ impl Sandbox {
         let stdout = CappedPipe::new(limits.max_log_bytes);
         let stderr = CappedPipe::new(limits.max_log_bytes);
         let started = Instant::now();
+        // A runtime gets a writable /tmp (its HOME too), counted in the output quota and
+        // removed when the task ends.
+        let scratch = match spec.program {
+            Some(_) => match tempfile::Builder::new().prefix("grid-tmp-").tempdir() {
+                Ok(dir) => Some(dir),
+                Err(e) => {
+                    return TaskReport::refused(Reason::Invalid(format!(
+                        "could not set up the task: a scratch folder: {e}"
+                    )));
+                }
+            },
+            None => None,
+        };
+        let scratch_path = scratch.as_ref().map(|d| d.path());
         let (outcome, cpu_seconds, gpu_seconds) =
-            match self.prepare(&spec, &limits, &stdout, &stderr) {
+            match self.prepare(&spec, &limits, &stdout, &stderr, scratch_path) {
                 Ok(store) => {
                     let run = self.call_start(store, module, &limits, started);
                     let ((outcome, gpu), cpu) = crate::cpu::CpuTimed::new(run).await;
@@ -421,13 +516,33 @@ impl Sandbox {
         limits: &Limits,
         stdout: &CappedPipe,
         stderr: &CappedPipe,
+        scratch: Option<&Path>,
     ) -> anyhow::Result<Store<TaskState>> {
         let mut b = WasiCtxBuilder::new();
-        b.arg("job.wasm").args(&spec.args);
+        match &spec.program {
+            None => b.arg("job.wasm"),
+            Some(p) => b.args(&crate::runtime::guest_argv(p.runtime)).arg(format!(
+                "{}/{}",
+                grid_proto::runtime::Runtime::PROGRAM_GUEST_DIR,
+                p.file
+            )),
+        };
+        b.args(&spec.args);
+        let mut env: Vec<(String, String)> = Vec::new();
+        if spec.program.is_some() {
+            env.extend(crate::runtime::guest_env());
+        }
         for (k, v) in &spec.env {
-            if !k.starts_with("GRID_") {
-                b.env(k, v);
+            if k.starts_with("GRID_") {
+                continue;
             }
+            match env.iter_mut().find(|(name, _)| name == k) {
+                Some((_, value)) => *value = v.clone(),
+                None => env.push((k.clone(), v.clone())),
+            }
+        }
+        for (k, v) in &env {
+            b.env(k, v);
         }
         b.env("GRID_JOB_ID", &spec.job_id)
             .env("GRID_TASK_INDEX", spec.task_index.to_string())
@@ -444,6 +559,22 @@ impl Sandbox {
             .map_err(wasm_err)?;
         b.preopened_dir(&spec.output_dir, "/out", FsPerms::ReadWrite)
             .map_err(wasm_err)?;
+        if let Some(p) = &spec.program {
+            for (host, guest) in p.files.guest_dirs(p.runtime) {
+                b.preopened_dir(host, guest, FsPerms::ReadOnly)
+                    .map_err(wasm_err)?;
+            }
+            b.preopened_dir(
+                &p.dir,
+                grid_proto::runtime::Runtime::PROGRAM_GUEST_DIR,
+                FsPerms::ReadOnly,
+            )
+            .map_err(wasm_err)?;
+        }
+        if let Some(dir) = scratch {
+            b.preopened_dir(dir, "/tmp", FsPerms::ReadWrite)
+                .map_err(wasm_err)?;
+        }
         if spec.deterministic {
             b.secure_random(seeded_rng(spec.seed, 0))
                 .insecure_random(seeded_rng(spec.seed, 1))
@@ -463,11 +594,17 @@ impl Sandbox {
                 tables_total: 0,
                 hit: None,
             },
-            quota: OutputQuota::new(
-                &spec.output_dir,
-                limits.max_output_bytes,
-                limits.max_output_files,
-            ),
+            quota: {
+                let mut quota = OutputQuota::new(
+                    &spec.output_dir,
+                    limits.max_output_bytes,
+                    limits.max_output_files,
+                );
+                if let Some(dir) = scratch {
+                    quota.also_count(dir);
+                }
+                quota
+            },
             stdio_replaced: false,
             gpu: crate::gpu_binding::TaskGpu {
                 session: match (&self.config.gpu, spec.gpu) {
@@ -505,10 +642,26 @@ impl Sandbox {
                 Ok(instance) => instance,
                 Err(e) => return Err(Reason::Invalid(one_line(&e))),
             };
-            let start = instance
-                .get_typed_func::<(), ()>(&mut store, "_start")
+            if !module.reactor {
+                let start = instance
+                    .get_typed_func::<(), ()>(&mut store, "_start")
+                    .map_err(|e| Reason::Invalid(one_line(&e)))?;
+                return Ok(start.call_async(&mut store, ()).await);
+            }
+            // A runtime's reactor: `_initialize` (if any), then `run`, which returns the exit code.
+            if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize")
+                && let Err(e) = init.call_async(&mut store, ()).await
+            {
+                return Ok(Err(e));
+            }
+            let run = instance
+                .get_typed_func::<(), i32>(&mut store, "run")
                 .map_err(|e| Reason::Invalid(one_line(&e)))?;
-            Ok(start.call_async(&mut store, ()).await)
+            Ok(match run.call_async(&mut store, ()).await {
+                Ok(0) => Ok(()),
+                Ok(code) => Err(I32Exit(code).into()),
+                Err(e) => Err(e),
+            })
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         let ran = tokio::time::timeout(remaining, run).await;

@@ -24,6 +24,7 @@
 //! | deliveries ([`grid_client::MAX_TASK_DELIVERIES`]) | 5 | a task that no node can run ends `lost` instead of circling forever |
 //! | retries (broker) | at once | a failed attempt is published again immediately: its cause is in the task or the node, not in time; a node that cannot run a task hands it back after 1 s instead |
 
+use crate::runtime::RuntimeFiles;
 use crate::{GpuWorker, Limits, NodeCaps, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, AckKind};
@@ -88,6 +89,10 @@ struct Node {
     busy: AtomicU32,
     done: AtomicU64,
     phase: watch::Sender<Phase>,
+    /// What delays tasks now (compiling a runtime), for the heartbeat.
+    preparing: std::sync::Mutex<Option<String>>,
+    /// One runtime layout at a time (a 50 MB stdlib fetched and unpacked once).
+    runtime_files: Mutex<()>,
 }
 
 /// Runs a node until `shutdown` resolves; running tasks are then abandoned unacked (JetStream
@@ -149,6 +154,8 @@ pub async fn run(
         busy: AtomicU32::new(0),
         done: AtomicU64::new(0),
         phase: watch::channel(Phase::Serving).0,
+        preparing: std::sync::Mutex::new(None),
+        runtime_files: Mutex::new(()),
     });
     let started = now_unix_ms();
     let mut services = tokio::task::JoinSet::new();
@@ -283,6 +290,11 @@ impl Node {
                 busy: self.busy.load(Ordering::Relaxed),
                 tasks_done: self.done.load(Ordering::Relaxed),
                 started_unix_ms,
+                preparing: self
+                    .preparing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
             };
             if let Err(e) = self
                 .grid
@@ -500,6 +512,104 @@ impl Node {
         Ok(bytes)
     }
 
+    /// The runtime's interpreter, compiled once per node; the heartbeat says so meanwhile.
+    async fn load_runtime(
+        &self,
+        job: &JobRecord,
+        runtime: &'static grid_proto::runtime::Runtime,
+    ) -> Result<crate::sandbox::LoadedModule, Reason> {
+        let fetch = async {
+            *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(format!("compiling the {} runtime", runtime.name));
+            self.module_bytes(job).await
+        };
+        let loaded = self.sandbox.load_runtime(runtime, fetch).await;
+        *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        loaded
+    }
+
+    /// A job's program, ready to run: its runtime (checked against the pins), the runtime's files
+    /// laid out on this node, and the program in a folder of its own. `Ok(Err)`: the job is bad.
+    async fn program(
+        &self,
+        job: &JobRecord,
+        program: &grid_proto::ProgramRef,
+    ) -> Result<Result<crate::sandbox::Program, Reason>> {
+        let spec = &job.spec;
+        let Some(runtime) = grid_proto::runtime::by_name(&program.runtime) else {
+            return Ok(Err(Reason::Invalid(format!(
+                "runtime {:?} is unknown to this node",
+                program.runtime
+            ))));
+        };
+        if spec.module_sha256.to_string() != runtime.module_sha256
+            || program.stdlib_sha256.to_string() != runtime.stdlib_sha256
+        {
+            return Ok(Err(Reason::Invalid(format!(
+                "the job's {} runtime is not the one this node pins ({} {})",
+                runtime.name, runtime.package, runtime.version
+            ))));
+        }
+        if !is_plain_file_name(&program.file.name) {
+            return Ok(Err(Reason::Invalid(format!(
+                "program name {:?} is not a plain file name",
+                program.file.name
+            ))));
+        }
+        let root = self.config.cache_dir.join("runtimes");
+        let files = {
+            let _one = self.runtime_files.lock().await;
+            match RuntimeFiles::find(&root, runtime) {
+                Some(files) => files,
+                None => {
+                    *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(format!("fetching the {} runtime", runtime.name));
+                    let stdlib = self
+                        .grid
+                        .get_object(names::BLOBS_BUCKET, &spec.tenant, &program.stdlib_sha256)
+                        .await
+                        .context("fetching the runtime's stdlib");
+                    let installed = match stdlib {
+                        Ok(bytes) => tokio::task::spawn_blocking({
+                            let root = root.clone();
+                            move || RuntimeFiles::install(&root, runtime, &bytes)
+                        })
+                        .await
+                        .map_err(|e| anyhow!("{e}"))
+                        .and_then(|r| r),
+                        Err(e) => Err(e),
+                    };
+                    *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    installed?
+                }
+            }
+        };
+        // The program, once per node, in a folder named by its hash and shown alone at /job.
+        let dir = self
+            .config
+            .cache_dir
+            .join("programs")
+            .join(program.file.sha256.to_string());
+        let path = dir.join(&program.file.name);
+        if !path.is_file() {
+            let bytes = self
+                .grid
+                .get_object(names::BLOBS_BUCKET, &spec.tenant, &program.file.sha256)
+                .await
+                .context("fetching the program")?;
+            std::fs::create_dir_all(&dir)?;
+            let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+            std::io::Write::write_all(&mut tmp, &bytes)?;
+            tmp.persist(&path).map_err(|e| e.error)?;
+        }
+        Ok(Ok(crate::sandbox::Program {
+            runtime,
+            files,
+            dir,
+            file: program.file.name.clone(),
+        }))
+    }
+
     /// Runs one task; `Err` means this node could not run it (another may), not that it failed.
     async fn run_task(&self, job: &JobRecord, task: &TaskMsg) -> Result<ResultMsg> {
         let spec = &job.spec;
@@ -516,11 +626,20 @@ impl Node {
             ..defaults
         };
         let failed = |reason: Reason| self.failed_result(job, task, reason);
-        let bytes = self
-            .module_bytes(job)
-            .await
-            .context("fetching the module")?;
-        let module = match self.sandbox.load(&bytes, &limits).await {
+        let (loaded, program) = match &spec.program {
+            None => {
+                let bytes = self
+                    .module_bytes(job)
+                    .await
+                    .context("fetching the module")?;
+                (self.sandbox.load(&bytes, &limits).await, None)
+            }
+            Some(program) => match self.program(job, program).await? {
+                Ok(p) => (self.load_runtime(job, p.runtime).await, Some(p)),
+                Err(reason) => return Ok(failed(reason)),
+            },
+        };
+        let module = match loaded {
             Ok(m) => m,
             Err(reason) => return Ok(failed(reason)),
         };
@@ -564,6 +683,7 @@ impl Node {
         task_spec.seed = grid_proto::task_seed(spec.seed, task.index);
         task_spec.attempt = task.attempt;
         task_spec.gpu = spec.class == names::GPU_CLASS;
+        task_spec.program = program;
 
         let mut cancelled = {
             let mut cancels = self.cancels.lock().await;

@@ -26,6 +26,18 @@ impl fmt::Display for Sha256Hex {
     }
 }
 
+impl std::str::FromStr for Sha256Hex {
+    type Err = String;
+
+    /// 64 hex digits.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(s, &mut digest)
+            .map_err(|e| format!("{s:?} is not a SHA-256 in hex: {e}"))?;
+        Ok(Self(digest))
+    }
+}
+
 impl fmt::Debug for Sha256Hex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Sha256Hex({self})")
@@ -42,5 +54,13 @@ mod tests {
             Sha256Hex::of(b"").to_string(),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+    }
+
+    #[test]
+    fn hex_parses_back_and_bad_hex_is_refused() {
+        let sha = Sha256Hex::of(b"grid");
+        assert_eq!(sha.to_string().parse::<Sha256Hex>(), Ok(sha));
+        assert!("xyz".parse::<Sha256Hex>().is_err());
+        assert!("ab".parse::<Sha256Hex>().is_err());
     }
 }

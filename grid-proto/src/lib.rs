@@ -7,6 +7,7 @@
 pub mod hash;
 pub mod names;
 pub mod outcome;
+pub mod runtime;
 pub mod wire;
 
 pub use hash::Sha256Hex;

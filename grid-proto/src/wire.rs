@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// Bumped on any incompatible change of a wire type.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 
 /// A type that travels over NATS.
 pub trait Message: Serialize + DeserializeOwned {
@@ -95,6 +95,18 @@ pub struct InputRef {
     pub bytes: u64,
 }
 
+/// A program run by a pinned runtime (see [`crate::runtime`]): the job's module is then the
+/// runtime's own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramRef {
+    /// The runtime's name (`python`).
+    pub runtime: String,
+    /// The program file (a blob), shown to tasks at `/job/<name>`.
+    pub file: InputRef,
+    /// The runtime's stdlib (a blob, its pinned hash).
+    pub stdlib_sha256: Sha256Hex,
+}
+
 /// Where a job's tasks come from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskSource {
@@ -141,6 +153,8 @@ pub struct JobSpec {
     pub tasks: TaskSource,
     /// Read-only at `/in/shared/` for every task.
     pub shared: Vec<InputRef>,
+    /// A program for a runtime (`grid submit job.py`); `None` for a module of the user's own.
+    pub program: Option<ProgramRef>,
 }
 
 /// `grid.api.<tenant>.submit` request.
@@ -369,6 +383,8 @@ pub struct NodeInfo {
     pub busy: u32,
     pub tasks_done: u64,
     pub started_unix_ms: u64,
+    /// Work that delays its tasks, e.g. `compiling the python runtime` (once per node).
+    pub preparing: Option<String>,
 }
 impl Message for NodeInfo {
     const KIND: &'static str = "node";

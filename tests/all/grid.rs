@@ -7,12 +7,6 @@ use grid_proto::{Outcome, ResultMsg, Usage, encode, names};
 use std::collections::HashSet;
 use std::path::Path;
 
-fn write_params(dir: &Path, lines: impl Iterator<Item = String>) -> std::path::PathBuf {
-    let path = dir.join("params.jsonl");
-    std::fs::write(&path, lines.map(|l| l + "\n").collect::<String>()).unwrap();
-    path
-}
-
 fn submit(grid: &TestGrid, args: &[&str]) -> String {
     let mut all = vec!["submit"];
     all.extend_from_slice(args);

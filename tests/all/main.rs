@@ -12,5 +12,6 @@ mod cluster;
 mod examples;
 mod gpu;
 mod grid;
+mod python;
 mod replicas;
 mod sandbox;

