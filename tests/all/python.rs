@@ -236,6 +236,10 @@ fn a_200_task_python_sweep_runs_through_a_local_grid() {
             params.to_str().unwrap(),
             "--seed",
             "5",
+            // Far below the runtime's first compile on a cold node (about a minute): the
+            // compile is not charged to the tasks.
+            "--timeout",
+            "20s",
         ],
         0,
     );
@@ -288,4 +292,39 @@ fn matplotlib_draws_a_figure_and_tempfile_works() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, ["sine.png"], "nothing else reaches /out");
+}
+
+/// `grid run --json EXAMPLE` with `params` on stdin; the JSON line and the output folder.
+fn run_example(path: &str, params: &str) -> (serde_json::Value, PathBuf) {
+    let program = workspace_root().join(path);
+    let cache = python_cache();
+    let (v, code) = grid_run_json(
+        &[program.to_str().unwrap(), "--cache-dir", &cache],
+        params.as_bytes(),
+    );
+    assert_eq!(code, 0, "{v}");
+    let dir = PathBuf::from(v["output_dir"].as_str().unwrap());
+    (v, dir)
+}
+
+#[test]
+fn the_python_examples_run_and_give_the_same_bytes_twice() {
+    let _turn = turn();
+    let params = r#"{"rows": 300, "correlation": 0.8}"#;
+    let (_, a) = run_example("examples/python-synth/synth.py", params);
+    let (_, b) = run_example("examples/python-synth/synth.py", params);
+    let data = std::fs::read_to_string(a.join("data.csv")).unwrap();
+    assert_eq!(data, std::fs::read_to_string(b.join("data.csv")).unwrap());
+    let mut lines = data.lines();
+    assert_eq!(lines.next(), Some("id,age,income,group,score"));
+    assert_eq!(lines.count(), 300);
+
+    let (v, dir) = run_example(
+        "examples/python-sweep/sweep.py",
+        r#"{"model": "logistic", "C": 1.0}"#,
+    );
+    let metrics = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    let row = metrics.lines().nth(1).unwrap_or_else(|| panic!("{v}"));
+    let accuracy: f64 = row.rsplit(',').nth(1).unwrap().parse().unwrap();
+    assert!((0.6..=1.0).contains(&accuracy), "{metrics}");
 }

@@ -7,6 +7,8 @@
 //!   job of ~100 ms tasks against the same task run directly in the sandbox, divided by slots.
 //! - `gpu`: the gpu-noise example as a wasm task through `grid_gpu_v1` and the GPU worker vs the
 //!   same WGSL from a native program, and the per-dispatch overhead (see `grid-node/benches/gpu.rs`).
+//! - `python`: the Python runtime's cold compile, a warm trivial task, and a numpy-heavy script
+//!   in the sandbox vs the host's CPython with numpy (see `grid-node/benches/python.rs`).
 
 use crate::{build_guests, cargo, guest_wasm, setup, target_dir};
 use anyhow::{Context, Result, bail};
@@ -33,8 +35,23 @@ pub fn run(which: Option<&str>) -> Result<()> {
         }
         "grid" => grid(),
         "gpu" => cargo(&["bench", "--locked", "-p", "grid-node", "--bench", "gpu"]),
+        "python" => {
+            let python = setup::host_python_with_numpy()?;
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["bench", "--locked", "-p", "grid-node", "--bench", "python"])
+                .env("GRID_BENCH_HOST_PYTHON", python)
+                .current_dir(crate::root())
+                .status()?;
+            if !status.success() {
+                bail!("the Python benchmark failed ({status})");
+            }
+            Ok(())
+        }
         other => {
-            bail!("unknown benchmark `{other}`; try `cargo xtask bench sandbox`, `grid` or `gpu`")
+            bail!(
+                "unknown benchmark `{other}`; try `cargo xtask bench sandbox`, `grid`, `gpu` or `python`"
+            )
         }
     }
 }

@@ -4,9 +4,9 @@
 //! |---|---|
 //! | `setup` | installs what is missing (the wasm32-wasip1 target) or says exactly how |
 //! | `build-guests` | builds the example jobs and the test guests to `target/wasm32-wasip1/guest/` |
-//! | `demo` | the README's main job: runs the synthetic-data example, a few tasks, via `grid run` |
+//! | `demo [python]` | the README's main job: a local grid runs the synthetic-data example (or the scikit-learn sweep) |
 //! | `test` | setup, build-guests, every test of the workspace, then a short chaos run |
-//! | `bench [sandbox|grid|gpu]` | benchmarks: sandbox vs bare wasmtime vs native; tasks per second through the grid; GPU binding vs native |
+//! | `bench [sandbox|grid|gpu|python]` | benchmarks: sandbox vs bare wasmtime vs native; tasks per second through the grid; GPU binding vs native; Python in the sandbox vs host CPython |
 //! | `chaos [--tasks N] [--seed S]` | a job on a local grid while nodes, the broker and nats-server are killed at random; checked against a calm run |
 
 mod bench;
@@ -34,7 +34,7 @@ fn run() -> Result<()> {
             setup::run()?;
             build_guests()
         }
-        Some("demo") => demo::run(),
+        Some("demo") => demo::run(args.get(1).map(String::as_str)),
         Some("test") => {
             setup::run()?;
             build_guests()?;
@@ -45,7 +45,7 @@ fn run() -> Result<()> {
         Some("bench") => bench::run(args.get(1).map(String::as_str)),
         Some("chaos") => chaos::run(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask <setup|build-guests|demo|test|bench [sandbox|grid|gpu]|chaos [--tasks N] [--seed S]>"
+            "usage: cargo xtask <setup|build-guests|demo [python]|test|bench [sandbox|grid|gpu|python]|chaos [--tasks N] [--seed S]>"
         ),
     }
 }

@@ -159,6 +159,32 @@ fn ensure_wasm_target() -> Result<()> {
 }
 
 /// The venv `cargo xtask setup` installs nats-server into (the same place `grid` looks).
+/// A Python with numpy for the Python benchmark's host side: Grid's virtual environment, with
+/// numpy installed there when missing.
+pub fn host_python_with_numpy() -> Result<PathBuf> {
+    let venv = ensure_venv()?;
+    let python = venv.join("bin/python");
+    let has = |p: &PathBuf| {
+        Command::new(p)
+            .args(["-c", "import numpy"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has(&python) {
+        eprintln!(
+            "xtask: installing numpy into {} (for the benchmark only)",
+            venv.display()
+        );
+        let status = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "numpy"])
+            .status()?;
+        if !status.success() || !has(&python) {
+            bail!("`pip install numpy` into {} failed", venv.display());
+        }
+    }
+    Ok(python)
+}
+
 /// Grid's virtual environment, made if missing.
 fn ensure_venv() -> Result<PathBuf> {
     let venv = venv()?;

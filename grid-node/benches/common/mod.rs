@@ -1,4 +1,5 @@
-//! What the benchmarks share.
+//! What the benchmarks share (each bench uses a part of it).
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

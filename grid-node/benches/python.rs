@@ -1,0 +1,145 @@
+//! The Python benchmark (`cargo xtask bench python` installs numpy on the host and runs it).
+//!
+//! Side by side, in one run: (a) the runtime's cold compile (once per node); (b) the fixed cost
+//! of a warm Python task — instantiate the compiled runtime, start the interpreter, run a
+//! trivial script, collect — through the sandbox; (c) a numpy-heavy script in the sandbox vs the
+//! same script on the host's CPython with numpy, both for the numerical work alone (timed inside
+//! the script) and for the whole task (interpreter start and `import numpy` included).
+
+use grid_node::runtime::RuntimeFiles;
+use grid_node::{Program, Sandbox, SandboxConfig, TaskSpec};
+use grid_proto::runtime::PYTHON;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::median;
+
+fn main() -> anyhow::Result<()> {
+    let reps = 7;
+    let host_python = std::env::var("GRID_BENCH_HOST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let artifacts = grid_client::find_runtime(&PYTHON)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let work = tempfile::tempdir()?;
+    let files = RuntimeFiles::install(
+        &work.path().join("runtimes"),
+        &PYTHON,
+        &std::fs::read(&artifacts.stdlib)?,
+    )?;
+    let programs = work.path().join("programs");
+    std::fs::create_dir_all(&programs)?;
+    std::fs::write(programs.join("trivial.py"), "pass\n")?;
+    let numpy_work = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/python/numpy_work.py");
+    std::fs::copy(&numpy_work, programs.join("numpy_work.py"))?;
+
+    // (a) the cold compile, into an empty cache.
+    let sandbox = Sandbox::new(SandboxConfig {
+        cache_dir: Some(work.path().join("compiled")),
+        ..Default::default()
+    })?;
+    let module_bytes = std::fs::read(&artifacts.module)?;
+    let started = Instant::now();
+    let module = rt
+        .block_on(sandbox.load_runtime(&PYTHON, async { Ok(module_bytes) }))
+        .map_err(|r| anyhow::anyhow!("{r}"))?;
+    let cold = started.elapsed();
+
+    let run = |file: &str| -> anyhow::Result<(Duration, String)> {
+        let out = tempfile::tempdir()?;
+        let mut spec = TaskSpec::new(out.path());
+        // Real clocks: the script times its own work.
+        spec.deterministic = false;
+        spec.program = Some(Program {
+            runtime: &PYTHON,
+            files: files.clone(),
+            dir: programs.clone(),
+            file: file.into(),
+        });
+        let started = Instant::now();
+        let report = rt.block_on(sandbox.run(&module, spec));
+        let took = started.elapsed();
+        anyhow::ensure!(
+            report.outcome == grid_proto::Outcome::Succeeded,
+            "{file}: {:?}: {}",
+            report.outcome,
+            String::from_utf8_lossy(&report.stderr)
+        );
+        Ok((took, String::from_utf8_lossy(&report.stdout).into_owned()))
+    };
+
+    // (b) a warm trivial task.
+    run("trivial.py")?;
+    let warm = median(
+        (0..reps)
+            .map(|_| run("trivial.py").map(|r| r.0))
+            .collect::<Result<_, _>>()?,
+    );
+
+    // (c) numpy-heavy: sandbox vs host, alternating.
+    let inner = |stdout: &str| -> anyhow::Result<f64> {
+        Ok(stdout
+            .split_whitespace()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no timing in {stdout:?}"))?
+            .parse()?)
+    };
+    let host = |script: &Path| -> anyhow::Result<(Duration, String)> {
+        let started = Instant::now();
+        let out = std::process::Command::new(&host_python)
+            .arg(script)
+            .output()?;
+        let took = started.elapsed();
+        anyhow::ensure!(
+            out.status.success(),
+            "{host_python} {}: {} (the bench needs numpy on the host: `cargo xtask bench python` installs it)",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((took, String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    let (mut sandbox_whole, mut sandbox_inner, mut host_whole, mut host_inner) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    run("numpy_work.py")?;
+    host(&numpy_work)?;
+    for _ in 0..reps {
+        let (took, stdout) = run("numpy_work.py")?;
+        sandbox_whole.push(took);
+        sandbox_inner.push(Duration::from_secs_f64(inner(&stdout)?));
+        let (took, stdout) = host(&numpy_work)?;
+        host_whole.push(took);
+        host_inner.push(Duration::from_secs_f64(inner(&stdout)?));
+    }
+    let (sw, si, hw, hi) = (
+        median(sandbox_whole),
+        median(sandbox_inner),
+        median(host_whole),
+        median(host_inner),
+    );
+    println!(
+        "python runtime ({} {}), medians of {reps}:",
+        PYTHON.package, PYTHON.version
+    );
+    println!(
+        "  cold compile of the runtime (once per node): {:.1} s",
+        cold.as_secs_f64()
+    );
+    println!(
+        "  warm trivial task (instantiate + interpreter start + `pass` + collect): {:.1} ms",
+        warm.as_secs_f64() * 1e3
+    );
+    println!(
+        "  numpy work alone: sandbox {:.3} s, host CPython {:.3} s: {:.2}x",
+        si.as_secs_f64(),
+        hi.as_secs_f64(),
+        si.as_secs_f64() / hi.as_secs_f64()
+    );
+    println!(
+        "  numpy task whole (start + import + work): sandbox {:.3} s, host {:.3} s: {:.2}x",
+        sw.as_secs_f64(),
+        hw.as_secs_f64(),
+        sw.as_secs_f64() / hw.as_secs_f64()
+    );
+    Ok(())
+}
