@@ -40,7 +40,7 @@ fn ensure_python_runtime() -> Result<()> {
                         venv.display()
                     );
                     let status = Command::new(venv.join("bin/pip"))
-                        .args(["install", "--quiet", "--no-deps", &pin])
+                        .args(["install", "--quiet", "--no-deps", "--force-reinstall", &pin])
                         .status()?;
                     if !status.success() {
                         bail!(
