@@ -15,6 +15,15 @@
 //! windows round-robin across jobs, so a small job submitted behind a large one waits for at
 //! most one window of the large job, not for all of it.
 //!
+//! The usage ledger (`grid_usage`): every attempt that ran on a node and sent a result is
+//! billable — a failed attempt that is retried, each replica, a task cancelled while it ran —
+//! and is written once, keyed by tenant, job, task, attempt and replica (a create: the same
+//! attempt delivered twice, or run by two nodes after a lapsed ack, is billed once, to the
+//! first node whose result arrives). A task handed back by its node (shutdown, a GPU worker
+//! restart, a node that died) sends no result and is not billed; neither is a `lost` report,
+//! which ran nothing. The entry is written before the result is counted, so a broker killed in
+//! between finds it on redelivery and does not bill it again.
+//!
 //! One broker at a time: job-state writes are not compare-and-set yet.
 
 use anyhow::{Result, anyhow};
@@ -24,7 +33,7 @@ use futures::StreamExt;
 use grid_client::{Grid, now_unix_ms};
 use grid_proto::{
     ApiReply, CancelRequest, JobRecord, JobState, Outcome, Reason, ResultMsg, SubmitRequest,
-    TaskCounts, TaskMsg, TaskRecord, TaskSource, TaskState, decode, encode, names,
+    TaskCounts, TaskMsg, TaskRecord, TaskSource, TaskState, UsageEntry, decode, encode, names,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -492,7 +501,11 @@ impl Broker {
                 return;
             }
         };
-        match self.count(result).await {
+        let recorded = match self.record_usage(&result).await {
+            Ok(()) => self.count(result).await,
+            Err(e) => Err(e),
+        };
+        match recorded {
             Ok(()) => {
                 if let Err(e) = msg.ack().await {
                     tracing::warn!("acking a result: {e}");
@@ -504,6 +517,48 @@ impl Broker {
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await;
             }
+        }
+    }
+
+    /// Bills `result`'s attempt in the usage ledger, once (see the module docs).
+    async fn record_usage(&self, result: &ResultMsg) -> Result<()> {
+        if result.outcome == Outcome::Failed(Reason::Lost) {
+            return Ok(()); // nothing ran
+        }
+        let tenant = match self.active.get(&result.job_id) {
+            Some(job) if result.index >= job.record.counts.total => return Ok(()),
+            Some(job) => job.record.spec.tenant.clone(),
+            None => match self.grid.jobs.get(&result.job_id).await {
+                Ok(Some(bytes)) => match decode::<JobRecord>(&bytes) {
+                    Ok(record) if result.index < record.counts.total => record.spec.tenant,
+                    _ => return Ok(()),
+                },
+                Ok(None) => return Ok(()),
+                Err(e) if e.kind() == jetstream::kv::EntryErrorKind::InvalidKey => return Ok(()),
+                Err(e) => return Err(anyhow!("reading job {}: {e}", result.job_id)),
+            },
+        };
+        let key = names::usage_key(
+            &tenant,
+            &result.job_id,
+            result.index,
+            result.attempt,
+            result.replica,
+        );
+        let entry = UsageEntry {
+            tenant,
+            job_id: result.job_id.clone(),
+            index: result.index,
+            attempt: result.attempt,
+            replica: result.replica,
+            node_id: result.node_id.clone(),
+            usage: result.usage.clone(),
+            recorded_unix_ms: now_unix_ms(),
+        };
+        match self.grid.usage.create(&key, encode(&entry).into()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(anyhow!("billing {key}: {e}")),
         }
     }
 

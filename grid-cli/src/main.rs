@@ -6,6 +6,7 @@
 mod jobs;
 mod run;
 mod up;
+mod usage;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -41,6 +42,8 @@ enum Command {
     Logs(jobs::LogsArgs),
     /// Cancel a job: queued tasks are dropped, running ones stopped.
     Cancel(jobs::CancelArgs),
+    /// What tasks used, from the usage ledger: per job, tenant and provider.
+    Usage(usage::UsageArgs),
     /// Run a broker (what `grid-broker` runs).
     #[command(hide = true)]
     Broker(grid_broker::BrokerArgs),
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Results(args) => jobs::results(args),
         Command::Logs(args) => jobs::logs(args),
         Command::Cancel(args) => jobs::cancel(args),
+        Command::Usage(args) => usage::usage(args),
         Command::Broker(args) => return grid_broker::main(args),
         Command::Node(args) => return grid_node::worker::main(args),
     };

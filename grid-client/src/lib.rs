@@ -93,6 +93,8 @@ pub struct Grid {
     pub votes: kv::Store,
     pub claims: kv::Store,
     pub tally: kv::Store,
+    /// The usage ledger: one [`grid_proto::UsageEntry`] per billable attempt.
+    pub usage: kv::Store,
     pub modules: object_store::ObjectStore,
     pub blobs: object_store::ObjectStore,
 }
@@ -168,6 +170,7 @@ impl Grid {
             (names::VOTES_BUCKET, Duration::ZERO),
             (names::CLAIMS_BUCKET, Duration::ZERO),
             (names::TALLY_BUCKET, Duration::ZERO),
+            (names::USAGE_BUCKET, Duration::ZERO),
         ] {
             js.create_or_update_key_value(kv::Config {
                 bucket: bucket.into(),
@@ -228,6 +231,10 @@ impl Grid {
                 .get_key_value(names::TALLY_BUCKET)
                 .await
                 .map_err(|e| missing(names::TALLY_BUCKET, &e))?,
+            usage: js
+                .get_key_value(names::USAGE_BUCKET)
+                .await
+                .map_err(|e| missing(names::USAGE_BUCKET, &e))?,
             modules: js
                 .get_object_store(names::MODULES_BUCKET)
                 .await
@@ -304,6 +311,55 @@ impl Grid {
         }
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(nodes)
+    }
+
+    /// Every entry of the usage ledger, or only `tenant`'s (a subject filter on the bucket's
+    /// stream, so other tenants' entries are not even sent). Reads the bucket's stream with one
+    /// ordered consumer: a ledger holds an entry per attempt, far too many for a `get` each.
+    /// An entry that does not decode (another wire version) is skipped.
+    pub async fn usage_entries(&self, tenant: Option<&str>) -> Result<Vec<grid_proto::UsageEntry>> {
+        use futures::StreamExt;
+        let stream_name = format!("KV_{}", names::USAGE_BUCKET);
+        let filter = format!(
+            "$KV.{}.{}",
+            names::USAGE_BUCKET,
+            tenant.map_or(">".into(), |t| format!("{t}.>"))
+        );
+        let stream = self
+            .js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| anyhow!("opening the usage ledger: {e}"))?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow!("reading the usage ledger: {e}"))?;
+        let mut entries = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(entries);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| anyhow!("reading the usage ledger: {e}"))?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| anyhow!("reading the usage ledger: {e}"))?;
+            if let Ok(entry) = grid_proto::decode::<grid_proto::UsageEntry>(&message.payload) {
+                entries.push(entry);
+            }
+            let pending = message
+                .info()
+                .map_err(|e| anyhow!("reading the usage ledger: {e}"))?
+                .pending;
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(entries)
     }
 
     /// Whether `<tenant>/<sha256>` is stored.

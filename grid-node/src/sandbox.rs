@@ -156,6 +156,8 @@ pub struct TaskReport {
     pub wall_seconds: f64,
     /// Time the task's GPU calls held the node's GPU.
     pub gpu_seconds: f64,
+    /// The largest linear memory the task had (0 when it never started).
+    pub peak_memory_bytes: u64,
     /// Apparent size of `/out` when the task ended.
     pub bytes_out: u64,
     pub stdout: Vec<u8>,
@@ -171,6 +173,7 @@ impl TaskReport {
             cpu_seconds: 0.0,
             wall_seconds: 0.0,
             gpu_seconds: 0.0,
+            peak_memory_bytes: 0,
             bytes_out: 0,
             stdout: Vec::new(),
             stderr: Vec::new(),
@@ -189,6 +192,13 @@ pub struct LoadedModule {
     guard: Option<Module>,
     /// A runtime's reactor (`_initialize`, `run`) rather than a command (`_start`).
     reactor: bool,
+}
+
+/// How a task's wasm ended, and what it used besides CPU time.
+struct Ran {
+    outcome: Outcome,
+    gpu_time: Duration,
+    peak_memory_bytes: u64,
 }
 
 /// A limit that ended the task, raised from inside the store.
@@ -225,6 +235,8 @@ impl TaskState {
 
 struct TaskLimiter {
     memory_bytes: u64,
+    /// The largest memory size granted, for the usage ledger.
+    peak_memory_bytes: u64,
     table_elements: u64,
     tables_total: u64,
     hit: Option<Limit>,
@@ -241,6 +253,7 @@ impl ResourceLimiter for TaskLimiter {
             self.hit.get_or_insert(Limit::Memory);
             return Ok(false);
         }
+        self.peak_memory_bytes = self.peak_memory_bytes.max(desired as u64);
         Ok(true)
     }
 
@@ -474,19 +487,25 @@ impl Sandbox {
             None => None,
         };
         let scratch_path = scratch.as_ref().map(|d| d.path());
-        let (outcome, cpu_seconds, gpu_seconds) =
-            match self.prepare(&spec, &limits, &stdout, &stderr, scratch_path) {
-                Ok(store) => {
-                    let run = self.call_start(store, module, &limits, started);
-                    let ((outcome, gpu), cpu) = crate::cpu::CpuTimed::new(run).await;
-                    (outcome, cpu.as_secs_f64(), gpu.as_secs_f64())
-                }
-                Err(e) => (
-                    Outcome::Failed(Reason::Invalid(format!("could not set up the task: {e:#}"))),
-                    0.0,
-                    0.0,
-                ),
-            };
+        let (ran, cpu_seconds) = match self.prepare(&spec, &limits, &stdout, &stderr, scratch_path)
+        {
+            Ok(store) => {
+                let run = self.call_start(store, module, &limits, started);
+                let (ran, cpu) = crate::cpu::CpuTimed::new(run).await;
+                (ran, cpu.as_secs_f64())
+            }
+            Err(e) => (
+                Ran {
+                    outcome: Outcome::Failed(Reason::Invalid(format!(
+                        "could not set up the task: {e:#}"
+                    ))),
+                    gpu_time: Duration::ZERO,
+                    peak_memory_bytes: 0,
+                },
+                0.0,
+            ),
+        };
+        let outcome = ran.outcome;
         let wall_seconds = started.elapsed().as_secs_f64();
         if matches!(
             outcome,
@@ -502,7 +521,8 @@ impl Sandbox {
             outcome,
             cpu_seconds,
             wall_seconds,
-            gpu_seconds,
+            gpu_seconds: ran.gpu_time.as_secs_f64(),
+            peak_memory_bytes: ran.peak_memory_bytes,
             bytes_out: crate::outputs::apparent_size(&spec.output_dir),
             stdout,
             stderr,
@@ -590,6 +610,7 @@ impl Sandbox {
             wasi,
             limiter: TaskLimiter {
                 memory_bytes: limits.memory_bytes,
+                peak_memory_bytes: 0,
                 table_elements: limits.table_elements,
                 tables_total: 0,
                 hit: None,
@@ -627,7 +648,7 @@ impl Sandbox {
         module: &LoadedModule,
         limits: &Limits,
         started: Instant,
-    ) -> (Outcome, Duration) {
+    ) -> Ran {
         let deadline = started + limits.timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
@@ -676,7 +697,11 @@ impl Sandbox {
             Ok(Err(invalid)) => Outcome::Failed(invalid),
             Err(_elapsed) => Outcome::Failed(Reason::Limit(Limit::Time)),
         };
-        (outcome, gpu_used)
+        Ran {
+            outcome,
+            gpu_time: gpu_used,
+            peak_memory_bytes: store.data().limiter.peak_memory_bytes,
+        }
     }
 }
 

@@ -754,6 +754,10 @@ impl Node {
                 cpu_seconds: report.cpu_seconds,
                 wall_seconds: report.wall_seconds,
                 gpu_seconds: report.gpu_seconds,
+                peak_memory_bytes: report.peak_memory_bytes,
+                bytes_in: task.params.len() as u64
+                    + task.input.as_ref().map_or(0, |i| i.bytes)
+                    + spec.shared.iter().map(|i| i.bytes).sum::<u64>(),
                 bytes_out: report.bytes_out,
             },
             files,

@@ -13,6 +13,7 @@
 //! | `grid_votes` | KV, key `<job>.<index>.<replica>` | each replica's result, stored once ([`crate::ResultMsg`]) |
 //! | `grid_claims` | KV, key `<job>.<index>.<node id>` | which replica of a task a node took: never two on one node |
 //! | `grid_tally` | KV, key `<node id>` | votes each node's results won and lost ([`crate::NodeTally`]) |
+//! | `grid_usage` | KV, key `<tenant>.<job>.<index>.<attempt>.<replica>` | the usage ledger: one entry per billable attempt ([`crate::UsageEntry`]) |
 //! | `grid_modules` | object store, name `<tenant>/<sha256>` | job modules |
 //! | `grid_blobs` | object store, name `<tenant>/<sha256>` | params files, inputs, outputs, logs |
 //! | `grid.api.<tenant>.submit`, `.cancel` | request/reply to the broker | job intake and cancel |
@@ -27,6 +28,7 @@ pub const NODES_BUCKET: &str = "grid_nodes";
 pub const VOTES_BUCKET: &str = "grid_votes";
 pub const CLAIMS_BUCKET: &str = "grid_claims";
 pub const TALLY_BUCKET: &str = "grid_tally";
+pub const USAGE_BUCKET: &str = "grid_usage";
 pub const MODULES_BUCKET: &str = "grid_modules";
 pub const BLOBS_BUCKET: &str = "grid_blobs";
 pub const DEFAULT_TENANT: &str = "default";
@@ -67,6 +69,12 @@ pub fn vote_key(job: &str, index: u64, replica: u32) -> String {
 }
 pub fn claim_key(job: &str, index: u64, node: &str) -> String {
     format!("{job}.{index}.{node}")
+}
+/// A ledger entry's key: one per attempt of one replica of a task, whichever node ran it, so
+/// that an attempt delivered twice is billed once. The tenant leads, so that a tenant's entries
+/// are one subject filter (`$KV.grid_usage.<tenant>.>`).
+pub fn usage_key(tenant: &str, job: &str, index: u64, attempt: u32, replica: u32) -> String {
+    format!("{tenant}.{job}.{index}.{attempt}.{replica}")
 }
 pub fn task_key(job: &str, index: u64) -> String {
     format!("{job}.{index}")

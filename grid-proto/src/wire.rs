@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// Bumped on any incompatible change of a wire type.
-pub const WIRE_VERSION: u16 = 3;
+pub const WIRE_VERSION: u16 = 4;
 
 /// A type that travels over NATS.
 pub trait Message: Serialize + DeserializeOwned {
@@ -267,13 +267,48 @@ pub struct OutputFile {
     pub sha256: Sha256Hex,
 }
 
+/// What one attempt of a task used on the node that ran it: the ledger's unit.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     pub cpu_seconds: f64,
     pub wall_seconds: f64,
     /// Time the task's GPU calls held the node's GPU.
     pub gpu_seconds: f64,
+    /// The largest linear memory the task had.
+    pub peak_memory_bytes: u64,
+    /// What the task was given: its params, its input file and the job's shared files.
+    pub bytes_in: u64,
+    /// Apparent size of `/out` when it ended.
     pub bytes_out: u64,
+}
+
+impl Usage {
+    /// Adds `other` in: times and bytes sum, peak memory is the larger.
+    pub fn add(&mut self, other: &Usage) {
+        self.cpu_seconds += other.cpu_seconds;
+        self.wall_seconds += other.wall_seconds;
+        self.gpu_seconds += other.gpu_seconds;
+        self.peak_memory_bytes = self.peak_memory_bytes.max(other.peak_memory_bytes);
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+    }
+}
+
+/// One billable attempt in the usage ledger (`grid_usage`), written once by the broker when
+/// the attempt's result arrives: the tenant pays for it and the provider (`node_id`) ran it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageEntry {
+    pub tenant: String,
+    pub job_id: String,
+    pub index: u64,
+    pub attempt: u32,
+    pub replica: u32,
+    pub node_id: String,
+    pub usage: Usage,
+    pub recorded_unix_ms: u64,
+}
+impl Message for UsageEntry {
+    const KIND: &'static str = "usage";
 }
 
 /// What one attempt of a task produced, published by the node that ran it.

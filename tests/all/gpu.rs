@@ -641,6 +641,16 @@ fn a_gpu_job_runs_through_the_grid_on_the_gpu_node() {
         manifest.iter().all(|t| t["node"] == "gpu-node"),
         "{manifest:?}"
     );
+    // The ledger bills the GPU time the tasks' calls held the GPU, to the GPU node.
+    let billed = crate::ledger::usage(&grid, &["--job", job]);
+    let gpu_seconds: f64 = manifest
+        .iter()
+        .map(|t| t["gpu_seconds"].as_f64().unwrap())
+        .sum();
+    assert!(gpu_seconds > 0.0, "{manifest:?}");
+    let billed_gpu = billed["total"]["gpu_seconds"].as_f64().unwrap();
+    assert!((billed_gpu - gpu_seconds).abs() < 1e-6, "{billed}");
+    assert_eq!(billed["providers"][0]["provider"], "gpu-node", "{billed}");
 }
 
 #[test]

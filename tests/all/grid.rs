@@ -199,7 +199,10 @@ fn a_result_delivered_twice_is_counted_once() {
             node_id: "test".into(),
             digest: grid_proto::result_digest(&Outcome::Succeeded, &[]),
             outcome: Outcome::Succeeded,
-            usage: Usage::default(),
+            usage: Usage {
+                cpu_seconds: 1.5,
+                ..Usage::default()
+            },
             files: vec![],
             stdout: None,
             stderr: None,
@@ -220,6 +223,10 @@ fn a_result_delivered_twice_is_counted_once() {
     let status = grid.wait(&job);
     assert_eq!(status["state"], "done");
     assert_eq!(status["tasks"]["succeeded"], 2, "{status}");
+    // Billed once too: the second delivery of task 0's attempt is not a second attempt.
+    let billed = crate::ledger::usage(&grid, &["--job", &job]);
+    assert_eq!(billed["total"]["attempts"], 2, "{billed}");
+    assert_eq!(billed["total"]["cpu_seconds"], 3.0, "{billed}");
 }
 
 #[test]

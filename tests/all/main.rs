@@ -12,6 +12,7 @@ mod cluster;
 mod examples;
 mod gpu;
 mod grid;
+mod ledger;
 mod python;
 mod replicas;
 mod sandbox;

@@ -108,6 +108,12 @@ fn replicas_run_on_distinct_nodes_and_agree() {
     for node in ["a", "b", "c"] {
         wait_for_tally(&grid, node, 6, 0);
     }
+    // Each replica is an attempt that ran: billed to the tenant, paid to the node that ran it.
+    let billed = crate::ledger::usage(&grid, &["--job", &job]);
+    assert_eq!(billed["total"]["attempts"], 18, "{billed}");
+    for provider in billed["providers"].as_array().unwrap() {
+        assert_eq!(provider["attempts"], 6, "{billed}");
+    }
 }
 
 #[test]

@@ -1,0 +1,174 @@
+//! `grid usage`: the usage ledger summed per job, per tenant and per provider.
+//!
+//! The ledger (`grid_usage`, written by the broker) holds one entry per billable attempt; this
+//! command reads the entries that pass the filters and sums them, so every figure it prints is
+//! a sum of entries a provider can be paid from and a tenant billed for.
+
+use crate::jobs::Conn;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use grid_proto::{Usage, UsageEntry};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Args, Debug)]
+pub struct UsageArgs {
+    /// Only this tenant's attempts.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Only attempts this provider's node ran (a node id).
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Only this job's attempts.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Only attempts recorded since then: a duration back from now (`1h`, `7days`) or an RFC
+    /// 3339 time (`2026-11-30T00:00:00Z`).
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// One JSON object: the total and the sums per job, tenant and provider.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// Unix milliseconds of `--since`.
+fn since_unix_ms(when: &str) -> Result<u64> {
+    let time = match humantime::parse_duration(when) {
+        Ok(back) => SystemTime::now()
+            .checked_sub(back)
+            .context("--since reaches before 1970")?,
+        Err(_) => humantime::parse_rfc3339_weak(when).map_err(|_| {
+            anyhow::anyhow!(
+                "--since {when:?}: not a duration (`1h`, `7days`) or a time (`2026-11-30T00:00:00Z`)"
+            )
+        })?,
+    };
+    Ok(time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64)
+}
+
+/// The sum of some entries: how many attempts, and what they used.
+#[derive(Default)]
+struct Sum {
+    attempts: u64,
+    usage: Usage,
+}
+
+impl Sum {
+    fn add(&mut self, entry: &UsageEntry) {
+        self.attempts += 1;
+        self.usage.add(&entry.usage);
+    }
+
+    fn json(&self) -> Value {
+        let u = &self.usage;
+        json!({
+            "attempts": self.attempts,
+            "cpu_seconds": u.cpu_seconds,
+            "wall_seconds": u.wall_seconds,
+            "gpu_seconds": u.gpu_seconds,
+            "peak_memory_bytes": u.peak_memory_bytes,
+            "bytes_in": u.bytes_in,
+            "bytes_out": u.bytes_out,
+        })
+    }
+
+    fn row(&self, name: &str) -> String {
+        let u = &self.usage;
+        format!(
+            "{name:<20} {:>8} {:>10.2} {:>10.2} {:>8.2} {:>10} {:>10} {:>10}",
+            self.attempts,
+            u.cpu_seconds,
+            u.wall_seconds,
+            u.gpu_seconds,
+            bytesize::ByteSize(u.peak_memory_bytes).to_string(),
+            bytesize::ByteSize(u.bytes_in).to_string(),
+            bytesize::ByteSize(u.bytes_out).to_string(),
+        )
+    }
+}
+
+pub fn usage(args: UsageArgs) -> Result<ExitCode> {
+    let since = args.since.as_deref().map(since_unix_ms).transpose()?;
+    if let Some(t) = &args.tenant
+        && (t.is_empty() || t.contains(['.', '*', '>', ' ']))
+    {
+        bail!("--tenant {t:?}: not a tenant name");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let entries = runtime.block_on(async {
+        let grid = args.conn.open().await?;
+        grid.usage_entries(args.tenant.as_deref()).await
+    })?;
+    let (mut total, mut jobs, mut tenants, mut providers) = (
+        Sum::default(),
+        BTreeMap::<(String, String), Sum>::new(),
+        BTreeMap::<String, Sum>::new(),
+        BTreeMap::<String, Sum>::new(),
+    );
+    let wanted = |e: &UsageEntry| {
+        args.provider.as_ref().is_none_or(|p| *p == e.node_id)
+            && args.job.as_ref().is_none_or(|j| *j == e.job_id)
+            && since.is_none_or(|s| e.recorded_unix_ms >= s)
+    };
+    for entry in entries.iter().filter(|e| wanted(e)) {
+        total.add(entry);
+        jobs.entry((entry.job_id.clone(), entry.tenant.clone()))
+            .or_default()
+            .add(entry);
+        tenants.entry(entry.tenant.clone()).or_default().add(entry);
+        providers
+            .entry(entry.node_id.clone())
+            .or_default()
+            .add(entry);
+    }
+    if args.json {
+        let with = |mut v: Value, fields: &[(&str, &str)]| {
+            for (k, x) in fields {
+                v[*k] = json!(x);
+            }
+            v
+        };
+        let line = json!({
+            "total": total.json(),
+            "jobs": jobs.iter().map(|((job, tenant), s)| with(s.json(), &[("job_id", job), ("tenant", tenant)])).collect::<Vec<_>>(),
+            "tenants": tenants.iter().map(|(t, s)| with(s.json(), &[("tenant", t)])).collect::<Vec<_>>(),
+            "providers": providers.iter().map(|(p, s)| with(s.json(), &[("provider", p)])).collect::<Vec<_>>(),
+        });
+        println!("{line}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let header = |what: &str| {
+        format!(
+            "{what:<20} {:>8} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10}",
+            "attempts", "cpu s", "wall s", "gpu s", "peak mem", "in", "out"
+        )
+    };
+    for (what, rows) in [
+        (
+            "job",
+            jobs.iter().map(|((j, _), s)| s.row(j)).collect::<Vec<_>>(),
+        ),
+        ("tenant", tenants.iter().map(|(t, s)| s.row(t)).collect()),
+        (
+            "provider",
+            providers.iter().map(|(p, s)| s.row(p)).collect(),
+        ),
+    ] {
+        println!("{}", header(what));
+        for row in rows {
+            println!("{row}");
+        }
+        println!();
+    }
+    println!("{}", total.row("total"));
+    Ok(ExitCode::SUCCESS)
+}
