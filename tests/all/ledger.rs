@@ -5,14 +5,6 @@
 use crate::support::*;
 use serde_json::Value;
 
-fn manifest(dir: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("manifest.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// `grid usage --json ARGS…` (`grid_json` adds the flag).
 pub fn usage(grid: &TestGrid, args: &[&str]) -> Value {
     let mut all = vec!["usage"];
@@ -46,9 +38,7 @@ fn usage_of_a_known_job_is_the_sum_of_its_tasks_and_retries_are_billed() {
         0,
     );
     let job = status["job_id"].as_str().unwrap().to_string();
-    let out = tempfile::tempdir().unwrap();
-    grid.grid(&["results", &job, "-o", out.path().to_str().unwrap()]);
-    let tasks = manifest(out.path());
+    let (_out, tasks) = grid.results(&job);
     assert_eq!(tasks.len(), 12);
 
     let billed = usage(&grid, &["--job", &job]);
