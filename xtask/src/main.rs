@@ -5,13 +5,15 @@
 //! | `setup` | installs what is missing (the wasm32-wasip1 target) or says exactly how |
 //! | `build-guests` | builds the example jobs and the test guests to `target/wasm32-wasip1/guest/` |
 //! | `demo [python]` | the README's main job: a local grid runs the synthetic-data example (or the scikit-learn sweep) |
-//! | `test` | setup, build-guests, every test of the workspace, then a short chaos run |
+//! | `test` | setup, build-guests, every test of the workspace, then a short chaos run and a short fuzz run |
 //! | `bench [sandbox|grid|gpu|python]` | benchmarks: sandbox vs bare wasmtime vs native; tasks per second through the grid; GPU binding vs native; Python in the sandbox vs host CPython |
 //! | `chaos [--tasks N] [--seed S]` | a job on a local grid while nodes, the broker and nats-server are killed at random; checked against a calm run |
+//! | `fuzz [--seconds N] [--seed S] [wire\|sandbox\|gpu…]` | replays `fuzz/regressions/`, then fuzzes wire decoding, the sandbox and the GPU ABI for N seconds each |
 
 mod bench;
 mod chaos;
 mod demo;
+mod fuzz;
 mod setup;
 
 use anyhow::{Context, Result, bail};
@@ -40,12 +42,16 @@ fn run() -> Result<()> {
             build_guests()?;
             cargo_within(&["test", "--workspace", "--locked"], TEST_LIMIT)?;
             // The short chaos run: the grid under kills of every kind of process.
-            chaos::run(&["--tasks".into(), "300".into(), "--seed".into(), "1".into()])
+            chaos::run(&["--tasks".into(), "300".into(), "--seed".into(), "1".into()])?;
+            // A short fuzz run of every target, seeded so that CI repeats the same inputs (a
+            // longer `cargo xtask fuzz --seed S` explores new ones); a finding fails the run.
+            fuzz::run(&["--seconds".into(), "20".into(), "--seed".into(), "1".into()])
         }
         Some("bench") => bench::run(args.get(1).map(String::as_str)),
         Some("chaos") => chaos::run(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask <setup|build-guests|demo [python]|test|bench [sandbox|grid|gpu|python]|chaos [--tasks N] [--seed S]>"
+            "usage: cargo xtask <setup|build-guests|demo [python]|test|bench [sandbox|grid|gpu|python]|chaos [--tasks N] [--seed S]|fuzz [--seconds N] [--seed S] [wire|sandbox|gpu...]>"
         ),
     }
 }

@@ -1,0 +1,138 @@
+//! The `wire` target: every message type's `decode` against random and mangled bytes.
+
+use crate::Verdict;
+use grid_proto::{
+    ApiReply, CancelRequest, JobRecord, Limit, Message, NodeInfo, NodeTally, Outcome, OutputFile,
+    Reason, ResultMsg, Sha256Hex, SubmitRequest, TaskMsg, TaskRecord, Usage, UsageEntry, decode,
+    encode,
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Valid messages to mangle: a mangled valid message reaches deeper than random bytes, which
+/// mostly fail at the envelope.
+fn samples() -> Vec<Vec<u8>> {
+    let sha = Sha256Hex::of(b"sample");
+    let result = ResultMsg {
+        job_id: "01a22a5421bc66264d".into(),
+        index: 7,
+        attempt: 1,
+        replica: 0,
+        node_id: "node-0".into(),
+        outcome: Outcome::Failed(Reason::Limit(Limit::Memory)),
+        digest: sha,
+        usage: Usage {
+            cpu_seconds: 0.5,
+            wall_seconds: 0.6,
+            gpu_seconds: 0.0,
+            peak_memory_bytes: 1 << 20,
+            bytes_in: 12,
+            bytes_out: 3,
+        },
+        files: vec![OutputFile {
+            path: "a/b.csv".into(),
+            bytes: 3,
+            sha256: sha,
+        }],
+        stdout: Some(sha),
+        stderr: None,
+        logs_truncated: true,
+    };
+    vec![
+        encode(&TaskMsg {
+            job_id: "01a22a5421bc66264d".into(),
+            index: 3,
+            attempt: 0,
+            replica: 2,
+            params: br#"{"rows": 10}"#.to_vec(),
+            input: None,
+        }),
+        encode(&result),
+        encode(&CancelRequest { job_id: "j".into() }),
+        encode(&ApiReply::Err("no".into())),
+        encode(&NodeTally {
+            agreed: 3,
+            outvoted: 1,
+        }),
+        encode(&UsageEntry {
+            tenant: "default".into(),
+            job_id: "j".into(),
+            index: 1,
+            attempt: 0,
+            replica: 0,
+            node_id: "n".into(),
+            usage: result.usage.clone(),
+            recorded_unix_ms: 1,
+        }),
+        encode(&NodeInfo {
+            id: "n".into(),
+            classes: vec!["cpu".into(), "gpu".into()],
+            gpu: Some("llvmpipe".into()),
+            slots: 2,
+            busy: 1,
+            tasks_done: 9,
+            started_unix_ms: 1,
+            preparing: None,
+        }),
+    ]
+}
+
+/// Decodes `bytes` as `T`; what decodes must survive a round trip unchanged.
+fn check<T: Message + Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
+    bytes: &[u8],
+    decoded: &mut u32,
+) -> Result<(), String> {
+    if let Ok(value) = decode::<T>(bytes) {
+        *decoded += 1;
+        let again = decode::<T>(&encode(&value))
+            .map_err(|e| format!("{} did not decode after re-encoding: {e}", T::KIND))?;
+        if again != value {
+            return Err(format!("{} changed in a round trip: {value:?}", T::KIND));
+        }
+    }
+    Ok(())
+}
+
+/// The first byte picks raw bytes or a sample to mangle; the rest are the bytes, or a count
+/// (0–5) of changes and pairs of (position, value) to write into the sample (a lone last byte
+/// cuts it there instead).
+pub fn case(input: &[u8]) -> Verdict {
+    let bytes = match input.split_first() {
+        Some((pick, rest)) if pick % 2 == 1 => {
+            let samples = samples();
+            let mut bytes = samples[usize::from(pick / 2) % samples.len()].clone();
+            // A few changes, so that most mangled messages still get past the envelope.
+            let changes = rest.first().map_or(0, |n| usize::from(n % 6));
+            for pair in rest.get(1..).unwrap_or_default().chunks(2).take(changes) {
+                match pair {
+                    [at, value] if !bytes.is_empty() => {
+                        let at = usize::from(*at) % (bytes.len() + 1);
+                        if at == bytes.len() {
+                            bytes.push(*value);
+                        } else {
+                            bytes[at] = *value;
+                        }
+                    }
+                    [cut] => bytes.truncate(usize::from(*cut) % (bytes.len() + 1)),
+                    _ => {}
+                }
+            }
+            bytes
+        }
+        _ => input.to_vec(),
+    };
+    let mut decoded = 0;
+    check::<TaskMsg>(&bytes, &mut decoded)?;
+    check::<ResultMsg>(&bytes, &mut decoded)?;
+    check::<CancelRequest>(&bytes, &mut decoded)?;
+    check::<ApiReply>(&bytes, &mut decoded)?;
+    check::<NodeTally>(&bytes, &mut decoded)?;
+    check::<UsageEntry>(&bytes, &mut decoded)?;
+    check::<NodeInfo>(&bytes, &mut decoded)?;
+    check::<JobRecord>(&bytes, &mut decoded)?;
+    check::<TaskRecord>(&bytes, &mut decoded)?;
+    // No `PartialEq`: decoding alone must not panic.
+    if decode::<SubmitRequest>(&bytes).is_ok() {
+        decoded += 1;
+    }
+    Ok(if decoded > 0 { "decoded" } else { "refused" }.into())
+}
