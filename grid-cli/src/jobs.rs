@@ -496,7 +496,7 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
             if args.json {
                 println!(
                     "{}",
-                    json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "tasks_done": node.tasks_done, "votes_agreed": tally.agreed, "votes_lost": tally.outvoted, "preparing": node.preparing})
+                    json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "running": node.running, "memory_reserved_bytes": node.memory_reserved_bytes, "memory_budget_bytes": node.memory_budget_bytes, "tasks_done": node.tasks_done, "votes_agreed": tally.agreed, "votes_lost": tally.outvoted, "preparing": node.preparing})
                 );
             } else {
                 let gpu = node.gpu.as_deref().map(|g| format!("  gpu {g}")).unwrap_or_default();
@@ -507,11 +507,13 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
                     String::new()
                 };
                 println!(
-                    "{}  {}  slots {}  busy {}  done {}{votes}{gpu}{preparing}",
+                    "{}  {}  slots {}  busy {}  memory {} of {}  done {}{votes}{gpu}{preparing}",
                     node.id,
                     node.classes.join(","),
                     node.slots,
                     node.busy,
+                    bytesize::ByteSize(node.memory_reserved_bytes),
+                    bytesize::ByteSize(node.memory_budget_bytes),
                     node.tasks_done
                 );
             }

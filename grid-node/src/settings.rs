@@ -65,6 +65,10 @@ pub struct NodeArgs {
     /// Ceiling on every task's memory, whatever the job asks for, e.g. 1GiB
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_memory: Option<u64>,
+    /// Memory all running tasks together may be given: a task starts only when its memory
+    /// limit fits beside the running ones' [default: this machine's RAM]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory_budget: Option<u64>,
     /// Ceiling on every task's GPU buffer bytes, e.g. 1GiB
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_gpu_memory: Option<u64>,
@@ -88,6 +92,7 @@ struct NodeFile {
     cache_dir: Option<PathBuf>,
     gpu: Option<bool>,
     gpu_slots: Option<u32>,
+    memory_budget: Option<String>,
     grace: Option<String>,
     #[serde(default)]
     caps: CapsFile,
@@ -135,6 +140,8 @@ impl NodeArgs {
             None => e,
         };
         let grace = parsed("grace", file.grace.as_ref(), parse_duration).map_err(in_file)?;
+        let memory_budget =
+            parsed("memory_budget", file.memory_budget.as_ref(), parse_size).map_err(in_file)?;
         let memory =
             parsed("caps.memory", file.caps.memory.as_ref(), parse_size).map_err(in_file)?;
         let gpu_memory = parsed("caps.gpu_memory", file.caps.gpu_memory.as_ref(), parse_size)
@@ -177,7 +184,20 @@ impl NodeArgs {
             ));
         }
         let mut caps = Limits::default();
-        caps.memory_bytes = self.max_memory.or(memory).unwrap_or(caps.memory_bytes);
+        let memory_budget_bytes = self
+            .memory_budget
+            .or(memory_budget)
+            .or_else(physical_memory)
+            .unwrap_or(u64::MAX);
+        if memory_budget_bytes < 1 << 20 {
+            return Err("memory_budget must be at least 1MiB".into());
+        }
+        // No task may be given more than all of them together.
+        caps.memory_bytes = self
+            .max_memory
+            .or(memory)
+            .unwrap_or(caps.memory_bytes)
+            .min(memory_budget_bytes);
         caps.gpu.max_buffer_bytes = self
             .max_gpu_memory
             .or(gpu_memory)
@@ -193,6 +213,7 @@ impl NodeArgs {
             use_gpu: !self.no_gpu && file.gpu.unwrap_or(true),
             gpu_slots,
             caps: NodeCaps(caps),
+            memory_budget_bytes,
             grace: self.grace.or(grace).unwrap_or(Duration::from_secs(10)),
             test_corrupt_outputs: self.test_corrupt_outputs,
         })
@@ -218,6 +239,20 @@ fn default_id() -> String {
         std::process::id(),
         grid_client::now_unix_ms() % 0xffffff
     )
+}
+
+/// This machine's RAM (`MemTotal` of `/proc/meminfo`), if it can be read.
+fn physical_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 #[cfg(test)]
@@ -263,6 +298,22 @@ gpu_time = "5min"
         assert_eq!(c.caps.0.memory_bytes, 1 << 30);
         assert_eq!(c.caps.0.gpu.gpu_time, Duration::from_secs(300));
         assert_eq!(c.class, "cpu");
+    }
+
+    #[test]
+    fn the_memory_budget_defaults_to_the_machine_and_caps_every_task() {
+        let c = NodeArgs::default().into_config().unwrap();
+        assert_eq!(Some(c.memory_budget_bytes), physical_memory());
+        assert!(c.memory_budget_bytes > 0);
+        let c = with_file("memory_budget = \"300MiB\"\n", NodeArgs::default()).unwrap();
+        assert_eq!(c.memory_budget_bytes, 300 << 20);
+        assert_eq!(
+            c.caps.0.memory_bytes,
+            300 << 20,
+            "no task gets more than all"
+        );
+        let e = with_file("memory_budget = \"1KiB\"\n", NodeArgs::default()).unwrap_err();
+        assert!(e.contains("memory_budget"), "{e}");
     }
 
     #[test]

@@ -14,6 +14,13 @@
 //! back (nak with a short delay: redelivered elsewhere, same attempt, no retry used), removes its
 //! heartbeat so `grid nodes` stops listing it, and exits. A second signal skips the wait.
 //!
+//! # Memory budget
+//! A provider gives its tasks `--memory-budget` in all (default: the machine's RAM). Each task
+//! holds its memory limit (its job's, capped by the node) out of that budget while it runs, so
+//! the limits of running tasks never add up to more: a task that does not fit waits, keeping
+//! its message alive with progress acks, and a drain hands it back. No task's limit exceeds the
+//! budget (it caps `--max-memory`). The heartbeat reports `running` and the memory reserved.
+//!
 //! # Timeouts
 //! | what | value | why |
 //! |---|---|---|
@@ -24,6 +31,7 @@
 //! | deliveries ([`grid_client::MAX_TASK_DELIVERIES`]) | 5 | a task that no node can run ends `lost` instead of circling forever |
 //! | retries (broker) | at once | a failed attempt is published again immediately: its cause is in the task or the node, not in time; a node that cannot run a task hands it back after 1 s instead |
 
+use crate::limits::MIB;
 use crate::runtime::RuntimeFiles;
 use crate::{GpuWorker, Limits, NodeCaps, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use anyhow::{Context, Result, anyhow, bail};
@@ -69,6 +77,8 @@ pub struct NodeConfig {
     pub gpu_slots: u32,
     /// This provider's ceilings on every task's limits.
     pub caps: NodeCaps,
+    /// Memory all running tasks together may be given (their memory limits, summed).
+    pub memory_budget_bytes: u64,
     /// On shutdown, how long running tasks may take to finish before they are handed back.
     pub grace: Duration,
     /// TEST ONLY: add a file of this node's own to every task's outputs, so that its replica
@@ -88,6 +98,10 @@ struct Node {
     cancels: Mutex<HashMap<String, watch::Sender<bool>>>,
     busy: AtomicU32,
     done: AtomicU64,
+    /// The memory budget in MiB permits: a task holds its memory limit's worth while it runs.
+    memory: Arc<Semaphore>,
+    memory_permits: u32,
+    running: AtomicU32,
     phase: watch::Sender<Phase>,
     /// What delays tasks now (compiling a runtime), for the heartbeat.
     preparing: std::sync::Mutex<Option<String>>,
@@ -143,6 +157,10 @@ pub async fn run(
         ..Default::default()
     })?;
     tracing::info!(id = %config.node_id, classes = %classes.join(","), slots = config.slots, "node ready");
+    // Semaphore permits are MiB of the budget (a u32 of MiB reaches 4 PiB).
+    let memory_permits = u32::try_from(config.memory_budget_bytes / MIB)
+        .unwrap_or(u32::MAX)
+        .min(Semaphore::MAX_PERMITS as u32);
     let node = Arc::new(Node {
         config,
         grid,
@@ -153,6 +171,9 @@ pub async fn run(
         cancels: Mutex::new(HashMap::new()),
         busy: AtomicU32::new(0),
         done: AtomicU64::new(0),
+        memory: Arc::new(Semaphore::new(memory_permits as usize)),
+        memory_permits,
+        running: AtomicU32::new(0),
         phase: watch::channel(Phase::Serving).0,
         preparing: std::sync::Mutex::new(None),
         runtime_files: Mutex::new(()),
@@ -288,6 +309,11 @@ impl Node {
                 gpu: self.gpu.clone(),
                 slots: self.config.slots,
                 busy: self.busy.load(Ordering::Relaxed),
+                running: self.running.load(Ordering::Relaxed),
+                memory_reserved_bytes: u64::from(
+                    self.memory_permits - self.memory.available_permits() as u32,
+                ) * MIB,
+                memory_budget_bytes: self.config.memory_budget_bytes,
                 tasks_done: self.done.load(Ordering::Relaxed),
                 started_unix_ms,
                 preparing: self
@@ -410,7 +436,31 @@ impl Node {
                 }
             })
         };
+        // The task's memory limit, out of the node's budget, before it runs: the limits of the
+        // running tasks never add up to more than the provider gave. Waiting keeps the task
+        // (progress acks); a drain hands it back.
+        let wanted = job
+            .spec
+            .limits
+            .memory_bytes
+            .min(self.config.caps.0.memory_bytes);
+        let permits = u32::try_from(wanted.div_ceil(MIB))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.memory_permits);
+        let mut phase = self.phase.subscribe();
+        let memory = tokio::select! {
+            permit = self.memory.clone().acquire_many_owned(permits) => permit.ok(),
+            _ = phase.wait_for(|p| *p != Phase::Serving) => None,
+        };
+        let Some(memory) = memory else {
+            progress.abort();
+            let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+            return;
+        };
+        self.running.fetch_add(1, Ordering::AcqRel);
         let outcome = self.run_task(&job, &task).await;
+        self.running.fetch_sub(1, Ordering::AcqRel);
+        drop(memory);
         progress.abort();
         match outcome {
             Ok(result) => {

@@ -415,7 +415,14 @@ pub struct NodeInfo {
     /// Its GPU, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (vulkan, cpu)`.
     pub gpu: Option<String>,
     pub slots: u32,
+    /// Tasks it holds: running, or waiting for memory.
     pub busy: u32,
+    /// Tasks running now (each holds its memory limit of the node's budget).
+    pub running: u32,
+    /// The memory limits of the running tasks together, never above `memory_budget_bytes`.
+    pub memory_reserved_bytes: u64,
+    /// What the provider gave its tasks in all (`--memory-budget`).
+    pub memory_budget_bytes: u64,
     pub tasks_done: u64,
     pub started_unix_ms: u64,
     /// Work that delays its tasks, e.g. `compiling the python runtime` (once per node).

@@ -888,3 +888,67 @@ fn a_result_stored_but_unacknowledged_by_the_server_is_counted_once() {
     assert_eq!(status["tasks"]["succeeded"], 12, "{status}");
     assert_eq!(status["tasks"]["failed"], 0, "{status}");
 }
+
+#[test]
+fn a_node_never_gives_its_running_tasks_more_memory_than_its_budget() {
+    // Four slots, but room for only two tasks of 40 MiB in 100 MiB.
+    let mut grid = TestGrid::start(0, &[]);
+    let cache = tempfile::tempdir().unwrap();
+    grid.nodes.push(GridProcess::node_with(
+        &grid.nats,
+        "small",
+        cache.path(),
+        4,
+        &["--no-gpu", "--memory-budget", "100MiB"],
+    ));
+    grid.wait_for_nodes(1);
+    let job = submit(
+        &grid,
+        &[
+            guest("hostile").to_str().unwrap(),
+            "--tasks",
+            "8",
+            "--memory",
+            "40MiB",
+            "--",
+            "nap",
+            "2500",
+        ],
+    );
+    // Watch the node's heartbeats (every 2 s) while the job runs.
+    let mut most_running = 0;
+    loop {
+        let out = grid.grid(&["nodes", "--json"]);
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let node: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(node["memory_budget_bytes"], 100u64 << 20, "{node}");
+            let reserved = node["memory_reserved_bytes"].as_u64().unwrap();
+            let running = node["running"].as_u64().unwrap();
+            assert!(reserved <= 100 << 20, "{node}");
+            assert!(running <= 2, "{node}");
+            most_running = most_running.max(running);
+        }
+        let status = grid.grid_json(&["status", &job], 0);
+        if status["state"] != "running" && status["state"] != "queued" {
+            assert_eq!(status["state"], "done", "{status}");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(most_running, 2, "two tasks fit, and ran together");
+    // A task asking for more than the whole budget gets the budget, as with any node cap.
+    let status = grid.grid_json(
+        &[
+            "submit",
+            guest("hostile").to_str().unwrap(),
+            "--memory",
+            "1GiB",
+            "--wait",
+            "--",
+            "nap",
+            "10",
+        ],
+        0,
+    );
+    assert_eq!(status["state"], "done", "{status}");
+}
