@@ -15,6 +15,7 @@ pub mod cache;
 pub mod capture;
 mod cpu;
 pub mod determinism;
+pub mod disk;
 pub mod fs_guard;
 pub mod gpu_binding;
 pub mod gpu_worker;

@@ -69,6 +69,10 @@ pub struct NodeArgs {
     /// limit fits beside the running ones' [default: this machine's RAM]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub memory_budget: Option<u64>,
+    /// Disk the node's caches (fetched modules, compiled code) may fill; least recently used
+    /// modules are evicted past it [default: 10GiB]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub disk_budget: Option<u64>,
     /// Ceiling on every task's GPU buffer bytes, e.g. 1GiB
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_gpu_memory: Option<u64>,
@@ -93,6 +97,7 @@ struct NodeFile {
     gpu: Option<bool>,
     gpu_slots: Option<u32>,
     memory_budget: Option<String>,
+    disk_budget: Option<String>,
     grace: Option<String>,
     #[serde(default)]
     caps: CapsFile,
@@ -142,6 +147,8 @@ impl NodeArgs {
         let grace = parsed("grace", file.grace.as_ref(), parse_duration).map_err(in_file)?;
         let memory_budget =
             parsed("memory_budget", file.memory_budget.as_ref(), parse_size).map_err(in_file)?;
+        let disk_budget =
+            parsed("disk_budget", file.disk_budget.as_ref(), parse_size).map_err(in_file)?;
         let memory =
             parsed("caps.memory", file.caps.memory.as_ref(), parse_size).map_err(in_file)?;
         let gpu_memory = parsed("caps.gpu_memory", file.caps.gpu_memory.as_ref(), parse_size)
@@ -214,6 +221,7 @@ impl NodeArgs {
             gpu_slots,
             caps: NodeCaps(caps),
             memory_budget_bytes,
+            disk_budget_bytes: self.disk_budget.or(disk_budget).unwrap_or(10 << 30),
             grace: self.grace.or(grace).unwrap_or(Duration::from_secs(10)),
             test_corrupt_outputs: self.test_corrupt_outputs,
         })
@@ -312,6 +320,9 @@ gpu_time = "5min"
             300 << 20,
             "no task gets more than all"
         );
+        assert_eq!(c.disk_budget_bytes, 10 << 30, "the default disk budget");
+        let c = with_file("disk_budget = \"2GiB\"\n", NodeArgs::default()).unwrap();
+        assert_eq!(c.disk_budget_bytes, 2 << 30);
         let e = with_file("memory_budget = \"1KiB\"\n", NodeArgs::default()).unwrap_err();
         assert!(e.contains("memory_budget"), "{e}");
     }

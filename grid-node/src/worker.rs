@@ -79,6 +79,8 @@ pub struct NodeConfig {
     pub caps: NodeCaps,
     /// Memory all running tasks together may be given (their memory limits, summed).
     pub memory_budget_bytes: u64,
+    /// Disk the caches may fill (see [`crate::disk`]).
+    pub disk_budget_bytes: u64,
     /// On shutdown, how long running tasks may take to finish before they are handed back.
     pub grace: Duration,
     /// TEST ONLY: add a file of this node's own to every task's outputs, so that its replica
@@ -102,6 +104,8 @@ struct Node {
     memory: Arc<Semaphore>,
     memory_permits: u32,
     running: AtomicU32,
+    /// Wakes the disk loop when a module was added to the caches.
+    evict_soon: tokio::sync::Notify,
     phase: watch::Sender<Phase>,
     /// What delays tasks now (compiling a runtime), for the heartbeat.
     preparing: std::sync::Mutex<Option<String>>,
@@ -174,6 +178,7 @@ pub async fn run(
         memory: Arc::new(Semaphore::new(memory_permits as usize)),
         memory_permits,
         running: AtomicU32::new(0),
+        evict_soon: tokio::sync::Notify::new(),
         phase: watch::channel(Phase::Serving).0,
         preparing: std::sync::Mutex::new(None),
         runtime_files: Mutex::new(()),
@@ -192,6 +197,7 @@ pub async fn run(
         );
     }
     services.spawn(node.clone().heartbeat_loop(started));
+    services.spawn(node.clone().disk_loop());
     services.spawn(node.clone().cancel_loop());
     tokio::select! {
         Some(r) = services.join_next() => return r.map_err(|e| anyhow!("{e}"))?,
@@ -297,6 +303,26 @@ impl Node {
                     node.busy.fetch_sub(1, Ordering::AcqRel);
                     drop(p);
                 });
+            }
+        }
+    }
+
+    /// Keeps the caches within the disk budget: soon after a module is added (once its task
+    /// has had time to compile it, so that its code counts too) and every minute.
+    async fn disk_loop(self: Arc<Self>) -> Result<()> {
+        loop {
+            let _ = tokio::time::timeout(Duration::from_secs(60), self.evict_soon.notified()).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let (dir, budget) = (self.config.cache_dir.clone(), self.config.disk_budget_bytes);
+            let evicted =
+                tokio::task::spawn_blocking(move || crate::disk::evict_to(&dir, budget)).await?;
+            if evicted.modules > 0 {
+                tracing::info!(
+                    modules = evicted.modules,
+                    bytes = evicted.bytes,
+                    kept = evicted.kept_bytes,
+                    "evicted least recently used modules to stay within the disk budget"
+                );
             }
         }
     }
@@ -549,6 +575,7 @@ impl Node {
         if let Ok(bytes) = tokio::fs::read(&path).await
             && Sha256Hex::of(&bytes) == *sha
         {
+            crate::disk::touch(&path);
             return Ok(bytes);
         }
         let bytes = self
@@ -559,6 +586,8 @@ impl Node {
         let mut tmp = tempfile::NamedTempFile::new_in(self.config.cache_dir.join("modules"))?;
         std::io::Write::write_all(&mut tmp, &bytes)?;
         tmp.persist(&path).map_err(|e| e.error)?;
+        // A new module (and soon its compiled code) on disk: keep the caches in budget.
+        self.evict_soon.notify_one();
         Ok(bytes)
     }
 

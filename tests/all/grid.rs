@@ -952,3 +952,65 @@ fn a_node_never_gives_its_running_tasks_more_memory_than_its_budget() {
     );
     assert_eq!(status["state"], "done", "{status}");
 }
+
+/// Bytes of the files directly under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|list| {
+            list.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_node_keeps_its_caches_within_its_disk_budget() {
+    let mut grid = TestGrid::start(0, &[]);
+    let cache = tempfile::tempdir().unwrap();
+    // Room for one of these modules with its compiled code (about 0.6 MB each), not two.
+    let budget = 1u64 << 20;
+    grid.nodes.push(GridProcess::node_with(
+        &grid.nats,
+        "tight",
+        cache.path(),
+        1,
+        &["--no-gpu", "--disk-budget", "1MiB"],
+    ));
+    grid.wait_for_nodes(1);
+    let cached =
+        || dir_bytes(&cache.path().join("modules")) + dir_bytes(&cache.path().join("compiled"));
+    for module in ["hostile", "monte-carlo-pi", "synth-data", "hostile"] {
+        let path = guest(module);
+        let mut args = vec!["submit", path.to_str().unwrap(), "--tasks", "2", "--wait"];
+        if module == "hostile" {
+            args.extend(["--", "nap", "10"]);
+        }
+        let status = grid.grid_json(&args, 0);
+        assert_eq!(status["state"], "done", "{module}: {status}");
+    }
+    // Soon after the last new module, the caches are back within the budget.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while cached() > budget {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} bytes cached, budget {budget}",
+            cached()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Least recently used first: monte-carlo-pi went (synth-data may stay: hostile came back
+    // as its module alone, its compiled code still in the node's memory), hostile stayed.
+    let module_file = |name: &str| {
+        let sha = grid_proto::Sha256Hex::of(&guest_bytes(name));
+        cache.path().join("modules").join(format!("{sha}.wasm"))
+    };
+    assert!(!module_file("monte-carlo-pi").exists());
+    assert!(module_file("hostile").exists());
+    assert!(
+        cache.path().join("compiled/node.key").exists(),
+        "the node's key stays"
+    );
+}
