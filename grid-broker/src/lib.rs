@@ -525,12 +525,17 @@ impl Broker {
         if result.outcome == Outcome::Failed(Reason::Lost) {
             return Ok(()); // nothing ran
         }
-        let tenant = match self.active.get(&result.job_id) {
+        let (tenant, limits) = match self.active.get(&result.job_id) {
             Some(job) if result.index >= job.record.counts.total => return Ok(()),
-            Some(job) => job.record.spec.tenant.clone(),
+            Some(job) => (
+                job.record.spec.tenant.clone(),
+                job.record.spec.limits.clone(),
+            ),
             None => match self.grid.jobs.get(&result.job_id).await {
                 Ok(Some(bytes)) => match decode::<JobRecord>(&bytes) {
-                    Ok(record) if result.index < record.counts.total => record.spec.tenant,
+                    Ok(record) if result.index < record.counts.total => {
+                        (record.spec.tenant, record.spec.limits)
+                    }
                     _ => return Ok(()),
                 },
                 Ok(None) => return Ok(()),
@@ -552,7 +557,8 @@ impl Broker {
             attempt: result.attempt,
             replica: result.replica,
             node_id: result.node_id.clone(),
-            usage: result.usage.clone(),
+            // A provider bills no more than the limits it enforced.
+            usage: result.usage.within(&limits),
             recorded_unix_ms: now_unix_ms(),
         };
         match self.grid.usage.create(&key, encode(&entry).into()).await {

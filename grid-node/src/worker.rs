@@ -164,7 +164,8 @@ pub async fn run(
     // Semaphore permits are MiB of the budget (a u32 of MiB reaches 4 PiB).
     let memory_permits = u32::try_from(config.memory_budget_bytes / MIB)
         .unwrap_or(u32::MAX)
-        .min(Semaphore::MAX_PERMITS as u32);
+        .min(Semaphore::MAX_PERMITS as u32)
+        .max(1);
     let node = Arc::new(Node {
         config,
         grid,

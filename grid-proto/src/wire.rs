@@ -283,6 +283,28 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// What can be billed of a usage a node reported, under the job's `limits`: no time past
+    /// the task's time limit, no memory or output past theirs, and nothing negative or not a
+    /// number. A provider cannot bill more than the limits it enforced.
+    pub fn within(&self, limits: &JobLimits) -> Usage {
+        let seconds = |v: f64, cap_ms: u64| {
+            let cap = cap_ms as f64 / 1000.0;
+            if v.is_finite() {
+                v.clamp(0.0, cap)
+            } else {
+                0.0
+            }
+        };
+        Usage {
+            cpu_seconds: seconds(self.cpu_seconds, limits.timeout_ms),
+            wall_seconds: seconds(self.wall_seconds, limits.timeout_ms),
+            gpu_seconds: seconds(self.gpu_seconds, limits.gpu_time_ms.min(limits.timeout_ms)),
+            peak_memory_bytes: self.peak_memory_bytes.min(limits.memory_bytes),
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out.min(limits.max_output_bytes),
+        }
+    }
+
     /// Adds `other` in: times and bytes sum, peak memory is the larger.
     pub fn add(&mut self, other: &Usage) {
         self.cpu_seconds += other.cpu_seconds;
@@ -456,6 +478,39 @@ pub fn params_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn billed_usage_stays_within_the_limits() {
+        let limits = JobLimits {
+            timeout_ms: 2_000,
+            gpu_time_ms: 500,
+            memory_bytes: 1 << 20,
+            max_output_bytes: 10,
+            ..JobLimits::default()
+        };
+        let claimed = Usage {
+            cpu_seconds: f64::NAN,
+            wall_seconds: 1e9,
+            gpu_seconds: -3.0,
+            peak_memory_bytes: u64::MAX,
+            bytes_in: 7,
+            bytes_out: 1 << 40,
+        };
+        let billed = claimed.within(&limits);
+        assert_eq!(billed.cpu_seconds, 0.0);
+        assert_eq!(billed.wall_seconds, 2.0);
+        assert_eq!(billed.gpu_seconds, 0.0);
+        assert_eq!(billed.peak_memory_bytes, 1 << 20);
+        assert_eq!(billed.bytes_in, 7);
+        assert_eq!(billed.bytes_out, 10);
+        let honest = Usage {
+            cpu_seconds: 0.5,
+            wall_seconds: 0.6,
+            gpu_seconds: 0.1,
+            ..Usage::default()
+        };
+        assert_eq!(honest.within(&limits), honest);
+    }
 
     #[test]
     fn round_trip_and_rejections() {
