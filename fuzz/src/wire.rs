@@ -62,6 +62,8 @@ fn samples() -> Vec<Vec<u8>> {
             node_id: "n".into(),
             usage: result.usage.clone(),
             recorded_unix_ms: 1,
+            replicas: 3,
+            digest: sha,
         }),
         encode(&NodeInfo {
             id: "n".into(),

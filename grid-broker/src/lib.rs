@@ -16,7 +16,9 @@
 //! most one window of the large job, not for all of it.
 //!
 //! The usage ledger (`grid_usage`): every attempt that ran on a node and sent a result is
-//! billable — a failed attempt that is retried, each replica, a task cancelled while it ran —
+//! billable to the tenant — a failed attempt that is retried, each replica, a task cancelled
+//! while it ran (a replica whose result lost its task's vote is billed but not paid to its
+//! provider: `grid usage` checks the entry's digest against the task's record) —
 //! and is written once, keyed by tenant, job, task, attempt and replica (a create: the same
 //! attempt delivered twice, or run by two nodes after a lapsed ack, is billed once, to the
 //! first node whose result arrives). A task handed back by its node (shutdown, a GPU worker
@@ -525,17 +527,15 @@ impl Broker {
         if result.outcome == Outcome::Failed(Reason::Lost) {
             return Ok(()); // nothing ran
         }
-        let (tenant, limits) = match self.active.get(&result.job_id) {
+        // What billing needs of the spec (not all of it: a job's inputs list can be long).
+        let billing =
+            |spec: &grid_proto::JobSpec| (spec.tenant.clone(), spec.limits.clone(), spec.replicas);
+        let (tenant, limits, replicas) = match self.active.get(&result.job_id) {
             Some(job) if result.index >= job.record.counts.total => return Ok(()),
-            Some(job) => (
-                job.record.spec.tenant.clone(),
-                job.record.spec.limits.clone(),
-            ),
+            Some(job) => billing(&job.record.spec),
             None => match self.grid.jobs.get(&result.job_id).await {
                 Ok(Some(bytes)) => match decode::<JobRecord>(&bytes) {
-                    Ok(record) if result.index < record.counts.total => {
-                        (record.spec.tenant, record.spec.limits)
-                    }
+                    Ok(record) if result.index < record.counts.total => billing(&record.spec),
                     _ => return Ok(()),
                 },
                 Ok(None) => return Ok(()),
@@ -560,6 +560,8 @@ impl Broker {
             // A provider bills no more than the limits it enforced.
             usage: result.usage.within(&limits),
             recorded_unix_ms: now_unix_ms(),
+            replicas,
+            digest: result.digest,
         };
         match self.grid.usage.create(&key, encode(&entry).into()).await {
             Ok(_) => Ok(()),

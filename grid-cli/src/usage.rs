@@ -1,15 +1,18 @@
 //! `grid usage`: the usage ledger summed per job, per tenant and per provider.
 //!
 //! The ledger (`grid_usage`, written by the broker) holds one entry per billable attempt; this
-//! command reads the entries that pass the filters and sums them, so every figure it prints is
-//! a sum of entries a provider can be paid from and a tenant billed for.
+//! command reads the entries that pass the filters and sums them. A tenant is billed for every
+//! entry. A provider is paid for every entry but one *withheld*: a replica whose result did not
+//! agree with its task's accepted result (or whose task is disputed or not decided yet), which
+//! is found by comparing the entry's digest with the task's record.
 
 use crate::jobs::Conn;
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use grid_proto::{TaskRecord, TaskState, decode, names};
 use grid_proto::{Usage, UsageEntry};
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -53,17 +56,23 @@ fn since_unix_ms(when: &str) -> Result<u64> {
         .as_millis() as u64)
 }
 
-/// The sum of some entries: how many attempts, and what they used.
+/// The sum of some entries: how many attempts, what they used, and what of it is not paid.
 #[derive(Default)]
 struct Sum {
     attempts: u64,
     usage: Usage,
+    withheld: u64,
+    withheld_usage: Usage,
 }
 
 impl Sum {
-    fn add(&mut self, entry: &UsageEntry) {
+    fn add(&mut self, entry: &UsageEntry, paid: bool) {
         self.attempts += 1;
         self.usage.add(&entry.usage);
+        if !paid {
+            self.withheld += 1;
+            self.withheld_usage.add(&entry.usage);
+        }
     }
 
     fn json(&self) -> Value {
@@ -76,14 +85,19 @@ impl Sum {
             "peak_memory_bytes": u.peak_memory_bytes,
             "bytes_in": u.bytes_in,
             "bytes_out": u.bytes_out,
+            "withheld": self.withheld,
+            "paid_cpu_seconds": u.cpu_seconds - self.withheld_usage.cpu_seconds,
+            "paid_wall_seconds": u.wall_seconds - self.withheld_usage.wall_seconds,
+            "paid_gpu_seconds": u.gpu_seconds - self.withheld_usage.gpu_seconds,
         })
     }
 
     fn row(&self, name: &str) -> String {
         let u = &self.usage;
         format!(
-            "{name:<20} {:>8} {:>10.2} {:>10.2} {:>8.2} {:>10} {:>10} {:>10}",
+            "{name:<20} {:>8} {:>8} {:>10.2} {:>10.2} {:>8.2} {:>10} {:>10} {:>10}",
             self.attempts,
+            self.withheld,
             u.cpu_seconds,
             u.wall_seconds,
             u.gpu_seconds,
@@ -104,9 +118,44 @@ pub fn usage(args: UsageArgs) -> Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let entries = runtime.block_on(async {
+    let wanted = |e: &UsageEntry| {
+        args.provider.as_ref().is_none_or(|p| *p == e.node_id)
+            && args.job.as_ref().is_none_or(|j| *j == e.job_id)
+            && since.is_none_or(|s| e.recorded_unix_ms >= s)
+    };
+    let (entries, paid) = runtime.block_on(async {
         let grid = args.conn.open().await?;
-        grid.usage_entries(args.tenant.as_deref()).await
+        let entries: Vec<UsageEntry> = grid
+            .usage_entries(args.tenant.as_deref())
+            .await?
+            .into_iter()
+            .filter(|e| wanted(e))
+            .collect();
+        // Replicas are paid when they agreed: one task record read per replicated task.
+        let mut decided: HashMap<(String, u64), Option<TaskRecord>> = HashMap::new();
+        let mut paid = Vec::with_capacity(entries.len());
+        for e in &entries {
+            if e.replicas <= 1 {
+                paid.push(true);
+                continue;
+            }
+            let key = (e.job_id.clone(), e.index);
+            if !decided.contains_key(&key) {
+                let record = grid
+                    .tasks
+                    .get(names::task_key(&e.job_id, e.index))
+                    .await
+                    .map_err(|err| anyhow::anyhow!("reading task {}.{}: {err}", e.job_id, e.index))?
+                    .and_then(|bytes| decode::<TaskRecord>(&bytes).ok());
+                decided.insert(key.clone(), record);
+            }
+            paid.push(
+                decided[&key]
+                    .as_ref()
+                    .is_some_and(|r| r.state != TaskState::Disputed && r.result.digest == e.digest),
+            );
+        }
+        anyhow::Ok((entries, paid))
     })?;
     let (mut total, mut jobs, mut tenants, mut providers) = (
         Sum::default(),
@@ -114,21 +163,19 @@ pub fn usage(args: UsageArgs) -> Result<ExitCode> {
         BTreeMap::<String, Sum>::new(),
         BTreeMap::<String, Sum>::new(),
     );
-    let wanted = |e: &UsageEntry| {
-        args.provider.as_ref().is_none_or(|p| *p == e.node_id)
-            && args.job.as_ref().is_none_or(|j| *j == e.job_id)
-            && since.is_none_or(|s| e.recorded_unix_ms >= s)
-    };
-    for entry in entries.iter().filter(|e| wanted(e)) {
-        total.add(entry);
+    for (entry, paid) in entries.iter().zip(paid) {
+        total.add(entry, paid);
         jobs.entry((entry.job_id.clone(), entry.tenant.clone()))
             .or_default()
-            .add(entry);
-        tenants.entry(entry.tenant.clone()).or_default().add(entry);
+            .add(entry, paid);
+        tenants
+            .entry(entry.tenant.clone())
+            .or_default()
+            .add(entry, paid);
         providers
             .entry(entry.node_id.clone())
             .or_default()
-            .add(entry);
+            .add(entry, paid);
     }
     if args.json {
         let with = |mut v: Value, fields: &[(&str, &str)]| {
@@ -148,8 +195,8 @@ pub fn usage(args: UsageArgs) -> Result<ExitCode> {
     }
     let header = |what: &str| {
         format!(
-            "{what:<20} {:>8} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10}",
-            "attempts", "cpu s", "wall s", "gpu s", "peak mem", "in", "out"
+            "{what:<20} {:>8} {:>8} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10}",
+            "attempts", "withheld", "cpu s", "wall s", "gpu s", "peak mem", "in", "out"
         )
     };
     for (what, rows) in [

@@ -328,6 +328,11 @@ pub struct UsageEntry {
     pub node_id: String,
     pub usage: Usage,
     pub recorded_unix_ms: u64,
+    /// The job's replicas per task: above 1, the provider is paid only when its result agreed
+    /// with the accepted one (`digest` against the task's record), which `grid usage` checks.
+    pub replicas: u32,
+    /// The result's [`result_digest`].
+    pub digest: Sha256Hex,
 }
 impl Message for UsageEntry {
     const KIND: &'static str = "usage";

@@ -113,6 +113,7 @@ fn replicas_run_on_distinct_nodes_and_agree() {
     assert_eq!(billed["total"]["attempts"], 18, "{billed}");
     for provider in billed["providers"].as_array().unwrap() {
         assert_eq!(provider["attempts"], 6, "{billed}");
+        assert_eq!(provider["withheld"], 0, "all agreed, all paid: {billed}");
     }
 }
 
@@ -134,6 +135,16 @@ fn a_lying_node_is_outvoted_and_its_outputs_never_count() {
     }
     // Every task ran on all three nodes: the liar lost every vote (some after the decision).
     wait_for_tally(&grid, "liar", 0, 4);
+    // The tenant is billed for every replica; the liar is paid for none of them.
+    let billed = crate::ledger::usage(&grid, &["--job", &job]);
+    assert_eq!(billed["total"]["attempts"], 12, "{billed}");
+    assert_eq!(billed["total"]["withheld"], 4, "{billed}");
+    let liar = crate::ledger::usage(&grid, &["--job", &job, "--provider", "liar"]);
+    assert_eq!(liar["total"]["attempts"], 4, "{liar}");
+    assert_eq!(liar["total"]["withheld"], 4, "{liar}");
+    assert_eq!(liar["total"]["paid_cpu_seconds"], 0.0, "{liar}");
+    let honest = crate::ledger::usage(&grid, &["--job", &job, "--provider", "honest-1"]);
+    assert_eq!(honest["total"]["withheld"], 0, "{honest}");
 }
 
 #[test]
