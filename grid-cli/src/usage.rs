@@ -115,9 +115,7 @@ pub fn usage(args: UsageArgs) -> Result<ExitCode> {
     {
         bail!("--tenant {t:?}: not a tenant name");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = crate::jobs::runtime()?;
     let wanted = |e: &UsageEntry| {
         args.provider.as_ref().is_none_or(|p| *p == e.node_id)
             && args.job.as_ref().is_none_or(|j| *j == e.job_id)
