@@ -13,6 +13,7 @@ use serde::{Serialize, de::DeserializeOwned};
 fn samples() -> Vec<Vec<u8>> {
     let sha = Sha256Hex::of(b"sample");
     let result = ResultMsg {
+        tenant: "default".into(),
         job_id: "01a22a5421bc66264d".into(),
         index: 7,
         attempt: 1,
@@ -45,6 +46,28 @@ fn samples() -> Vec<Vec<u8>> {
             replica: 2,
             params: br#"{"rows": 10}"#.to_vec(),
             input: None,
+            spec: grid_proto::JobSpec {
+                tenant: "default".into(),
+                class: "cpu".into(),
+                module_sha256: sha,
+                module_name: "job.wasm".into(),
+                args: vec!["--rows".into()],
+                env: vec![("K".into(), "V".into())],
+                limits: grid_proto::JobLimits {
+                    memory_bytes: 1 << 29,
+                    timeout_ms: 600_000,
+                    max_output_bytes: 1 << 30,
+                    gpu_memory_bytes: 0,
+                    gpu_time_ms: 0,
+                },
+                seed: 1,
+                retries: 2,
+                replicas: 1,
+                quorum: 1,
+                tasks: grid_proto::TaskSource::Count(10),
+                shared: vec![],
+                program: None,
+            },
         }),
         encode(&result),
         encode(&CancelRequest { job_id: "j".into() }),
@@ -129,6 +152,8 @@ pub fn case(input: &[u8]) -> Verdict {
     check::<TaskMsg>(&bytes, &mut decoded)?;
     check::<ResultMsg>(&bytes, &mut decoded)?;
     check::<CancelRequest>(&bytes, &mut decoded)?;
+    check::<grid_proto::OwnerRequest>(&bytes, &mut decoded)?;
+    check::<grid_proto::StorageRequest>(&bytes, &mut decoded)?;
     check::<ApiReply>(&bytes, &mut decoded)?;
     check::<NodeTally>(&bytes, &mut decoded)?;
     check::<UsageEntry>(&bytes, &mut decoded)?;

@@ -47,6 +47,10 @@ pub struct BrokerConfig {
     pub window: u64,
     /// Servers of the NATS cluster that keep each stream and bucket.
     pub stream_replicas: usize,
+    /// NATS credentials (the operator's, on a grid with auth).
+    pub creds: Option<std::path::PathBuf>,
+    /// Bytes each tenant's object store may hold (0: no limit).
+    pub tenant_quota_bytes: u64,
 }
 
 struct ActiveJob {
@@ -58,6 +62,8 @@ struct ActiveJob {
     /// With replicas: the votes of undecided tasks (reloaded from `grid_votes` after a restart)
     /// and how many replicas each was given.
     votes: HashMap<u64, Vec<ResultMsg>>,
+    /// The spec that travels in each task message: the job's, without its task list.
+    task_spec: grid_proto::JobSpec,
     dispatched: HashMap<u64, u32>,
     /// Tasks whose final record in `grid_tasks` is in `record.counts`.
     counted: BitSet,
@@ -134,7 +140,7 @@ pub async fn run(
     config: BrokerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let client = grid_client::connect(&config.nats_url, true).await?;
+    let client = grid_client::connect_with(&config.nats_url, true, config.creds.as_deref()).await?;
     // A NATS cluster may still be electing its JetStream leader: wait for it.
     let grid = loop {
         match Grid::setup(client.clone(), config.stream_replicas).await {
@@ -160,6 +166,14 @@ pub async fn run(
         .queue_subscribe("grid.api.*.cancel", "broker".into())
         .await
         .map_err(|e| anyhow!("{e}"))?;
+    let mut queries = client
+        .queue_subscribe("grid.api.*.owner", "broker".into())
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut storage = client
+        .queue_subscribe("grid.api.*.storage", "broker".into())
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     let results: jetstream::consumer::PullConsumer = broker
         .grid
         .js
@@ -178,6 +192,8 @@ pub async fn run(
             () = &mut shutdown => break,
             Some(msg) = submits.next() => broker.on_submit(msg).await,
             Some(msg) = cancels.next() => broker.on_cancel(msg).await,
+            Some(msg) = queries.next() => broker.on_owner(msg).await,
+            Some(msg) = storage.next() => broker.on_storage(msg).await,
             Some(msg) = results.next() => match msg {
                 Ok(msg) => broker.on_result(msg).await,
                 Err(e) => tracing::warn!("receiving results: {e}"),
@@ -226,15 +242,17 @@ impl Broker {
 
     /// Reloads unfinished jobs after a restart and recounts them from `grid_tasks`.
     async fn resume(&mut self) -> Result<()> {
-        let mut keys = self.grid.jobs.keys().await.map_err(|e| anyhow!("{e}"))?;
-        let mut ids = Vec::new();
+        let jobs = self.grid.jobs().await?;
+        let mut keys = jobs.keys().await.map_err(|e| anyhow!("{e}"))?;
+        let mut found = Vec::new();
         while let Some(key) = keys.next().await {
-            ids.push(key.map_err(|e| anyhow!("{e}"))?);
+            found.push(key.map_err(|e| anyhow!("{e}"))?);
         }
-        for id in ids {
-            let Some(bytes) = self.grid.jobs.get(&id).await.map_err(|e| anyhow!("{e}"))? else {
+        for key in found {
+            let Some(bytes) = jobs.get(&key).await.map_err(|e| anyhow!("{e}"))? else {
                 continue;
             };
+            let id = key.rsplit('.').next().unwrap_or_default().to_string();
             let record = match decode::<JobRecord>(&bytes) {
                 Ok(r) => r,
                 Err(e) => {
@@ -246,7 +264,9 @@ impl Broker {
                 continue;
             }
             let mut job = self.activate(record).await?;
-            let stored = self.recount(&job.record.id).await?;
+            let stored = self
+                .recount(&job.record.spec.tenant, &job.record.id)
+                .await?;
             job.record.counts = TaskCounts {
                 total: job.record.counts.total,
                 in_flight: job.record.enqueued,
@@ -266,11 +286,12 @@ impl Broker {
     }
 
     /// The final records of `job`'s tasks in `grid_tasks`.
-    async fn recount(&self, job: &str) -> Result<Vec<TaskRecord>> {
+    async fn recount(&self, tenant: &str, job: &str) -> Result<Vec<TaskRecord>> {
         let mut watch = self
             .grid
-            .tasks
-            .watch_with_history(format!("{job}.>"))
+            .tasks()
+            .await?
+            .watch_with_history(format!("{tenant}.{job}.>"))
             .await
             .map_err(|e| anyhow!("{e}"))?;
         let mut stored = Vec::new();
@@ -292,10 +313,7 @@ impl Broker {
     async fn activate(&self, record: JobRecord) -> Result<ActiveJob> {
         let params = match &record.spec.tasks {
             TaskSource::Params { blob, .. } => {
-                let bytes = self
-                    .grid
-                    .get_object(names::BLOBS_BUCKET, &record.spec.tenant, blob)
-                    .await?;
+                let bytes = self.grid.get_object(&record.spec.tenant, blob).await?;
                 Some(
                     grid_proto::params_lines(&bytes)
                         .map(<[u8]>::to_vec)
@@ -304,8 +322,13 @@ impl Broker {
             }
             _ => None,
         };
+        let task_spec = grid_proto::JobSpec {
+            tasks: TaskSource::Count(record.spec.tasks.len()),
+            ..record.spec.clone()
+        };
         Ok(ActiveJob {
             record,
+            task_spec,
             params,
             failures: HashMap::new(),
             votes: HashMap::new(),
@@ -330,6 +353,13 @@ impl Broker {
         let mut spec = decode::<SubmitRequest>(&msg.payload)
             .map_err(|e| anyhow!("{e}"))?
             .spec;
+        // The subject is the tenant's own (NATS lets a tenant publish only there).
+        if spec.tenant != tenant && spec.tenant != names::DEFAULT_TENANT {
+            anyhow::bail!(
+                "permission denied: tenant {tenant} cannot submit as tenant {}",
+                spec.tenant
+            );
+        }
         spec.tenant = tenant.clone();
         if !names::CLASSES.contains(&spec.class.as_str()) {
             anyhow::bail!(
@@ -377,7 +407,7 @@ impl Broker {
                 );
             }
         }
-        if !Grid::has_object(&self.grid.modules, &tenant, &spec.module_sha256).await {
+        if !self.grid.has_object(&tenant, &spec.module_sha256).await {
             anyhow::bail!("module {} was not uploaded", spec.module_sha256);
         }
         let mut blobs: Vec<&grid_proto::Sha256Hex> =
@@ -385,10 +415,7 @@ impl Broker {
         match &spec.tasks {
             TaskSource::Params { blob, lines } => {
                 blobs.push(blob);
-                let bytes = self
-                    .grid
-                    .get_object(names::BLOBS_BUCKET, &tenant, blob)
-                    .await?;
+                let bytes = self.grid.get_object(&tenant, blob).await?;
                 let counted = grid_proto::params_lines(&bytes).count() as u64;
                 if counted != *lines {
                     anyhow::bail!("params file has {counted} tasks, the request says {lines}");
@@ -398,7 +425,7 @@ impl Broker {
             TaskSource::Count(_) => {}
         }
         for blob in blobs {
-            if !Grid::has_object(&self.grid.blobs, &tenant, blob).await {
+            if !self.grid.has_object(&tenant, blob).await {
                 anyhow::bail!("input {blob} was not uploaded");
             }
         }
@@ -417,14 +444,98 @@ impl Broker {
             enqueued: 0,
         };
         self.grid
-            .jobs
-            .put(&id, encode(&record).into())
+            .jobs()
+            .await?
+            .put(names::job_key(&tenant, &id), encode(&record).into())
             .await
             .map_err(|e| anyhow!("storing the job: {e}"))?;
         let job = self.activate(record).await?;
         tracing::info!(job = %id, tenant, total, "submitted");
         self.active.insert(id.clone(), job);
         Ok(id)
+    }
+
+    /// The tenant whose job `job_id` is, if the job exists: from memory for an active job, else
+    /// from the keys of `grid_jobs` (`<tenant>.<job>`, found with a subject filter).
+    async fn owner_of(&self, job_id: &str) -> Result<Option<String>> {
+        if let Some(job) = self.active.get(job_id) {
+            return Ok(Some(job.record.spec.tenant.clone()));
+        }
+        if !names::valid_name(job_id) {
+            return Ok(None);
+        }
+        let stream = self
+            .grid
+            .js
+            .get_stream(format!("KV_{}", names::JOBS_BUCKET))
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let filter = format!("$KV.{}.*.{job_id}", names::JOBS_BUCKET);
+        let info = stream
+            .info_with_subjects(filter)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let mut subjects = info;
+        let found = subjects
+            .next()
+            .await
+            .transpose()
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(found.and_then(|(subject, _)| {
+            subject
+                .strip_prefix(&format!("$KV.{}.", names::JOBS_BUCKET))
+                .and_then(|key| key.split('.').next())
+                .map(str::to_string)
+        }))
+    }
+
+    /// Fails unless `job_id` is a job of `tenant`'s, with the line a user sees.
+    async fn check_owner(&self, tenant: &str, job_id: &str, verb: &str) -> Result<()> {
+        match self.owner_of(job_id).await? {
+            Some(owner) if owner == tenant => Ok(()),
+            Some(owner) => anyhow::bail!(
+                "permission denied: tenant {tenant} cannot {verb} job {job_id} of tenant {owner}"
+            ),
+            None => anyhow::bail!("unknown job {job_id}"),
+        }
+    }
+
+    async fn on_owner(&mut self, msg: async_nats::Message) {
+        let reply = async {
+            let tenant = tenant_of(msg.subject.as_str()).ok_or_else(|| anyhow!("bad subject"))?;
+            let req =
+                decode::<grid_proto::OwnerRequest>(&msg.payload).map_err(|e| anyhow!("{e}"))?;
+            self.check_owner(tenant, &req.job_id, "read").await?;
+            Ok::<_, anyhow::Error>(req.job_id)
+        }
+        .await;
+        let reply = match reply {
+            Ok(job_id) => ApiReply::Ok { job_id },
+            Err(e) => ApiReply::Err(format!("{e:#}")),
+        };
+        self.reply(&msg, reply).await;
+    }
+
+    /// Makes the asking tenant's object store, with the grid's quota, unless it exists.
+    async fn on_storage(&mut self, msg: async_nats::Message) {
+        let reply = match tenant_of(msg.subject.as_str()) {
+            Some(tenant) if names::valid_name(tenant) => match self
+                .grid
+                .create_store(
+                    tenant,
+                    self.config.tenant_quota_bytes,
+                    self.config.stream_replicas,
+                )
+                .await
+            {
+                Ok(()) => ApiReply::Ok {
+                    job_id: String::new(),
+                },
+                Err(e) => ApiReply::Err(format!("{e:#}")),
+            },
+            _ => ApiReply::Err("bad tenant name".into()),
+        };
+        self.reply(&msg, reply).await;
     }
 
     async fn on_cancel(&mut self, msg: async_nats::Message) {
@@ -438,11 +549,13 @@ impl Broker {
     async fn cancel(&mut self, msg: &async_nats::Message) -> Result<String> {
         let tenant = tenant_of(msg.subject.as_str()).ok_or_else(|| anyhow!("bad subject"))?;
         let req = decode::<CancelRequest>(&msg.payload).map_err(|e| anyhow!("{e}"))?;
+        self.check_owner(tenant, &req.job_id, "cancel").await?;
         let Some(job) = self.active.get_mut(&req.job_id) else {
             let state = match self
                 .grid
-                .jobs
-                .get(&req.job_id)
+                .jobs()
+                .await?
+                .get(names::job_key(tenant, &req.job_id))
                 .await
                 .map_err(|e| anyhow!("{e}"))?
             {
@@ -453,9 +566,6 @@ impl Broker {
             };
             anyhow::bail!("job {} already ended ({state})", req.job_id);
         };
-        if job.record.spec.tenant != tenant {
-            anyhow::bail!("unknown job {}", req.job_id);
-        }
         if job.record.state.is_final() {
             anyhow::bail!(
                 "job {} already ended ({})",
@@ -469,8 +579,9 @@ impl Broker {
         record.finished_unix_ms = Some(now_unix_ms());
         // Saved before the broker lets go of the job: a failed write leaves it running.
         self.grid
-            .jobs
-            .put(&record.id, encode(&record).into())
+            .jobs()
+            .await?
+            .put(names::job_key(tenant, &record.id), encode(&record).into())
             .await
             .map_err(|e| anyhow!("saving the cancellation: {e}; try again"))?;
         self.active.remove(&req.job_id);
@@ -503,6 +614,28 @@ impl Broker {
                 return;
             }
         };
+        // NATS lets a provider publish results only under its own node id: a result that
+        // names another node, or a tenant that is not its job's, is a forgery.
+        let node = names::result_node(msg.subject.as_str()).unwrap_or_default();
+        let forged = if node != result.node_id {
+            Some(format!(
+                "it names node {} but came from node {node}",
+                result.node_id
+            ))
+        } else {
+            match self.active.get(&result.job_id) {
+                Some(job) if job.record.spec.tenant != result.tenant => Some(format!(
+                    "it names tenant {} for a job of tenant {}",
+                    result.tenant, job.record.spec.tenant
+                )),
+                _ => None,
+            }
+        };
+        if let Some(why) = forged {
+            tracing::warn!(job = %result.job_id, index = result.index, "rejecting a result: {why}");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
         let recorded = match self.record_usage(&result).await {
             Ok(()) => self.count(result).await,
             Err(e) => Err(e),
@@ -533,7 +666,13 @@ impl Broker {
         let (tenant, limits, replicas) = match self.active.get(&result.job_id) {
             Some(job) if result.index >= job.record.counts.total => return Ok(()),
             Some(job) => billing(&job.record.spec),
-            None => match self.grid.jobs.get(&result.job_id).await {
+            None => match self
+                .grid
+                .jobs()
+                .await?
+                .get(names::job_key(&result.tenant, &result.job_id))
+                .await
+            {
                 Ok(Some(bytes)) => match decode::<JobRecord>(&bytes) {
                     Ok(record) if result.index < record.counts.total => billing(&record.spec),
                     _ => return Ok(()),
@@ -563,7 +702,13 @@ impl Broker {
             replicas,
             digest: result.digest,
         };
-        match self.grid.usage.create(&key, encode(&entry).into()).await {
+        match self
+            .grid
+            .usage()
+            .await?
+            .create(&key, encode(&entry).into())
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(anyhow!("billing {key}: {e}")),
@@ -677,7 +822,8 @@ impl Broker {
                 let mut votes = Vec::new();
                 for replica in 0..most {
                     let key = names::vote_key(&job.record.id, index, replica);
-                    if let Ok(Some(bytes)) = self.grid.votes.get(&key).await
+                    if let Ok(bucket) = self.grid.votes().await
+                        && let Ok(Some(bytes)) = bucket.get(&key).await
                         && let Ok(vote) = decode::<ResultMsg>(&bytes)
                     {
                         votes.push(vote);
@@ -750,10 +896,11 @@ impl Broker {
 
     /// The final record of `result`'s task, if the task is decided.
     async fn decided(&self, result: &ResultMsg) -> Result<Option<TaskRecord>> {
-        let key = names::task_key(&result.job_id, result.index);
+        let key = names::task_key(&result.tenant, &result.job_id, result.index);
         let bytes = self
             .grid
-            .tasks
+            .tasks()
+            .await?
             .get(&key)
             .await
             .map_err(|e| anyhow!("reading task {key}: {e}"))?;
@@ -763,7 +910,13 @@ impl Broker {
     /// Stores a replica's result in `grid_votes`, once: false if it was stored already.
     async fn store_vote(&self, result: &ResultMsg) -> Result<bool> {
         let key = names::vote_key(&result.job_id, result.index, result.replica);
-        match self.grid.votes.create(&key, encode(result).into()).await {
+        match self
+            .grid
+            .votes()
+            .await?
+            .create(&key, encode(result).into())
+            .await
+        {
             Ok(_) if reply_lost(&key) => Err(anyhow!("storing vote {key}: {REPLY_LOST}")),
             Ok(_) => Ok(true),
             Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => Ok(false),
@@ -791,8 +944,9 @@ impl Broker {
     /// this call counted it, `None` for a duplicate.
     async fn record_task(&mut self, record: TaskRecord) -> Result<Option<TaskRecord>> {
         let (job_id, index) = (record.result.job_id.clone(), record.result.index);
-        let key = names::task_key(&job_id, index);
-        let stored = match self.grid.tasks.create(&key, encode(&record).into()).await {
+        let key = names::task_key(&record.result.tenant, &job_id, index);
+        let tasks = self.grid.tasks().await?;
+        let stored = match tasks.create(&key, encode(&record).into()).await {
             Ok(_) if reply_lost(&key) => return Err(anyhow!("storing task {key}: {REPLY_LOST}")),
             Ok(_) => {
                 crash_point("after-store");
@@ -809,9 +963,7 @@ impl Broker {
                     return Ok(None);
                 }
                 // Stored by an earlier create whose reply never came: count what was stored.
-                let bytes = self
-                    .grid
-                    .tasks
+                let bytes = tasks
                     .get(&key)
                     .await
                     .map_err(|e| anyhow!("reading task {key}: {e}"))?
@@ -878,12 +1030,15 @@ impl Broker {
             if job.record.state.is_final() {
                 crash_point("before-finish");
             }
-            match self
-                .grid
-                .jobs
-                .put(&job.record.id, encode(&job.record).into())
-                .await
-            {
+            let key = names::job_key(&job.record.spec.tenant, &job.record.id);
+            let saved = match self.grid.jobs().await {
+                Ok(jobs) => jobs
+                    .put(key, encode(&job.record).into())
+                    .await
+                    .map_err(|e| anyhow!("{e}")),
+                Err(e) => Err(e),
+            };
+            match saved {
                 Ok(_) => {
                     job.dirty = false;
                     if job.record.state.is_final() {
@@ -913,7 +1068,14 @@ async fn tally_votes(grid: &Grid, record: &TaskRecord) {
 
 /// Counts one vote of `node` in its tally (only the broker writes tallies).
 async fn tally(grid: &Grid, node: &str, agreed: bool) {
-    let mut tally = match grid.tally.get(node).await {
+    let bucket = match grid.tally().await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(node, "updating the vote tally: {e:#}");
+            return;
+        }
+    };
+    let mut tally = match bucket.get(node).await {
         Ok(Some(bytes)) => decode::<grid_proto::NodeTally>(&bytes).unwrap_or_default(),
         _ => grid_proto::NodeTally::default(),
     };
@@ -922,7 +1084,7 @@ async fn tally(grid: &Grid, node: &str, agreed: bool) {
     } else {
         tally.outvoted += 1;
     }
-    if let Err(e) = grid.tally.put(node, encode(&tally).into()).await {
+    if let Err(e) = bucket.put(node, encode(&tally).into()).await {
         tracing::warn!(node, "updating the vote tally: {e}");
     }
 }
@@ -988,6 +1150,7 @@ fn publish_task(
         replica,
         params,
         input,
+        spec: job.task_spec.clone(),
     };
     let msg = jetstream::message::PublishMessage::build()
         .payload(encode(&task).into())
@@ -1019,6 +1182,19 @@ pub struct BrokerArgs {
     /// cluster: any one server may die).
     #[arg(long, default_value_t = 1)]
     pub stream_replicas: usize,
+    /// NATS credentials file: the operator's on a grid with auth [default: GRID_CREDS]
+    #[arg(long, value_name = "FILE")]
+    pub creds: Option<std::path::PathBuf>,
+    /// What each tenant may keep in its object store (modules, inputs, outputs, logs); 0 for
+    /// no limit. Applies when a tenant's store is made.
+    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = parse_size)]
+    pub tenant_quota: u64,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{s:?}: {e} (e.g. 10GiB)"))
 }
 
 /// Runs a broker from its flags until Ctrl-C or SIGTERM.
@@ -1027,6 +1203,8 @@ pub fn main(args: BrokerArgs) -> std::process::ExitCode {
         nats_url: grid_client::nats_url(args.nats.as_deref()),
         window: args.window,
         stream_replicas: args.stream_replicas,
+        creds: args.creds,
+        tenant_quota_bytes: args.tenant_quota,
     };
     grid_client::run_service("grid-broker", |shutdown| run(config, shutdown))
 }

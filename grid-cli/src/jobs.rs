@@ -2,7 +2,6 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use futures::StreamExt;
 use grid_client::Grid;
 use grid_proto::{
     ApiReply, CancelRequest, InputRef, JobLimits, JobRecord, JobSpec, JobState, SubmitRequest,
@@ -16,19 +15,93 @@ use std::time::Duration;
 
 use crate::run::TaskFlags;
 
-/// `--nats URL`, shared by every command that talks to a grid.
+/// `--nats URL` and `--creds FILE`, shared by every command that talks to a grid.
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
     /// NATS server(s) of the grid [default: GRID_NATS_URL or nats://127.0.0.1:4222]
     #[arg(long, value_name = "URL", global = true)]
     pub nats: Option<String>,
+    /// Your credentials on the grid (`grid tenant add` makes them) [default: GRID_CREDS, else
+    /// the default tenant's of `grid up` in its default data dir]
+    #[arg(long, value_name = "FILE", global = true)]
+    pub creds: Option<PathBuf>,
+}
+
+/// A connection to a grid as one tenant: the tenant is the one the credentials name (the
+/// default tenant on a grid without auth, and for the operator's credentials).
+pub struct Session {
+    pub grid: Grid,
+    pub tenant: String,
+    /// Who the credentials name (`None` on a grid without auth).
+    pub identity: Option<grid_client::auth::Identity>,
+}
+
+impl std::ops::Deref for Session {
+    type Target = Grid;
+    fn deref(&self) -> &Grid {
+        &self.grid
+    }
 }
 
 impl Conn {
-    pub async fn open(&self) -> Result<Grid> {
+    /// Connects for `grid COMMAND`, a tenant's command: a provider's credentials are refused
+    /// here, with the line to fix it, rather than by the server after a timeout.
+    pub async fn open(&self, command: &str) -> Result<Session> {
         let url = grid_client::nats_url(self.nats.as_deref());
-        let client = grid_client::connect(&url, false).await?;
-        Grid::open(client).await
+        let creds = grid_client::auth::creds_path(self.creds.as_deref());
+        let identity = creds
+            .as_deref()
+            .map(grid_client::auth::Identity::of_creds_file)
+            .transpose()?;
+        if let Some(who) = &identity
+            && who.role == grid_client::auth::Role::Provider
+        {
+            bail!(
+                "permission denied: provider {} cannot use `grid {command}` (a tenant's command: pass a tenant's --creds)",
+                who.name
+            );
+        }
+        let tenant = match &identity {
+            Some(who) if who.role == grid_client::auth::Role::Tenant => who.name.clone(),
+            _ => names::DEFAULT_TENANT.to_string(),
+        };
+        let client = grid_client::connect_with(&url, false, creds.as_deref()).await?;
+        Ok(Session {
+            grid: Grid::open(client).await?,
+            tenant,
+            identity,
+        })
+    }
+}
+
+impl Session {
+    /// Asks the broker `verb` (`grid.api.<tenant>.<verb>`) and decodes its reply.
+    pub async fn ask<T: grid_proto::Message>(&self, verb: &str, request: &T) -> Result<ApiReply> {
+        let reply = self
+            .client
+            .request(
+                names::api_subject(&self.tenant, verb),
+                encode(request).into(),
+            )
+            .await
+            .map_err(|e| {
+                anyhow!("no broker answered ({e}); is `grid up` or `grid-broker` running?")
+            })?;
+        decode::<ApiReply>(&reply.payload).map_err(|e| anyhow!("{e}"))
+    }
+
+    /// The tenant's object store, made by the broker on first use.
+    async fn ensure_store(&self) -> Result<()> {
+        match self.store(&self.tenant).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.downcast_ref::<grid_client::NoStore>().is_some() => {
+                match self.ask("storage", &grid_proto::StorageRequest {}).await? {
+                    ApiReply::Ok { .. } => self.store(&self.tenant).await.map(drop),
+                    ApiReply::Err(why) => bail!("{why}"),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -190,20 +263,21 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
 
     let rt = runtime()?;
     rt.block_on(async {
-        let grid = args.conn.open().await?;
-        let tenant = names::DEFAULT_TENANT;
+        let grid = args.conn.open("submit").await?;
+        grid.ensure_store().await?;
+        let tenant = grid.tenant.as_str();
         let (module_sha, program) = match &runtime_files {
             None => {
-                let (module_sha, sent) = Grid::put_object(&grid.modules, tenant, &module).await?;
+                let (module_sha, sent) = grid.put_object(tenant, &module).await?;
                 tracing::info!(module = %module_sha, uploaded = sent, "module stored");
                 (module_sha, None)
             }
             Some((runtime, runtime_module, stdlib, file_name)) => {
                 // Stored once per grid: the next job finds them there and sends nothing.
-                let (module_sha, sent) = Grid::put_object(&grid.modules, tenant, runtime_module).await?;
-                let (stdlib_sha, _) = Grid::put_object(&grid.blobs, tenant, stdlib).await?;
+                let (module_sha, sent) = grid.put_object(tenant, runtime_module).await?;
+                let (stdlib_sha, _) = grid.put_object(tenant, stdlib).await?;
                 tracing::info!(runtime = runtime.name, uploaded = sent, "runtime stored");
-                let (program_sha, _) = Grid::put_object(&grid.blobs, tenant, &module).await?;
+                let (program_sha, _) = grid.put_object(tenant, &module).await?;
                 let program = grid_proto::ProgramRef {
                     runtime: runtime.name.to_string(),
                     file: InputRef { name: file_name.clone(), sha256: program_sha, bytes: module.len() as u64 },
@@ -213,11 +287,11 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
             }
         };
         let upload = |files: Vec<(String, Vec<u8>)>| {
-            let grid = grid.clone();
+            let grid = grid.grid.clone();
             async move {
                 let mut refs = Vec::new();
                 for (name, bytes) in files {
-                    let (sha, _) = Grid::put_object(&grid.blobs, tenant, &bytes).await?;
+                    let (sha, _) = grid.put_object(tenant, &bytes).await?;
                     refs.push(InputRef { name, sha256: sha, bytes: bytes.len() as u64 });
                 }
                 anyhow::Ok(refs)
@@ -225,7 +299,7 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
         };
         let tasks = if let Some(bytes) = params {
             let lines = grid_proto::params_lines(&bytes).count() as u64;
-            let (blob, _) = Grid::put_object(&grid.blobs, tenant, &bytes).await?;
+            let (blob, _) = grid.put_object(tenant, &bytes).await?;
             TaskSource::Params { blob, lines }
         } else if let Some(files) = inputs {
             TaskSource::Inputs(upload(files).await?)
@@ -251,12 +325,7 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
             shared: upload(shared.unwrap_or_default()).await?,
             program,
         };
-        let reply = grid
-            .client
-            .request(names::submit_subject(tenant), encode(&SubmitRequest { spec }).into())
-            .await
-            .map_err(|e| anyhow!("no broker answered the submit ({e}); is `grid up` or `grid-broker` running?"))?;
-        let job_id = match decode::<ApiReply>(&reply.payload).map_err(|e| anyhow!("{e}"))? {
+        let job_id = match grid.ask("submit", &SubmitRequest { spec }).await? {
             ApiReply::Ok { job_id } => job_id,
             ApiReply::Err(why) => return Err(Refused(format!("job refused: {why}")).into()),
         };
@@ -275,18 +344,32 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
     })
 }
 
-async fn job_record(grid: &Grid, job: &str) -> Result<JobRecord> {
-    let bytes = grid
-        .jobs
-        .get(job)
-        .await
-        .map_err(|e| anyhow!("reading job {job}: {e}"))?;
-    let bytes = bytes.ok_or_else(|| anyhow!("unknown job {job}"))?;
+/// The tenant's job `job`; when it has none of that id, the broker says why in one line
+/// (another tenant's job, or none at all).
+async fn job_record(grid: &Session, job: &str) -> Result<JobRecord> {
+    let bytes = if names::valid_name(job) {
+        grid.jobs()
+            .await?
+            .get(names::job_key(&grid.tenant, job))
+            .await
+            .map_err(|e| anyhow!("reading job {job}: {e}"))?
+    } else {
+        None
+    };
+    let Some(bytes) = bytes else {
+        return match grid
+            .ask("owner", &grid_proto::OwnerRequest { job_id: job.into() })
+            .await?
+        {
+            ApiReply::Err(why) => Err(anyhow!("{why}")),
+            ApiReply::Ok { .. } => Err(anyhow!("unknown job {job}")),
+        };
+    };
     decode::<JobRecord>(&bytes).map_err(|e| anyhow!("job {job}: {e}"))
 }
 
 /// Waits for the job to end, with a progress bar on stderr when it is a terminal.
-async fn follow(grid: &Grid, job: &str) -> Result<JobRecord> {
+async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
     let mut record = job_record(grid, job).await?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(record.counts.total);
@@ -299,8 +382,8 @@ async fn follow(grid: &Grid, job: &str) -> Result<JobRecord> {
         );
         bar
     });
-    let mut watch = grid.jobs.watch(job).await.map_err(|e| anyhow!("{e}"))?;
     let mut warned = false;
+    let mut polls = 0u64;
     let mut told = std::collections::HashSet::new();
     loop {
         if let Some(bar) = &bar {
@@ -311,17 +394,13 @@ async fn follow(grid: &Grid, job: &str) -> Result<JobRecord> {
         if record.state.is_final() {
             break;
         }
-        // The watch delivers each update; a timeout re-reads in case one was missed.
-        match tokio::time::timeout(Duration::from_secs(2), watch.next()).await {
-            Ok(Some(Ok(entry))) => {
-                if let Ok(r) = decode::<JobRecord>(&entry.value) {
-                    record = r;
-                }
-            }
-            Ok(Some(Err(e))) => bail!("following job {job}: {e}"),
-            Ok(None) => watch = grid.jobs.watch(job).await.map_err(|e| anyhow!("{e}"))?,
-            Err(_) => {
-                record = job_record(grid, job).await?;
+        // Polled rather than watched: a KV watch needs leave to read every job's record, and a
+        // tenant has leave to read its own only. The broker saves a job's record every 100 ms.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        record = job_record(grid, job).await?;
+        polls += 1;
+        {
+            if polls.is_multiple_of(8) {
                 // A quiet job may be waiting for a node that prepares a runtime: say so, once.
                 for node in grid.live_nodes().await.unwrap_or_default() {
                     if let Some(what) = &node.preparing
@@ -429,7 +508,7 @@ pub struct StatusArgs {
 
 pub fn status(args: StatusArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
-        let grid = args.conn.open().await?;
+        let grid = args.conn.open("status").await?;
         let record = if args.wait {
             follow(&grid, &args.job).await?
         } else {
@@ -453,24 +532,11 @@ pub struct ListArgs {
     pub conn: Conn,
 }
 
-async fn all_keys(store: &async_nats::jetstream::kv::Store) -> Result<Vec<String>> {
-    let mut keys = Vec::new();
-    let mut stream = match store.keys().await {
-        Ok(s) => s,
-        Err(e) => bail!("listing keys: {e}"),
-    };
-    while let Some(key) = stream.next().await {
-        keys.push(key.map_err(|e| anyhow!("{e}"))?);
-    }
-    keys.sort();
-    Ok(keys)
-}
-
 pub fn jobs(args: ListArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
-        let grid = args.conn.open().await?;
-        for key in all_keys(&grid.jobs).await? {
-            let Ok(record) = job_record(&grid, &key).await else {
+        let grid = args.conn.open("jobs").await?;
+        for (_, bytes) in grid.entries(names::JOBS_BUCKET, Some(&grid.tenant)).await? {
+            let Ok(record) = decode::<JobRecord>(&bytes) else {
                 continue;
             };
             if args.json {
@@ -487,9 +553,9 @@ pub fn jobs(args: ListArgs) -> Result<ExitCode> {
 
 pub fn nodes(args: ListArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
-        let grid = args.conn.open().await?;
+        let grid = args.conn.open("nodes").await?;
         for node in grid.live_nodes().await? {
-            let tally = match grid.tally.get(&node.id).await {
+            let tally = match grid.tally().await?.get(&node.id).await {
                 Ok(Some(bytes)) => decode::<grid_proto::NodeTally>(&bytes).unwrap_or_default(),
                 _ => grid_proto::NodeTally::default(),
             };
@@ -522,10 +588,11 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
     })
 }
 
-async fn task_record(grid: &Grid, job: &str, index: u64) -> Result<Option<TaskRecord>> {
+async fn task_record(grid: &Session, job: &str, index: u64) -> Result<Option<TaskRecord>> {
     let bytes = grid
-        .tasks
-        .get(names::task_key(job, index))
+        .tasks()
+        .await?
+        .get(names::task_key(&grid.tenant, job, index))
         .await
         .map_err(|e| anyhow!("{e}"))?;
     bytes
@@ -580,7 +647,7 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
         bail!("--concat {bad:?}: not a relative path inside the output folder");
     }
     runtime()?.block_on(async {
-        let grid = args.conn.open().await?;
+        let grid = args.conn.open("results").await?;
         let record = job_record(&grid, &args.job).await?;
         let tenant = record.spec.tenant.clone();
         std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
@@ -600,7 +667,7 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
                     tracing::warn!(path = %file.path, "skipping an output with an unsafe path");
                     continue;
                 };
-                let bytes = grid.get_object(names::BLOBS_BUCKET, &tenant, &file.sha256).await?;
+                let bytes = grid.get_object(&tenant, &file.sha256).await?;
                 let path = dir.join(rel);
                 if let Some(parent) = path.parent() {
                     std::fs::create_dir_all(parent)?;
@@ -660,7 +727,7 @@ async fn print_logs(grid: &Grid, tenant: &str, task: &TaskRecord) -> Result<()> 
     use std::io::Write;
     for (blob, to_stderr) in [(&task.result.stdout, false), (&task.result.stderr, true)] {
         if let Some(sha) = blob {
-            let bytes = grid.get_object(names::BLOBS_BUCKET, tenant, sha).await?;
+            let bytes = grid.get_object(tenant, sha).await?;
             if to_stderr {
                 std::io::stderr().write_all(&bytes)?;
             } else {
@@ -672,37 +739,32 @@ async fn print_logs(grid: &Grid, tenant: &str, task: &TaskRecord) -> Result<()> 
 }
 
 /// Prints each task's logs as its record appears, until the job has ended and all are printed.
-async fn follow_logs(grid: &Grid, record: JobRecord) -> Result<()> {
-    let mut watch = grid
-        .tasks
-        .watch_with_history(format!("{}.>", record.id))
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    let mut seen = 0u64;
+/// (Polled, like `status --wait`: a tenant may read its own records, not watch the bucket.)
+async fn follow_logs(grid: &Session, record: JobRecord) -> Result<()> {
+    let mut printed = std::collections::HashSet::new();
+    let prefix = format!("{}.{}", grid.tenant, record.id);
     loop {
-        match tokio::time::timeout(Duration::from_secs(1), watch.next()).await {
-            Ok(Some(Ok(entry))) => {
-                let Ok(task) = decode::<TaskRecord>(&entry.value) else {
-                    continue;
-                };
-                seen += 1;
+        let now = job_record(grid, &record.id).await?;
+        for (_, bytes) in grid.entries(names::TASKS_BUCKET, Some(&prefix)).await? {
+            let Ok(task) = decode::<TaskRecord>(&bytes) else {
+                continue;
+            };
+            if printed.insert(task.result.index) {
                 println!("== task {} ==", task.result.index);
                 print_logs(grid, &record.spec.tenant, &task).await?;
             }
-            Ok(Some(Err(e))) => bail!("following logs: {e}"),
-            Ok(None) => bail!("the log watch ended"),
-            Err(_) => {}
         }
-        let now = job_record(grid, &record.id).await?;
+        let seen = printed.len() as u64;
         if now.state.is_final() && seen >= now.counts.succeeded + now.counts.failed {
             return Ok(());
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
 pub fn logs(args: LogsArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
-        let grid = args.conn.open().await?;
+        let grid = args.conn.open("logs").await?;
         let record = job_record(&grid, &args.job).await?;
         if args.follow {
             follow_logs(&grid, record).await?;
@@ -743,21 +805,11 @@ pub struct CancelArgs {
 
 pub fn cancel(args: CancelArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
-        let grid = args.conn.open().await?;
-        let reply = grid
-            .client
-            .request(
-                names::cancel_subject(names::DEFAULT_TENANT),
-                encode(&CancelRequest {
-                    job_id: args.job.clone(),
-                })
-                .into(),
-            )
-            .await
-            .map_err(|e| {
-                anyhow!("no broker answered ({e}); is `grid up` or `grid-broker` running?")
-            })?;
-        match decode::<ApiReply>(&reply.payload).map_err(|e| anyhow!("{e}"))? {
+        let grid = args.conn.open("cancel").await?;
+        let request = CancelRequest {
+            job_id: args.job.clone(),
+        };
+        match grid.ask("cancel", &request).await? {
             ApiReply::Ok { job_id } => {
                 let record = job_record(&grid, &job_id).await?;
                 print_status(&record, args.json);

@@ -3,6 +3,7 @@
 //! Exit codes (every command): 0 success; 1 a task or job failed, was refused, cancelled or
 //! disputed; 2 usage or setup error. Errors are one line, `grid: …`, on stderr.
 
+mod auth;
 mod jobs;
 mod run;
 mod up;
@@ -44,6 +45,15 @@ enum Command {
     Cancel(jobs::CancelArgs),
     /// What tasks used, from the usage ledger: per job, tenant and provider.
     Usage(usage::UsageArgs),
+    /// The grid's NATS auth: an operator setup for nats-server.
+    #[command(subcommand)]
+    Auth(auth::AuthCommand),
+    /// Tenants: who may submit jobs and read their own.
+    #[command(subcommand)]
+    Tenant(auth::AddCommand),
+    /// Providers: whose nodes may take tasks.
+    #[command(subcommand)]
+    Provider(auth::AddCommand),
     /// Run a broker (what `grid-broker` runs).
     #[command(hide = true)]
     Broker(grid_broker::BrokerArgs),
@@ -74,6 +84,9 @@ fn main() -> ExitCode {
         Command::Logs(args) => jobs::logs(args),
         Command::Cancel(args) => jobs::cancel(args),
         Command::Usage(args) => usage::usage(args),
+        Command::Auth(command) => auth::auth(command),
+        Command::Tenant(command) => auth::add(grid_client::auth::Role::Tenant, command),
+        Command::Provider(command) => auth::add(grid_client::auth::Role::Provider, command),
         Command::Broker(args) => return grid_broker::main(args),
         Command::Node(args) => return grid_node::worker::main(args),
     };

@@ -32,15 +32,14 @@ pub struct UpArgs {
     /// of them, so that a server can die without the grid noticing [default: 1, no cluster]
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cluster: u32,
+    /// Run without NATS auth: anyone who reaches the port can do anything (for debugging).
+    /// By default the grid has an operator setup in DIR/auth, a tenant `default` whose
+    /// credentials `grid` commands find on their own, and a provider per node.
+    #[arg(long)]
+    pub no_auth: bool,
 }
 
-fn default_data_dir() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("grid")
-}
+use grid_client::auth::default_data_dir;
 
 fn host_port(url: &str) -> Result<(String, u16)> {
     let rest = url.strip_prefix("nats://").unwrap_or(url);
@@ -118,6 +117,19 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     if !(1..=5).contains(&args.cluster) {
         bail!("--cluster must be 1 to 5 servers, got {}", args.cluster);
     }
+    // The operator setup: made once, kept across restarts (handed-out credentials stay valid).
+    let auth = (!args.no_auth)
+        .then(|| -> Result<_> {
+            let auth = grid_client::auth::AuthDir::new(data.join("auth"));
+            auth.init()?;
+            auth.issue(
+                grid_client::auth::Role::Tenant,
+                grid_proto::names::DEFAULT_TENANT,
+            )?;
+            Ok(auth)
+        })
+        .transpose()?;
+    let operator_creds = auth.as_ref().map(|a| a.operator_creds());
     let free_port = || -> Result<u16> {
         Ok(std::net::TcpListener::bind((host.as_str(), 0))?
             .local_addr()?
@@ -155,6 +167,9 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
             };
             let log = data.join(format!("logs/{name}.log"));
             let mut cmd = Command::new(&nats_server);
+            if let Some(auth) = &auth {
+                cmd.arg("-c").arg(auth.server_config());
+            }
             cmd.args(["-js", "-sd"])
                 .arg(store)
                 .args(["-a", &host, "-p", &client_port.to_string()]);
@@ -168,12 +183,19 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
             wait_for_port(&host, *client_port, &mut servers[last].1, &log)?;
         }
         let replicas = args.cluster.min(3).to_string();
-        let broker = spawn(
-            Command::new(&exe).args(["broker", "--nats", &url, "--stream-replicas", &replicas]),
-            &data.join("logs/broker.log"),
-        )?;
+        let mut broker = Command::new(&exe);
+        broker.args(["broker", "--nats", &url, "--stream-replicas", &replicas]);
+        if let Some(creds) = &operator_creds {
+            broker.arg("--creds").arg(creds);
+        }
+        let broker = spawn(&mut broker, &data.join("logs/broker.log"))?;
         children.push(("broker".into(), broker));
         for i in 1..=args.nodes {
+            let id = format!("node-{i}");
+            let creds = auth
+                .as_ref()
+                .map(|a| a.issue(grid_client::auth::Role::Provider, &id))
+                .transpose()?;
             let node = spawn(
                 Command::new(&exe)
                     .args([
@@ -181,7 +203,7 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                         "--nats",
                         &url,
                         "--id",
-                        &format!("node-{i}"),
+                        &id,
                         "--slots",
                         &slots.to_string(),
                         // Ctrl-C: running tasks get 3 s, then go back to the queue (kept on disk).
@@ -191,12 +213,22 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                     .arg("--cache-dir")
                     .arg(data.join(format!("node-{i}")))
                     // One GPU worker per machine: node-1 serves GPU jobs if there is a GPU.
-                    .args((i > 1 || args.no_gpu).then_some("--no-gpu")),
+                    .args((i > 1 || args.no_gpu).then_some("--no-gpu"))
+                    .args(
+                        creds
+                            .iter()
+                            .flat_map(|c| [std::ffi::OsStr::new("--creds"), c.as_os_str()]),
+                    ),
                 &data.join(format!("logs/node-{i}.log")),
             )?;
             children.push((format!("node-{i}"), node));
         }
-        wait_for_nodes(&url, args.nodes as usize, &mut children)
+        wait_for_nodes(
+            &url,
+            operator_creds.as_deref(),
+            args.nodes as usize,
+            &mut children,
+        )
     })();
     if let Err(e) = result {
         // Nodes and broker before the servers they talk to.
@@ -206,6 +238,20 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     }
     println!("grid: ready {url}");
     let _ = std::io::stdout().flush();
+    if let Some(auth) = &auth {
+        let creds = auth.tenant_creds(grid_proto::names::DEFAULT_TENANT);
+        let found = grid_client::auth::creds_path(None).is_some_and(|p| p == creds);
+        eprintln!(
+            "grid: auth on; tenant `default`: {}{}; more with `grid tenant add NAME --auth-dir {}`",
+            creds.display(),
+            if found {
+                ""
+            } else {
+                " (pass --creds or set GRID_CREDS)"
+            },
+            auth.path().display()
+        );
+    }
     eprintln!(
         "grid: {} node(s) × {slots} slot(s); data in {}; Ctrl-C stops the grid",
         args.nodes,
@@ -256,12 +302,17 @@ fn wait_for_port(host: &str, port: u16, server: &mut Child, log: &Path) -> Resul
     bail!("nats-server did not open {host}:{port} within 15 s")
 }
 
-fn wait_for_nodes(url: &str, want: usize, children: &mut [(String, Child)]) -> Result<()> {
+fn wait_for_nodes(
+    url: &str,
+    creds: Option<&Path>,
+    want: usize,
+    children: &mut [(String, Child)],
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let client = grid_client::connect(url, false).await?;
+        let client = grid_client::connect_with(url, false, creds).await?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             for (name, child) in children.iter_mut() {
@@ -270,7 +321,8 @@ fn wait_for_nodes(url: &str, want: usize, children: &mut [(String, Child)]) -> R
                 }
             }
             if let Ok(grid) = Grid::open(client.clone()).await
-                && let Ok(mut keys) = grid.nodes.keys().await
+                && let Ok(nodes) = grid.nodes().await
+                && let Ok(mut keys) = nodes.keys().await
             {
                 use futures::StreamExt;
                 let mut n = 0;

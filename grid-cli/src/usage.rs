@@ -122,9 +122,22 @@ pub fn usage(args: UsageArgs) -> Result<ExitCode> {
             && since.is_none_or(|s| e.recorded_unix_ms >= s)
     };
     let (entries, paid) = runtime.block_on(async {
-        let grid = args.conn.open().await?;
+        let grid = args.conn.open("usage").await?;
+        // A tenant sees its own usage only (its NATS permissions allow no other).
+        let tenant = match &grid.identity {
+            Some(who) if who.role == grid_client::auth::Role::Tenant => {
+                if let Some(other) = args.tenant.as_ref().filter(|t| **t != who.name) {
+                    bail!(
+                        "permission denied: tenant {} cannot read the usage of tenant {other}",
+                        who.name
+                    );
+                }
+                Some(who.name.clone())
+            }
+            _ => args.tenant.clone(),
+        };
         let entries: Vec<UsageEntry> = grid
-            .usage_entries(args.tenant.as_deref())
+            .usage_entries(tenant.as_deref())
             .await?
             .into_iter()
             .filter(|e| wanted(e))
@@ -140,8 +153,9 @@ pub fn usage(args: UsageArgs) -> Result<ExitCode> {
             let key = (e.job_id.clone(), e.index);
             if !decided.contains_key(&key) {
                 let record = grid
-                    .tasks
-                    .get(names::task_key(&e.job_id, e.index))
+                    .tasks()
+                    .await?
+                    .get(names::task_key(&e.tenant, &e.job_id, e.index))
                     .await
                     .map_err(|err| anyhow::anyhow!("reading task {}.{}: {err}", e.job_id, e.index))?
                     .and_then(|bytes| decode::<TaskRecord>(&bytes).ok());

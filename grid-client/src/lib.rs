@@ -12,6 +12,8 @@ use grid_proto::{Sha256Hex, names};
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod auth;
+
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// How long a node may hold a task without a progress ack before JetStream redelivers it.
 pub const TASK_ACK_WAIT: Duration = Duration::from_secs(10);
@@ -41,21 +43,27 @@ pub async fn connect(url: &str, forever: bool) -> Result<async_nats::Client> {
     connect_with(url, forever, None).await
 }
 
-/// [`connect`] with a NATS credentials file; `None` uses `GRID_CREDS` when it is set.
+/// [`connect`] with a NATS credentials file; `None` uses `GRID_CREDS` when it is set. (`grid`
+/// commands also fall back to the default tenant of a local `grid up`: [`auth::creds_path`].)
 pub async fn connect_with(
     url: &str,
     forever: bool,
     creds: Option<&std::path::Path>,
 ) -> Result<async_nats::Client> {
     let mut options = async_nats::ConnectOptions::new().name("grid");
-    let creds = creds
-        .map(std::path::Path::to_path_buf)
-        .or_else(|| std::env::var_os("GRID_CREDS").map(PathBuf::from));
+    let creds = creds.map(std::path::Path::to_path_buf).or_else(|| {
+        std::env::var_os("GRID_CREDS")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    });
     if let Some(creds) = creds {
+        let identity = auth::Identity::of_creds_file(&creds)?;
         options = options
             .credentials_file(&creds)
             .await
-            .with_context(|| format!("reading credentials {}", creds.display()))?;
+            .with_context(|| format!("reading credentials {}", creds.display()))?
+            .custom_inbox_prefix(identity.inbox_prefix())
+            .name(format!("grid {} {}", identity.role.as_str(), identity.name));
     }
     // A cluster is a comma-separated list; the client fails over between its servers.
     let servers = url
@@ -82,21 +90,27 @@ pub async fn connect_with(
     }
 }
 
-/// Handles on everything a grid keeps in JetStream.
+/// Handles on everything a grid keeps in JetStream. Buckets open on first use: each role's
+/// NATS permissions allow it only the buckets it needs (see [`auth`]), and asking for another
+/// would wait for a reply that never comes.
 #[derive(Clone)]
 pub struct Grid {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
-    pub jobs: kv::Store,
-    pub tasks: kv::Store,
-    pub nodes: kv::Store,
-    pub votes: kv::Store,
-    pub claims: kv::Store,
-    pub tally: kv::Store,
-    /// The usage ledger: one [`grid_proto::UsageEntry`] per billable attempt.
-    pub usage: kv::Store,
-    pub modules: object_store::ObjectStore,
-    pub blobs: object_store::ObjectStore,
+    buckets: std::sync::Arc<Buckets>,
+}
+
+#[derive(Default)]
+struct Buckets {
+    jobs: tokio::sync::OnceCell<kv::Store>,
+    tasks: tokio::sync::OnceCell<kv::Store>,
+    nodes: tokio::sync::OnceCell<kv::Store>,
+    votes: tokio::sync::OnceCell<kv::Store>,
+    claims: tokio::sync::OnceCell<kv::Store>,
+    tally: tokio::sync::OnceCell<kv::Store>,
+    usage: tokio::sync::OnceCell<kv::Store>,
+    /// Tenants' object stores, by tenant.
+    stores: tokio::sync::Mutex<std::collections::HashMap<String, object_store::ObjectStore>>,
 }
 
 fn context(client: &async_nats::Client) -> jetstream::Context {
@@ -105,9 +119,15 @@ fn context(client: &async_nats::Client) -> jetstream::Context {
         .build(client.clone())
 }
 
+/// The error when a tenant's object store does not exist yet.
+#[derive(Debug, thiserror::Error)]
+#[error("tenant {0} has no store on this grid yet")]
+pub struct NoStore(pub String);
+
 impl Grid {
-    /// Creates (or updates) every stream, consumer, bucket and object store. The broker calls it
-    /// at start; it is idempotent.
+    /// Creates (or updates) every stream, consumer and bucket. The broker calls it at start; it
+    /// is idempotent. Tenants' object stores are made when a tenant first asks
+    /// ([`Grid::create_store`]).
     ///
     /// `replicas` is how many servers of a NATS cluster keep each stream, bucket and object store
     /// (1 on a single server; 3 on a 3-server cluster, so that one server can die). Consumers
@@ -183,80 +203,113 @@ impl Grid {
             .await
             .map_err(|e| anyhow!("creating bucket {bucket}: {e}"))?;
         }
-        for bucket in [names::MODULES_BUCKET, names::BLOBS_BUCKET] {
-            if js.get_object_store(bucket).await.is_err() {
-                js.create_object_store(object_store::Config {
-                    bucket: bucket.into(),
-                    storage: stream::StorageType::File,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| anyhow!("creating object store {bucket}: {e}"))?;
-            }
-        }
         Self::open(client).await
     }
 
-    /// Opens what [`Grid::setup`] created.
+    /// Opens what [`Grid::setup`] created; says how to fix it when a grid was never set up on
+    /// that server.
     pub async fn open(client: async_nats::Client) -> Result<Self> {
-        let js = context(&client);
-        let missing = |what: &str, e: &dyn std::fmt::Display| {
-            anyhow!(
-                "this NATS server has no grid yet ({what}: {e}); start `grid-broker` against it, or use `grid up`"
-            )
-        };
-        Ok(Self {
-            jobs: js
-                .get_key_value(names::JOBS_BUCKET)
-                .await
-                .map_err(|e| missing(names::JOBS_BUCKET, &e))?,
-            tasks: js
-                .get_key_value(names::TASKS_BUCKET)
-                .await
-                .map_err(|e| missing(names::TASKS_BUCKET, &e))?,
-            nodes: js
-                .get_key_value(names::NODES_BUCKET)
-                .await
-                .map_err(|e| missing(names::NODES_BUCKET, &e))?,
-            votes: js
-                .get_key_value(names::VOTES_BUCKET)
-                .await
-                .map_err(|e| missing(names::VOTES_BUCKET, &e))?,
-            claims: js
-                .get_key_value(names::CLAIMS_BUCKET)
-                .await
-                .map_err(|e| missing(names::CLAIMS_BUCKET, &e))?,
-            tally: js
-                .get_key_value(names::TALLY_BUCKET)
-                .await
-                .map_err(|e| missing(names::TALLY_BUCKET, &e))?,
-            usage: js
-                .get_key_value(names::USAGE_BUCKET)
-                .await
-                .map_err(|e| missing(names::USAGE_BUCKET, &e))?,
-            modules: js
-                .get_object_store(names::MODULES_BUCKET)
-                .await
-                .map_err(|e| missing(names::MODULES_BUCKET, &e))?,
-            blobs: js
-                .get_object_store(names::BLOBS_BUCKET)
-                .await
-                .map_err(|e| missing(names::BLOBS_BUCKET, &e))?,
+        let grid = Self {
+            js: context(&client),
             client,
-            js,
-        })
+            buckets: Default::default(),
+        };
+        grid.nodes().await.map_err(|e| {
+            anyhow!(
+                "this NATS server has no grid yet ({e}); start `grid-broker` against it, or use `grid up`"
+            )
+        })?;
+        Ok(grid)
     }
 
-    /// Stores `bytes` as `<tenant>/<sha256>` unless it is there already; returns the hash and
+    async fn bucket<'a>(
+        &self,
+        cell: &'a tokio::sync::OnceCell<kv::Store>,
+        name: &str,
+    ) -> Result<&'a kv::Store> {
+        cell.get_or_try_init(|| async {
+            self.js
+                .get_key_value(name)
+                .await
+                .map_err(|e| anyhow!("opening bucket {name}: {e}"))
+        })
+        .await
+    }
+
+    /// `grid_jobs`: job records, key `<tenant>.<job>`.
+    pub async fn jobs(&self) -> Result<&kv::Store> {
+        self.bucket(&self.buckets.jobs, names::JOBS_BUCKET).await
+    }
+    /// `grid_tasks`: each task's final record, key `<tenant>.<job>.<index>`.
+    pub async fn tasks(&self) -> Result<&kv::Store> {
+        self.bucket(&self.buckets.tasks, names::TASKS_BUCKET).await
+    }
+    /// `grid_nodes`: heartbeats.
+    pub async fn nodes(&self) -> Result<&kv::Store> {
+        self.bucket(&self.buckets.nodes, names::NODES_BUCKET).await
+    }
+    /// `grid_votes`: each replica's result.
+    pub async fn votes(&self) -> Result<&kv::Store> {
+        self.bucket(&self.buckets.votes, names::VOTES_BUCKET).await
+    }
+    /// `grid_claims`: which node took which replica.
+    pub async fn claims(&self) -> Result<&kv::Store> {
+        self.bucket(&self.buckets.claims, names::CLAIMS_BUCKET)
+            .await
+    }
+    /// `grid_tally`: votes won and lost per node.
+    pub async fn tally(&self) -> Result<&kv::Store> {
+        self.bucket(&self.buckets.tally, names::TALLY_BUCKET).await
+    }
+    /// `grid_usage`: the usage ledger, one [`grid_proto::UsageEntry`] per billable attempt.
+    pub async fn usage(&self) -> Result<&kv::Store> {
+        self.bucket(&self.buckets.usage, names::USAGE_BUCKET).await
+    }
+
+    /// `tenant`'s object store; a [`NoStore`] error when it was never made.
+    pub async fn store(&self, tenant: &str) -> Result<object_store::ObjectStore> {
+        let mut stores = self.buckets.stores.lock().await;
+        if let Some(store) = stores.get(tenant) {
+            return Ok(store.clone());
+        }
+        let name = names::tenant_store(tenant);
+        let store = match self.js.get_object_store(&name).await {
+            Ok(store) => store,
+            Err(e) if e.kind() == jetstream::context::ObjectStoreErrorKind::GetStore => {
+                return Err(NoStore(tenant.to_string()).into());
+            }
+            Err(e) => bail!("opening {name}: {e}"),
+        };
+        stores.insert(tenant.to_string(), store.clone());
+        Ok(store)
+    }
+
+    /// Makes `tenant`'s object store unless it exists, holding at most `max_bytes` (its storage
+    /// quota; 0: no quota). The broker does it, so that a tenant cannot set its own quota.
+    pub async fn create_store(&self, tenant: &str, max_bytes: u64, replicas: usize) -> Result<()> {
+        let name = names::tenant_store(tenant);
+        if self.js.get_object_store(&name).await.is_ok() {
+            return Ok(());
+        }
+        self.js
+            .create_object_store(object_store::Config {
+                bucket: name.clone(),
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                max_bytes: if max_bytes == 0 { -1 } else { max_bytes as i64 },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow!("creating object store {name}: {e}"))?;
+        Ok(())
+    }
+
+    /// Stores `bytes` in `tenant`'s store unless it is there already; returns the hash and
     /// whether bytes were sent.
-    pub async fn put_object(
-        store: &object_store::ObjectStore,
-        tenant: &str,
-        bytes: &[u8],
-    ) -> Result<(Sha256Hex, bool)> {
+    pub async fn put_object(&self, tenant: &str, bytes: &[u8]) -> Result<(Sha256Hex, bool)> {
+        let store = self.store(tenant).await?;
         let sha = Sha256Hex::of(bytes);
-        let name = names::object_name(tenant, &sha);
+        let name = names::object_name(&sha);
         if store.info(&name).await.is_ok() {
             return Ok((sha, false));
         }
@@ -264,20 +317,21 @@ impl Grid {
         store
             .put(name.as_str(), &mut reader)
             .await
-            .map_err(|e| anyhow!("storing {name}: {e}"))?;
+            .map_err(|e| store_error(tenant, &name, e))?;
         Ok((sha, true))
     }
 
-    /// Streams the file at `path`, whose hash the caller computed, into `<tenant>/<sha256>`
-    /// unless it is there already — outputs can be large, so they are never read whole into memory.
+    /// Streams the file at `path`, whose hash the caller computed, into `tenant`'s store unless
+    /// it is there already — outputs can be large, so they are never read whole into memory.
     /// `get_object` checks the hash on every read.
     pub async fn put_file(
-        store: &object_store::ObjectStore,
+        &self,
         tenant: &str,
         sha: &Sha256Hex,
         path: &std::path::Path,
     ) -> Result<bool> {
-        let name = names::object_name(tenant, sha);
+        let store = self.store(tenant).await?;
+        let name = names::object_name(sha);
         if store.info(&name).await.is_ok() {
             return Ok(false);
         }
@@ -287,7 +341,7 @@ impl Grid {
         store
             .put(name.as_str(), &mut file)
             .await
-            .map_err(|e| anyhow!("storing {name}: {e}"))?;
+            .map_err(|e| store_error(tenant, &name, e))?;
         Ok(true)
     }
 
@@ -295,15 +349,15 @@ impl Grid {
     /// does not decode (another wire version) is skipped.
     pub async fn live_nodes(&self) -> Result<Vec<grid_proto::NodeInfo>> {
         use futures::StreamExt;
-        let mut keys = self
-            .nodes
+        let bucket = self.nodes().await?;
+        let mut keys = bucket
             .keys()
             .await
             .map_err(|e| anyhow!("listing nodes: {e}"))?;
         let mut nodes = Vec::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| anyhow!("listing nodes: {e}"))?;
-            if let Ok(Some(bytes)) = self.nodes.get(&key).await
+            if let Ok(Some(bytes)) = bucket.get(&key).await
                 && let Ok(node) = grid_proto::decode::<grid_proto::NodeInfo>(&bytes)
             {
                 nodes.push(node);
@@ -313,31 +367,41 @@ impl Grid {
         Ok(nodes)
     }
 
-    /// Every entry of the usage ledger, or only `tenant`'s (a subject filter on the bucket's
-    /// stream, so other tenants' entries are not even sent). Reads the bucket's stream with one
-    /// ordered consumer: a ledger holds an entry per attempt, far too many for a `get` each.
-    /// An entry that does not decode (another wire version) is skipped.
-    pub async fn usage_entries(&self, tenant: Option<&str>) -> Result<Vec<grid_proto::UsageEntry>> {
+    /// The latest value of every key of KV `bucket` under `prefix` (`<prefix>.…`; all keys
+    /// when `None`), in key order. Reads the bucket's stream with one ordered consumer rather
+    /// than a `get` per key (a ledger holds an entry per attempt). The consumer is *named*, so
+    /// the request's subject carries its filter and a tenant's NATS permissions can allow its
+    /// own keys only (an unnamed consumer, as `kv::Store::keys` makes, would need leave to read
+    /// every key). Deleted keys are skipped.
+    pub async fn entries(
+        &self,
+        bucket: &str,
+        prefix: Option<&str>,
+    ) -> Result<Vec<(String, bytes::Bytes)>> {
         use futures::StreamExt;
-        let stream_name = format!("KV_{}", names::USAGE_BUCKET);
+        let stream_prefix = format!("$KV.{bucket}.");
         let filter = format!(
-            "$KV.{}.{}",
-            names::USAGE_BUCKET,
-            tenant.map_or(">".into(), |t| format!("{t}.>"))
+            "{stream_prefix}{}",
+            prefix.map_or(">".into(), |p| format!("{p}.>"))
         );
         let stream = self
             .js
-            .get_stream(&stream_name)
+            .get_stream(format!("KV_{bucket}"))
             .await
-            .map_err(|e| anyhow!("opening the usage ledger: {e}"))?;
+            .map_err(|e| anyhow!("opening {bucket}: {e}"))?;
+        let name = format!(
+            "read-{}",
+            self.client.new_inbox().rsplit('.').next().unwrap_or("0")
+        );
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
+                name: Some(name),
                 filter_subject: filter,
-                deliver_policy: consumer::DeliverPolicy::All,
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
                 ..Default::default()
             })
             .await
-            .map_err(|e| anyhow!("reading the usage ledger: {e}"))?;
+            .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
         let mut entries = Vec::new();
         if consumer.cached_info().num_pending == 0 {
             return Ok(entries);
@@ -345,49 +409,64 @@ impl Grid {
         let mut messages = consumer
             .messages()
             .await
-            .map_err(|e| anyhow!("reading the usage ledger: {e}"))?;
+            .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
         while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| anyhow!("reading the usage ledger: {e}"))?;
-            if let Ok(entry) = grid_proto::decode::<grid_proto::UsageEntry>(&message.payload) {
-                entries.push(entry);
+            let message = message.map_err(|e| anyhow!("reading {bucket}: {e}"))?;
+            let deleted = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some();
+            if !deleted && let Some(key) = message.subject.as_str().strip_prefix(&stream_prefix) {
+                entries.push((key.to_string(), message.payload.clone()));
             }
             let pending = message
                 .info()
-                .map_err(|e| anyhow!("reading the usage ledger: {e}"))?
+                .map_err(|e| anyhow!("reading {bucket}: {e}"))?
                 .pending;
             if pending == 0 {
                 break;
             }
         }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(entries)
     }
 
-    /// Whether `<tenant>/<sha256>` is stored.
-    pub async fn has_object(
-        store: &object_store::ObjectStore,
-        tenant: &str,
-        sha: &Sha256Hex,
-    ) -> bool {
-        store.info(names::object_name(tenant, sha)).await.is_ok()
+    /// Every entry of the usage ledger, or only `tenant`'s. An entry that does not decode
+    /// (another wire version) is skipped.
+    pub async fn usage_entries(&self, tenant: Option<&str>) -> Result<Vec<grid_proto::UsageEntry>> {
+        Ok(self
+            .entries(names::USAGE_BUCKET, tenant)
+            .await?
+            .into_iter()
+            .filter_map(|(_, bytes)| grid_proto::decode::<grid_proto::UsageEntry>(&bytes).ok())
+            .collect())
     }
 
-    /// Reads `<tenant>/<sha256>` from object store `bucket` and checks that its bytes hash to the
-    /// name.
+    /// Whether `tenant`'s store holds `sha`.
+    pub async fn has_object(&self, tenant: &str, sha: &Sha256Hex) -> bool {
+        match self.store(tenant).await {
+            Ok(store) => store.info(names::object_name(sha)).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Reads `sha` from `tenant`'s store and checks that its bytes hash to the name.
     ///
     /// Reads the chunks with direct gets rather than `ObjectStore::get`, which creates a consumer
     /// per read: thousands of reads a minute (a node fetching inputs, `grid results`) hit
     /// JetStream's consumer limit.
-    pub async fn get_object(&self, bucket: &str, tenant: &str, sha: &Sha256Hex) -> Result<Vec<u8>> {
-        let name = names::object_name(tenant, sha);
-        let store = if bucket == names::MODULES_BUCKET {
-            &self.modules
-        } else {
-            &self.blobs
-        };
+    pub async fn get_object(&self, tenant: &str, sha: &Sha256Hex) -> Result<Vec<u8>> {
+        let name = names::object_name(sha);
+        let bucket = names::tenant_store(tenant);
+        let store = self.store(tenant).await?;
         let info = store
             .info(&name)
             .await
-            .map_err(|e| anyhow!("fetching {name}: {e}"))?;
+            .map_err(|e| anyhow!("fetching {name} of tenant {tenant}: {e}"))?;
+        if info.deleted {
+            bail!("object {name} of tenant {tenant} is not stored (deleted)");
+        }
         let stream = self
             .js
             .get_stream(format!("OBJ_{bucket}"))
@@ -405,7 +484,7 @@ impl Grid {
             next = Some(chunk.sequence + 1);
         }
         if Sha256Hex::of(&bytes) != *sha {
-            bail!("object {name} does not match its hash");
+            bail!("object {name} of tenant {tenant} does not match its hash");
         }
         Ok(bytes)
     }
@@ -420,6 +499,17 @@ pub fn task_consumer_config(class: &str) -> consumer::pull::Config {
         ack_wait: TASK_ACK_WAIT,
         max_ack_pending: 10_000,
         ..Default::default()
+    }
+}
+
+fn store_error(tenant: &str, name: &str, e: impl std::fmt::Display) -> anyhow::Error {
+    let text = e.to_string();
+    if text.contains("maximum bytes") || text.contains("insufficient resources") {
+        anyhow!(
+            "the storage quota of tenant {tenant} is full: free some with `grid delete JOB`, or ask the operator for more"
+        )
+    } else {
+        anyhow!("storing {name} for tenant {tenant}: {text}")
     }
 }
 

@@ -180,7 +180,40 @@ impl NodeArgs {
                 .unwrap_or_else(std::env::temp_dir)
                 .join(".cache/grid/node")
         });
-        let node_id = self.id.or(file.id).unwrap_or_else(default_id);
+        let creds = self.creds.or(file.creds).or_else(|| {
+            std::env::var_os("GRID_CREDS")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        });
+        // A provider's credentials name its node: NATS lets it publish results and heartbeats
+        // under that id only.
+        let provider = match &creds {
+            Some(path) => {
+                let who = grid_client::auth::Identity::of_creds_file(path)
+                    .map_err(|e| format!("{e:#}"))?;
+                match who.role {
+                    grid_client::auth::Role::Provider => Some(who.name),
+                    grid_client::auth::Role::Operator => None,
+                    grid_client::auth::Role::Tenant => {
+                        return Err(format!(
+                            "{} are a tenant's credentials: a node needs a provider's (`grid provider add NAME`)",
+                            path.display()
+                        ));
+                    }
+                }
+            }
+            None => None,
+        };
+        let node_id = match (self.id.or(file.id), provider) {
+            (Some(id), Some(provider)) if id != provider => {
+                return Err(format!(
+                    "node id {id:?} is not the provider of the credentials ({provider:?}): drop --id, or use that provider's credentials"
+                ));
+            }
+            (Some(id), _) => id,
+            (None, Some(provider)) => provider,
+            (None, None) => default_id(),
+        };
         if node_id.is_empty()
             || !node_id
                 .chars()
@@ -212,7 +245,7 @@ impl NodeArgs {
         caps.gpu.gpu_time = self.max_gpu_time.or(gpu_time).unwrap_or(caps.gpu.gpu_time);
         Ok(NodeConfig {
             nats_url: grid_client::nats_url(self.nats.or(file.nats).as_deref()),
-            creds: self.creds.or(file.creds),
+            creds,
             node_id,
             class,
             slots,

@@ -206,7 +206,14 @@ pub async fn run(
     }
     node.drain().await;
     services.abort_all();
-    if let Err(e) = node.grid.nodes.purge(&node.config.node_id).await {
+    let purged = match node.grid.nodes().await {
+        Ok(nodes) => nodes
+            .purge(&node.config.node_id)
+            .await
+            .map_err(|e| anyhow!("{e}")),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = purged {
         tracing::warn!("removing the heartbeat: {e}");
     }
     tracing::info!("node stopped");
@@ -241,14 +248,14 @@ impl Node {
 
     /// Takes tasks of `class`, at most `slots` at once.
     async fn pull_loop(self: Arc<Self>, class: String, slots: Arc<Semaphore>) -> Result<()> {
+        // Straight to the consumer: a provider may read its info, not the stream's.
         let consumer: jetstream::consumer::PullConsumer = loop {
-            let stream = self
+            match self
                 .grid
                 .js
-                .get_stream(names::TASKS_STREAM)
+                .get_consumer_from_stream(names::tasks_consumer(&class), names::TASKS_STREAM)
                 .await
-                .map_err(|e| anyhow!("{e}"))?;
-            match stream.get_consumer(&names::tasks_consumer(&class)).await {
+            {
                 Ok(c) => break c,
                 Err(e) => {
                     tracing::info!("waiting for the task consumer: {e}");
@@ -349,13 +356,16 @@ impl Node {
                     .unwrap_or_else(|p| p.into_inner())
                     .clone(),
             };
-            if let Err(e) = self
-                .grid
-                .nodes
-                .put(&self.config.node_id, encode(&info).into())
-                .await
-            {
-                tracing::warn!("heartbeat: {e}");
+            let sent = match self.grid.nodes().await {
+                Ok(nodes) => nodes
+                    .put(&self.config.node_id, encode(&info).into())
+                    .await
+                    .map(drop)
+                    .map_err(|e| anyhow!("{e}")),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
+                tracing::warn!("heartbeat: {e:#}");
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
@@ -385,27 +395,33 @@ impl Node {
         Ok(())
     }
 
-    /// The job record, from the node's cache or the KV bucket.
-    async fn job(&self, id: &str) -> Result<Option<Arc<JobRecord>>> {
-        if let Some(j) = self.jobs.lock().await.get(id) {
-            return Ok(Some(j.clone()));
-        }
-        let Some(bytes) = self
-            .grid
-            .jobs
-            .get(id)
-            .await
-            .map_err(|e| anyhow!("reading job {id}: {e}"))?
-        else {
-            return Ok(None);
-        };
-        let record = Arc::new(decode::<JobRecord>(&bytes).map_err(|e| anyhow!("job {id}: {e}"))?);
+    /// The task's job, from the node's cache or the spec the task carries (a node reads no
+    /// job records: its NATS permissions do not allow it).
+    async fn job(&self, task: &TaskMsg) -> Arc<JobRecord> {
         let mut jobs = self.jobs.lock().await;
-        if jobs.len() > 1000 {
-            jobs.clear();
+        if let Some(j) = jobs.get(&task.job_id) {
+            return j.clone();
         }
-        jobs.insert(id.to_string(), record.clone());
-        Ok(Some(record))
+        if jobs.len() > 1000 {
+            jobs.retain(|_, j| j.state == JobState::Cancelled);
+        }
+        let spec = task.spec.clone();
+        let total = spec.tasks.len();
+        let record = Arc::new(JobRecord {
+            id: task.job_id.clone(),
+            spec,
+            state: JobState::Running,
+            reason: None,
+            created_unix_ms: 0,
+            finished_unix_ms: None,
+            counts: grid_proto::TaskCounts {
+                total,
+                ..Default::default()
+            },
+            enqueued: 0,
+        });
+        jobs.insert(task.job_id.clone(), record.clone());
+        record
     }
 
     async fn handle(self: Arc<Self>, msg: jetstream::Message) {
@@ -417,19 +433,7 @@ impl Node {
                 return;
             }
         };
-        let job = match self.job(&task.job_id).await {
-            Ok(Some(job)) => job,
-            Ok(None) => {
-                tracing::warn!(job = %task.job_id, "task of an unknown job; dropping it");
-                let _ = msg.ack_with(AckKind::Term).await;
-                return;
-            }
-            Err(e) => {
-                tracing::warn!("{e:#}; handing the task back");
-                let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
-                return;
-            }
-        };
+        let job = self.job(&task).await;
         if job.state == JobState::Cancelled {
             let _ = msg.ack().await;
             return;
@@ -512,10 +516,17 @@ impl Node {
     async fn claim(&self, task: &TaskMsg) -> bool {
         let key = names::claim_key(&task.job_id, task.index, &self.config.node_id);
         let mine = task.replica.to_le_bytes();
-        match self.grid.claims.create(&key, mine.to_vec().into()).await {
+        let claims = match self.grid.claims().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("claiming a replica: {e:#}");
+                return false;
+            }
+        };
+        match claims.create(&key, mine.to_vec().into()).await {
             Ok(_) => true,
             Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
-                matches!(self.grid.claims.get(&key).await, Ok(Some(v)) if v.as_ref() == mine)
+                matches!(claims.get(&key).await, Ok(Some(v)) if v.as_ref() == mine)
             }
             Err(e) => {
                 tracing::warn!("claiming a replica: {e}");
@@ -536,7 +547,10 @@ impl Node {
         let ack = self
             .grid
             .js
-            .send_publish(names::results_subject(&job.id), publish)
+            .send_publish(
+                names::results_subject(&self.config.node_id, &job.id),
+                publish,
+            )
             .await
             .map_err(|e| anyhow!("{e}"))?;
         let ack = ack.await.map_err(|e| anyhow!("{e}"))?;
@@ -551,6 +565,7 @@ impl Node {
     fn failed_result(&self, job: &JobRecord, task: &TaskMsg, reason: Reason) -> ResultMsg {
         let outcome = Outcome::Failed(reason);
         ResultMsg {
+            tenant: job.spec.tenant.clone(),
             job_id: job.id.clone(),
             index: task.index,
             attempt: task.attempt,
@@ -579,10 +594,7 @@ impl Node {
             crate::disk::touch(&path);
             return Ok(bytes);
         }
-        let bytes = self
-            .grid
-            .get_object(names::MODULES_BUCKET, &job.spec.tenant, sha)
-            .await?;
+        let bytes = self.grid.get_object(&job.spec.tenant, sha).await?;
         // Several tasks may fetch the same module at once: each writes its own temp file.
         let mut tmp = tempfile::NamedTempFile::new_in(self.config.cache_dir.join("modules"))?;
         std::io::Write::write_all(&mut tmp, &bytes)?;
@@ -646,7 +658,7 @@ impl Node {
                         Some(format!("fetching the {} runtime", runtime.name));
                     let stdlib = self
                         .grid
-                        .get_object(names::BLOBS_BUCKET, &spec.tenant, &program.stdlib_sha256)
+                        .get_object(&spec.tenant, &program.stdlib_sha256)
                         .await
                         .context("fetching the runtime's stdlib");
                     let installed = match stdlib {
@@ -674,7 +686,7 @@ impl Node {
         if !path.is_file() {
             let bytes = self
                 .grid
-                .get_object(names::BLOBS_BUCKET, &spec.tenant, &program.file.sha256)
+                .get_object(&spec.tenant, &program.file.sha256)
                 .await
                 .context("fetching the program")?;
             std::fs::create_dir_all(&dir)?;
@@ -744,10 +756,7 @@ impl Node {
                     input.name
                 ))));
             }
-            let data = self
-                .grid
-                .get_object(names::BLOBS_BUCKET, &spec.tenant, &input.sha256)
-                .await?;
+            let data = self.grid.get_object(&spec.tenant, &input.sha256).await?;
             tokio::fs::write(dir.join(&input.name), data).await?;
         }
 
@@ -808,21 +817,20 @@ impl Node {
         let files = crate::outputs::manifest(&out_dir)?;
         for file in &files {
             let path = out_dir.join(&file.path);
-            Grid::put_file(&self.grid.blobs, &spec.tenant, &file.sha256, &path).await?;
+            self.grid
+                .put_file(&spec.tenant, &file.sha256, &path)
+                .await?;
         }
         let mut logs = Vec::new();
         for log in [&report.stdout, &report.stderr] {
             logs.push(if log.is_empty() {
                 None
             } else {
-                Some(
-                    Grid::put_object(&self.grid.blobs, &spec.tenant, log)
-                        .await?
-                        .0,
-                )
+                Some(self.grid.put_object(&spec.tenant, log).await?.0)
             });
         }
         Ok(ResultMsg {
+            tenant: spec.tenant.clone(),
             job_id: job.id.clone(),
             index: task.index,
             attempt: task.attempt,

@@ -5,19 +5,23 @@
 //! |---|---|---|
 //! | `GRID_TASKS` | work-queue stream, subjects `grid.tasks.<class>.<job>` | tasks waiting for a node |
 //! | `nodes-<class>` | durable pull consumer on `GRID_TASKS` | shared by every node of a class |
-//! | `GRID_RESULTS` | stream, subjects `grid.results.<job>` | results, deduplicated by `job.task.attempt` |
+//! | `GRID_RESULTS` | stream, subjects `grid.results.<node id>.<job>` | results, deduplicated by `job.task.attempt`; a provider may publish only under its own node id |
 //! | `broker` | durable pull consumer on `GRID_RESULTS` | the broker's intake |
-//! | `grid_jobs` | KV, key `<job>` | the job record ([`crate::JobRecord`]) |
-//! | `grid_tasks` | KV, key `<job>.<index>` | each task's final state ([`crate::TaskRecord`]) |
+//! | `grid_jobs` | KV, key `<tenant>.<job>` | the job record ([`crate::JobRecord`]) |
+//! | `grid_tasks` | KV, key `<tenant>.<job>.<index>` | each task's final state ([`crate::TaskRecord`]) |
 //! | `grid_nodes` | KV with a TTL, key `<node id>` | node heartbeats ([`crate::NodeInfo`]) |
 //! | `grid_votes` | KV, key `<job>.<index>.<replica>` | each replica's result, stored once ([`crate::ResultMsg`]) |
 //! | `grid_claims` | KV, key `<job>.<index>.<node id>` | which replica of a task a node took: never two on one node |
 //! | `grid_tally` | KV, key `<node id>` | votes each node's results won and lost ([`crate::NodeTally`]) |
 //! | `grid_usage` | KV, key `<tenant>.<job>.<index>.<attempt>.<replica>` | the usage ledger: one entry per billable attempt ([`crate::UsageEntry`]) |
-//! | `grid_modules` | object store, name `<tenant>/<sha256>` | job modules |
-//! | `grid_blobs` | object store, name `<tenant>/<sha256>` | params files, inputs, outputs, logs |
-//! | `grid.api.<tenant>.submit`, `.cancel` | request/reply to the broker | job intake and cancel |
+//! | `grid_store_<tenant>` | object store, one per tenant, name `<sha256>` | the tenant's modules, params files, inputs, outputs, logs |
+//! | `grid.api.<tenant>.submit`, `.cancel`, `.delete`, `.storage`, `.owner` | request/reply to the broker | job intake, cancel, delete; creating the tenant's store; who owns a job |
 //! | `grid.cancel.<job>` | core NATS broadcast | tells nodes to stop a cancelled job's tasks |
+//! | `_INBOX_<user>.>` | reply subjects | each user's own inbox prefix, so that nobody reads another's replies |
+//!
+//! Keys and subjects lead with the tenant so that a NATS permission (a subject with a wildcard
+//! after the tenant) can grant a tenant its own entries and nothing else; see
+//! `grid_client::auth` for the permissions of each role.
 
 pub const TASKS_STREAM: &str = "GRID_TASKS";
 pub const RESULTS_STREAM: &str = "GRID_RESULTS";
@@ -29,8 +33,6 @@ pub const VOTES_BUCKET: &str = "grid_votes";
 pub const CLAIMS_BUCKET: &str = "grid_claims";
 pub const TALLY_BUCKET: &str = "grid_tally";
 pub const USAGE_BUCKET: &str = "grid_usage";
-pub const MODULES_BUCKET: &str = "grid_modules";
-pub const BLOBS_BUCKET: &str = "grid_blobs";
 pub const DEFAULT_TENANT: &str = "default";
 pub const DEFAULT_CLASS: &str = "cpu";
 /// The class of nodes with a GPU; its tasks get the node's GPU through `grid_gpu_v1`.
@@ -47,14 +49,16 @@ pub fn tasks_filter(class: &str) -> String {
 pub fn tasks_consumer(class: &str) -> String {
     format!("nodes-{class}")
 }
-pub fn results_subject(job: &str) -> String {
-    format!("grid.results.{job}")
+pub fn results_subject(node: &str, job: &str) -> String {
+    format!("grid.results.{node}.{job}")
 }
-pub fn submit_subject(tenant: &str) -> String {
-    format!("grid.api.{tenant}.submit")
+/// The node id a result was published under (the subject a provider's permissions allow).
+pub fn result_node(subject: &str) -> Option<&str> {
+    subject.strip_prefix("grid.results.")?.split('.').next()
 }
-pub fn cancel_subject(tenant: &str) -> String {
-    format!("grid.api.{tenant}.cancel")
+/// `grid.api.<tenant>.<verb>`: a request of `tenant`'s to the broker.
+pub fn api_subject(tenant: &str, verb: &str) -> String {
+    format!("grid.api.{tenant}.{verb}")
 }
 pub fn cancel_broadcast(job: &str) -> String {
     format!("grid.cancel.{job}")
@@ -76,9 +80,26 @@ pub fn claim_key(job: &str, index: u64, node: &str) -> String {
 pub fn usage_key(tenant: &str, job: &str, index: u64, attempt: u32, replica: u32) -> String {
     format!("{tenant}.{job}.{index}.{attempt}.{replica}")
 }
-pub fn task_key(job: &str, index: u64) -> String {
-    format!("{job}.{index}")
+pub fn job_key(tenant: &str, job: &str) -> String {
+    format!("{tenant}.{job}")
 }
-pub fn object_name(tenant: &str, sha256: &crate::Sha256Hex) -> String {
-    format!("{tenant}/{sha256}")
+pub fn task_key(tenant: &str, job: &str, index: u64) -> String {
+    format!("{tenant}.{job}.{index}")
+}
+/// The object store holding everything of one tenant's: modules, params, inputs, outputs, logs.
+/// One bucket per tenant, because NATS grants object-store access per bucket.
+pub fn tenant_store(tenant: &str) -> String {
+    format!("grid_store_{tenant}")
+}
+pub fn object_name(sha256: &crate::Sha256Hex) -> String {
+    sha256.to_string()
+}
+
+/// Whether `name` can name a tenant or a provider (node id): it becomes one token of subjects,
+/// keys and bucket names, so 1 to 32 ASCII letters, digits, `-` and `_`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// Bumped on any incompatible change of a wire type.
-pub const WIRE_VERSION: u16 = 4;
+pub const WIRE_VERSION: u16 = 5;
 
 /// A type that travels over NATS.
 pub trait Message: Serialize + DeserializeOwned {
@@ -176,6 +176,24 @@ impl Message for ApiReply {
     const KIND: &'static str = "api-reply";
 }
 
+/// `grid.api.<tenant>.owner` request: whose is this job? The reply is `Ok` with the job id
+/// when it is the asker's, else one line that says why not (another tenant's, or unknown).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRequest {
+    pub job_id: String,
+}
+impl Message for OwnerRequest {
+    const KIND: &'static str = "owner";
+}
+
+/// `grid.api.<tenant>.storage` request: make the tenant's object store (the broker sets its
+/// quota). The reply's `job_id` is empty.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageRequest {}
+impl Message for StorageRequest {
+    const KIND: &'static str = "storage";
+}
+
 /// `grid.api.<tenant>.cancel` request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CancelRequest {
@@ -253,6 +271,9 @@ pub struct TaskMsg {
     pub params: Vec<u8>,
     /// The task's own input, shown at `/in/<name>`.
     pub input: Option<InputRef>,
+    /// The job's spec, without its task list (`tasks` is `Count` of the job's tasks): a node
+    /// learns what to run from the task it was given, and reads no job records.
+    pub spec: JobSpec,
 }
 impl Message for TaskMsg {
     const KIND: &'static str = "task";
@@ -341,6 +362,8 @@ impl Message for UsageEntry {
 /// What one attempt of a task produced, published by the node that ran it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResultMsg {
+    /// The job's tenant: where its record and store are.
+    pub tenant: String,
     pub job_id: String,
     pub index: u64,
     pub attempt: u32,

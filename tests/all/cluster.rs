@@ -72,14 +72,14 @@ fn a_job_completes_when_a_cluster_server_dies_mid_job() {
     let job = submitted["job_id"].as_str().unwrap().to_string();
     // Every stream and bucket is kept by all three servers.
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let client = grid_client::connect(&url, false).await.unwrap();
+        let client = crate::support::connect_operator(&url).await;
         let js = async_nats::jetstream::new(client);
         for stream in [
             "GRID_TASKS",
             "GRID_RESULTS",
             "KV_grid_jobs",
             "KV_grid_tasks",
-            "OBJ_grid_blobs",
+            "OBJ_grid_store_default",
         ] {
             let mut s = js.get_stream(stream).await.unwrap();
             let info = s.info().await.unwrap();

@@ -98,20 +98,35 @@ fn a_thousand_task_job_on_two_nodes_completes_with_correct_results() {
 fn the_same_module_is_uploaded_once_and_compiled_once_per_node() {
     let grid = TestGrid::start(1, &[]);
     let module = guest("monte-carlo-pi");
+    let sha = grid_proto::Sha256Hex::of(&std::fs::read(&module).unwrap()).to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The tenant's store: (objects, how many of them are the module).
+    let stored = || {
+        rt.block_on(async {
+            use futures::StreamExt;
+            let client = crate::support::connect_operator(&grid.nats.url).await;
+            let js = async_nats::jetstream::new(client);
+            let store = js
+                .get_object_store(names::tenant_store(names::DEFAULT_TENANT))
+                .await
+                .unwrap();
+            let list: Vec<_> = store.list().await.unwrap().collect().await;
+            let modules = list
+                .iter()
+                .filter(|o| o.as_ref().is_ok_and(|o| o.name == sha))
+                .count();
+            (list.len(), modules)
+        })
+    };
+    let mut after = Vec::new();
     for _ in 0..2 {
         let job = submit(&grid, &[module.to_str().unwrap(), "--tasks", "3"]);
         assert_eq!(grid.wait(&job)["state"], "done");
+        after.push(stored());
     }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let objects = rt.block_on(async {
-        use futures::StreamExt;
-        let client = async_nats::connect(&grid.nats.url).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        let store = js.get_object_store(names::MODULES_BUCKET).await.unwrap();
-        let list: Vec<_> = store.list().await.unwrap().collect().await;
-        list.len()
-    });
-    assert_eq!(objects, 1, "one module object for two submits");
+    assert_eq!(after[0].1, 1, "the module is stored");
+    // The same job again (same seed: the same outputs and logs) stores nothing new.
+    assert_eq!(after[0], after[1], "one module object for two submits");
     let compiled: Vec<_> = std::fs::read_dir(grid.caches.path().join("node-0/compiled"))
         .unwrap()
         .filter_map(|e| e.ok())
@@ -189,9 +204,10 @@ fn a_result_delivered_twice_is_counted_once() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = async_nats::connect(&grid.nats.url).await.unwrap();
+        let client = crate::support::connect_operator(&grid.nats.url).await;
         let js = async_nats::jetstream::new(client);
         let result = |index: u64| ResultMsg {
+            tenant: names::DEFAULT_TENANT.into(),
             job_id: job.clone(),
             index,
             attempt: 0,
@@ -213,7 +229,7 @@ fn a_result_delivered_twice_is_counted_once() {
             let msg = async_nats::jetstream::message::PublishMessage::build()
                 .payload(encode(&result(index)).into())
                 .message_id(id);
-            js.send_publish(names::results_subject(&job), msg)
+            js.send_publish(names::results_subject("test", &job), msg)
                 .await
                 .unwrap()
                 .await
@@ -408,11 +424,11 @@ fn bad_submissions_are_refused_with_one_line_and_the_grid_keeps_serving() {
     // Garbled messages straight onto the wire: a task and a result nobody can read.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = async_nats::connect(&grid.nats.url).await.unwrap();
+        let client = crate::support::connect_operator(&grid.nats.url).await;
         let js = async_nats::jetstream::new(client);
         for subject in [
             names::tasks_subject("cpu", "garbage"),
-            names::results_subject("garbage"),
+            names::results_subject("garbage", "garbage"),
         ] {
             js.publish(subject, bytes::Bytes::from_static(b"\xde\xad\xbe\xef"))
                 .await
@@ -522,14 +538,14 @@ fn a_task_no_node_can_run_is_retried_then_reported_lost() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = async_nats::connect(&grid.nats.url).await.unwrap();
+        let client = crate::support::connect_operator(&grid.nats.url).await;
         let js = async_nats::jetstream::new(client);
-        let store = js.get_object_store(names::MODULES_BUCKET).await.unwrap();
-        let sha = grid_proto::Sha256Hex::of(&std::fs::read(&module).unwrap());
-        store
-            .delete(names::object_name(names::DEFAULT_TENANT, &sha))
+        let store = js
+            .get_object_store(names::tenant_store(names::DEFAULT_TENANT))
             .await
             .unwrap();
+        let sha = grid_proto::Sha256Hex::of(&std::fs::read(&module).unwrap());
+        store.delete(names::object_name(&sha)).await.unwrap();
     });
     grid.nodes.push(GridProcess::node(
         &grid.nats,
@@ -601,11 +617,15 @@ fn grid_up_serves_until_interrupted_then_stops_everything() {
         .strip_prefix("grid: ready ")
         .unwrap_or_else(|| panic!("{ready}"))
         .to_string();
+    // `grid up` made its own operator setup and default tenant.
+    let creds = data.path().join("auth/creds/tenant-default.creds");
     let out = grid(
         &[
             "submit",
             "--nats",
             &url,
+            "--creds",
+            creds.to_str().unwrap(),
             "--wait",
             "--json",
             guest("monte-carlo-pi").to_str().unwrap(),
@@ -745,8 +765,9 @@ fn a_node_reads_its_settings_from_a_config_file() {
     std::fs::write(
         &config,
         format!(
-            "nats = \"{}\"\nid = \"from-file\"\nslots = 3\ngpu = false\ncache_dir = \"{}\"\n[caps]\nmemory = \"8MiB\"\n",
+            "nats = \"{}\"\ncreds = \"{}\"\nid = \"from-file\"\nslots = 3\ngpu = false\ncache_dir = \"{}\"\n[caps]\nmemory = \"8MiB\"\n",
             grid.nats.url,
+            crate::support::creds(crate::support::Role::Provider, "from-file").display(),
             dir.path().join("cache").display()
         ),
     )

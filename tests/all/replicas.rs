@@ -65,11 +65,11 @@ fn wait_for_tally(grid: &TestGrid, node: &str, agreed: u64, lost: u64) {
 fn wait_for_votes(grid: &TestGrid, job: &str, n: usize) {
     use futures::StreamExt;
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let client = grid_client::connect(&grid.nats.url, false).await.unwrap();
+        let client = crate::support::connect_operator(&grid.nats.url).await;
         let open = grid_client::Grid::open(client).await.unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
-            let keys: Vec<String> = match open.votes.keys().await {
+            let keys: Vec<String> = match open.votes().await.unwrap().keys().await {
                 Ok(keys) => keys.filter_map(|k| async { k.ok() }).collect().await,
                 Err(_) => Vec::new(), // no vote yet
             };

@@ -150,6 +150,13 @@ pub fn grid(args: &[&str], stdin: &[u8]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_grid"))
         .args(args)
         .env("GRID_CACHE_DIR", cache)
+        // The default tenant of the tests' operator, unless a test passes --creds.
+        .env(
+            "GRID_CREDS",
+            tenant_creds(grid_proto::names::DEFAULT_TENANT),
+        )
+        // Never the credentials of a `grid up` of this machine's user.
+        .env("XDG_DATA_HOME", cli_cache_dir().join("xdg"))
         .env("GRID_TEST_HOST_SECRET", "must-not-leak")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -216,6 +223,60 @@ pub fn grid_run_json(args: &[&str], stdin: &[u8]) -> (serde_json::Value, i32) {
     let value =
         serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
     (value, out.status.code().expect("exit code"))
+}
+
+/// The operator setup every test server trusts (one for the test binary: a cluster's servers
+/// must trust the same operator), and credentials issued from it, made once per name.
+struct TestAuth {
+    dir: grid_client::auth::AuthDir,
+    issued: std::sync::Mutex<std::collections::HashMap<(Role, String), PathBuf>>,
+}
+
+fn test_auth() -> &'static TestAuth {
+    static AUTH: OnceLock<TestAuth> = OnceLock::new();
+    AUTH.get_or_init(|| {
+        let dir = grid_client::auth::AuthDir::new(tempfile::tempdir().unwrap().keep().join("auth"));
+        dir.init().expect("operator setup");
+        TestAuth {
+            dir,
+            issued: Default::default(),
+        }
+    })
+}
+
+pub use grid_client::auth::Role;
+
+/// Credentials of `role` named `name` on every test server.
+pub fn creds(role: Role, name: &str) -> PathBuf {
+    let auth = test_auth();
+    let mut issued = auth.issued.lock().unwrap_or_else(|p| p.into_inner());
+    issued
+        .entry((role, name.to_string()))
+        .or_insert_with(|| match role {
+            Role::Operator => auth.dir.operator_creds(),
+            _ => auth.dir.issue(role, name).expect("credentials issued"),
+        })
+        .clone()
+}
+
+pub fn tenant_creds(name: &str) -> PathBuf {
+    creds(Role::Tenant, name)
+}
+
+pub fn operator_creds() -> PathBuf {
+    creds(Role::Operator, "broker")
+}
+
+/// A NATS connection to `url` as the operator (for tests that act on the wire themselves).
+pub async fn connect_operator(url: &str) -> async_nats::Client {
+    connect_as(url, &operator_creds()).await
+}
+
+/// A NATS connection to `url` with the credentials at `creds` (and their inbox prefix).
+pub async fn connect_as(url: &str, creds: &Path) -> async_nats::Client {
+    grid_client::connect_with(url, false, Some(creds))
+        .await
+        .expect("connected")
 }
 
 /// A real `nats-server` with JetStream on a port the OS picks, its store in a temp dir; killed
@@ -292,6 +353,8 @@ impl NatsServer {
             port.to_string()
         };
         let child = Command::new(bin)
+            .arg("-c")
+            .arg(test_auth().dir.server_config())
             .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
             .arg(dir.path().join("store"))
             .arg("--ports_file_dir")
@@ -440,8 +503,26 @@ impl GridProcess {
     }
 
     fn spawn_with(args: &[&str], env: &[(&str, &str)]) -> Self {
+        // A broker gets the operator's credentials, a node its provider's (its `--id`).
+        let creds = if args.contains(&"--creds") {
+            None
+        } else {
+            match args.first() {
+                Some(&"broker") => Some(operator_creds()),
+                Some(&"node") => args
+                    .windows(2)
+                    .find(|w| w[0] == "--id")
+                    .map(|w| creds(Role::Provider, w[1])),
+                _ => None,
+            }
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_grid"))
             .args(args)
+            .args(
+                creds
+                    .iter()
+                    .flat_map(|c| [std::ffi::OsStr::new("--creds"), c.as_os_str()]),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -80,6 +80,14 @@ fn grid() -> Result<()> {
     let empty = work.join("empty.wasm");
     std::fs::write(&empty, EMPTY_START)?;
 
+    // The grid's default tenant, for the `grid` commands below (`grid up` makes it).
+    // SAFETY: xtask runs on one thread; nothing reads the environment concurrently.
+    unsafe {
+        std::env::set_var(
+            "GRID_CREDS",
+            work.join("data/auth/creds/tenant-default.creds"),
+        )
+    };
     let mut up = Command::new(&grid)
         .args([
             "up",

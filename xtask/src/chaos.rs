@@ -183,9 +183,32 @@ fn run_job(dir: &Path, tasks: u64, chaos: Option<u64>) -> Result<JobRun> {
     let port = free_port()?;
     let url = format!("nats://127.0.0.1:{port}");
     let s = |v: &str| v.to_string();
+    // With NATS auth on, as a real grid runs: an operator setup, the default tenant, and a
+    // provider per node (the `grid` commands that make them).
+    let auth = dir.join("auth");
+    let make = |args: &[&str]| -> Result<String> {
+        let out = Command::new(&grid)
+            .args(args)
+            .arg("--auth-dir")
+            .arg(&auth)
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            bail!("grid {args:?} failed");
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let server_config = make(&["auth", "init"])?;
+    let tenant = make(&["tenant", "add", "default"])?;
+    let operator = auth
+        .join("creds/operator-broker.creds")
+        .to_string_lossy()
+        .into_owned();
     let mut nats = Part::new(
         vec![
             setup::nats_server()?.to_string_lossy().into_owned(),
+            s("-c"),
+            server_config,
             s("-js"),
             s("-a"),
             s("127.0.0.1"),
@@ -199,16 +222,26 @@ fn run_job(dir: &Path, tasks: u64, chaos: Option<u64>) -> Result<JobRun> {
     )?;
     let debug_log = vec![(s("RUST_LOG"), s("grid_broker=debug"))];
     let mut broker = Part::new(
-        vec![grid.clone(), s("broker"), s("--nats"), url.clone()],
+        vec![
+            grid.clone(),
+            s("broker"),
+            s("--nats"),
+            url.clone(),
+            s("--creds"),
+            operator,
+        ],
         debug_log,
         dir.join("logs/broker.log"),
     )?;
     let mut nodes = (0..NODES)
         .map(|i| {
+            let creds = make(&["provider", "add", &format!("node-{i}")])?;
             Part::new(
                 vec![
                     grid.clone(),
                     s("node"),
+                    s("--creds"),
+                    creds,
                     s("--nats"),
                     url.clone(),
                     s("--id"),
@@ -228,6 +261,7 @@ fn run_job(dir: &Path, tasks: u64, chaos: Option<u64>) -> Result<JobRun> {
         Command::new(&grid)
             .args(args)
             .args(["--nats", &url])
+            .env("GRID_CREDS", &tenant)
             .stderr(Stdio::piped())
             .output()
     };

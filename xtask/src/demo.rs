@@ -35,6 +35,14 @@ pub fn run(which: Option<&str>) -> Result<()> {
     }
     std::fs::create_dir_all(&demo)?;
 
+    // The grid's default tenant, for the `grid` commands below (`grid up` makes it).
+    // SAFETY: xtask runs on one thread; nothing reads the environment concurrently.
+    unsafe {
+        std::env::set_var(
+            "GRID_CREDS",
+            demo.join("data/auth/creds/tenant-default.creds"),
+        )
+    };
     println!("Starting a local grid (nats-server, a broker, 2 nodes)…");
     let mut up = Command::new(&grid)
         .args([
