@@ -174,6 +174,10 @@ pub async fn run(
         .queue_subscribe("grid.api.*.storage", "broker".into())
         .await
         .map_err(|e| anyhow!("{e}"))?;
+    let mut deletes = client
+        .queue_subscribe("grid.api.*.delete", "broker".into())
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     let results: jetstream::consumer::PullConsumer = broker
         .grid
         .js
@@ -194,6 +198,7 @@ pub async fn run(
             Some(msg) = cancels.next() => broker.on_cancel(msg).await,
             Some(msg) = queries.next() => broker.on_owner(msg).await,
             Some(msg) = storage.next() => broker.on_storage(msg).await,
+            Some(msg) = deletes.next() => broker.on_delete(msg).await,
             Some(msg) = results.next() => match msg {
                 Ok(msg) => broker.on_result(msg).await,
                 Err(e) => tracing::warn!("receiving results: {e}"),
@@ -536,6 +541,147 @@ impl Broker {
             _ => ApiReply::Err("bad tenant name".into()),
         };
         self.reply(&msg, reply).await;
+    }
+
+    async fn on_delete(&mut self, msg: async_nats::Message) {
+        let reply = match self.delete(&msg).await {
+            Ok(reply) => reply,
+            Err(e) => ApiReply::Err(format!("{e:#}")),
+        };
+        self.reply(&msg, reply).await;
+    }
+
+    /// Deletes an ended job of the asking tenant's: its stored objects that no other job of
+    /// the tenant's names, then its task records, votes, claims and job record. The ledger
+    /// keeps the job's entries: they are what was billed.
+    ///
+    /// Objects are shared by content (the same module, input or log in two jobs is one
+    /// object), so what the tenant's other jobs name is kept: their specs, task records and
+    /// votes are read for that, once per delete. A job still running keeps its objects safe by
+    /// the refusal below; a job submitted *during* a delete that names an object being deleted
+    /// finds it missing (its tasks fail to fetch it and are reported `lost`) — submit again.
+    async fn delete(&mut self, msg: &async_nats::Message) -> Result<ApiReply> {
+        let tenant = tenant_of(msg.subject.as_str())
+            .ok_or_else(|| anyhow!("bad subject"))?
+            .to_string();
+        let req = decode::<grid_proto::DeleteRequest>(&msg.payload).map_err(|e| anyhow!("{e}"))?;
+        let job_id = req.job_id;
+        self.check_owner(&tenant, &job_id, "delete").await?;
+        if let Some(job) = self.active.get(&job_id)
+            && !job.record.state.is_final()
+        {
+            anyhow::bail!(
+                "job {job_id} is still {}: cancel it first (`grid cancel {job_id}`), or let it end",
+                job.record.state.as_str()
+            );
+        }
+        let jobs = self.grid.jobs().await?;
+        let record = match jobs.get(names::job_key(&tenant, &job_id)).await {
+            Ok(Some(bytes)) => decode::<JobRecord>(&bytes).map_err(|e| anyhow!("{e}"))?,
+            Ok(None) => anyhow::bail!("unknown job {job_id}"),
+            Err(e) => anyhow::bail!("reading job {job_id}: {e}"),
+        };
+        let mut mine: std::collections::BTreeSet<grid_proto::Sha256Hex> =
+            record.spec.objects().into_iter().collect();
+        let mut kept = std::collections::BTreeSet::new();
+        let own_tasks = format!("{tenant}.{job_id}.");
+        for (key, bytes) in self
+            .grid
+            .entries(names::TASKS_BUCKET, Some(&tenant))
+            .await?
+        {
+            let Ok(task) = decode::<TaskRecord>(&bytes) else {
+                continue;
+            };
+            if key.starts_with(&own_tasks) {
+                mine.extend(task.result.objects());
+            } else {
+                kept.extend(task.result.objects());
+            }
+        }
+        for (_, bytes) in self.grid.entries(names::JOBS_BUCKET, Some(&tenant)).await? {
+            let Ok(other) = decode::<JobRecord>(&bytes) else {
+                continue;
+            };
+            if other.id == job_id {
+                continue;
+            }
+            kept.extend(other.spec.objects());
+            if other.spec.replicas > 1 {
+                for (_, vote) in self
+                    .grid
+                    .entries(names::VOTES_BUCKET, Some(&other.id))
+                    .await?
+                {
+                    if let Ok(vote) = decode::<ResultMsg>(&vote) {
+                        kept.extend(vote.objects());
+                    }
+                }
+            }
+        }
+        if record.spec.replicas > 1 {
+            for (_, vote) in self
+                .grid
+                .entries(names::VOTES_BUCKET, Some(&job_id))
+                .await?
+            {
+                if let Ok(vote) = decode::<ResultMsg>(&vote) {
+                    mine.extend(vote.objects());
+                }
+            }
+        }
+        let store = self.grid.store(&tenant).await?;
+        let (mut objects, mut bytes) = (0u64, 0u64);
+        for sha in mine.difference(&kept) {
+            let name = names::object_name(sha);
+            let Ok(info) = store.info(&name).await else {
+                continue;
+            };
+            if info.deleted {
+                continue;
+            }
+            store
+                .delete(&name)
+                .await
+                .map_err(|e| anyhow!("deleting {name}: {e}"))?;
+            objects += 1;
+            bytes += info.size as u64;
+        }
+        for (stream, filter) in [
+            (
+                names::TASKS_BUCKET,
+                format!("$KV.{}.{tenant}.{job_id}.>", names::TASKS_BUCKET),
+            ),
+            (
+                names::VOTES_BUCKET,
+                format!("$KV.{}.{job_id}.>", names::VOTES_BUCKET),
+            ),
+            (
+                names::CLAIMS_BUCKET,
+                format!("$KV.{}.{job_id}.>", names::CLAIMS_BUCKET),
+            ),
+            (
+                names::JOBS_BUCKET,
+                format!("$KV.{}.{tenant}.{job_id}", names::JOBS_BUCKET),
+            ),
+        ] {
+            self.grid
+                .js
+                .get_stream(format!("KV_{stream}"))
+                .await
+                .map_err(|e| anyhow!("{e}"))?
+                .purge()
+                .filter(filter)
+                .await
+                .map_err(|e| anyhow!("deleting job {job_id}'s records: {e}"))?;
+        }
+        self.active.remove(&job_id);
+        tracing::info!(job = %job_id, tenant, objects, bytes, "deleted");
+        Ok(ApiReply::Deleted {
+            job_id,
+            objects,
+            bytes,
+        })
     }
 
     async fn on_cancel(&mut self, msg: async_nats::Message) {

@@ -96,8 +96,8 @@ impl Session {
             Ok(_) => Ok(()),
             Err(e) if e.downcast_ref::<grid_client::NoStore>().is_some() => {
                 match self.ask("storage", &grid_proto::StorageRequest {}).await? {
-                    ApiReply::Ok { .. } => self.store(&self.tenant).await.map(drop),
                     ApiReply::Err(why) => bail!("{why}"),
+                    _ => self.store(&self.tenant).await.map(drop),
                 }
             }
             Err(e) => Err(e),
@@ -326,7 +326,7 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
             program,
         };
         let job_id = match grid.ask("submit", &SubmitRequest { spec }).await? {
-            ApiReply::Ok { job_id } => job_id,
+            ApiReply::Ok { job_id } | ApiReply::Deleted { job_id, .. } => job_id,
             ApiReply::Err(why) => return Err(Refused(format!("job refused: {why}")).into()),
         };
         if !args.wait {
@@ -362,7 +362,7 @@ async fn job_record(grid: &Session, job: &str) -> Result<JobRecord> {
             .await?
         {
             ApiReply::Err(why) => Err(anyhow!("{why}")),
-            ApiReply::Ok { .. } => Err(anyhow!("unknown job {job}")),
+            _ => Err(anyhow!("unknown job {job}")),
         };
     };
     decode::<JobRecord>(&bytes).map_err(|e| anyhow!("job {job}: {e}"))
@@ -810,12 +810,55 @@ pub fn cancel(args: CancelArgs) -> Result<ExitCode> {
             job_id: args.job.clone(),
         };
         match grid.ask("cancel", &request).await? {
-            ApiReply::Ok { job_id } => {
+            ApiReply::Ok { job_id } | ApiReply::Deleted { job_id, .. } => {
                 let record = job_record(&grid, &job_id).await?;
                 print_status(&record, args.json);
                 Ok(ExitCode::SUCCESS)
             }
             ApiReply::Err(why) => bail!("{why}"),
+        }
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    pub job: String,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `grid delete JOB`: the job's records, outputs and logs, and the inputs and module no other
+/// job of the tenant's uses, are removed; the usage ledger keeps its entries (they are what the
+/// tenant was billed).
+pub fn delete(args: DeleteArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let grid = args.conn.open("delete").await?;
+        let request = grid_proto::DeleteRequest {
+            job_id: args.job.clone(),
+        };
+        match grid.ask("delete", &request).await? {
+            ApiReply::Deleted {
+                job_id,
+                objects,
+                bytes,
+            } => {
+                if args.json {
+                    println!(
+                        "{}",
+                        json!({"job_id": job_id, "objects_deleted": objects, "bytes_freed": bytes})
+                    );
+                } else {
+                    println!(
+                        "deleted job {job_id}: {objects} stored object(s), {} freed",
+                        bytesize::ByteSize(bytes)
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            ApiReply::Err(why) => bail!("{why}"),
+            ApiReply::Ok { job_id } => bail!("the broker did not delete job {job_id}"),
         }
     })
 }

@@ -43,6 +43,8 @@ enum Command {
     Logs(jobs::LogsArgs),
     /// Cancel a job: queued tasks are dropped, running ones stopped.
     Cancel(jobs::CancelArgs),
+    /// Delete an ended job: its records, outputs and logs, and inputs no other job uses.
+    Delete(jobs::DeleteArgs),
     /// What tasks used, from the usage ledger: per job, tenant and provider.
     Usage(usage::UsageArgs),
     /// The grid's NATS auth: an operator setup for nats-server.
@@ -83,6 +85,7 @@ fn main() -> ExitCode {
         Command::Results(args) => jobs::results(args),
         Command::Logs(args) => jobs::logs(args),
         Command::Cancel(args) => jobs::cancel(args),
+        Command::Delete(args) => jobs::delete(args),
         Command::Usage(args) => usage::usage(args),
         Command::Auth(command) => auth::auth(command),
         Command::Tenant(command) => auth::add(grid_client::auth::Role::Tenant, command),

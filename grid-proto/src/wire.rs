@@ -157,6 +157,25 @@ pub struct JobSpec {
     pub program: Option<ProgramRef>,
 }
 
+impl JobSpec {
+    /// The stored objects the job itself names: its module, params file, inputs, shared files,
+    /// program and runtime library.
+    pub fn objects(&self) -> Vec<Sha256Hex> {
+        let mut objects = vec![self.module_sha256];
+        match &self.tasks {
+            TaskSource::Params { blob, .. } => objects.push(*blob),
+            TaskSource::Inputs(files) => objects.extend(files.iter().map(|f| f.sha256)),
+            TaskSource::Count(_) => {}
+        }
+        objects.extend(self.shared.iter().map(|f| f.sha256));
+        if let Some(program) = &self.program {
+            objects.push(program.file.sha256);
+            objects.push(program.stdlib_sha256);
+        }
+        objects
+    }
+}
+
 /// `grid.api.<tenant>.submit` request.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SubmitRequest {
@@ -166,11 +185,19 @@ impl Message for SubmitRequest {
     const KIND: &'static str = "submit";
 }
 
-/// Reply to a submit or cancel: the job id, or one line saying why not.
+/// Reply to a request of a tenant's: the job id, or one line saying why not.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApiReply {
-    Ok { job_id: String },
+    Ok {
+        job_id: String,
+    },
     Err(String),
+    /// A job deleted: how many stored objects went with it, and their bytes.
+    Deleted {
+        job_id: String,
+        objects: u64,
+        bytes: u64,
+    },
 }
 impl Message for ApiReply {
     const KIND: &'static str = "api-reply";
@@ -184,6 +211,16 @@ pub struct OwnerRequest {
 }
 impl Message for OwnerRequest {
     const KIND: &'static str = "owner";
+}
+
+/// `grid.api.<tenant>.delete` request: remove an ended job's records, and the stored objects
+/// (outputs, logs, inputs, module) that no other job of the tenant's uses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRequest {
+    pub job_id: String,
+}
+impl Message for DeleteRequest {
+    const KIND: &'static str = "delete";
 }
 
 /// `grid.api.<tenant>.storage` request: make the tenant's object store (the broker sets its
@@ -381,6 +418,17 @@ pub struct ResultMsg {
 }
 impl Message for ResultMsg {
     const KIND: &'static str = "result";
+}
+
+impl ResultMsg {
+    /// The stored objects the result names: its output files and logs.
+    pub fn objects(&self) -> impl Iterator<Item = Sha256Hex> + '_ {
+        self.files
+            .iter()
+            .map(|f| f.sha256)
+            .chain(self.stdout)
+            .chain(self.stderr)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,3 +17,4 @@ mod ledger;
 mod python;
 mod replicas;
 mod sandbox;
+mod storage;
