@@ -100,6 +100,7 @@ fn samples() -> Vec<Vec<u8>> {
             tasks_done: 9,
             started_unix_ms: 1,
             preparing: None,
+            accepts: grid_proto::JobLimits::default(),
         }),
     ]
 }

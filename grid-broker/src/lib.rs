@@ -385,6 +385,35 @@ impl Broker {
                 );
             }
         }
+        // Providers take no job over their caps: refuse one that no live node of its class
+        // takes, rather than let it wait. (With no node online, a job waits for one to join.)
+        let nodes = self.grid.live_nodes().await?;
+        let of_class: Vec<_> = nodes
+            .iter()
+            .filter(|n| n.classes.contains(&spec.class))
+            .collect();
+        if !of_class.is_empty()
+            && of_class
+                .iter()
+                .all(|n| spec.limits.over(&n.accepts).is_some())
+        {
+            let why: Vec<String> = of_class
+                .iter()
+                .take(3)
+                .map(|n| {
+                    format!(
+                        "node {}: {}",
+                        n.id,
+                        spec.limits.over(&n.accepts).unwrap_or_default()
+                    )
+                })
+                .collect();
+            anyhow::bail!(
+                "no live node of class {} takes a job this large ({}): ask for less, or wait for a provider that offers more",
+                spec.class,
+                why.join("; ")
+            );
+        }
         let total = spec.tasks.len();
         if total == 0 {
             anyhow::bail!("the job has no tasks");

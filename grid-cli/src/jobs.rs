@@ -562,7 +562,7 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
             if args.json {
                 println!(
                     "{}",
-                    json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "running": node.running, "memory_reserved_bytes": node.memory_reserved_bytes, "memory_budget_bytes": node.memory_budget_bytes, "tasks_done": node.tasks_done, "votes_agreed": tally.agreed, "votes_lost": tally.outvoted, "preparing": node.preparing})
+                    json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "running": node.running, "memory_reserved_bytes": node.memory_reserved_bytes, "memory_budget_bytes": node.memory_budget_bytes, "tasks_done": node.tasks_done, "votes_agreed": tally.agreed, "votes_lost": tally.outvoted, "preparing": node.preparing, "accepts": {"memory_bytes": node.accepts.memory_bytes, "timeout_ms": node.accepts.timeout_ms, "max_output_bytes": node.accepts.max_output_bytes, "gpu_memory_bytes": node.accepts.gpu_memory_bytes, "gpu_time_ms": node.accepts.gpu_time_ms}})
                 );
             } else {
                 let gpu = node.gpu.as_deref().map(|g| format!("  gpu {g}")).unwrap_or_default();

@@ -50,20 +50,42 @@ pub async fn connect_with(
     forever: bool,
     creds: Option<&std::path::Path>,
 ) -> Result<async_nats::Client> {
-    let mut options = async_nats::ConnectOptions::new().name("grid");
     let creds = creds.map(std::path::Path::to_path_buf).or_else(|| {
         std::env::var_os("GRID_CREDS")
             .filter(|s| !s.is_empty())
             .map(PathBuf::from)
     });
+    let text = creds
+        .map(|path| {
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading credentials {}", path.display()))
+        })
+        .transpose()?;
+    connect_to(url, forever, text.as_deref()).await
+}
+
+/// [`connect`] with the text of a credentials file (a node reads it before it drops
+/// privileges).
+pub async fn connect_with_text(
+    url: &str,
+    forever: bool,
+    creds: &str,
+) -> Result<async_nats::Client> {
+    connect_to(url, forever, Some(creds)).await
+}
+
+async fn connect_to(url: &str, forever: bool, creds: Option<&str>) -> Result<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new().name("grid");
     if let Some(creds) = creds {
-        let identity = auth::Identity::of_creds_file(&creds)?;
         options = options
-            .credentials_file(&creds)
-            .await
-            .with_context(|| format!("reading credentials {}", creds.display()))?
-            .custom_inbox_prefix(identity.inbox_prefix())
-            .name(format!("grid {} {}", identity.role.as_str(), identity.name));
+            .credentials(creds)
+            .map_err(|e| anyhow!("bad credentials: {e}"))?;
+        // A grid identity replies on its own inbox prefix; other NATS credentials keep NATS's.
+        if let Ok(identity) = auth::Identity::of_creds(creds) {
+            options = options
+                .custom_inbox_prefix(identity.inbox_prefix())
+                .name(format!("grid {} {}", identity.role.as_str(), identity.name));
+        }
     }
     // A cluster is a comma-separated list; the client fails over between its servers.
     let servers = url

@@ -409,8 +409,15 @@ pub struct WorkerCommand {
 impl WorkerCommand {
     /// This very executable, with [`WORKER_ARG`].
     pub fn current_exe() -> std::io::Result<Self> {
+        // Through /proc: a node that dropped to an unprivileged user may not be able to reach
+        // its own binary by path (say, under root's home), but may still run it.
+        let proc_exe = PathBuf::from("/proc/self/exe");
         Ok(Self {
-            program: std::env::current_exe()?,
+            program: if proc_exe.exists() {
+                proc_exe
+            } else {
+                std::env::current_exe()?
+            },
             args: vec![WORKER_ARG.into()],
         })
     }

@@ -14,12 +14,17 @@
 //! gpu = true            # look for a GPU and serve the gpu class too
 //! gpu_slots = 1
 //! grace = "30s"         # on shutdown, how long running tasks may finish
+//! user = "grid"         # started as root: run as this user
 //!
-//! [caps]                # ceilings on every task's limits
-//! memory = "2GiB"
+//! [caps]                # the largest limits a job may ask for; a job asking for more is
+//! memory = "2GiB"       # not taken (another node may take it; the broker refuses a job
+//! time = "1h"           # that no live node takes)
 //! gpu_memory = "1GiB"
 //! gpu_time = "5min"
 //! ```
+//!
+//! Caps default to what a node can give: memory up to its memory budget, 24 h of time, 10 GiB
+//! of output, 2 GiB of GPU buffers and 1 h of GPU time.
 
 use crate::limits::{Limits, NodeCaps, parse_duration, parse_size};
 use crate::worker::NodeConfig;
@@ -62,9 +67,16 @@ pub struct NodeArgs {
     /// the grid [default: 10s]
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub grace: Option<Duration>,
-    /// Ceiling on every task's memory, whatever the job asks for, e.g. 1GiB
+    /// Started as root: run as this user instead (its cache folder becomes the user's). See
+    /// `grid_node::privileges` for what else the node gives up.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+    /// Take no job that asks for more memory per task, e.g. 1GiB [default: --memory-budget]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_memory: Option<u64>,
+    /// Take no job that asks for more time per task, e.g. 1h [default: 24h]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub max_time: Option<Duration>,
     /// Memory all running tasks together may be given: a task starts only when its memory
     /// limit fits beside the running ones' [default: this machine's RAM]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -73,10 +85,10 @@ pub struct NodeArgs {
     /// modules are evicted past it [default: 10GiB]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub disk_budget: Option<u64>,
-    /// Ceiling on every task's GPU buffer bytes, e.g. 1GiB
+    /// Take no job that asks for more GPU buffer bytes per task, e.g. 1GiB [default: 2GiB]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_gpu_memory: Option<u64>,
-    /// Ceiling on every task's GPU time, e.g. 5min
+    /// Take no job that asks for more GPU time per task, e.g. 5min [default: 1h]
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub max_gpu_time: Option<Duration>,
     /// TEST ONLY: corrupt every task's outputs (a lying provider, for replica tests).
@@ -99,6 +111,7 @@ struct NodeFile {
     memory_budget: Option<String>,
     disk_budget: Option<String>,
     grace: Option<String>,
+    user: Option<String>,
     #[serde(default)]
     caps: CapsFile,
 }
@@ -107,6 +120,7 @@ struct NodeFile {
 #[serde(deny_unknown_fields)]
 struct CapsFile {
     memory: Option<String>,
+    time: Option<String>,
     gpu_memory: Option<String>,
     gpu_time: Option<String>,
 }
@@ -151,6 +165,7 @@ impl NodeArgs {
             parsed("disk_budget", file.disk_budget.as_ref(), parse_size).map_err(in_file)?;
         let memory =
             parsed("caps.memory", file.caps.memory.as_ref(), parse_size).map_err(in_file)?;
+        let time = parsed("caps.time", file.caps.time.as_ref(), parse_duration).map_err(in_file)?;
         let gpu_memory = parsed("caps.gpu_memory", file.caps.gpu_memory.as_ref(), parse_size)
             .map_err(in_file)?;
         let gpu_time = parsed("caps.gpu_time", file.caps.gpu_time.as_ref(), parse_duration)
@@ -223,7 +238,14 @@ impl NodeArgs {
                 "node id {node_id:?}: use letters, digits, - and _ only"
             ));
         }
-        let mut caps = Limits::default();
+        // What a node takes by default: all it can give (see the module docs).
+        let mut caps = Limits {
+            timeout: Duration::from_secs(24 * 3600),
+            max_output_bytes: 10 << 30,
+            ..Limits::default()
+        };
+        caps.gpu.max_buffer_bytes = 2 << 30;
+        caps.gpu.gpu_time = Duration::from_secs(3600);
         let memory_budget_bytes = self
             .memory_budget
             .or(memory_budget)
@@ -236,8 +258,9 @@ impl NodeArgs {
         caps.memory_bytes = self
             .max_memory
             .or(memory)
-            .unwrap_or(caps.memory_bytes)
+            .unwrap_or(memory_budget_bytes)
             .min(memory_budget_bytes);
+        caps.timeout = self.max_time.or(time).unwrap_or(caps.timeout);
         caps.gpu.max_buffer_bytes = self
             .max_gpu_memory
             .or(gpu_memory)
@@ -246,6 +269,7 @@ impl NodeArgs {
         Ok(NodeConfig {
             nats_url: grid_client::nats_url(self.nats.or(file.nats).as_deref()),
             creds,
+            user: self.user.or(file.user),
             node_id,
             class,
             slots,
@@ -321,6 +345,7 @@ gpu = false
 grace = "30s"
 [caps]
 memory = "1GiB"
+time = "2h"
 gpu_time = "5min"
 "#;
         let c = with_file(
@@ -338,6 +363,7 @@ gpu_time = "5min"
         assert_eq!(c.grace, Duration::from_secs(30));
         assert_eq!(c.caps.0.memory_bytes, 1 << 30);
         assert_eq!(c.caps.0.gpu.gpu_time, Duration::from_secs(300));
+        assert_eq!(c.caps.0.timeout, Duration::from_secs(7200));
         assert_eq!(c.class, "cpu");
     }
 

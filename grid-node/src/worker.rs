@@ -67,6 +67,8 @@ pub struct NodeConfig {
     pub nats_url: String,
     /// NATS credentials file (else `GRID_CREDS`, else none).
     pub creds: Option<PathBuf>,
+    /// Started as root: the user to run as (`--user`).
+    pub user: Option<String>,
     pub node_id: String,
     pub class: String,
     pub slots: u32,
@@ -113,13 +115,29 @@ struct Node {
     runtime_files: Mutex<()>,
 }
 
+/// The largest job limits a node with `caps` takes (what its heartbeat advertises).
+pub fn accepts(caps: &NodeCaps) -> grid_proto::JobLimits {
+    let c = &caps.0;
+    grid_proto::JobLimits {
+        memory_bytes: c.memory_bytes,
+        timeout_ms: c.timeout.as_millis().try_into().unwrap_or(u64::MAX),
+        max_output_bytes: c.max_output_bytes,
+        gpu_memory_bytes: c.gpu.max_buffer_bytes,
+        gpu_time_ms: c.gpu.gpu_time.as_millis().try_into().unwrap_or(u64::MAX),
+    }
+}
+
 /// Runs a node until `shutdown` resolves; running tasks are then abandoned unacked (JetStream
 /// redelivers them elsewhere).
 pub async fn run(
     config: NodeConfig,
+    creds: Option<String>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let client = grid_client::connect_with(&config.nats_url, true, config.creds.as_deref()).await?;
+    let client = match creds {
+        Some(text) => grid_client::connect_with_text(&config.nats_url, true, &text).await?,
+        None => grid_client::connect_with(&config.nats_url, true, config.creds.as_deref()).await?,
+    };
     let grid = loop {
         match Grid::open(client.clone()).await {
             Ok(grid) => break grid,
@@ -355,6 +373,7 @@ impl Node {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone(),
+                accepts: accepts(&self.config.caps),
             };
             let sent = match self.grid.nodes().await {
                 Ok(nodes) => nodes
@@ -436,6 +455,13 @@ impl Node {
         let job = self.job(&task).await;
         if job.state == JobState::Cancelled {
             let _ = msg.ack().await;
+            return;
+        }
+        // A job asking for more than the provider's caps is not taken: another node may. (Not a
+        // delivery that counts toward `lost`: the broker refuses a job no live node accepts.)
+        if let Some(why) = job.spec.limits.over(&accepts(&self.config.caps)) {
+            tracing::debug!(job = %task.job_id, index = task.index, "not taking the task: {why}");
+            let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
             return;
         }
         let delivered = msg.info().map_or(1, |i| i.delivered);
@@ -862,12 +888,34 @@ fn is_plain_file_name(name: &str) -> bool {
 
 /// Runs a node from its flags (and config file) until Ctrl-C or SIGTERM.
 pub fn main(args: crate::settings::NodeArgs) -> std::process::ExitCode {
-    let config = match args.into_config() {
+    let mut config = match args.into_config() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("grid-node: {e}");
             return std::process::ExitCode::from(2);
         }
     };
-    grid_client::run_service("grid-node", |shutdown| run(config, shutdown))
+    // Read while the node may still read them: the credentials may be root's alone.
+    let creds = match config.creds.take().map(|path| {
+        std::fs::read_to_string(&path)
+            .map_err(|e| format!("reading credentials {}: {e}", path.display()))
+    }) {
+        None => None,
+        Some(Ok(text)) => Some(text),
+        Some(Err(e)) => {
+            eprintln!("grid-node: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // Before any thread starts (see `privileges`).
+    match crate::privileges::drop_privileges(config.user.as_deref(), &config.cache_dir) {
+        Ok(dropped) => {
+            tracing::info!(user = ?dropped.user, denied_syscalls = dropped.denied_syscalls, "privileges dropped")
+        }
+        Err(e) => {
+            eprintln!("grid-node: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    }
+    grid_client::run_service("grid-node", |shutdown| run(config, creds, shutdown))
 }

@@ -525,6 +525,9 @@ pub struct NodeInfo {
     pub started_unix_ms: u64,
     /// Work that delays its tasks, e.g. `compiling the python runtime` (once per node).
     pub preparing: Option<String>,
+    /// The largest limits it accepts (its caps): it does not take a task of a job that asks
+    /// for more.
+    pub accepts: JobLimits,
 }
 impl Message for NodeInfo {
     const KIND: &'static str = "node";
@@ -540,6 +543,56 @@ impl Default for JobLimits {
             gpu_memory_bytes: 256 << 20,
             gpu_time_ms: 60_000,
         }
+    }
+}
+
+impl JobLimits {
+    /// Why a node whose caps are `caps` does not take a job with these limits (the first limit
+    /// over its cap), or `None` when it does.
+    pub fn over(&self, caps: &JobLimits) -> Option<String> {
+        let size = |b: u64| bytesize_text(b);
+        let time = |ms: u64| format!("{:?}", std::time::Duration::from_millis(ms));
+        [
+            (
+                "memory",
+                self.memory_bytes,
+                caps.memory_bytes,
+                &size as &dyn Fn(u64) -> String,
+            ),
+            ("time", self.timeout_ms, caps.timeout_ms, &time),
+            (
+                "output",
+                self.max_output_bytes,
+                caps.max_output_bytes,
+                &size,
+            ),
+            (
+                "gpu memory",
+                self.gpu_memory_bytes,
+                caps.gpu_memory_bytes,
+                &size,
+            ),
+            ("gpu time", self.gpu_time_ms, caps.gpu_time_ms, &time),
+        ]
+        .into_iter()
+        .find(|(_, asked, cap, _)| asked > cap)
+        .map(|(what, asked, cap, show)| format!("{what} {} over its {}", show(asked), show(cap)))
+    }
+}
+
+/// `1.5 GiB`-style text for a byte count (no I/O crate needed here).
+fn bytesize_text(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
     }
 }
 

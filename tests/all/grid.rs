@@ -782,11 +782,21 @@ fn a_node_reads_its_settings_from_a_config_file() {
     assert_eq!(node["id"], "from-file");
     assert_eq!(node["slots"], 3);
     assert_eq!(node["classes"], serde_json::json!(["cpu"]));
-    // The file's memory cap holds: a task asking for the default 512 MiB gets 8 MiB.
+    // The file's memory cap holds: a job asking for the default 512 MiB is not taken, and one
+    // within the cap runs under it.
+    let out = grid.grid(&["submit", guest("hostile").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("memory 512 MiB over its 8 MiB"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status = grid.grid_json(
         &[
             "submit",
             guest("hostile").to_str().unwrap(),
+            "--memory",
+            "8MiB",
             "--retries",
             "0",
             "--wait",
@@ -957,21 +967,21 @@ fn a_node_never_gives_its_running_tasks_more_memory_than_its_budget() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert_eq!(most_running, 2, "two tasks fit, and ran together");
-    // A task asking for more than the whole budget gets the budget, as with any node cap.
-    let status = grid.grid_json(
-        &[
-            "submit",
-            guest("hostile").to_str().unwrap(),
-            "--memory",
-            "1GiB",
-            "--wait",
-            "--",
-            "nap",
-            "10",
-        ],
-        0,
+    // A job asking for more than the whole budget is not taken, and refused at once.
+    let out = grid.grid(&[
+        "submit",
+        guest("hostile").to_str().unwrap(),
+        "--memory",
+        "1GiB",
+        "--",
+        "nap",
+        "10",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "grid: job refused: no live node of class cpu takes a job this large (node small: memory 1 GiB over its 100 MiB): ask for less, or wait for a provider that offers more"
     );
-    assert_eq!(status["state"], "done", "{status}");
 }
 
 /// Bytes of the files directly under `dir`.
@@ -1033,5 +1043,67 @@ fn a_node_keeps_its_caches_within_its_disk_budget() {
     assert!(
         cache.path().join("compiled/node.key").exists(),
         "the node's key stays"
+    );
+}
+
+#[test]
+fn a_provider_takes_no_job_over_its_caps_and_another_node_does() {
+    let mut grid = TestGrid::start(0, &[]);
+    let caches = tempfile::tempdir().unwrap();
+    grid.nodes.push(GridProcess::node_with(
+        &grid.nats,
+        "small",
+        &caches.path().join("small"),
+        2,
+        &["--no-gpu", "--max-memory", "64MiB", "--max-time", "1min"],
+    ));
+    grid.nodes.push(GridProcess::node(
+        &grid.nats,
+        "big",
+        &caches.path().join("big"),
+        2,
+    ));
+    grid.wait_for_nodes(2);
+    let node = grid.grid(&["nodes", "--json"]);
+    let small: serde_json::Value = String::from_utf8_lossy(&node.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|n| n["id"] == "small")
+        .unwrap();
+    assert_eq!(small["accepts"]["memory_bytes"], 64u64 << 20, "{small}");
+    // Within the small node's time cap, over its memory cap: every task runs on the big node.
+    let status = grid.grid_json(
+        &[
+            "submit",
+            guest("hostile").to_str().unwrap(),
+            "--tasks",
+            "6",
+            "--memory",
+            "256MiB",
+            "--timeout",
+            "30s",
+            "--wait",
+            "--",
+            "nap",
+            "200",
+        ],
+        0,
+    );
+    assert_eq!(status["state"], "done", "{status}");
+    let (_, manifest) = grid.results(status["job_id"].as_str().unwrap());
+    assert!(manifest.iter().all(|t| t["node"] == "big"), "{manifest:?}");
+    // Too long for the small node, fine for the big one; too large for both: refused.
+    let out = grid.grid(&[
+        "submit",
+        guest("hostile").to_str().unwrap(),
+        "--memory",
+        "1000GiB",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no live node of class cpu takes a job this large")
+            && stderr.contains("node small: memory 1000 GiB over its 64 MiB"),
+        "{stderr}"
     );
 }

@@ -14,6 +14,7 @@ mod examples;
 mod gpu;
 mod grid;
 mod ledger;
+mod privileges;
 mod python;
 mod replicas;
 mod sandbox;

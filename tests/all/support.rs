@@ -493,6 +493,11 @@ impl GridProcess {
         Self::spawn_with(&["broker", "--nats", &nats.url], env)
     }
 
+    /// The process id (to read its `/proc` entry).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process has exited (without waiting).
     pub fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
