@@ -60,6 +60,36 @@ impl Watched {
     }
 }
 
+/// Each of `subjects`, published with `creds`, is refused by the server.
+fn assert_wire_denied(grid: &TestGrid, creds: &Path, subjects: &[String]) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut who = connect_watched(&grid.nats.url, creds).await;
+        for subject in subjects {
+            who.publish_is_denied(subject, b"{}".to_vec()).await;
+        }
+    });
+}
+
+/// A result of task 0 of `job`, as node `node` would publish it.
+fn forged_result(job: &str, node: &str) -> grid_proto::ResultMsg {
+    grid_proto::ResultMsg {
+        tenant: names::DEFAULT_TENANT.into(),
+        job_id: job.into(),
+        index: 0,
+        attempt: 0,
+        replica: 0,
+        node_id: node.into(),
+        digest: grid_proto::result_digest(&grid_proto::Outcome::Succeeded, &[]),
+        outcome: grid_proto::Outcome::Succeeded,
+        usage: grid_proto::Usage::default(),
+        files: vec![],
+        stdout: None,
+        stderr: None,
+        logs_truncated: false,
+    }
+}
+
 /// A grid with one node where tenant bob has run a job (3 tasks, with logs and outputs);
 /// returns the job id.
 fn grid_with_bobs_job() -> (TestGrid, String) {
@@ -200,15 +230,15 @@ fn a_tenant_cannot_read_another_tenants_job_status() {
         as_alice(&grid, &["status", &job]),
         &format!("permission denied: tenant alice cannot read job {job} of tenant bob"),
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut alice = connect_watched(&grid.nats.url, &tenant_creds("alice")).await;
-        let record = format!("$JS.API.DIRECT.GET.KV_grid_jobs.$KV.grid_jobs.bob.{job}");
-        alice.publish_is_denied(&record, vec![]).await;
-        // Listing jobs reads its own keys only.
-        let every_job = "$JS.API.CONSUMER.CREATE.KV_grid_jobs.x.$KV.grid_jobs.>";
-        alice.publish_is_denied(every_job, vec![]).await;
-    });
+    // On the wire: not its record, and listing jobs reads its own keys only.
+    assert_wire_denied(
+        &grid,
+        &tenant_creds("alice"),
+        &[
+            format!("$JS.API.DIRECT.GET.KV_grid_jobs.$KV.grid_jobs.bob.{job}"),
+            "$JS.API.CONSUMER.CREATE.KV_grid_jobs.x.$KV.grid_jobs.>".into(),
+        ],
+    );
     let (code, _) = as_alice(&grid, &["jobs"]);
     assert_eq!(code, Some(0));
     assert_still_serving(&grid, &job);
@@ -221,12 +251,13 @@ fn a_tenant_cannot_read_another_tenants_logs() {
         as_alice(&grid, &["logs", &job]),
         &format!("permission denied: tenant alice cannot read job {job} of tenant bob"),
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut alice = connect_watched(&grid.nats.url, &tenant_creds("alice")).await;
-        let task = format!("$JS.API.DIRECT.GET.KV_grid_tasks.$KV.grid_tasks.bob.{job}.0");
-        alice.publish_is_denied(&task, vec![]).await;
-    });
+    assert_wire_denied(
+        &grid,
+        &tenant_creds("alice"),
+        &[format!(
+            "$JS.API.DIRECT.GET.KV_grid_tasks.$KV.grid_tasks.bob.{job}.0"
+        )],
+    );
     assert_still_serving(&grid, &job);
 }
 
@@ -242,13 +273,11 @@ fn a_tenant_cannot_read_another_tenants_results() {
         &format!("permission denied: tenant alice cannot read job {job} of tenant bob"),
     );
     // Nor bob's store, where the outputs are.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut alice = connect_watched(&grid.nats.url, &tenant_creds("alice")).await;
-        alice
-            .publish_is_denied("$JS.API.DIRECT.GET.OBJ_grid_store_bob", b"{}".to_vec())
-            .await;
-    });
+    assert_wire_denied(
+        &grid,
+        &tenant_creds("alice"),
+        &["$JS.API.DIRECT.GET.OBJ_grid_store_bob".into()],
+    );
     assert_still_serving(&grid, &job);
 }
 
@@ -386,21 +415,7 @@ fn a_provider_cannot_impersonate_another_node() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut mallory = connect_watched(&grid.nats.url, &creds(Role::Provider, "mallory")).await;
-        let result = |node: &str| grid_proto::ResultMsg {
-            tenant: names::DEFAULT_TENANT.into(),
-            job_id: job.clone(),
-            index: 0,
-            attempt: 0,
-            replica: 0,
-            node_id: node.into(),
-            digest: grid_proto::result_digest(&grid_proto::Outcome::Succeeded, &[]),
-            outcome: grid_proto::Outcome::Succeeded,
-            usage: grid_proto::Usage::default(),
-            files: vec![],
-            stdout: None,
-            stderr: None,
-            logs_truncated: false,
-        };
+        let result = |node: &str| forged_result(&job, node);
         // Another node's subject, heartbeat or claim: refused by the server.
         mallory
             .publish_is_denied(
@@ -436,21 +451,7 @@ fn a_provider_cannot_impersonate_another_node() {
         let client =
             crate::support::connect_as(&grid.nats.url, &creds(Role::Provider, "mallory")).await;
         let js = async_nats::jetstream::new(client);
-        let result = grid_proto::ResultMsg {
-            tenant: names::DEFAULT_TENANT.into(),
-            job_id: job.clone(),
-            index: 0,
-            attempt: 0,
-            replica: 0,
-            node_id: "mallory".into(),
-            digest: grid_proto::result_digest(&grid_proto::Outcome::Succeeded, &[]),
-            outcome: grid_proto::Outcome::Succeeded,
-            usage: grid_proto::Usage::default(),
-            files: vec![],
-            stdout: None,
-            stderr: None,
-            logs_truncated: false,
-        };
+        let result = forged_result(&job, "mallory");
         js.publish(
             names::results_subject("mallory", &job),
             encode(&result).into(),
