@@ -199,9 +199,25 @@ pub async fn run(
             Some(msg) = queries.next() => broker.on_owner(msg).await,
             Some(msg) = storage.next() => broker.on_storage(msg).await,
             Some(msg) = deletes.next() => broker.on_delete(msg).await,
-            Some(msg) = results.next() => match msg {
-                Ok(msg) => broker.on_result(msg).await,
-                Err(e) => tracing::warn!("receiving results: {e}"),
+            Some(msg) = results.next() => {
+                // What else has arrived, up to a batch: its ledger entries and task records are
+                // written concurrently, then counted in order.
+                let mut batch = vec![msg];
+                while batch.len() < RESULT_BATCH {
+                    match futures::FutureExt::now_or_never(results.next()) {
+                        Some(Some(msg)) => batch.push(msg),
+                        _ => break,
+                    }
+                }
+                let batch = batch
+                    .into_iter()
+                    .filter_map(|m| m.map_err(|e| tracing::warn!("receiving results: {e}")).ok())
+                    .collect();
+                broker.on_results(batch).await;
+                // Tasks finished: top their windows up now rather than at the next tick.
+                if let Err(e) = broker.fill().await {
+                    tracing::warn!("enqueueing tasks: {e:#}");
+                }
             },
             _ = tick.tick() => {
                 if let Err(e) = broker.fill().await {
@@ -780,13 +796,14 @@ impl Broker {
         Ok(record.id)
     }
 
-    async fn on_result(&mut self, msg: jetstream::Message) {
+    /// A result's message decoded and checked, or terminated (unreadable or forged).
+    async fn screen(&self, msg: &jetstream::Message) -> Option<ResultMsg> {
         let result = match decode::<ResultMsg>(&msg.payload) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(subject = %msg.subject, "rejecting a result message: {e}");
                 let _ = msg.ack_with(AckKind::Term).await;
-                return;
+                return None;
             }
         };
         // NATS lets a provider publish results only under its own node id: a result that
@@ -809,25 +826,96 @@ impl Broker {
         if let Some(why) = forged {
             tracing::warn!(job = %result.job_id, index = result.index, "rejecting a result: {why}");
             let _ = msg.ack_with(AckKind::Term).await;
-            return;
+            return None;
         }
-        let recorded = match self.record_usage(&result).await {
-            Ok(()) => self.count(result).await,
-            Err(e) => Err(e),
-        };
-        match recorded {
-            Ok(()) => {
-                if let Err(e) = msg.ack().await {
-                    tracing::warn!("acking a result: {e}");
-                }
+        Some(result)
+    }
+
+    /// Records a batch of results. The JetStream writes of different results do not depend
+    /// on each other — each ledger entry and each task record is a create under its own key —
+    /// so they go out together; what they change in memory (counts, retries, votes) is done
+    /// one result at a time, in order. A result is acked once all of it is stored.
+    async fn on_results(&mut self, batch: Vec<jetstream::Message>) {
+        let mut ready = Vec::with_capacity(batch.len());
+        for msg in batch {
+            if let Some(result) = self.screen(&msg).await {
+                ready.push((msg, result));
+            }
+        }
+        let billed =
+            futures::future::join_all(ready.iter().map(|(_, r)| self.record_usage(r))).await;
+        // A final result of a job without replicas (most results) is one task-record create.
+        let mut finals = Vec::new();
+        let mut others = Vec::new();
+        for ((msg, result), billed) in ready.into_iter().zip(billed) {
+            if let Err(e) = billed {
+                settle(&msg, Err(e)).await;
+                continue;
+            }
+            match self.final_record(&result) {
+                Some(record) => finals.push((msg, record)),
+                None => others.push((msg, result)),
+            }
+        }
+        let created = match self.grid.tasks().await {
+            Ok(tasks) => {
+                futures::future::join_all(finals.iter().map(|(_, record)| {
+                    let key = names::task_key(
+                        &record.result.tenant,
+                        &record.result.job_id,
+                        record.result.index,
+                    );
+                    let value = encode(record).into();
+                    async move { tasks.create(&key, value).await }
+                }))
+                .await
             }
             Err(e) => {
-                tracing::warn!("recording a result: {e:#}; it will be redelivered");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+                for (msg, _) in &finals {
+                    settle(msg, Err(anyhow!("{e:#}"))).await;
+                }
+                Vec::new()
             }
+        };
+        for ((msg, record), created) in finals.into_iter().zip(created) {
+            let counted = self.after_create(record, created).await.map(drop);
+            settle(&msg, counted).await;
         }
+        for (msg, result) in others {
+            let counted = self.count(result).await;
+            settle(&msg, counted).await;
+        }
+    }
+
+    /// The final record of `result`'s task when it is the common case — an active job
+    /// without replicas, a task that exists, an outcome that is not retried — or `None` for
+    /// [`Broker::count`] to handle. Takes the task's earlier failures into the record.
+    fn final_record(&mut self, result: &ResultMsg) -> Option<TaskRecord> {
+        let job = self.active.get_mut(&result.job_id)?;
+        if result.index >= job.record.counts.total || job.record.spec.replicas > 1 {
+            return None;
+        }
+        let retry = matches!(result.outcome, Outcome::Failed(ref r) if !matches!(r, Reason::Invalid(_) | Reason::Cancelled))
+            && result.attempt < job.record.spec.retries;
+        if retry {
+            return None;
+        }
+        let state = if result.outcome == Outcome::Succeeded {
+            TaskState::Succeeded
+        } else {
+            TaskState::Failed
+        };
+        let mut failures = job.failures.remove(&result.index).unwrap_or_default();
+        if let Some(reason) = result.outcome.reason() {
+            failures.push(reason.to_string());
+        }
+        Some(TaskRecord {
+            state,
+            attempts: result.attempt + 1,
+            failures,
+            result: result.clone(),
+            votes: Vec::new(),
+        })
     }
 
     /// Bills `result`'s attempt in the usage ledger, once (see the module docs).
@@ -906,9 +994,14 @@ impl Broker {
         if job.record.spec.replicas > 1 {
             return self.vote(result).await;
         }
-        let retry = matches!(result.outcome, Outcome::Failed(ref r) if !matches!(r, Reason::Invalid(_) | Reason::Cancelled))
-            && result.attempt < job.record.spec.retries;
-        if retry {
+        if let Some(record) = self.final_record(&result) {
+            return self.record_task(record).await.map(drop);
+        }
+        // Otherwise the attempt failed and is retried.
+        let Some(job) = self.active.get_mut(&result.job_id) else {
+            return Ok(());
+        };
+        {
             let reason = result
                 .outcome
                 .reason()
@@ -921,25 +1014,8 @@ impl Broker {
             publish_task(&self.grid.js, job, result.index, result.attempt + 1, 0).await?;
             crash_point("after-retry");
             job.failures.entry(result.index).or_default().push(reason);
-            return Ok(());
         }
-        let state = if result.outcome == Outcome::Succeeded {
-            TaskState::Succeeded
-        } else {
-            TaskState::Failed
-        };
-        let mut failures = job.failures.remove(&result.index).unwrap_or_default();
-        if let Some(reason) = result.outcome.reason() {
-            failures.push(reason.to_string());
-        }
-        let record = TaskRecord {
-            state,
-            attempts: result.attempt + 1,
-            failures,
-            result,
-            votes: Vec::new(),
-        };
-        self.record_task(record).await.map(drop)
+        Ok(())
     }
 
     /// A replica's result: stored once as a vote; the task is decided when `quorum` votes agree,
@@ -1121,7 +1197,20 @@ impl Broker {
         let (job_id, index) = (record.result.job_id.clone(), record.result.index);
         let key = names::task_key(&record.result.tenant, &job_id, index);
         let tasks = self.grid.tasks().await?;
-        let stored = match tasks.create(&key, encode(&record).into()).await {
+        let created = tasks.create(&key, encode(&record).into()).await;
+        self.after_create(record, created).await
+    }
+
+    /// What [`Broker::record_task`] does once its create has answered (the batch path sends
+    /// many creates together, then comes here for each, in order).
+    async fn after_create(
+        &mut self,
+        record: TaskRecord,
+        created: Result<u64, jetstream::kv::CreateError>,
+    ) -> Result<Option<TaskRecord>> {
+        let (job_id, index) = (record.result.job_id.clone(), record.result.index);
+        let key = names::task_key(&record.result.tenant, &job_id, index);
+        let stored = match created {
             Ok(_) if reply_lost(&key) => return Err(anyhow!("storing task {key}: {REPLY_LOST}")),
             Ok(_) => {
                 crash_point("after-store");
@@ -1138,7 +1227,10 @@ impl Broker {
                     return Ok(None);
                 }
                 // Stored by an earlier create whose reply never came: count what was stored.
-                let bytes = tasks
+                let bytes = self
+                    .grid
+                    .tasks()
+                    .await?
                     .get(&key)
                     .await
                     .map_err(|e| anyhow!("reading task {key}: {e}"))?
@@ -1225,6 +1317,26 @@ impl Broker {
         }
         for id in saved_final {
             self.active.remove(&id);
+        }
+    }
+}
+
+/// Results the broker takes at once (see `Broker::on_results`).
+const RESULT_BATCH: usize = 256;
+
+/// Acks a result once it is recorded, or asks for it again shortly.
+async fn settle(msg: &jetstream::Message, recorded: Result<()>) {
+    match recorded {
+        Ok(()) => {
+            if let Err(e) = msg.ack().await {
+                tracing::warn!("acking a result: {e}");
+            }
+        }
+        Err(e) => {
+            tracing::warn!("recording a result: {e:#}; it will be redelivered");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
         }
     }
 }

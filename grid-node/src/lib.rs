@@ -27,6 +27,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod settings;
 pub mod validate;
+pub mod workdirs;
 pub mod worker;
 
 pub use gpu_worker::{GpuWorker, WorkerCommand};

@@ -51,6 +51,8 @@ use tokio::sync::{Mutex, Semaphore, watch};
 
 /// How long a task this node cannot run waits before JetStream offers it again.
 pub const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
+/// Tasks a node holds per slot: one runs, the others are being fetched or reported.
+pub const HELD_PER_SLOT: usize = 4;
 
 /// Where a node is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +115,8 @@ struct Node {
     preparing: std::sync::Mutex<Option<String>>,
     /// One runtime layout at a time (a 50 MB stdlib fetched and unpacked once).
     runtime_files: Mutex<()>,
+    /// Task folders, reused.
+    work: crate::workdirs::WorkDirs,
 }
 
 /// The largest job limits a node with `caps` takes (what its heartbeat advertises).
@@ -148,7 +152,10 @@ pub async fn run(
         }
     };
     std::fs::create_dir_all(config.cache_dir.join("modules"))?;
-    std::fs::create_dir_all(config.cache_dir.join("work"))?;
+    let work = crate::workdirs::WorkDirs::new(
+        &config.cache_dir.join("work"),
+        (config.slots + config.gpu_slots) as usize * HELD_PER_SLOT,
+    )?;
     let gpu = if config.use_gpu {
         match GpuWorker::start(WorkerCommand::current_exe()?).await {
             Ok(worker) => {
@@ -201,6 +208,7 @@ pub async fn run(
         phase: watch::channel(Phase::Serving).0,
         preparing: std::sync::Mutex::new(None),
         runtime_files: Mutex::new(()),
+        work,
     });
     let started = now_unix_ms();
     let mut services = tokio::task::JoinSet::new();
@@ -264,8 +272,11 @@ impl Node {
         }
     }
 
-    /// Takes tasks of `class`, at most `slots` at once.
+    /// Takes tasks of `class`: runs at most `slots` at once, and holds a few times more, so
+    /// that fetching the next tasks and reporting finished ones (outputs stored, result
+    /// published, task acked — round trips to NATS) overlap with running.
     async fn pull_loop(self: Arc<Self>, class: String, slots: Arc<Semaphore>) -> Result<()> {
+        let held = Arc::new(Semaphore::new(slots.available_permits() * HELD_PER_SLOT));
         // Straight to the consumer: a provider may read its info, not the stream's.
         let consumer: jetstream::consumer::PullConsumer = loop {
             match self
@@ -283,12 +294,12 @@ impl Node {
         };
         let mut phase = self.phase.subscribe();
         loop {
-            // Wait for a free slot, then ask for as many tasks as there are free slots.
+            // Wait for room, then ask for as many tasks as there is room for.
             let first = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit?,
+                permit = held.clone().acquire_owned() => permit?,
                 _ = phase.wait_for(|p| *p != Phase::Serving) => return Ok(()),
             };
-            let free = slots.available_permits() + 1;
+            let free = held.available_permits() + 1;
             let batch = consumer
                 .fetch()
                 .max_messages(free)
@@ -319,13 +330,14 @@ impl Node {
                 }
                 let p = match permit.take() {
                     Some(p) => p,
-                    None => slots.clone().acquire_owned().await?,
+                    None => held.clone().acquire_owned().await?,
                 };
                 let node = self.clone();
+                let slots = slots.clone();
                 // Counted from here, so that a drain waits for it.
                 node.busy.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(async move {
-                    node.clone().handle(msg).await;
+                    node.clone().handle(msg, slots).await;
                     node.busy.fetch_sub(1, Ordering::AcqRel);
                     drop(p);
                 });
@@ -402,16 +414,27 @@ impl Node {
                 continue;
             };
             tracing::info!(job, "cancelled");
-            if let Some(tx) = self.cancels.lock().await.get(job) {
-                let _ = tx.send(true);
-            }
+            // The state first, then the signal: a task that subscribes to the signal and then
+            // finds the state not cancelled is sure to get the signal (see `run_task`).
             if let Some(record) = self.jobs.lock().await.get_mut(job) {
                 let mut r = (**record).clone();
                 r.state = JobState::Cancelled;
                 *record = Arc::new(r);
             }
+            if let Some(tx) = self.cancels.lock().await.get(job) {
+                let _ = tx.send(true);
+            }
         }
         Ok(())
+    }
+
+    /// Whether the node heard that `job` was cancelled.
+    async fn is_cancelled(&self, job: &str) -> bool {
+        self.jobs
+            .lock()
+            .await
+            .get(job)
+            .is_some_and(|j| j.state == JobState::Cancelled)
     }
 
     /// The task's job, from the node's cache or the spec the task carries (a node reads no
@@ -443,7 +466,7 @@ impl Node {
         record
     }
 
-    async fn handle(self: Arc<Self>, msg: jetstream::Message) {
+    async fn handle(self: Arc<Self>, msg: jetstream::Message, slots: Arc<Semaphore>) {
         let task = match decode::<TaskMsg>(&msg.payload) {
             Ok(t) => t,
             Err(e) => {
@@ -505,19 +528,29 @@ impl Node {
             .unwrap_or(u32::MAX)
             .clamp(1, self.memory_permits);
         let mut phase = self.phase.subscribe();
+        // A slot, then its memory: held only while the task runs.
+        let run = async {
+            let slot = slots.acquire_owned().await.ok()?;
+            let memory = self.memory.clone().acquire_many_owned(permits).await.ok()?;
+            Some((slot, memory))
+        };
         let memory = tokio::select! {
-            permit = self.memory.clone().acquire_many_owned(permits) => permit.ok(),
+            permits = run => permits,
             _ = phase.wait_for(|p| *p != Phase::Serving) => None,
         };
-        let Some(memory) = memory else {
+        let Some((slot, memory)) = memory else {
             progress.abort();
             let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
             return;
         };
-        self.running.fetch_add(1, Ordering::AcqRel);
-        let outcome = self.run_task(&job, &task).await;
-        self.running.fetch_sub(1, Ordering::AcqRel);
-        drop(memory);
+        // Cancelled while it waited for its slot: it never starts.
+        if self.is_cancelled(&task.job_id).await {
+            progress.abort();
+            let _ = msg.ack().await;
+            return;
+        }
+        let running = Running::new(&self.running, slot, memory);
+        let outcome = self.run_task(&job, &task, running).await;
         progress.abort();
         match outcome {
             Ok(result) => {
@@ -729,7 +762,14 @@ impl Node {
     }
 
     /// Runs one task; `Err` means this node could not run it (another may), not that it failed.
-    async fn run_task(&self, job: &JobRecord, task: &TaskMsg) -> Result<ResultMsg> {
+    /// Runs `task`: fetches what it needs, runs it while `running` holds its slot and memory,
+    /// lets them go, then stores its outputs and logs.
+    async fn run_task(
+        &self,
+        job: &JobRecord,
+        task: &TaskMsg,
+        running: Running<'_>,
+    ) -> Result<ResultMsg> {
         let spec = &job.spec;
         let defaults = Limits::default();
         let limits = Limits {
@@ -744,6 +784,18 @@ impl Node {
             ..defaults
         };
         let failed = |reason: Reason| self.failed_result(job, task, reason);
+        // Listening for a cancel from the start (a cancel may come while the module compiles),
+        // then checking that none came before.
+        let mut cancelled = {
+            let mut cancels = self.cancels.lock().await;
+            cancels
+                .entry(job.id.clone())
+                .or_insert_with(|| watch::channel(false).0)
+                .subscribe()
+        };
+        if self.is_cancelled(&job.id).await {
+            return Ok(failed(Reason::Cancelled));
+        }
         let (loaded, program) = match &spec.program {
             None => {
                 let bytes = self
@@ -761,12 +813,8 @@ impl Node {
             Ok(m) => m,
             Err(reason) => return Ok(failed(reason)),
         };
-        let work = tempfile::Builder::new()
-            .prefix("task-")
-            .tempdir_in(self.config.cache_dir.join("work"))?;
+        let work = self.work.take()?;
         let (in_dir, out_dir) = (work.path().join("in"), work.path().join("out"));
-        std::fs::create_dir_all(&in_dir)?;
-        std::fs::create_dir_all(&out_dir)?;
         let mut inputs: Vec<(PathBuf, &grid_proto::InputRef)> = Vec::new();
         if let Some(input) = &task.input {
             inputs.push((in_dir.clone(), input));
@@ -800,13 +848,6 @@ impl Node {
         task_spec.gpu = spec.class == names::GPU_CLASS;
         task_spec.program = program;
 
-        let mut cancelled = {
-            let mut cancels = self.cancels.lock().await;
-            cancels
-                .entry(job.id.clone())
-                .or_insert_with(|| watch::channel(false).0)
-                .subscribe()
-        };
         let mut phase = self.phase.subscribe();
         let report = tokio::select! {
             report = self.sandbox.run(&module, task_spec) => Ok(report),
@@ -814,6 +855,8 @@ impl Node {
             _ = phase.wait_for(|p| *p == Phase::HandingBack) => Err(Reason::Lost),
         };
         drop(cancelled);
+        // The slot and memory go to the next task while this one's outputs are stored.
+        drop(running);
         {
             // The last running task of a job takes its cancel channel with it.
             let mut cancels = self.cancels.lock().await;
@@ -879,6 +922,34 @@ impl Node {
             stderr: logs[1],
             logs_truncated: report.logs_truncated,
         })
+    }
+}
+
+/// A task that holds a run slot and its memory: counted in `running` until dropped.
+struct Running<'a> {
+    count: &'a AtomicU32,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _memory: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<'a> Running<'a> {
+    fn new(
+        count: &'a AtomicU32,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        memory: tokio::sync::OwnedSemaphorePermit,
+    ) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self {
+            count,
+            _slot: slot,
+            _memory: memory,
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
