@@ -194,7 +194,13 @@ pub async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            Some(msg) = submits.next() => broker.on_submit(msg).await,
+            Some(msg) = submits.next() => {
+                broker.on_submit(msg).await;
+                // Its first window now, not at the next tick.
+                if let Err(e) = broker.fill().await {
+                    tracing::warn!("enqueueing tasks: {e:#}");
+                }
+            }
             Some(msg) = cancels.next() => broker.on_cancel(msg).await,
             Some(msg) = queries.next() => broker.on_owner(msg).await,
             Some(msg) = storage.next() => broker.on_storage(msg).await,
@@ -214,6 +220,10 @@ pub async fn run(
                     .filter_map(|m| m.map_err(|e| tracing::warn!("receiving results: {e}")).ok())
                     .collect();
                 broker.on_results(batch).await;
+                // A job that just ended is saved (and its waiters told) now, not at the tick.
+                if broker.active.values().any(|j| j.dirty && j.record.state.is_final()) {
+                    broker.persist().await;
+                }
                 // Tasks finished: top their windows up now rather than at the next tick.
                 if let Err(e) = broker.fill().await {
                     tracing::warn!("enqueueing tasks: {e:#}");
@@ -1307,6 +1317,14 @@ impl Broker {
             };
             match saved {
                 Ok(_) => {
+                    let _ = self
+                        .grid
+                        .client
+                        .publish(
+                            names::job_events(&job.record.spec.tenant, &job.record.id),
+                            bytes::Bytes::new(),
+                        )
+                        .await;
                     job.dirty = false;
                     if job.record.state.is_final() {
                         saved_final.push(job.record.id.clone());

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
+use futures::StreamExt;
 use grid_client::Grid;
 use grid_proto::{
     ApiReply, CancelRequest, InputRef, JobLimits, JobRecord, JobSpec, JobState, SubmitRequest,
@@ -370,6 +371,12 @@ async fn job_record(grid: &Session, job: &str) -> Result<JobRecord> {
 
 /// Waits for the job to end, with a progress bar on stderr when it is a terminal.
 async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
+    // Subscribed before the first read: no change between them goes unheard.
+    let mut changes = grid
+        .client
+        .subscribe(names::job_events(&grid.tenant, job))
+        .await
+        .map_err(|e| anyhow!("following job {job}: {e}"))?;
     let mut record = job_record(grid, job).await?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(record.counts.total);
@@ -394,13 +401,13 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
         if record.state.is_final() {
             break;
         }
-        // Polled rather than watched: a KV watch needs leave to read every job's record, and a
-        // tenant has leave to read its own only. The broker saves a job's record every 100 ms.
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Told by the broker when the record changes (a KV watch would need leave to read
+        // every job's record); read again at least every half second in case a word is lost.
+        let _ = tokio::time::timeout(Duration::from_millis(500), changes.next()).await;
         record = job_record(grid, job).await?;
         polls += 1;
         {
-            if polls.is_multiple_of(8) {
+            if polls.is_multiple_of(4) {
                 // A quiet job may be waiting for a node that prepares a runtime: say so, once.
                 for node in grid.live_nodes().await.unwrap_or_default() {
                     if let Some(what) = &node.preparing

@@ -10,7 +10,7 @@
 //! | role | may |
 //! |---|---|
 //! | `operator` (the broker, `grid up`) | everything |
-//! | `tenant` | ask the broker (`grid.api.<tenant>.>`); read its own job and task records (keys `<tenant>.…`) and its own ledger entries; read and write its own object store (`grid_store_<tenant>`); read node heartbeats and tallies |
+//! | `tenant` | ask the broker (`grid.api.<tenant>.>`); hear its own jobs' changes (`grid.events.<tenant>.>`); read its own job and task records (keys `<tenant>.…`) and its own ledger entries; read and write its own object store (`grid_store_<tenant>`); read node heartbeats and tallies |
 //! | `provider` | take tasks of the `cpu` and `gpu` consumers; publish results and heartbeats under its own node id only; claim replicas as itself; read and write tenants' object stores (a node must fetch the module and inputs of whatever task it is given, and store its outputs); hear cancels |
 //!
 //! What a provider can *not* do: submit, cancel or delete jobs; read job records, task records,
@@ -348,7 +348,8 @@ fn permissions(who: &Identity) -> (serde_json::Value, serde_json::Value) {
                 allow.push(format!("$JS.API.CONSUMER.CREATE.KV_{bucket}"));
                 allow.push(format!("$JS.API.CONSUMER.CREATE.KV_{bucket}.>"));
             }
-            (json!({"allow": allow}), json!({"allow": [inbox]}))
+            let events = format!("grid.events.{name}.>");
+            (json!({"allow": allow}), json!({"allow": [inbox, events]}))
         }
         Role::Provider => {
             let mut allow = vec![

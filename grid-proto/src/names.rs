@@ -17,6 +17,7 @@
 //! | `grid_store_<tenant>` | object store, one per tenant, name `<sha256>` | the tenant's modules, params files, inputs, outputs, logs |
 //! | `grid.api.<tenant>.submit`, `.cancel`, `.delete`, `.storage`, `.owner` | request/reply to the broker | job intake, cancel, delete; creating the tenant's store; who owns a job |
 //! | `grid.cancel.<job>` | core NATS broadcast | tells nodes to stop a cancelled job's tasks |
+//! | `grid.events.<tenant>.<job>` | core NATS, empty | the job's record changed (`grid status --wait` re-reads it) |
 //! | `_INBOX_<user>.>` | reply subjects | each user's own inbox prefix, so that nobody reads another's replies |
 //!
 //! Keys and subjects lead with the tenant so that a NATS permission (a subject with a wildcard
@@ -59,6 +60,11 @@ pub fn result_node(subject: &str) -> Option<&str> {
 /// `grid.api.<tenant>.<verb>`: a request of `tenant`'s to the broker.
 pub fn api_subject(tenant: &str, verb: &str) -> String {
     format!("grid.api.{tenant}.{verb}")
+}
+/// Published by the broker each time it saves a job's record: a tenant may subscribe to its
+/// own (`grid.events.<tenant>.>`), where it may not watch the bucket.
+pub fn job_events(tenant: &str, job: &str) -> String {
+    format!("grid.events.{tenant}.{job}")
 }
 pub fn cancel_broadcast(job: &str) -> String {
     format!("grid.cancel.{job}")

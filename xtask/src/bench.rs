@@ -1,10 +1,13 @@
-//! `cargo xtask bench [sandbox|grid]`: builds each benchmark's inputs, then runs it in release
-//! mode and prints ratios measured side by side in one run.
+//! `cargo xtask bench [sandbox|grid|gpu|python] [--json]`: builds each benchmark's inputs, then
+//! runs it in release mode and prints ratios measured side by side in one run.
 //!
 //! - `sandbox`: the synth-data example through the sandbox vs bare wasmtime vs native, and the
 //!   per-task fixed cost (see `grid-node/benches/sandbox.rs`).
-//! - `grid`: trivial tasks per second through submit → broker → JetStream → node → result, and a
-//!   job of ~100 ms tasks against the same task run directly in the sandbox, divided by slots.
+//! - `grid`: one table — trivial tasks per second through submit → broker → JetStream → node →
+//!   result against JetStream's own publish and pull rates on the same server
+//!   (`grid-client/examples/jetstream_ceiling.rs`), and jobs of ~100 ms tasks (compute-bound,
+//!   and output-heavy) against the same task run directly in the sandbox, divided by slots;
+//!   `--json` prints it as one JSON object.
 //! - `gpu`: the gpu-noise example as a wasm task through `grid_gpu_v1` and the GPU worker vs the
 //!   same WGSL from a native program, and the per-dispatch overhead (see `grid-node/benches/gpu.rs`).
 //! - `python`: the Python runtime's cold compile, a warm trivial task, and a numpy-heavy script
@@ -17,7 +20,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-pub fn run(which: Option<&str>) -> Result<()> {
+pub fn run(which: Option<&str>, json: bool) -> Result<()> {
     setup::run()?;
     build_guests()?;
     match which.unwrap_or("sandbox") {
@@ -33,7 +36,7 @@ pub fn run(which: Option<&str>) -> Result<()> {
             ])?;
             cargo(&["bench", "--locked", "-p", "grid-node", "--bench", "sandbox"])
         }
-        "grid" => grid(),
+        "grid" => grid(json),
         "gpu" => cargo(&["bench", "--locked", "-p", "grid-node", "--bench", "gpu"]),
         "python" => {
             let python = setup::host_python_with_numpy()?;
@@ -72,8 +75,17 @@ fn json_number(line: &str, key: &str) -> Option<f64> {
     rest.split([',', '}']).next()?.trim().parse().ok()
 }
 
-fn grid() -> Result<()> {
+fn grid(json: bool) -> Result<()> {
     cargo(&["build", "--locked", "--release", "-p", "grid-cli"])?;
+    cargo(&[
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "grid-client",
+        "--example",
+        "jetstream_ceiling",
+    ])?;
     let grid = target_dir().join("release/grid");
     let work = std::env::temp_dir().join(format!("grid-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
@@ -112,14 +124,117 @@ fn grid() -> Result<()> {
             break url.to_string();
         }
     };
-    let result = measure(&grid, &url, &empty, &work);
+    let result = measure(&grid, &url, &empty, &work).and_then(|rows| {
+        // JetStream's own rates, on the same server, after the grid's runs.
+        let operator = work.join("data/auth/creds/operator-broker.creds");
+        let out = Command::new(target_dir().join("release/examples/jetstream_ceiling"))
+            .arg(&url)
+            .arg(&operator)
+            .arg("100000")
+            .stderr(Stdio::inherit())
+            .output()?;
+        let line = String::from_utf8_lossy(&out.stdout).to_string();
+        let publish =
+            json_number(&line, "publish_per_s").context("the ceiling benchmark's answer")?;
+        let pull =
+            json_number(&line, "pull_ack_per_s").context("the ceiling benchmark's answer")?;
+        Ok((rows, publish, pull))
+    });
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(up.id().to_string())
         .status();
     let _ = up.wait();
     let _ = std::fs::remove_dir_all(&work);
-    result
+    let (rows, publish, pull) = result?;
+    // A task crosses JetStream twice (the task, then its result): each is a publish and a pull.
+    let ceiling = 1.0 / (2.0 / publish + 2.0 / pull);
+    let table = [
+        Row {
+            figure: format!(
+                "trivial tasks/s (empty _start, {} tasks)",
+                rows.trivial_tasks
+            ),
+            grid: rows.trivial_rate,
+            anchor_name: format!(
+                "JetStream ceiling (publish {publish:.0}/s, pull+ack {pull:.0}/s, 2 of each per task)"
+            ),
+            anchor: ceiling,
+        },
+        Row {
+            figure: format!(
+                "~100 ms tasks, {} × monte-carlo-pi: seconds",
+                rows.compute_tasks
+            ),
+            grid: rows.compute_grid_s,
+            anchor_name: format!(
+                "ideal: direct {:.1} ms × tasks ÷ {SLOTS} slots",
+                rows.compute_direct_s * 1e3
+            ),
+            anchor: rows.compute_ideal_s,
+        },
+        Row {
+            figure: format!(
+                "~100 ms output-heavy tasks, {} × synth-data (120k rows): seconds",
+                rows.output_tasks
+            ),
+            grid: rows.output_grid_s,
+            anchor_name: format!(
+                "ideal: direct {:.1} ms × tasks ÷ {SLOTS} slots",
+                rows.output_direct_s * 1e3
+            ),
+            anchor: rows.output_ideal_s,
+        },
+    ];
+    if json {
+        let rows: Vec<_> = table
+            .iter()
+            .map(|r| serde_json::json!({"figure": r.figure, "grid": r.grid, "anchor": r.anchor_name, "anchor_value": r.anchor, "ratio": r.grid / r.anchor}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"benchmark": "grid", "slots": SLOTS, "rows": rows})
+        );
+    } else {
+        println!(
+            "grid benchmark: 1 broker, 1 node × {SLOTS} slots, nats-server, all on this machine"
+        );
+        println!(
+            "{:<62} {:>10}  {:<72} {:>10}  {:>7}",
+            "figure", "grid", "anchor", "", "ratio"
+        );
+        for r in &table {
+            println!(
+                "{:<62} {:>10.2}  {:<72} {:>10.2}  {:>7.3}",
+                r.figure,
+                r.grid,
+                r.anchor_name,
+                r.anchor,
+                r.grid / r.anchor
+            );
+        }
+    }
+    Ok(())
+}
+
+struct Row {
+    figure: String,
+    grid: f64,
+    anchor_name: String,
+    anchor: f64,
+}
+
+struct Measured {
+    trivial_tasks: u32,
+    trivial_rate: f64,
+    compute_tasks: u32,
+    compute_direct_s: f64,
+    compute_grid_s: f64,
+    compute_ideal_s: f64,
+    output_tasks: u32,
+    output_direct_s: f64,
+    output_grid_s: f64,
+    output_ideal_s: f64,
 }
 
 fn submit_wait(grid: &Path, url: &str, module: &Path, extra: &[&str]) -> Result<f64> {
@@ -138,22 +253,14 @@ fn submit_wait(grid: &Path, url: &str, module: &Path, extra: &[&str]) -> Result<
     Ok(took)
 }
 
-fn measure(grid: &Path, url: &str, empty: &Path, work: &Path) -> Result<()> {
-    // Warm up: module upload, compile on the node.
-    submit_wait(grid, url, empty, &["--tasks", "10"])?;
-    let trivial = 5_000u32;
-    let secs = submit_wait(grid, url, empty, &["--tasks", &trivial.to_string()])?;
-    let rate = f64::from(trivial) / secs;
-
-    // ~100 ms tasks: synth-data with enough rows, direct in the sandbox vs through the grid.
-    let synth = guest_wasm("synth-data");
-    let params = r#"{"rows": 120000}"#;
-    let mut direct = Vec::new();
-    for _ in 0..5 {
+/// The median wall time of `grid run MODULE` with `params` on stdin, in seconds.
+fn direct(grid: &Path, module: &Path, params: &str, work: &Path) -> Result<f64> {
+    let mut times = Vec::new();
+    for i in 0..5 {
         let mut child = Command::new(grid)
             .args(["run", "--json", "--output"])
-            .arg(work.join(format!("direct-{}", direct.len())))
-            .arg(&synth)
+            .arg(work.join(format!("direct-{}-{i}", module.display().to_string().len())))
+            .arg(module)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
@@ -165,30 +272,57 @@ fn measure(grid: &Path, url: &str, empty: &Path, work: &Path) -> Result<()> {
             .write_all(params.as_bytes())?;
         let out = child.wait_with_output()?;
         let line = String::from_utf8_lossy(&out.stdout);
-        direct
+        times
             .push(json_number(&line, "wall_seconds").context("wall_seconds in grid run's answer")?);
     }
-    direct.sort_by(f64::total_cmp);
-    let one = direct[direct.len() / 2];
-    let tasks = 40u32;
-    let path = work.join("params.jsonl");
-    std::fs::write(&path, format!("{params}\n").repeat(tasks as usize))?;
-    let grid_secs = submit_wait(
-        grid,
-        url,
-        &synth,
-        &["--params", path.to_str().unwrap_or_default()],
-    )?;
-    let ideal = f64::from(tasks) * one / f64::from(SLOTS);
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
 
-    println!("grid benchmark: 1 broker, 1 node × {SLOTS} slots, nats-server, all on this machine");
-    println!(
-        "  trivial tasks (empty _start), {trivial} tasks: {secs:.2} s submit-to-done = {rate:.0} tasks/s"
-    );
-    println!(
-        "  ~100 ms tasks (synth-data, 120k rows), {tasks} tasks: direct {:.1} ms each; grid {grid_secs:.2} s vs ideal {ideal:.2} s (= {tasks} × direct / {SLOTS} slots) → {:.3}×",
-        one * 1e3,
-        grid_secs / ideal
-    );
-    Ok(())
+fn measure(grid: &Path, url: &str, empty: &Path, work: &Path) -> Result<Measured> {
+    // Warm up: module upload, compile on the node.
+    submit_wait(grid, url, empty, &["--tasks", "10"])?;
+    let trivial = 5_000u32;
+    let secs = submit_wait(grid, url, empty, &["--tasks", &trivial.to_string()])?;
+
+    // ~100 ms tasks: direct in the sandbox vs through the grid (`tasks` × direct ÷ slots is
+    // what a grid with no overhead would take). One compute-bound (a few bytes out), one that
+    // writes a few MB of CSV per task.
+    let run = |module: &Path, params: &str, tasks: u32, name: &str| -> Result<(f64, f64, f64)> {
+        let one = direct(grid, module, params, work)?;
+        let path = work.join(format!("{name}.jsonl"));
+        std::fs::write(&path, format!("{params}\n").repeat(tasks as usize))?;
+        submit_wait(grid, url, module, &["--tasks", "1"])?; // warm: uploaded and compiled
+        let grid_s = submit_wait(
+            grid,
+            url,
+            module,
+            &["--params", path.to_str().unwrap_or_default()],
+        )?;
+        Ok((one, grid_s, f64::from(tasks) * one / f64::from(SLOTS)))
+    };
+    let (compute_direct_s, compute_grid_s, compute_ideal_s) = run(
+        &guest_wasm("monte-carlo-pi"),
+        r#"{"samples": 2300000}"#,
+        40,
+        "compute",
+    )?;
+    let (output_direct_s, output_grid_s, output_ideal_s) = run(
+        &guest_wasm("synth-data"),
+        r#"{"rows": 120000}"#,
+        40,
+        "output",
+    )?;
+    Ok(Measured {
+        trivial_tasks: trivial,
+        trivial_rate: f64::from(trivial) / secs,
+        compute_tasks: 40,
+        compute_direct_s,
+        compute_grid_s,
+        compute_ideal_s,
+        output_tasks: 40,
+        output_direct_s,
+        output_grid_s,
+        output_ideal_s,
+    })
 }

@@ -47,11 +47,17 @@ fn run() -> Result<()> {
             // longer `cargo xtask fuzz --seed S` explores new ones); a finding fails the run.
             fuzz::run(&["--seconds".into(), "20".into(), "--seed".into(), "1".into()])
         }
-        Some("bench") => bench::run(args.get(1).map(String::as_str)),
+        Some("bench") => bench::run(
+            args.iter()
+                .skip(1)
+                .map(String::as_str)
+                .find(|a| !a.starts_with("--")),
+            args.iter().any(|a| a == "--json"),
+        ),
         Some("chaos") => chaos::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask <setup|build-guests|demo [python]|test|bench [sandbox|grid|gpu|python]|chaos [--tasks N] [--seed S]|fuzz [--seconds N] [--seed S] [wire|sandbox|gpu...]>"
+            "usage: cargo xtask <setup|build-guests|demo [python]|test|bench [sandbox|grid|gpu|python] [--json]|chaos [--tasks N] [--seed S]|fuzz [--seconds N] [--seed S] [wire|sandbox|gpu...]>"
         ),
     }
 }
