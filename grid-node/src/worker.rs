@@ -559,7 +559,10 @@ impl Node {
                     return;
                 }
                 self.done.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = msg.double_ack().await {
+                // A plain ack, not waited on: if it is lost, the task comes back after the ack
+                // wait and runs again, and its result — the same attempt's message id — is
+                // dropped by JetStream or found already counted by the broker.
+                if let Err(e) = msg.ack().await {
                     tracing::warn!("acking a task: {e}");
                 }
             }
