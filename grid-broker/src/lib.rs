@@ -158,26 +158,13 @@ pub async fn run(
         duplicates: 0,
     };
     broker.resume().await?;
-    let mut submits = client
-        .queue_subscribe("grid.api.*.submit", "broker".into())
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    let mut cancels = client
-        .queue_subscribe("grid.api.*.cancel", "broker".into())
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    let mut queries = client
-        .queue_subscribe("grid.api.*.owner", "broker".into())
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    let mut storage = client
-        .queue_subscribe("grid.api.*.storage", "broker".into())
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    let mut deletes = client
-        .queue_subscribe("grid.api.*.delete", "broker".into())
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    // Tenants' requests, in a queue group: one broker answers each.
+    let api = |verb: &str| client.queue_subscribe(names::api_subject("*", verb), "broker".into());
+    let mut submits = api("submit").await.map_err(|e| anyhow!("{e}"))?;
+    let mut cancels = api("cancel").await.map_err(|e| anyhow!("{e}"))?;
+    let mut queries = api("owner").await.map_err(|e| anyhow!("{e}"))?;
+    let mut storage = api("storage").await.map_err(|e| anyhow!("{e}"))?;
+    let mut deletes = api("delete").await.map_err(|e| anyhow!("{e}"))?;
     let results: jetstream::consumer::PullConsumer = broker
         .grid
         .js
