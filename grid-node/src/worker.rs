@@ -487,6 +487,14 @@ impl Node {
             let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
             return;
         }
+        // Before the delivery count: a replica handed back because this node runs another
+        // replica of its task is waiting for a node to place it on, not failing to run — a
+        // node holds several tasks, so it may see such a replica many times.
+        if job.spec.replicas > 1 && !self.claim(&task).await {
+            // This node ran (or runs) another replica of the task: another node must.
+            let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+            return;
+        }
         let delivered = msg.info().map_or(1, |i| i.delivered);
         if delivered > 1 {
             tracing::debug!(job = %task.job_id, index = task.index, delivered, "redelivered task");
@@ -499,11 +507,6 @@ impl Node {
             if self.publish(&job, &task, lost).await.is_ok() {
                 let _ = msg.double_ack().await;
             }
-            return;
-        }
-        if job.spec.replicas > 1 && !self.claim(&task).await {
-            // This node ran (or runs) another replica of the task: another node must.
-            let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
             return;
         }
         let msg = Arc::new(msg);
