@@ -445,7 +445,11 @@ impl Node {
             return j.clone();
         }
         if jobs.len() > 1000 {
+            // Forget running jobs first: they come back with their next task.
             jobs.retain(|_, j| j.state == JobState::Cancelled);
+            if jobs.len() > 1000 {
+                jobs.clear();
+            }
         }
         let spec = task.spec.clone();
         let total = spec.tasks.len();
