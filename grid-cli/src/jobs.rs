@@ -50,10 +50,21 @@ impl Conn {
     pub async fn open(&self, command: &str) -> Result<Session> {
         let url = grid_client::nats_url(self.nats.as_deref());
         let creds = grid_client::auth::creds_path(self.creds.as_deref());
-        let identity = creds
+        // Read once: who the credentials name, and what the connection presents.
+        let text = creds
             .as_deref()
-            .map(grid_client::auth::Identity::of_creds_file)
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading credentials {}", path.display()))
+            })
             .transpose()?;
+        let identity = match (&text, &creds) {
+            (Some(text), Some(path)) => Some(
+                grid_client::auth::Identity::of_creds(text)
+                    .with_context(|| format!("credentials {}", path.display()))?,
+            ),
+            _ => None,
+        };
         if let Some(who) = &identity
             && who.role == grid_client::auth::Role::Provider
         {
@@ -66,7 +77,7 @@ impl Conn {
             Some(who) if who.role == grid_client::auth::Role::Tenant => who.name.clone(),
             _ => names::DEFAULT_TENANT.to_string(),
         };
-        let client = grid_client::connect_with(&url, false, creds.as_deref()).await?;
+        let client = grid_client::connect_with_text(&url, false, text.as_deref()).await?;
         Ok(Session {
             grid: Grid::open(client).await?,
             tenant,

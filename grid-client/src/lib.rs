@@ -61,20 +61,16 @@ pub async fn connect_with(
                 .with_context(|| format!("reading credentials {}", path.display()))
         })
         .transpose()?;
-    connect_to(url, forever, text.as_deref()).await
+    connect_with_text(url, forever, text.as_deref()).await
 }
 
-/// [`connect`] with the text of a credentials file (a node reads it before it drops
-/// privileges).
+/// [`connect`] with the text of a credentials file, when there is one (a node reads it before
+/// it drops privileges; `grid` commands read it once to learn who they are).
 pub async fn connect_with_text(
     url: &str,
     forever: bool,
-    creds: &str,
+    creds: Option<&str>,
 ) -> Result<async_nats::Client> {
-    connect_to(url, forever, Some(creds)).await
-}
-
-async fn connect_to(url: &str, forever: bool, creds: Option<&str>) -> Result<async_nats::Client> {
     let mut options = async_nats::ConnectOptions::new().name("grid");
     if let Some(creds) = creds {
         options = options

@@ -138,10 +138,8 @@ pub async fn run(
     creds: Option<String>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let client = match creds {
-        Some(text) => grid_client::connect_with_text(&config.nats_url, true, &text).await?,
-        None => grid_client::connect_with(&config.nats_url, true, config.creds.as_deref()).await?,
-    };
+    // `main` took the credentials' text out of the config (and `GRID_CREDS` is in it).
+    let client = grid_client::connect_with_text(&config.nats_url, true, creds.as_deref()).await?;
     let grid = loop {
         match Grid::open(client.clone()).await {
             Ok(grid) => break grid,

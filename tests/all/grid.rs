@@ -104,12 +104,7 @@ fn the_same_module_is_uploaded_once_and_compiled_once_per_node() {
     let stored = || {
         rt.block_on(async {
             use futures::StreamExt;
-            let client = crate::support::connect_operator(&grid.nats.url).await;
-            let js = async_nats::jetstream::new(client);
-            let store = js
-                .get_object_store(names::tenant_store(names::DEFAULT_TENANT))
-                .await
-                .unwrap();
+            let store = crate::support::default_store(&grid.nats.url).await;
             let list: Vec<_> = store.list().await.unwrap().collect().await;
             let modules = list
                 .iter()
@@ -538,12 +533,7 @@ fn a_task_no_node_can_run_is_retried_then_reported_lost() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = crate::support::connect_operator(&grid.nats.url).await;
-        let js = async_nats::jetstream::new(client);
-        let store = js
-            .get_object_store(names::tenant_store(names::DEFAULT_TENANT))
-            .await
-            .unwrap();
+        let store = crate::support::default_store(&grid.nats.url).await;
         let sha = grid_proto::Sha256Hex::of(&std::fs::read(&module).unwrap());
         store.delete(names::object_name(&sha)).await.unwrap();
     });

@@ -272,6 +272,16 @@ pub async fn connect_operator(url: &str) -> async_nats::Client {
     connect_as(url, &operator_creds()).await
 }
 
+/// The default tenant's object store on the grid at `url`, opened as the operator.
+pub async fn default_store(url: &str) -> async_nats::jetstream::object_store::ObjectStore {
+    let js = async_nats::jetstream::new(connect_operator(url).await);
+    js.get_object_store(grid_proto::names::tenant_store(
+        grid_proto::names::DEFAULT_TENANT,
+    ))
+    .await
+    .expect("the default tenant's store")
+}
+
 /// A NATS connection to `url` with the credentials at `creds` (and their inbox prefix).
 pub async fn connect_as(url: &str, creds: &Path) -> async_nats::Client {
     grid_client::connect_with(url, false, Some(creds))
