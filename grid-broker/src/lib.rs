@@ -96,7 +96,10 @@ impl ActiveJob {
                 }
             }
         }
-        counts.in_flight = counts.in_flight.saturating_sub(1);
+        // Only a task below `enqueued` was counted in flight (see `Broker::fill`).
+        if record.result.index < self.record.enqueued {
+            counts.in_flight = counts.in_flight.saturating_sub(1);
+        }
         self.dirty = true;
         true
     }
@@ -303,29 +306,17 @@ impl Broker {
         Ok(())
     }
 
-    /// The final records of `job`'s tasks in `grid_tasks`.
+    /// The final records of `job`'s tasks in `grid_tasks` — all of them: a record missed here
+    /// belongs to a result that is already acked and never comes back.
     async fn recount(&self, tenant: &str, job: &str) -> Result<Vec<TaskRecord>> {
-        let mut watch = self
+        let entries = self
             .grid
-            .tasks()
-            .await?
-            .watch_with_history(format!("{tenant}.{job}.>"))
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        let mut stored = Vec::new();
-        // An empty history sends nothing: stop after a short quiet period.
-        loop {
-            let next = tokio::time::timeout(Duration::from_millis(500), watch.next()).await;
-            let Ok(Some(entry)) = next else { break };
-            let entry = entry.map_err(|e| anyhow!("{e}"))?;
-            if let Ok(record) = decode::<TaskRecord>(&entry.value) {
-                stored.push(record);
-            }
-            if entry.delta == 0 {
-                break;
-            }
-        }
-        Ok(stored)
+            .entries(names::TASKS_BUCKET, Some(&format!("{tenant}.{job}")))
+            .await?;
+        Ok(entries
+            .iter()
+            .filter_map(|(_, bytes)| decode::<TaskRecord>(bytes).ok())
+            .collect())
     }
 
     async fn activate(&self, record: JobRecord) -> Result<ActiveJob> {
@@ -1257,15 +1248,28 @@ impl Broker {
         let window = self.config.window;
         let mut failed = None;
         for job in self.active.values_mut() {
-            let first = job.record.enqueued;
-            let room = window.saturating_sub(job.record.counts.in_flight);
-            let last = (first + room).min(job.record.counts.total);
-            if last == first {
+            // The saved `enqueued` may lag what a broker before a restart had enqueued, so a
+            // task past it may be counted already: it is passed over, not put in flight again
+            // (a window of tasks that never report would stall the job).
+            let (total, room) = (
+                job.record.counts.total,
+                window.saturating_sub(job.record.counts.in_flight),
+            );
+            let mut last = job.record.enqueued;
+            let mut indices = Vec::new();
+            while last < total && (indices.len() as u64) < room {
+                if !job.has_counted(last) {
+                    indices.push(last);
+                }
+                last += 1;
+            }
+            if last == job.record.enqueued {
                 continue;
             }
             let replicas = job.record.spec.replicas.max(1);
-            let acks =
-                (first..last).flat_map(|index| (0..replicas).map(move |replica| (index, replica)));
+            let acks = indices
+                .iter()
+                .flat_map(|&index| (0..replicas).map(move |replica| (index, replica)));
             let acks =
                 acks.map(|(index, replica)| publish_task(&self.grid.js, job, index, 0, replica));
             if let Some(Err(e)) = futures::future::join_all(acks)
@@ -1277,7 +1281,7 @@ impl Broker {
                 continue;
             }
             job.record.enqueued = last;
-            job.record.counts.in_flight += last - first;
+            job.record.counts.in_flight += indices.len() as u64;
             job.dirty = true;
             if job.record.state == JobState::Queued {
                 job.record.state = JobState::Running;

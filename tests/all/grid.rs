@@ -292,6 +292,58 @@ fn the_broker_restarted_mid_job_finishes_it() {
     assert_eq!(status["tasks"]["total"], 40);
 }
 
+/// The broker saves a job's record on a timer, so one killed between enqueueing tasks and its
+/// next save leaves a record that lags tasks already done. The test makes the worst case: it
+/// kills the broker mid-job and rewinds the saved record to the job's submission.
+#[test]
+fn a_broker_restarted_from_a_stale_job_record_finishes_the_job() {
+    let mut grid = TestGrid::start(2, &["--window", "4"]);
+    let job = submit(
+        &grid,
+        &[
+            guest("hostile").to_str().unwrap(),
+            "--tasks",
+            "24",
+            "--",
+            "nap",
+            "50",
+        ],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while grid.grid_json(&["status", &job], 0)["tasks"]["succeeded"].as_u64() < Some(8) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never got going"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    grid.broker.kill();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = crate::support::connect_operator(&grid.nats.url).await;
+        let jobs = async_nats::jetstream::new(client)
+            .get_key_value(names::JOBS_BUCKET)
+            .await
+            .unwrap();
+        let key = names::job_key(names::DEFAULT_TENANT, &job);
+        let saved = jobs.get(&key).await.unwrap().unwrap();
+        let mut record: grid_proto::JobRecord = grid_proto::decode(&saved).unwrap();
+        record.enqueued = 0;
+        record.counts = grid_proto::TaskCounts {
+            total: record.counts.total,
+            ..Default::default()
+        };
+        jobs.put(key, encode(&record).into()).await.unwrap();
+    });
+    grid.broker = GridProcess::broker(&grid.nats, &["--window", "4"]);
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["tasks"]["succeeded"], 24, "{status}");
+    // Each task billed once.
+    let billed = crate::ledger::usage(&grid, &["--job", &job]);
+    assert_eq!(billed["total"]["attempts"], 24, "{billed}");
+}
+
 #[test]
 fn cancel_stops_running_tasks_and_starts_no_more() {
     let grid = TestGrid::start(1, &["--window", "4"]);
