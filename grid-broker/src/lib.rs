@@ -28,7 +28,7 @@
 //!
 //! One broker at a time: job-state writes are not compare-and-set yet.
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use async_nats::jetstream::{self, AckKind};
 use bit_set::BitSet;
 use futures::StreamExt;
@@ -55,8 +55,8 @@ pub struct BrokerConfig {
 
 struct ActiveJob {
     record: JobRecord,
-    /// Params lines, for jobs with a params file.
-    params: Option<Vec<Vec<u8>>>,
+    /// The pages of a params file, for jobs with one.
+    params: Option<ParamsPages>,
     /// Failure reasons of tasks still being retried.
     failures: HashMap<u64, Vec<String>>,
     /// With replicas: the votes of undecided tasks (reloaded from `grid_votes` after a restart)
@@ -70,7 +70,89 @@ struct ActiveJob {
     dirty: bool,
 }
 
+/// A params job's task lines, read a page at a time: a fill reads forward, and retries and
+/// extra replicas are of tasks in the window, so a few pages in memory serve them all however
+/// long the file is.
+struct ParamsPages {
+    pages: Vec<grid_proto::ParamsPage>,
+    /// The first task index of each page.
+    starts: Vec<u64>,
+    /// The pages read last, newest at the back, split into lines.
+    cache: std::collections::VecDeque<(usize, Vec<Vec<u8>>)>,
+}
+
+/// Params pages a job keeps in memory.
+const PARAMS_PAGES_CACHED: usize = 3;
+
+impl ParamsPages {
+    fn new(pages: Vec<grid_proto::ParamsPage>) -> Self {
+        let starts = pages
+            .iter()
+            .scan(0, |next, page| {
+                let start = *next;
+                *next += page.lines;
+                Some(start)
+            })
+            .collect();
+        Self {
+            pages,
+            starts,
+            cache: Default::default(),
+        }
+    }
+
+    /// Task `index`'s params line.
+    async fn line(&mut self, grid: &Grid, tenant: &str, index: u64) -> Result<Vec<u8>> {
+        let page = self.starts.partition_point(|&start| start <= index);
+        let Some(page) = page.checked_sub(1) else {
+            bail!("task {index} has no params line");
+        };
+        let offset = (index - self.starts[page]) as usize;
+        if !self.cache.iter().any(|(p, _)| *p == page) {
+            let lines = read_params_page(grid, tenant, &self.pages[page]).await?;
+            if self.cache.len() == PARAMS_PAGES_CACHED {
+                self.cache.pop_front();
+            }
+            self.cache.push_back((page, lines));
+        }
+        self.cache
+            .iter()
+            .find(|(p, _)| *p == page)
+            .and_then(|(_, lines)| lines.get(offset).cloned())
+            .ok_or_else(|| anyhow!("task {index} has no params line"))
+    }
+}
+
+/// The task lines of a params page, checked against the count its job's spec gives.
+async fn read_params_page(
+    grid: &Grid,
+    tenant: &str,
+    page: &grid_proto::ParamsPage,
+) -> Result<Vec<Vec<u8>>> {
+    let bytes = grid.get_object(tenant, &page.sha256).await?;
+    let lines: Vec<Vec<u8>> = grid_proto::params_lines(&bytes)
+        .map(<[u8]>::to_vec)
+        .collect();
+    if lines.len() as u64 != page.lines {
+        bail!(
+            "params page {} has {} tasks, the job's spec says {}",
+            page.sha256,
+            lines.len(),
+            page.lines
+        );
+    }
+    Ok(lines)
+}
+
 impl ActiveJob {
+    /// Task `index`'s params (empty for a job without a params file).
+    async fn params(&mut self, grid: &Grid, index: u64) -> Result<Vec<u8>> {
+        match &mut self.params {
+            Some(pages) => pages.line(grid, &self.record.spec.tenant, index).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Counts a task's stored final record, once: false if it was counted already.
     fn count(&mut self, record: &TaskRecord) -> bool {
         let Ok(index) = usize::try_from(record.result.index) else {
@@ -321,14 +403,7 @@ impl Broker {
 
     async fn activate(&self, record: JobRecord) -> Result<ActiveJob> {
         let params = match &record.spec.tasks {
-            TaskSource::Params { blob, .. } => {
-                let bytes = self.grid.get_object(&record.spec.tenant, blob).await?;
-                Some(
-                    grid_proto::params_lines(&bytes)
-                        .map(<[u8]>::to_vec)
-                        .collect(),
-                )
-            }
+            TaskSource::Params { pages, .. } => Some(ParamsPages::new(pages.clone())),
             _ => None,
         };
         let task_spec = grid_proto::JobSpec {
@@ -451,10 +526,13 @@ impl Broker {
         let mut blobs: Vec<&grid_proto::Sha256Hex> =
             spec.shared.iter().map(|i| &i.sha256).collect();
         match &spec.tasks {
-            TaskSource::Params { blob, lines } => {
-                blobs.push(blob);
-                let bytes = self.grid.get_object(&tenant, blob).await?;
-                let counted = grid_proto::params_lines(&bytes).count() as u64;
+            TaskSource::Params { pages, lines } => {
+                // Each page is read (and dropped) once here, so that a wrong count is refused
+                // now rather than found mid-job.
+                for page in pages {
+                    read_params_page(&self.grid, &tenant, page).await?;
+                }
+                let counted: u64 = pages.iter().map(|p| p.lines).sum();
                 if counted != *lines {
                     anyhow::bail!("params file has {counted} tasks, the request says {lines}");
                 }
@@ -999,7 +1077,9 @@ impl Broker {
             // Published before the failed result is acked: a broker killed in between gets the
             // result again and republishes the retry under the same message id, which JetStream
             // drops; a retry kept only in memory would be lost with the broker.
-            publish_task(&self.grid.js, job, result.index, result.attempt + 1, 0).await?;
+            let params = job.params(&self.grid, result.index).await?;
+            let task = (result.index, params);
+            publish_task(&self.grid.js, job, task, result.attempt + 1, 0).await?;
             crash_point("after-retry");
             job.failures.entry(result.index).or_default().push(reason);
         }
@@ -1021,14 +1101,9 @@ impl Broker {
         }
         if result.outcome == Outcome::Failed(Reason::Lost) && result.attempt < spec.retries {
             tracing::info!(job = %result.job_id, index, replica = result.replica, "replica lost; running it again");
-            return publish_task(
-                &self.grid.js,
-                job,
-                index,
-                result.attempt + 1,
-                result.replica,
-            )
-            .await;
+            let task = (index, job.params(&self.grid, index).await?);
+            return publish_task(&self.grid.js, job, task, result.attempt + 1, result.replica)
+                .await;
         }
         if let Some(record) = self.decided(&result).await? {
             // Decided by a store whose reply was lost: counted now, when a replica comes back.
@@ -1094,7 +1169,8 @@ impl Broker {
             return Ok(()); // more votes are coming
         } else if dispatched < most {
             tracing::info!(job = %job.record.id, index, votes = votes.len(), "replicas disagree; one more");
-            publish_task(&self.grid.js, job, index, 0, dispatched).await?;
+            let task = (index, job.params(&self.grid, index).await?);
+            publish_task(&self.grid.js, job, task, 0, dispatched).await?;
             job.dispatched.insert(index, dispatched + 1);
             return Ok(());
         } else {
@@ -1266,12 +1342,25 @@ impl Broker {
             if last == job.record.enqueued {
                 continue;
             }
+            let mut tasks = Vec::with_capacity(indices.len());
+            for &index in &indices {
+                match job.params(&self.grid, index).await {
+                    Ok(params) => tasks.push((index, params)),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if tasks.len() < indices.len() {
+                continue;
+            }
             let replicas = job.record.spec.replicas.max(1);
-            let acks = indices
-                .iter()
-                .flat_map(|&index| (0..replicas).map(move |replica| (index, replica)));
+            let acks = tasks
+                .into_iter()
+                .flat_map(|task| (0..replicas).map(move |replica| (task.clone(), replica)));
             let acks =
-                acks.map(|(index, replica)| publish_task(&self.grid.js, job, index, 0, replica));
+                acks.map(|(task, replica)| publish_task(&self.grid.js, job, task, 0, replica));
             if let Some(Err(e)) = futures::future::join_all(acks)
                 .await
                 .into_iter()
@@ -1424,17 +1513,11 @@ fn reply_lost(key: &str) -> bool {
 fn publish_task(
     js: &jetstream::Context,
     job: &ActiveJob,
-    index: u64,
+    (index, params): (u64, Vec<u8>),
     attempt: u32,
     replica: u32,
 ) -> impl std::future::Future<Output = Result<()>> + use<> {
     let spec = &job.record.spec;
-    let params = job
-        .params
-        .as_ref()
-        .and_then(|p| p.get(index as usize))
-        .cloned()
-        .unwrap_or_default();
     let input = match &spec.tasks {
         TaskSource::Inputs(files) => files.get(index as usize).cloned(),
         _ => None,

@@ -175,6 +175,28 @@ pub struct SubmitArgs {
     pub args: Vec<String>,
 }
 
+/// Checks that every non-blank line of the params file at `path` is JSON, reading it a line at
+/// a time.
+fn check_params(path: &Path) -> Result<()> {
+    use std::io::BufRead;
+    let cannot = || format!("cannot read params file {}", path.display());
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path).with_context(cannot)?);
+    let mut line = Vec::new();
+    for n in 1.. {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).with_context(cannot)? == 0 {
+            break;
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if let Err(e) = serde_json::from_slice::<serde_json::Value>(&line) {
+            bail!("{} line {n} is not valid JSON: {e}", path.display());
+        }
+    }
+    Ok(())
+}
+
 fn read_dir_sorted(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)
@@ -248,22 +270,11 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
     {
         return Err(Refused(format!("module {} refused: {why}", args.module.display())).into());
     }
-    let params = match &args.params {
-        Some(path) => {
-            let bytes = std::fs::read(path)
-                .with_context(|| format!("cannot read params file {}", path.display()))?;
-            for (n, line) in bytes.split(|b| *b == b'\n').enumerate() {
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                if let Err(e) = serde_json::from_slice::<serde_json::Value>(line) {
-                    bail!("{} line {} is not valid JSON: {e}", path.display(), n + 1);
-                }
-            }
-            Some(bytes)
-        }
-        None => None,
-    };
+    // Checked line by line here, before anything is uploaded, and paged while uploading:
+    // a params file is never read whole (it may hold a million tasks).
+    if let Some(path) = &args.params {
+        check_params(path)?;
+    }
     let inputs = args.input.as_deref().map(read_dir_sorted).transpose()?;
     let shared = args.shared.as_deref().map(read_dir_sorted).transpose()?;
     if inputs.as_ref().is_some_and(Vec::is_empty) {
@@ -309,10 +320,18 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
                 anyhow::Ok(refs)
             }
         };
-        let tasks = if let Some(bytes) = params {
-            let lines = grid_proto::params_lines(&bytes).count() as u64;
-            let (blob, _) = grid.put_object(tenant, &bytes).await?;
-            TaskSource::Params { blob, lines }
+        let tasks = if let Some(path) = &args.params {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot read params file {}", path.display()))?;
+            let (mut pages, mut lines) = (Vec::new(), 0);
+            for page in grid_proto::ParamsPager::new(std::io::BufReader::new(file)) {
+                let (bytes, count) =
+                    page.with_context(|| format!("cannot read params file {}", path.display()))?;
+                let (sha256, _) = grid.put_object(tenant, &bytes).await?;
+                pages.push(grid_proto::ParamsPage { sha256, lines: count });
+                lines += count;
+            }
+            TaskSource::Params { pages, lines }
         } else if let Some(files) = inputs {
             TaskSource::Inputs(upload(files).await?)
         } else {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// Bumped on any incompatible change of a wire type.
-pub const WIRE_VERSION: u16 = 5;
+pub const WIRE_VERSION: u16 = 6;
 
 /// A type that travels over NATS.
 pub trait Message: Serialize + DeserializeOwned {
@@ -95,6 +95,14 @@ pub struct InputRef {
     pub bytes: u64,
 }
 
+/// One page of a params file: whole lines, a blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamsPage {
+    pub sha256: Sha256Hex,
+    /// Its task lines (non-blank lines, see [`params_lines`]).
+    pub lines: u64,
+}
+
 /// A program run by a pinned runtime (see [`crate::runtime`]): the job's module is then the
 /// runtime's own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,8 +120,10 @@ pub struct ProgramRef {
 pub enum TaskSource {
     /// `--tasks N`: N tasks with empty stdin.
     Count(u64),
-    /// `--params FILE.jsonl`: one task per line; the file is a blob.
-    Params { blob: Sha256Hex, lines: u64 },
+    /// `--params FILE.jsonl`: one task per line. The file is stored as pages of whole lines
+    /// (see [`ParamsPager`]), so that neither submit nor the broker ever holds more than a few
+    /// pages of a file with a million tasks.
+    Params { pages: Vec<ParamsPage>, lines: u64 },
     /// `--input DIR`: one task per file, in byte order of name.
     Inputs(Vec<InputRef>),
 }
@@ -163,7 +173,7 @@ impl JobSpec {
     pub fn objects(&self) -> Vec<Sha256Hex> {
         let mut objects = vec![self.module_sha256];
         match &self.tasks {
-            TaskSource::Params { blob, .. } => objects.push(*blob),
+            TaskSource::Params { pages, .. } => objects.extend(pages.iter().map(|p| p.sha256)),
             TaskSource::Inputs(files) => objects.extend(files.iter().map(|f| f.sha256)),
             TaskSource::Count(_) => {}
         }
@@ -604,9 +614,83 @@ pub fn params_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
 }
 
+/// Bytes a params page holds at most, unless one line is longer.
+pub const PARAMS_PAGE_BYTES: usize = 1 << 20;
+
+/// Splits a params file into pages of whole lines as it reads it: each item is a page's bytes
+/// and its task count. Pages without a task line are left out.
+pub struct ParamsPager<R> {
+    reader: R,
+    page_bytes: usize,
+    /// A line read that did not fit the last page: the next page's first.
+    carry: Vec<u8>,
+}
+
+impl<R: std::io::BufRead> ParamsPager<R> {
+    pub fn new(reader: R) -> Self {
+        Self::with_page_bytes(reader, PARAMS_PAGE_BYTES)
+    }
+
+    pub fn with_page_bytes(reader: R, page_bytes: usize) -> Self {
+        Self {
+            reader,
+            page_bytes,
+            carry: Vec::new(),
+        }
+    }
+}
+
+impl<R: std::io::BufRead> Iterator for ParamsPager<R> {
+    type Item = std::io::Result<(Vec<u8>, u64)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut page = std::mem::take(&mut self.carry);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match self.reader.read_until(b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Some(Err(e)),
+            }
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue; // blank lines are not tasks: left out of the pages
+            }
+            if !page.is_empty() && page.len() + line.len() > self.page_bytes {
+                self.carry = std::mem::take(&mut line);
+                break;
+            }
+            page.extend_from_slice(&line);
+        }
+        let lines = params_lines(&page).count() as u64;
+        (lines > 0).then_some(Ok((page, lines)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn params_pages_hold_whole_lines_and_every_task_line_once() {
+        let file = b"\n{\"a\":1}\n\n  \n{\"a\":22}\n{\"a\":333}\n\n{\"a\":4444}";
+        let pages: Vec<(Vec<u8>, u64)> = ParamsPager::with_page_bytes(&file[..], 12)
+            .collect::<std::io::Result<_>>()
+            .unwrap();
+        let lines: Vec<&[u8]> = pages.iter().flat_map(|(p, _)| params_lines(p)).collect();
+        assert_eq!(lines, params_lines(file).collect::<Vec<_>>());
+        assert_eq!(lines.len(), 4);
+        for (page, count) in &pages {
+            assert_eq!(params_lines(page).count() as u64, *count);
+            assert!(*count > 0, "no page without a task");
+            assert!(
+                page.len() <= 12 || *count == 1,
+                "a page is over its size only for one long line"
+            );
+        }
+        assert!(pages.len() >= 3, "{pages:?}");
+        assert!(ParamsPager::new(&b"\n \n\n"[..]).next().is_none());
+    }
 
     #[test]
     fn billed_usage_stays_within_the_limits() {

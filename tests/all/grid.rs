@@ -432,6 +432,50 @@ fn a_small_job_behind_a_large_one_finishes_first() {
     assert_eq!(grid.wait(&big)["state"], "done");
 }
 
+/// A params file is stored in pages of about 1 MiB, and the broker reads a page when its tasks
+/// come up: padded lines (JSON allows the spaces) make a 2.5 MB file of 25 tasks, ten pages' worth
+/// of tasks would otherwise need a file too large for a test.
+#[test]
+fn a_params_file_of_many_pages_gives_every_task_its_own_line() {
+    let grid = TestGrid::start(2, &["--window", "4"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let pad = " ".repeat(100_000);
+    let params = write_params(
+        tmp.path(),
+        (0..25).map(|i| format!(r#"{{"rows": {}{pad}}}"#, i + 1)),
+    );
+    assert!(std::fs::metadata(&params).unwrap().len() > 2_500_000);
+    let module = guest("synth-data");
+    let status = grid.grid_json(
+        &[
+            "submit",
+            module.to_str().unwrap(),
+            "--params",
+            params.to_str().unwrap(),
+            "--wait",
+        ],
+        0,
+    );
+    assert_eq!(status["state"], "done", "{status}");
+    let out = tmp.path().join("results");
+    grid.grid(&[
+        "results",
+        status["job_id"].as_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    for i in 0..25 {
+        let csv = std::fs::read_to_string(out.join(i.to_string()).join(format!("part-{i:05}.csv")))
+            .unwrap();
+        assert_eq!(
+            csv.lines().count(),
+            i + 2,
+            "task {i}: a header and {} rows",
+            i + 1
+        );
+    }
+}
+
 #[test]
 fn bad_submissions_are_refused_with_one_line_and_the_grid_keeps_serving() {
     let grid = TestGrid::start(1, &[]);

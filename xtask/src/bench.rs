@@ -10,6 +10,9 @@
 //!   `--json` prints it as one JSON object.
 //! - `gpu`: the gpu-noise example as a wasm task through `grid_gpu_v1` and the GPU worker vs the
 //!   same WGSL from a native program, and the per-dispatch overhead (see `grid-node/benches/gpu.rs`).
+//! - `flat`: jobs of 1k, 10k, 100k and 1M trivial tasks (`--largest N` to stop sooner), counted
+//!   (`--tasks`) and from a params file, each on a fresh `grid up`: tasks per second, the broker's
+//!   peak memory and that of `grid submit`, which must not grow with the job.
 //! - `python`: the Python runtime's cold compile, a warm trivial task, and a numpy-heavy script
 //!   in the sandbox vs the host's CPython with numpy (see `grid-node/benches/python.rs`).
 
@@ -20,7 +23,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-pub fn run(which: Option<&str>, json: bool) -> Result<()> {
+pub fn run(args: &[String]) -> Result<()> {
+    let which = args
+        .iter()
+        .map(String::as_str)
+        .find(|a| !a.starts_with("--"));
+    let json = args.iter().any(|a| a == "--json");
     setup::run()?;
     build_guests()?;
     match which.unwrap_or("sandbox") {
@@ -37,6 +45,16 @@ pub fn run(which: Option<&str>, json: bool) -> Result<()> {
             cargo(&["bench", "--locked", "-p", "grid-node", "--bench", "sandbox"])
         }
         "grid" => grid(json),
+        "flat" => {
+            let largest = match args.iter().position(|a| a == "--largest") {
+                Some(i) => args
+                    .get(i + 1)
+                    .and_then(|n| n.parse().ok())
+                    .context("--largest takes a number of tasks, e.g. --largest 100000")?,
+                None => 1_000_000,
+            };
+            flat(largest)
+        }
         "gpu" => cargo(&["bench", "--locked", "-p", "grid-node", "--bench", "gpu"]),
         "python" => {
             let python = setup::host_python_with_numpy()?;
@@ -53,7 +71,7 @@ pub fn run(which: Option<&str>, json: bool) -> Result<()> {
         }
         other => {
             bail!(
-                "unknown benchmark `{other}`; try `cargo xtask bench sandbox`, `grid`, `gpu` or `python`"
+                "unknown benchmark `{other}`; try `cargo xtask bench sandbox`, `grid`, `gpu`, `python` or `flat`"
             )
         }
     }
@@ -92,38 +110,7 @@ fn grid(json: bool) -> Result<()> {
     let empty = work.join("empty.wasm");
     std::fs::write(&empty, EMPTY_START)?;
 
-    // The grid's default tenant, for the `grid` commands below (`grid up` makes it).
-    // SAFETY: xtask runs on one thread; nothing reads the environment concurrently.
-    unsafe {
-        std::env::set_var(
-            "GRID_CREDS",
-            work.join("data/auth/creds/tenant-default.creds"),
-        )
-    };
-    let mut up = Command::new(&grid)
-        .args([
-            "up",
-            "--nodes",
-            "1",
-            "--slots",
-            &SLOTS.to_string(),
-            "--nats",
-            "nats://127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(work.join("data"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut lines = BufReader::new(up.stdout.take().context("stdout")?).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .context("grid up exited before it was ready")??;
-        if let Some(url) = line.strip_prefix("grid: ready ") {
-            break url.to_string();
-        }
-    };
+    let (up, url) = start_up(&grid, &work)?;
     let result = measure(&grid, &url, &empty, &work).and_then(|rows| {
         // JetStream's own rates, on the same server, after the grid's runs.
         let operator = work.join("data/auth/creds/operator-broker.creds");
@@ -140,11 +127,7 @@ fn grid(json: bool) -> Result<()> {
             json_number(&line, "pull_ack_per_s").context("the ceiling benchmark's answer")?;
         Ok((rows, publish, pull))
     });
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(up.id().to_string())
-        .status();
-    let _ = up.wait();
+    stop_up(up);
     let _ = std::fs::remove_dir_all(&work);
     let (rows, publish, pull) = result?;
     // A task crosses JetStream twice (the task, then its result): each is a publish and a pull.
@@ -211,6 +194,155 @@ fn grid(json: bool) -> Result<()> {
                 r.anchor_name,
                 r.anchor,
                 r.grid / r.anchor
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Starts `grid up` (1 node × [`SLOTS`] slots, its data under `work`) and points the `grid`
+/// commands run from here at its default tenant. Returns the process and the NATS URL.
+fn start_up(grid: &Path, work: &Path) -> Result<(std::process::Child, String)> {
+    // SAFETY: xtask runs on one thread; nothing reads the environment concurrently.
+    unsafe {
+        std::env::set_var(
+            "GRID_CREDS",
+            work.join("data/auth/creds/tenant-default.creds"),
+        )
+    };
+    let mut up = Command::new(grid)
+        .args([
+            "up",
+            "--nodes",
+            "1",
+            "--slots",
+            &SLOTS.to_string(),
+            "--nats",
+            "nats://127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(work.join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut lines = BufReader::new(up.stdout.take().context("stdout")?).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .context("grid up exited before it was ready")??;
+        if let Some(url) = line.strip_prefix("grid: ready ") {
+            break url.to_string();
+        }
+    };
+    // What it prints later (on shutdown) still has somewhere to go.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((up, url))
+}
+
+fn stop_up(mut up: std::process::Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(up.id().to_string())
+        .status();
+    let _ = up.wait();
+}
+
+/// The peak resident memory (VmHWM) of process `pid`, in bytes.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The pid of the `grid broker` that `grid up` (pid `up`) started.
+fn broker_pid(up: u32) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // The parent's pid is the second field after the command name (which is in parentheses).
+            let parent: u32 = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let is_broker = cmdline.split(|b| *b == 0).nth(1) == Some(b"broker");
+            (parent == up && is_broker).then_some(pid)
+        })
+}
+
+/// Jobs of growing size, each on a fresh grid: rate and peak memory (see the module docs).
+fn flat(largest: u64) -> Result<()> {
+    cargo(&["build", "--locked", "--release", "-p", "grid-cli"])?;
+    let grid = target_dir().join("release/grid");
+    println!("flat with size: 1 broker, 1 node × {SLOTS} slots, nats-server; empty _start tasks");
+    println!(
+        "{:<8} {:>9} {:>10} {:>18} {:>18}",
+        "source", "tasks", "tasks/s", "broker peak RSS", "submit peak RSS"
+    );
+    let sizes = [1_000u64, 10_000, 100_000, 1_000_000];
+    for source in ["--tasks", "--params"] {
+        for &tasks in sizes.iter().filter(|&&n| n <= largest) {
+            let work = std::env::temp_dir().join(format!("grid-flat-{}", std::process::id()));
+            std::fs::create_dir_all(&work)?;
+            let empty = work.join("empty.wasm");
+            std::fs::write(&empty, EMPTY_START)?;
+            let (up, url) = start_up(&grid, &work)?;
+            let measured = (|| -> Result<(f64, u64, u64)> {
+                let broker = broker_pid(up.id()).context("finding the broker of grid up")?;
+                submit_wait(&grid, &url, &empty, &["--tasks", "10"])?; // warm: compiled
+                let what = if source == "--params" {
+                    let path = work.join("params.jsonl");
+                    let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+                    for i in 0..tasks {
+                        use std::io::Write;
+                        writeln!(file, r#"{{"task": {i}}}"#)?;
+                    }
+                    file.into_inner().map_err(|e| e.into_error())?;
+                    path.to_string_lossy().into_owned()
+                } else {
+                    tasks.to_string()
+                };
+                let started = Instant::now();
+                let mut submit = Command::new(&grid)
+                    .args(["submit", "--nats", &url, "--wait", "--json"])
+                    .arg(&empty)
+                    .args([source, &what])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .spawn()?;
+                // VmHWM only grows: the last reading before the process ends is its peak.
+                let mut submit_peak = 0;
+                while submit.try_wait()?.is_none() {
+                    submit_peak = peak_rss(submit.id()).unwrap_or(submit_peak);
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                let out = submit.wait_with_output()?;
+                let took = started.elapsed().as_secs_f64();
+                let text = String::from_utf8_lossy(&out.stdout);
+                if !out.status.success() || !text.contains("\"state\":\"done\"") {
+                    bail!("the {tasks}-task job did not finish as done: {text}");
+                }
+                let broker_peak = peak_rss(broker).context("reading the broker's memory")?;
+                Ok((tasks as f64 / took, broker_peak, submit_peak))
+            })();
+            stop_up(up);
+            let _ = std::fs::remove_dir_all(&work);
+            let (rate, broker_peak, submit_peak) = measured?;
+            let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+            println!(
+                "{:<8} {:>9} {:>10.0} {:>18} {:>18}",
+                source.trim_start_matches('-'),
+                tasks,
+                rate,
+                mb(broker_peak),
+                mb(submit_peak)
             );
         }
     }
