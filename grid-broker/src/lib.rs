@@ -77,8 +77,8 @@ struct ParamsPages {
     pages: Vec<grid_proto::ParamsPage>,
     /// The first task index of each page.
     starts: Vec<u64>,
-    /// The pages read last, newest at the back, split into lines.
-    cache: std::collections::VecDeque<(usize, Vec<Vec<u8>>)>,
+    /// The pages read last, newest at the back.
+    cache: std::collections::VecDeque<(usize, ParamsPageLines)>,
 }
 
 /// Params pages a job keeps in memory.
@@ -118,8 +118,23 @@ impl ParamsPages {
         self.cache
             .iter()
             .find(|(p, _)| *p == page)
-            .and_then(|(_, lines)| lines.get(offset).cloned())
+            .and_then(|(_, lines)| lines.get(offset))
+            .map(<[u8]>::to_vec)
             .ok_or_else(|| anyhow!("task {index} has no params line"))
+    }
+}
+
+/// A params page and where each of its task lines lies in it (one allocation for the lines,
+/// not one each: a page holds tens of thousands of short lines).
+struct ParamsPageLines {
+    bytes: Vec<u8>,
+    lines: Vec<(u32, u32)>,
+}
+
+impl ParamsPageLines {
+    fn get(&self, line: usize) -> Option<&[u8]> {
+        let &(start, end) = self.lines.get(line)?;
+        self.bytes.get(start as usize..end as usize)
     }
 }
 
@@ -128,10 +143,17 @@ async fn read_params_page(
     grid: &Grid,
     tenant: &str,
     page: &grid_proto::ParamsPage,
-) -> Result<Vec<Vec<u8>>> {
+) -> Result<ParamsPageLines> {
     let bytes = grid.get_object(tenant, &page.sha256).await?;
-    let lines: Vec<Vec<u8>> = grid_proto::params_lines(&bytes)
-        .map(<[u8]>::to_vec)
+    let Ok(size) = u32::try_from(bytes.len()) else {
+        bail!(
+            "params page {} is {} bytes: too large",
+            page.sha256,
+            bytes.len()
+        );
+    };
+    let lines: Vec<(u32, u32)> = grid_proto::params_line_ranges(&bytes)
+        .map(|range| (range.start as u32, range.end.min(size as usize) as u32))
         .collect();
     if lines.len() as u64 != page.lines {
         bail!(
@@ -141,7 +163,7 @@ async fn read_params_page(
             page.lines
         );
     }
-    Ok(lines)
+    Ok(ParamsPageLines { bytes, lines })
 }
 
 impl ActiveJob {

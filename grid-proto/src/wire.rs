@@ -609,9 +609,19 @@ fn bytesize_text(bytes: u64) -> String {
 /// The task lines of a params file: every non-blank line, in order. Submit and broker both use
 /// this, so that they agree on the task count.
 pub fn params_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
-    bytes
-        .split(|b| *b == b'\n')
-        .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
+    params_line_ranges(bytes).map(|range| &bytes[range])
+}
+
+/// Where each of [`params_lines`] lies in `bytes`.
+pub fn params_line_ranges(bytes: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut start = 0;
+    bytes.split(|b| *b == b'\n').filter_map(move |line| {
+        let range = start..start + line.len();
+        start = range.end + 1;
+        line.iter()
+            .any(|b| !b.is_ascii_whitespace())
+            .then_some(range)
+    })
 }
 
 /// Bytes a params page holds at most, unless one line is longer.
