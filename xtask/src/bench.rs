@@ -158,7 +158,7 @@ fn grid(json: bool) -> Result<()> {
         },
         Row {
             figure: format!(
-                "~100 ms output-heavy tasks, {} × synth-data (120k rows): seconds",
+                "~100 ms output-heavy tasks, {} × synth-data (360k rows): seconds",
                 rows.output_tasks
             ),
             grid: rows.output_grid_s,
@@ -435,13 +435,13 @@ fn measure(grid: &Path, url: &str, empty: &Path, work: &Path) -> Result<Measured
     };
     let (compute_direct_s, compute_grid_s, compute_ideal_s) = run(
         &guest_wasm("monte-carlo-pi"),
-        r#"{"samples": 2300000}"#,
+        r#"{"samples": 17000000}"#,
         40,
         "compute",
     )?;
     let (output_direct_s, output_grid_s, output_ideal_s) = run(
         &guest_wasm("synth-data"),
-        r#"{"rows": 120000}"#,
+        r#"{"rows": 360000}"#,
         40,
         "output",
     )?;
