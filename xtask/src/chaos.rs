@@ -174,6 +174,9 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// Each task's params: monte-carlo-pi samples for about 40 ms of work.
+const TASK_PARAMS: &str = r#"{"samples": 7000000}"#;
+
 fn run_job(dir: &Path, tasks: u64, chaos: Option<u64>) -> Result<JobRun> {
     std::fs::create_dir_all(dir.join("logs"))?;
     let grid = target_dir()
@@ -268,13 +271,15 @@ fn run_job(dir: &Path, tasks: u64, chaos: Option<u64>) -> Result<JobRun> {
 
     let module = guest_wasm("monte-carlo-pi");
     let started = Instant::now();
-    let tasks_arg = tasks.to_string();
+    // Tasks of about 40 ms each (a params file, so that the pages path is under the kills too).
+    let params = dir.join("params.jsonl");
+    std::fs::write(&params, format!("{TASK_PARAMS}\n").repeat(tasks as usize))?;
     let job = loop {
         let out = grid_cmd(&[
             "submit",
             module.to_str().context("module path")?,
-            "--tasks",
-            &tasks_arg,
+            "--params",
+            params.to_str().context("params path")?,
             "--seed",
             "7",
             "--retries",
