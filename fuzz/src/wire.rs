@@ -42,9 +42,10 @@ fn samples() -> Vec<Vec<u8>> {
         encode(&TaskMsg {
             job_id: "01a22a5421bc66264d".into(),
             index: 3,
+            count: 2,
             attempt: 0,
             replica: 2,
-            params: br#"{"rows": 10}"#.to_vec(),
+            params: vec![br#"{"rows": 10}"#.to_vec(), br#"{"rows": 11}"#.to_vec()],
             input: None,
             spec: grid_proto::JobSpec {
                 tenant: "default".into(),

@@ -67,6 +67,8 @@ struct ActiveJob {
     dispatched: HashMap<u64, u32>,
     /// Tasks whose final record in `grid_tasks` is in `record.counts`.
     counted: BitSet,
+    /// A moving average of its tasks' wall time, from their results: how many to a message.
+    task_seconds: Option<f64>,
     dirty: bool,
 }
 
@@ -166,13 +168,55 @@ async fn read_params_page(
     Ok(ParamsPageLines { bytes, lines })
 }
 
+/// Work one task message should carry at most, in the job's average task time: a run of
+/// short tasks shares one publish, delivery and ack, and a node holding one such message keeps
+/// a slot busy for no longer than this.
+const MESSAGE_SECONDS: f64 = 0.05;
+
+/// A run of tasks for one message: its first index, how many, and their params lines (none for
+/// a job without params).
+type TaskRun = (u64, u32, Vec<Vec<u8>>);
+
 impl ActiveJob {
-    /// Task `index`'s params (empty for a job without a params file).
-    async fn params(&mut self, grid: &Grid, index: u64) -> Result<Vec<u8>> {
-        match &mut self.params {
-            Some(pages) => pages.line(grid, &self.record.spec.tenant, index).await,
-            None => Ok(Vec::new()),
+    /// The tasks `indices` (consecutive) as one message's run, with their params.
+    async fn run_of(&mut self, grid: &Grid, indices: &[u64]) -> Result<TaskRun> {
+        let first = indices.first().copied().unwrap_or_default();
+        let mut params = Vec::new();
+        if let Some(pages) = &mut self.params {
+            for &index in indices {
+                params.push(pages.line(grid, &self.record.spec.tenant, index).await?);
+            }
         }
+        Ok((first, indices.len() as u32, params))
+    }
+
+    /// Tasks to a message for this job: several only for tasks known to be short (from the
+    /// first results), never for replicas or input files, and at most an eighth of the window,
+    /// so that several messages are in flight for the nodes' slots.
+    fn per_message(&self, window: u64) -> u64 {
+        let spec = &self.record.spec;
+        if spec.replicas > 1 || matches!(spec.tasks, TaskSource::Inputs(_)) {
+            return 1;
+        }
+        let Some(seconds) = self.task_seconds else {
+            return 1;
+        };
+        let fit = (MESSAGE_SECONDS / seconds.max(1e-6)) as u64;
+        fit.min(u64::from(grid_proto::MAX_TASKS_PER_MESSAGE))
+            .min(window / 8)
+            .max(1)
+    }
+
+    /// Takes a result's wall time into the job's average.
+    fn observe(&mut self, result: &ResultMsg) {
+        let seconds = result.usage.wall_seconds;
+        if result.outcome == Outcome::Failed(Reason::Lost) || !seconds.is_finite() {
+            return;
+        }
+        self.task_seconds = Some(match self.task_seconds {
+            Some(average) => 0.9 * average + 0.1 * seconds,
+            None => seconds,
+        });
     }
 
     /// Counts a task's stored final record, once: false if it was counted already.
@@ -440,6 +484,7 @@ impl Broker {
             votes: HashMap::new(),
             dispatched: HashMap::new(),
             counted: BitSet::new(),
+            task_seconds: None,
             dirty: true,
         })
     }
@@ -927,6 +972,9 @@ impl Broker {
         let mut ready = Vec::with_capacity(batch.len());
         for msg in batch {
             if let Some(result) = self.screen(&msg).await {
+                if let Some(job) = self.active.get_mut(&result.job_id) {
+                    job.observe(&result);
+                }
                 ready.push((msg, result));
             }
         }
@@ -1099,8 +1147,7 @@ impl Broker {
             // Published before the failed result is acked: a broker killed in between gets the
             // result again and republishes the retry under the same message id, which JetStream
             // drops; a retry kept only in memory would be lost with the broker.
-            let params = job.params(&self.grid, result.index).await?;
-            let task = (result.index, params);
+            let task = job.run_of(&self.grid, &[result.index]).await?;
             publish_task(&self.grid.js, job, task, result.attempt + 1, 0).await?;
             crash_point("after-retry");
             job.failures.entry(result.index).or_default().push(reason);
@@ -1123,7 +1170,7 @@ impl Broker {
         }
         if result.outcome == Outcome::Failed(Reason::Lost) && result.attempt < spec.retries {
             tracing::info!(job = %result.job_id, index, replica = result.replica, "replica lost; running it again");
-            let task = (index, job.params(&self.grid, index).await?);
+            let task = job.run_of(&self.grid, &[index]).await?;
             return publish_task(&self.grid.js, job, task, result.attempt + 1, result.replica)
                 .await;
         }
@@ -1191,7 +1238,7 @@ impl Broker {
             return Ok(()); // more votes are coming
         } else if dispatched < most {
             tracing::info!(job = %job.record.id, index, votes = votes.len(), "replicas disagree; one more");
-            let task = (index, job.params(&self.grid, index).await?);
+            let task = job.run_of(&self.grid, &[index]).await?;
             publish_task(&self.grid.js, job, task, 0, dispatched).await?;
             job.dispatched.insert(index, dispatched + 1);
             return Ok(());
@@ -1353,6 +1400,11 @@ impl Broker {
                 job.record.counts.total,
                 window.saturating_sub(job.record.counts.in_flight),
             );
+            // Room for a whole message of short tasks first, unless fewer are left.
+            let per_message = job.per_message(window);
+            if room < per_message && total - job.record.enqueued > room {
+                continue;
+            }
             let mut last = job.record.enqueued;
             let mut indices = Vec::new();
             while last < total && (indices.len() as u64) < room {
@@ -1364,17 +1416,29 @@ impl Broker {
             if last == job.record.enqueued {
                 continue;
             }
-            let mut tasks = Vec::with_capacity(indices.len());
-            for &index in &indices {
-                match job.params(&self.grid, index).await {
-                    Ok(params) => tasks.push((index, params)),
+            // Consecutive tasks, several to a message when they are short.
+            let per_message = job.per_message(window) as usize;
+            let mut runs: Vec<&[u64]> = Vec::new();
+            let mut rest = &indices[..];
+            while !rest.is_empty() {
+                let mut len = 1;
+                while len < rest.len().min(per_message) && rest[len] == rest[len - 1] + 1 {
+                    len += 1;
+                }
+                runs.push(&rest[..len]);
+                rest = &rest[len..];
+            }
+            let mut tasks = Vec::with_capacity(runs.len());
+            for run in runs {
+                match job.run_of(&self.grid, run).await {
+                    Ok(task) => tasks.push(task),
                     Err(e) => {
                         failed = Some(e);
                         break;
                     }
                 }
             }
-            if tasks.len() < indices.len() {
+            if tasks.iter().map(|t| t.1 as usize).sum::<usize>() < indices.len() {
                 continue;
             }
             let replicas = job.record.spec.replicas.max(1);
@@ -1529,13 +1593,13 @@ fn reply_lost(key: &str) -> bool {
     })
 }
 
-/// Publishes attempt `attempt` of task `index` of `job` to the work queue and waits for
-/// JetStream's ack. The message id (`job.task.attempt`) makes a second publish of the same
-/// attempt a no-op.
+/// Publishes attempt `attempt` of a run of `job`'s tasks to the work queue and waits for
+/// JetStream's ack. The message id (`job.task.attempt.replica`, `+count` for a run) makes a
+/// second publish of the same attempt a no-op.
 fn publish_task(
     js: &jetstream::Context,
     job: &ActiveJob,
-    (index, params): (u64, Vec<u8>),
+    (index, count, params): TaskRun,
     attempt: u32,
     replica: u32,
 ) -> impl std::future::Future<Output = Result<()>> + use<> {
@@ -1547,6 +1611,7 @@ fn publish_task(
     let task = TaskMsg {
         job_id: job.record.id.clone(),
         index,
+        count,
         attempt,
         replica,
         params,
@@ -1555,7 +1620,15 @@ fn publish_task(
     };
     let msg = jetstream::message::PublishMessage::build()
         .payload(encode(&task).into())
-        .message_id(names::attempt_id(&job.record.id, index, attempt, replica));
+        // A run's id names its length too: after a restart the broker may cut runs
+        // differently, and a longer run from the same task is new work, not a duplicate.
+        .message_id(match count {
+            1 => names::attempt_id(&job.record.id, index, attempt, replica),
+            n => format!(
+                "{}+{n}",
+                names::attempt_id(&job.record.id, index, attempt, replica)
+            ),
+        });
     let (js, subject) = (
         js.clone(),
         names::tasks_subject(&spec.class, &job.record.id),

@@ -469,7 +469,7 @@ impl Node {
     }
 
     async fn handle(self: Arc<Self>, msg: jetstream::Message, slots: Arc<Semaphore>) {
-        let task = match decode::<TaskMsg>(&msg.payload) {
+        let task = match decode::<TaskMsg>(&msg.payload).and_then(check_task_msg) {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(subject = %msg.subject, "rejecting a task message: {e}");
@@ -504,11 +504,14 @@ impl Node {
         // A replica may also be handed back once by each node that already ran another replica.
         let replicas = i64::from(job.spec.replicas.max(1) - 1);
         if delivered > grid_client::MAX_TASK_DELIVERIES + replicas {
-            tracing::warn!(job = %task.job_id, index = task.index, delivered, "task delivered too often; reporting it lost");
-            let lost = self.failed_result(&job, &task, Reason::Lost);
-            if self.publish(&job, &task, lost).await.is_ok() {
-                let _ = msg.double_ack().await;
+            tracing::warn!(job = %task.job_id, index = task.index, count = task.count, delivered, "task delivered too often; reporting it lost");
+            for task in task.split() {
+                let lost = self.failed_result(&job, &task, Reason::Lost);
+                if self.publish(&job, &task, lost).await.is_err() {
+                    return;
+                }
             }
+            let _ = msg.double_ack().await;
             return;
         }
         let msg = Arc::new(msg);
@@ -532,49 +535,55 @@ impl Node {
         let permits = u32::try_from(wanted.div_ceil(MIB))
             .unwrap_or(u32::MAX)
             .clamp(1, self.memory_permits);
-        let mut phase = self.phase.subscribe();
-        // A slot, then its memory: held only while the task runs.
-        let run = async {
-            let slot = slots.acquire_owned().await.ok()?;
-            let memory = self.memory.clone().acquire_many_owned(permits).await.ok()?;
-            Some((slot, memory))
-        };
-        let memory = tokio::select! {
-            permits = run => permits,
-            _ = phase.wait_for(|p| *p != Phase::Serving) => None,
-        };
-        let Some((slot, memory)) = memory else {
-            progress.abort();
-            let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
-            return;
-        };
-        // Cancelled while it waited for its slot: it never starts.
-        if self.is_cancelled(&task.job_id).await {
-            progress.abort();
-            let _ = msg.ack().await;
-            return;
-        }
-        let running = Running::new(&self.running, slot, memory);
-        let outcome = self.run_task(&job, &task, running).await;
-        progress.abort();
-        match outcome {
-            Ok(result) => {
-                if let Err(e) = self.publish(&job, &task, result).await {
-                    tracing::warn!("publishing a result: {e:#}; the task will be redelivered");
+        // The message's tasks one after another, each in a slot held only while it runs; the
+        // message is acked once all of them have reported (a redelivery after a crash runs them
+        // again, and their results are dropped as duplicates).
+        for task in task.split() {
+            let mut phase = self.phase.subscribe();
+            let run = async {
+                let slot = slots.clone().acquire_owned().await.ok()?;
+                let memory = self.memory.clone().acquire_many_owned(permits).await.ok()?;
+                Some((slot, memory))
+            };
+            let held = tokio::select! {
+                permits = run => permits,
+                _ = phase.wait_for(|p| *p != Phase::Serving) => None,
+            };
+            let Some((slot, memory)) = held else {
+                progress.abort();
+                let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+                return;
+            };
+            // Cancelled while it waited for its slot: it never starts, nor do the rest.
+            if self.is_cancelled(&task.job_id).await {
+                progress.abort();
+                let _ = msg.ack().await;
+                return;
+            }
+            let running = Running::new(&self.running, slot, memory);
+            match self.run_task(&job, &task, running).await {
+                Ok(result) => {
+                    if let Err(e) = self.publish(&job, &task, result).await {
+                        tracing::warn!("publishing a result: {e:#}; the task will be redelivered");
+                        progress.abort();
+                        return;
+                    }
+                    self.done.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(job = %task.job_id, index = task.index, "could not run the task here: {e:#}; handing it back");
+                    progress.abort();
+                    let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
                     return;
                 }
-                self.done.fetch_add(1, Ordering::Relaxed);
-                // A plain ack, not waited on: if it is lost, the task comes back after the ack
-                // wait and runs again, and its result — the same attempt's message id — is
-                // dropped by JetStream or found already counted by the broker.
-                if let Err(e) = msg.ack().await {
-                    tracing::warn!("acking a task: {e}");
-                }
             }
-            Err(e) => {
-                tracing::warn!(job = %task.job_id, index = task.index, "could not run the task here: {e:#}; handing it back");
-                let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
-            }
+        }
+        progress.abort();
+        // A plain ack, not waited on: if it is lost, the tasks come back after the ack wait and
+        // run again, and their results — the same attempts' message ids — are dropped by
+        // JetStream or found already counted by the broker.
+        if let Err(e) = msg.ack().await {
+            tracing::warn!("acking a task: {e}");
         }
     }
 
@@ -845,7 +854,7 @@ impl Node {
         let mut task_spec = TaskSpec::new(&out_dir);
         task_spec.args = spec.args.clone();
         task_spec.env = spec.env.clone();
-        task_spec.stdin = task.params.clone();
+        task_spec.stdin = task.stdin().to_vec();
         task_spec.input_dir = Some(in_dir);
         task_spec.limits = limits;
         task_spec.job_id = job.id.clone();
@@ -920,7 +929,7 @@ impl Node {
                 wall_seconds: report.wall_seconds,
                 gpu_seconds: report.gpu_seconds,
                 peak_memory_bytes: report.peak_memory_bytes,
-                bytes_in: task.params.len() as u64
+                bytes_in: task.stdin().len() as u64
                     + task.input.as_ref().map_or(0, |i| i.bytes)
                     + spec.shared.iter().map(|i| i.bytes).sum::<u64>(),
                 bytes_out: report.bytes_out,
@@ -959,6 +968,23 @@ impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// A task message's shape: a run of 1 to [`grid_proto::MAX_TASKS_PER_MESSAGE`] tasks, with no
+/// params or one line each, and an input file only when alone.
+fn check_task_msg(task: TaskMsg) -> Result<TaskMsg, grid_proto::WireError> {
+    let count = task.count;
+    let params = task.params.len();
+    if count == 0
+        || count > grid_proto::MAX_TASKS_PER_MESSAGE
+        || (params != 0 && params != count as usize)
+        || (count > 1 && (task.input.is_some() || task.replica > 0 || task.attempt > 0))
+    {
+        return Err(grid_proto::WireError::Garbled(format!(
+            "a message of {count} tasks with {params} params lines"
+        )));
+    }
+    Ok(task)
 }
 
 fn is_plain_file_name(name: &str) -> bool {

@@ -305,17 +305,25 @@ impl Message for JobRecord {
     const KIND: &'static str = "job";
 }
 
-/// One task handed to a node.
+/// The most tasks one task message may carry.
+pub const MAX_TASKS_PER_MESSAGE: u32 = 256;
+
+/// Tasks handed to a node: one, or a run of short ones in one message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskMsg {
     pub job_id: String,
+    /// The first task's index.
     pub index: u64,
+    /// The tasks `index .. index + count` (at least 1): the broker sends a job's short tasks
+    /// several to a message — one publish, delivery and ack for all of them. A retry, a
+    /// replica or a task with its own input file is always alone.
+    pub count: u32,
     /// 0 for the first try, 1 for the first retry, …
     pub attempt: u32,
     /// Which replica of the task this is (0 without replicas).
     pub replica: u32,
-    /// stdin: the task's params line.
-    pub params: Vec<u8>,
+    /// stdin of each task, in order: its params line; empty for a job without params.
+    pub params: Vec<Vec<u8>>,
     /// The task's own input, shown at `/in/<name>`.
     pub input: Option<InputRef>,
     /// The job's spec, without its task list (`tasks` is `Count` of the job's tasks): a node
@@ -324,6 +332,29 @@ pub struct TaskMsg {
 }
 impl Message for TaskMsg {
     const KIND: &'static str = "task";
+}
+
+impl TaskMsg {
+    /// The message's tasks, one message each (`count` 1), in index order.
+    pub fn split(&self) -> Vec<TaskMsg> {
+        (0..self.count.max(1))
+            .map(|i| TaskMsg {
+                index: self.index + u64::from(i),
+                count: 1,
+                params: self
+                    .params
+                    .get(i as usize)
+                    .map(|p| vec![p.clone()])
+                    .unwrap_or_default(),
+                ..self.clone()
+            })
+            .collect()
+    }
+
+    /// A single task's stdin: its params line (empty without one).
+    pub fn stdin(&self) -> &[u8] {
+        self.params.first().map_or(&[], Vec::as_slice)
+    }
 }
 
 /// A regular file a task left in `/out`.

@@ -476,6 +476,62 @@ fn a_params_file_of_many_pages_gives_every_task_its_own_line() {
     }
 }
 
+/// Short tasks travel several to a message once the broker has seen how short they are: a job
+/// of 1,500 tiny tasks takes far fewer task messages than tasks, and each task still gets its
+/// own params line and output, counted and billed once.
+#[test]
+fn short_tasks_travel_several_to_a_message_and_each_still_gets_its_own_line() {
+    let grid = TestGrid::start(2, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let tasks = 1500u64;
+    let params = write_params(
+        tmp.path(),
+        (0..tasks).map(|i| format!(r#"{{"samples": {}}}"#, 100 + i)),
+    );
+    let module = guest("monte-carlo-pi");
+    let status = grid.grid_json(
+        &[
+            "submit",
+            module.to_str().unwrap(),
+            "--params",
+            params.to_str().unwrap(),
+            "--wait",
+        ],
+        0,
+    );
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["tasks"]["succeeded"], tasks, "{status}");
+    let job = status["job_id"].as_str().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let messages = rt.block_on(async {
+        let client = crate::support::connect_operator(&grid.nats.url).await;
+        let mut stream = async_nats::jetstream::new(client)
+            .get_stream(names::TASKS_STREAM)
+            .await
+            .unwrap();
+        stream.info().await.unwrap().state.last_sequence
+    });
+    assert!(
+        messages < tasks / 2,
+        "{messages} task messages for {tasks} tasks"
+    );
+    let out = tmp.path().join("results");
+    grid.grid(&["results", job, "-o", out.to_str().unwrap()]);
+    for i in 0..tasks {
+        let estimate: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(i.to_string()).join("estimate.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            estimate["samples"],
+            100 + i,
+            "task {i} ran with its own line"
+        );
+    }
+    let billed = crate::ledger::usage(&grid, &["--job", job]);
+    assert_eq!(billed["total"]["attempts"], tasks, "{billed}");
+}
+
 #[test]
 fn bad_submissions_are_refused_with_one_line_and_the_grid_keeps_serving() {
     let grid = TestGrid::start(1, &[]);

@@ -19,14 +19,19 @@ const RETRIES: u64 = 2;
 pub fn run(args: &[String]) -> Result<()> {
     let mut tasks = 2000u64;
     let mut seed = 1u64;
+    let mut samples = TASK_SAMPLES;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let value = it.next().with_context(|| format!("{arg} needs a value"))?;
         match arg.as_str() {
             "--tasks" => tasks = value.parse().context("--tasks N")?,
             "--seed" => seed = value.parse().context("--seed S")?,
+            // Fewer samples make short tasks, which travel several to a message.
+            "--samples" => samples = value.parse().context("--samples N")?,
             other => {
-                bail!("unknown argument {other}; usage: cargo xtask chaos [--tasks N] [--seed S]")
+                bail!(
+                    "unknown argument {other}; usage: cargo xtask chaos [--tasks N] [--seed S] [--samples N]"
+                )
             }
         }
     }
@@ -35,10 +40,12 @@ pub fn run(args: &[String]) -> Result<()> {
     cargo(&["build", "--locked", "-p", "grid-cli"])?;
     let work = std::env::temp_dir().join(format!("grid-chaos-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
-    println!("chaos: {tasks} tasks of monte-carlo-pi on {NODES} nodes, schedule seed {seed}");
-    let calm = run_job(&work.join("calm"), tasks, None)?;
+    println!(
+        "chaos: {tasks} tasks of monte-carlo-pi ({samples} samples each) on {NODES} nodes, schedule seed {seed}"
+    );
+    let calm = run_job(&work.join("calm"), tasks, samples, None)?;
     println!("chaos: calm run {:.1} s", calm.wall.as_secs_f64());
-    let chaos = run_job(&work.join("chaos"), tasks, Some(seed))?;
+    let chaos = run_job(&work.join("chaos"), tasks, samples, Some(seed))?;
 
     let mut problems = Vec::new();
     if chaos.tasks.len() as u64 != tasks {
@@ -174,10 +181,10 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// Each task's params: monte-carlo-pi samples for about 40 ms of work.
-const TASK_PARAMS: &str = r#"{"samples": 7000000}"#;
+/// monte-carlo-pi samples for about 40 ms of work per task.
+const TASK_SAMPLES: u64 = 7_000_000;
 
-fn run_job(dir: &Path, tasks: u64, chaos: Option<u64>) -> Result<JobRun> {
+fn run_job(dir: &Path, tasks: u64, samples: u64, chaos: Option<u64>) -> Result<JobRun> {
     std::fs::create_dir_all(dir.join("logs"))?;
     let grid = target_dir()
         .join("debug/grid")
@@ -271,9 +278,10 @@ fn run_job(dir: &Path, tasks: u64, chaos: Option<u64>) -> Result<JobRun> {
 
     let module = guest_wasm("monte-carlo-pi");
     let started = Instant::now();
-    // Tasks of about 40 ms each (a params file, so that the pages path is under the kills too).
+    // A params file, so that the pages path is under the kills too.
     let params = dir.join("params.jsonl");
-    std::fs::write(&params, format!("{TASK_PARAMS}\n").repeat(tasks as usize))?;
+    let line = format!("{{\"samples\": {samples}}}\n");
+    std::fs::write(&params, line.repeat(tasks as usize))?;
     let job = loop {
         let out = grid_cmd(&[
             "submit",

@@ -7,7 +7,7 @@
 //! | `demo [python]` | the README's main job: a local grid runs the synthetic-data example (or the scikit-learn sweep) |
 //! | `test` | setup, build-guests, every test of the workspace, then a short chaos run and a short fuzz run |
 //! | `bench [sandbox|grid|gpu|python|flat]` | benchmarks: sandbox vs bare wasmtime vs native; tasks per second through the grid; GPU binding vs native; Python in the sandbox vs host CPython; rate and memory as jobs grow |
-//! | `chaos [--tasks N] [--seed S]` | a job on a local grid while nodes, the broker and nats-server are killed at random; checked against a calm run |
+//! | `chaos [--tasks N] [--seed S] [--samples N]` | a job on a local grid while nodes, the broker and nats-server are killed at random; checked against a calm run |
 //! | `fuzz [--seconds N] [--seed S] [wire\|sandbox\|gpu…]` | replays `fuzz/regressions/`, then fuzzes wire decoding, the sandbox and the GPU ABI for N seconds each |
 
 mod bench;
@@ -51,7 +51,7 @@ fn run() -> Result<()> {
         Some("chaos") => chaos::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask <setup|build-guests|demo [python]|test|bench [sandbox|grid|gpu|python] [--json]|bench flat [--largest N]|chaos [--tasks N] [--seed S]|fuzz [--seconds N] [--seed S] [wire|sandbox|gpu...]>"
+            "usage: cargo xtask <setup|build-guests|demo [python]|test|bench [sandbox|grid|gpu|python] [--json]|bench flat [--largest N]|chaos [--tasks N] [--seed S] [--samples N]|fuzz [--seconds N] [--seed S] [wire|sandbox|gpu...]>"
         ),
     }
 }
