@@ -515,7 +515,8 @@ impl Node {
             return;
         }
         let msg = Arc::new(msg);
-        let progress = {
+        // Progress acks for as long as this message is handled.
+        let _progress = AbortOnDrop({
             let msg = msg.clone();
             tokio::spawn(async move {
                 loop {
@@ -523,7 +524,7 @@ impl Node {
                     let _ = msg.ack_with(AckKind::Progress).await;
                 }
             })
-        };
+        });
         // The task's memory limit, out of the node's budget, before it runs: the limits of the
         // running tasks never add up to more than the provider gave. Waiting keeps the task
         // (progress acks); a drain hands it back.
@@ -550,13 +551,11 @@ impl Node {
                 _ = phase.wait_for(|p| *p != Phase::Serving) => None,
             };
             let Some((slot, memory)) = held else {
-                progress.abort();
                 let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
                 return;
             };
             // Cancelled while it waited for its slot: it never starts, nor do the rest.
             if self.is_cancelled(&task.job_id).await {
-                progress.abort();
                 let _ = msg.ack().await;
                 return;
             }
@@ -565,20 +564,17 @@ impl Node {
                 Ok(result) => {
                     if let Err(e) = self.publish(&job, &task, result).await {
                         tracing::warn!("publishing a result: {e:#}; the task will be redelivered");
-                        progress.abort();
                         return;
                     }
                     self.done.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::warn!(job = %task.job_id, index = task.index, "could not run the task here: {e:#}; handing it back");
-                    progress.abort();
                     let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
                     return;
                 }
             }
         }
-        progress.abort();
         // A plain ack, not waited on: if it is lost, the tasks come back after the ack wait and
         // run again, and their results — the same attempts' message ids — are dropped by
         // JetStream or found already counted by the broker.
@@ -939,6 +935,15 @@ impl Node {
             stderr: logs[1],
             logs_truncated: report.logs_truncated,
         })
+    }
+}
+
+/// A spawned task that ends when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
