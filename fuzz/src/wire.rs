@@ -72,6 +72,9 @@ fn samples() -> Vec<Vec<u8>> {
         }),
         encode(&result),
         encode(&CancelRequest { job_id: "j".into() }),
+        encode(&grid_proto::ResultsMsg {
+            results: vec![result.clone(), result.clone()],
+        }),
         encode(&ApiReply::Err("no".into())),
         encode(&NodeTally {
             agreed: 3,
@@ -153,6 +156,7 @@ pub fn case(input: &[u8]) -> Verdict {
     let mut decoded = 0;
     check::<TaskMsg>(&bytes, &mut decoded)?;
     check::<ResultMsg>(&bytes, &mut decoded)?;
+    check::<grid_proto::ResultsMsg>(&bytes, &mut decoded)?;
     check::<CancelRequest>(&bytes, &mut decoded)?;
     check::<grid_proto::OwnerRequest>(&bytes, &mut decoded)?;
     check::<grid_proto::StorageRequest>(&bytes, &mut decoded)?;

@@ -929,68 +929,89 @@ impl Broker {
         Ok(record.id)
     }
 
-    /// A result's message decoded and checked, or terminated (unreadable or forged).
-    async fn screen(&self, msg: &jetstream::Message) -> Option<ResultMsg> {
-        let result = match decode::<ResultMsg>(&msg.payload) {
-            Ok(r) => r,
+    /// A results message decoded and checked, or terminated (unreadable or forged).
+    async fn screen(&self, msg: &jetstream::Message) -> Option<Vec<ResultMsg>> {
+        let most = grid_proto::MAX_TASKS_PER_MESSAGE as usize;
+        let results = match decode::<grid_proto::ResultsMsg>(&msg.payload) {
+            Ok(r) if (1..=most).contains(&r.results.len()) => r.results,
+            Ok(r) => {
+                tracing::error!(subject = %msg.subject, "rejecting a results message of {} results", r.results.len());
+                let _ = msg.ack_with(AckKind::Term).await;
+                return None;
+            }
             Err(e) => {
-                tracing::error!(subject = %msg.subject, "rejecting a result message: {e}");
+                tracing::error!(subject = %msg.subject, "rejecting a results message: {e}");
                 let _ = msg.ack_with(AckKind::Term).await;
                 return None;
             }
         };
         // NATS lets a provider publish results only under its own node id: a result that
-        // names another node, or a tenant that is not its job's, is a forgery.
+        // names another node, or a tenant that is not its job's, is a forgery (and so is the
+        // message that carries it).
         let node = names::result_node(msg.subject.as_str()).unwrap_or_default();
-        let forged = if node != result.node_id {
-            Some(format!(
-                "it names node {} but came from node {node}",
-                result.node_id
-            ))
-        } else {
-            match self.active.get(&result.job_id) {
-                Some(job) if job.record.spec.tenant != result.tenant => Some(format!(
-                    "it names tenant {} for a job of tenant {}",
-                    result.tenant, job.record.spec.tenant
-                )),
-                _ => None,
+        for result in &results {
+            let forged = if node != result.node_id {
+                Some(format!(
+                    "it names node {} but came from node {node}",
+                    result.node_id
+                ))
+            } else {
+                match self.active.get(&result.job_id) {
+                    Some(job) if job.record.spec.tenant != result.tenant => Some(format!(
+                        "it names tenant {} for a job of tenant {}",
+                        result.tenant, job.record.spec.tenant
+                    )),
+                    _ => None,
+                }
+            };
+            if let Some(why) = forged {
+                tracing::warn!(job = %result.job_id, index = result.index, "rejecting a result: {why}");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return None;
             }
-        };
-        if let Some(why) = forged {
-            tracing::warn!(job = %result.job_id, index = result.index, "rejecting a result: {why}");
-            let _ = msg.ack_with(AckKind::Term).await;
-            return None;
         }
-        Some(result)
+        Some(results)
     }
 
-    /// Records a batch of results. The JetStream writes of different results do not depend
-    /// on each other — each ledger entry and each task record is a create under its own key —
-    /// so they go out together; what they change in memory (counts, retries, votes) is done
-    /// one result at a time, in order. A result is acked once all of it is stored.
+    /// Records a batch of results messages. The JetStream writes of different results do not
+    /// depend on each other — each ledger entry and each task record is a create under its own
+    /// key — so they go out together; what they change in memory (counts, retries, votes) is
+    /// done one result at a time, in order. A message is acked once all its results are
+    /// stored, and asked for again if any is not (the others then come back as duplicates).
     async fn on_results(&mut self, batch: Vec<jetstream::Message>) {
+        // Each result with the index of its message in `messages`.
         let mut ready = Vec::with_capacity(batch.len());
+        let mut messages = Vec::with_capacity(batch.len());
         for msg in batch {
-            if let Some(result) = self.screen(&msg).await {
-                if let Some(job) = self.active.get_mut(&result.job_id) {
-                    job.observe(&result);
+            if let Some(results) = self.screen(&msg).await {
+                for result in results {
+                    if let Some(job) = self.active.get_mut(&result.job_id) {
+                        job.observe(&result);
+                    }
+                    ready.push((messages.len(), result));
                 }
-                ready.push((msg, result));
+                messages.push(msg);
             }
         }
+        let mut recorded: Vec<Result<()>> = messages.iter().map(|_| Ok(())).collect();
+        let mut fail = |m: usize, e: anyhow::Error| {
+            if recorded[m].is_ok() {
+                recorded[m] = Err(e);
+            }
+        };
         let billed =
             futures::future::join_all(ready.iter().map(|(_, r)| self.record_usage(r))).await;
         // A final result of a job without replicas (most results) is one task-record create.
         let mut finals = Vec::new();
         let mut others = Vec::new();
-        for ((msg, result), billed) in ready.into_iter().zip(billed) {
+        for ((m, result), billed) in ready.into_iter().zip(billed) {
             if let Err(e) = billed {
-                settle(&msg, Err(e)).await;
+                fail(m, e);
                 continue;
             }
             match self.final_record(&result) {
-                Some(record) => finals.push((msg, record)),
-                None => others.push((msg, result)),
+                Some(record) => finals.push((m, record)),
+                None => others.push((m, result)),
             }
         }
         let created = match self.grid.tasks().await {
@@ -1007,19 +1028,24 @@ impl Broker {
                 .await
             }
             Err(e) => {
-                for (msg, _) in &finals {
-                    settle(msg, Err(anyhow!("{e:#}"))).await;
+                for (m, _) in &finals {
+                    fail(*m, anyhow!("{e:#}"));
                 }
                 Vec::new()
             }
         };
-        for ((msg, record), created) in finals.into_iter().zip(created) {
-            let counted = self.after_create(record, created).await.map(drop);
-            settle(&msg, counted).await;
+        for ((m, record), created) in finals.into_iter().zip(created) {
+            if let Err(e) = self.after_create(record, created).await {
+                fail(m, e);
+            }
         }
-        for (msg, result) in others {
-            let counted = self.count(result).await;
-            settle(&msg, counted).await;
+        for (m, result) in others {
+            if let Err(e) = self.count(result).await {
+                fail(m, e);
+            }
+        }
+        for (msg, recorded) in messages.iter().zip(recorded) {
+            settle(msg, recorded).await;
         }
     }
 

@@ -505,13 +505,14 @@ impl Node {
         let replicas = i64::from(job.spec.replicas.max(1) - 1);
         if delivered > grid_client::MAX_TASK_DELIVERIES + replicas {
             tracing::warn!(job = %task.job_id, index = task.index, count = task.count, delivered, "task delivered too often; reporting it lost");
-            for task in task.split() {
-                let lost = self.failed_result(&job, &task, Reason::Lost);
-                if self.publish(&job, &task, lost).await.is_err() {
-                    return;
-                }
+            let lost = task
+                .split()
+                .iter()
+                .map(|task| self.failed_result(&job, task, Reason::Lost))
+                .collect();
+            if self.publish(&job, lost).await.is_ok() {
+                let _ = msg.double_ack().await;
             }
-            let _ = msg.double_ack().await;
             return;
         }
         let msg = Arc::new(msg);
@@ -536,9 +537,11 @@ impl Node {
         let permits = u32::try_from(wanted.div_ceil(MIB))
             .unwrap_or(u32::MAX)
             .clamp(1, self.memory_permits);
-        // The message's tasks one after another, each in a slot held only while it runs; the
-        // message is acked once all of them have reported (a redelivery after a crash runs them
-        // again, and their results are dropped as duplicates).
+        // The message's tasks one after another, each in a slot held only while it runs. Their
+        // results go out together, and then the message is acked (a redelivery after a crash
+        // runs them again, and their results are dropped as duplicates). A task message handed
+        // back midway still reports what it ran.
+        let mut results = Vec::with_capacity(task.count as usize);
         for task in task.split() {
             let mut phase = self.phase.subscribe();
             let run = async {
@@ -551,33 +554,37 @@ impl Node {
                 _ = phase.wait_for(|p| *p != Phase::Serving) => None,
             };
             let Some((slot, memory)) = held else {
+                let _ = self.publish(&job, results).await;
                 let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
                 return;
             };
             // Cancelled while it waited for its slot: it never starts, nor do the rest.
             if self.is_cancelled(&task.job_id).await {
-                let _ = msg.ack().await;
+                if self.publish(&job, results).await.is_ok() {
+                    let _ = msg.ack().await;
+                }
                 return;
             }
             let running = Running::new(&self.running, slot, memory);
             match self.run_task(&job, &task, running).await {
-                Ok(result) => {
-                    if let Err(e) = self.publish(&job, &task, result).await {
-                        tracing::warn!("publishing a result: {e:#}; the task will be redelivered");
-                        return;
-                    }
-                    self.done.fetch_add(1, Ordering::Relaxed);
-                }
+                Ok(result) => results.push(result),
                 Err(e) => {
                     tracing::warn!(job = %task.job_id, index = task.index, "could not run the task here: {e:#}; handing it back");
+                    let _ = self.publish(&job, results).await;
                     let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
                     return;
                 }
             }
         }
+        let ran = results.len();
+        if let Err(e) = self.publish(&job, results).await {
+            tracing::warn!("publishing results: {e:#}; the tasks will be redelivered");
+            return;
+        }
+        self.done.fetch_add(ran as u64, Ordering::Relaxed);
         // A plain ack, not waited on: if it is lost, the tasks come back after the ack wait and
-        // run again, and their results — the same attempts' message ids — are dropped by
-        // JetStream or found already counted by the broker.
+        // run again, and their results — the same message id — are dropped by JetStream or
+        // found already counted by the broker.
         if let Err(e) = msg.ack().await {
             tracing::warn!("acking a task: {e}");
         }
@@ -607,15 +614,23 @@ impl Node {
         }
     }
 
-    async fn publish(&self, job: &JobRecord, task: &TaskMsg, result: ResultMsg) -> Result<()> {
+    /// Publishes the results of a task message's tasks (all of them, or those run before the
+    /// node had to stop) as one message. Nothing to publish is not an error.
+    async fn publish(&self, job: &JobRecord, results: Vec<ResultMsg>) -> Result<()> {
+        let Some(first) = results.first() else {
+            return Ok(());
+        };
+        let id = names::attempt_id(&job.id, first.index, first.attempt, first.replica);
+        // A run's id names its length: a shorter run's results (published before a hand-back)
+        // are not the whole run's.
+        let id = match results.len() {
+            1 => id,
+            n => format!("{id}+{n}"),
+        };
+        let index = first.index;
         let publish = jetstream::message::PublishMessage::build()
-            .payload(encode(&result).into())
-            .message_id(names::attempt_id(
-                &job.id,
-                task.index,
-                task.attempt,
-                task.replica,
-            ));
+            .payload(encode(&grid_proto::ResultsMsg { results }).into())
+            .message_id(id);
         let ack = self
             .grid
             .js
@@ -628,7 +643,7 @@ impl Node {
         let ack = ack.await.map_err(|e| anyhow!("{e}"))?;
         if ack.duplicate {
             // Another run of the same attempt published first (this one was redelivered).
-            tracing::debug!(job = %job.id, index = task.index, "duplicate result dropped by JetStream");
+            tracing::debug!(job = %job.id, index, "duplicate result dropped by JetStream");
         }
         Ok(())
     }

@@ -461,6 +461,16 @@ impl Message for ResultMsg {
     const KIND: &'static str = "result";
 }
 
+/// What a node publishes on the results stream: the results of one task message's tasks
+/// (one, or a run of short ones), in index order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResultsMsg {
+    pub results: Vec<ResultMsg>,
+}
+impl Message for ResultsMsg {
+    const KIND: &'static str = "results";
+}
+
 impl ResultMsg {
     /// The stored objects the result names: its output files and logs.
     pub fn objects(&self) -> impl Iterator<Item = Sha256Hex> + '_ {

@@ -415,7 +415,9 @@ fn a_provider_cannot_impersonate_another_node() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut mallory = connect_watched(&grid.nats.url, &creds(Role::Provider, "mallory")).await;
-        let result = |node: &str| forged_result(&job, node);
+        let result = |node: &str| grid_proto::ResultsMsg {
+            results: vec![forged_result(&job, node)],
+        };
         // Another node's subject, heartbeat or claim: refused by the server.
         mallory
             .publish_is_denied(
@@ -451,7 +453,9 @@ fn a_provider_cannot_impersonate_another_node() {
         let client =
             crate::support::connect_as(&grid.nats.url, &creds(Role::Provider, "mallory")).await;
         let js = async_nats::jetstream::new(client);
-        let result = forged_result(&job, "mallory");
+        let result = grid_proto::ResultsMsg {
+            results: vec![forged_result(&job, "mallory")],
+        };
         js.publish(
             names::results_subject("mallory", &job),
             encode(&result).into(),

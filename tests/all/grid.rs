@@ -222,7 +222,12 @@ fn a_result_delivered_twice_is_counted_once() {
         // Task 0 twice under different message ids (JetStream's dedup cannot help), then task 1.
         for (index, id) in [(0, "a"), (0, "b"), (1, "c")] {
             let msg = async_nats::jetstream::message::PublishMessage::build()
-                .payload(encode(&result(index)).into())
+                .payload(
+                    encode(&grid_proto::ResultsMsg {
+                        results: vec![result(index)],
+                    })
+                    .into(),
+                )
                 .message_id(id);
             js.send_publish(names::results_subject("test", &job), msg)
                 .await
