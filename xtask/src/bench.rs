@@ -414,7 +414,7 @@ fn direct(grid: &Path, module: &Path, params: &str, work: &Path) -> Result<f64> 
 fn measure(grid: &Path, url: &str, empty: &Path, work: &Path) -> Result<Measured> {
     // Warm up: module upload, compile on the node.
     submit_wait(grid, url, empty, &["--tasks", "10"])?;
-    let trivial = 5_000u32;
+    let trivial = 20_000u32;
     let secs = submit_wait(grid, url, empty, &["--tasks", &trivial.to_string()])?;
 
     // ~100 ms tasks: direct in the sandbox vs through the grid (`tasks` × direct ÷ slots is
