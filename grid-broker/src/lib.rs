@@ -1443,12 +1443,11 @@ impl Broker {
                 continue;
             }
             // Consecutive tasks, several to a message when they are short.
-            let per_message = job.per_message(window) as usize;
             let mut runs: Vec<&[u64]> = Vec::new();
             let mut rest = &indices[..];
             while !rest.is_empty() {
                 let mut len = 1;
-                while len < rest.len().min(per_message) && rest[len] == rest[len - 1] + 1 {
+                while len < rest.len().min(per_message as usize) && rest[len] == rest[len - 1] + 1 {
                     len += 1;
                 }
                 runs.push(&rest[..len]);
