@@ -53,10 +53,7 @@ impl Conn {
         // Read once: who the credentials name, and what the connection presents.
         let text = creds
             .as_deref()
-            .map(|path| {
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("reading credentials {}", path.display()))
-            })
+            .map(grid_client::auth::read_creds)
             .transpose()?;
         let identity = match (&text, &creds) {
             (Some(text), Some(path)) => Some(

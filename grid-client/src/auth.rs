@@ -60,6 +60,11 @@ impl Role {
     }
 }
 
+/// The text of the credentials file at `path`, or an error that names it.
+pub fn read_creds(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading credentials {}", path.display()))
+}
+
 /// Who a credentials file speaks for: read from its user JWT (the server checks the JWT's
 /// signature, so a file whose claims were edited does not connect).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,9 +85,8 @@ impl Identity {
 
     /// The identity in the credentials file at `path`.
     pub fn of_creds_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading credentials {}", path.display()))?;
-        Self::of_creds(&text).with_context(|| format!("credentials {}", path.display()))
+        Self::of_creds(&read_creds(path)?)
+            .with_context(|| format!("credentials {}", path.display()))
     }
 
     pub fn of_creds(text: &str) -> Result<Self> {

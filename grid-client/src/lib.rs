@@ -55,12 +55,7 @@ pub async fn connect_with(
             .filter(|s| !s.is_empty())
             .map(PathBuf::from)
     });
-    let text = creds
-        .map(|path| {
-            std::fs::read_to_string(&path)
-                .with_context(|| format!("reading credentials {}", path.display()))
-        })
-        .transpose()?;
+    let text = creds.as_deref().map(auth::read_creds).transpose()?;
     connect_with_text(url, forever, text.as_deref()).await
 }
 

@@ -1021,10 +1021,11 @@ pub fn main(args: crate::settings::NodeArgs) -> std::process::ExitCode {
         }
     };
     // Read while the node may still read them: the credentials may be root's alone.
-    let creds = match config.creds.take().map(|path| {
-        std::fs::read_to_string(&path)
-            .map_err(|e| format!("reading credentials {}: {e}", path.display()))
-    }) {
+    let creds = match config
+        .creds
+        .take()
+        .map(|path| grid_client::auth::read_creds(&path).map_err(|e| format!("{e:#}")))
+    {
         None => None,
         Some(Ok(text)) => Some(text),
         Some(Err(e)) => {
