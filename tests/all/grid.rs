@@ -451,24 +451,18 @@ fn a_params_file_of_many_pages_gives_every_task_its_own_line() {
     );
     assert!(std::fs::metadata(&params).unwrap().len() > 2_500_000);
     let module = guest("synth-data");
-    let status = grid.grid_json(
+    let job = submit(
+        &grid,
         &[
-            "submit",
             module.to_str().unwrap(),
             "--params",
             params.to_str().unwrap(),
-            "--wait",
         ],
-        0,
     );
+    let status = grid.wait(&job);
     assert_eq!(status["state"], "done", "{status}");
     let out = tmp.path().join("results");
-    grid.grid(&[
-        "results",
-        status["job_id"].as_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    grid.grid(&["results", &job, "-o", out.to_str().unwrap()]);
     for i in 0..25 {
         let csv = std::fs::read_to_string(out.join(i.to_string()).join(format!("part-{i:05}.csv")))
             .unwrap();
@@ -494,19 +488,18 @@ fn short_tasks_travel_several_to_a_message_and_each_still_gets_its_own_line() {
         (0..tasks).map(|i| format!(r#"{{"samples": {}}}"#, 100 + i)),
     );
     let module = guest("monte-carlo-pi");
-    let status = grid.grid_json(
+    let job = submit(
+        &grid,
         &[
-            "submit",
             module.to_str().unwrap(),
             "--params",
             params.to_str().unwrap(),
-            "--wait",
         ],
-        0,
     );
+    let status = grid.wait(&job);
     assert_eq!(status["state"], "done", "{status}");
     assert_eq!(status["tasks"]["succeeded"], tasks, "{status}");
-    let job = status["job_id"].as_str().unwrap();
+    let job = job.as_str();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let messages = rt.block_on(async {
         let client = crate::support::connect_operator(&grid.nats.url).await;
