@@ -62,15 +62,21 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    // (b) bare wasmtime: default engine, no limits, no guard.
-    let engine = Engine::default();
+    // (b) bare wasmtime: default engine, no limits, no guard. `GRID_BENCH_PERFMAP=1` writes
+    // /tmp/perf-PID.map so that `perf report` names the guest's functions.
+    let mut bare_config = wasmtime::Config::new();
+    if std::env::var_os("GRID_BENCH_PERFMAP").is_some() {
+        bare_config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
+    let engine = Engine::new(&bare_config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let bare_module = Module::new(&engine, &wasm).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut linker: Linker<WasiP1Ctx> = Linker::new(&engine);
     p1::add_to_linker_async(&mut linker, |s| s).map_err(|e| anyhow::anyhow!("{e}"))?;
     let bare_run = |stdin: Vec<u8>, out: &Path| -> anyhow::Result<Duration> {
         let started = Instant::now();
         let mut b = WasiCtxBuilder::new();
-        b.arg("job.wasm")
+        b.allow_blocking_current_thread(true)
+            .arg("job.wasm")
             .stdin(wasmtime_wasi::p2::pipe::MemoryInputPipe::new(stdin));
         b.preopened_dir(out, "/out", FsPerms::ReadWrite)
             .map_err(|e| anyhow::anyhow!("{e}"))?;

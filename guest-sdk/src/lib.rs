@@ -60,32 +60,74 @@ pub type Rng = rand_xoshiro::Xoshiro256PlusPlus;
 /// Writes `x` with exactly `decimals` digits after the point, as `{:.N}` would, without
 /// `core::fmt`: in wasm its dynamic calls make formatting about 2.2× slower than natively, and
 /// a generator of text data spends most of its time there. `x` is scaled by 10^N, rounded (ties
-/// to even) and written with [`itoa`]; so the last digit can differ from `{:.N}` when x × 10^N
-/// lies within a rounding error of a half. Beyond 2^53 after scaling, and for NaN and
-/// infinities, it writes `{:.N}` itself. `decimals` above 15 are written as 15.
+/// to even) and its digits laid out two at a time in one stack buffer, which goes to `out` in a
+/// single write; so the last digit can differ from `{:.N}` when x × 10^N lies within a rounding
+/// error of a half. Beyond 2^53 after scaling, and for NaN and infinities, it writes `{:.N}`
+/// itself. `decimals` above 15 are written as 15.
+#[inline]
 pub fn write_fixed(out: &mut impl io::Write, x: f64, decimals: u8) -> io::Result<()> {
-    let decimals = decimals.min(15);
-    let scale = 10u64.pow(u32::from(decimals));
+    const POW10: [u64; 16] = {
+        let mut table = [1u64; 16];
+        let mut i = 1;
+        while i < 16 {
+            table[i] = table[i - 1] * 10;
+            i += 1;
+        }
+        table
+    };
+    let decimals = usize::from(decimals.min(15));
+    let scale = POW10[decimals];
     let scaled = (x.abs() * scale as f64).round_ties_even();
     if !scaled.is_finite() || scaled >= (1u64 << 53) as f64 {
-        return write!(out, "{x:.*}", usize::from(decimals));
+        return write!(out, "{x:.*}", decimals);
     }
-    // Exact: `scaled` is a whole number below 2^53.
+    // Exact: `scaled` is a whole number below 2^53, so at most 16 digits, a point and a sign.
     let scaled = scaled as u64;
-    let mut digits = itoa::Buffer::new();
+    let mut buf = [b'0'; 18];
+    let mut at = buf.len();
+    let mut fraction = scaled % scale;
+    let mut left = decimals;
+    while left >= 2 {
+        at -= 2;
+        buf[at..at + 2].copy_from_slice(digit_pair(fraction % 100));
+        fraction /= 100;
+        left -= 2;
+    }
+    if left == 1 {
+        at -= 1;
+        buf[at] = b'0' + fraction as u8;
+    }
+    if decimals > 0 {
+        at -= 1;
+        buf[at] = b'.';
+    }
+    let mut whole = scaled / scale;
+    while whole >= 10 {
+        at -= 2;
+        buf[at..at + 2].copy_from_slice(digit_pair(whole % 100));
+        whole /= 100;
+    }
+    if whole > 0 || at == buf.len() || buf[at] == b'.' {
+        at -= 1;
+        buf[at] = b'0' + whole as u8;
+    }
     if x.is_sign_negative() {
-        out.write_all(b"-")?; // as `{:.N}` writes -0.00 for -0.001
+        at -= 1;
+        buf[at] = b'-'; // as `{:.N}` writes -0.00 for -0.001
     }
-    out.write_all(digits.format(scaled / scale).as_bytes())?;
-    if decimals == 0 {
-        return Ok(());
-    }
-    let fraction = digits.format(scaled % scale);
-    const ZEROS: &[u8; 15] = b"000000000000000";
-    let pad = usize::from(decimals) - fraction.len();
-    out.write_all(b".")?;
-    out.write_all(&ZEROS[..pad])?;
-    out.write_all(fraction.as_bytes())
+    out.write_all(&buf[at..])
+}
+
+/// The two ASCII digits of `n` (below 100).
+#[inline]
+fn digit_pair(n: u64) -> &'static [u8] {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
+    let i = n as usize * 2;
+    &PAIRS[i..i + 2]
 }
 
 /// Who this task is.
