@@ -22,6 +22,7 @@ pub mod gpu_worker;
 pub mod guard;
 pub mod limits;
 pub mod outputs;
+mod poll;
 pub mod privileges;
 pub mod runtime;
 pub mod sandbox;

@@ -314,6 +314,7 @@ impl Sandbox {
         let engine = Engine::new(&wasm).map_err(wasm_err)?;
         let mut linker: Linker<TaskState> = Linker::new(&engine);
         p1::add_to_linker_async(&mut linker, |s: &mut TaskState| &mut s.wasi).map_err(wasm_err)?;
+        crate::poll::add_to_linker(&mut linker).map_err(wasm_err)?;
         fs_guard::add_hooks(&mut linker).map_err(wasm_err)?;
         crate::gpu_binding::add_to_linker(&mut linker).map_err(wasm_err)?;
         crate::runtime::add_host_call(&mut linker).map_err(wasm_err)?;
@@ -606,6 +607,7 @@ impl Sandbox {
         // code runs on it anyway, and the alternative (`spawn_blocking`) copies every write and
         // wakes another thread for it — a sixth of the time of an output-heavy task. Each call is
         // bounded: by the guest's buffer, and for writes by the `/out` quota (see `fs_guard`).
+        // Sleeps stay asynchronous (see `poll`).
         b.allow_blocking_current_thread(true);
         let mut wasi = b.build_p1();
         wasi.ctx()

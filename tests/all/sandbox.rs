@@ -80,6 +80,40 @@ async fn sleeping_guest_is_stopped_by_the_wall_time_limit() {
     assert_a_good_task_runs().await;
 }
 
+/// `poll_oneoff` on clocks, as the node shadows it (see grid-node's `poll`): a lone relative
+/// timer (its own asynchronous sleep) and two timers (wasmtime-wasi's implementation) both wake
+/// at the first timer and report its event. The guest exits with nevents × 100 + userdata.
+#[tokio::test(flavor = "multi_thread")]
+async fn poll_oneoff_on_timers_wakes_at_the_first_one() {
+    for subscriptions in [1, 2] {
+        let r = wat_task(
+            &format!(
+                r#"(module
+                  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+                  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                  (memory (export "memory") 1)
+                  (func (export "_start")
+                    ;; 7: a monotonic timer in 5 ms; 9: one in an hour
+                    (i64.store (i32.const 0) (i64.const 7))
+                    (i32.store (i32.const 16) (i32.const 1))
+                    (i64.store (i32.const 24) (i64.const 5000000))
+                    (i64.store (i32.const 48) (i64.const 9))
+                    (i32.store (i32.const 64) (i32.const 1))
+                    (i64.store (i32.const 72) (i64.const 3600000000000))
+                    (if (call $poll (i32.const 0) (i32.const 256) (i32.const {subscriptions}) (i32.const 512))
+                      (then (call $exit (i32.const 99))))
+                    (call $exit (i32.add
+                      (i32.mul (i32.load (i32.const 512)) (i32.const 100))
+                      (i32.wrap_i64 (i64.load (i32.const 256)))))))"#
+            ),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(reason(&r), "exit: 107", "{subscriptions} subscriptions");
+        assert!(r.wall_seconds < 5.0, "{subscriptions} subscriptions");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_bomb_hits_the_memory_limit() {
     let (r, _) = hostile("memory-bomb").await;
