@@ -3,11 +3,11 @@
 //!
 //! - `sandbox`: the synth-data example through the sandbox vs bare wasmtime vs native, and the
 //!   per-task fixed cost (see `grid-node/benches/sandbox.rs`).
-//! - `grid`: one table — trivial tasks per second through submit → broker → JetStream → node →
-//!   result against JetStream's own publish and pull rates on the same server
-//!   (`grid-client/examples/jetstream_ceiling.rs`), and jobs of ~100 ms tasks (compute-bound,
-//!   and output-heavy) against the same task run directly in the sandbox, divided by slots;
-//!   `--json` prints it as one JSON object.
+//! - `grid`: one table — trivial tasks per second (1 node, then 2) through submit → broker →
+//!   JetStream → node → result against JetStream's own publish and pull rates on the same
+//!   server (`grid-client/examples/jetstream_ceiling.rs`), and jobs of ~100 ms tasks
+//!   (compute-bound, and output-heavy) against the same task run directly in the sandbox,
+//!   divided by slots; `--json` prints it as one JSON object.
 //! - `gpu`: the gpu-noise example as a wasm task through `grid_gpu_v1` and the GPU worker vs the
 //!   same WGSL from a native program, and the per-dispatch overhead (see `grid-node/benches/gpu.rs`).
 //! - `flat`: jobs of 1k, 10k, 100k and 1M trivial tasks (`--largest N` to stop sooner), counted
@@ -110,7 +110,7 @@ fn grid(json: bool) -> Result<()> {
     let empty = work.join("empty.wasm");
     std::fs::write(&empty, EMPTY_START)?;
 
-    let (up, url) = start_up(&grid, &work)?;
+    let (up, url) = start_up(&grid, &work, 1)?;
     let result = measure(&grid, &url, &empty, &work).and_then(|rows| {
         // JetStream's own rates, on the same server, after the grid's runs.
         let operator = work.join("data/auth/creds/operator-broker.creds");
@@ -128,20 +128,32 @@ fn grid(json: bool) -> Result<()> {
         Ok((rows, publish, pull))
     });
     stop_up(up);
+    // The same trivial job with two nodes on a fresh grid.
+    let two_nodes = result.and_then(|measured| {
+        let work = work.join("two-nodes");
+        std::fs::create_dir_all(&work)?;
+        let (up, url) = start_up(&grid, &work, 2)?;
+        let rate = trivial_rate(&grid, &url, &empty);
+        stop_up(up);
+        Ok((measured, rate?))
+    });
     let _ = std::fs::remove_dir_all(&work);
-    let (rows, publish, pull) = result?;
+    let ((rows, publish, pull), two_nodes_rate) = two_nodes?;
     // A task crosses JetStream twice (the task, then its result): each is a publish and a pull.
     let ceiling = 1.0 / (2.0 / publish + 2.0 / pull);
     let table = [
         Row {
-            figure: format!(
-                "trivial tasks/s (empty _start, {} tasks)",
-                rows.trivial_tasks
-            ),
+            figure: format!("trivial tasks/s, 1 node (empty _start, {TRIVIAL_TASKS} tasks)"),
             grid: rows.trivial_rate,
             anchor_name: format!(
                 "JetStream ceiling (publish {publish:.0}/s, pull+ack {pull:.0}/s, 2 of each per task)"
             ),
+            anchor: ceiling,
+        },
+        Row {
+            figure: format!("trivial tasks/s, 2 nodes (empty _start, {TRIVIAL_TASKS} tasks)"),
+            grid: two_nodes_rate,
+            anchor_name: "the same ceiling".into(),
             anchor: ceiling,
         },
         Row {
@@ -158,7 +170,7 @@ fn grid(json: bool) -> Result<()> {
         },
         Row {
             figure: format!(
-                "~100 ms output-heavy tasks, {} × synth-data (360k rows): seconds",
+                "~100 ms output-heavy tasks, {} × synth-data (500k rows): seconds",
                 rows.output_tasks
             ),
             grid: rows.output_grid_s,
@@ -180,7 +192,7 @@ fn grid(json: bool) -> Result<()> {
         );
     } else {
         println!(
-            "grid benchmark: 1 broker, 1 node × {SLOTS} slots, nats-server, all on this machine"
+            "grid benchmark: 1 broker, 1 node × {SLOTS} slots (2 nodes in the second row), nats-server, all on this machine"
         );
         println!(
             "{:<62} {:>10}  {:<72} {:>10}  {:>7}",
@@ -200,9 +212,9 @@ fn grid(json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Starts `grid up` (1 node × [`SLOTS`] slots, its data under `work`) and points the `grid`
+/// Starts `grid up` (`nodes` nodes × [`SLOTS`] slots, its data under `work`) and points the `grid`
 /// commands run from here at its default tenant. Returns the process and the NATS URL.
-fn start_up(grid: &Path, work: &Path) -> Result<(std::process::Child, String)> {
+fn start_up(grid: &Path, work: &Path, nodes: u32) -> Result<(std::process::Child, String)> {
     // SAFETY: xtask runs on one thread; nothing reads the environment concurrently.
     unsafe {
         std::env::set_var(
@@ -214,7 +226,7 @@ fn start_up(grid: &Path, work: &Path) -> Result<(std::process::Child, String)> {
         .args([
             "up",
             "--nodes",
-            "1",
+            &nodes.to_string(),
             "--slots",
             &SLOTS.to_string(),
             "--nats",
@@ -293,7 +305,7 @@ fn flat(largest: u64) -> Result<()> {
             std::fs::create_dir_all(&work)?;
             let empty = work.join("empty.wasm");
             std::fs::write(&empty, EMPTY_START)?;
-            let (up, url) = start_up(&grid, &work)?;
+            let (up, url) = start_up(&grid, &work, 1)?;
             let measured = (|| -> Result<(f64, u64, u64)> {
                 let broker = broker_pid(up.id()).context("finding the broker of grid up")?;
                 submit_wait(&grid, &url, &empty, &["--tasks", "10"])?; // warm: compiled
@@ -357,7 +369,6 @@ struct Row {
 }
 
 struct Measured {
-    trivial_tasks: u32,
     trivial_rate: f64,
     compute_tasks: u32,
     compute_direct_s: f64,
@@ -411,11 +422,20 @@ fn direct(grid: &Path, module: &Path, params: &str, work: &Path) -> Result<f64> 
     Ok(times[times.len() / 2])
 }
 
-fn measure(grid: &Path, url: &str, empty: &Path, work: &Path) -> Result<Measured> {
-    // Warm up: module upload, compile on the node.
+/// Tasks in the trivial job: its first window goes out one task to a message (no task times are
+/// known yet); the steady state is what counts.
+const TRIVIAL_TASKS: u32 = 20_000;
+
+/// Tasks per second of a job of [`TRIVIAL_TASKS`] empty tasks, after a warm-up job that uploads
+/// and compiles the module.
+fn trivial_rate(grid: &Path, url: &str, empty: &Path) -> Result<f64> {
     submit_wait(grid, url, empty, &["--tasks", "10"])?;
-    let trivial = 20_000u32;
-    let secs = submit_wait(grid, url, empty, &["--tasks", &trivial.to_string()])?;
+    let secs = submit_wait(grid, url, empty, &["--tasks", &TRIVIAL_TASKS.to_string()])?;
+    Ok(f64::from(TRIVIAL_TASKS) / secs)
+}
+
+fn measure(grid: &Path, url: &str, empty: &Path, work: &Path) -> Result<Measured> {
+    let trivial_rate = trivial_rate(grid, url, empty)?;
 
     // ~100 ms tasks: direct in the sandbox vs through the grid (`tasks` × direct ÷ slots is
     // what a grid with no overhead would take). One compute-bound (a few bytes out), one that
@@ -441,13 +461,12 @@ fn measure(grid: &Path, url: &str, empty: &Path, work: &Path) -> Result<Measured
     )?;
     let (output_direct_s, output_grid_s, output_ideal_s) = run(
         &guest_wasm("synth-data"),
-        r#"{"rows": 360000}"#,
+        r#"{"rows": 500000}"#,
         40,
         "output",
     )?;
     Ok(Measured {
-        trivial_tasks: trivial,
-        trivial_rate: f64::from(trivial) / secs,
+        trivial_rate,
         compute_tasks: 40,
         compute_direct_s,
         compute_grid_s,
