@@ -124,7 +124,11 @@ struct Buckets {
     usage: tokio::sync::OnceCell<kv::Store>,
     /// Tenants' object stores, by tenant.
     stores: tokio::sync::Mutex<std::collections::HashMap<String, object_store::ObjectStore>>,
+    /// Puts in progress, striped by object name (see [`Grid::put_once`]).
+    puts: [tokio::sync::Mutex<()>; PUT_STRIPES],
 }
+
+const PUT_STRIPES: usize = 16;
 
 fn context(client: &async_nats::Client) -> jetstream::Context {
     jetstream::ContextBuilder::new()
@@ -320,18 +324,9 @@ impl Grid {
     /// Stores `bytes` in `tenant`'s store unless it is there already; returns the hash and
     /// whether bytes were sent.
     pub async fn put_object(&self, tenant: &str, bytes: &[u8]) -> Result<(Sha256Hex, bool)> {
-        let store = self.store(tenant).await?;
         let sha = Sha256Hex::of(bytes);
-        let name = names::object_name(&sha);
-        if store.info(&name).await.is_ok() {
-            return Ok((sha, false));
-        }
-        let mut reader = bytes;
-        store
-            .put(name.as_str(), &mut reader)
-            .await
-            .map_err(|e| store_error(tenant, &name, e))?;
-        Ok((sha, true))
+        let sent = self.put_once(tenant, &sha, || async { Ok(bytes) }).await?;
+        Ok((sha, sent))
     }
 
     /// Streams the file at `path`, whose hash the caller computed, into `tenant`'s store unless
@@ -343,19 +338,45 @@ impl Grid {
         sha: &Sha256Hex,
         path: &std::path::Path,
     ) -> Result<bool> {
+        self.put_once(tenant, sha, || async {
+            tokio::fs::File::open(path)
+                .await
+                .with_context(|| format!("opening {}", path.display()))
+        })
+        .await
+    }
+
+    /// Stores object `sha` from `open()` unless it is stored already; true when bytes were sent.
+    ///
+    /// Objects are named by their hash, so a second put of a name is the same bytes — but
+    /// async-nats's put of a name that exists purges the old chunks, which a provider may not do
+    /// (no reply: the put fails after the request timeout, 10 s). So a put never overwrites:
+    /// puts of one name from this process go one at a time, each checking first; and a put that
+    /// fails while another process stored the same object counts as stored.
+    async fn put_once<R, F, Fut>(&self, tenant: &str, sha: &Sha256Hex, open: F) -> Result<bool>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<R>>,
+    {
         let store = self.store(tenant).await?;
         let name = names::object_name(sha);
+        let stripe = usize::from(sha.0[0]) % PUT_STRIPES;
+        let _one_at_a_time = self.buckets.puts[stripe].lock().await;
         if store.info(&name).await.is_ok() {
             return Ok(false);
         }
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .with_context(|| format!("opening {}", path.display()))?;
-        store
-            .put(name.as_str(), &mut file)
-            .await
-            .map_err(|e| store_error(tenant, &name, e))?;
-        Ok(true)
+        let mut reader = open().await?;
+        match store.put(name.as_str(), &mut reader).await {
+            Ok(_) => Ok(true),
+            Err(e) => match store.info(&name).await {
+                Ok(info) if !info.deleted => {
+                    tracing::debug!(object = %name, "stored meanwhile by another writer: {e}");
+                    Ok(false)
+                }
+                _ => Err(store_error(tenant, &name, e)),
+            },
+        }
     }
 
     /// The nodes that sent a heartbeat within the bucket's TTL, sorted by id. A heartbeat that

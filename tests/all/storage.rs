@@ -149,3 +149,42 @@ fn deleting_a_job_keeps_what_other_jobs_use() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A node's slots often store the same output at about the same moment (tasks whose outputs
+/// are equal). Each put used to send the bytes again, and one that found the object stored by
+/// the time it wrote its metadata purged the old chunks — which a provider may not do, so it
+/// failed after the request timeout (10 s) and its task was handed back to run again. Now puts
+/// of one object go one at a time and each checks first: the bytes travel once.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_object_stored_by_many_puts_at_once_is_sent_once_and_every_put_succeeds() {
+    let grid = TestGrid::start(0, &[]);
+    // The tenant's store comes with its first job (no node: it only waits).
+    let submitted = as_tenant(
+        &grid,
+        "puts",
+        &["submit", guest("hostile").to_str().unwrap(), "--json"],
+    );
+    json_of(&submitted);
+    let provider = crate::support::creds(crate::support::Role::Provider, "node-puts");
+    let client = grid_client::connect_with(&grid.nats.url, false, Some(&provider))
+        .await
+        .unwrap();
+    let store = grid_client::Grid::open(client).await.unwrap();
+    let bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let puts: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, bytes) = (store.clone(), bytes.clone());
+            tokio::spawn(async move { store.put_object("puts", &bytes).await })
+        })
+        .collect();
+    let mut sent = 0;
+    let mut sha = None;
+    for put in puts {
+        let (hash, was_sent) = put.await.unwrap().expect("every put succeeds");
+        sent += usize::from(was_sent);
+        sha = Some(hash);
+    }
+    assert_eq!(sent, 1, "the bytes travel once");
+    let sha = sha.unwrap();
+    assert_eq!(store.get_object("puts", &sha).await.unwrap(), bytes);
+}

@@ -235,7 +235,16 @@ fn start_up(grid: &Path, work: &Path, nodes: u32) -> Result<(std::process::Child
         ])
         .arg(work.join("data"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // `GRID_BENCH_LOG=FILE` keeps the grid's log (with `RUST_LOG` as set) for a look after.
+        .stderr(match std::env::var_os("GRID_BENCH_LOG") {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+            None => Stdio::null(),
+        })
         .spawn()?;
     let mut lines = BufReader::new(up.stdout.take().context("stdout")?).lines();
     let url = loop {
