@@ -51,6 +51,8 @@ pub struct BrokerConfig {
     pub creds: Option<std::path::PathBuf>,
     /// Bytes each tenant's object store may hold (0: no limit).
     pub tenant_quota_bytes: u64,
+    /// Where to serve Prometheus metrics (see `grid_client::metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 struct ActiveJob {
@@ -227,6 +229,7 @@ impl ActiveJob {
         if !self.counted.insert(index) {
             return false;
         }
+        record_counted(record);
         let counts = &mut self.record.counts;
         match record.state {
             TaskState::Succeeded => counts.succeeded += 1,
@@ -291,6 +294,9 @@ pub async fn run(
     config: BrokerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    if let Some(addr) = config.metrics {
+        grid_client::metrics::serve(addr)?;
+    }
     let client = grid_client::connect_with(&config.nats_url, true, config.creds.as_deref()).await?;
     // A NATS cluster may still be electing its JetStream leader: wait for it.
     let grid = loop {
@@ -377,6 +383,24 @@ pub async fn run(
     }
     broker.persist().await;
     Ok(())
+}
+
+/// A task counted in its job, for the metrics (see `grid_client::metrics`).
+fn record_counted(record: &TaskRecord) {
+    let state = match record.state {
+        TaskState::Succeeded => "succeeded",
+        TaskState::Failed => "failed",
+        TaskState::Disputed => "disputed",
+    };
+    let reason = record.result.outcome.reason().map(Reason::kind);
+    if record.state == TaskState::Failed
+        && let Some(why) = &reason
+    {
+        metrics::counter!("grid_attempts_failed_total", "reason" => why.clone()).increment(1);
+    }
+    metrics::counter!("grid_tasks_counted_total", "state" => state, "reason" => reason.unwrap_or_default())
+        .increment(1);
+    metrics::histogram!("grid_task_seconds").record(record.result.usage.wall_seconds);
 }
 
 fn tenant_of(subject: &str) -> Option<&str> {
@@ -1170,6 +1194,11 @@ impl Broker {
                 .map(|r| r.to_string())
                 .unwrap_or_default();
             tracing::info!(job = %result.job_id, index = result.index, attempt = result.attempt, %reason, "retrying");
+            if let Some(why) = result.outcome.reason() {
+                metrics::counter!("grid_attempts_failed_total", "reason" => why.kind())
+                    .increment(1);
+            }
+            metrics::counter!("grid_task_retries_total").increment(1);
             // Published before the failed result is acked: a broker killed in between gets the
             // result again and republishes the retry under the same message id, which JetStream
             // drops; a retry kept only in memory would be lost with the broker.
@@ -1219,6 +1248,7 @@ impl Broker {
             .is_some_and(|votes| votes.iter().any(|v| v.replica == result.replica));
         if !fresh && held {
             self.duplicates += 1;
+            metrics::counter!("grid_duplicate_results_total").increment(1);
             return Ok(());
         }
         let votes = match job.votes.get_mut(&index) {
@@ -1346,6 +1376,7 @@ impl Broker {
             tally(&self.grid, &result.node_id, agreed).await;
         } else {
             self.duplicates += 1;
+            metrics::counter!("grid_duplicate_results_total").increment(1);
         }
         Ok(())
     }
@@ -1382,6 +1413,7 @@ impl Broker {
                     .is_none_or(|j| j.has_counted(index))
                 {
                     self.duplicates += 1;
+                    metrics::counter!("grid_duplicate_results_total").increment(1);
                     tracing::debug!(task = %key, "duplicate result ignored");
                     return Ok(None);
                 }
@@ -1493,6 +1525,14 @@ impl Broker {
     /// Writes the records of jobs that changed (their counts feed `grid status` and progress),
     /// and lets go of a job that ended once its final record is saved.
     async fn persist(&mut self) {
+        let (mut queued, mut in_flight) = (0, 0);
+        for job in self.active.values() {
+            queued += job.record.counts.total.saturating_sub(job.record.enqueued);
+            in_flight += job.record.counts.in_flight;
+        }
+        metrics::gauge!("grid_tasks", "state" => "queued").set(queued as f64);
+        metrics::gauge!("grid_tasks", "state" => "in_flight").set(in_flight as f64);
+        metrics::gauge!("grid_jobs_running").set(self.active.len() as f64);
         let mut saved_final = Vec::new();
         for job in self.active.values_mut().filter(|j| j.dirty) {
             if job.record.state.is_final() {
@@ -1688,6 +1728,9 @@ pub struct BrokerArgs {
     /// no limit. Applies when a tenant's store is made.
     #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = parse_size)]
     pub tenant_quota: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -1704,6 +1747,7 @@ pub fn main(args: BrokerArgs) -> std::process::ExitCode {
         stream_replicas: args.stream_replicas,
         creds: args.creds,
         tenant_quota_bytes: args.tenant_quota,
+        metrics: args.metrics,
     };
     grid_client::run_service("grid-broker", |shutdown| run(config, shutdown))
 }

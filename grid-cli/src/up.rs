@@ -155,6 +155,8 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         .join(",");
     let mut servers: Vec<(String, Child)> = Vec::new();
     let mut children: Vec<(String, Child)> = Vec::new();
+    // Prometheus metrics of the broker and each node, on free local ports.
+    let mut metrics: Vec<(String, String)> = Vec::new();
     let result = (|| -> Result<()> {
         for (i, client_port) in client_ports.iter().enumerate() {
             let (name, store) = if args.cluster == 1 {
@@ -184,7 +186,11 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         }
         let replicas = args.cluster.min(3).to_string();
         let mut broker = Command::new(&exe);
-        broker.args(["broker", "--nats", &url, "--stream-replicas", &replicas]);
+        let broker_metrics = format!("{host}:{}", free_port()?);
+        broker
+            .args(["broker", "--nats", &url, "--stream-replicas", &replicas])
+            .args(["--metrics", &broker_metrics]);
+        metrics.push(("broker".into(), broker_metrics));
         if let Some(creds) = &operator_creds {
             broker.arg("--creds").arg(creds);
         }
@@ -192,6 +198,7 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         children.push(("broker".into(), broker));
         for i in 1..=args.nodes {
             let id = format!("node-{i}");
+            let node_metrics = format!("{host}:{}", free_port()?);
             let creds = auth
                 .as_ref()
                 .map(|a| a.issue(grid_client::auth::Role::Provider, &id))
@@ -209,6 +216,8 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                         // Ctrl-C: running tasks get 3 s, then go back to the queue (kept on disk).
                         "--grace",
                         "3s",
+                        "--metrics",
+                        &node_metrics,
                     ])
                     .arg("--cache-dir")
                     .arg(data.join(format!("node-{i}")))
@@ -222,6 +231,7 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                 &data.join(format!("logs/node-{i}.log")),
             )?;
             children.push((format!("node-{i}"), node));
+            metrics.push((id, node_metrics));
         }
         wait_for_nodes(
             &url,
@@ -252,6 +262,12 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
             auth.path().display()
         );
     }
+    let scrape = metrics
+        .iter()
+        .map(|(name, addr)| format!("{name} http://{addr}/metrics"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    eprintln!("grid: Prometheus metrics: {scrape}");
     eprintln!(
         "grid: {} node(s) × {slots} slot(s); data in {}; Ctrl-C stops the grid",
         args.nodes,

@@ -398,11 +398,16 @@ impl Sandbox {
     }
 
     fn already_loaded(&self, sha256: &Sha256Hex) -> Option<LoadedModule> {
-        self.loaded
+        let found = self
+            .loaded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(sha256)
-            .cloned()
+            .cloned();
+        if found.is_some() {
+            metrics::counter!("grid_module_loads_total", "from" => "memory").increment(1);
+        }
+        found
     }
 
     async fn compile_and_keep(
@@ -451,8 +456,10 @@ impl Sandbox {
             .as_ref()
             .and_then(|c| c.get(&self.engine, sha256, variant))
         {
+            metrics::counter!("grid_module_loads_total", "from" => "disk").increment(1);
             return Ok(m);
         }
+        metrics::counter!("grid_module_loads_total", "from" => "compiled").increment(1);
         let engine = self.engine.clone();
         let owned = bytes.to_vec();
         let started = Instant::now();

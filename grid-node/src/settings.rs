@@ -91,6 +91,9 @@ pub struct NodeArgs {
     /// Take no job that asks for more GPU time per task, e.g. 5min [default: 1h]
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub max_gpu_time: Option<Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9102)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// TEST ONLY: corrupt every task's outputs (a lying provider, for replica tests).
     #[arg(long, hide = true)]
     pub test_corrupt_outputs: bool,
@@ -112,6 +115,7 @@ struct NodeFile {
     disk_budget: Option<String>,
     grace: Option<String>,
     user: Option<String>,
+    metrics: Option<std::net::SocketAddr>,
     #[serde(default)]
     caps: CapsFile,
 }
@@ -280,6 +284,7 @@ impl NodeArgs {
             memory_budget_bytes,
             disk_budget_bytes: self.disk_budget.or(disk_budget).unwrap_or(10 << 30),
             grace: self.grace.or(grace).unwrap_or(Duration::from_secs(10)),
+            metrics: self.metrics.or(file.metrics),
             test_corrupt_outputs: self.test_corrupt_outputs,
         })
     }

@@ -87,6 +87,8 @@ pub struct NodeConfig {
     pub disk_budget_bytes: u64,
     /// On shutdown, how long running tasks may take to finish before they are handed back.
     pub grace: Duration,
+    /// Where to serve Prometheus metrics (see `grid_client::metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
     /// TEST ONLY: add a file of this node's own to every task's outputs, so that its replica
     /// results never agree with anyone's.
     pub test_corrupt_outputs: bool,
@@ -138,6 +140,10 @@ pub async fn run(
     creds: Option<String>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    if let Some(addr) = config.metrics {
+        grid_client::metrics::serve(addr)?;
+    }
+    metrics::gauge!("grid_node_slots").set(f64::from(config.slots));
     // `main` took the credentials' text out of the config (and `GRID_CREDS` is in it).
     let client = grid_client::connect_with_text(&config.nats_url, true, creds.as_deref()).await?;
     let grid = loop {
@@ -500,7 +506,9 @@ impl Node {
         let delivered = msg.info().map_or(1, |i| i.delivered);
         if delivered > 1 {
             tracing::debug!(job = %task.job_id, index = task.index, delivered, "redelivered task");
+            metrics::counter!("grid_task_redeliveries_total").increment(1);
         }
+        let published = msg.info().ok().map(|i| i.published);
         // A replica may also be handed back once by each node that already ran another replica.
         let replicas = i64::from(job.spec.replicas.max(1) - 1);
         if delivered > grid_client::MAX_TASK_DELIVERIES + replicas {
@@ -564,6 +572,13 @@ impl Node {
                     let _ = msg.ack().await;
                 }
                 return;
+            }
+            if let Some(published) = published {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as i128);
+                let waited = (now - published.unix_timestamp_nanos()) as f64 / 1e9;
+                metrics::histogram!("grid_task_queue_wait_seconds").record(waited.max(0.0));
             }
             let running = Running::new(&self.running, slot, memory);
             match self.run_task(&job, &task, running).await {
@@ -900,6 +915,7 @@ impl Node {
             Err(Reason::Lost) => bail!("the node is shutting down"),
             Err(reason) => return Ok(failed(reason)),
         };
+        record_ran(&report);
         if report.outcome == Outcome::Failed(Reason::Lost) {
             // Another task's GPU overrun restarted the GPU worker under this one: not its fault.
             bail!("the GPU worker restarted under it");
@@ -953,6 +969,22 @@ impl Node {
     }
 }
 
+/// A task that ran in the sandbox, for the metrics (see `grid_client::metrics`).
+fn record_ran(report: &crate::TaskReport) {
+    let outcome = match report.outcome.reason() {
+        None => "succeeded".into(),
+        Some(why) => why.kind(),
+    };
+    if let Outcome::Failed(Reason::Limit(limit)) = &report.outcome {
+        metrics::counter!("grid_limit_hits_total", "limit" => limit.as_str()).increment(1);
+    }
+    metrics::counter!("grid_node_tasks_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("grid_node_task_seconds").record(report.wall_seconds);
+    if report.gpu_seconds > 0.0 {
+        metrics::histogram!("grid_task_gpu_seconds").record(report.gpu_seconds);
+    }
+}
+
 /// A spawned task that ends when this is dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -975,7 +1007,8 @@ impl<'a> Running<'a> {
         slot: tokio::sync::OwnedSemaphorePermit,
         memory: tokio::sync::OwnedSemaphorePermit,
     ) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
+        let busy = count.fetch_add(1, Ordering::AcqRel) + 1;
+        metrics::gauge!("grid_node_slots_busy").set(f64::from(busy));
         Self {
             count,
             _slot: slot,
@@ -986,7 +1019,8 @@ impl<'a> Running<'a> {
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
+        let busy = self.count.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
+        metrics::gauge!("grid_node_slots_busy").set(f64::from(busy));
     }
 }
 

@@ -66,6 +66,21 @@ pub enum Reason {
     Lost,
 }
 
+impl Reason {
+    /// The reason without its free text — `exit`, `trap`, `invalid`, `limit: memory`,
+    /// `cancelled`, `lost` — few enough values to label metrics with.
+    pub fn kind(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Reason::Exit(_) => "exit".into(),
+            Reason::Trap(_) => "trap".into(),
+            Reason::Invalid(_) => "invalid".into(),
+            Reason::Limit(limit) => format!("limit: {limit}").into(),
+            Reason::Cancelled => "cancelled".into(),
+            Reason::Lost => "lost".into(),
+        }
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

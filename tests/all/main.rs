@@ -14,6 +14,7 @@ mod examples;
 mod gpu;
 mod grid;
 mod ledger;
+mod metrics;
 mod privileges;
 mod python;
 mod replicas;

@@ -1,0 +1,182 @@
+//! Prometheus metrics (`--metrics ADDR`) of the broker and a node: after jobs with successes,
+//! a limit hit and retries, both endpoints count what `grid status` counts.
+
+use crate::support::*;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+/// An address with a port free right now.
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// The text at `http://addr/metrics` (waiting for the endpoint to come up).
+fn scrape(addr: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
+            write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+            let mut response = String::new();
+            if stream.read_to_string(&mut response).is_ok()
+                && let Some((head, body)) = response.split_once("\r\n\r\n")
+            {
+                assert!(
+                    head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+                    "{head}"
+                );
+                return body.to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "no metrics at {addr}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The sum of the samples of `name` whose labels include every one of `labels`.
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, sample) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            let matches = metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            matches.then(|| sample.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+#[test]
+fn broker_and_node_metrics_count_what_the_grid_did() {
+    let (broker_addr, node_addr) = (free_addr(), free_addr());
+    let grid = TestGrid::start(0, &["--metrics", &broker_addr]);
+    let cache = tempfile::tempdir().unwrap();
+    let _node = GridProcess::node_with(
+        &grid.nats,
+        "node-metrics",
+        cache.path(),
+        2,
+        &["--no-gpu", "--metrics", &node_addr],
+    );
+    grid.wait_for_nodes(1);
+    let hostile = guest("hostile");
+    let ok = grid.grid_json(
+        &[
+            "submit",
+            hostile.to_str().unwrap(),
+            "--tasks",
+            "6",
+            "--wait",
+            "--",
+            "exit",
+            "0",
+        ],
+        0,
+    );
+    assert_eq!(ok["tasks"]["succeeded"], 6);
+    // Two tasks over their memory limit, each tried twice.
+    let bombs = grid.grid_json(
+        &[
+            "submit",
+            hostile.to_str().unwrap(),
+            "--tasks",
+            "2",
+            "--memory",
+            "64MiB",
+            "--retries",
+            "1",
+            "--wait",
+            "--",
+            "memory-bomb",
+        ],
+        1,
+    );
+    assert_eq!(bombs["tasks"]["failed"], 2);
+
+    let broker = scrape(&broker_addr);
+    let counted = |state: &str| value(&broker, "grid_tasks_counted_total", &[("state", state)]);
+    assert_eq!(counted("succeeded"), 6.0, "{broker}");
+    assert_eq!(counted("failed"), 2.0, "{broker}");
+    assert_eq!(
+        value(
+            &broker,
+            "grid_tasks_counted_total",
+            &[("state", "failed"), ("reason", "limit: memory")]
+        ),
+        2.0
+    );
+    let memory_failures = [("reason", "limit: memory")];
+    assert_eq!(
+        value(&broker, "grid_attempts_failed_total", &memory_failures),
+        4.0,
+        "{broker}"
+    );
+    assert_eq!(
+        value(&broker, "grid_task_retries_total", &[]),
+        2.0,
+        "{broker}"
+    );
+    assert_eq!(
+        value(&broker, "grid_task_seconds_count", &[]),
+        8.0,
+        "{broker}"
+    );
+    assert!(
+        broker.contains("# HELP grid_tasks_counted_total"),
+        "{broker}"
+    );
+    // Both jobs ended: nothing running, queued or in flight (the gauges follow each save).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let broker = scrape(&broker_addr);
+        let idle = value(&broker, "grid_jobs_running", &[]) == 0.0
+            && value(&broker, "grid_tasks", &[("state", "in_flight")]) == 0.0
+            && value(&broker, "grid_tasks", &[("state", "queued")]) == 0.0;
+        if idle {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{broker}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let node = scrape(&node_addr);
+    assert_eq!(value(&node, "grid_node_slots", &[]), 2.0, "{node}");
+    assert_eq!(value(&node, "grid_node_slots_busy", &[]), 0.0, "{node}");
+    assert_eq!(
+        value(&node, "grid_node_tasks_total", &[("outcome", "succeeded")]),
+        6.0,
+        "{node}"
+    );
+    assert_eq!(
+        value(
+            &node,
+            "grid_node_tasks_total",
+            &[("outcome", "limit: memory")]
+        ),
+        4.0,
+        "{node}"
+    );
+    assert_eq!(
+        value(&node, "grid_limit_hits_total", &[("limit", "memory")]),
+        4.0,
+        "{node}"
+    );
+    assert_eq!(
+        value(&node, "grid_node_task_seconds_count", &[]),
+        10.0,
+        "{node}"
+    );
+    assert_eq!(
+        value(&node, "grid_task_queue_wait_seconds_count", &[]),
+        10.0,
+        "{node}"
+    );
+    // One module: compiled (by each of the first tasks that found it missing: its code and its
+    // guard's), then found in memory.
+    let loads = |from: &str| value(&node, "grid_module_loads_total", &[("from", from)]);
+    assert!(loads("compiled") + loads("disk") >= 2.0, "{node}");
+    assert!(loads("memory") >= 1.0, "{node}");
+}
