@@ -84,6 +84,15 @@ impl Conn {
 }
 
 impl Session {
+    /// Whose jobs these credentials may read: a tenant's own (`Some`), or every tenant's for the
+    /// operator and on a grid without auth (`None`).
+    pub fn scope(&self) -> Option<String> {
+        match &self.identity {
+            Some(who) if who.role == grid_client::auth::Role::Tenant => Some(who.name.clone()),
+            _ => None,
+        }
+    }
+
     /// Asks the broker `verb` (`grid.api.<tenant>.<verb>`) and decodes its reply.
     pub async fn ask<T: grid_proto::Message>(&self, verb: &str, request: &T) -> Result<ApiReply> {
         let reply = self
@@ -483,7 +492,7 @@ async fn no_nodes_note(grid: &Grid, record: &JobRecord) -> Option<String> {
     })
 }
 
-fn status_json(record: &JobRecord) -> serde_json::Value {
+pub(crate) fn status_json(record: &JobRecord) -> serde_json::Value {
     let c = &record.counts;
     let finished = c.succeeded + c.failed;
     json!({

@@ -4,6 +4,7 @@
 //! disputed; 2 usage or setup error. Errors are one line, `grid: …`, on stderr.
 
 mod auth;
+mod dashboard;
 mod jobs;
 mod run;
 mod up;
@@ -47,6 +48,8 @@ enum Command {
     Delete(jobs::DeleteArgs),
     /// What tasks used, from the usage ledger: per job, tenant and provider.
     Usage(usage::UsageArgs),
+    /// Serve a live web dashboard of the grid (nodes, jobs, throughput, usage).
+    Dashboard(dashboard::DashboardArgs),
     /// The grid's NATS auth: an operator setup for nats-server.
     #[command(subcommand)]
     Auth(auth::AuthCommand),
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Cancel(args) => jobs::cancel(args),
         Command::Delete(args) => jobs::delete(args),
         Command::Usage(args) => usage::usage(args),
+        Command::Dashboard(args) => dashboard::dashboard(args),
         Command::Auth(command) => auth::auth(command),
         Command::Tenant(command) => auth::add(grid_client::auth::Role::Tenant, command),
         Command::Provider(command) => auth::add(grid_client::auth::Role::Provider, command),

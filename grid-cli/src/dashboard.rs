@@ -1,0 +1,332 @@
+//! `grid dashboard` (and the one `grid up` serves): a live web view of a grid.
+//!
+//! It reads what the CLI reads — job records, node heartbeats and tallies, the usage ledger —
+//! with the credentials it was given, so NATS's permissions decide what it shows: a tenant's
+//! credentials show that tenant's jobs and usage; the operator's show every tenant. One
+//! sampler builds a snapshot every second; the page gets it over server-sent events
+//! (`/api/events`), and `/api/state` answers the same JSON once. `/api/jobs/ID` adds a job's
+//! failed tasks with their reasons and the tails of their logs. The page is one HTML file
+//! compiled into the binary: nothing is fetched from elsewhere.
+//!
+//! Throughput is the change, between samples, of the tasks that ended in the jobs shown; the
+//! page charts the last five minutes of it.
+
+use anyhow::{Context, Result, anyhow};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use grid_client::Grid;
+use grid_proto::{JobRecord, TaskRecord, TaskState, decode, names};
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const PAGE: &str = include_str!("dashboard.html");
+/// Jobs shown, newest first.
+const JOBS_SHOWN: usize = 100;
+/// Throughput samples kept: five minutes, one a second.
+const HISTORY: usize = 300;
+/// Usage is summed from the whole ledger: every this many samples, not every one.
+const USAGE_EVERY: u64 = 5;
+/// Failed tasks listed on a job's page, and the bytes of each log shown.
+const FAILED_SHOWN: usize = 50;
+const LOG_TAIL: usize = 2048;
+
+/// What the dashboard reads: the grid, and whose jobs (`None`: every tenant's).
+#[derive(Clone)]
+pub struct Source {
+    pub grid: Grid,
+    pub tenant: Option<String>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    source: Source,
+    snapshot: watch::Receiver<Arc<String>>,
+}
+
+/// Serves the dashboard on `listener` until the future is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, source: Source) -> Result<()> {
+    let (tx, rx) = watch::channel(Arc::new(String::from("{}")));
+    tokio::spawn(sample(source.clone(), tx));
+    let app = axum::Router::new()
+        .route("/", get(page))
+        .route("/api/state", get(state))
+        .route("/api/events", get(events))
+        .route("/api/jobs/{id}", get(job))
+        .with_state(AppState {
+            source,
+            snapshot: rx,
+        });
+    axum::serve(listener, app)
+        .await
+        .context("serving the dashboard")
+}
+
+async fn page() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE)
+}
+
+async fn state(State(app): State<AppState>) -> impl IntoResponse {
+    let body = app.snapshot.borrow().as_str().to_string();
+    ([(header::CONTENT_TYPE, "application/json")], body)
+}
+
+async fn events(
+    State(app): State<AppState>,
+) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let stream =
+        futures::stream::unfold((app.snapshot.clone(), true), |(mut rx, first)| async move {
+            if !first && rx.changed().await.is_err() {
+                return None;
+            }
+            let data = rx.borrow_and_update().as_str().to_string();
+            Some((Ok(Event::default().data(data)), (rx, false)))
+        });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn job(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    match job_detail(&app.source, &id).await {
+        Ok(Some(v)) => {
+            ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+        }
+        Ok(None) => (StatusCode::NOT_FOUND, format!("no job {id} here")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
+    }
+}
+
+/// The job's status (as `grid status --json` prints it), and its failed tasks.
+async fn job_detail(source: &Source, id: &str) -> Result<Option<Value>> {
+    if !names::valid_name(id) {
+        return Ok(None);
+    }
+    let Some(record) = jobs(source).await?.into_iter().find(|r| r.id == id) else {
+        return Ok(None);
+    };
+    let tenant = &record.spec.tenant;
+    let mut failed = Vec::new();
+    if record.counts.failed + record.counts.disputed > 0 {
+        let prefix = format!("{tenant}.{id}");
+        for (_, bytes) in source
+            .grid
+            .entries(names::TASKS_BUCKET, Some(&prefix))
+            .await?
+        {
+            let Ok(task) = decode::<TaskRecord>(&bytes) else {
+                continue;
+            };
+            if task.state == TaskState::Succeeded {
+                continue;
+            }
+            let mut logs = serde_json::Map::new();
+            for (name, sha) in [
+                ("stdout", task.result.stdout),
+                ("stderr", task.result.stderr),
+            ] {
+                if let Some(sha) = sha
+                    && let Ok(bytes) = source.grid.get_object(tenant, &sha).await
+                {
+                    let tail = &bytes[bytes.len().saturating_sub(LOG_TAIL)..];
+                    logs.insert(name.into(), String::from_utf8_lossy(tail).into());
+                }
+            }
+            failed.push(json!({
+                "index": task.result.index,
+                "state": task_state(task.state),
+                "reason": task.result.outcome.reason().map(|r| r.to_string()),
+                "attempts": task.attempts,
+                "failures": task.failures,
+                "node": task.result.node_id,
+                "logs": logs,
+            }));
+            if failed.len() >= FAILED_SHOWN {
+                break;
+            }
+        }
+    }
+    let mut v = crate::jobs::status_json(&record);
+    v["tenant"] = json!(tenant);
+    v["module"] = json!(record.spec.module_name);
+    v["failed_tasks"] = json!(failed);
+    Ok(Some(v))
+}
+
+fn task_state(state: TaskState) -> &'static str {
+    match state {
+        TaskState::Succeeded => "succeeded",
+        TaskState::Failed => "failed",
+        TaskState::Disputed => "disputed",
+    }
+}
+
+/// The jobs shown, newest first.
+async fn jobs(source: &Source) -> Result<Vec<JobRecord>> {
+    let mut jobs: Vec<JobRecord> = source
+        .grid
+        .entries(names::JOBS_BUCKET, source.tenant.as_deref())
+        .await?
+        .into_iter()
+        .filter_map(|(_, bytes)| decode::<JobRecord>(&bytes).ok())
+        .collect();
+    // Job ids start with their submission time.
+    jobs.sort_by(|a, b| b.id.cmp(&a.id));
+    Ok(jobs)
+}
+
+/// Builds a snapshot every second and hands it to the page's connections.
+async fn sample(source: Source, tx: watch::Sender<Arc<String>>) {
+    let mut history: VecDeque<(u64, f64)> = VecDeque::with_capacity(HISTORY);
+    let mut last: Option<(u64, u64)> = None;
+    let mut usage = Value::Array(Vec::new());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    for n in 0u64.. {
+        tick.tick().await;
+        if n % USAGE_EVERY == 0 {
+            match usage_by_tenant(&source).await {
+                Ok(u) => usage = u,
+                Err(e) => tracing::warn!("dashboard: reading the usage ledger: {e:#}"),
+            }
+        }
+        match snapshot(&source, &mut history, &mut last, &usage).await {
+            Ok(v) => {
+                if tx.send(Arc::new(v.to_string())).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!("dashboard: {e:#}"),
+        }
+    }
+}
+
+async fn snapshot(
+    source: &Source,
+    history: &mut VecDeque<(u64, f64)>,
+    last: &mut Option<(u64, u64)>,
+    usage: &Value,
+) -> Result<Value> {
+    let now = grid_client::now_unix_ms();
+    let jobs = jobs(source).await?;
+    let ended: u64 = jobs
+        .iter()
+        .map(|j| j.counts.succeeded + j.counts.failed)
+        .sum();
+    if let Some((at, before)) = *last {
+        let seconds = now.saturating_sub(at) as f64 / 1000.0;
+        if seconds > 0.0 {
+            // A deleted job takes its tasks with it: never a negative rate.
+            let rate = ended.saturating_sub(before) as f64 / seconds;
+            if history.len() == HISTORY {
+                history.pop_front();
+            }
+            history.push_back((now, rate));
+        }
+    }
+    *last = Some((now, ended));
+    let mut nodes = Vec::new();
+    for node in source.grid.live_nodes().await? {
+        let tally = match source.grid.tally().await?.get(&node.id).await {
+            Ok(Some(bytes)) => decode::<grid_proto::NodeTally>(&bytes).unwrap_or_default(),
+            _ => grid_proto::NodeTally::default(),
+        };
+        nodes.push(json!({
+            "id": node.id,
+            "classes": node.classes,
+            "gpu": node.gpu,
+            "slots": node.slots,
+            "running": node.running,
+            "held": node.busy,
+            "tasks_done": node.tasks_done,
+            "votes_agreed": tally.agreed,
+            "votes_lost": tally.outvoted,
+            "preparing": node.preparing,
+        }));
+    }
+    let shown: Vec<Value> = jobs
+        .iter()
+        .take(JOBS_SHOWN)
+        .map(|record| {
+            let mut v = crate::jobs::status_json(record);
+            v["tenant"] = json!(record.spec.tenant);
+            v["module"] = json!(record.spec.module_name);
+            v["created_unix_ms"] = json!(record.created_unix_ms);
+            v["finished_unix_ms"] = json!(record.finished_unix_ms);
+            v
+        })
+        .collect();
+    Ok(json!({
+        "at_unix_ms": now,
+        "scope": source.tenant.as_deref().map_or("all tenants".to_string(), |t| format!("tenant {t}")),
+        "nodes": nodes,
+        "jobs": shown,
+        "jobs_total": jobs.len(),
+        "throughput": history.iter().map(|(at, rate)| json!([at, rate])).collect::<Vec<_>>(),
+        "usage": usage,
+    }))
+}
+
+/// What each tenant's tasks used, from the ledger.
+async fn usage_by_tenant(source: &Source) -> Result<Value> {
+    let mut by: std::collections::BTreeMap<String, (u64, f64, f64, f64)> = Default::default();
+    for e in source
+        .grid
+        .usage_entries(source.tenant.as_deref())
+        .await
+        .map_err(|e| anyhow!("{e:#}"))?
+    {
+        let t = by.entry(e.tenant.clone()).or_default();
+        t.0 += 1;
+        t.1 += e.usage.cpu_seconds;
+        t.2 += e.usage.wall_seconds;
+        t.3 += e.usage.gpu_seconds;
+    }
+    Ok(Value::Array(
+        by.into_iter()
+            .map(|(tenant, (attempts, cpu, wall, gpu))| {
+                json!({"tenant": tenant, "attempts": attempts, "cpu_seconds": cpu, "wall_seconds": wall, "gpu_seconds": gpu})
+            })
+            .collect(),
+    ))
+}
+
+/// Binds `listen` (a port of 0 takes a free one) and returns the listener and its address.
+pub async fn bind(listen: &str) -> Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("--listen {listen}: cannot listen there"))?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DashboardArgs {
+    /// Where to serve the page: HOST:PORT (port 0 takes a free one)
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8470")]
+    pub listen: String,
+    #[command(flatten)]
+    pub conn: crate::jobs::Conn,
+}
+
+/// `grid dashboard`: serves the page until Ctrl-C.
+pub fn dashboard(args: DashboardArgs) -> Result<std::process::ExitCode> {
+    crate::jobs::runtime()?.block_on(async {
+        let session = args.conn.open("dashboard").await?;
+        let source = Source {
+            tenant: session.scope(),
+            grid: session.grid,
+        };
+        let (listener, addr) = bind(&args.listen).await?;
+        println!("grid: dashboard at http://{addr}/");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tokio::select! {
+            served = serve(listener, source) => served?,
+            () = grid_client::shutdown_signal() => {}
+        }
+        Ok(std::process::ExitCode::SUCCESS)
+    })
+}
