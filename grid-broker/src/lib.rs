@@ -229,7 +229,6 @@ impl ActiveJob {
         if !self.counted.insert(index) {
             return false;
         }
-        record_counted(record);
         let counts = &mut self.record.counts;
         match record.state {
             TaskState::Succeeded => counts.succeeded += 1,
@@ -1441,6 +1440,10 @@ impl Broker {
             return false;
         };
         let counted = job.count(stored);
+        if counted {
+            // Here, not in `ActiveJob::count`: a restarted broker recounts stored records.
+            record_counted(stored);
+        }
         job.finish_if_complete(duplicates);
         counted
     }

@@ -35,6 +35,8 @@ const USAGE_EVERY: u64 = 5;
 /// Failed tasks listed on a job's page, and the bytes of each log shown.
 const FAILED_SHOWN: usize = 50;
 const LOG_TAIL: usize = 2048;
+/// One read of the grid for a snapshot, at most: a stuck read must not freeze the page.
+const PASS_LIMIT: Duration = Duration::from_secs(10);
 
 /// What the dashboard reads: the grid, and whose jobs (`None`: every tenant's).
 #[derive(Clone)]
@@ -61,10 +63,52 @@ pub async fn serve(listener: tokio::net::TcpListener, source: Source) -> Result<
         .with_state(AppState {
             source,
             snapshot: rx,
-        });
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            allowed_hosts(listener.local_addr()?),
+            check_host,
+        ));
     axum::serve(listener, app)
         .await
         .context("serving the dashboard")
+}
+
+/// The `Host` values a request may carry, or `None` to take any (a dashboard listening on all
+/// interfaces is reached by names it cannot know).
+fn allowed_hosts(addr: std::net::SocketAddr) -> Option<Arc<Vec<String>>> {
+    if addr.ip().is_unspecified() {
+        return None;
+    }
+    let port = addr.port();
+    let mut hosts = vec![addr.to_string()];
+    if addr.ip().is_loopback() {
+        hosts.extend([
+            format!("localhost:{port}"),
+            format!("127.0.0.1:{port}"),
+            format!("[::1]:{port}"),
+        ]);
+    }
+    Some(Arc::new(hosts))
+}
+
+/// Refuses a request for another host name: a web page the user visits cannot point a name of
+/// its own at this address (DNS rebinding) and read the grid through the user's browser.
+async fn check_host(
+    State(allowed): State<Option<Arc<Vec<String>>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    match &allowed {
+        Some(hosts) if !hosts.iter().any(|h| h == host) => {
+            (StatusCode::FORBIDDEN, "unknown host").into_response()
+        }
+        _ => next.run(request).await,
+    }
 }
 
 async fn page() -> impl IntoResponse {
@@ -105,7 +149,19 @@ async fn job_detail(source: &Source, id: &str) -> Result<Option<Value>> {
     if !names::valid_name(id) {
         return Ok(None);
     }
-    let Some(record) = jobs(source).await?.into_iter().find(|r| r.id == id) else {
+    let record = match &source.tenant {
+        // A tenant's job is one key away.
+        Some(tenant) => source
+            .grid
+            .jobs()
+            .await?
+            .get(names::job_key(tenant, id))
+            .await
+            .map_err(|e| anyhow!("reading job {id}: {e}"))?
+            .and_then(|bytes| decode::<JobRecord>(&bytes).ok()),
+        None => jobs(source).await?.into_iter().find(|r| r.id == id),
+    };
+    let Some(record) = record else {
         return Ok(None);
     };
     let tenant = &record.spec.tenant;
@@ -184,21 +240,26 @@ async fn sample(source: Source, tx: watch::Sender<Arc<String>>) {
     let mut last: Option<(u64, u64)> = None;
     let mut usage = Value::Array(Vec::new());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // A slow pass (a large grid) delays the next one rather than queueing a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 0u64.. {
         tick.tick().await;
         if n % USAGE_EVERY == 0 {
-            match usage_by_tenant(&source).await {
-                Ok(u) => usage = u,
-                Err(e) => tracing::warn!("dashboard: reading the usage ledger: {e:#}"),
+            match tokio::time::timeout(PASS_LIMIT, usage_by_tenant(&source)).await {
+                Ok(Ok(u)) => usage = u,
+                Ok(Err(e)) => tracing::warn!("dashboard: reading the usage ledger: {e:#}"),
+                Err(_) => tracing::warn!("dashboard: reading the usage ledger took too long"),
             }
         }
-        match snapshot(&source, &mut history, &mut last, &usage).await {
-            Ok(v) => {
+        let pass = snapshot(&source, &mut history, &mut last, &usage);
+        match tokio::time::timeout(PASS_LIMIT, pass).await {
+            Ok(Ok(v)) => {
                 if tx.send(Arc::new(v.to_string())).is_err() {
                     return;
                 }
             }
-            Err(e) => tracing::warn!("dashboard: {e:#}"),
+            Ok(Err(e)) => tracing::warn!("dashboard: {e:#}"),
+            Err(_) => tracing::warn!("dashboard: reading the grid took too long"),
         }
     }
 }

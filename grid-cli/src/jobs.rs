@@ -383,7 +383,7 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
 
 /// The tenant's job `job`; when it has none of that id, the broker says why in one line
 /// (another tenant's job, or none at all).
-async fn job_record(grid: &Session, job: &str) -> Result<JobRecord> {
+pub(crate) async fn job_record(grid: &Session, job: &str) -> Result<JobRecord> {
     let bytes = if names::valid_name(job) {
         grid.jobs()
             .await?
@@ -439,7 +439,10 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
         }
         // Told by the broker when the record changes (a KV watch would need leave to read
         // every job's record); read again at least every half second in case a word is lost.
+        let started = tokio::time::Instant::now();
         let _ = tokio::time::timeout(Duration::from_millis(500), changes.next()).await;
+        // A closed subscription answers at once: no busy loop.
+        tokio::time::sleep_until(started + Duration::from_millis(100)).await;
         record = job_record(grid, job).await?;
         polls += 1;
         {
@@ -521,10 +524,10 @@ fn print_status(record: &JobRecord, as_json: bool) {
     } else {
         String::new()
     };
-    println!(
+    anstream::println!(
         "job {}: {} — {} of {} succeeded, {} failed{disputed}, {} running{}",
         record.id,
-        record.state.as_str(),
+        crate::style::state(record.state.as_str()),
         c.succeeded,
         c.total,
         c.failed,
@@ -537,12 +540,56 @@ fn print_status(record: &JobRecord, as_json: bool) {
     );
 }
 
+/// `grid status --watch`: the status line each time it changes, until the job ends. On a
+/// terminal the line is redrawn in place, with the nodes' activity under it.
+async fn watch(grid: &Session, job: &str, as_json: bool) -> Result<JobRecord> {
+    let mut changes = grid
+        .client
+        .subscribe(names::job_events(&grid.tenant, job))
+        .await
+        .map_err(|e| anyhow!("watching job {job}: {e}"))?;
+    let terminal = std::io::stdout().is_terminal() && !as_json;
+    let mut last = None;
+    loop {
+        let record = job_record(grid, job).await?;
+        if terminal {
+            // Home, clear, then the status and a line per node.
+            print!("\x1b[H\x1b[2J");
+            print_status(&record, false);
+            for node in grid.live_nodes().await.unwrap_or_default() {
+                anstream::println!(
+                    "  {}  running {} of {} slots, {} held, {} done",
+                    crate::style::dim(&node.id),
+                    node.running,
+                    node.slots,
+                    node.busy,
+                    node.tasks_done
+                );
+            }
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        } else if last.as_ref() != Some(&(record.state, record.counts.clone())) {
+            print_status(&record, as_json);
+        }
+        if record.state.is_final() {
+            return Ok(record);
+        }
+        last = Some((record.state, record.counts.clone()));
+        let started = tokio::time::Instant::now();
+        let _ = tokio::time::timeout(Duration::from_secs(1), changes.next()).await;
+        // A closed subscription answers at once: still one read a second at most.
+        tokio::time::sleep_until(started + Duration::from_millis(200)).await;
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     pub job: String,
     /// Follow the job to its end.
     #[arg(long)]
     pub wait: bool,
+    /// Show the status as it changes (redrawn in place on a terminal) until the job ends.
+    #[arg(long, conflicts_with = "wait")]
+    pub watch: bool,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -554,10 +601,14 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         let grid = args.conn.open("status").await?;
         let record = if args.wait {
             follow(&grid, &args.job).await?
+        } else if args.watch {
+            watch(&grid, &args.job, args.json).await?
         } else {
             job_record(&grid, &args.job).await?
         };
-        print_status(&record, args.json);
+        if !args.watch {
+            print_status(&record, args.json);
+        }
         if !record.state.is_final()
             && let Some(note) = no_nodes_note(&grid, &record).await
         {
@@ -631,7 +682,11 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
     })
 }
 
-async fn task_record(grid: &Session, job: &str, index: u64) -> Result<Option<TaskRecord>> {
+pub(crate) async fn task_record(
+    grid: &Session,
+    job: &str,
+    index: u64,
+) -> Result<Option<TaskRecord>> {
     let bytes = grid
         .tasks()
         .await?

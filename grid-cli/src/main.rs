@@ -5,8 +5,10 @@
 
 mod auth;
 mod dashboard;
+mod doctor;
 mod jobs;
 mod run;
+mod style;
 mod up;
 mod usage;
 
@@ -16,7 +18,7 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     name = "grid",
-    version,
+    version = version(),
     about = "Run WebAssembly batch jobs in a sandbox, on your machine or a grid"
 )]
 struct Cli {
@@ -50,6 +52,13 @@ enum Command {
     Usage(usage::UsageArgs),
     /// Serve a live web dashboard of the grid (nodes, jobs, throughput, usage).
     Dashboard(dashboard::DashboardArgs),
+    /// Check this machine: wasm target, nats-server, GPU driver, Python runtime, ports.
+    Doctor,
+    /// Print a shell completion script: `grid completions bash > /etc/bash_completion.d/grid`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// The grid's NATS auth: an operator setup for nats-server.
     #[command(subcommand)]
     Auth(auth::AuthCommand),
@@ -65,6 +74,18 @@ enum Command {
     /// Run a node (what `grid-node` runs).
     #[command(hide = true)]
     Node(grid_node::settings::NodeArgs),
+}
+
+/// `grid --version`: the release and the wire version (a grid's parts must share it).
+fn version() -> &'static str {
+    static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{} (wire version {})",
+            env!("CARGO_PKG_VERSION"),
+            grid_proto::WIRE_VERSION
+        )
+    });
+    VERSION.as_str()
 }
 
 fn main() -> ExitCode {
@@ -91,6 +112,12 @@ fn main() -> ExitCode {
         Command::Delete(args) => jobs::delete(args),
         Command::Usage(args) => usage::usage(args),
         Command::Dashboard(args) => dashboard::dashboard(args),
+        Command::Doctor => doctor::doctor(),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "grid", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Auth(command) => auth::auth(command),
         Command::Tenant(command) => auth::add(grid_client::auth::Role::Tenant, command),
         Command::Provider(command) => auth::add(grid_client::auth::Role::Provider, command),

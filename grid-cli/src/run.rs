@@ -14,7 +14,19 @@ use std::time::Duration;
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// The job: a WASI preview 1 command module (.wasm), or a program for a runtime (job.py).
-    pub module: PathBuf,
+    #[arg(required_unless_present = "from")]
+    pub module: Option<PathBuf>,
+    /// Rerun task --task I of grid job JOB here, exactly as it ran there: its module or
+    /// program, params line or input file, shared files, args, env, limits, seed and attempt.
+    #[arg(
+        long,
+        value_name = "JOB",
+        conflicts_with_all = ["module", "input", "args", "memory", "timeout", "max_output", "env", "seed", "runtime", "gpu_memory", "gpu_time"],
+        requires = "task_index"
+    )]
+    pub from: Option<String>,
+    #[command(flatten)]
+    pub conn: crate::jobs::Conn,
     /// Shown read-only to the task at /in.
     #[arg(long, value_name = "DIR")]
     pub input: Option<PathBuf>,
@@ -23,9 +35,9 @@ pub struct RunArgs {
     pub output: Option<PathBuf>,
     #[command(flatten)]
     pub task: TaskFlags,
-    /// The task's index (GRID_TASK_INDEX).
-    #[arg(long, default_value_t = 0)]
-    pub task_index: u64,
+    /// The task's index (GRID_TASK_INDEX); with --from, which task of the job.
+    #[arg(long, visible_alias = "task")]
+    pub task_index: Option<u64>,
     /// Give the task this machine's GPU (through `grid_gpu_v1`); without it, GPU calls say "no GPU".
     #[arg(long)]
     pub gpu: bool,
@@ -142,14 +154,187 @@ pub async fn local_runtime_module(runtime: &Runtime) -> Result<Vec<u8>> {
         .with_context(|| format!("reading {}", artifacts.module.display()))
 }
 
-pub fn main(args: RunArgs) -> Result<ExitCode> {
-    let bytes = std::fs::read(&args.module)
-        .with_context(|| format!("cannot read module {}", args.module.display()))?;
-    if let Some(input) = &args.input
-        && !input.is_dir()
-    {
-        bail!("--input {} is not a directory", input.display());
+/// What a task is, wherever it came from: this machine's files and flags, or a grid's job.
+struct LocalTask {
+    bytes: Vec<u8>,
+    /// The module's or program's file name.
+    name: PathBuf,
+    runtime: Option<&'static Runtime>,
+    stdin: Vec<u8>,
+    input_dir: Option<PathBuf>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    limits: Limits,
+    seed: u64,
+    index: u64,
+    count: u64,
+    attempt: u32,
+    gpu: bool,
+    /// Holds a grid task's inputs while it runs.
+    _inputs: Option<tempfile::TempDir>,
+}
+
+impl LocalTask {
+    fn from_flags(args: &RunArgs, module: &Path) -> Result<Self> {
+        let index = args.task_index.unwrap_or(0);
+        let bytes = std::fs::read(module)
+            .with_context(|| format!("cannot read module {}", module.display()))?;
+        if let Some(input) = &args.input
+            && !input.is_dir()
+        {
+            bail!("--input {} is not a directory", input.display());
+        }
+        let mut stdin = Vec::new();
+        if !std::io::stdin().is_terminal() {
+            std::io::stdin()
+                .read_to_end(&mut stdin)
+                .context("reading stdin")?;
+        }
+        Ok(Self {
+            bytes,
+            name: module.to_path_buf(),
+            runtime: args.task.runtime_for(module)?,
+            stdin,
+            input_dir: args.input.clone(),
+            args: args.args.clone(),
+            env: args.task.env.clone(),
+            limits: args.task.limits(),
+            seed: grid_proto::task_seed(args.task.seed, index),
+            index,
+            count: index + 1,
+            attempt: 0,
+            gpu: args.gpu,
+            _inputs: None,
+        })
     }
+
+    /// Task `index` of grid job `job`, fetched from the grid with the tenant's credentials.
+    async fn from_grid(args: &RunArgs, job: &str, index: u64) -> Result<Self> {
+        use grid_proto::TaskSource;
+        let grid = args.conn.open("run --from").await?;
+        let record = crate::jobs::job_record(&grid, job).await?;
+        let spec = &record.spec;
+        let total = spec.tasks.len();
+        if index >= total {
+            bail!("job {job} has {total} tasks: --task must be below {total}");
+        }
+        let tenant = spec.tenant.as_str();
+        let (bytes, name, runtime) = match &spec.program {
+            None => (
+                grid.get_object(tenant, &spec.module_sha256).await?,
+                spec.module_name.clone(),
+                None,
+            ),
+            Some(program) => (
+                grid.get_object(tenant, &program.file.sha256).await?,
+                program.file.name.clone(),
+                Some(
+                    grid_proto::runtime::by_name(&program.runtime).with_context(|| {
+                        format!(
+                            "job {job} runs on runtime {:?}, unknown to this grid command",
+                            program.runtime
+                        )
+                    })?,
+                ),
+            ),
+        };
+        let inputs = tempfile::Builder::new().prefix("grid-in-").tempdir()?;
+        let mut stdin = Vec::new();
+        match &spec.tasks {
+            TaskSource::Count(_) => {}
+            TaskSource::Params { pages, .. } => {
+                let (mut first, mut found) = (0, false);
+                for page in pages {
+                    if index < first + page.lines {
+                        let bytes = grid.get_object(tenant, &page.sha256).await?;
+                        let line = grid_proto::params_lines(&bytes)
+                            .nth((index - first) as usize)
+                            .context("the job's params page has fewer lines than it says")?;
+                        stdin = line.to_vec();
+                        found = true;
+                        break;
+                    }
+                    first += page.lines;
+                }
+                if !found {
+                    bail!("job {job}'s params pages hold {first} lines, not task {index}'s");
+                }
+            }
+            TaskSource::Inputs(files) => {
+                let file = usize::try_from(index)
+                    .ok()
+                    .and_then(|i| files.get(i))
+                    .with_context(|| format!("job {job} lists no input for task {index}"))?;
+                let bytes = grid.get_object(tenant, &file.sha256).await?;
+                std::fs::write(inputs.path().join(plain(&file.name)?), bytes)?;
+            }
+        }
+        if !spec.shared.is_empty() {
+            std::fs::create_dir_all(inputs.path().join("shared"))?;
+            for file in &spec.shared {
+                plain(&file.name)?;
+                let bytes = grid.get_object(tenant, &file.sha256).await?;
+                std::fs::write(inputs.path().join("shared").join(&file.name), bytes)?;
+            }
+        }
+        // The attempt that decided the task, when it has ended.
+        let attempt = crate::jobs::task_record(&grid, job, index)
+            .await?
+            .map_or(0, |t| t.result.attempt);
+        let defaults = Limits::default();
+        let limits = Limits {
+            memory_bytes: spec.limits.memory_bytes,
+            timeout: Duration::from_millis(spec.limits.timeout_ms),
+            max_output_bytes: spec.limits.max_output_bytes,
+            gpu: grid_gpu::GpuLimits {
+                max_buffer_bytes: spec.limits.gpu_memory_bytes,
+                gpu_time: Duration::from_millis(spec.limits.gpu_time_ms),
+                ..defaults.gpu.clone()
+            },
+            ..defaults
+        };
+        eprintln!(
+            "grid: task {index} of job {job} ({}, attempt {attempt}), here",
+            spec.module_name
+        );
+        Ok(Self {
+            bytes,
+            name: PathBuf::from(name),
+            runtime,
+            stdin,
+            input_dir: Some(inputs.path().to_path_buf()),
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            limits,
+            seed: grid_proto::task_seed(spec.seed, index),
+            index,
+            count: total,
+            attempt,
+            gpu: args.gpu || spec.class == grid_proto::names::GPU_CLASS,
+            _inputs: Some(inputs),
+        })
+    }
+}
+
+/// An input's name from a job spec, checked to be a plain file name (as a node checks it).
+fn plain(name: &str) -> Result<&str> {
+    if grid_node::worker::is_plain_file_name(name) {
+        Ok(name)
+    } else {
+        bail!("the job's input name {name:?} is not a plain file name")
+    }
+}
+
+pub fn main(args: RunArgs) -> Result<ExitCode> {
+    let task = match (&args.from, &args.module) {
+        (Some(job), _) => crate::jobs::runtime()?.block_on(LocalTask::from_grid(
+            &args,
+            job,
+            args.task_index.unwrap_or(0),
+        ))?,
+        (None, Some(module)) => LocalTask::from_flags(&args, module)?,
+        (None, None) => bail!("name a module to run, or --from JOB --task I"),
+    };
     let output_dir = match &args.output {
         Some(dir) => {
             std::fs::create_dir_all(dir)
@@ -168,31 +353,25 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
             .context("cannot create an output directory")?
             .keep(),
     };
-    let mut stdin = Vec::new();
-    if !std::io::stdin().is_terminal() {
-        std::io::stdin()
-            .read_to_end(&mut stdin)
-            .context("reading stdin")?;
-    }
-
-    let limits = args.task.limits();
+    let limits = task.limits.clone();
     let mut spec = TaskSpec::new(&output_dir);
-    spec.args = args.args.clone();
-    spec.env = args.task.env.clone();
-    spec.stdin = stdin;
-    spec.input_dir = args.input.clone();
+    spec.args = task.args.clone();
+    spec.env = task.env.clone();
+    spec.stdin = task.stdin.clone();
+    spec.input_dir = task.input_dir.clone();
     spec.limits = limits.clone();
-    spec.task_index = args.task_index;
-    spec.task_count = args.task_index + 1;
-    spec.seed = grid_proto::task_seed(args.task.seed, args.task_index);
-
-    spec.gpu = args.gpu;
-    let program_runtime = args.task.runtime_for(&args.module)?;
+    spec.task_index = task.index;
+    spec.task_count = task.count;
+    spec.seed = task.seed;
+    spec.attempt = task.attempt;
+    spec.gpu = task.gpu;
+    let program_runtime = task.runtime;
+    let bytes = &task.bytes;
     // A program is shown alone at /job, as on a grid node.
     let program_dir = tempfile::Builder::new().prefix("grid-job-").tempdir()?;
     if let Some(runtime) = program_runtime {
-        let file = program_file_name(&args.module)?;
-        std::fs::write(program_dir.path().join(&file), &bytes)?;
+        let file = program_file_name(&task.name)?;
+        std::fs::write(program_dir.path().join(&file), bytes)?;
         spec.program = Some(grid_node::Program {
             runtime,
             files: local_runtime_files(runtime)?,
@@ -204,7 +383,7 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     let report = runtime.block_on(async {
-        let gpu = if args.gpu {
+        let gpu = if task.gpu {
             let worker = WorkerCommand::current_exe()?;
             Some(
                 GpuWorker::start(worker)
@@ -226,7 +405,7 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
                     .load_runtime(runtime, local_runtime_module(runtime))
                     .await
             }
-            None => sandbox.load(&bytes, &limits).await,
+            None => sandbox.load(bytes, &limits).await,
         };
         let report = match loaded {
             Ok(module) => sandbox.run(&module, spec).await,

@@ -364,8 +364,12 @@ impl Grid {
         let name = names::object_name(sha);
         let stripe = usize::from(sha.0[0]) % PUT_STRIPES;
         let _one_at_a_time = self.buckets.puts[stripe].lock().await;
-        if store.info(&name).await.is_ok() {
-            return Ok(false);
+        match store.info(&name).await {
+            Ok(info) if !info.deleted => return Ok(false),
+            // Deleted (by `grid delete`) or never stored: stored now.
+            Ok(_) => {}
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => {}
+            Err(e) => return Err(store_error(tenant, &name, e)),
         }
         let mut reader = open().await?;
         match store.put(name.as_str(), &mut reader).await {
@@ -481,7 +485,10 @@ impl Grid {
     /// Whether `tenant`'s store holds `sha`.
     pub async fn has_object(&self, tenant: &str, sha: &Sha256Hex) -> bool {
         match self.store(tenant).await {
-            Ok(store) => store.info(names::object_name(sha)).await.is_ok(),
+            Ok(store) => store
+                .info(names::object_name(sha))
+                .await
+                .is_ok_and(|info| !info.deleted),
             Err(_) => false,
         }
     }
@@ -630,6 +637,11 @@ pub fn init_tracing() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal, and never with NO_COLOR (https://no-color.org).
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
 }
 

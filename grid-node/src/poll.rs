@@ -35,6 +35,12 @@ pub fn add_to_linker(linker: &mut Linker<TaskState>) -> Result<()> {
                 if n == 1
                     && let Some((userdata, timeout)) = lone_relative_timer(&mut caller, subs)
                 {
+                    let mem = memory(&mut caller);
+                    if slice_at(mem, events, EVENT_BYTES).is_none()
+                        || slice_at(mem, nevents, 4).is_none()
+                    {
+                        return Ok(ERRNO_FAULT);
+                    }
                     tokio::time::sleep(Duration::from_nanos(timeout)).await;
                     return Ok(write_clock_event(&mut caller, events, nevents, userdata));
                 }

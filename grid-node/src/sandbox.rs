@@ -456,10 +456,11 @@ impl Sandbox {
             .as_ref()
             .and_then(|c| c.get(&self.engine, sha256, variant))
         {
-            metrics::counter!("grid_module_loads_total", "from" => "disk").increment(1);
+            if variant != "guard" {
+                metrics::counter!("grid_module_loads_total", "from" => "disk").increment(1);
+            }
             return Ok(m);
         }
-        metrics::counter!("grid_module_loads_total", "from" => "compiled").increment(1);
         let engine = self.engine.clone();
         let owned = bytes.to_vec();
         let started = Instant::now();
@@ -468,6 +469,9 @@ impl Sandbox {
             .map_err(|e| Reason::Invalid(format!("compiler crashed: {e}")))?
             .map_err(|e| Reason::Invalid(one_line(&e)))?;
         tracing::debug!(module = %sha256, variant, seconds = started.elapsed().as_secs_f64(), "compiled");
+        if variant != "guard" {
+            metrics::counter!("grid_module_loads_total", "from" => "compiled").increment(1);
+        }
         if let Some(cache) = &self.cache {
             cache.put(sha256, variant, &module);
         }

@@ -508,7 +508,12 @@ impl Node {
             tracing::debug!(job = %task.job_id, index = task.index, delivered, "redelivered task");
             metrics::counter!("grid_task_redeliveries_total").increment(1);
         }
-        let published = msg.info().ok().map(|i| i.published);
+        // A first delivery's wait (a redelivery's would include the earlier attempt's run).
+        let published = msg
+            .info()
+            .ok()
+            .filter(|i| i.delivered == 1)
+            .map(|i| i.published);
         // A replica may also be handed back once by each node that already ran another replica.
         let replicas = i64::from(job.spec.replicas.max(1) - 1);
         if delivered > grid_client::MAX_TASK_DELIVERIES + replicas {
@@ -1007,8 +1012,8 @@ impl<'a> Running<'a> {
         slot: tokio::sync::OwnedSemaphorePermit,
         memory: tokio::sync::OwnedSemaphorePermit,
     ) -> Self {
-        let busy = count.fetch_add(1, Ordering::AcqRel) + 1;
-        metrics::gauge!("grid_node_slots_busy").set(f64::from(busy));
+        count.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!("grid_node_slots_busy").increment(1.0);
         Self {
             count,
             _slot: slot,
@@ -1019,8 +1024,8 @@ impl<'a> Running<'a> {
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        let busy = self.count.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
-        metrics::gauge!("grid_node_slots_busy").set(f64::from(busy));
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("grid_node_slots_busy").decrement(1.0);
     }
 }
 
@@ -1041,7 +1046,8 @@ fn check_task_msg(task: TaskMsg) -> Result<TaskMsg, grid_proto::WireError> {
     Ok(task)
 }
 
-fn is_plain_file_name(name: &str) -> bool {
+/// A file name with no path in it: what inputs may be called in `/in`.
+pub fn is_plain_file_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 

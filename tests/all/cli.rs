@@ -224,3 +224,68 @@ fn env_input_stdin_and_task_index_reach_the_guest_and_host_env_does_not() {
         "host env leaked: {stdout}"
     );
 }
+
+#[test]
+fn version_names_the_wire_version() {
+    let out = grid(&["--version"], b"");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.trim(),
+        format!(
+            "grid {} (wire version {})",
+            env!("CARGO_PKG_VERSION"),
+            grid_proto::WIRE_VERSION
+        )
+    );
+}
+
+#[test]
+fn completions_come_for_bash_zsh_and_fish() {
+    for (shell, marker) in [
+        ("bash", "_grid()"),
+        ("zsh", "#compdef grid"),
+        ("fish", "complete -c grid"),
+    ] {
+        let out = grid(&["completions", shell], b"");
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains(marker), "{shell}: {script:.200}");
+        assert!(
+            script.contains("submit") && script.contains("dashboard"),
+            "{shell}"
+        );
+    }
+    let out = grid(&["completions", "tcsh"], b"");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// `grid doctor` on this machine (where `cargo xtask setup` has run): everything found, one
+/// line each, no colour codes when stdout is not a terminal — and colours when forced.
+#[test]
+fn doctor_checks_the_machine_and_colours_only_a_terminal() {
+    let out = grid(&["doctor"], b"");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needed in [
+        "wasm32-wasip1",
+        "nats-server 2.",
+        "GPU: ",
+        "Python runtime",
+        "port 4222",
+        "port 8470",
+    ] {
+        assert!(text.contains(needed), "{needed} missing in:\n{text}");
+    }
+    assert!(!text.contains('\x1b'), "colour codes into a pipe: {text:?}");
+    let forced = std::process::Command::new(env!("CARGO_BIN_EXE_grid"))
+        .arg("doctor")
+        .env("CLICOLOR_FORCE", "1")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&forced.stdout).contains("\x1b["));
+}

@@ -1247,3 +1247,97 @@ fn a_provider_takes_no_job_over_its_caps_and_another_node_does() {
         "{stderr}"
     );
 }
+
+/// `grid status --watch` into a pipe: a line each time the counts change, the last one the
+/// job's end.
+#[test]
+fn status_watch_prints_changes_until_the_job_ends() {
+    let grid = TestGrid::start(1, &[]);
+    let job = submit(
+        &grid,
+        &[
+            guest("hostile").to_str().unwrap(),
+            "--tasks",
+            "6",
+            "--",
+            "exit",
+            "0",
+        ],
+    );
+    let out = grid.grid(&["status", &job, "--watch"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(!lines.is_empty());
+    assert!(
+        lines.iter().all(|l| l.starts_with(&format!("job {job}: "))),
+        "{text}"
+    );
+    assert!(
+        lines.last().unwrap().contains(": done — 6 of 6 succeeded"),
+        "{text}"
+    );
+    assert!(!text.contains('\x1b'), "{text:?}");
+}
+
+/// `grid run --from JOB --task I` reruns one task of a grid job here, exactly as it ran there:
+/// same params line, seed and limits, so the same output bytes.
+#[test]
+fn run_from_a_job_reruns_its_task_here_with_the_same_output() {
+    let grid = TestGrid::start(1, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let params = write_params(
+        tmp.path(),
+        (0..5).map(|i| format!(r#"{{"rows": {}, "format": "jsonl"}}"#, 10 + i)),
+    );
+    let job = submit(
+        &grid,
+        &[
+            guest("synth-data").to_str().unwrap(),
+            "--params",
+            params.to_str().unwrap(),
+            "--seed",
+            "42",
+            "--memory",
+            "96MiB",
+        ],
+    );
+    assert_eq!(grid.wait(&job)["state"], "done");
+    let (results, _) = grid.results(&job);
+    let here = tmp.path().join("here");
+    let out = grid.grid(&[
+        "run",
+        "--from",
+        &job,
+        "--task",
+        "3",
+        "--output",
+        here.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "succeeded");
+    assert_eq!(v["stdout"], "wrote 13 rows to part-00003.jsonl\n");
+    let ran_here = std::fs::read(here.join("part-00003.jsonl")).unwrap();
+    let ran_there = std::fs::read(results.path().join("3/part-00003.jsonl")).unwrap();
+    assert_eq!(ran_here, ran_there, "the same bytes as on the grid");
+    // A task the job does not have, and flags that --from already decides, are refused.
+    let out = grid.grid(&["run", "--from", &job, "--task", "5"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has 5 tasks"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = grid.grid(&["run", "--from", &job, "--memory", "1GiB"]);
+    assert_eq!(out.status.code(), Some(2));
+}
