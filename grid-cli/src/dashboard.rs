@@ -32,6 +32,8 @@ const JOBS_SHOWN: usize = 100;
 const HISTORY: usize = 300;
 /// Usage is summed from the whole ledger: every this many samples, not every one.
 const USAGE_EVERY: u64 = 5;
+/// With no page open, a snapshot every this many seconds (for `/api/state`).
+const IDLE_EVERY: u64 = 5;
 /// Failed tasks listed on a job's page, and the bytes of each log shown.
 const FAILED_SHOWN: usize = 50;
 const LOG_TAIL: usize = 2048;
@@ -244,6 +246,11 @@ async fn sample(source: Source, tx: watch::Sender<Arc<String>>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 0u64.. {
         tick.tick().await;
+        // Nobody watching live (the state keeps one receiver): a pass every few seconds only,
+        // so that an idle dashboard costs the grid next to nothing.
+        if tx.receiver_count() <= 1 && n % IDLE_EVERY != 0 {
+            continue;
+        }
         if n % USAGE_EVERY == 0 {
             match tokio::time::timeout(PASS_LIMIT, usage_by_tenant(&source)).await {
                 Ok(Ok(u)) => usage = u,

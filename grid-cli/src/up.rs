@@ -40,6 +40,9 @@ pub struct UpArgs {
     /// Where to serve the dashboard (a free port when this one is taken)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8470")]
     pub dashboard: String,
+    /// Serve no dashboard.
+    #[arg(long)]
+    pub no_dashboard: bool,
 }
 
 use grid_client::auth::default_data_dir;
@@ -281,13 +284,12 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     // The dashboard, as the operator (or anyone, without auth): this machine's own grid.
-    match rt.block_on(start_dashboard(
-        &args.dashboard,
-        &url,
-        operator_creds.as_deref(),
-    )) {
-        Ok(addr) => eprintln!("grid: dashboard at http://{addr}/"),
-        Err(e) => eprintln!("grid: no dashboard: {e:#}"),
+    if !args.no_dashboard {
+        let dashboard = start_dashboard(&args.dashboard, &url, operator_creds.as_deref());
+        match rt.block_on(dashboard) {
+            Ok(addr) => eprintln!("grid: dashboard at http://{addr}/"),
+            Err(e) => eprintln!("grid: no dashboard: {e:#}"),
+        }
     }
     let exited = rt.block_on(async {
         let signal = grid_client::shutdown_signal();
