@@ -281,18 +281,7 @@ impl LocalTask {
         let attempt = crate::jobs::task_record(&grid, job, index)
             .await?
             .map_or(0, |t| t.result.attempt);
-        let defaults = Limits::default();
-        let limits = Limits {
-            memory_bytes: spec.limits.memory_bytes,
-            timeout: Duration::from_millis(spec.limits.timeout_ms),
-            max_output_bytes: spec.limits.max_output_bytes,
-            gpu: grid_gpu::GpuLimits {
-                max_buffer_bytes: spec.limits.gpu_memory_bytes,
-                gpu_time: Duration::from_millis(spec.limits.gpu_time_ms),
-                ..defaults.gpu.clone()
-            },
-            ..defaults
-        };
+        let limits = Limits::of_job(&spec.limits);
         eprintln!(
             "grid: task {index} of job {job} ({}, attempt {attempt}), here",
             spec.module_name

@@ -82,6 +82,22 @@ impl Default for Limits {
 pub struct NodeCaps(pub Limits);
 
 impl Limits {
+    /// A job's limits as its tasks run with them (the defaults for what a job does not set).
+    pub fn of_job(job: &grid_proto::JobLimits) -> Limits {
+        let defaults = Limits::default();
+        Limits {
+            memory_bytes: job.memory_bytes,
+            timeout: Duration::from_millis(job.timeout_ms),
+            max_output_bytes: job.max_output_bytes,
+            gpu: grid_gpu::GpuLimits {
+                max_buffer_bytes: job.gpu_memory_bytes,
+                gpu_time: Duration::from_millis(job.gpu_time_ms),
+                ..defaults.gpu.clone()
+            },
+            ..defaults
+        }
+    }
+
     /// Each limit lowered to the node's cap where it asks for more.
     pub fn capped_by(&self, caps: &NodeCaps) -> Limits {
         let c = &caps.0;

@@ -819,18 +819,7 @@ impl Node {
         running: Running<'_>,
     ) -> Result<ResultMsg> {
         let spec = &job.spec;
-        let defaults = Limits::default();
-        let limits = Limits {
-            memory_bytes: spec.limits.memory_bytes,
-            timeout: Duration::from_millis(spec.limits.timeout_ms),
-            max_output_bytes: spec.limits.max_output_bytes,
-            gpu: grid_gpu::GpuLimits {
-                max_buffer_bytes: spec.limits.gpu_memory_bytes,
-                gpu_time: Duration::from_millis(spec.limits.gpu_time_ms),
-                ..defaults.gpu.clone()
-            },
-            ..defaults
-        };
+        let limits = Limits::of_job(&spec.limits);
         let failed = |reason: Reason| self.failed_result(job, task, reason);
         // Listening for a cancel from the start (a cancel may come while the module compiles),
         // then checking that none came before.
