@@ -44,6 +44,11 @@ impl Dashboard {
     }
 }
 
+/// The body of a GET of `url`.
+fn body(url: &str) -> String {
+    http_get(url).map(|(_, body)| body).unwrap_or_default()
+}
+
 impl Drop for Dashboard {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -204,31 +209,16 @@ fn a_tenants_dashboard_shows_its_own_jobs_only() {
     let mine = submit("alice");
     let theirs = submit("bob");
     let dashboard = Dashboard::start(&grid, "alice");
-    let state = http_get(&format!("{}api/state", dashboard.url));
+    let state = body(&format!("{}api/state", dashboard.url));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut state = state;
     while !state.contains(&mine) {
         assert!(std::time::Instant::now() < deadline, "{state}");
         std::thread::sleep(std::time::Duration::from_millis(200));
-        state = http_get(&format!("{}api/state", dashboard.url));
+        state = body(&format!("{}api/state", dashboard.url));
     }
     assert!(!state.contains(&theirs), "{state}");
     assert!(state.contains("\"scope\":\"tenant alice\""), "{state}");
-    let other = http_get(&format!("{}api/jobs/{theirs}", dashboard.url));
+    let other = body(&format!("{}api/jobs/{theirs}", dashboard.url));
     assert!(other.contains("no job"), "{other}");
-}
-
-/// The body of a GET of `url` (`http://HOST:PORT/PATH`).
-fn http_get(url: &str) -> String {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut stream = std::net::TcpStream::connect(host).unwrap();
-    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default()
 }

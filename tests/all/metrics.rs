@@ -2,7 +2,6 @@
 //! a limit hit and retries, both endpoints count what `grid status` counts.
 
 use crate::support::*;
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 /// An address with a port free right now.
@@ -15,18 +14,9 @@ fn free_addr() -> String {
 fn scrape(addr: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
-            write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-            let mut response = String::new();
-            if stream.read_to_string(&mut response).is_ok()
-                && let Some((head, body)) = response.split_once("\r\n\r\n")
-            {
-                assert!(
-                    head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-                    "{head}"
-                );
-                return body.to_string();
-            }
+        if let Some((head, body)) = http_get(&format!("http://{addr}/metrics")) {
+            assert!(head.contains(" 200 "), "{head}");
+            return body;
         }
         assert!(Instant::now() < deadline, "no metrics at {addr}");
         std::thread::sleep(Duration::from_millis(100));

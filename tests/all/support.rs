@@ -690,3 +690,17 @@ impl TestGrid {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
+
+/// A GET of `http://HOST:PORT/PATH` over HTTP/1.0: the response's head and body, `None` when
+/// nothing answers (yet).
+pub fn http_get(url: &str) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream = std::net::TcpStream::connect(host).ok()?;
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    Some((head.to_string(), body.to_string()))
+}
