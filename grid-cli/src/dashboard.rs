@@ -30,8 +30,6 @@ const PAGE: &str = include_str!("dashboard.html");
 const JOBS_SHOWN: usize = 100;
 /// Throughput samples kept: five minutes, one a second.
 const HISTORY: usize = 300;
-/// Usage is summed from the whole ledger: every this many samples, not every one.
-const USAGE_EVERY: u64 = 5;
 /// With no page open, a snapshot every this many seconds (for `/api/state`).
 const IDLE_EVERY: u64 = 5;
 /// Failed tasks listed on a job's page, and the bytes of each log shown.
@@ -240,7 +238,8 @@ async fn jobs(source: &Source) -> Result<Vec<JobRecord>> {
 async fn sample(source: Source, tx: watch::Sender<Arc<String>>) {
     let mut history: VecDeque<(u64, f64)> = VecDeque::with_capacity(HISTORY);
     let mut last: Option<(u64, u64)> = None;
-    let mut usage = Value::Array(Vec::new());
+    let usage = Arc::new(std::sync::Mutex::new(UsageTotals::new()));
+    tokio::spawn(tail_usage(source.clone(), usage.clone()));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // A slow pass (a large grid) delays the next one rather than queueing a burst.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -251,13 +250,7 @@ async fn sample(source: Source, tx: watch::Sender<Arc<String>>) {
         if tx.receiver_count() <= 1 && n % IDLE_EVERY != 0 {
             continue;
         }
-        if n % USAGE_EVERY == 0 {
-            match tokio::time::timeout(PASS_LIMIT, usage_by_tenant(&source)).await {
-                Ok(Ok(u)) => usage = u,
-                Ok(Err(e)) => tracing::warn!("dashboard: reading the usage ledger: {e:#}"),
-                Err(_) => tracing::warn!("dashboard: reading the usage ledger took too long"),
-            }
-        }
+        let usage = usage_json(&usage.lock().unwrap_or_else(|p| p.into_inner()));
         let pass = snapshot(&source, &mut history, &mut last, &usage);
         match tokio::time::timeout(PASS_LIMIT, pass).await {
             Ok(Ok(v)) => {
@@ -337,28 +330,85 @@ async fn snapshot(
     }))
 }
 
-/// What each tenant's tasks used, from the ledger.
-async fn usage_by_tenant(source: &Source) -> Result<Value> {
-    let mut by: std::collections::BTreeMap<String, (u64, f64, f64, f64)> = Default::default();
-    for e in source
+/// Per tenant: attempts billed, CPU, wall and GPU seconds.
+type UsageTotals = std::collections::BTreeMap<String, (u64, f64, f64, f64)>;
+
+/// Keeps `totals` up to date with the usage ledger: one read of what is there, then each new
+/// entry as it is written (ledger entries are created once and never change). Re-reading the
+/// whole ledger for every snapshot would cost the grid more the longer it ran: a 1M-task job
+/// is a million entries.
+async fn tail_usage(source: Source, totals: Arc<std::sync::Mutex<UsageTotals>>) {
+    loop {
+        if let Err(e) = tail_usage_once(&source, &totals).await {
+            tracing::warn!("dashboard: following the usage ledger: {e:#}");
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+async fn tail_usage_once(source: &Source, totals: &std::sync::Mutex<UsageTotals>) -> Result<()> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    let bucket = names::USAGE_BUCKET;
+    let stream = source
         .grid
-        .usage_entries(source.tenant.as_deref())
+        .js
+        .get_stream(format!("KV_{bucket}"))
         .await
-        .map_err(|e| anyhow!("{e:#}"))?
-    {
-        let t = by.entry(e.tenant.clone()).or_default();
+        .map_err(|e| anyhow!("opening {bucket}: {e}"))?;
+    // Named, so that the request's subject carries the filter a tenant's permissions allow.
+    let name = format!(
+        "dashboard-{}",
+        source
+            .grid
+            .client
+            .new_inbox()
+            .rsplit('.')
+            .next()
+            .unwrap_or("0")
+    );
+    let filter = match &source.tenant {
+        Some(tenant) => format!("$KV.{bucket}.{tenant}.>"),
+        None => format!("$KV.{bucket}.>"),
+    };
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            name: Some(name),
+            filter_subject: filter,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
+    totals.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| anyhow!("reading {bucket}: {e}"))?;
+        let Ok(e) = decode::<grid_proto::UsageEntry>(&message.payload) else {
+            continue; // a delete marker, or another wire version
+        };
+        let mut totals = totals.lock().unwrap_or_else(|p| p.into_inner());
+        let t = totals.entry(e.tenant.clone()).or_default();
         t.0 += 1;
         t.1 += e.usage.cpu_seconds;
         t.2 += e.usage.wall_seconds;
         t.3 += e.usage.gpu_seconds;
     }
-    Ok(Value::Array(
-        by.into_iter()
+    Ok(())
+}
+
+fn usage_json(totals: &UsageTotals) -> Value {
+    Value::Array(
+        totals
+            .iter()
             .map(|(tenant, (attempts, cpu, wall, gpu))| {
                 json!({"tenant": tenant, "attempts": attempts, "cpu_seconds": cpu, "wall_seconds": wall, "gpu_seconds": gpu})
             })
             .collect(),
-    ))
+    )
 }
 
 /// Binds `listen` (a port of 0 takes a free one) and returns the listener and its address.

@@ -212,12 +212,14 @@ fn a_tenants_dashboard_shows_its_own_jobs_only() {
     let state = body(&format!("{}api/state", dashboard.url));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut state = state;
-    while !state.contains(&mine) {
+    // Its job, and its usage from the ledger (one attempt billed).
+    while !(state.contains(&mine) && state.contains(r#""attempts":1"#)) {
         assert!(std::time::Instant::now() < deadline, "{state}");
         std::thread::sleep(std::time::Duration::from_millis(200));
         state = body(&format!("{}api/state", dashboard.url));
     }
     assert!(!state.contains(&theirs), "{state}");
+    assert!(!state.contains(r#""tenant":"bob""#), "{state}");
     assert!(state.contains("\"scope\":\"tenant alice\""), "{state}");
     let other = body(&format!("{}api/jobs/{theirs}", dashboard.url));
     assert!(other.contains("no job"), "{other}");
