@@ -347,39 +347,16 @@ async fn tail_usage(source: Source, totals: Arc<std::sync::Mutex<UsageTotals>>) 
 }
 
 async fn tail_usage_once(source: &Source, totals: &std::sync::Mutex<UsageTotals>) -> Result<()> {
-    use async_nats::jetstream::consumer;
     use futures::StreamExt;
     let bucket = names::USAGE_BUCKET;
-    let stream = source
+    let consumer = source
         .grid
-        .js
-        .get_stream(format!("KV_{bucket}"))
-        .await
-        .map_err(|e| anyhow!("opening {bucket}: {e}"))?;
-    // Named, so that the request's subject carries the filter a tenant's permissions allow.
-    let name = format!(
-        "dashboard-{}",
-        source
-            .grid
-            .client
-            .new_inbox()
-            .rsplit('.')
-            .next()
-            .unwrap_or("0")
-    );
-    let filter = match &source.tenant {
-        Some(tenant) => format!("$KV.{bucket}.{tenant}.>"),
-        None => format!("$KV.{bucket}.>"),
-    };
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            name: Some(name),
-            filter_subject: filter,
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
+        .kv_reader(
+            bucket,
+            source.tenant.as_deref(),
+            async_nats::jetstream::consumer::DeliverPolicy::All,
+        )
+        .await?;
     let mut messages = consumer
         .messages()
         .await

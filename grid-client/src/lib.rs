@@ -407,11 +407,9 @@ impl Grid {
     }
 
     /// The latest value of every key of KV `bucket` under `prefix` (`<prefix>.…`; all keys
-    /// when `None`), in key order. Reads the bucket's stream with one ordered consumer rather
-    /// than a `get` per key (a ledger holds an entry per attempt). The consumer is *named*, so
-    /// the request's subject carries its filter and a tenant's NATS permissions can allow its
-    /// own keys only (an unnamed consumer, as `kv::Store::keys` makes, would need leave to read
-    /// every key). Deleted keys are skipped.
+    /// when `None`), in key order. Reads the bucket's stream with one ordered consumer (see
+    /// [`Grid::kv_reader`]) rather than a `get` per key (a ledger holds an entry per attempt).
+    /// Deleted keys are skipped.
     pub async fn entries(
         &self,
         bucket: &str,
@@ -419,28 +417,9 @@ impl Grid {
     ) -> Result<Vec<(String, bytes::Bytes)>> {
         use futures::StreamExt;
         let stream_prefix = format!("$KV.{bucket}.");
-        let filter = format!(
-            "{stream_prefix}{}",
-            prefix.map_or(">".into(), |p| format!("{p}.>"))
-        );
-        let stream = self
-            .js
-            .get_stream(format!("KV_{bucket}"))
-            .await
-            .map_err(|e| anyhow!("opening {bucket}: {e}"))?;
-        let name = format!(
-            "read-{}",
-            self.client.new_inbox().rsplit('.').next().unwrap_or("0")
-        );
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                name: Some(name),
-                filter_subject: filter,
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
+        let consumer = self
+            .kv_reader(bucket, prefix, consumer::DeliverPolicy::LastPerSubject)
+            .await?;
         let mut entries = Vec::new();
         if consumer.cached_info().num_pending == 0 {
             return Ok(entries);
@@ -480,6 +459,40 @@ impl Grid {
             .into_iter()
             .filter_map(|(_, bytes)| grid_proto::decode::<grid_proto::UsageEntry>(&bytes).ok())
             .collect())
+    }
+
+    /// An ordered consumer of KV `bucket`'s stream, keys under `prefix` (all when `None`),
+    /// from where `deliver` says. It is *named*, so the request's subject carries its filter and
+    /// a tenant's NATS permissions can allow its own keys only (an unnamed consumer, as
+    /// `kv::Store::keys` makes, would need leave to read every key).
+    pub async fn kv_reader(
+        &self,
+        bucket: &str,
+        prefix: Option<&str>,
+        deliver: consumer::DeliverPolicy,
+    ) -> Result<consumer::Consumer<consumer::pull::OrderedConfig>> {
+        let filter = format!(
+            "$KV.{bucket}.{}",
+            prefix.map_or(">".into(), |p| format!("{p}.>"))
+        );
+        let stream = self
+            .js
+            .get_stream(format!("KV_{bucket}"))
+            .await
+            .map_err(|e| anyhow!("opening {bucket}: {e}"))?;
+        let name = format!(
+            "read-{}",
+            self.client.new_inbox().rsplit('.').next().unwrap_or("0")
+        );
+        stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                name: Some(name),
+                filter_subject: filter,
+                deliver_policy: deliver,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow!("reading {bucket}: {e}"))
     }
 
     /// Whether `tenant`'s store holds `sha`.
