@@ -161,6 +161,7 @@ pub fn case(input: &[u8]) -> Verdict {
     check::<grid_proto::OwnerRequest>(&bytes, &mut decoded)?;
     check::<grid_proto::StorageRequest>(&bytes, &mut decoded)?;
     check::<grid_proto::DeleteRequest>(&bytes, &mut decoded)?;
+    check::<grid_proto::RetryRequest>(&bytes, &mut decoded)?;
     check::<ApiReply>(&bytes, &mut decoded)?;
     check::<NodeTally>(&bytes, &mut decoded)?;
     check::<UsageEntry>(&bytes, &mut decoded)?;

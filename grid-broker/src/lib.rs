@@ -72,6 +72,9 @@ struct ActiveJob {
     /// A moving average of its tasks' wall time, from their results: how many to a message.
     task_seconds: Option<f64>,
     dirty: bool,
+    /// Its stored task records are counted (see [`Broker::load`]); until then it gets no
+    /// tasks. Only a job just retried waits here, when its load failed: the tick tries again.
+    loaded: bool,
 }
 
 /// A params job's task lines, read a page at a time: a fill reads forward, and retries and
@@ -321,6 +324,7 @@ pub async fn run(
     let mut queries = api("owner").await.map_err(|e| anyhow!("{e}"))?;
     let mut storage = api("storage").await.map_err(|e| anyhow!("{e}"))?;
     let mut deletes = api("delete").await.map_err(|e| anyhow!("{e}"))?;
+    let mut retries = api("retry").await.map_err(|e| anyhow!("{e}"))?;
     let results: jetstream::consumer::PullConsumer = broker
         .grid
         .js
@@ -348,6 +352,12 @@ pub async fn run(
             Some(msg) = queries.next() => broker.on_owner(msg).await,
             Some(msg) = storage.next() => broker.on_storage(msg).await,
             Some(msg) = deletes.next() => broker.on_delete(msg).await,
+            Some(msg) = retries.next() => {
+                broker.on_retry(msg).await;
+                if let Err(e) = broker.fill().await {
+                    tracing::warn!("enqueueing tasks: {e:#}");
+                }
+            }
             Some(msg) = results.next() => {
                 // What else has arrived, up to a batch: its ledger entries and task records are
                 // written concurrently, then counted in order.
@@ -373,6 +383,7 @@ pub async fn run(
                 }
             },
             _ = tick.tick() => {
+                broker.load_pending().await;
                 if let Err(e) = broker.fill().await {
                     tracing::warn!("enqueueing tasks: {e:#}");
                 }
@@ -456,25 +467,103 @@ impl Broker {
                 continue;
             }
             let mut job = self.activate(record).await?;
-            let stored = self
-                .recount(&job.record.spec.tenant, &job.record.id)
-                .await?;
-            job.record.counts = TaskCounts {
-                total: job.record.counts.total,
-                in_flight: job.record.enqueued,
-                ..TaskCounts::default()
-            };
-            for record in &stored {
-                job.count(record);
-            }
-            job.dirty = true;
+            self.load(&mut job).await?;
             let counts = &job.record.counts;
             tracing::info!(job = %id, succeeded = counts.succeeded, failed = counts.failed, "resumed");
-            // Every task was recorded, but the broker died before it saved the final record.
-            job.finish_if_complete(self.duplicates);
             self.active.insert(id, job);
         }
         Ok(())
+    }
+
+    /// Counts a job's stored task records into it, from scratch: at a restart, and when a
+    /// retry starts. The records of an earlier round's failed and disputed tasks — a retry's,
+    /// not yet removed when the broker died — are removed first, so that those tasks run again.
+    async fn load(&self, job: &mut ActiveJob) -> Result<()> {
+        let (tenant, id) = (&job.record.spec.tenant, &job.record.id);
+        let first_attempt = job.record.first_attempt();
+        let mut stored = self.recount(tenant, id).await?;
+        let (stale, fresh): (Vec<_>, Vec<_>) = stored.drain(..).partition(|record| {
+            record.state != TaskState::Succeeded && record.result.attempt < first_attempt
+        });
+        for chunk in stale.chunks(PURGES_AT_ONCE) {
+            let purges = chunk
+                .iter()
+                .map(|record| self.forget_task(&job.record, record.result.index));
+            futures::future::try_join_all(purges).await?;
+        }
+        if !stale.is_empty() {
+            crash_point("retry-forgotten");
+        }
+        for record in stale {
+            // The new record tells of the earlier rounds' failures too.
+            job.failures.insert(record.result.index, record.failures);
+        }
+        job.counted = BitSet::new();
+        job.record.counts = TaskCounts {
+            total: job.record.counts.total,
+            in_flight: job.record.enqueued,
+            ..TaskCounts::default()
+        };
+        for record in &fresh {
+            job.count(record);
+        }
+        job.loaded = true;
+        job.dirty = true;
+        // Every task was recorded, but the broker died before it saved the final record.
+        job.finish_if_complete(self.duplicates);
+        Ok(())
+    }
+
+    /// Removes the stored state of one task of `job` — its votes and node claims, then its
+    /// record (last: while it is there, a restarted broker knows to redo this) — so that a
+    /// retry runs it afresh.
+    async fn forget_task(&self, job: &JobRecord, index: u64) -> Result<()> {
+        let id = &job.id;
+        if job.spec.replicas > 1 {
+            self.purge(names::CLAIMS_BUCKET, &format!("{id}.{index}.*"))
+                .await?;
+            self.purge(names::VOTES_BUCKET, &format!("{id}.{index}.*"))
+                .await?;
+        }
+        self.purge(
+            names::TASKS_BUCKET,
+            &names::task_key(&job.spec.tenant, id, index),
+        )
+        .await
+    }
+
+    /// Removes every entry of `bucket` whose key matches `keys` (NATS wildcards), with its
+    /// history: what is purged leaves no tombstone, and a create under its key succeeds.
+    async fn purge(&self, bucket: &str, keys: &str) -> Result<()> {
+        self.grid
+            .js
+            .get_stream(format!("KV_{bucket}"))
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+            .purge()
+            .filter(format!("$KV.{bucket}.{keys}"))
+            .await
+            .map_err(|e| anyhow!("removing {bucket} {keys}: {e}"))?;
+        Ok(())
+    }
+
+    /// Loads the jobs that wait for it (see [`ActiveJob::loaded`]).
+    async fn load_pending(&mut self) {
+        let pending: Vec<String> = self
+            .active
+            .iter()
+            .filter(|(_, job)| !job.loaded)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in pending {
+            let Some(mut job) = self.active.remove(&id) else {
+                continue;
+            };
+            if let Err(e) = self.load(&mut job).await {
+                tracing::warn!(job = %id, "loading the job's task records: {e:#}");
+            }
+            self.active.insert(id, job);
+        }
     }
 
     /// The final records of `job`'s tasks in `grid_tasks` — all of them: a record missed here
@@ -509,6 +598,7 @@ impl Broker {
             counted: BitSet::new(),
             task_seconds: None,
             dirty: true,
+            loaded: false,
         })
     }
 
@@ -648,6 +738,7 @@ impl Broker {
                 ..TaskCounts::default()
             },
             enqueued: 0,
+            retried: 0,
         };
         self.grid
             .jobs()
@@ -655,7 +746,8 @@ impl Broker {
             .put(names::job_key(&tenant, &id), encode(&record).into())
             .await
             .map_err(|e| anyhow!("storing the job: {e}"))?;
-        let job = self.activate(record).await?;
+        let mut job = self.activate(record).await?;
+        job.loaded = true; // a new job has no task records
         tracing::info!(job = %id, tenant, total, "submitted");
         self.active.insert(id.clone(), job);
         Ok(id)
@@ -848,33 +940,15 @@ impl Broker {
             objects += 1;
             bytes += info.size as u64;
         }
-        for (stream, filter) in [
-            (
-                names::TASKS_BUCKET,
-                format!("$KV.{}.{tenant}.{job_id}.>", names::TASKS_BUCKET),
-            ),
-            (
-                names::VOTES_BUCKET,
-                format!("$KV.{}.{job_id}.>", names::VOTES_BUCKET),
-            ),
-            (
-                names::CLAIMS_BUCKET,
-                format!("$KV.{}.{job_id}.>", names::CLAIMS_BUCKET),
-            ),
-            (
-                names::JOBS_BUCKET,
-                format!("$KV.{}.{tenant}.{job_id}", names::JOBS_BUCKET),
-            ),
+        for (bucket, keys) in [
+            (names::TASKS_BUCKET, format!("{tenant}.{job_id}.>")),
+            (names::VOTES_BUCKET, format!("{job_id}.>")),
+            (names::CLAIMS_BUCKET, format!("{job_id}.>")),
+            (names::JOBS_BUCKET, names::job_key(&tenant, &job_id)),
         ] {
-            self.grid
-                .js
-                .get_stream(format!("KV_{stream}"))
+            self.purge(bucket, &keys)
                 .await
-                .map_err(|e| anyhow!("{e}"))?
-                .purge()
-                .filter(filter)
-                .await
-                .map_err(|e| anyhow!("deleting job {job_id}'s records: {e}"))?;
+                .map_err(|e| anyhow!("deleting job {job_id}'s records: {e:#}"))?;
         }
         self.active.remove(&job_id);
         tracing::info!(job = %job_id, tenant, objects, bytes, "deleted");
@@ -883,6 +957,88 @@ impl Broker {
             objects,
             bytes,
         })
+    }
+
+    async fn on_retry(&mut self, msg: async_nats::Message) {
+        let reply = match self.retry(&msg).await {
+            Ok(reply) => reply,
+            Err(e) => ApiReply::Err(format!("{e:#}")),
+        };
+        self.reply(&msg, reply).await;
+    }
+
+    /// Runs an ended job's failed and disputed tasks again, in the same job: the job starts a
+    /// new round (its record says which, see [`JobRecord::first_attempt`]) and goes back to
+    /// queued; loading it removes those tasks' records, and the fill sends them out again,
+    /// passing over the tasks that succeeded.
+    ///
+    /// Crash-safe at every step: the saved record is the commitment. A broker that dies before
+    /// saving it changed nothing; one that dies after resumes the job in its new round, and its
+    /// load removes the earlier round's failed records that are still there (each task's last).
+    /// Attempts are numbered on across rounds, so a late result of an earlier round is billed
+    /// but not counted, and no message id or ledger key is used twice.
+    async fn retry(&mut self, msg: &async_nats::Message) -> Result<ApiReply> {
+        let tenant = tenant_of(msg.subject.as_str())
+            .ok_or_else(|| anyhow!("bad subject"))?
+            .to_string();
+        let req = decode::<grid_proto::RetryRequest>(&msg.payload).map_err(|e| anyhow!("{e}"))?;
+        let job_id = req.job_id;
+        self.check_owner(&tenant, &job_id, "retry").await?;
+        if let Some(job) = self.active.get(&job_id) {
+            let state = job.record.state.as_str();
+            anyhow::bail!(
+                "job {job_id} is still {state}: retry its failed tasks once it has ended (`grid status {job_id} --wait`)"
+            );
+        }
+        let key = names::job_key(&tenant, &job_id);
+        let jobs = self.grid.jobs().await?;
+        let mut record = match jobs.get(&key).await {
+            Ok(Some(bytes)) => decode::<JobRecord>(&bytes).map_err(|e| anyhow!("{e}"))?,
+            Ok(None) => anyhow::bail!("unknown job {job_id}"),
+            Err(e) => anyhow::bail!("reading job {job_id}: {e}"),
+        };
+        let counts = &record.counts;
+        let tasks = counts.failed + counts.disputed;
+        match record.state {
+            JobState::Failed if tasks > 0 => {}
+            JobState::Cancelled => anyhow::bail!(
+                "job {job_id} was cancelled: only an ended job's failed tasks can be retried; submit it again"
+            ),
+            state if state.is_final() => {
+                anyhow::bail!("job {job_id} has no failed tasks ({})", state.as_str())
+            }
+            state => anyhow::bail!("job {job_id} is still {}", state.as_str()),
+        }
+        // Each round has `retries + 1` attempt numbers of its own, in a u32.
+        let retried = record.retried + 1;
+        let attempts = u64::from(record.spec.retries) + 1;
+        if u64::from(retried) * attempts + attempts > u64::from(u32::MAX) {
+            anyhow::bail!(
+                "job {job_id} has been retried {} times: submit it again",
+                record.retried
+            );
+        }
+        record.retried = retried;
+        record.state = JobState::Queued;
+        record.reason = None;
+        record.finished_unix_ms = None;
+        record.enqueued = 0;
+        record.counts = TaskCounts {
+            total: record.counts.total,
+            succeeded: record.counts.succeeded,
+            ..TaskCounts::default()
+        };
+        jobs.put(&key, encode(&record).into())
+            .await
+            .map_err(|e| anyhow!("saving the retry of job {job_id}: {e}; try again"))?;
+        crash_point("retry-saved");
+        let job = self.activate(record).await?;
+        self.active.insert(job_id.clone(), job);
+        // Not loaded yet, its tasks go nowhere; a failure here is tried again on the tick.
+        self.load_pending().await;
+        metrics::counter!("grid_task_retries_total").increment(tasks);
+        tracing::info!(job = %job_id, tenant, tasks, round = retried, "retrying failed tasks");
+        Ok(ApiReply::Retrying { job_id, tasks })
     }
 
     async fn on_cancel(&mut self, msg: async_nats::Message) {
@@ -1077,11 +1233,14 @@ impl Broker {
     /// [`Broker::count`] to handle. Takes the task's earlier failures into the record.
     fn final_record(&mut self, result: &ResultMsg) -> Option<TaskRecord> {
         let job = self.active.get_mut(&result.job_id)?;
-        if result.index >= job.record.counts.total || job.record.spec.replicas > 1 {
+        if result.index >= job.record.counts.total
+            || job.record.spec.replicas > 1
+            || result.attempt < job.record.first_attempt()
+        {
             return None;
         }
         let retry = matches!(result.outcome, Outcome::Failed(ref r) if !matches!(r, Reason::Invalid(_) | Reason::Cancelled))
-            && result.attempt < job.record.spec.retries;
+            && job.record.retries_left(result.attempt);
         if retry {
             return None;
         }
@@ -1176,6 +1335,11 @@ impl Broker {
             tracing::warn!(job = %result.job_id, index = result.index, "result for a task that does not exist");
             return Ok(());
         }
+        if result.attempt < job.record.first_attempt() {
+            // Before `grid retry`: its task's new round counts, this one is billed only.
+            tracing::debug!(job = %result.job_id, index = result.index, attempt = result.attempt, "result of an earlier round ignored");
+            return Ok(());
+        }
         if job.record.spec.replicas > 1 {
             return self.vote(result).await;
         }
@@ -1222,7 +1386,9 @@ impl Broker {
         if matches!(result.outcome, Outcome::Failed(Reason::Cancelled)) {
             return Ok(());
         }
-        if result.outcome == Outcome::Failed(Reason::Lost) && result.attempt < spec.retries {
+        if result.outcome == Outcome::Failed(Reason::Lost)
+            && job.record.retries_left(result.attempt)
+        {
             tracing::info!(job = %result.job_id, index, replica = result.replica, "replica lost; running it again");
             let task = job.run_of(&self.grid, &[index]).await?;
             return publish_task(&self.grid.js, job, task, result.attempt + 1, result.replica)
@@ -1294,7 +1460,8 @@ impl Broker {
         } else if dispatched < most {
             tracing::info!(job = %job.record.id, index, votes = votes.len(), "replicas disagree; one more");
             let task = job.run_of(&self.grid, &[index]).await?;
-            publish_task(&self.grid.js, job, task, 0, dispatched).await?;
+            let attempt = job.record.first_attempt();
+            publish_task(&self.grid.js, job, task, attempt, dispatched).await?;
             job.dispatched.insert(index, dispatched + 1);
             return Ok(());
         } else {
@@ -1453,7 +1620,7 @@ impl Broker {
     async fn fill(&mut self) -> Result<()> {
         let window = self.config.window;
         let mut failed = None;
-        for job in self.active.values_mut() {
+        for job in self.active.values_mut().filter(|job| job.loaded) {
             // The saved `enqueued` may lag what a broker before a restart had enqueued, so a
             // task past it may be counted already: it is passed over, not put in flight again
             // (a window of tasks that never report would stall the job).
@@ -1501,12 +1668,12 @@ impl Broker {
             if tasks.iter().map(|t| t.1 as usize).sum::<usize>() < indices.len() {
                 continue;
             }
-            let replicas = job.record.spec.replicas.max(1);
+            let (replicas, attempt) = (job.record.spec.replicas.max(1), job.record.first_attempt());
             let acks = tasks
                 .into_iter()
                 .flat_map(|task| (0..replicas).map(move |replica| (task.clone(), replica)));
-            let acks =
-                acks.map(|(task, replica)| publish_task(&self.grid.js, job, task, 0, replica));
+            let acks = acks
+                .map(|(task, replica)| publish_task(&self.grid.js, job, task, attempt, replica));
             if let Some(Err(e)) = futures::future::join_all(acks)
                 .await
                 .into_iter()
@@ -1576,6 +1743,9 @@ impl Broker {
 /// Results the broker takes at once (see `Broker::on_results`).
 const RESULT_BATCH: usize = 256;
 
+/// Task records a retry removes at once (see `Broker::load`).
+const PURGES_AT_ONCE: usize = 64;
+
 /// Acks a result once it is recorded, or asks for it again shortly.
 async fn settle(msg: &jetstream::Message, recorded: Result<()>) {
     match recorded {
@@ -1632,7 +1802,8 @@ async fn tally(grid: &Grid, node: &str, agreed: bool) {
 /// aborts the first time it reaches that point — the way fault tests kill it at an exact moment
 /// (`after-store`: a task's record is stored, its result not yet acked; `after-retry`: a retry is
 /// published, the failed result not yet acked; `before-finish`: every task of a job is counted,
-/// its final record not yet saved).
+/// its final record not yet saved; `retry-saved`: a retried job's new round is saved, its failed
+/// tasks' records not yet removed; `retry-forgotten`: they are removed, the tasks not yet sent).
 fn crash_point(point: &str) {
     if std::env::var("GRID_TEST_CRASH_AT").is_ok_and(|p| p == point) {
         tracing::warn!("GRID_TEST_CRASH_AT={point}: aborting");

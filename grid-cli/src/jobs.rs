@@ -363,7 +363,9 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
             program,
         };
         let job_id = match grid.ask("submit", &SubmitRequest { spec }).await? {
-            ApiReply::Ok { job_id } | ApiReply::Deleted { job_id, .. } => job_id,
+            ApiReply::Ok { job_id }
+            | ApiReply::Deleted { job_id, .. }
+            | ApiReply::Retrying { job_id, .. } => job_id,
             ApiReply::Err(why) => return Err(Refused(format!("job refused: {why}")).into()),
         };
         if !args.wait {
@@ -497,11 +499,12 @@ async fn no_nodes_note(grid: &Grid, record: &JobRecord) -> Option<String> {
 
 pub(crate) fn status_json(record: &JobRecord) -> serde_json::Value {
     let c = &record.counts;
-    let finished = c.succeeded + c.failed;
+    let finished = c.succeeded + c.failed + c.disputed;
     json!({
         "job_id": record.id,
         "state": record.state.as_str(),
         "reason": record.reason,
+        "retried": record.retried,
         "tasks": {
             "total": c.total,
             "queued": c.total.saturating_sub(finished + c.in_flight),
@@ -524,8 +527,13 @@ fn print_status(record: &JobRecord, as_json: bool) {
     } else {
         String::new()
     };
+    let retried = match record.retried {
+        0 => String::new(),
+        1 => ", retried once".into(),
+        n => format!(", retried {n} times"),
+    };
     anstream::println!(
-        "job {}: {} — {} of {} succeeded, {} failed{disputed}, {} running{}",
+        "job {}: {} — {} of {} succeeded, {} failed{disputed}, {} running{retried}{}",
         record.id,
         crate::style::state(record.state.as_str()),
         c.succeeded,
@@ -784,6 +792,7 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
                 "exit_code": r.outcome.exit_code(),
                 "reason": r.outcome.reason().map(|x| x.to_string()),
                 "attempts": task.attempts,
+                "failures": task.failures,
                 "node": r.node_id,
                 "cpu_seconds": r.usage.cpu_seconds,
                 "wall_seconds": r.usage.wall_seconds,
@@ -908,13 +917,61 @@ pub fn cancel(args: CancelArgs) -> Result<ExitCode> {
             job_id: args.job.clone(),
         };
         match grid.ask("cancel", &request).await? {
-            ApiReply::Ok { job_id } | ApiReply::Deleted { job_id, .. } => {
+            ApiReply::Ok { job_id }
+            | ApiReply::Deleted { job_id, .. }
+            | ApiReply::Retrying { job_id, .. } => {
                 let record = job_record(&grid, &job_id).await?;
                 print_status(&record, args.json);
                 Ok(ExitCode::SUCCESS)
             }
             ApiReply::Err(why) => bail!("{why}"),
         }
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct RetryArgs {
+    pub job: String,
+    /// Run the job's failed and disputed tasks again (required: the tasks to retry).
+    #[arg(long, required = true)]
+    pub failed: bool,
+    /// Follow the job to its end (exit status 0 only if every task succeeds).
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `grid retry JOB --failed`: an ended job's failed and disputed tasks run again in the same
+/// job, with its retries afresh; the tasks that succeeded keep their results, and `grid
+/// results` then collects them all together.
+pub fn retry(args: RetryArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let grid = args.conn.open("retry").await?;
+        let request = grid_proto::RetryRequest {
+            job_id: args.job.clone(),
+        };
+        let (job_id, tasks) = match grid.ask("retry", &request).await? {
+            ApiReply::Retrying { job_id, tasks } => (job_id, tasks),
+            ApiReply::Err(why) => bail!("{why}"),
+            other => bail!("the broker did not retry job {}: {other:?}", args.job),
+        };
+        if !args.wait {
+            if args.json {
+                println!("{}", json!({"job_id": job_id, "tasks_retried": tasks}));
+            } else {
+                println!("{job_id}");
+                eprintln!(
+                    "grid: retrying {tasks} failed task(s) of job {job_id}; follow it with `grid status {job_id} --wait`"
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let record = follow(&grid, &job_id).await?;
+        print_status(&record, args.json);
+        Ok(if record.state == JobState::Done { ExitCode::SUCCESS } else { ExitCode::from(1) })
     })
 }
 
@@ -956,7 +1013,9 @@ pub fn delete(args: DeleteArgs) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             ApiReply::Err(why) => bail!("{why}"),
-            ApiReply::Ok { job_id } => bail!("the broker did not delete job {job_id}"),
+            ApiReply::Ok { job_id } | ApiReply::Retrying { job_id, .. } => {
+                bail!("the broker did not delete job {job_id}")
+            }
         }
     })
 }

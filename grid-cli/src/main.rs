@@ -46,6 +46,8 @@ enum Command {
     Logs(jobs::LogsArgs),
     /// Cancel a job: queued tasks are dropped, running ones stopped.
     Cancel(jobs::CancelArgs),
+    /// Run an ended job's failed tasks again, in the same job.
+    Retry(jobs::RetryArgs),
     /// Delete an ended job: its records, outputs and logs, and inputs no other job uses.
     Delete(jobs::DeleteArgs),
     /// What tasks used, from the usage ledger: per job, tenant and provider.
@@ -109,6 +111,7 @@ fn main() -> ExitCode {
         Command::Results(args) => jobs::results(args),
         Command::Logs(args) => jobs::logs(args),
         Command::Cancel(args) => jobs::cancel(args),
+        Command::Retry(args) => jobs::retry(args),
         Command::Delete(args) => jobs::delete(args),
         Command::Usage(args) => usage::usage(args),
         Command::Dashboard(args) => dashboard::dashboard(args),

@@ -469,6 +469,7 @@ impl Node {
                 ..Default::default()
             },
             enqueued: 0,
+            retried: 0,
         });
         jobs.insert(task.job_id.clone(), record.clone());
         record
@@ -1026,7 +1027,7 @@ fn check_task_msg(task: TaskMsg) -> Result<TaskMsg, grid_proto::WireError> {
     if count == 0
         || count > grid_proto::MAX_TASKS_PER_MESSAGE
         || (params != 0 && params != count as usize)
-        || (count > 1 && (task.input.is_some() || task.replica > 0 || task.attempt > 0))
+        || (count > 1 && (task.input.is_some() || task.replica > 0))
     {
         return Err(grid_proto::WireError::Garbled(format!(
             "a message of {count} tasks with {params} params lines"

@@ -15,7 +15,7 @@
 //! | `grid_tally` | KV, key `<node id>` | votes each node's results won and lost ([`crate::NodeTally`]) |
 //! | `grid_usage` | KV, key `<tenant>.<job>.<index>.<attempt>.<replica>` | the usage ledger: one entry per billable attempt ([`crate::UsageEntry`]) |
 //! | `grid_store_<tenant>` | object store, one per tenant, name `<sha256>` | the tenant's modules, params files, inputs, outputs, logs |
-//! | `grid.api.<tenant>.submit`, `.cancel`, `.delete`, `.storage`, `.owner` | request/reply to the broker | job intake, cancel, delete; creating the tenant's store; who owns a job |
+//! | `grid.api.<tenant>.submit`, `.cancel`, `.retry`, `.delete`, `.storage`, `.owner` | request/reply to the broker | job intake, cancel, retry, delete; creating the tenant's store; who owns a job |
 //! | `grid.cancel.<job>` | core NATS broadcast | tells nodes to stop a cancelled job's tasks |
 //! | `grid.events.<tenant>.<job>` | core NATS, empty | the job's record changed (`grid status --wait` re-reads it) |
 //! | `_INBOX_<user>.>` | reply subjects | each user's own inbox prefix, so that nobody reads another's replies |

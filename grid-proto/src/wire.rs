@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// Bumped on any incompatible change of a wire type.
-pub const WIRE_VERSION: u16 = 6;
+pub const WIRE_VERSION: u16 = 7;
 
 /// A type that travels over NATS.
 pub trait Message: Serialize + DeserializeOwned {
@@ -208,6 +208,11 @@ pub enum ApiReply {
         objects: u64,
         bytes: u64,
     },
+    /// An ended job's failed tasks are running again: how many.
+    Retrying {
+        job_id: String,
+        tasks: u64,
+    },
 }
 impl Message for ApiReply {
     const KIND: &'static str = "api-reply";
@@ -231,6 +236,17 @@ pub struct DeleteRequest {
 }
 impl Message for DeleteRequest {
     const KIND: &'static str = "delete";
+}
+
+/// `grid.api.<tenant>.retry` request: run an ended job's failed and disputed tasks again, in
+/// the same job (their outputs join the others'), with the job's retries afresh. The reply is
+/// [`ApiReply::Retrying`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryRequest {
+    pub job_id: String,
+}
+impl Message for RetryRequest {
+    const KIND: &'static str = "retry";
 }
 
 /// `grid.api.<tenant>.storage` request: make the tenant's object store (the broker sets its
@@ -298,11 +314,29 @@ pub struct JobRecord {
     pub created_unix_ms: u64,
     pub finished_unix_ms: Option<u64>,
     pub counts: TaskCounts,
-    /// Tasks `0..enqueued` have been handed to the work queue at least once.
+    /// Tasks `0..enqueued` have been handed to the work queue at least once (in this round:
+    /// a retry starts again from 0, passing over the tasks that succeeded).
     pub enqueued: u64,
+    /// How many times `grid retry` has run the job's failed tasks again.
+    pub retried: u32,
 }
 impl Message for JobRecord {
     const KIND: &'static str = "job";
+}
+
+impl JobRecord {
+    /// The attempt number a task starts at in this round. Each round has its own attempt
+    /// numbers (`retries + 1` of them), so an attempt of a retried task is a new message id
+    /// and a new ledger entry, and a late result of an earlier round is known as one.
+    pub fn first_attempt(&self) -> u32 {
+        self.retried
+            .saturating_mul(self.spec.retries.saturating_add(1))
+    }
+
+    /// Whether a failed attempt `attempt` gets another within this round.
+    pub fn retries_left(&self, attempt: u32) -> bool {
+        attempt < self.first_attempt().saturating_add(self.spec.retries)
+    }
 }
 
 /// The most tasks one task message may carry.
@@ -316,9 +350,10 @@ pub struct TaskMsg {
     pub index: u64,
     /// The tasks `index .. index + count` (at least 1): the broker sends a job's short tasks
     /// several to a message — one publish, delivery and ack for all of them. A retry, a
-    /// replica or a task with its own input file is always alone.
+    /// replica or a task with its own input file is always alone (the first attempt of a
+    /// job's retry round is not a retry: see [`JobRecord::first_attempt`]).
     pub count: u32,
-    /// 0 for the first try, 1 for the first retry, …
+    /// 0 for the first try, 1 for the first retry, … (counting on across `grid retry` rounds)
     pub attempt: u32,
     /// Which replica of the task this is (0 without replicas).
     pub replica: u32,

@@ -309,7 +309,7 @@ fn a_tenant_cannot_read_another_tenants_modules() {
 }
 
 #[test]
-fn a_tenant_cannot_cancel_another_tenants_job() {
+fn a_tenant_cannot_cancel_or_retry_another_tenants_job() {
     let grid = TestGrid::start(1, &[]);
     let bob = tenant_creds("bob");
     let submitted = grid.grid_json(
@@ -336,6 +336,10 @@ fn a_tenant_cannot_cancel_another_tenants_job() {
         0,
     );
     assert_eq!(status["state"], "done", "the cancel went through: {status}");
+    assert_denied(
+        as_alice(&grid, &["retry", &job, "--failed"]),
+        &format!("permission denied: tenant alice cannot retry job {job} of tenant bob"),
+    );
     assert_still_serving(&grid, &job);
 }
 

@@ -19,5 +19,6 @@ mod metrics;
 mod privileges;
 mod python;
 mod replicas;
+mod retry;
 mod sandbox;
 mod storage;

@@ -191,6 +191,33 @@ fn replicas_that_never_agree_leave_the_task_disputed() {
 }
 
 #[test]
+fn a_disputed_task_retried_gets_new_replicas_on_the_same_nodes() {
+    // Four liars dispute the task; a retry must clear their claims and votes, or no node would
+    // take a new replica of it (each holds one already) and the job would wait forever.
+    let grid = grid_of(&[
+        ("liar-1", true),
+        ("liar-2", true),
+        ("liar-3", true),
+        ("liar-4", true),
+    ]);
+    let job = submit_nap(&grid, "1", &["--replicas", "2", "--quorum", "2"]);
+    assert_eq!(grid.wait(&job)["tasks"]["disputed"], 1);
+    let status = grid.grid_json(&["retry", &job, "--failed", "--wait"], 1);
+    assert_eq!(status["state"], "failed", "{status}");
+    assert_eq!(status["retried"], 1, "{status}");
+    assert_eq!(status["tasks"]["disputed"], 1, "{status}");
+    let (_dir, manifest) = grid.results(&job);
+    let votes = manifest[0]["votes"].as_array().unwrap();
+    assert_eq!(votes.len(), 4, "the retry's own four replicas: {votes:?}");
+    // Both rounds' replicas are billed, and each liar lost a vote in each round.
+    let billed = crate::ledger::usage(&grid, &["--job", &job]);
+    assert_eq!(billed["total"]["attempts"], 8, "{billed}");
+    for liar in ["liar-1", "liar-2", "liar-3", "liar-4"] {
+        wait_for_tally(&grid, liar, 0, 2);
+    }
+}
+
+#[test]
 fn more_replicas_than_nodes_is_refused_at_once() {
     let grid = grid_of(&[("a", false), ("b", false)]);
     let hostile = guest("hostile");

@@ -306,6 +306,16 @@ fn main() {
             }
             fs::write("/out/attempt.txt", attempt.to_string()).unwrap();
         }
+        "odd-fail-first" => {
+            // Odd tasks fail on attempt 0 and succeed on any later one; even tasks succeed.
+            let attempt: u32 = std::env::var("GRID_ATTEMPT").unwrap().parse().unwrap();
+            let index: u64 = std::env::var("GRID_TASK_INDEX").unwrap().parse().unwrap();
+            if index % 2 == 1 && attempt == 0 {
+                eprintln!("task {index} failing on attempt 0");
+                std::process::exit(9);
+            }
+            fs::write("/out/attempt.txt", attempt.to_string()).unwrap();
+        }
         "nap" => {
             // A short task that takes real time: arg 2 is milliseconds.
             let ms: u64 = std::env::args()
