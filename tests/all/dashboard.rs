@@ -177,6 +177,10 @@ fn the_dashboard_shows_a_job_progressing_then_what_grid_status_says() {
             .any(|l| l.as_str().unwrap().contains("panicked on purpose")),
         "{seen}"
     );
+    // And says how to look at a failed task, and how to run them again.
+    let hint = seen["hint"].as_str().unwrap();
+    assert!(hint.contains("grid retry") && hint.contains("--failed"), "{seen}");
+    assert!(hint.contains("grid run --from"), "{seen}");
 }
 
 /// A tenant's dashboard shows that tenant's jobs only: NATS's permissions decide.

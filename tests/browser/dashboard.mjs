@@ -44,7 +44,8 @@ try {
   const failedTasks = await page.$$eval("#job-detail tr.failed-task", (rows) =>
     rows.map((r) => ({ index: +r.dataset.index, cells: [...r.cells].map((c) => c.textContent) })));
   const logs = await page.$$eval("#job-detail pre", (pres) => pres.map((p) => p.textContent));
-  console.log(JSON.stringify({ midway, done, live, nodes, chartPoints, failedTasks, logs }));
+  const hint = await page.$eval("#job-detail .hint", (p) => p.textContent).catch(() => "");
+  console.log(JSON.stringify({ midway, done, live, nodes, chartPoints, failedTasks, logs, hint }));
 } finally {
   await browser.close();
 }
