@@ -951,6 +951,15 @@ impl Broker {
                 .map_err(|e| anyhow!("deleting job {job_id}'s records: {e:#}"))?;
         }
         self.active.remove(&job_id);
+        // Followers of the job table (the dashboard) see no purge: tell them.
+        let _ = self
+            .grid
+            .client
+            .publish(
+                names::job_events(&tenant, &job_id),
+                bytes::Bytes::from_static(names::JOB_DELETED),
+            )
+            .await;
         tracing::info!(job = %job_id, tenant, objects, bytes, "deleted");
         Ok(ApiReply::Deleted {
             job_id,

@@ -10,6 +10,11 @@
 //!
 //! Throughput is the change, between samples, of the tasks that ended in the jobs shown; the
 //! page charts the last five minutes of it.
+//!
+//! Job records are followed, not re-read: one read of `grid_jobs`, then each record as the
+//! broker writes it, so a snapshot costs the grid nothing however many jobs it holds. A deleted
+//! job's record is purged, which a follower does not see: the broker says so on the job's
+//! events subject, and the table is read anew every [`RESYNC`] in case that word was lost.
 
 use anyhow::{Context, Result, anyhow};
 use axum::extract::{Path, State};
@@ -20,7 +25,7 @@ use axum::routing::get;
 use grid_client::Grid;
 use grid_proto::{JobRecord, TaskRecord, TaskState, decode, names};
 use serde_json::{Value, json};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -37,6 +42,12 @@ const FAILED_SHOWN: usize = 50;
 const LOG_TAIL: usize = 2048;
 /// One read of the grid for a snapshot, at most: a stuck read must not freeze the page.
 const PASS_LIMIT: Duration = Duration::from_secs(10);
+/// How often the followed job table is read anew (see the module docs).
+const RESYNC: Duration = Duration::from_secs(60);
+
+/// The job records shown, by job id, as [`follow_jobs`] keeps them; `None` until the first
+/// read of them all is in.
+type JobTable = Arc<std::sync::Mutex<Option<BTreeMap<String, Arc<JobRecord>>>>>;
 
 /// What the dashboard reads: the grid, and whose jobs (`None`: every tenant's).
 #[derive(Clone)]
@@ -48,13 +59,16 @@ pub struct Source {
 #[derive(Clone)]
 struct AppState {
     source: Source,
+    jobs: JobTable,
     snapshot: watch::Receiver<Arc<String>>,
 }
 
 /// Serves the dashboard on `listener` until the future is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, source: Source) -> Result<()> {
     let (tx, rx) = watch::channel(Arc::new(String::from("{}")));
-    tokio::spawn(sample(source.clone(), tx));
+    let jobs = JobTable::default();
+    tokio::spawn(follow_jobs(source.clone(), jobs.clone()));
+    tokio::spawn(sample(source.clone(), jobs.clone(), tx));
     let app = axum::Router::new()
         .route("/", get(page))
         .route("/api/state", get(state))
@@ -62,6 +76,7 @@ pub async fn serve(listener: tokio::net::TcpListener, source: Source) -> Result<
         .route("/api/jobs/{id}", get(job))
         .with_state(AppState {
             source,
+            jobs,
             snapshot: rx,
         })
         .layer(axum::middleware::from_fn_with_state(
@@ -135,7 +150,7 @@ async fn events(
 }
 
 async fn job(State(app): State<AppState>, Path(id): Path<String>) -> Response {
-    match job_detail(&app.source, &id).await {
+    match job_detail(&app.source, &app.jobs, &id).await {
         Ok(Some(v)) => {
             ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
         }
@@ -145,7 +160,7 @@ async fn job(State(app): State<AppState>, Path(id): Path<String>) -> Response {
 }
 
 /// The job's status (as `grid status --json` prints it), and its failed tasks.
-async fn job_detail(source: &Source, id: &str) -> Result<Option<Value>> {
+async fn job_detail(source: &Source, jobs: &JobTable, id: &str) -> Result<Option<Value>> {
     if !names::valid_name(id) {
         return Ok(None);
     }
@@ -159,7 +174,13 @@ async fn job_detail(source: &Source, id: &str) -> Result<Option<Value>> {
             .await
             .map_err(|e| anyhow!("reading job {id}: {e}"))?
             .and_then(|bytes| decode::<JobRecord>(&bytes).ok()),
-        None => jobs(source).await?.into_iter().find(|r| r.id == id),
+        None => {
+            let followed = lock(jobs).as_ref().map(|jobs| jobs.get(id).cloned());
+            match followed {
+                Some(record) => record.map(|r| (*r).clone()),
+                None => read_jobs(source).await?.remove(id).map(|r| (*r).clone()),
+            }
+        }
     };
     let Some(record) = record else {
         return Ok(None);
@@ -220,22 +241,122 @@ fn task_state(state: TaskState) -> &'static str {
     }
 }
 
-/// The jobs shown, newest first.
-async fn jobs(source: &Source) -> Result<Vec<JobRecord>> {
-    let mut jobs: Vec<JobRecord> = source
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Every job record shown, by id: one read.
+async fn read_jobs(source: &Source) -> Result<BTreeMap<String, Arc<JobRecord>>> {
+    Ok(source
         .grid
         .entries(names::JOBS_BUCKET, source.tenant.as_deref())
         .await?
         .into_iter()
         .filter_map(|(_, bytes)| decode::<JobRecord>(&bytes).ok())
-        .collect();
-    // Job ids start with their submission time.
-    jobs.sort_by(|a, b| b.id.cmp(&a.id));
-    Ok(jobs)
+        .map(|record| (record.id.clone(), Arc::new(record)))
+        .collect())
+}
+
+/// Keeps `table` up to date with `grid_jobs` (see the module docs).
+async fn follow_jobs(source: Source, table: JobTable) {
+    use futures::StreamExt;
+    // Deletions, from the broker (a tenant may hear its own jobs' events only).
+    let events = names::job_events(source.tenant.as_deref().unwrap_or("*"), "*");
+    let mut deleted = match source.grid.client.subscribe(events).await {
+        Ok(events) => Some(events),
+        Err(e) => {
+            tracing::warn!("dashboard: hearing of deleted jobs: {e}");
+            None
+        }
+    };
+    loop {
+        let follow = follow_jobs_once(&source, &table);
+        tokio::pin!(follow);
+        let resync = tokio::time::sleep(RESYNC);
+        tokio::pin!(resync);
+        loop {
+            tokio::select! {
+                () = &mut resync => break,
+                ended = &mut follow => {
+                    if let Err(e) = ended {
+                        tracing::warn!("dashboard: following the jobs: {e:#}");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+                Some(event) = async { deleted.as_mut()?.next().await } => {
+                    if event.payload.as_ref() == names::JOB_DELETED
+                        && let Some(id) = event.subject.as_str().rsplit('.').next()
+                        && let Some(jobs) = lock(&table).as_mut()
+                    {
+                        jobs.remove(id);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One read of every job record into `table`, then each change until the follow fails.
+async fn follow_jobs_once(source: &Source, table: &JobTable) -> Result<()> {
+    use futures::StreamExt;
+    let bucket = names::JOBS_BUCKET;
+    let consumer = source
+        .grid
+        .kv_reader(
+            bucket,
+            source.tenant.as_deref(),
+            async_nats::jetstream::consumer::DeliverPolicy::LastPerSubject,
+        )
+        .await?;
+    // The first read goes to a table of its own, swapped in whole: a snapshot never sees a
+    // part of the jobs (their sum of ended tasks is the throughput).
+    let mut first = Some(BTreeMap::new());
+    if consumer.cached_info().num_pending == 0 {
+        *lock(table) = first.take();
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| anyhow!("reading {bucket}: {e}"))?;
+        let Some(id) = message.subject.as_str().rsplit('.').next() else {
+            continue;
+        };
+        let deleted = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some();
+        let record = (!deleted)
+            .then(|| decode::<JobRecord>(&message.payload).ok())
+            .flatten();
+        let mut shown = lock(table);
+        let Some(jobs) = first.as_mut().or(shown.as_mut()) else {
+            continue;
+        };
+        match record {
+            Some(record) => jobs.insert(id.to_string(), Arc::new(record)),
+            None => jobs.remove(id),
+        };
+        if first.is_some()
+            && message
+                .info()
+                .map_err(|e| anyhow!("reading {bucket}: {e}"))?
+                .pending
+                == 0
+        {
+            *shown = first.take();
+        }
+    }
+    Ok(())
 }
 
 /// Builds a snapshot every second and hands it to the page's connections.
-async fn sample(source: Source, tx: watch::Sender<Arc<String>>) {
+async fn sample(source: Source, jobs: JobTable, tx: watch::Sender<Arc<String>>) {
     let mut history: VecDeque<(u64, f64)> = VecDeque::with_capacity(HISTORY);
     let mut last: Option<(u64, u64)> = None;
     let usage = Arc::new(std::sync::Mutex::new(UsageTotals::new()));
@@ -251,7 +372,7 @@ async fn sample(source: Source, tx: watch::Sender<Arc<String>>) {
             continue;
         }
         let usage = usage_json(&usage.lock().unwrap_or_else(|p| p.into_inner()));
-        let pass = snapshot(&source, &mut history, &mut last, &usage);
+        let pass = snapshot(&source, &jobs, &mut history, &mut last, &usage);
         match tokio::time::timeout(PASS_LIMIT, pass).await {
             Ok(Ok(v)) => {
                 if tx.send(Arc::new(v.to_string())).is_err() {
@@ -266,17 +387,30 @@ async fn sample(source: Source, tx: watch::Sender<Arc<String>>) {
 
 async fn snapshot(
     source: &Source,
+    table: &JobTable,
     history: &mut VecDeque<(u64, f64)>,
     last: &mut Option<(u64, u64)>,
     usage: &Value,
 ) -> Result<Value> {
     let now = grid_client::now_unix_ms();
-    let jobs = jobs(source).await?;
-    let ended: u64 = jobs
-        .iter()
-        .map(|j| j.counts.succeeded + j.counts.failed)
-        .sum();
-    if let Some((at, before)) = *last {
+    // Newest first (job ids start with their submission time); what ended in all of them.
+    let (jobs, jobs_total, ended) = match lock(table).as_ref() {
+        Some(all) => (
+            all.values()
+                .rev()
+                .take(JOBS_SHOWN)
+                .cloned()
+                .collect::<Vec<_>>(),
+            all.len(),
+            Some(
+                all.values()
+                    .map(|j| j.counts.succeeded + j.counts.failed + j.counts.disputed)
+                    .sum::<u64>(),
+            ),
+        ),
+        None => (Vec::new(), 0, None),
+    };
+    if let (Some((at, before)), Some(ended)) = (*last, ended) {
         let seconds = now.saturating_sub(at) as f64 / 1000.0;
         if seconds > 0.0 {
             // A deleted job takes its tasks with it: never a negative rate.
@@ -287,7 +421,9 @@ async fn snapshot(
             history.push_back((now, rate));
         }
     }
-    *last = Some((now, ended));
+    if let Some(ended) = ended {
+        *last = Some((now, ended));
+    }
     let mut nodes = Vec::new();
     for node in source.grid.live_nodes().await? {
         let tally = match source.grid.tally().await?.get(&node.id).await {
@@ -309,7 +445,6 @@ async fn snapshot(
     }
     let shown: Vec<Value> = jobs
         .iter()
-        .take(JOBS_SHOWN)
         .map(|record| {
             let mut v = crate::jobs::status_json(record);
             v["tenant"] = json!(record.spec.tenant);
@@ -324,7 +459,7 @@ async fn snapshot(
         "scope": source.tenant.as_deref().map_or("all tenants".to_string(), |t| format!("tenant {t}")),
         "nodes": nodes,
         "jobs": shown,
-        "jobs_total": jobs.len(),
+        "jobs_total": jobs_total,
         "throughput": history.iter().map(|(at, rate)| json!([at, rate])).collect::<Vec<_>>(),
         "usage": usage,
     }))

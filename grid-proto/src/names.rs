@@ -17,7 +17,7 @@
 //! | `grid_store_<tenant>` | object store, one per tenant, name `<sha256>` | the tenant's modules, params files, inputs, outputs, logs |
 //! | `grid.api.<tenant>.submit`, `.cancel`, `.retry`, `.delete`, `.storage`, `.owner` | request/reply to the broker | job intake, cancel, retry, delete; creating the tenant's store; who owns a job |
 //! | `grid.cancel.<job>` | core NATS broadcast | tells nodes to stop a cancelled job's tasks |
-//! | `grid.events.<tenant>.<job>` | core NATS, empty | the job's record changed (`grid status --wait` re-reads it) |
+//! | `grid.events.<tenant>.<job>` | core NATS, empty (or `deleted`) | the job's record changed (`grid status --wait` re-reads it), or was deleted |
 //! | `_INBOX_<user>.>` | reply subjects | each user's own inbox prefix, so that nobody reads another's replies |
 //!
 //! Keys and subjects lead with the tenant so that a NATS permission (a subject with a wildcard
@@ -63,6 +63,9 @@ pub fn api_subject(tenant: &str, verb: &str) -> String {
 }
 /// Published by the broker each time it saves a job's record: a tenant may subscribe to its
 /// own (`grid.events.<tenant>.>`), where it may not watch the bucket.
+/// The payload of a job event that says the job was deleted (others are empty).
+pub const JOB_DELETED: &[u8] = b"deleted";
+
 pub fn job_events(tenant: &str, job: &str) -> String {
     format!("grid.events.{tenant}.{job}")
 }

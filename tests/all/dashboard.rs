@@ -179,7 +179,10 @@ fn the_dashboard_shows_a_job_progressing_then_what_grid_status_says() {
     );
     // And says how to look at a failed task, and how to run them again.
     let hint = seen["hint"].as_str().unwrap();
-    assert!(hint.contains("grid retry") && hint.contains("--failed"), "{seen}");
+    assert!(
+        hint.contains("grid retry") && hint.contains("--failed"),
+        "{seen}"
+    );
     assert!(hint.contains("grid run --from"), "{seen}");
 }
 
@@ -227,4 +230,21 @@ fn a_tenants_dashboard_shows_its_own_jobs_only() {
     assert!(state.contains("\"scope\":\"tenant alice\""), "{state}");
     let other = body(&format!("{}api/jobs/{theirs}", dashboard.url));
     assert!(other.contains("no job"), "{other}");
+
+    // The page follows the jobs as they change: a new one appears, a deleted one goes.
+    let next = submit("alice");
+    let alice = tenant_creds("alice");
+    let out = grid.grid(&["delete", "--creds", alice.to_str().unwrap(), &mine]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !(state.contains(&next) && !state.contains(&mine)) {
+        assert!(std::time::Instant::now() < deadline, "{state}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        state = body(&format!("{}api/state", dashboard.url));
+    }
+    assert!(state.contains(r#""jobs_total":1"#), "{state}");
 }
