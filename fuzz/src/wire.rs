@@ -91,6 +91,7 @@ fn samples() -> Vec<Vec<u8>> {
             recorded_unix_ms: 1,
             replicas: 3,
             digest: sha,
+            round: 1,
         }),
         encode(&NodeInfo {
             id: "n".into(),

@@ -257,6 +257,28 @@ impl ActiveJob {
         true
     }
 
+    /// Counts the job's stored task records into it, from scratch: at a restart, and when a
+    /// retry starts. A failed or disputed record of an earlier round is not counted: its task
+    /// runs again, and the new round's record takes its place (see `Broker::after_create`).
+    fn load(&mut self, stored: &[TaskRecord], duplicates: u64) {
+        self.counted = BitSet::new();
+        self.record.counts = TaskCounts {
+            total: self.record.counts.total,
+            in_flight: self.record.enqueued,
+            ..TaskCounts::default()
+        };
+        let round = self.record.retried;
+        for record in stored {
+            if record.state == TaskState::Succeeded || record.round >= round {
+                self.count(record);
+            }
+        }
+        self.loaded = true;
+        self.dirty = true;
+        // Every task was recorded, but the broker died before it saved the final record.
+        self.finish_if_complete(duplicates);
+    }
+
     /// Whether this task's final record is counted.
     fn has_counted(&self, index: u64) -> bool {
         usize::try_from(index).is_ok_and(|i| self.counted.contains(i))
@@ -289,6 +311,10 @@ struct Broker {
     active: BTreeMap<String, ActiveJob>,
     /// Results dropped as duplicates since start (logged when a job finishes).
     duplicates: u64,
+    /// Jobs whose task records are being read, and where the reads send them (see
+    /// [`Broker::load_pending`]).
+    loading: std::collections::HashSet<String>,
+    loads: tokio::sync::mpsc::UnboundedSender<(String, Result<Vec<TaskRecord>>)>,
 }
 
 /// Runs the broker until `shutdown` resolves.
@@ -310,11 +336,14 @@ pub async fn run(
             }
         }
     };
+    let (loads, mut loaded) = tokio::sync::mpsc::unbounded_channel();
     let mut broker = Broker {
         config,
         grid,
         active: BTreeMap::new(),
         duplicates: 0,
+        loading: Default::default(),
+        loads,
     };
     broker.resume().await?;
     // Tenants' requests, in a queue group: one broker answers each.
@@ -352,8 +381,9 @@ pub async fn run(
             Some(msg) = queries.next() => broker.on_owner(msg).await,
             Some(msg) = storage.next() => broker.on_storage(msg).await,
             Some(msg) = deletes.next() => broker.on_delete(msg).await,
-            Some(msg) = retries.next() => {
-                broker.on_retry(msg).await;
+            Some(msg) = retries.next() => broker.on_retry(msg).await,
+            Some((id, stored)) = loaded.recv() => {
+                broker.on_loaded(id, stored);
                 if let Err(e) = broker.fill().await {
                     tracing::warn!("enqueueing tasks: {e:#}");
                 }
@@ -383,7 +413,7 @@ pub async fn run(
                 }
             },
             _ = tick.tick() => {
-                broker.load_pending().await;
+                broker.load_pending();
                 if let Err(e) = broker.fill().await {
                     tracing::warn!("enqueueing tasks: {e:#}");
                 }
@@ -411,6 +441,18 @@ fn record_counted(record: &TaskRecord) {
     metrics::counter!("grid_tasks_counted_total", "state" => state, "reason" => reason.unwrap_or_default())
         .increment(1);
     metrics::histogram!("grid_task_seconds").record(record.result.usage.wall_seconds);
+}
+
+/// The final records of `job`'s tasks in `grid_tasks` — all of them: a record missed here
+/// belongs to a result that is already acked and never comes back.
+async fn stored_records(grid: &Grid, tenant: &str, job: &str) -> Result<Vec<TaskRecord>> {
+    let entries = grid
+        .entries(names::TASKS_BUCKET, Some(&format!("{tenant}.{job}")))
+        .await?;
+    Ok(entries
+        .iter()
+        .filter_map(|(_, bytes)| decode::<TaskRecord>(bytes).ok())
+        .collect())
 }
 
 fn tenant_of(subject: &str) -> Option<&str> {
@@ -466,70 +508,14 @@ impl Broker {
             if record.state.is_final() {
                 continue;
             }
-            let mut job = self.activate(record).await?;
-            self.load(&mut job).await?;
+            let mut job = self.activate(record);
+            let stored = stored_records(&self.grid, &job.record.spec.tenant, &id).await?;
+            job.load(&stored, self.duplicates);
             let counts = &job.record.counts;
             tracing::info!(job = %id, succeeded = counts.succeeded, failed = counts.failed, "resumed");
             self.active.insert(id, job);
         }
         Ok(())
-    }
-
-    /// Counts a job's stored task records into it, from scratch: at a restart, and when a
-    /// retry starts. The records of an earlier round's failed and disputed tasks — a retry's,
-    /// not yet removed when the broker died — are removed first, so that those tasks run again.
-    async fn load(&self, job: &mut ActiveJob) -> Result<()> {
-        let (tenant, id) = (&job.record.spec.tenant, &job.record.id);
-        let first_attempt = job.record.first_attempt();
-        let mut stored = self.recount(tenant, id).await?;
-        let (stale, fresh): (Vec<_>, Vec<_>) = stored.drain(..).partition(|record| {
-            record.state != TaskState::Succeeded && record.result.attempt < first_attempt
-        });
-        for chunk in stale.chunks(PURGES_AT_ONCE) {
-            let purges = chunk
-                .iter()
-                .map(|record| self.forget_task(&job.record, record.result.index));
-            futures::future::try_join_all(purges).await?;
-        }
-        if !stale.is_empty() {
-            crash_point("retry-forgotten");
-        }
-        for record in stale {
-            // The new record tells of the earlier rounds' failures too.
-            job.failures.insert(record.result.index, record.failures);
-        }
-        job.counted = BitSet::new();
-        job.record.counts = TaskCounts {
-            total: job.record.counts.total,
-            in_flight: job.record.enqueued,
-            ..TaskCounts::default()
-        };
-        for record in &fresh {
-            job.count(record);
-        }
-        job.loaded = true;
-        job.dirty = true;
-        // Every task was recorded, but the broker died before it saved the final record.
-        job.finish_if_complete(self.duplicates);
-        Ok(())
-    }
-
-    /// Removes the stored state of one task of `job` — its votes and node claims, then its
-    /// record (last: while it is there, a restarted broker knows to redo this) — so that a
-    /// retry runs it afresh.
-    async fn forget_task(&self, job: &JobRecord, index: u64) -> Result<()> {
-        let id = &job.id;
-        if job.spec.replicas > 1 {
-            self.purge(names::CLAIMS_BUCKET, &format!("{id}.{index}.*"))
-                .await?;
-            self.purge(names::VOTES_BUCKET, &format!("{id}.{index}.*"))
-                .await?;
-        }
-        self.purge(
-            names::TASKS_BUCKET,
-            &names::task_key(&job.spec.tenant, id, index),
-        )
-        .await
     }
 
     /// Removes every entry of `bucket` whose key matches `keys` (NATS wildcards), with its
@@ -547,39 +533,43 @@ impl Broker {
         Ok(())
     }
 
-    /// Loads the jobs that wait for it (see [`ActiveJob::loaded`]).
-    async fn load_pending(&mut self) {
-        let pending: Vec<String> = self
-            .active
-            .iter()
-            .filter(|(_, job)| !job.loaded)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in pending {
-            let Some(mut job) = self.active.remove(&id) else {
+    /// Starts reading the task records of each job that waits for them (see
+    /// [`ActiveJob::loaded`]), in the background: a job of a million tasks is a million records,
+    /// and the broker serves every other job meanwhile. [`Broker::on_loaded`] takes them in.
+    fn load_pending(&mut self) {
+        for job in self.active.values().filter(|job| !job.loaded) {
+            let id = job.record.id.clone();
+            if !self.loading.insert(id.clone()) {
                 continue;
-            };
-            if let Err(e) = self.load(&mut job).await {
-                tracing::warn!(job = %id, "loading the job's task records: {e:#}");
             }
-            self.active.insert(id, job);
+            let (grid, tenant, loads) = (
+                self.grid.clone(),
+                job.record.spec.tenant.clone(),
+                self.loads.clone(),
+            );
+            tokio::spawn(async move {
+                let stored = stored_records(&grid, &tenant, &id).await;
+                let _ = loads.send((id, stored));
+            });
         }
     }
 
-    /// The final records of `job`'s tasks in `grid_tasks` — all of them: a record missed here
-    /// belongs to a result that is already acked and never comes back.
-    async fn recount(&self, tenant: &str, job: &str) -> Result<Vec<TaskRecord>> {
-        let entries = self
-            .grid
-            .entries(names::TASKS_BUCKET, Some(&format!("{tenant}.{job}")))
-            .await?;
-        Ok(entries
-            .iter()
-            .filter_map(|(_, bytes)| decode::<TaskRecord>(bytes).ok())
-            .collect())
+    /// A job's task records, read by [`Broker::load_pending`]: counted into the job, which then
+    /// gets its tasks. A failed read is tried again on the next tick.
+    fn on_loaded(&mut self, id: String, stored: Result<Vec<TaskRecord>>) {
+        self.loading.remove(&id);
+        let duplicates = self.duplicates;
+        match (self.active.get_mut(&id), stored) {
+            (Some(job), Ok(stored)) if !job.loaded => {
+                job.load(&stored, duplicates);
+                tracing::info!(job = %id, succeeded = job.record.counts.succeeded, round = job.record.retried, "loaded");
+            }
+            (_, Err(e)) => tracing::warn!(job = %id, "reading the job's task records: {e:#}"),
+            _ => {}
+        }
     }
 
-    async fn activate(&self, record: JobRecord) -> Result<ActiveJob> {
+    fn activate(&self, record: JobRecord) -> ActiveJob {
         let params = match &record.spec.tasks {
             TaskSource::Params { pages, .. } => Some(ParamsPages::new(pages.clone())),
             _ => None,
@@ -588,7 +578,7 @@ impl Broker {
             tasks: TaskSource::Count(record.spec.tasks.len()),
             ..record.spec.clone()
         };
-        Ok(ActiveJob {
+        ActiveJob {
             record,
             task_spec,
             params,
@@ -599,7 +589,7 @@ impl Broker {
             task_seconds: None,
             dirty: true,
             loaded: false,
-        })
+        }
     }
 
     async fn on_submit(&mut self, msg: async_nats::Message) {
@@ -746,7 +736,7 @@ impl Broker {
             .put(names::job_key(&tenant, &id), encode(&record).into())
             .await
             .map_err(|e| anyhow!("storing the job: {e}"))?;
-        let mut job = self.activate(record).await?;
+        let mut job = self.activate(record);
         job.loaded = true; // a new job has no task records
         tracing::info!(job = %id, tenant, total, "submitted");
         self.active.insert(id.clone(), job);
@@ -977,15 +967,16 @@ impl Broker {
     }
 
     /// Runs an ended job's failed and disputed tasks again, in the same job: the job starts a
-    /// new round (its record says which, see [`JobRecord::first_attempt`]) and goes back to
-    /// queued; loading it removes those tasks' records, and the fill sends them out again,
-    /// passing over the tasks that succeeded.
+    /// new round (`JobRecord::retried`, which owns attempt numbers of its own, see
+    /// [`JobRecord::first_attempt`]) and goes back to queued; once its task records are read
+    /// (in the background), the fill sends out the tasks without a record of the round or a
+    /// success, passing over the ones that succeeded. Earlier rounds' records stay until the
+    /// new round's result of the task replaces them (see [`Broker::after_create`]).
     ///
-    /// Crash-safe at every step: the saved record is the commitment. A broker that dies before
-    /// saving it changed nothing; one that dies after resumes the job in its new round, and its
-    /// load removes the earlier round's failed records that are still there (each task's last).
-    /// Attempts are numbered on across rounds, so a late result of an earlier round is billed
-    /// but not counted, and no message id or ledger key is used twice.
+    /// Crash-safe at every step: the saved record is the commitment, and nothing is deleted.
+    /// A broker that dies before saving it changed nothing; one that dies after resumes the job
+    /// in its new round. A save whose reply was lost leaves a queued job no broker holds: a
+    /// second `grid retry` takes it up.
     async fn retry(&mut self, msg: &async_nats::Message) -> Result<ApiReply> {
         let tenant = tenant_of(msg.subject.as_str())
             .ok_or_else(|| anyhow!("bad subject"))?
@@ -1001,11 +992,14 @@ impl Broker {
         }
         let key = names::job_key(&tenant, &job_id);
         let jobs = self.grid.jobs().await?;
-        let mut record = match jobs.get(&key).await {
-            Ok(Some(bytes)) => decode::<JobRecord>(&bytes).map_err(|e| anyhow!("{e}"))?,
-            Ok(None) => anyhow::bail!("unknown job {job_id}"),
-            Err(e) => anyhow::bail!("reading job {job_id}: {e}"),
+        let read = || async {
+            match jobs.get(&key).await {
+                Ok(Some(bytes)) => decode::<JobRecord>(&bytes).map_err(|e| anyhow!("{e}")),
+                Ok(None) => Err(anyhow!("unknown job {job_id}")),
+                Err(e) => Err(anyhow!("reading job {job_id}: {e}")),
+            }
         };
+        let mut record = read().await?;
         let counts = &record.counts;
         let tasks = counts.failed + counts.disputed;
         match record.state {
@@ -1016,7 +1010,8 @@ impl Broker {
             state if state.is_final() => {
                 anyhow::bail!("job {job_id} has no failed tasks ({})", state.as_str())
             }
-            state => anyhow::bail!("job {job_id} is still {}", state.as_str()),
+            // A round saved by a retry whose reply was lost (see above): take it up.
+            _ => return Ok(self.start_round(record)),
         }
         // Each round has `retries + 1` attempt numbers of its own, in a u32.
         let retried = record.retried + 1;
@@ -1027,6 +1022,17 @@ impl Broker {
                 record.retried
             );
         }
+        // Messages of the ended round still queued (a replica not needed once its task was
+        // decided) would only run for nothing now.
+        self.grid
+            .js
+            .get_stream(names::TASKS_STREAM)
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+            .purge()
+            .filter(names::tasks_subject(&record.spec.class, &record.id))
+            .await
+            .map_err(|e| anyhow!("dropping job {job_id}'s queued tasks: {e}; try again"))?;
         record.retried = retried;
         record.state = JobState::Queued;
         record.reason = None;
@@ -1037,17 +1043,30 @@ impl Broker {
             succeeded: record.counts.succeeded,
             ..TaskCounts::default()
         };
-        jobs.put(&key, encode(&record).into())
-            .await
-            .map_err(|e| anyhow!("saving the retry of job {job_id}: {e}; try again"))?;
+        if let Err(e) = jobs.put(&key, encode(&record).into()).await {
+            // The server may have stored it and lost only the reply.
+            if !read().await.is_ok_and(|stored| stored.retried == retried) {
+                anyhow::bail!("saving the retry of job {job_id}: {e}; try again");
+            }
+        }
         crash_point("retry-saved");
-        let job = self.activate(record).await?;
-        self.active.insert(job_id.clone(), job);
-        // Not loaded yet, its tasks go nowhere; a failure here is tried again on the tick.
-        self.load_pending().await;
+        Ok(self.start_round(record))
+    }
+
+    /// Takes up a job whose new round is saved: it gets its tasks once its records are read.
+    fn start_round(&mut self, record: JobRecord) -> ApiReply {
+        let (job_id, tenant, round) = (
+            record.id.clone(),
+            record.spec.tenant.clone(),
+            record.retried,
+        );
+        let tasks = record.counts.total - record.counts.succeeded;
         metrics::counter!("grid_task_retries_total").increment(tasks);
-        tracing::info!(job = %job_id, tenant, tasks, round = retried, "retrying failed tasks");
-        Ok(ApiReply::Retrying { job_id, tasks })
+        tracing::info!(job = %job_id, tenant, tasks, round, "retrying failed tasks");
+        let job = self.activate(record);
+        self.active.insert(job_id.clone(), job);
+        self.load_pending();
+        ApiReply::Retrying { job_id, tasks }
     }
 
     async fn on_cancel(&mut self, msg: async_nats::Message) {
@@ -1148,6 +1167,11 @@ impl Broker {
                     Some(job) if job.record.spec.tenant != result.tenant => Some(format!(
                         "it names tenant {} for a job of tenant {}",
                         result.tenant, job.record.spec.tenant
+                    )),
+                    // No attempt past the round's last was ever sent out.
+                    Some(job) if !job.record.attempt_sent(result.attempt) => Some(format!(
+                        "it names attempt {}, past the job's last",
+                        result.attempt
                     )),
                     _ => None,
                 }
@@ -1264,10 +1288,13 @@ impl Broker {
         }
         Some(TaskRecord {
             state,
-            attempts: result.attempt + 1,
+            // This round's; an earlier round's record adds its own when this one replaces it.
+            attempts: result.attempt.saturating_sub(job.record.first_attempt()) + 1,
             failures,
             result: result.clone(),
             votes: Vec::new(),
+            round: job.record.retried,
+            earlier: Vec::new(),
         })
     }
 
@@ -1277,9 +1304,15 @@ impl Broker {
             return Ok(()); // nothing ran
         }
         // What billing needs of the spec (not all of it: a job's inputs list can be long).
-        let billing =
-            |spec: &grid_proto::JobSpec| (spec.tenant.clone(), spec.limits.clone(), spec.replicas);
-        let (tenant, limits, replicas) = match self.active.get(&result.job_id) {
+        let billing = |spec: &grid_proto::JobSpec| {
+            (
+                spec.tenant.clone(),
+                spec.limits.clone(),
+                spec.replicas,
+                spec.retries,
+            )
+        };
+        let (tenant, limits, replicas, retries) = match self.active.get(&result.job_id) {
             Some(job) if result.index >= job.record.counts.total => return Ok(()),
             Some(job) => billing(&job.record.spec),
             None => match self
@@ -1317,6 +1350,7 @@ impl Broker {
             recorded_unix_ms: now_unix_ms(),
             replicas,
             digest: result.digest,
+            round: grid_proto::round_of(result.attempt, retries),
         };
         match self
             .grid
@@ -1334,8 +1368,12 @@ impl Broker {
     /// Counts one result, exactly once per task.
     async fn count(&mut self, result: ResultMsg) -> Result<()> {
         let Some(job) = self.active.get_mut(&result.job_id) else {
-            // Finished, cancelled or unknown: nothing to count, but a late replica's vote.
-            if let Some(record) = self.decided(&result).await? {
+            // Finished, cancelled or unknown: nothing to count, but a late replica's vote in
+            // the round that decided its task.
+            if let Some(record) = self.decided(&result).await?
+                && !record.votes.is_empty()
+                && self.round_of_ended(&result).await? == Some(record.round)
+            {
                 self.late_vote(&result, &record).await?;
             }
             return Ok(());
@@ -1403,14 +1441,19 @@ impl Broker {
             return publish_task(&self.grid.js, job, task, result.attempt + 1, result.replica)
                 .await;
         }
-        if let Some(record) = self.decided(&result).await? {
+        let round = job.record.retried;
+        if let Some(record) = self
+            .decided(&result)
+            .await?
+            .filter(|record| record.round == round)
+        {
             // Decided by a store whose reply was lost: counted now, when a replica comes back.
             if self.count_once(&record) {
                 tally_votes(&self.grid, &record).await;
             }
             return self.late_vote(&result, &record).await;
         }
-        let fresh = self.store_vote(&result).await?;
+        let fresh = self.store_vote(&result, round).await?;
         let Some(job) = self.active.get_mut(&result.job_id) else {
             return Ok(());
         };
@@ -1434,7 +1477,7 @@ impl Broker {
                 // The first vote this broker sees for the task: any earlier ones are stored.
                 let mut votes = Vec::new();
                 for replica in 0..most {
-                    let key = names::vote_key(&job.record.id, index, replica);
+                    let key = names::vote_key(&job.record.id, index, round, replica);
                     if let Ok(bucket) = self.grid.votes().await
                         && let Ok(Some(bytes)) = bucket.get(&key).await
                         && let Ok(vote) = decode::<ResultMsg>(&bytes)
@@ -1485,7 +1528,9 @@ impl Broker {
         };
         let record = TaskRecord {
             state,
-            attempts: result.attempt + 1,
+            attempts: result.attempt.saturating_sub(job.record.first_attempt()) + 1,
+            round,
+            earlier: Vec::new(),
             failures: result
                 .outcome
                 .reason()
@@ -1509,7 +1554,21 @@ impl Broker {
         Ok(())
     }
 
-    /// The final record of `result`'s task, if the task is decided.
+    /// The retry round of `result`'s attempt, for a job no longer active (from its record;
+    /// `None` for a job that is gone).
+    async fn round_of_ended(&self, result: &ResultMsg) -> Result<Option<u32>> {
+        let key = names::job_key(&result.tenant, &result.job_id);
+        match self.grid.jobs().await?.get(&key).await {
+            Ok(Some(bytes)) => Ok(decode::<JobRecord>(&bytes)
+                .ok()
+                .map(|job| grid_proto::round_of(result.attempt, job.spec.retries))),
+            Ok(None) => Ok(None),
+            Err(e) if e.kind() == jetstream::kv::EntryErrorKind::InvalidKey => Ok(None),
+            Err(e) => Err(anyhow!("reading job {}: {e}", result.job_id)),
+        }
+    }
+
+    /// The final record of `result`'s task, if the task is decided (in any round).
     async fn decided(&self, result: &ResultMsg) -> Result<Option<TaskRecord>> {
         let key = names::task_key(&result.tenant, &result.job_id, result.index);
         let bytes = self
@@ -1522,9 +1581,10 @@ impl Broker {
         Ok(bytes.and_then(|b| decode::<TaskRecord>(&b).ok()))
     }
 
-    /// Stores a replica's result in `grid_votes`, once: false if it was stored already.
-    async fn store_vote(&self, result: &ResultMsg) -> Result<bool> {
-        let key = names::vote_key(&result.job_id, result.index, result.replica);
+    /// Stores a replica's result in `grid_votes` as a vote of round `round`, once: false if it
+    /// was stored already.
+    async fn store_vote(&self, result: &ResultMsg, round: u32) -> Result<bool> {
+        let key = names::vote_key(&result.job_id, result.index, round, result.replica);
         match self
             .grid
             .votes()
@@ -1539,13 +1599,13 @@ impl Broker {
         }
     }
 
-    /// A replica's result for a task already decided (its job may have finished): it changes
-    /// nothing but its node's tally, once.
+    /// A replica's result for a task already decided in the result's round (its job may have
+    /// finished): it changes nothing but its node's tally, once.
     async fn late_vote(&mut self, result: &ResultMsg, record: &TaskRecord) -> Result<()> {
         if record.votes.is_empty() || record.votes.iter().any(|v| v.replica == result.replica) {
             return Ok(()); // no replicas, or a vote the decision counted
         }
-        if self.store_vote(result).await? {
+        if self.store_vote(result, record.round).await? {
             let agreed =
                 record.state != TaskState::Disputed && record.result.digest == result.digest;
             tally(&self.grid, &result.node_id, agreed).await;
@@ -1592,16 +1652,35 @@ impl Broker {
                     tracing::debug!(task = %key, "duplicate result ignored");
                     return Ok(None);
                 }
-                // Stored by an earlier create whose reply never came: count what was stored.
-                let bytes = self
-                    .grid
-                    .tasks()
-                    .await?
-                    .get(&key)
+                let tasks = self.grid.tasks().await?;
+                let entry = tasks
+                    .entry(&key)
                     .await
                     .map_err(|e| anyhow!("reading task {key}: {e}"))?
                     .ok_or_else(|| anyhow!("task {key} vanished"))?;
-                decode::<TaskRecord>(&bytes).map_err(|e| anyhow!("task {key}: {e}"))?
+                let stored =
+                    decode::<TaskRecord>(&entry.value).map_err(|e| anyhow!("task {key}: {e}"))?;
+                if stored.round >= record.round || stored.state == TaskState::Succeeded {
+                    // Stored by an earlier create whose reply never came: count what was
+                    // stored.
+                    stored
+                } else {
+                    // An earlier round's failure, retried (`grid retry`): this round's record
+                    // takes its place and tells of it. Compare-and-set: a second result of the
+                    // task finds the key changed and comes back to count what won.
+                    let replaced = record.after(&stored);
+                    match tasks
+                        .update(&key, encode(&replaced).into(), entry.revision)
+                        .await
+                    {
+                        Ok(_) if reply_lost(&key) => {
+                            return Err(anyhow!("storing task {key}: {REPLY_LOST}"));
+                        }
+                        Ok(_) => crash_point("after-replace"),
+                        Err(e) => return Err(anyhow!("storing task {key}: {e}")),
+                    }
+                    replaced
+                }
             }
             Err(e) => return Err(anyhow!("storing task {key}: {e}")),
         };
@@ -1752,9 +1831,6 @@ impl Broker {
 /// Results the broker takes at once (see `Broker::on_results`).
 const RESULT_BATCH: usize = 256;
 
-/// Task records a retry removes at once (see `Broker::load`).
-const PURGES_AT_ONCE: usize = 64;
-
 /// Acks a result once it is recorded, or asks for it again shortly.
 async fn settle(msg: &jetstream::Message, recorded: Result<()>) {
     match recorded {
@@ -1811,8 +1887,9 @@ async fn tally(grid: &Grid, node: &str, agreed: bool) {
 /// aborts the first time it reaches that point — the way fault tests kill it at an exact moment
 /// (`after-store`: a task's record is stored, its result not yet acked; `after-retry`: a retry is
 /// published, the failed result not yet acked; `before-finish`: every task of a job is counted,
-/// its final record not yet saved; `retry-saved`: a retried job's new round is saved, its failed
-/// tasks' records not yet removed; `retry-forgotten`: they are removed, the tasks not yet sent).
+/// its final record not yet saved; `retry-saved`: a retried job's new round is saved, its tasks
+/// not yet sent; `after-replace`: a retried task's record took its earlier round's place, its
+/// result not yet acked).
 fn crash_point(point: &str) {
     if std::env::var("GRID_TEST_CRASH_AT").is_ok_and(|p| p == point) {
         tracing::warn!("GRID_TEST_CRASH_AT={point}: aborting");

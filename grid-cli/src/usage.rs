@@ -4,7 +4,8 @@
 //! command reads the entries that pass the filters and sums them. A tenant is billed for every
 //! entry. A provider is paid for every entry but one *withheld*: a replica whose result did not
 //! agree with its task's accepted result (or whose task is disputed or not decided yet), which
-//! is found by comparing the entry's digest with the task's record.
+//! is found by comparing the entry's digest with the task's record — with the decision of the
+//! entry's own round, for a task `grid retry` ran again.
 
 use crate::jobs::Conn;
 use anyhow::{Context, Result, bail};
@@ -161,10 +162,15 @@ pub fn usage(args: UsageArgs) -> Result<ExitCode> {
                     .and_then(|bytes| decode::<TaskRecord>(&bytes).ok());
                 decided.insert(key.clone(), record);
             }
+            // Judged by its own round's decision: `grid retry` does not change what an
+            // earlier round paid.
             paid.push(
                 decided[&key]
                     .as_ref()
-                    .is_some_and(|r| r.state != TaskState::Disputed && r.result.digest == e.digest),
+                    .and_then(|r| r.verdict(e.round))
+                    .is_some_and(|(state, digest)| {
+                        state != TaskState::Disputed && digest == e.digest
+                    }),
             );
         }
         anyhow::Ok((entries, paid))

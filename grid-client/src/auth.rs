@@ -368,7 +368,7 @@ fn permissions(who: &Identity) -> (serde_json::Value, serde_json::Value) {
                 "$O.*.M.>".into(),
                 format!("grid.results.{name}.>"),
                 format!("$KV.{}.{name}", names::NODES_BUCKET),
-                format!("$KV.{}.*.*.{name}", names::CLAIMS_BUCKET),
+                format!("$KV.{}.*.*.*.{name}", names::CLAIMS_BUCKET),
                 "$JS.ACK.GRID_TASKS.>".into(),
             ];
             for class in names::CLASSES {
@@ -400,7 +400,7 @@ fn permissions(who: &Identity) -> (serde_json::Value, serde_json::Value) {
             let claims = format!("KV_{}", names::CLAIMS_BUCKET);
             deny.push(format!("$JS.API.DIRECT.GET.{claims}"));
             allow.push(format!(
-                "$JS.API.DIRECT.GET.{claims}.$KV.{}.*.*.{name}",
+                "$JS.API.DIRECT.GET.{claims}.$KV.{}.*.*.*.{name}",
                 names::CLAIMS_BUCKET
             ));
             (

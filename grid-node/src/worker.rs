@@ -614,7 +614,8 @@ impl Node {
     /// Claims `task`'s replica for this node: false when the node holds another replica of the
     /// same task (true for a redelivery of its own). An unreachable KV claims nothing.
     async fn claim(&self, task: &TaskMsg) -> bool {
-        let key = names::claim_key(&task.job_id, task.index, &self.config.node_id);
+        let round = grid_proto::round_of(task.attempt, task.spec.retries);
+        let key = names::claim_key(&task.job_id, task.index, round, &self.config.node_id);
         let mine = task.replica.to_le_bytes();
         let claims = match self.grid.claims().await {
             Ok(c) => c,

@@ -10,8 +10,8 @@
 //! | `grid_jobs` | KV, key `<tenant>.<job>` | the job record ([`crate::JobRecord`]) |
 //! | `grid_tasks` | KV, key `<tenant>.<job>.<index>` | each task's final state ([`crate::TaskRecord`]) |
 //! | `grid_nodes` | KV with a TTL, key `<node id>` | node heartbeats ([`crate::NodeInfo`]) |
-//! | `grid_votes` | KV, key `<job>.<index>.<replica>` | each replica's result, stored once ([`crate::ResultMsg`]) |
-//! | `grid_claims` | KV, key `<job>.<index>.<node id>` | which replica of a task a node took: never two on one node |
+//! | `grid_votes` | KV, key `<job>.<index>.<round>.<replica>` | each replica's result, stored once ([`crate::ResultMsg`]) |
+//! | `grid_claims` | KV, key `<job>.<index>.<round>.<node id>` | which replica of a task a node took: never two on one node |
 //! | `grid_tally` | KV, key `<node id>` | votes each node's results won and lost ([`crate::NodeTally`]) |
 //! | `grid_usage` | KV, key `<tenant>.<job>.<index>.<attempt>.<replica>` | the usage ledger: one entry per billable attempt ([`crate::UsageEntry`]) |
 //! | `grid_store_<tenant>` | object store, one per tenant, name `<sha256>` | the tenant's modules, params files, inputs, outputs, logs |
@@ -61,11 +61,11 @@ pub fn result_node(subject: &str) -> Option<&str> {
 pub fn api_subject(tenant: &str, verb: &str) -> String {
     format!("grid.api.{tenant}.{verb}")
 }
-/// Published by the broker each time it saves a job's record: a tenant may subscribe to its
-/// own (`grid.events.<tenant>.>`), where it may not watch the bucket.
 /// The payload of a job event that says the job was deleted (others are empty).
 pub const JOB_DELETED: &[u8] = b"deleted";
 
+/// Published by the broker each time it saves a job's record: a tenant may subscribe to its
+/// own (`grid.events.<tenant>.>`), where it may not watch the bucket.
 pub fn job_events(tenant: &str, job: &str) -> String {
     format!("grid.events.{tenant}.{job}")
 }
@@ -77,11 +77,14 @@ pub fn cancel_broadcast(job: &str) -> String {
 pub fn attempt_id(job: &str, index: u64, attempt: u32, replica: u32) -> String {
     format!("{job}.{index}.{attempt}.{replica}")
 }
-pub fn vote_key(job: &str, index: u64, replica: u32) -> String {
-    format!("{job}.{index}.{replica}")
+/// A replica's vote, in the task's round (see `JobRecord::retried`): each round votes afresh.
+pub fn vote_key(job: &str, index: u64, round: u32, replica: u32) -> String {
+    format!("{job}.{index}.{round}.{replica}")
 }
-pub fn claim_key(job: &str, index: u64, node: &str) -> String {
-    format!("{job}.{index}.{node}")
+/// A node's claim on a replica of a task, in the task's round: a claim of an earlier round
+/// never keeps a node from a replica of a later one.
+pub fn claim_key(job: &str, index: u64, round: u32, node: &str) -> String {
+    format!("{job}.{index}.{round}.{node}")
 }
 /// A ledger entry's key: one per attempt of one replica of a task, whichever node ran it, so
 /// that an attempt delivered twice is billed once. The tenant leads, so that a tenant's entries

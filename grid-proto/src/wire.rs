@@ -337,6 +337,11 @@ impl JobRecord {
     pub fn retries_left(&self, attempt: u32) -> bool {
         attempt < self.first_attempt().saturating_add(self.spec.retries)
     }
+
+    /// Whether attempt `attempt` may have been sent out, in this round or an earlier one.
+    pub fn attempt_sent(&self, attempt: u32) -> bool {
+        attempt <= self.first_attempt().saturating_add(self.spec.retries)
+    }
 }
 
 /// The most tasks one task message may carry.
@@ -465,6 +470,9 @@ pub struct UsageEntry {
     /// The job's replicas per task: above 1, the provider is paid only when its result agreed
     /// with the accepted one (`digest` against the task's record), which `grid usage` checks.
     pub replicas: u32,
+    /// The retry round of the attempt ([`round_of`]): a replica is judged by its own round's
+    /// decision.
+    pub round: u32,
     /// The result's [`result_digest`].
     pub digest: Sha256Hex,
 }
@@ -557,9 +565,63 @@ pub struct TaskRecord {
     pub result: ResultMsg,
     /// With replicas: every replica's vote.
     pub votes: Vec<Vote>,
+    /// The job's retry round that decided it (see [`JobRecord::retried`]).
+    pub round: u32,
+    /// How each earlier round of this task was decided, oldest first: `grid retry` ran it
+    /// again after it failed or was disputed.
+    pub earlier: Vec<EarlierRound>,
 }
 impl Message for TaskRecord {
     const KIND: &'static str = "task-record";
+}
+
+impl TaskRecord {
+    /// This record taking the place of `earlier`, a record of an earlier round of the same
+    /// task: it adds that round's attempts and failures, and its decision.
+    pub fn after(&self, earlier: &TaskRecord) -> TaskRecord {
+        let mut record = self.clone();
+        record.attempts = record.attempts.saturating_add(earlier.attempts);
+        record.failures = earlier
+            .failures
+            .iter()
+            .chain(&self.failures)
+            .cloned()
+            .collect();
+        record.earlier = earlier.earlier.clone();
+        record.earlier.push(EarlierRound {
+            round: earlier.round,
+            state: earlier.state,
+            digest: earlier.result.digest,
+        });
+        record
+    }
+
+    /// How round `round` of the task was decided: its state and accepted digest (`None` for a
+    /// round not decided yet).
+    pub fn verdict(&self, round: u32) -> Option<(TaskState, Sha256Hex)> {
+        if round == self.round {
+            return Some((self.state, self.result.digest));
+        }
+        self.earlier
+            .iter()
+            .find(|r| r.round == round)
+            .map(|r| (r.state, r.digest))
+    }
+}
+
+/// An earlier round's decision of a task (see [`TaskRecord::earlier`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlierRound {
+    pub round: u32,
+    pub state: TaskState,
+    /// Its accepted result's digest (for a disputed task, the first vote's).
+    pub digest: Sha256Hex,
+}
+
+/// The retry round an attempt belongs to, for a job with `retries` retries: each round owns
+/// `retries + 1` attempt numbers (see [`JobRecord::first_attempt`]).
+pub fn round_of(attempt: u32, retries: u32) -> u32 {
+    (u64::from(attempt) / (u64::from(retries) + 1)) as u32
 }
 
 /// How a node's replica results fared in votes, in `grid_tally` (written by the broker).

@@ -433,7 +433,10 @@ fn a_provider_cannot_impersonate_another_node() {
             .publish_is_denied("$KV.grid_nodes.node-0", b"alive".to_vec())
             .await;
         mallory
-            .publish_is_denied(&format!("$KV.grid_claims.{job}.0.node-0"), vec![])
+            .publish_is_denied(
+                &format!("$KV.grid_claims.{}", names::claim_key(&job, 0, 0, "node-0")),
+                vec![],
+            )
             .await;
         // Its own subject, naming another node: the broker drops it uncounted.
         let js = async_nats::jetstream::new(mallory.client.clone());

@@ -192,8 +192,9 @@ fn replicas_that_never_agree_leave_the_task_disputed() {
 
 #[test]
 fn a_disputed_task_retried_gets_new_replicas_on_the_same_nodes() {
-    // Four liars dispute the task; a retry must clear their claims and votes, or no node would
-    // take a new replica of it (each holds one already) and the job would wait forever.
+    // Four liars dispute the task; the retry's replicas are claimed and voted in a round of
+    // their own, or no node would take one (each holds a claim on the task already) and the
+    // job would wait forever.
     let grid = grid_of(&[
         ("liar-1", true),
         ("liar-2", true),
@@ -209,11 +210,49 @@ fn a_disputed_task_retried_gets_new_replicas_on_the_same_nodes() {
     let (_dir, manifest) = grid.results(&job);
     let votes = manifest[0]["votes"].as_array().unwrap();
     assert_eq!(votes.len(), 4, "the retry's own four replicas: {votes:?}");
-    // Both rounds' replicas are billed, and each liar lost a vote in each round.
+    // Both rounds' replicas are billed and none is paid, and each liar lost a vote in each.
     let billed = crate::ledger::usage(&grid, &["--job", &job]);
     assert_eq!(billed["total"]["attempts"], 8, "{billed}");
+    assert_eq!(billed["total"]["withheld"], 8, "{billed}");
     for liar in ["liar-1", "liar-2", "liar-3", "liar-4"] {
         wait_for_tally(&grid, liar, 0, 2);
+    }
+}
+
+#[test]
+fn a_retried_task_keeps_what_its_earlier_round_paid() {
+    // Odd tasks fail on their first attempt, on both replicas alike: a decided failure, whose
+    // replicas agreed and are paid. The retry's replicas succeed; the first round's stay paid.
+    let grid = grid_of(&[("a", false), ("b", false)]);
+    let hostile = guest("hostile");
+    let args = [
+        "submit",
+        hostile.to_str().unwrap(),
+        "--tasks",
+        "4",
+        "--replicas",
+        "2",
+        "--quorum",
+        "2",
+        "--retries",
+        "0",
+        "--wait",
+        "--",
+        "odd-fail-first",
+    ];
+    let status = grid.grid_json(&args, 1);
+    assert_eq!(status["tasks"]["failed"], 2, "{status}");
+    let job = status["job_id"].as_str().unwrap().to_string();
+    let status = grid.grid_json(&["retry", &job, "--failed", "--wait"], 0);
+    assert_eq!(status["tasks"]["succeeded"], 4, "{status}");
+    let billed = crate::ledger::usage(&grid, &["--job", &job]);
+    assert_eq!(billed["total"]["attempts"], 12, "{billed}");
+    assert_eq!(billed["total"]["withheld"], 0, "{billed}");
+    let (_dir, manifest) = grid.results(&job);
+    for task in &manifest {
+        let odd = task["index"].as_u64().unwrap() % 2 == 1;
+        assert_eq!(task["attempts"], if odd { 2 } else { 1 }, "{task}");
+        assert_eq!(task["votes"].as_array().unwrap().len(), 2, "{task}");
     }
 }
 

@@ -29,9 +29,9 @@ fn failed_job(grid: &TestGrid) -> String {
 }
 
 /// Checks the retried `job` as a whole: every task succeeded once, the odd ones on attempt 1
-/// after a failure on attempt 0 (which their records tell of, with `history`), the even ones on
-/// attempt 0 and never again; 9 attempts billed.
-fn assert_retried(grid: &TestGrid, job: &str, history: bool) {
+/// after a failure on attempt 0 (which their records tell of), the even ones on attempt 0 and
+/// never again; 9 attempts billed.
+fn assert_retried(grid: &TestGrid, job: &str) {
     let status = grid.wait(job);
     assert_eq!(status["state"], "done", "{status}");
     assert_eq!(status["tasks"]["succeeded"], 6, "{status}");
@@ -45,9 +45,7 @@ fn assert_retried(grid: &TestGrid, job: &str, history: bool) {
         assert_eq!(task["state"], "succeeded", "{task}");
         assert_eq!(task["attempts"], if odd { 2 } else { 1 }, "{task}");
         let failures = task["failures"].as_array().unwrap();
-        if history {
-            assert_eq!(failures.len(), usize::from(odd), "{task}");
-        }
+        assert_eq!(failures.len(), usize::from(odd), "{task}");
         let attempt = std::fs::read_to_string(dir.path().join(format!("{index}/attempt.txt")))
             .unwrap_or_else(|e| panic!("task {index}'s output: {e}"));
         assert_eq!(attempt, if odd { "1" } else { "0" }, "task {index}");
@@ -68,7 +66,7 @@ fn retry_failed_runs_only_the_failed_tasks_again_in_the_same_job() {
 
     let status = grid.grid_json(&["retry", &job, "--failed", "--wait"], 0);
     assert_eq!(status["state"], "done", "{status}");
-    assert_retried(&grid, &job, true);
+    assert_retried(&grid, &job);
     let text = grid.grid(&["status", &job]);
     assert!(
         String::from_utf8_lossy(&text.stdout).contains("retried once"),
@@ -116,14 +114,14 @@ fn broker_crash_in_retry_at(point: &str) {
     let job = failed_job(&grid);
     grid.broker.kill();
     grid.broker = GridProcess::broker_crashing_at(&grid.nats, point);
-    // The new broker answers once it has subscribed; it dies before it replies to the retry.
+    // The new broker answers once it has subscribed; it dies at `point`, before or after it
+    // replies to the retry.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut asked = false;
     while !grid.broker.exited() {
-        let out = grid.grid(&["retry", &job, "--failed"]);
-        assert!(
-            !out.status.success(),
-            "the broker replied before it reached {point}"
-        );
+        if !asked {
+            asked = grid.grid(&["retry", &job, "--failed"]).status.success();
+        }
         assert!(
             std::time::Instant::now() < deadline,
             "the broker never reached {point}"
@@ -131,9 +129,7 @@ fn broker_crash_in_retry_at(point: &str) {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     grid.broker = GridProcess::broker(&grid.nats, &[]);
-    // A broker killed after removing the failed records forgot what they said (it kept that
-    // in memory for the new records); nothing else is lost.
-    assert_retried(&grid, &job, point == "retry-saved");
+    assert_retried(&grid, &job);
 }
 
 #[test]
@@ -142,6 +138,6 @@ fn a_broker_killed_after_saving_a_retry_finishes_it_after_a_restart() {
 }
 
 #[test]
-fn a_broker_killed_after_removing_the_failed_records_finishes_the_retry_after_a_restart() {
-    broker_crash_in_retry_at("retry-forgotten");
+fn a_broker_killed_after_a_retried_task_replaced_its_record_counts_it_once() {
+    broker_crash_in_retry_at("after-replace");
 }
