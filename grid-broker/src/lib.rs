@@ -877,9 +877,9 @@ impl Broker {
                 continue;
             };
             if key.starts_with(&own_tasks) {
-                mine.extend(task.result.objects());
+                mine.extend(task.objects());
             } else {
-                kept.extend(task.result.objects());
+                kept.extend(task.objects());
             }
         }
         for (_, bytes) in self.grid.entries(names::JOBS_BUCKET, Some(&tenant)).await? {

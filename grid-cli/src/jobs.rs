@@ -6,7 +6,7 @@ use futures::StreamExt;
 use grid_client::Grid;
 use grid_proto::{
     ApiReply, CancelRequest, InputRef, JobLimits, JobRecord, JobSpec, JobState, SubmitRequest,
-    TaskRecord, TaskSource, decode, encode, names,
+    TaskRecord, TaskSource, TaskState, decode, encode, names,
 };
 use serde_json::json;
 use std::io::IsTerminal;
@@ -848,21 +848,29 @@ async fn print_logs(grid: &Grid, tenant: &str, task: &TaskRecord) -> Result<()> 
 /// Prints each task's logs as its record appears, until the job has ended and all are printed.
 /// (Polled, like `status --wait`: a tenant may read its own records, not watch the bucket.)
 async fn follow_logs(grid: &Session, record: JobRecord) -> Result<()> {
+    // A task's record of each round: `grid retry` replaces a failed one with the new round's.
     let mut printed = std::collections::HashSet::new();
     let prefix = format!("{}.{}", grid.tenant, record.id);
     loop {
         let now = job_record(grid, &record.id).await?;
+        let mut decided = 0;
         for (_, bytes) in grid.entries(names::TASKS_BUCKET, Some(&prefix)).await? {
             let Ok(task) = decode::<TaskRecord>(&bytes) else {
                 continue;
             };
-            if printed.insert(task.result.index) {
-                println!("== task {} ==", task.result.index);
+            if task.state == TaskState::Succeeded || task.round >= now.retried {
+                decided += 1;
+            }
+            if printed.insert((task.result.index, task.round)) {
+                match task.round {
+                    0 => println!("== task {} ==", task.result.index),
+                    round => println!("== task {} (retry {round}) ==", task.result.index),
+                }
                 print_logs(grid, &record.spec.tenant, &task).await?;
             }
         }
-        let seen = printed.len() as u64;
-        if now.state.is_final() && seen >= now.counts.succeeded + now.counts.failed {
+        let c = &now.counts;
+        if now.state.is_final() && decided >= c.succeeded + c.failed + c.disputed {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

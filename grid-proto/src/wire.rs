@@ -592,8 +592,17 @@ impl TaskRecord {
             round: earlier.round,
             state: earlier.state,
             digest: earlier.result.digest,
+            objects: earlier.result.objects().collect(),
         });
         record
+    }
+
+    /// The stored objects the record names: its result's, and its earlier rounds' (their
+    /// logs and outputs stay the tenant's until the job is deleted).
+    pub fn objects(&self) -> impl Iterator<Item = Sha256Hex> + '_ {
+        self.result
+            .objects()
+            .chain(self.earlier.iter().flat_map(|r| r.objects.iter().copied()))
     }
 
     /// How round `round` of the task was decided: its state and accepted digest (`None` for a
@@ -616,6 +625,8 @@ pub struct EarlierRound {
     pub state: TaskState,
     /// Its accepted result's digest (for a disputed task, the first vote's).
     pub digest: Sha256Hex,
+    /// The stored objects its result named (see [`TaskRecord::objects`]).
+    pub objects: Vec<Sha256Hex>,
 }
 
 /// The retry round an attempt belongs to, for a job with `retries` retries: each round owns

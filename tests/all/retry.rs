@@ -67,6 +67,14 @@ fn retry_failed_runs_only_the_failed_tasks_again_in_the_same_job() {
     let status = grid.grid_json(&["retry", &job, "--failed", "--wait"], 0);
     assert_eq!(status["state"], "done", "{status}");
     assert_retried(&grid, &job);
+    // `grid logs --follow` of the job ends, with each task's record of the round that decided it.
+    let logs = grid.grid(&["logs", &job, "--follow"]);
+    let out = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.status.success(), "{out}");
+    assert!(
+        out.contains("== task 0 ==") && out.contains("== task 1 (retry 1) =="),
+        "{out}"
+    );
     let text = grid.grid(&["status", &job]);
     assert!(
         String::from_utf8_lossy(&text.stdout).contains("retried once"),
@@ -81,6 +89,11 @@ fn retry_failed_runs_only_the_failed_tasks_again_in_the_same_job() {
     assert!(stderr.contains("has no failed tasks (done)"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert_eq!(grid.wait(&job)["retried"], 1);
+
+    // Deleting it frees what both rounds stored: the module, the two outputs ("0" and "1"),
+    // and the first round's three failure logs, which no record names but the retried ones.
+    let deleted = grid.grid_json(&["delete", &job], 0);
+    assert_eq!(deleted["objects_deleted"], 6, "{deleted}");
 }
 
 #[test]
