@@ -1024,15 +1024,9 @@ impl Broker {
         }
         // Messages of the ended round still queued (a replica not needed once its task was
         // decided) would only run for nothing now.
-        self.grid
-            .js
-            .get_stream(names::TASKS_STREAM)
+        self.drop_queued(&record)
             .await
-            .map_err(|e| anyhow!("{e}"))?
-            .purge()
-            .filter(names::tasks_subject(&record.spec.class, &record.id))
-            .await
-            .map_err(|e| anyhow!("dropping job {job_id}'s queued tasks: {e}; try again"))?;
+            .map_err(|e| anyhow!("{e:#}; try again"))?;
         record.retried = retried;
         record.state = JobState::Queued;
         record.reason = None;
@@ -1067,6 +1061,20 @@ impl Broker {
         self.active.insert(job_id.clone(), job);
         self.load_pending();
         ApiReply::Retrying { job_id, tasks }
+    }
+
+    /// Removes the job's task messages still in the work queue.
+    async fn drop_queued(&self, job: &JobRecord) -> Result<()> {
+        self.grid
+            .js
+            .get_stream(names::TASKS_STREAM)
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+            .purge()
+            .filter(names::tasks_subject(&job.spec.class, &job.id))
+            .await
+            .map_err(|e| anyhow!("dropping job {}'s queued tasks: {e}", job.id))?;
+        Ok(())
     }
 
     async fn on_cancel(&mut self, msg: async_nats::Message) {
@@ -1116,17 +1124,7 @@ impl Broker {
             .await
             .map_err(|e| anyhow!("saving the cancellation: {e}; try again"))?;
         self.active.remove(&req.job_id);
-        let stream = self
-            .grid
-            .js
-            .get_stream(names::TASKS_STREAM)
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        stream
-            .purge()
-            .filter(names::tasks_subject(&record.spec.class, &record.id))
-            .await
-            .map_err(|e| anyhow!("dropping queued tasks: {e}"))?;
+        self.drop_queued(&record).await?;
         self.grid
             .client
             .publish(names::cancel_broadcast(&record.id), bytes::Bytes::new())

@@ -326,12 +326,7 @@ async fn follow_jobs_once(source: &Source, table: &JobTable) -> Result<()> {
         let Some(id) = message.subject.as_str().rsplit('.').next() else {
             continue;
         };
-        let deleted = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("KV-Operation"))
-            .is_some();
-        let record = (!deleted)
+        let record = (!grid_client::is_kv_delete(&message))
             .then(|| decode::<JobRecord>(&message.payload).ok())
             .flatten();
         let mut shown = lock(table);

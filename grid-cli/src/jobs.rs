@@ -377,9 +377,7 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        let record = follow(&grid, &job_id).await?;
-        print_status(&record, args.json);
-        Ok(if record.state == JobState::Done { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        follow_to_end(&grid, &job_id, args.json).await
     })
 }
 
@@ -482,6 +480,17 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
         bar.finish_and_clear();
     }
     Ok(record)
+}
+
+/// `--wait`: follows the job to its end and prints its status; exit status 0 only if it is done.
+async fn follow_to_end(grid: &Session, job: &str, json: bool) -> Result<ExitCode> {
+    let record = follow(grid, job).await?;
+    print_status(&record, json);
+    Ok(if record.state == JobState::Done {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// A line saying that no live node serves the job's class, so it cannot make progress now.
@@ -977,9 +986,7 @@ pub fn retry(args: RetryArgs) -> Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        let record = follow(&grid, &job_id).await?;
-        print_status(&record, args.json);
-        Ok(if record.state == JobState::Done { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        follow_to_end(&grid, &job_id, args.json).await
     })
 }
 

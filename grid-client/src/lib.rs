@@ -430,12 +430,9 @@ impl Grid {
             .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
         while let Some(message) = messages.next().await {
             let message = message.map_err(|e| anyhow!("reading {bucket}: {e}"))?;
-            let deleted = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("KV-Operation"))
-                .is_some();
-            if !deleted && let Some(key) = message.subject.as_str().strip_prefix(&stream_prefix) {
+            if !is_kv_delete(&message)
+                && let Some(key) = message.subject.as_str().strip_prefix(&stream_prefix)
+            {
                 entries.push((key.to_string(), message.payload.clone()));
             }
             let pending = message
@@ -696,4 +693,13 @@ where
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// Whether a message read from a KV bucket's stream is a delete or purge marker, not a value.
+pub fn is_kv_delete(message: &async_nats::jetstream::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("KV-Operation"))
+        .is_some()
 }
