@@ -6,7 +6,8 @@
 //! the broker remembers which entries it has counted, so a second result is a duplicate, while
 //! a result whose create reached the store but whose reply was lost (the server died
 //! mid-request) is counted when it comes back, from the stored record. Killed and restarted, it
-//! reloads unfinished jobs, recounts them from `grid_tasks`, and goes on; a task it had
+//! reloads unfinished jobs, recounts them from `grid_tasks` (in the background: it serves
+//! requests meanwhile, and a job's results wait until its count is in), and goes on; a task it had
 //! published but not yet recorded is published again under the same message id, and JetStream
 //! drops the copy. A job's final record is written before the broker lets go of the job; until
 //! that write succeeds the job stays in memory and the write is retried on every tick.
@@ -487,34 +488,22 @@ impl Broker {
 
     /// Reloads unfinished jobs after a restart and recounts them from `grid_tasks`.
     async fn resume(&mut self) -> Result<()> {
-        let jobs = self.grid.jobs().await?;
-        let mut keys = jobs.keys().await.map_err(|e| anyhow!("{e}"))?;
-        let mut found = Vec::new();
-        while let Some(key) = keys.next().await {
-            found.push(key.map_err(|e| anyhow!("{e}"))?);
-        }
-        for key in found {
-            let Some(bytes) = jobs.get(&key).await.map_err(|e| anyhow!("{e}"))? else {
-                continue;
-            };
-            let id = key.rsplit('.').next().unwrap_or_default().to_string();
+        for (key, bytes) in self.grid.entries(names::JOBS_BUCKET, None).await? {
             let record = match decode::<JobRecord>(&bytes) {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::error!(job = %id, "unreadable job record: {e}");
+                    tracing::error!(job = %key, "unreadable job record: {e}");
                     continue;
                 }
             };
             if record.state.is_final() {
                 continue;
             }
-            let mut job = self.activate(record);
-            let stored = stored_records(&self.grid, &job.record.spec.tenant, &id).await?;
-            job.load(&stored, self.duplicates);
-            let counts = &job.record.counts;
-            tracing::info!(job = %id, succeeded = counts.succeeded, failed = counts.failed, "resumed");
-            self.active.insert(id, job);
+            // Its task records are read in the background; until then its results wait.
+            tracing::info!(job = %record.id, round = record.retried, "resuming");
+            self.active.insert(record.id.clone(), self.activate(record));
         }
+        self.load_pending();
         Ok(())
     }
 
@@ -549,6 +538,10 @@ impl Broker {
             );
             tokio::spawn(async move {
                 let stored = stored_records(&grid, &tenant, &id).await;
+                if stored.is_err() {
+                    // Tried again on a tick after this: not a read a tick.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 let _ = loads.send((id, stored));
             });
         }
@@ -562,7 +555,8 @@ impl Broker {
         match (self.active.get_mut(&id), stored) {
             (Some(job), Ok(stored)) if !job.loaded => {
                 job.load(&stored, duplicates);
-                tracing::info!(job = %id, succeeded = job.record.counts.succeeded, round = job.record.retried, "loaded");
+                let counts = &job.record.counts;
+                tracing::info!(job = %id, succeeded = counts.succeeded, failed = counts.failed, round = job.record.retried, "loaded");
             }
             (_, Err(e)) => tracing::warn!(job = %id, "reading the job's task records: {e:#}"),
             _ => {}
@@ -587,7 +581,8 @@ impl Broker {
             dispatched: HashMap::new(),
             counted: BitSet::new(),
             task_seconds: None,
-            dirty: true,
+            // Its record is as saved; `load` and `fill` mark what changes it.
+            dirty: false,
             loaded: false,
         }
     }
@@ -1194,6 +1189,18 @@ impl Broker {
         let mut messages = Vec::with_capacity(batch.len());
         for msg in batch {
             if let Some(results) = self.screen(&msg).await {
+                if results
+                    .iter()
+                    .any(|r| self.active.get(&r.job_id).is_some_and(|job| !job.loaded))
+                {
+                    // Its job's records are still being read (a restart, a retry): counted
+                    // once they are, not on top of what they will say.
+                    tracing::debug!(subject = %msg.subject, "result for a job still loading: later");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                        .await;
+                    continue;
+                }
                 for result in results {
                     if let Some(job) = self.active.get_mut(&result.job_id) {
                         job.observe(&result);
