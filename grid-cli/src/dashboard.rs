@@ -205,11 +205,12 @@ async fn job_detail(source: &Source, jobs: &JobTable, id: &str) -> Result<Option
                 ("stdout", task.result.stdout),
                 ("stderr", task.result.stderr),
             ] {
+                // The tail only: a log may be megabytes, and a page lists many.
                 if let Some(sha) = sha
-                    && let Ok(bytes) = source.grid.get_object(tenant, &sha).await
+                    && let Ok(Some(tail)) =
+                        source.grid.get_object_tail(tenant, &sha, LOG_TAIL).await
                 {
-                    let tail = &bytes[bytes.len().saturating_sub(LOG_TAIL)..];
-                    logs.insert(name.into(), String::from_utf8_lossy(tail).into());
+                    logs.insert(name.into(), String::from_utf8_lossy(&tail).into());
                 }
             }
             failed.push(json!({

@@ -503,6 +503,36 @@ impl Grid {
         }
     }
 
+    /// At most the last `max` bytes of one of `tenant`'s stored objects, for display (a log's
+    /// tail): one read of its last chunk, however long the object is. Not checked against its
+    /// hash (a part cannot be); `None` for an object that is not stored.
+    pub async fn get_object_tail(
+        &self,
+        tenant: &str,
+        sha: &Sha256Hex,
+        max: usize,
+    ) -> Result<Option<Vec<u8>>> {
+        let name = names::object_name(sha);
+        let bucket = names::tenant_store(tenant);
+        let store = self.store(tenant).await?;
+        let Ok(info) = store.info(&name).await else {
+            return Ok(None);
+        };
+        if info.deleted || info.chunks == 0 {
+            return Ok(None);
+        }
+        let last = self
+            .js
+            .get_stream(format!("OBJ_{bucket}"))
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+            .direct_get_last_for_subject(format!("$O.{bucket}.C.{}", info.nuid))
+            .await
+            .map_err(|e| anyhow!("fetching {name}: {e}"))?
+            .payload;
+        Ok(Some(last[last.len().saturating_sub(max)..].to_vec()))
+    }
+
     /// Reads `sha` from `tenant`'s store and checks that its bytes hash to the name.
     ///
     /// Reads the chunks with direct gets rather than `ObjectStore::get`, which creates a consumer

@@ -247,4 +247,32 @@ fn a_tenants_dashboard_shows_its_own_jobs_only() {
         state = body(&format!("{}api/state", dashboard.url));
     }
     assert!(state.contains(r#""jobs_total":1"#), "{state}");
+
+    // A failed task's page shows the tail of its log, however long the log is.
+    let creds = tenant_creds("alice");
+    let noisy = grid.grid_json(
+        &[
+            "submit",
+            "--creds",
+            creds.to_str().unwrap(),
+            guest("hostile").to_str().unwrap(),
+            "--retries",
+            "0",
+            "--wait",
+            "--",
+            "noisy-panic",
+        ],
+        1,
+    );
+    let page = body(&format!(
+        "{}api/jobs/{}",
+        dashboard.url,
+        noisy["job_id"].as_str().unwrap()
+    ));
+    let page: serde_json::Value = serde_json::from_str(&page).unwrap();
+    let tail = page["failed_tasks"][0]["logs"]["stderr"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(tail.contains("panicked on purpose"), "{page}");
+    assert!(tail.len() <= 2048, "{} bytes", tail.len());
 }

@@ -333,6 +333,16 @@ fn main() {
                 .unwrap_or(3),
         ),
         "panic" => panic!("the guest panicked on purpose"),
+        "noisy-panic" => {
+            // A megabyte of stderr (several object chunks), then a panic.
+            let line = "y".repeat(1023) + "\n";
+            let mut err = std::io::stderr().lock();
+            for _ in 0..1024 {
+                err.write_all(line.as_bytes()).unwrap();
+            }
+            drop(err);
+            panic!("the guest panicked on purpose");
+        }
         other => {
             eprintln!("hostile: unknown mode {other:?}");
             std::process::exit(64);
