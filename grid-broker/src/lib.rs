@@ -488,17 +488,41 @@ impl Broker {
 
     /// Reloads unfinished jobs after a restart and recounts them from `grid_tasks`.
     async fn resume(&mut self) -> Result<()> {
-        for (key, bytes) in self.grid.entries(names::JOBS_BUCKET, None).await? {
-            let record = match decode::<JobRecord>(&bytes) {
+        // One pass over the job records, keeping only the unfinished (ended jobs' specs, with
+        // their input lists, are not held all at once).
+        let bucket = names::JOBS_BUCKET;
+        let reader = self
+            .grid
+            .kv_reader(
+                bucket,
+                None,
+                jetstream::consumer::DeliverPolicy::LastPerSubject,
+            )
+            .await?;
+        let mut pending = reader.cached_info().num_pending;
+        let mut messages = reader
+            .messages()
+            .await
+            .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
+        while pending > 0
+            && let Some(message) = messages.next().await
+        {
+            let message = message.map_err(|e| anyhow!("reading {bucket}: {e}"))?;
+            pending = message
+                .info()
+                .map_err(|e| anyhow!("reading {bucket}: {e}"))?
+                .pending;
+            if grid_client::is_kv_delete(&message) {
+                continue;
+            }
+            let record = match decode::<JobRecord>(&message.payload) {
+                Ok(r) if r.state.is_final() => continue,
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::error!(job = %key, "unreadable job record: {e}");
+                    tracing::error!(subject = %message.subject, "unreadable job record: {e}");
                     continue;
                 }
             };
-            if record.state.is_final() {
-                continue;
-            }
             // Its task records are read in the background; until then its results wait.
             tracing::info!(job = %record.id, round = record.retried, "resuming");
             self.active.insert(record.id.clone(), self.activate(record));
@@ -527,6 +551,9 @@ impl Broker {
     /// and the broker serves every other job meanwhile. [`Broker::on_loaded`] takes them in.
     fn load_pending(&mut self) {
         for job in self.active.values().filter(|job| !job.loaded) {
+            if self.loading.len() >= LOADS_AT_ONCE {
+                break; // the others on a later tick
+            }
             let id = job.record.id.clone();
             if !self.loading.insert(id.clone()) {
                 continue;
@@ -1084,8 +1111,10 @@ impl Broker {
         let tenant = tenant_of(msg.subject.as_str()).ok_or_else(|| anyhow!("bad subject"))?;
         let req = decode::<CancelRequest>(&msg.payload).map_err(|e| anyhow!("{e}"))?;
         self.check_owner(tenant, &req.job_id, "cancel").await?;
-        let Some(job) = self.active.get_mut(&req.job_id) else {
-            let state = match self
+        let mut record = match self.active.get(&req.job_id) {
+            Some(job) => job.record.clone(),
+            // Not held: ended, or a retry's round whose save reply was lost (see `retry`).
+            None => match self
                 .grid
                 .jobs()
                 .await?
@@ -1093,21 +1122,17 @@ impl Broker {
                 .await
                 .map_err(|e| anyhow!("{e}"))?
             {
-                Some(b) => decode::<JobRecord>(&b)
-                    .map(|r| r.state.as_str())
-                    .unwrap_or("unreadable"),
+                Some(b) => decode::<JobRecord>(&b).map_err(|e| anyhow!("{e}"))?,
                 None => anyhow::bail!("unknown job {}", req.job_id),
-            };
-            anyhow::bail!("job {} already ended ({state})", req.job_id);
+            },
         };
-        if job.record.state.is_final() {
+        if record.state.is_final() {
             anyhow::bail!(
                 "job {} already ended ({})",
                 req.job_id,
-                job.record.state.as_str()
+                record.state.as_str()
             );
         }
-        let mut record = job.record.clone();
         record.state = JobState::Cancelled;
         record.reason = Some("cancelled".into());
         record.finished_unix_ms = Some(now_unix_ms());
@@ -1161,11 +1186,7 @@ impl Broker {
                         "it names tenant {} for a job of tenant {}",
                         result.tenant, job.record.spec.tenant
                     )),
-                    // No attempt past the round's last was ever sent out.
-                    Some(job) if !job.record.attempt_sent(result.attempt) => Some(format!(
-                        "it names attempt {}, past the job's last",
-                        result.attempt
-                    )),
+                    Some(job) => forged_numbers(&job.record, result),
                     _ => None,
                 }
             };
@@ -1328,7 +1349,13 @@ impl Broker {
                 .await
             {
                 Ok(Some(bytes)) => match decode::<JobRecord>(&bytes) {
-                    Ok(record) if result.index < record.counts.total => billing(&record.spec),
+                    Ok(record) if result.index < record.counts.total => {
+                        if let Some(why) = forged_numbers(&record, result) {
+                            tracing::warn!(job = %result.job_id, index = result.index, node = %result.node_id, "not billing a result: {why}");
+                            return Ok(());
+                        }
+                        billing(&record.spec)
+                    }
                     _ => return Ok(()),
                 },
                 Ok(None) => return Ok(()),
@@ -1395,6 +1422,13 @@ impl Broker {
         if job.record.spec.replicas > 1 {
             return self.vote(result).await;
         }
+        if job.has_counted(result.index) {
+            // Counted already (another node's run of the same attempt, after a lapsed ack):
+            // this result changes nothing, and a failure is not retried.
+            self.duplicates += 1;
+            metrics::counter!("grid_duplicate_results_total").increment(1);
+            return Ok(());
+        }
         if let Some(record) = self.final_record(&result) {
             return self.record_task(record).await.map(drop);
         }
@@ -1440,6 +1474,7 @@ impl Broker {
         }
         if result.outcome == Outcome::Failed(Reason::Lost)
             && job.record.retries_left(result.attempt)
+            && !job.has_counted(index)
         {
             tracing::info!(job = %result.job_id, index, replica = result.replica, "replica lost; running it again");
             let task = job.run_of(&self.grid, &[index]).await?;
@@ -1473,19 +1508,31 @@ impl Broker {
             metrics::counter!("grid_duplicate_results_total").increment(1);
             return Ok(());
         }
+        // One vote per node in a round: a node's claim keeps it to one replica of a task, so a
+        // second is forged (it would let one node reach a quorum alone).
+        let one_per_node = |votes: &[ResultMsg], vote: &ResultMsg| {
+            !votes
+                .iter()
+                .any(|v| v.node_id == vote.node_id && v.replica != vote.replica)
+        };
         let votes = match job.votes.get_mut(&index) {
+            Some(votes) if !one_per_node(votes, &result) => {
+                tracing::warn!(job = %result.job_id, index, node = %result.node_id, "ignoring a second replica's vote from one node");
+                return Ok(());
+            }
             Some(votes) => {
                 votes.push(result);
                 votes.clone()
             }
             None => {
                 // The first vote this broker sees for the task: any earlier ones are stored.
-                let mut votes = Vec::new();
+                let mut votes: Vec<ResultMsg> = Vec::new();
                 for replica in 0..most {
                     let key = names::vote_key(&job.record.id, index, round, replica);
                     if let Ok(bucket) = self.grid.votes().await
                         && let Ok(Some(bytes)) = bucket.get(&key).await
                         && let Ok(vote) = decode::<ResultMsg>(&bytes)
+                        && one_per_node(&votes, &vote)
                     {
                         votes.push(vote);
                     }
@@ -1836,6 +1883,9 @@ impl Broker {
 /// Results the broker takes at once (see `Broker::on_results`).
 const RESULT_BATCH: usize = 256;
 
+/// Jobs whose task records are read at once (see `Broker::load_pending`).
+const LOADS_AT_ONCE: usize = 4;
+
 /// Acks a result once it is recorded, or asks for it again shortly.
 async fn settle(msg: &jetstream::Message, recorded: Result<()>) {
     match recorded {
@@ -1853,9 +1903,28 @@ async fn settle(msg: &jetstream::Message, recorded: Result<()>) {
     }
 }
 
-/// Replicas a task may get in all: two more than asked, to break a disagreement.
+/// Replicas a task may get in all: two more than asked, to break a disagreement (none more
+/// without replicas).
 fn max_replicas(replicas: u32) -> u32 {
-    replicas + 2
+    if replicas > 1 { replicas + 2 } else { 1 }
+}
+
+/// Why `result`'s attempt or replica number cannot be one the broker sent out for `job`, if
+/// so: a forgery (a provider may publish only its own results, but it writes their numbers).
+fn forged_numbers(job: &JobRecord, result: &ResultMsg) -> Option<String> {
+    if !job.attempt_sent(result.attempt) {
+        return Some(format!(
+            "it names attempt {}, past the job's last",
+            result.attempt
+        ));
+    }
+    if result.replica >= max_replicas(job.spec.replicas) {
+        return Some(format!(
+            "it names replica {} of a job of {} replicas",
+            result.replica, job.spec.replicas
+        ));
+    }
+    None
 }
 
 /// Counts the votes of a decided task in their nodes' tallies.

@@ -25,7 +25,7 @@ use axum::routing::get;
 use grid_client::Grid;
 use grid_proto::{JobRecord, TaskRecord, TaskState, decode, names};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -45,9 +45,17 @@ const PASS_LIMIT: Duration = Duration::from_secs(10);
 /// How often the followed job table is read anew (see the module docs).
 const RESYNC: Duration = Duration::from_secs(60);
 
-/// The job records shown, by job id, as [`follow_jobs`] keeps them; `None` until the first
-/// read of them all is in.
-type JobTable = Arc<std::sync::Mutex<Option<BTreeMap<String, Arc<JobRecord>>>>>;
+/// The job records shown, as [`follow_jobs`] keeps them.
+type JobTable = Arc<std::sync::Mutex<FollowedJobs>>;
+
+#[derive(Default)]
+struct FollowedJobs {
+    /// By job id; `None` until the first read of them all is in.
+    shown: Option<BTreeMap<String, Arc<JobRecord>>>,
+    /// Jobs the broker said it deleted since the last full read: a record of theirs still on
+    /// its way to the follower must not bring them back.
+    deleted: std::collections::HashSet<String>,
+}
 
 /// What the dashboard reads: the grid, and whose jobs (`None`: every tenant's).
 #[derive(Clone)]
@@ -175,7 +183,7 @@ async fn job_detail(source: &Source, jobs: &JobTable, id: &str) -> Result<Option
             .map_err(|e| anyhow!("reading job {id}: {e}"))?
             .and_then(|bytes| decode::<JobRecord>(&bytes).ok()),
         None => {
-            let followed = lock(jobs).as_ref().map(|jobs| jobs.get(id).cloned());
+            let followed = lock(jobs).shown.as_ref().map(|jobs| jobs.get(id).cloned());
             match followed {
                 Some(record) => record.map(|r| (*r).clone()),
                 None => read_jobs(source).await?.remove(id).map(|r| (*r).clone()),
@@ -197,7 +205,8 @@ async fn job_detail(source: &Source, jobs: &JobTable, id: &str) -> Result<Option
             let Ok(task) = decode::<TaskRecord>(&bytes) else {
                 continue;
             };
-            if task.state == TaskState::Succeeded {
+            // Succeeded, or an earlier round's failure that a retry is running again.
+            if task.state == TaskState::Succeeded || task.round < record.retried {
                 continue;
             }
             let mut logs = serde_json::Map::new();
@@ -290,9 +299,12 @@ async fn follow_jobs(source: Source, table: JobTable) {
                 Some(event) = async { deleted.as_mut()?.next().await } => {
                     if event.payload.as_ref() == names::JOB_DELETED
                         && let Some(id) = event.subject.as_str().rsplit('.').next()
-                        && let Some(jobs) = lock(&table).as_mut()
                     {
-                        jobs.remove(id);
+                        let mut table = lock(&table);
+                        table.deleted.insert(id.to_string());
+                        if let Some(jobs) = table.shown.as_mut() {
+                            jobs.remove(id);
+                        }
                     }
                 }
             }
@@ -315,8 +327,14 @@ async fn follow_jobs_once(source: &Source, table: &JobTable) -> Result<()> {
     // The first read goes to a table of its own, swapped in whole: a snapshot never sees a
     // part of the jobs (their sum of ended tasks is the throughput).
     let mut first = Some(BTreeMap::new());
+    // Swaps the first read in, without the jobs deleted while it went on.
+    let swap = |table: &mut FollowedJobs, mut jobs: BTreeMap<String, Arc<JobRecord>>| {
+        jobs.retain(|id, _| !table.deleted.contains(id));
+        table.deleted.clear();
+        table.shown = Some(jobs);
+    };
     if consumer.cached_info().num_pending == 0 {
-        *lock(table) = first.take();
+        swap(&mut lock(table), first.take().unwrap_or_default());
     }
     let mut messages = consumer
         .messages()
@@ -330,13 +348,14 @@ async fn follow_jobs_once(source: &Source, table: &JobTable) -> Result<()> {
         let record = (!grid_client::is_kv_delete(&message))
             .then(|| decode::<JobRecord>(&message.payload).ok())
             .flatten();
-        let mut shown = lock(table);
-        let Some(jobs) = first.as_mut().or(shown.as_mut()) else {
+        let mut table = lock(table);
+        let gone = table.deleted.contains(id);
+        let Some(jobs) = first.as_mut().or(table.shown.as_mut()) else {
             continue;
         };
         match record {
-            Some(record) => jobs.insert(id.to_string(), Arc::new(record)),
-            None => jobs.remove(id),
+            Some(record) if !gone => jobs.insert(id.to_string(), Arc::new(record)),
+            _ => jobs.remove(id),
         };
         if first.is_some()
             && message
@@ -345,7 +364,7 @@ async fn follow_jobs_once(source: &Source, table: &JobTable) -> Result<()> {
                 .pending
                 == 0
         {
-            *shown = first.take();
+            swap(&mut table, first.take().unwrap_or_default());
         }
     }
     Ok(())
@@ -354,7 +373,7 @@ async fn follow_jobs_once(source: &Source, table: &JobTable) -> Result<()> {
 /// Builds a snapshot every second and hands it to the page's connections.
 async fn sample(source: Source, jobs: JobTable, tx: watch::Sender<Arc<String>>) {
     let mut history: VecDeque<(u64, f64)> = VecDeque::with_capacity(HISTORY);
-    let mut last: Option<(u64, u64)> = None;
+    let mut last: Option<(u64, HashMap<String, u64>)> = None;
     let usage = Arc::new(std::sync::Mutex::new(UsageTotals::new()));
     tokio::spawn(tail_usage(source.clone(), usage.clone()));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -385,12 +404,12 @@ async fn snapshot(
     source: &Source,
     table: &JobTable,
     history: &mut VecDeque<(u64, f64)>,
-    last: &mut Option<(u64, u64)>,
+    last: &mut Option<(u64, HashMap<String, u64>)>,
     usage: &Value,
 ) -> Result<Value> {
     let now = grid_client::now_unix_ms();
-    // Newest first (job ids start with their submission time); what ended in all of them.
-    let (jobs, jobs_total, ended) = match lock(table).as_ref() {
+    // Newest first (job ids start with their submission time); what ended in each.
+    let (jobs, jobs_total, ended) = match lock(table).shown.as_ref() {
         Some(all) => (
             all.values()
                 .rev()
@@ -400,21 +419,28 @@ async fn snapshot(
             all.len(),
             Some(
                 all.values()
-                    .map(|j| j.counts.succeeded + j.counts.failed + j.counts.disputed)
-                    .sum::<u64>(),
+                    .map(|j| {
+                        let c = &j.counts;
+                        (j.id.clone(), c.succeeded + c.failed + c.disputed)
+                    })
+                    .collect::<HashMap<_, _>>(),
             ),
         ),
         None => (Vec::new(), 0, None),
     };
-    if let (Some((at, before)), Some(ended)) = (*last, ended) {
-        let seconds = now.saturating_sub(at) as f64 / 1000.0;
+    if let (Some((at, before)), Some(ended)) = (last.as_ref(), ended.as_ref()) {
+        let seconds = now.saturating_sub(*at) as f64 / 1000.0;
         if seconds > 0.0 {
-            // A deleted job takes its tasks with it: never a negative rate.
-            let rate = ended.saturating_sub(before) as f64 / seconds;
+            // Per job, never negative: a retry takes its failures out of a job's count, and
+            // a deleted job takes its tasks with it; neither is work undone.
+            let done: u64 = ended
+                .iter()
+                .map(|(id, &n)| n.saturating_sub(before.get(id).copied().unwrap_or(0)))
+                .sum();
             if history.len() == HISTORY {
                 history.pop_front();
             }
-            history.push_back((now, rate));
+            history.push_back((now, done as f64 / seconds));
         }
     }
     if let Some(ended) = ended {

@@ -131,6 +131,9 @@ struct Buckets {
 
 const PUT_STRIPES: usize = 16;
 
+/// An object [`Grid::get_object_tail`] reads whole when its last chunk is short of the tail.
+const TAIL_WHOLE: usize = 512 * 1024;
+
 fn context(client: &async_nats::Client) -> jetstream::Context {
     jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(10))
@@ -504,8 +507,9 @@ impl Grid {
     }
 
     /// At most the last `max` bytes of one of `tenant`'s stored objects, for display (a log's
-    /// tail): one read of its last chunk, however long the object is. Not checked against its
-    /// hash (a part cannot be); `None` for an object that is not stored.
+    /// tail): one read of its last chunk, however long the object is (a small object whose
+    /// last chunk is short of `max` is read whole). Not checked against its hash when read in
+    /// part; `None` for an object that is not stored.
     pub async fn get_object_tail(
         &self,
         tenant: &str,
@@ -530,6 +534,11 @@ impl Grid {
             .await
             .map_err(|e| anyhow!("fetching {name}: {e}"))?
             .payload;
+        if last.len() < max && info.chunks > 1 && info.size <= TAIL_WHOLE {
+            // A last chunk shorter than the tail: a small object is read whole instead.
+            let bytes = self.get_object(tenant, sha).await?;
+            return Ok(Some(bytes[bytes.len().saturating_sub(max)..].to_vec()));
+        }
         Ok(Some(last[last.len().saturating_sub(max)..].to_vec()))
     }
 

@@ -455,6 +455,35 @@ fn a_provider_cannot_impersonate_another_node() {
         status["tasks"]["succeeded"], 0,
         "a forged result counted: {status}"
     );
+    // Under its own name, with numbers the broker never sent out (an attempt past the job's
+    // last, a replica of a job without replicas): refused, not counted, not billed.
+    rt.block_on(async {
+        let client =
+            crate::support::connect_as(&grid.nats.url, &creds(Role::Provider, "mallory")).await;
+        let js = async_nats::jetstream::new(client);
+        for (attempt, replica) in [(1000, 0), (0, 5)] {
+            let result = grid_proto::ResultsMsg {
+                results: vec![grid_proto::ResultMsg {
+                    attempt,
+                    replica,
+                    ..forged_result(&job, "mallory")
+                }],
+            };
+            js.publish(
+                names::results_subject("mallory", &job),
+                encode(&result).into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let status = grid.grid_json(&["status", &job], 0);
+    assert_eq!(status["tasks"]["succeeded"], 0, "{status}");
+    let billed = crate::ledger::usage(&grid, &["--job", &job]);
+    assert_eq!(billed["total"]["attempts"], 0, "{billed}");
     // Under its own name, a result is counted (as mallory's).
     rt.block_on(async {
         let client =
