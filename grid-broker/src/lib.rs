@@ -490,36 +490,24 @@ impl Broker {
     async fn resume(&mut self) -> Result<()> {
         // One pass over the job records, keeping only the unfinished (ended jobs' specs, with
         // their input lists, are not held all at once).
-        let bucket = names::JOBS_BUCKET;
-        let reader = self
+        let mut reader = self
             .grid
-            .kv_reader(
-                bucket,
+            .kv_follow(
+                names::JOBS_BUCKET,
                 None,
                 jetstream::consumer::DeliverPolicy::LastPerSubject,
             )
             .await?;
-        let mut pending = reader.cached_info().num_pending;
-        let mut messages = reader
-            .messages()
-            .await
-            .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
-        while pending > 0
-            && let Some(message) = messages.next().await
-        {
-            let message = message.map_err(|e| anyhow!("reading {bucket}: {e}"))?;
-            pending = message
-                .info()
-                .map_err(|e| anyhow!("reading {bucket}: {e}"))?
-                .pending;
-            if grid_client::is_kv_delete(&message) {
+        while let Some(entry) = reader.next_until_caught_up().await {
+            let entry = entry?;
+            let Some(value) = entry.value else {
                 continue;
-            }
-            let record = match decode::<JobRecord>(&message.payload) {
+            };
+            let record = match decode::<JobRecord>(&value) {
                 Ok(r) if r.state.is_final() => continue,
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::error!(subject = %message.subject, "unreadable job record: {e}");
+                    tracing::error!(key = %entry.key, "unreadable job record: {e}");
                     continue;
                 }
             };

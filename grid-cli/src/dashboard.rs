@@ -314,18 +314,16 @@ async fn follow_jobs(source: Source, table: JobTable) {
 
 /// One read of every job record into `table`, then each change until the follow fails.
 async fn follow_jobs_once(source: &Source, table: &JobTable) -> Result<()> {
-    use futures::StreamExt;
-    let bucket = names::JOBS_BUCKET;
-    let consumer = source
+    let mut reader = source
         .grid
-        .kv_reader(
-            bucket,
+        .kv_follow(
+            names::JOBS_BUCKET,
             source.tenant.as_deref(),
             async_nats::jetstream::consumer::DeliverPolicy::LastPerSubject,
         )
         .await?;
     // The first read goes to a table of its own, swapped in whole: a snapshot never sees a
-    // part of the jobs (their sum of ended tasks is the throughput).
+    // part of the jobs (their counts are the throughput).
     let mut first = Some(BTreeMap::new());
     // Swaps the first read in, without the jobs deleted while it went on.
     let swap = |table: &mut FollowedJobs, mut jobs: BTreeMap<String, Arc<JobRecord>>| {
@@ -333,21 +331,17 @@ async fn follow_jobs_once(source: &Source, table: &JobTable) -> Result<()> {
         table.deleted.clear();
         table.shown = Some(jobs);
     };
-    if consumer.cached_info().num_pending == 0 {
+    if reader.caught_up {
         swap(&mut lock(table), first.take().unwrap_or_default());
     }
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
-    while let Some(message) = messages.next().await {
-        let message = message.map_err(|e| anyhow!("reading {bucket}: {e}"))?;
-        let Some(id) = message.subject.as_str().rsplit('.').next() else {
+    while let Some(entry) = reader.next().await {
+        let entry = entry?;
+        let Some(id) = entry.key.rsplit('.').next() else {
             continue;
         };
-        let record = (!grid_client::is_kv_delete(&message))
-            .then(|| decode::<JobRecord>(&message.payload).ok())
-            .flatten();
+        let record = entry
+            .value
+            .and_then(|value| decode::<JobRecord>(&value).ok());
         let mut table = lock(table);
         let gone = table.deleted.contains(id);
         let Some(jobs) = first.as_mut().or(table.shown.as_mut()) else {
@@ -357,13 +351,7 @@ async fn follow_jobs_once(source: &Source, table: &JobTable) -> Result<()> {
             Some(record) if !gone => jobs.insert(id.to_string(), Arc::new(record)),
             _ => jobs.remove(id),
         };
-        if first.is_some()
-            && message
-                .info()
-                .map_err(|e| anyhow!("reading {bucket}: {e}"))?
-                .pending
-                == 0
-        {
+        if first.is_some() && reader.caught_up {
             swap(&mut table, first.take().unwrap_or_default());
         }
     }
@@ -504,27 +492,23 @@ async fn tail_usage(source: Source, totals: Arc<std::sync::Mutex<UsageTotals>>) 
 }
 
 async fn tail_usage_once(source: &Source, totals: &std::sync::Mutex<UsageTotals>) -> Result<()> {
-    use futures::StreamExt;
-    let bucket = names::USAGE_BUCKET;
-    let consumer = source
+    let mut reader = source
         .grid
-        .kv_reader(
-            bucket,
+        .kv_follow(
+            names::USAGE_BUCKET,
             source.tenant.as_deref(),
             async_nats::jetstream::consumer::DeliverPolicy::All,
         )
         .await?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
-    totals.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    while let Some(message) = messages.next().await {
-        let message = message.map_err(|e| anyhow!("reading {bucket}: {e}"))?;
-        let Ok(e) = decode::<grid_proto::UsageEntry>(&message.payload) else {
-            continue; // a delete marker, or another wire version
+    lock(totals).clear();
+    while let Some(entry) = reader.next().await {
+        let Some(value) = entry?.value else {
+            continue;
         };
-        let mut totals = totals.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(e) = decode::<grid_proto::UsageEntry>(&value) else {
+            continue; // another wire version
+        };
+        let mut totals = lock(totals);
         let t = totals.entry(e.tenant.clone()).or_default();
         t.0 += 1;
         t.1 += e.usage.cpu_seconds;

@@ -411,39 +411,21 @@ impl Grid {
 
     /// The latest value of every key of KV `bucket` under `prefix` (`<prefix>.…`; all keys
     /// when `None`), in key order. Reads the bucket's stream with one ordered consumer (see
-    /// [`Grid::kv_reader`]) rather than a `get` per key (a ledger holds an entry per attempt).
+    /// [`Grid::kv_follow`]) rather than a `get` per key (a ledger holds an entry per attempt).
     /// Deleted keys are skipped.
     pub async fn entries(
         &self,
         bucket: &str,
         prefix: Option<&str>,
     ) -> Result<Vec<(String, bytes::Bytes)>> {
-        use futures::StreamExt;
-        let stream_prefix = format!("$KV.{bucket}.");
-        let consumer = self
-            .kv_reader(bucket, prefix, consumer::DeliverPolicy::LastPerSubject)
+        let mut reader = self
+            .kv_follow(bucket, prefix, consumer::DeliverPolicy::LastPerSubject)
             .await?;
         let mut entries = Vec::new();
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(entries);
-        }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| anyhow!("reading {bucket}: {e}"))?;
-            if !is_kv_delete(&message)
-                && let Some(key) = message.subject.as_str().strip_prefix(&stream_prefix)
-            {
-                entries.push((key.to_string(), message.payload.clone()));
-            }
-            let pending = message
-                .info()
-                .map_err(|e| anyhow!("reading {bucket}: {e}"))?
-                .pending;
-            if pending == 0 {
-                break;
+        while let Some(entry) = reader.next_until_caught_up().await {
+            let entry = entry?;
+            if let Some(value) = entry.value {
+                entries.push((entry.key, value));
             }
         }
         entries.sort_by(|a, b| a.0.cmp(&b.0));
@@ -461,11 +443,33 @@ impl Grid {
             .collect())
     }
 
+    /// Reads KV `bucket`'s entries under `prefix` (all when `None`) from where `deliver` says
+    /// (`LastPerSubject`: each key's latest value), then follows the bucket: each entry as it
+    /// is written. See [`KvFollow`].
+    pub async fn kv_follow(
+        &self,
+        bucket: &str,
+        prefix: Option<&str>,
+        deliver: consumer::DeliverPolicy,
+    ) -> Result<KvFollow> {
+        let reader = self.kv_reader(bucket, prefix, deliver).await?;
+        let caught_up = reader.cached_info().num_pending == 0;
+        let messages = reader
+            .messages()
+            .await
+            .map_err(|e| anyhow!("reading {bucket}: {e}"))?;
+        Ok(KvFollow {
+            subject_prefix: format!("$KV.{bucket}."),
+            messages,
+            caught_up,
+        })
+    }
+
     /// An ordered consumer of KV `bucket`'s stream, keys under `prefix` (all when `None`),
     /// from where `deliver` says. It is *named*, so the request's subject carries its filter and
     /// a tenant's NATS permissions can allow its own keys only (an unnamed consumer, as
     /// `kv::Store::keys` makes, would need leave to read every key).
-    pub async fn kv_reader(
+    async fn kv_reader(
         &self,
         bucket: &str,
         prefix: Option<&str>,
@@ -734,11 +738,56 @@ where
     }
 }
 
-/// Whether a message read from a KV bucket's stream is a delete or purge marker, not a value.
-pub fn is_kv_delete(message: &async_nats::jetstream::Message) -> bool {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("KV-Operation"))
-        .is_some()
+/// A KV bucket read, then followed ([`Grid::kv_follow`]): entries in the order they were
+/// written, one ordered consumer for all of them rather than a `get` per key.
+pub struct KvFollow {
+    subject_prefix: String,
+    messages: consumer::pull::Ordered,
+    /// Every entry there was when the read began has been read; what comes next is new.
+    pub caught_up: bool,
+}
+
+/// One entry of a [`KvFollow`]: its key, and its value (`None`: deleted or purged).
+pub struct KvEntry {
+    pub key: String,
+    pub value: Option<bytes::Bytes>,
+}
+
+impl KvFollow {
+    /// The next entry, waiting for one to be written when all are read.
+    pub async fn next(&mut self) -> Option<Result<KvEntry>> {
+        use futures::StreamExt;
+        let message = match self.messages.next().await? {
+            Ok(message) => message,
+            Err(e) => return Some(Err(anyhow!("reading {}: {e}", self.subject_prefix))),
+        };
+        match message.info() {
+            Ok(info) if info.pending == 0 => self.caught_up = true,
+            Ok(_) => {}
+            Err(e) => return Some(Err(anyhow!("reading {}: {e}", self.subject_prefix))),
+        }
+        let key = message
+            .subject
+            .as_str()
+            .strip_prefix(&self.subject_prefix)
+            .unwrap_or_default()
+            .to_string();
+        let deleted = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some();
+        Some(Ok(KvEntry {
+            key,
+            value: (!deleted).then(|| message.payload.clone()),
+        }))
+    }
+
+    /// The next entry of those there were when the read began; `None` once all are read.
+    pub async fn next_until_caught_up(&mut self) -> Option<Result<KvEntry>> {
+        if self.caught_up {
+            return None;
+        }
+        self.next().await
+    }
 }
