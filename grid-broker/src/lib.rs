@@ -73,8 +73,9 @@ struct ActiveJob {
     /// A moving average of its tasks' wall time, from their results: how many to a message.
     task_seconds: Option<f64>,
     dirty: bool,
-    /// Its stored task records are counted (see [`Broker::load`]); until then it gets no
-    /// tasks. Only a job just retried waits here, when its load failed: the tick tries again.
+    /// Its stored task records are counted (see [`ActiveJob::load`]). Until then — after a
+    /// restart, or a retry, while [`Broker::load_pending`] reads them — it gets no tasks and
+    /// its results wait.
     loaded: bool,
 }
 
