@@ -441,8 +441,10 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
         // every job's record); read again at least every half second in case a word is lost.
         let started = tokio::time::Instant::now();
         let _ = tokio::time::timeout(Duration::from_millis(500), changes.next()).await;
-        // A closed subscription answers at once: no busy loop.
-        tokio::time::sleep_until(started + Duration::from_millis(100)).await;
+        // A closed subscription answers at once: no busy loop. Short, so that a job's end is
+        // seen when it is told (the broker tells of a running job's progress once a tick,
+        // 100 ms, anyway): a floor of 100 ms here added up to 100 ms to every `--wait`.
+        tokio::time::sleep_until(started + Duration::from_millis(20)).await;
         record = job_record(grid, job).await?;
         polls += 1;
         {
