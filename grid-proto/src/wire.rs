@@ -167,7 +167,34 @@ pub struct JobSpec {
     pub program: Option<ProgramRef>,
 }
 
+/// The most replicas a job may ask for.
+pub const MAX_REPLICAS: u32 = 16;
+
 impl JobSpec {
+    /// Whether the spec is one a grid can run, checked the same way by `grid submit` (before
+    /// it uploads anything) and by the broker (which trusts no client): a known class, at least
+    /// one task, and `1 <= quorum <= replicas <= MAX_REPLICAS`. The error is one line for a
+    /// user.
+    pub fn validate(&self) -> Result<(), String> {
+        if !crate::names::CLASSES.contains(&self.class.as_str()) {
+            return Err(format!(
+                "unknown class {:?}: a job runs on class {}",
+                self.class,
+                crate::names::CLASSES.join(" or ")
+            ));
+        }
+        if self.tasks.is_empty() {
+            return Err("the job has no tasks".into());
+        }
+        let (replicas, quorum) = (self.replicas, self.quorum);
+        if !(1..=MAX_REPLICAS).contains(&replicas) || !(1..=replicas).contains(&quorum) {
+            return Err(format!(
+                "--replicas must be 1..={MAX_REPLICAS} and --quorum 1..=replicas (got {replicas} and {quorum})"
+            ));
+        }
+        Ok(())
+    }
+
     /// The stored objects the job itself names: its module, params file, inputs, shared files,
     /// program and runtime library.
     pub fn objects(&self) -> Vec<Sha256Hex> {

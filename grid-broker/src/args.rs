@@ -1,0 +1,61 @@
+//! The broker's settings and flags (`grid-broker` and the hidden `grid broker`).
+
+/// What a broker is started with.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    pub nats_url: String,
+    /// Tasks of one job queued or running at once.
+    pub window: u64,
+    /// Servers of the NATS cluster that keep each stream and bucket.
+    pub stream_replicas: usize,
+    /// NATS credentials (the operator's, on a grid with auth).
+    pub creds: Option<std::path::PathBuf>,
+    /// Bytes each tenant's object store may hold (0: no limit).
+    pub tenant_quota_bytes: u64,
+    /// Where to serve Prometheus metrics (see `grid_client::metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// Command-line flags of the broker (`grid-broker` and `grid broker`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BrokerArgs {
+    /// NATS server(s) of the grid [default: GRID_NATS_URL or nats://127.0.0.1:4222]
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
+    /// Tasks of one job queued or running at once.
+    #[arg(long, default_value_t = 256)]
+    pub window: u64,
+    /// Copies of every stream, bucket and object store in a NATS cluster (3 on a 3-server
+    /// cluster: any one server may die).
+    #[arg(long, default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// NATS credentials file: the operator's on a grid with auth [default: GRID_CREDS]
+    #[arg(long, value_name = "FILE")]
+    pub creds: Option<std::path::PathBuf>,
+    /// What each tenant may keep in its object store (modules, inputs, outputs, logs); 0 for
+    /// no limit. Applies when a tenant's store is made.
+    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = parse_size)]
+    pub tenant_quota: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{s:?}: {e} (e.g. 10GiB)"))
+}
+
+/// Runs a broker from its flags until Ctrl-C or SIGTERM.
+pub fn main(args: BrokerArgs) -> std::process::ExitCode {
+    let config = BrokerConfig {
+        nats_url: grid_client::nats_url(args.nats.as_deref()),
+        window: args.window,
+        stream_replicas: args.stream_replicas,
+        creds: args.creds,
+        tenant_quota_bytes: args.tenant_quota,
+        metrics: args.metrics,
+    };
+    grid_client::run_service("grid-broker", |shutdown| crate::run(config, shutdown))
+}

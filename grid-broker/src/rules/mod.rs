@@ -1,0 +1,676 @@
+//! The broker's decisions, with no I/O: what it accepts, counts, retries, bills, sends out and
+//! saves. [`Rules`] holds the jobs the broker is running; the shell ([`crate::shell`]) feeds it
+//! what happened — a submit, a results message, a stored or refused create, a job's task
+//! records read, a tick — and does what it answers: a [`Step`] (store this record, publish
+//! this retry, vote), a [`Fill`] (publish these dispatches), a [`Billing`] (create this ledger
+//! entry), records to save. Every rule is unit-tested here in memory (see `tests.rs`), the way
+//! quinn-proto tests QUIC without sockets; the shell's own tests are the end-to-end ones.
+//!
+//! # The rules
+//! - **Counted once.** A task is counted when its final record is *created* in `grid_tasks`; a
+//!   second result for it — a redelivery, a republish, a late result of an old attempt — finds
+//!   the key taken and is a duplicate. A create whose reply was lost is counted when its
+//!   result comes back, from the stored record ([`results::reconcile`]).
+//! - **Nothing forged.** A result must name the node whose subject it came on, its job's
+//!   tenant, and an attempt and replica the broker may have sent ([`Rules::admit`]).
+//! - **Retries.** A failed attempt (not `invalid:` or `cancelled`) gets another, up to the
+//!   job's retries in its round; a lost replica runs again instead of voting.
+//! - **Votes.** See [`votes`]. **Ledger.** See [`ledger`]. **Rounds and cancel.** See
+//!   [`rounds`]. **Intake.** See [`intake`].
+//! - **Fairness.** Each job has at most `window` tasks queued or running; [`Rules::plan_fill`]
+//!   tops windows up round-robin in job-id order (ids grow with time), so a small job behind a
+//!   large one waits one window, not the whole job. Short tasks travel several to a message
+//!   (see [`ActiveJob::per_message`]).
+//! - **Restart.** A held job's results wait ([`Admission::Later`]) until its stored task
+//!   records are counted ([`Rules::loaded`]), so nothing is counted on top of what they say.
+
+pub mod intake;
+mod job;
+pub mod ledger;
+pub mod results;
+pub mod rounds;
+pub mod votes;
+
+#[cfg(test)]
+mod tests;
+
+pub use job::ActiveJob;
+pub use ledger::Billing;
+pub use results::Reconcile;
+
+use grid_proto::{
+    JobRecord, Outcome, Reason, ResultMsg, ResultsMsg, TaskMsg, TaskRecord, TaskSource, TaskState,
+    names,
+};
+use std::collections::{BTreeMap, HashSet};
+
+/// Consecutive tasks sent out in one message: `count` tasks from `index`, as attempt `attempt`
+/// of replica `replica`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dispatch {
+    pub job_id: String,
+    pub index: u64,
+    pub count: u32,
+    pub attempt: u32,
+    pub replica: u32,
+}
+
+impl Dispatch {
+    /// Its message id, `job.task.attempt.replica` (`+count` for a run): a second publish of the
+    /// same attempt is a duplicate JetStream drops. A run's id names its length, so that a
+    /// restarted broker that cuts runs differently sends new work, not a duplicate.
+    pub fn message_id(&self) -> String {
+        let id = names::attempt_id(&self.job_id, self.index, self.attempt, self.replica);
+        match self.count {
+            1 => id,
+            n => format!("{id}+{n}"),
+        }
+    }
+
+    /// The task indices it carries.
+    pub fn indices(&self) -> std::ops::Range<u64> {
+        self.index..self.index + u64::from(self.count)
+    }
+}
+
+/// One job's top-up of its window: the dispatches to publish and, once all are stored, where
+/// the job stands ([`Rules::filled`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fill {
+    pub job_id: String,
+    pub dispatches: Vec<Dispatch>,
+    /// The job's `enqueued` once these are out.
+    pub next: u64,
+    /// Tasks newly in flight.
+    pub tasks: u64,
+}
+
+/// What becomes of a results message.
+#[derive(Debug, PartialEq)]
+pub enum Admission {
+    /// Its results, to bill and count.
+    Accept(Vec<ResultMsg>),
+    /// Forged or malformed: terminated, never redelivered; the line says why.
+    Reject(String),
+    /// A job of its results is still loading its task records: ask for it again shortly.
+    Later,
+}
+
+/// What one accepted result leads to (besides its bill).
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    /// Nothing: no such task, or an earlier round's result (billed only).
+    Ignore,
+    /// The task is counted already.
+    Duplicate,
+    /// Create this final record in `grid_tasks` (see [`Rules::create_refused`] when the key is
+    /// taken, [`Rules::count_once`] when it is stored).
+    Record(Box<TaskRecord>),
+    /// The attempt failed and gets another: publish it, then [`Rules::retried`].
+    Retry(Dispatch),
+    /// A replica's result: see [`Rules::vote_step`].
+    Vote,
+    /// The job is not held (ended, cancelled, unknown): a late replica's vote may still change
+    /// its node's tally ([`votes::late_vote`]).
+    Ended,
+}
+
+/// The first step of a replica's result.
+#[derive(Debug, PartialEq)]
+pub enum VoteStep {
+    /// Nothing to do (a cancelled replica).
+    Ignore,
+    /// A lost replica (its node died) runs again instead of voting: publish this.
+    RunAgain(Dispatch),
+    /// A vote of round `round`: if the task's stored record decided it in that round, count
+    /// it ([`Rules::count_once`]) and treat the result as a late vote; else store the vote and
+    /// [`Rules::add_vote`].
+    Check { round: u32 },
+}
+
+/// What a stored vote does to its task.
+#[derive(Debug, PartialEq)]
+pub enum VoteOutcome {
+    /// A vote this broker holds already.
+    Duplicate,
+    /// A second replica's vote from one node: ignored.
+    Ignored,
+    /// More votes are coming.
+    Waiting,
+    /// Replicas disagree: publish one more.
+    OneMore(Dispatch),
+    /// Decided: create this final record (then tally its votes once it is counted).
+    Decided(Box<TaskRecord>),
+}
+
+/// What a refused create of a final record (its key taken) leads to.
+#[derive(Debug, PartialEq)]
+pub enum Taken {
+    /// The task is counted already (or its job is no longer held).
+    Duplicate,
+    /// Read the stored record and [`results::reconcile`] with it.
+    ReadStored,
+}
+
+/// The jobs a broker holds and every decision about them.
+pub struct Rules {
+    /// Tasks of one job queued or running at once.
+    window: u64,
+    /// Ordered by job id (ids grow with time): round-robin fill visits older jobs first.
+    jobs: BTreeMap<String, ActiveJob>,
+    /// Results dropped as duplicates since start (logged when a job finishes).
+    duplicates: u64,
+    /// Jobs whose task records are being read.
+    loading: HashSet<String>,
+    /// The clock, in Unix milliseconds.
+    now: fn() -> u64,
+}
+
+impl Rules {
+    pub fn new(window: u64, now: fn() -> u64) -> Self {
+        Self {
+            window,
+            jobs: BTreeMap::new(),
+            duplicates: 0,
+            loading: HashSet::new(),
+            now,
+        }
+    }
+
+    /// The job `id`, if held.
+    pub fn job(&self, id: &str) -> Option<&ActiveJob> {
+        self.jobs.get(id)
+    }
+
+    /// Results dropped as duplicates since start.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    /// Holds a job: a new one (`loaded`: it has no task records), or one resumed or retried
+    /// (its results wait until [`Rules::loaded`]).
+    pub fn hold(&mut self, record: JobRecord, loaded: bool) {
+        self.jobs
+            .insert(record.id.clone(), ActiveJob::new(record, loaded));
+    }
+
+    /// Lets go of a job (cancelled, deleted).
+    pub fn release(&mut self, id: &str) -> Option<ActiveJob> {
+        self.loading.remove(id);
+        self.jobs.remove(id)
+    }
+
+    /// Jobs whose task records should be read now, at most `at_once` reads at a time: their
+    /// ids and tenants. Each is marked as loading until [`Rules::loaded`].
+    pub fn loads_to_start(&mut self, at_once: usize) -> Vec<(String, String)> {
+        let mut start = Vec::new();
+        for job in self.jobs.values().filter(|job| !job.loaded) {
+            if self.loading.len() >= at_once {
+                break; // the others on a later tick
+            }
+            if self.loading.insert(job.record.id.clone()) {
+                start.push((job.record.id.clone(), job.record.spec.tenant.clone()));
+            }
+        }
+        start
+    }
+
+    /// A job's task records, read (`None`: the read failed, and is tried again later).
+    /// True when they were counted into the job.
+    pub fn loaded(&mut self, id: &str, stored: Option<&[TaskRecord]>) -> bool {
+        self.loading.remove(id);
+        let now = (self.now)();
+        match (self.jobs.get_mut(id), stored) {
+            (Some(job), Some(stored)) if !job.loaded => {
+                job.load(stored, now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Screens a results message that came on `node`'s subject.
+    pub fn admit(&mut self, node: &str, msg: ResultsMsg) -> Admission {
+        let results = msg.results;
+        let most = grid_proto::MAX_TASKS_PER_MESSAGE as usize;
+        if !(1..=most).contains(&results.len()) {
+            return Admission::Reject(format!("a results message of {} results", results.len()));
+        }
+        for result in &results {
+            let forged = if node != result.node_id {
+                Some(format!(
+                    "it names node {} but came from node {node}",
+                    result.node_id
+                ))
+            } else {
+                match self.jobs.get(&result.job_id) {
+                    Some(job) if job.record.spec.tenant != result.tenant => Some(format!(
+                        "it names tenant {} for a job of tenant {}",
+                        result.tenant, job.record.spec.tenant
+                    )),
+                    Some(job) => results::forged_numbers(&job.record, result),
+                    None => None,
+                }
+            };
+            if let Some(why) = forged {
+                return Admission::Reject(format!(
+                    "a result for task {} of job {}: {why}",
+                    result.index, result.job_id
+                ));
+            }
+        }
+        if results
+            .iter()
+            .any(|r| self.jobs.get(&r.job_id).is_some_and(|job| !job.loaded))
+        {
+            return Admission::Later;
+        }
+        for result in &results {
+            if let Some(job) = self.jobs.get_mut(&result.job_id) {
+                job.observe(result);
+            }
+        }
+        Admission::Accept(results)
+    }
+
+    /// How to bill `result`'s attempt (see [`ledger`]).
+    pub fn billing(&self, result: &ResultMsg) -> Billing {
+        if result.outcome == Outcome::Failed(Reason::Lost) {
+            return Billing::Nothing; // nothing ran
+        }
+        match self.jobs.get(&result.job_id) {
+            Some(job) => match ledger::entry(&job.record, result, (self.now)()) {
+                Some((key, entry)) => Billing::Bill(key, Box::new(entry)),
+                None => Billing::Nothing,
+            },
+            None => Billing::ReadJob,
+        }
+    }
+
+    /// The ledger entry of `result` of an ended job whose stored record is `job`.
+    pub fn bill_ended(&self, job: &JobRecord, result: &ResultMsg) -> Billing {
+        match ledger::entry(job, result, (self.now)()) {
+            Some((key, entry)) => Billing::Bill(key, Box::new(entry)),
+            None => Billing::Nothing,
+        }
+    }
+
+    /// The final record of `result`'s task when it is the common case — a held job without
+    /// replicas, a task that exists, an outcome that is not retried — or `None` for
+    /// [`Rules::step`] to handle. Takes the task's earlier failures into the record.
+    pub fn final_record(&mut self, result: &ResultMsg) -> Option<TaskRecord> {
+        let job = self.jobs.get_mut(&result.job_id)?;
+        let record = &job.record;
+        if result.index >= record.counts.total
+            || record.spec.replicas > 1
+            || result.attempt < record.first_attempt()
+            || (results::retryable(&result.outcome) && record.retries_left(result.attempt))
+        {
+            return None;
+        }
+        let failures = job
+            .failures
+            .remove(&result.index)
+            .map(|f| f.into_values().collect())
+            .unwrap_or_default();
+        Some(results::final_record(&job.record, result, failures))
+    }
+
+    /// What an accepted result leads to, once billed.
+    pub fn step(&mut self, result: &ResultMsg) -> Step {
+        let Some(job) = self.jobs.get(&result.job_id) else {
+            return Step::Ended;
+        };
+        if result.index >= job.record.counts.total {
+            tracing::warn!(job = %result.job_id, index = result.index, "result for a task that does not exist");
+            return Step::Ignore;
+        }
+        if result.attempt < job.record.first_attempt() {
+            // Before `grid retry`: its task's new round counts, this one is billed only.
+            tracing::debug!(job = %result.job_id, index = result.index, attempt = result.attempt, "result of an earlier round ignored");
+            return Step::Ignore;
+        }
+        if job.record.spec.replicas > 1 {
+            return Step::Vote;
+        }
+        if job.has_counted(result.index) {
+            // Counted already (another node's run of the same attempt, after a lapsed ack):
+            // this result changes nothing, and a failure is not retried.
+            self.duplicate();
+            return Step::Duplicate;
+        }
+        if let Some(record) = self.final_record(result) {
+            return Step::Record(Box::new(record));
+        }
+        let reason = result.outcome.reason();
+        tracing::info!(job = %result.job_id, index = result.index, attempt = result.attempt, reason = %reason.map(|r| r.to_string()).unwrap_or_default(), "retrying");
+        if let Some(why) = reason {
+            metrics::counter!("grid_attempts_failed_total", "reason" => why.kind()).increment(1);
+        }
+        metrics::counter!("grid_task_retries_total").increment(1);
+        Step::Retry(Dispatch {
+            job_id: result.job_id.clone(),
+            index: result.index,
+            count: 1,
+            attempt: result.attempt + 1,
+            replica: 0,
+        })
+    }
+
+    /// A failed attempt's retry is published: its reason joins the task's failures. (Published
+    /// before the failed result is acked: a broker killed in between gets the result again and
+    /// republishes the retry under the same message id, which JetStream drops.)
+    pub fn retried(&mut self, result: &ResultMsg) {
+        if let Some(job) = self.jobs.get_mut(&result.job_id) {
+            let reason = result.outcome.reason().map(|r| r.to_string());
+            job.failures
+                .entry(result.index)
+                .or_default()
+                .insert(result.attempt, reason.unwrap_or_default());
+        }
+    }
+
+    /// A result dropped as a duplicate.
+    pub fn duplicate(&mut self) {
+        self.duplicates += 1;
+        metrics::counter!("grid_duplicate_results_total").increment(1);
+    }
+
+    /// Counts a stored final record in its job, unless it is counted already (or the job is
+    /// not held); true when this call counted it. Ends the job when it was its last task.
+    pub fn count_once(&mut self, stored: &TaskRecord) -> bool {
+        let now = (self.now)();
+        let Some(job) = self.jobs.get_mut(&stored.result.job_id) else {
+            return false;
+        };
+        let counted = job.count(stored);
+        if counted {
+            // Here, not in `ActiveJob::count`: a restarted broker recounts stored records.
+            record_counted(stored);
+        }
+        if job.finish_if_complete(now) {
+            tracing::info!(job = %job.record.id, state = job.record.state.as_str(), duplicates_dropped = self.duplicates, "finished");
+        }
+        counted
+    }
+
+    /// The create of `record` found its key taken.
+    pub fn create_refused(&mut self, record: &TaskRecord) -> Taken {
+        let result = &record.result;
+        if self
+            .jobs
+            .get(&result.job_id)
+            .is_none_or(|j| j.has_counted(result.index))
+        {
+            self.duplicate();
+            tracing::debug!(job = %result.job_id, index = result.index, "duplicate result ignored");
+            return Taken::Duplicate;
+        }
+        Taken::ReadStored
+    }
+
+    /// The first step of a replica's result (after [`Step::Vote`]).
+    pub fn vote_step(&mut self, result: &ResultMsg) -> VoteStep {
+        let Some(job) = self.jobs.get(&result.job_id) else {
+            return VoteStep::Ignore;
+        };
+        if result.outcome == Outcome::Failed(Reason::Cancelled) {
+            return VoteStep::Ignore;
+        }
+        if result.outcome == Outcome::Failed(Reason::Lost)
+            && job.record.retries_left(result.attempt)
+            && !job.has_counted(result.index)
+        {
+            tracing::info!(job = %result.job_id, index = result.index, replica = result.replica, "replica lost; running it again");
+            return VoteStep::RunAgain(Dispatch {
+                job_id: result.job_id.clone(),
+                index: result.index,
+                count: 1,
+                attempt: result.attempt + 1,
+                replica: result.replica,
+            });
+        }
+        VoteStep::Check {
+            round: job.record.retried,
+        }
+    }
+
+    /// Whether the broker holds no votes of `result`'s task yet: the shell then reads the
+    /// stored ones (every replica's key of the round) for [`Rules::add_vote`].
+    pub fn needs_stored_votes(&self, result: &ResultMsg) -> bool {
+        self.jobs
+            .get(&result.job_id)
+            .is_some_and(|job| !job.votes.contains_key(&result.index))
+    }
+
+    /// A replica's result, stored as a vote (`fresh`: this store created it); `stored`: the
+    /// task's votes read from `grid_votes` when [`Rules::needs_stored_votes`] said so.
+    pub fn add_vote(
+        &mut self,
+        result: ResultMsg,
+        fresh: bool,
+        stored: Vec<ResultMsg>,
+    ) -> VoteOutcome {
+        let Some(job) = self.jobs.get_mut(&result.job_id) else {
+            return VoteOutcome::Ignored;
+        };
+        let index = result.index;
+        // Stored already: a duplicate if this broker holds the vote, else a vote whose store
+        // reached the server but whose reply was lost, or one from before a restart.
+        let held = job
+            .votes
+            .get(&index)
+            .is_some_and(|votes| votes.iter().any(|v| v.replica == result.replica));
+        if !fresh && held {
+            self.duplicate();
+            return VoteOutcome::Duplicate;
+        }
+        let votes = match job.votes.get_mut(&index) {
+            Some(votes) if !votes::one_per_node(votes, &result) => {
+                tracing::warn!(job = %result.job_id, index, node = %result.node_id, "ignoring a second replica's vote from one node");
+                return VoteOutcome::Ignored;
+            }
+            Some(votes) => {
+                votes.push(result);
+                votes.clone()
+            }
+            None => {
+                // The first vote this broker sees for the task: the stored ones, this included.
+                let mut votes: Vec<ResultMsg> = Vec::new();
+                for vote in stored {
+                    if vote.index == index && votes::one_per_node(&votes, &vote) {
+                        votes.push(vote);
+                    }
+                }
+                job.votes.insert(index, votes.clone());
+                votes
+            }
+        };
+        let spec = &job.record.spec;
+        let (replicas, quorum) = (spec.replicas, spec.quorum);
+        let dispatched = *job
+            .dispatched
+            .entry(index)
+            .or_insert(votes::given(&votes, replicas));
+        let winner = match votes::decide(&votes, replicas, quorum, dispatched) {
+            votes::Decision::Waiting => return VoteOutcome::Waiting,
+            votes::Decision::OneMore => {
+                tracing::info!(job = %job.record.id, index, votes = votes.len(), "replicas disagree; one more");
+                job.dispatched.insert(index, dispatched + 1);
+                return VoteOutcome::OneMore(Dispatch {
+                    job_id: job.record.id.clone(),
+                    index,
+                    count: 1,
+                    attempt: job.record.first_attempt(),
+                    replica: dispatched,
+                });
+            }
+            votes::Decision::Decided(winner) => winner.map(|w| *w),
+        };
+        job.votes.remove(&index);
+        job.dispatched.remove(&index);
+        match votes::decided_record(
+            &votes,
+            winner,
+            job.record.retried,
+            job.record.first_attempt(),
+        ) {
+            Some(record) => VoteOutcome::Decided(Box::new(record)),
+            None => VoteOutcome::Waiting,
+        }
+    }
+
+    /// Every job's top-up, round-robin (see the module docs). Nothing changes until the shell
+    /// reports a fill stored with [`Rules::filled`]: a fill whose publishes fail is planned
+    /// again on the next tick, under the same message ids.
+    pub fn plan_fill(&self) -> Vec<Fill> {
+        let window = self.window;
+        let mut fills = Vec::new();
+        for job in self.jobs.values().filter(|job| job.loaded) {
+            let record = &job.record;
+            // The saved `enqueued` may lag what a broker before a restart had enqueued, so a
+            // task past it may be counted already: it is passed over, not put in flight again
+            // (a window of tasks that never report would stall the job).
+            let (total, room) = (
+                record.counts.total,
+                window.saturating_sub(record.counts.in_flight),
+            );
+            // Room for a whole message of short tasks first, unless fewer are left.
+            let per_message = job.per_message(window);
+            if room < per_message && total - record.enqueued > room {
+                continue;
+            }
+            let mut last = record.enqueued;
+            let mut indices = Vec::new();
+            while last < total && (indices.len() as u64) < room {
+                if !job.has_counted(last) {
+                    indices.push(last);
+                }
+                last += 1;
+            }
+            if last == record.enqueued {
+                continue;
+            }
+            let (replicas, attempt) = (record.spec.replicas.max(1), record.first_attempt());
+            let mut dispatches = Vec::new();
+            let mut rest = &indices[..];
+            // Consecutive tasks, several to a message when they are short.
+            while !rest.is_empty() {
+                let mut len = 1;
+                while len < rest.len().min(per_message as usize) && rest[len] == rest[len - 1] + 1 {
+                    len += 1;
+                }
+                dispatches.extend((0..replicas).map(|replica| Dispatch {
+                    job_id: record.id.clone(),
+                    index: rest[0],
+                    count: len as u32,
+                    attempt,
+                    replica,
+                }));
+                rest = &rest[len..];
+            }
+            fills.push(Fill {
+                job_id: record.id.clone(),
+                dispatches,
+                next: last,
+                tasks: indices.len() as u64,
+            });
+        }
+        fills
+    }
+
+    /// A fill's dispatches are all stored in the work queue.
+    pub fn filled(&mut self, fill: &Fill) {
+        let Some(job) = self.jobs.get_mut(&fill.job_id) else {
+            return;
+        };
+        job.record.enqueued = fill.next;
+        job.record.counts.in_flight += fill.tasks;
+        job.dirty = true;
+        if job.record.state == grid_proto::JobState::Queued {
+            job.record.state = grid_proto::JobState::Running;
+        }
+    }
+
+    /// The task message of `dispatch`, with its tasks' params lines (none for a job without a
+    /// params file), and the subject it goes to.
+    pub fn task_msg(&self, dispatch: &Dispatch, params: Vec<Vec<u8>>) -> Option<(String, TaskMsg)> {
+        let job = self.jobs.get(&dispatch.job_id)?;
+        let spec = &job.record.spec;
+        let input = match &spec.tasks {
+            TaskSource::Inputs(files) => usize::try_from(dispatch.index)
+                .ok()
+                .and_then(|i| files.get(i))
+                .cloned(),
+            _ => None,
+        };
+        let task = TaskMsg {
+            job_id: job.record.id.clone(),
+            index: dispatch.index,
+            count: dispatch.count,
+            attempt: dispatch.attempt,
+            replica: dispatch.replica,
+            params,
+            input,
+            spec: job.task_spec.clone(),
+        };
+        Some((names::tasks_subject(&spec.class, &job.record.id), task))
+    }
+
+    /// The records of jobs that changed since they were last saved (their counts feed `grid
+    /// status` and progress bars).
+    pub fn unsaved(&self) -> impl Iterator<Item = &JobRecord> {
+        self.jobs
+            .values()
+            .filter(|j| j.dirty)
+            .map(|job| &job.record)
+    }
+
+    /// Whether a job ended and its final record is not saved yet (saved at once, not at the
+    /// next tick, so that its waiters hear of it).
+    pub fn ended_unsaved(&self) -> bool {
+        self.jobs
+            .values()
+            .any(|j| j.dirty && j.record.state.is_final())
+    }
+
+    /// Job `id`'s record, as it was when [`Rules::unsaved`] gave it, is saved. A job that ended
+    /// is let go of: only now, so that a failed save is tried again on the next tick.
+    pub fn saved(&mut self, id: &str) {
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.dirty = false;
+            if job.record.state.is_final() {
+                self.jobs.remove(id);
+            }
+        }
+    }
+
+    /// Tasks not yet sent out, tasks in flight, and jobs held: for the metrics.
+    pub fn load(&self) -> (u64, u64, usize) {
+        let (mut queued, mut in_flight) = (0, 0);
+        for job in self.jobs.values() {
+            queued += job.record.counts.total.saturating_sub(job.record.enqueued);
+            in_flight += job.record.counts.in_flight;
+        }
+        (queued, in_flight, self.jobs.len())
+    }
+
+    /// The ids of the jobs held.
+    pub fn job_ids(&self) -> impl Iterator<Item = &String> {
+        self.jobs.keys()
+    }
+}
+
+/// A task counted in its job, for the metrics (see `grid_client::metrics`).
+fn record_counted(record: &TaskRecord) {
+    let state = record.state.as_str();
+    let reason = record.result.outcome.reason().map(Reason::kind);
+    if record.state == TaskState::Failed
+        && let Some(why) = &reason
+    {
+        metrics::counter!("grid_attempts_failed_total", "reason" => why.clone()).increment(1);
+    }
+    metrics::counter!("grid_tasks_counted_total", "state" => state, "reason" => reason.unwrap_or_default())
+        .increment(1);
+    metrics::histogram!("grid_task_seconds").record(record.result.usage.wall_seconds);
+}

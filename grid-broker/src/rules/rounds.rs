@@ -1,0 +1,74 @@
+//! How a job's record changes when a tenant retries or cancels it.
+//!
+//! **Retry** (`grid retry JOB --failed`): a failed job starts a new *round*
+//! (`JobRecord::retried`), which owns `retries + 1` attempt numbers of its own (see
+//! `JobRecord::first_attempt`), and goes back to queued; once its task records are read, the
+//! fill sends out the tasks without a record of the round or a success. Earlier rounds' records
+//! stay until the new round's result of the task replaces them (see `Rules::reconcile`). The
+//! saved record is the commitment: a broker that dies before saving it changed nothing; one
+//! that dies after resumes the job in its new round; a save whose reply was lost leaves a
+//! queued job no broker holds, which the next `grid retry` takes up.
+
+use anyhow::{Result, bail};
+use grid_proto::{JobRecord, JobState, TaskCounts};
+
+/// What a retry request does to an ended job's record.
+#[derive(Debug, PartialEq)]
+pub enum Retry {
+    /// Save this record (the new round), then hold the job.
+    Save(JobRecord),
+    /// A round saved by a retry whose reply was lost: hold the job as it is.
+    TakeUp(JobRecord),
+}
+
+/// The retry of the job whose stored record is `record` (a job the broker does not hold).
+pub fn retry(mut record: JobRecord) -> Result<Retry> {
+    let job_id = record.id.clone();
+    let counts = &record.counts;
+    let tasks = counts.failed + counts.disputed;
+    match record.state {
+        JobState::Failed if tasks > 0 => {}
+        JobState::Cancelled => bail!(
+            "job {job_id} was cancelled: only an ended job's failed tasks can be retried; submit it again"
+        ),
+        state if state.is_final() => {
+            bail!("job {job_id} has no failed tasks ({})", state.as_str())
+        }
+        _ => return Ok(Retry::TakeUp(record)),
+    }
+    // Each round has `retries + 1` attempt numbers of its own, in a u32.
+    let retried = record.retried + 1;
+    let attempts = u64::from(record.spec.retries) + 1;
+    if u64::from(retried) * attempts + attempts > u64::from(u32::MAX) {
+        bail!(
+            "job {job_id} has been retried {} times: submit it again",
+            record.retried
+        );
+    }
+    record.retried = retried;
+    record.state = JobState::Queued;
+    record.reason = None;
+    record.finished_unix_ms = None;
+    record.enqueued = 0;
+    record.counts = TaskCounts {
+        total: record.counts.total,
+        succeeded: record.counts.succeeded,
+        ..TaskCounts::default()
+    };
+    Ok(Retry::Save(record))
+}
+
+/// The record of a job cancelled at `now_ms`, or why it cannot be.
+pub fn cancel(mut record: JobRecord, now_ms: u64) -> Result<JobRecord> {
+    if record.state.is_final() {
+        bail!(
+            "job {} already ended ({})",
+            record.id,
+            record.state.as_str()
+        );
+    }
+    record.state = JobState::Cancelled;
+    record.reason = Some("cancelled".into());
+    record.finished_unix_ms = Some(now_ms);
+    Ok(record)
+}

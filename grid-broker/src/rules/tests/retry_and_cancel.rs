@@ -1,0 +1,199 @@
+//! Retry rounds and cancel.
+
+use super::*;
+
+/// A job of 3 tasks whose task 1 failed every attempt, ended and saved.
+fn failed_job(w: &mut World) -> String {
+    let job = w.submit(JobSpec {
+        retries: 0,
+        ..spec(3)
+    });
+    w.fill();
+    w.take(&job);
+    w.deliver(
+        "n0",
+        vec![
+            ok(&job, 0, 0, "n0"),
+            failed(&job, 1, 0, "n0"),
+            ok(&job, 2, 0, "n0"),
+        ],
+    );
+    w.persist();
+    assert_eq!(w.saved[&job].state, JobState::Failed);
+    job
+}
+
+#[test]
+fn a_retry_runs_only_the_failed_tasks_in_a_round_of_their_own() {
+    let mut w = World::new(10);
+    let job = failed_job(&mut w);
+    assert_eq!(w.retry(&job).unwrap(), 1);
+    let record = w.state(&job);
+    assert_eq!(
+        (record.retried, record.state, record.counts.succeeded),
+        (1, JobState::Queued, 2)
+    );
+    w.fill();
+    let sent = w.take(&job);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].index, sent[0].attempt),
+        (1, 1),
+        "round 1 owns attempt 1"
+    );
+    // A late result of round 0 is billed, and counts for nothing.
+    w.deliver("n1", vec![ok(&job, 1, 0, "n1")]);
+    assert_eq!(w.state(&job).counts.succeeded, 2);
+    w.deliver("n0", vec![ok(&job, 1, 1, "n0")]);
+    let record = w.state(&job);
+    assert_eq!(
+        (record.state, record.counts.succeeded, record.reason),
+        (JobState::Done, 3, None)
+    );
+    let task = &w.tasks[&names::task_key(TENANT, &job, 1)].0;
+    assert_eq!(
+        (task.state, task.round, task.attempts),
+        (TaskState::Succeeded, 1, 2)
+    );
+    assert_eq!(task.earlier.len(), 1);
+    assert_eq!(task.earlier[0].state, TaskState::Failed);
+    assert_eq!(task.failures, vec!["exit: 1"]);
+    let rounds: Vec<u32> = w
+        .ledger
+        .values()
+        .filter(|e| e.index == 1)
+        .map(|e| e.round)
+        .collect();
+    assert_eq!(
+        rounds,
+        vec![0, 1],
+        "the late round-0 attempt was billed already"
+    );
+}
+
+#[test]
+fn a_retry_is_refused_for_running_cancelled_and_done_jobs() {
+    let mut w = World::new(10);
+    let running = w.submit(spec(1));
+    assert!(w.retry(&running).is_err());
+    let record = w.saved[&running].clone();
+    let cancelled = rounds::cancel(record.clone(), now()).unwrap();
+    let err = rounds::retry(cancelled).unwrap_err().to_string();
+    assert!(err.contains("was cancelled"), "{err}");
+    let done = JobRecord {
+        state: JobState::Done,
+        ..record.clone()
+    };
+    assert_eq!(
+        rounds::retry(done).unwrap_err().to_string(),
+        format!("job {running} has no failed tasks (done)")
+    );
+    // A saved round whose reply was lost (queued, held by no broker) is taken up as it is.
+    assert_eq!(
+        rounds::retry(record.clone()).unwrap(),
+        rounds::Retry::TakeUp(record)
+    );
+}
+
+#[test]
+fn a_retried_round_has_attempt_numbers_of_its_own() {
+    let mut w = World::new(10);
+    let job = failed_job(&mut w);
+    w.retry(&job).unwrap();
+    w.fill();
+    // Round 1 with no retries owns attempt 1 only: attempt 2 was never sent out.
+    assert_eq!(
+        w.deliver("n0", vec![ok(&job, 1, 2, "n0")]),
+        Settled::Terminated
+    );
+    let mut record = w.saved[&job].clone();
+    record.retried = u32::MAX / 2;
+    record.spec.retries = 3;
+    record.state = JobState::Failed;
+    record.counts.failed = 1;
+    let err = rounds::retry(record).unwrap_err().to_string();
+    assert!(err.contains("submit it again"), "{err}");
+}
+
+#[test]
+fn a_round_that_fails_again_keeps_both_rounds_failures() {
+    let mut w = World::new(10);
+    let job = failed_job(&mut w);
+    w.retry(&job).unwrap();
+    w.fill();
+    w.deliver("n0", vec![failed(&job, 1, 1, "n0")]);
+    w.persist();
+    let record = &w.saved[&job];
+    assert_eq!(
+        (record.state, record.counts.failed, record.counts.succeeded),
+        (JobState::Failed, 1, 2)
+    );
+    let task = &w.tasks[&names::task_key(TENANT, &job, 1)].0;
+    assert_eq!(task.failures.len(), 2);
+    assert_eq!(task.attempts, 2);
+    // And it can be retried again.
+    assert_eq!(w.retry(&job).unwrap(), 1);
+}
+
+#[test]
+fn reconcile_counts_what_is_stored_unless_it_is_an_earlier_failure() {
+    let job = intake::new_record("j".into(), spec(1), now());
+    let record = |round, state| TaskRecord {
+        state,
+        round,
+        ..results::final_record(&job, &ok("j", 0, 0, "n0"), Vec::new())
+    };
+    let mine = record(1, TaskState::Succeeded);
+    for stored in [
+        record(1, TaskState::Failed),
+        record(0, TaskState::Succeeded),
+    ] {
+        assert_eq!(
+            results::reconcile(&mine, stored.clone()),
+            Reconcile::Count(stored)
+        );
+    }
+    let earlier = record(0, TaskState::Failed);
+    assert_eq!(
+        results::reconcile(&mine, earlier.clone()),
+        Reconcile::Replace(mine.after(&earlier))
+    );
+}
+
+#[test]
+fn a_cancelled_job_counts_nothing_more_but_bills_what_ran() {
+    let mut w = World::new(10);
+    let job = w.submit(spec(3));
+    w.fill();
+    w.deliver("n0", vec![ok(&job, 0, 0, "n0")]);
+    let cancelled = rounds::cancel(w.state(&job), now()).unwrap();
+    assert_eq!(cancelled.reason.as_deref(), Some("cancelled"));
+    w.saved.insert(job.clone(), cancelled.clone());
+    w.rules.release(&job);
+    w.deliver(
+        "n1",
+        vec![result(
+            &job,
+            1,
+            0,
+            0,
+            "n1",
+            Outcome::Failed(Reason::Cancelled),
+        )],
+    );
+    w.deliver("n1", vec![ok(&job, 2, 0, "n1")]);
+    assert_eq!(w.ledger.len(), 3);
+    assert_eq!(w.tasks.len(), 1);
+    assert!(rounds::cancel(cancelled, now()).is_err(), "already ended");
+}
+
+#[test]
+fn a_cancel_mid_round_leaves_no_more_tasks_to_send() {
+    let mut w = World::new(2);
+    let job = failed_job(&mut w);
+    w.retry(&job).unwrap();
+    w.rules.release(&job);
+    w.fill();
+    assert!(w.queue.is_empty());
+    assert!(w.rules.loads_to_start(4).is_empty());
+}

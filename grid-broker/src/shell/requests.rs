@@ -1,0 +1,333 @@
+//! Tenants' requests on `grid.api.<tenant>.<verb>`: submit, owner, storage, cancel, retry,
+//! delete. The tenant is the subject's (NATS lets a tenant publish only under its own name);
+//! every answer is one [`ApiReply`], an error one line for a user.
+
+use super::{Broker, store};
+use crate::faults::crash_point;
+use crate::rules::{intake, rounds};
+use anyhow::{Result, anyhow, bail};
+use grid_client::now_unix_ms;
+use grid_proto::{
+    ApiReply, CancelRequest, DeleteRequest, JobRecord, Message, OwnerRequest, ResultMsg,
+    RetryRequest, StorageRequest, SubmitRequest, TaskRecord, decode, encode, names,
+};
+
+impl Broker {
+    /// Answers one request.
+    pub(super) async fn on_request(&mut self, msg: async_nats::Message) {
+        let reply = match self.answer(&msg).await {
+            Ok(reply) => reply,
+            Err(e) => ApiReply::Err(format!("{e:#}")),
+        };
+        if let Some(to) = &msg.reply
+            && let Err(e) = self
+                .grid
+                .client
+                .publish(to.clone(), encode(&reply).into())
+                .await
+        {
+            tracing::warn!("replying: {e}");
+        }
+    }
+
+    async fn answer(&mut self, msg: &async_nats::Message) -> Result<ApiReply> {
+        let mut parts = msg.subject.as_str().split('.').skip(2);
+        let (Some(tenant), Some(verb), None) = (parts.next(), parts.next(), parts.next()) else {
+            bail!("bad subject");
+        };
+        let tenant = tenant.to_string();
+        match verb {
+            SubmitRequest::KIND => {
+                let req = decode::<SubmitRequest>(&msg.payload)?;
+                let job_id = self.submit(&tenant, req).await?;
+                Ok(ApiReply::Ok { job_id })
+            }
+            OwnerRequest::KIND => {
+                let req = decode::<OwnerRequest>(&msg.payload)?;
+                self.check_owner(&tenant, &req.job_id, "read").await?;
+                Ok(ApiReply::Ok { job_id: req.job_id })
+            }
+            StorageRequest::KIND => self.storage(&tenant).await,
+            CancelRequest::KIND => {
+                let req = decode::<CancelRequest>(&msg.payload)?;
+                let job_id = self.cancel(&tenant, req.job_id).await?;
+                Ok(ApiReply::Ok { job_id })
+            }
+            RetryRequest::KIND => {
+                let req = decode::<RetryRequest>(&msg.payload)?;
+                self.retry(&tenant, req.job_id).await
+            }
+            DeleteRequest::KIND => {
+                let req = decode::<DeleteRequest>(&msg.payload)?;
+                self.delete(&tenant, req.job_id).await
+            }
+            verb => bail!("unknown request {verb:?}: this broker may be of another version"),
+        }
+    }
+
+    async fn submit(&mut self, tenant: &str, req: SubmitRequest) -> Result<String> {
+        let nodes = self.grid.live_nodes().await?;
+        let spec = intake::check(tenant, req.spec, &nodes)?;
+        if !self.grid.has_object(tenant, &spec.module_sha256).await {
+            bail!("module {} was not uploaded", spec.module_sha256);
+        }
+        let mut blobs: Vec<&grid_proto::Sha256Hex> =
+            spec.shared.iter().map(|i| &i.sha256).collect();
+        match &spec.tasks {
+            grid_proto::TaskSource::Params { pages, lines } => {
+                // Each page is read (and dropped) once here, so that a wrong count is refused
+                // now rather than found mid-job.
+                for page in pages {
+                    store::read_params_page(&self.grid, tenant, page).await?;
+                }
+                let counted: u64 = pages.iter().map(|p| p.lines).sum();
+                if counted != *lines {
+                    bail!("params file has {counted} tasks, the request says {lines}");
+                }
+            }
+            grid_proto::TaskSource::Inputs(files) => blobs.extend(files.iter().map(|i| &i.sha256)),
+            grid_proto::TaskSource::Count(_) => {}
+        }
+        for blob in blobs {
+            if !self.grid.has_object(tenant, blob).await {
+                bail!("input {blob} was not uploaded");
+            }
+        }
+        let id = new_job_id();
+        let record = intake::new_record(id.clone(), spec, now_unix_ms());
+        store::save_job(&self.grid, &record)
+            .await
+            .map_err(|e| anyhow!("storing the job: {e:#}"))?;
+        tracing::info!(job = %id, tenant, total = record.counts.total, "submitted");
+        // A new job has no task records to read.
+        self.rules.hold(record, true);
+        Ok(id)
+    }
+
+    /// Fails unless `job_id` is a job of `tenant`'s, with the line a user sees.
+    async fn check_owner(&self, tenant: &str, job_id: &str, verb: &str) -> Result<()> {
+        let owner = match self.rules.job(job_id) {
+            Some(job) => Some(job.record.spec.tenant.clone()),
+            None => store::stored_owner(&self.grid, job_id).await?,
+        };
+        match owner {
+            Some(owner) if owner == tenant => Ok(()),
+            Some(owner) => bail!(
+                "permission denied: tenant {tenant} cannot {verb} job {job_id} of tenant {owner}"
+            ),
+            None => bail!("unknown job {job_id}"),
+        }
+    }
+
+    /// Makes the asking tenant's object store, with the grid's quota, unless it exists.
+    async fn storage(&mut self, tenant: &str) -> Result<ApiReply> {
+        if !names::valid_name(tenant) {
+            bail!("bad tenant name");
+        }
+        self.grid
+            .create_store(
+                tenant,
+                self.config.tenant_quota_bytes,
+                self.config.stream_replicas,
+            )
+            .await?;
+        Ok(ApiReply::Ok {
+            job_id: String::new(),
+        })
+    }
+
+    /// Cancels a job: saved before the broker lets go of it (a failed write leaves it
+    /// running), then its queued tasks are dropped and its running ones told to stop.
+    async fn cancel(&mut self, tenant: &str, job_id: String) -> Result<String> {
+        self.check_owner(tenant, &job_id, "cancel").await?;
+        let record = match self.rules.job(&job_id) {
+            Some(job) => job.record.clone(),
+            // Not held: ended, or a retry's round whose save reply was lost (see `retry`).
+            None => store::job_record(&self.grid, tenant, &job_id)
+                .await?
+                .ok_or_else(|| anyhow!("unknown job {job_id}"))?,
+        };
+        let record = rounds::cancel(record, now_unix_ms())?;
+        store::save_job(&self.grid, &record)
+            .await
+            .map_err(|e| anyhow!("saving the cancellation: {e:#}; try again"))?;
+        self.rules.release(&job_id);
+        store::drop_queued(&self.grid, &record).await?;
+        self.grid
+            .client
+            .publish(names::cancel_broadcast(&record.id), bytes::Bytes::new())
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        tracing::info!(job = %record.id, "cancelled");
+        Ok(record.id)
+    }
+
+    /// Runs an ended job's failed and disputed tasks again, in the same job (see
+    /// [`crate::rules::rounds`]).
+    async fn retry(&mut self, tenant: &str, job_id: String) -> Result<ApiReply> {
+        self.check_owner(tenant, &job_id, "retry").await?;
+        if let Some(job) = self.rules.job(&job_id) {
+            let state = job.record.state.as_str();
+            bail!(
+                "job {job_id} is still {state}: retry its failed tasks once it has ended (`grid status {job_id} --wait`)"
+            );
+        }
+        let read = || async {
+            store::job_record(&self.grid, tenant, &job_id)
+                .await?
+                .ok_or_else(|| anyhow!("unknown job {job_id}"))
+        };
+        let record = match rounds::retry(read().await?)? {
+            rounds::Retry::TakeUp(record) => return Ok(self.start_round(record)),
+            rounds::Retry::Save(record) => record,
+        };
+        // Messages of the ended round still queued (a replica not needed once its task was
+        // decided) would only run for nothing now.
+        store::drop_queued(&self.grid, &record)
+            .await
+            .map_err(|e| anyhow!("{e:#}; try again"))?;
+        if let Err(e) = store::save_job(&self.grid, &record).await {
+            // The server may have stored it and lost only the reply.
+            if !read()
+                .await
+                .is_ok_and(|stored| stored.retried == record.retried)
+            {
+                bail!("saving the retry of job {job_id}: {e:#}; try again");
+            }
+        }
+        crash_point("retry-saved");
+        Ok(self.start_round(record))
+    }
+
+    /// Takes up a job whose new round is saved: it gets its tasks once its records are read.
+    fn start_round(&mut self, record: JobRecord) -> ApiReply {
+        let (job_id, round) = (record.id.clone(), record.retried);
+        let tasks = record.counts.total - record.counts.succeeded;
+        metrics::counter!("grid_task_retries_total").increment(tasks);
+        tracing::info!(job = %job_id, tenant = %record.spec.tenant, tasks, round, "retrying failed tasks");
+        self.rules.hold(record, false);
+        self.start_loads();
+        ApiReply::Retrying { job_id, tasks }
+    }
+
+    /// Deletes an ended job of the asking tenant's: its stored objects that no other job of
+    /// the tenant's names, then its task records, votes, claims and job record. The ledger
+    /// keeps the job's entries: they are what was billed.
+    ///
+    /// Objects are shared by content (the same module, input or log in two jobs is one
+    /// object), so what the tenant's other jobs name is kept: their specs, task records and
+    /// votes are read for that, once per delete. A job still running keeps its objects safe by
+    /// the refusal below; a job submitted *during* a delete that names an object being deleted
+    /// finds it missing (its tasks fail to fetch it and are reported `lost`) — submit again.
+    async fn delete(&mut self, tenant: &str, job_id: String) -> Result<ApiReply> {
+        self.check_owner(tenant, &job_id, "delete").await?;
+        if let Some(job) = self.rules.job(&job_id)
+            && !job.record.state.is_final()
+        {
+            bail!(
+                "job {job_id} is still {}: cancel it first (`grid cancel {job_id}`), or let it end",
+                job.record.state.as_str()
+            );
+        }
+        let record = store::job_record(&self.grid, tenant, &job_id)
+            .await?
+            .ok_or_else(|| anyhow!("unknown job {job_id}"))?;
+        let mut mine: std::collections::BTreeSet<grid_proto::Sha256Hex> =
+            record.spec.objects().into_iter().collect();
+        let mut kept = std::collections::BTreeSet::new();
+        let own_tasks = format!("{tenant}.{job_id}.");
+        for (key, bytes) in self.grid.entries(names::TASKS_BUCKET, Some(tenant)).await? {
+            let Ok(task) = decode::<TaskRecord>(&bytes) else {
+                continue;
+            };
+            if key.starts_with(&own_tasks) {
+                mine.extend(task.objects());
+            } else {
+                kept.extend(task.objects());
+            }
+        }
+        for (_, bytes) in self.grid.entries(names::JOBS_BUCKET, Some(tenant)).await? {
+            let Ok(other) = decode::<JobRecord>(&bytes) else {
+                continue;
+            };
+            if other.id == job_id {
+                continue;
+            }
+            kept.extend(other.spec.objects());
+            if other.spec.replicas > 1 {
+                kept.extend(self.vote_objects(&other.id).await?);
+            }
+        }
+        if record.spec.replicas > 1 {
+            mine.extend(self.vote_objects(&job_id).await?);
+        }
+        let store = self.grid.store(tenant).await?;
+        let (mut objects, mut bytes) = (0u64, 0u64);
+        for sha in mine.difference(&kept) {
+            let name = names::object_name(sha);
+            let Ok(info) = store.info(&name).await else {
+                continue;
+            };
+            if info.deleted {
+                continue;
+            }
+            store
+                .delete(&name)
+                .await
+                .map_err(|e| anyhow!("deleting {name}: {e}"))?;
+            objects += 1;
+            bytes += info.size as u64;
+        }
+        for (bucket, keys) in [
+            (names::TASKS_BUCKET, format!("{tenant}.{job_id}.>")),
+            (names::VOTES_BUCKET, format!("{job_id}.>")),
+            (names::CLAIMS_BUCKET, format!("{job_id}.>")),
+            (names::JOBS_BUCKET, names::job_key(tenant, &job_id)),
+        ] {
+            store::purge(&self.grid, bucket, &keys)
+                .await
+                .map_err(|e| anyhow!("deleting job {job_id}'s records: {e:#}"))?;
+        }
+        self.rules.release(&job_id);
+        // Followers of the job table (the dashboard) see no purge: tell them.
+        let _ = self
+            .grid
+            .client
+            .publish(
+                names::job_events(tenant, &job_id),
+                bytes::Bytes::from_static(names::JOB_DELETED),
+            )
+            .await;
+        tracing::info!(job = %job_id, tenant, objects, bytes, "deleted");
+        Ok(ApiReply::Deleted {
+            job_id,
+            objects,
+            bytes,
+        })
+    }
+
+    /// The stored objects that job `job_id`'s votes name.
+    async fn vote_objects(&self, job_id: &str) -> Result<Vec<grid_proto::Sha256Hex>> {
+        let mut objects = Vec::new();
+        for (_, vote) in self.grid.entries(names::VOTES_BUCKET, Some(job_id)).await? {
+            if let Ok(vote) = decode::<ResultMsg>(&vote) {
+                objects.extend(vote.objects());
+            }
+        }
+        Ok(objects)
+    }
+}
+
+/// A new job id: time first, so that ids sort by submission; a random tail, so that they
+/// never collide.
+fn new_job_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let salt = grid_proto::Sha256Hex::of(format!("{nanos}-{}-{n}", std::process::id()).as_bytes())
+        .to_string();
+    format!("{:012x}{}", now_unix_ms(), &salt[..6])
+}

@@ -1,0 +1,291 @@
+//! Results in: each message screened ([`Rules::admit`]), each result billed, then recorded or
+//! retried or voted as [`Rules::step`] says, and the message acked once all of it is stored.
+
+use super::{Broker, store};
+use crate::faults::{REPLY_LOST, crash_point, reply_lost};
+use crate::rules::{Admission, Billing, Reconcile, Step, Taken, VoteOutcome, VoteStep, votes};
+use anyhow::{Result, anyhow};
+use async_nats::jetstream::{self, AckKind};
+use grid_proto::{ResultMsg, TaskRecord, decode, encode, names};
+use std::time::Duration;
+
+impl Broker {
+    /// Records a batch of results messages. The JetStream writes of different results do not
+    /// depend on each other — each ledger entry and each task record is a create under its own
+    /// key — so they go out together; what they change in the rules (counts, retries, votes)
+    /// is done one result at a time, in order. A message is acked once all its results are
+    /// stored, and asked for again if any is not (the others then come back as duplicates).
+    pub(super) async fn on_results(&mut self, batch: Vec<jetstream::Message>) {
+        // Each result with the index of its message in `messages`.
+        let mut ready = Vec::with_capacity(batch.len());
+        let mut messages = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let node = names::result_node(msg.subject.as_str()).unwrap_or_default();
+            let admission = match decode::<grid_proto::ResultsMsg>(&msg.payload) {
+                Ok(results) => self.rules.admit(node, results),
+                Err(e) => Admission::Reject(e.to_string()),
+            };
+            match admission {
+                Admission::Accept(results) => {
+                    ready.extend(results.into_iter().map(|r| (messages.len(), r)));
+                    messages.push(msg);
+                }
+                Admission::Reject(why) => {
+                    tracing::warn!(subject = %msg.subject, "rejecting a results message: {why}");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                }
+                Admission::Later => {
+                    // Its job's records are still being read (a restart, a retry): counted
+                    // once they are, not on top of what they will say.
+                    tracing::debug!(subject = %msg.subject, "result for a job still loading: later");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                        .await;
+                }
+            }
+        }
+        let mut recorded: Vec<Result<()>> = messages.iter().map(|_| Ok(())).collect();
+        let mut fail = |m: usize, e: anyhow::Error| {
+            if recorded[m].is_ok() {
+                recorded[m] = Err(e);
+            }
+        };
+        let billed = futures::future::join_all(ready.iter().map(|(_, r)| self.bill(r))).await;
+        // A final result of a job without replicas (most results) is one task-record create.
+        let mut finals = Vec::new();
+        let mut others = Vec::new();
+        for ((m, result), billed) in ready.into_iter().zip(billed) {
+            if let Err(e) = billed {
+                fail(m, e);
+                continue;
+            }
+            match self.rules.final_record(&result) {
+                Some(record) => finals.push((m, record)),
+                None => others.push((m, result)),
+            }
+        }
+        let created = match self.grid.tasks().await {
+            Ok(tasks) => {
+                futures::future::join_all(finals.iter().map(|(_, record)| {
+                    let key = task_key(record);
+                    let value = encode(record).into();
+                    async move { tasks.create(&key, value).await }
+                }))
+                .await
+            }
+            Err(e) => {
+                for (m, _) in &finals {
+                    fail(*m, anyhow!("{e:#}"));
+                }
+                Vec::new()
+            }
+        };
+        for ((m, record), created) in finals.into_iter().zip(created) {
+            if let Err(e) = self.after_create(record, created).await {
+                fail(m, e);
+            }
+        }
+        for (m, result) in others {
+            if let Err(e) = self.count(result).await {
+                fail(m, e);
+            }
+        }
+        for (msg, recorded) in messages.iter().zip(recorded) {
+            settle(msg, recorded).await;
+        }
+    }
+
+    /// Bills `result`'s attempt in the usage ledger, once (see [`crate::rules::ledger`]).
+    async fn bill(&self, result: &ResultMsg) -> Result<()> {
+        let billing = match self.rules.billing(result) {
+            Billing::ReadJob => match store::job_of_result(&self.grid, result).await? {
+                Some(job) => self.rules.bill_ended(&job, result),
+                None => Billing::Nothing,
+            },
+            billing => billing,
+        };
+        let Billing::Bill(key, entry) = billing else {
+            return Ok(());
+        };
+        match self
+            .grid
+            .usage()
+            .await?
+            .create(&key, encode(entry.as_ref()).into())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(anyhow!("billing {key}: {e}")),
+        }
+    }
+
+    /// Counts one result, exactly once per task.
+    async fn count(&mut self, result: ResultMsg) -> Result<()> {
+        match self.rules.step(&result) {
+            Step::Ignore | Step::Duplicate => Ok(()),
+            Step::Record(record) => self.record_task(*record).await.map(drop),
+            Step::Retry(dispatch) => {
+                // Published before the failed result is acked (see `Rules::retried`).
+                self.dispatch(&dispatch).await?;
+                crash_point("after-retry");
+                self.rules.retried(&result);
+                Ok(())
+            }
+            Step::Vote => self.vote(result).await,
+            Step::Ended => {
+                // Nothing to count, but a late replica's vote in the round that decided its
+                // task.
+                let Some(record) = store::decided(&self.grid, &result).await? else {
+                    return Ok(());
+                };
+                if record.votes.is_empty() {
+                    return Ok(());
+                }
+                let round = store::job_of_result(&self.grid, &result)
+                    .await?
+                    .map(|job| grid_proto::round_of(result.attempt, job.spec.retries));
+                if round == Some(record.round) {
+                    self.late_vote(&result, &record).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A replica's result (see [`crate::rules::votes`]).
+    async fn vote(&mut self, result: ResultMsg) -> Result<()> {
+        let round = match self.rules.vote_step(&result) {
+            VoteStep::Ignore => return Ok(()),
+            VoteStep::RunAgain(dispatch) => return self.dispatch(&dispatch).await,
+            VoteStep::Check { round } => round,
+        };
+        if let Some(record) = store::decided(&self.grid, &result)
+            .await?
+            .filter(|record| record.round == round)
+        {
+            // Decided by a store whose reply was lost: counted now, when a replica comes back.
+            if self.rules.count_once(&record) {
+                store::tally_votes(&self.grid, &record).await;
+            }
+            return self.late_vote(&result, &record).await;
+        }
+        let fresh = store::store_vote(&self.grid, &result, round).await?;
+        let stored = match self.rules.job(&result.job_id) {
+            Some(job) if self.rules.needs_stored_votes(&result) => {
+                let most = votes::max_replicas(job.record.spec.replicas);
+                store::stored_votes(&self.grid, &result, round, most).await
+            }
+            _ => Vec::new(),
+        };
+        match self.rules.add_vote(result, fresh, stored) {
+            VoteOutcome::Duplicate | VoteOutcome::Ignored | VoteOutcome::Waiting => Ok(()),
+            VoteOutcome::OneMore(dispatch) => self.dispatch(&dispatch).await,
+            VoteOutcome::Decided(record) => {
+                if let Some(record) = self.record_task(*record).await? {
+                    store::tally_votes(&self.grid, &record).await;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A replica's result for a task already decided in the result's round (its job may have
+    /// finished): it changes nothing but its node's tally, once.
+    async fn late_vote(&mut self, result: &ResultMsg, record: &TaskRecord) -> Result<()> {
+        let Some(agreed) = votes::late_vote(record, result) else {
+            return Ok(());
+        };
+        if store::store_vote(&self.grid, result, record.round).await? {
+            store::tally(&self.grid, &result.node_id, agreed).await;
+        } else {
+            self.rules.duplicate();
+        }
+        Ok(())
+    }
+
+    /// Stores a task's final record once and counts it once. Returns the stored record when
+    /// this call counted it, `None` for a duplicate.
+    async fn record_task(&mut self, record: TaskRecord) -> Result<Option<TaskRecord>> {
+        let created = self
+            .grid
+            .tasks()
+            .await?
+            .create(&task_key(&record), encode(&record).into())
+            .await;
+        self.after_create(record, created).await
+    }
+
+    /// What [`Broker::record_task`] does once its create has answered (the batch path sends
+    /// many creates together, then comes here for each, in order).
+    async fn after_create(
+        &mut self,
+        record: TaskRecord,
+        created: Result<u64, jetstream::kv::CreateError>,
+    ) -> Result<Option<TaskRecord>> {
+        let key = task_key(&record);
+        let stored = match created {
+            Ok(_) if reply_lost(&key) => return Err(anyhow!("storing task {key}: {REPLY_LOST}")),
+            Ok(_) => {
+                crash_point("after-store");
+                record
+            }
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                if self.rules.create_refused(&record) == Taken::Duplicate {
+                    return Ok(None);
+                }
+                let tasks = self.grid.tasks().await?;
+                let entry = tasks
+                    .entry(&key)
+                    .await
+                    .map_err(|e| anyhow!("reading task {key}: {e}"))?
+                    .ok_or_else(|| anyhow!("task {key} vanished"))?;
+                let stored =
+                    decode::<TaskRecord>(&entry.value).map_err(|e| anyhow!("task {key}: {e}"))?;
+                match crate::rules::results::reconcile(&record, stored) {
+                    Reconcile::Count(stored) => stored,
+                    Reconcile::Replace(replaced) => {
+                        // Compare-and-set: a second result of the task finds the key changed
+                        // and comes back to count what won.
+                        match tasks
+                            .update(&key, encode(&replaced).into(), entry.revision)
+                            .await
+                        {
+                            Ok(_) if reply_lost(&key) => {
+                                return Err(anyhow!("storing task {key}: {REPLY_LOST}"));
+                            }
+                            Ok(_) => crash_point("after-replace"),
+                            Err(e) => return Err(anyhow!("storing task {key}: {e}")),
+                        }
+                        replaced
+                    }
+                }
+            }
+            Err(e) => return Err(anyhow!("storing task {key}: {e}")),
+        };
+        Ok(self.rules.count_once(&stored).then_some(stored))
+    }
+}
+
+/// A task record's key in `grid_tasks`.
+fn task_key(record: &TaskRecord) -> String {
+    let result = &record.result;
+    names::task_key(&result.tenant, &result.job_id, result.index)
+}
+
+/// Acks a result once it is recorded, or asks for it again shortly.
+async fn settle(msg: &jetstream::Message, recorded: Result<()>) {
+    match recorded {
+        Ok(()) => {
+            if let Err(e) = msg.ack().await {
+                tracing::warn!("acking a result: {e}");
+            }
+        }
+        Err(e) => {
+            tracing::warn!("recording a result: {e:#}; it will be redelivered");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+    }
+}
