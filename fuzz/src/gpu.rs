@@ -10,8 +10,10 @@
 
 use crate::Verdict;
 use arbitrary::Unstructured;
-use grid_node::{GpuWorker, Limits, LoadedModule, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use grid_proto::Outcome;
+use grid_sandbox::{
+    GpuWorker, Limits, LoadedModule, Sandbox, SandboxConfig, TaskSpec, WorkerCommand,
+};
 use std::time::{Duration, Instant};
 
 /// Where things live in the driver's memory.
@@ -387,7 +389,7 @@ impl Fuzzer {
         Ok(Self { sandbox, driver })
     }
 
-    async fn run(&self, stdin: Vec<u8>) -> (grid_node::TaskReport, Duration) {
+    async fn run(&self, stdin: Vec<u8>) -> (grid_sandbox::TaskReport, Duration) {
         let out = tempfile::tempdir().expect("temp dir");
         let mut spec = TaskSpec::new(out.path());
         spec.gpu = true;

@@ -221,7 +221,7 @@ async fn fuzz(args: Args) -> Result<bool> {
 }
 
 fn main() -> ExitCode {
-    grid_node::gpu_worker::serve_if_asked();
+    grid_sandbox::gpu_worker::serve_if_asked(grid_client::init_tracing);
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {

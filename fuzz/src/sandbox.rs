@@ -1,7 +1,7 @@
 //! The `sandbox` target: generated modules (and raw bytes) loaded and run under small limits.
 
 use crate::Verdict;
-use grid_node::{Limits, Sandbox, SandboxConfig, TaskReport, TaskSpec};
+use grid_sandbox::{Limits, Sandbox, SandboxConfig, TaskReport, TaskSpec};
 use std::time::{Duration, Instant};
 
 /// What generated modules may import: real WASI calls with their real types, so that

@@ -268,10 +268,10 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
         gpu_time_ms: sandbox_limits.gpu.gpu_time.as_millis() as u64,
     };
     if program_runtime.is_none()
-        && let Err(why) = grid_node::validate::check_module(
+        && let Err(why) = grid_sandbox::validate::check_module(
             &module,
             &sandbox_limits,
-            &grid_node::CompileCaps::default(),
+            &grid_sandbox::CompileCaps::default(),
         )
     {
         return Err(Refused(format!("module {} refused: {why}", args.module.display())).into());

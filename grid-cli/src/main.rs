@@ -91,7 +91,7 @@ fn version() -> &'static str {
 }
 
 fn main() -> ExitCode {
-    grid_node::gpu_worker::serve_if_asked();
+    grid_sandbox::gpu_worker::serve_if_asked(grid_client::init_tracing);
     grid_client::init_tracing();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -2,10 +2,10 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-pub use grid_node::limits::{parse_duration, parse_size};
-use grid_node::{GpuWorker, Limits, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use grid_proto::TaskStatus;
 use grid_proto::runtime::Runtime;
+pub use grid_sandbox::limits::{parse_duration, parse_size};
+use grid_sandbox::{GpuWorker, Limits, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -132,18 +132,18 @@ fn default_cache_dir() -> Option<PathBuf> {
 }
 
 /// A runtime's laid-out files for local runs (`~/.cache/grid/runtimes`), made on first use.
-pub fn local_runtime_files(runtime: &Runtime) -> Result<grid_node::runtime::RuntimeFiles> {
+pub fn local_runtime_files(runtime: &Runtime) -> Result<grid_sandbox::runtime::RuntimeFiles> {
     let root = grid_cache_dir()
         .context("neither XDG_CACHE_HOME nor HOME is set")?
         .join("runtimes");
-    if let Some(files) = grid_node::runtime::RuntimeFiles::find(&root, runtime) {
+    if let Some(files) = grid_sandbox::runtime::RuntimeFiles::find(&root, runtime) {
         files.refresh_helper()?;
         return Ok(files);
     }
     let artifacts = grid_client::find_runtime(runtime)?;
     let stdlib = std::fs::read(&artifacts.stdlib)
         .with_context(|| format!("reading {}", artifacts.stdlib.display()))?;
-    grid_node::runtime::RuntimeFiles::install(&root, runtime, &stdlib)
+    grid_sandbox::runtime::RuntimeFiles::install(&root, runtime, &stdlib)
 }
 
 /// Reads a runtime's module from this machine (checked against its pin by the sandbox).
@@ -361,7 +361,7 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
     if let Some(runtime) = program_runtime {
         let file = program_file_name(&task.name)?;
         std::fs::write(program_dir.path().join(&file), bytes)?;
-        spec.program = Some(grid_node::Program {
+        spec.program = Some(grid_sandbox::Program {
             runtime,
             files: local_runtime_files(runtime)?,
             dir: program_dir.path().to_path_buf(),
@@ -398,7 +398,7 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
         };
         let report = match loaded {
             Ok(module) => sandbox.run(&module, spec).await,
-            Err(reason) => grid_node::TaskReport::refused(reason),
+            Err(reason) => grid_sandbox::TaskReport::refused(reason),
         };
         anyhow::Ok(report)
     })?;

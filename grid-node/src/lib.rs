@@ -1,37 +1,17 @@
-//! The Grid provider: it runs strangers' WebAssembly under hard limits.
+//! The Grid provider service: it serves a grid's tasks in the sandbox of [`grid_sandbox`].
 //!
-//! Start at [`Sandbox`]: one engine per node, [`Sandbox::load`] to validate and compile a module
-//! (refused modules get an `invalid: …` reason before any code runs), [`Sandbox::run`] to run one
-//! task of it with [`Limits`]. `grid run` uses exactly this code, so a task behaves the same on a
-//! user's laptop as on any node.
+//! Start at [`worker`]: the task loop — take tasks from JetStream, run each in a
+//! [`grid_sandbox::Sandbox`], store outputs and logs as blobs, publish results — with its life
+//! cycle, memory budget and table of timeouts. What runs one task (validation, limits, WASI,
+//! the compiled-module cache, the GPU worker) is `grid_sandbox`'s; this crate is the service
+//! around it.
 //!
-//! Modules: [`validate`] (static checks before compiling), [`limits`], [`sandbox`],
-//! [`fs_guard`] (the `/out` quota inside WASI), [`capture`] (capped logs), [`determinism`]
-//! (fixed clocks, seeded randomness), [`cache`] (compiled modules on disk), [`outputs`],
-//! [`gpu_binding`] (the guest's `grid_gpu_v1` imports) over [`gpu_worker`] (the process that
-//! owns the GPU, killed and restarted when GPU work overruns).
+//! Modules: [`settings`] (flags and the TOML config file), [`worker`], [`workdirs`] (task
+//! folders, reused), [`disk`] (the disk budget of the caches), [`privileges`] (dropping root,
+//! no-new-privileges, seccomp: the second line of defence).
 
-pub mod cache;
-pub mod capture;
-mod cpu;
-pub mod determinism;
 pub mod disk;
-pub mod fs_guard;
-pub mod gpu_binding;
-pub mod gpu_worker;
-pub mod guard;
-pub mod limits;
-pub mod outputs;
-mod poll;
 pub mod privileges;
-pub mod runtime;
-pub mod sandbox;
 pub mod settings;
-pub mod validate;
 pub mod workdirs;
 pub mod worker;
-
-pub use gpu_worker::{GpuWorker, WorkerCommand};
-pub use limits::{Limits, NodeCaps};
-pub use sandbox::{LoadedModule, Program, Sandbox, SandboxConfig, TaskReport, TaskSpec};
-pub use validate::CompileCaps;

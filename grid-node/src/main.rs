@@ -14,7 +14,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    grid_node::gpu_worker::serve_if_asked();
+    grid_sandbox::gpu_worker::serve_if_asked(grid_client::init_tracing);
     grid_client::init_tracing();
     let args = Args::parse();
     grid_node::worker::main(args.node)

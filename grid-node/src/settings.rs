@@ -26,9 +26,9 @@
 //! Caps default to what a node can give: memory up to its memory budget, 24 h of time, 10 GiB
 //! of output, 2 GiB of GPU buffers and 1 h of GPU time.
 
-use crate::limits::{Limits, NodeCaps, parse_duration, parse_size};
 use crate::worker::NodeConfig;
 use grid_proto::names;
+use grid_sandbox::limits::{Limits, NodeCaps, parse_duration, parse_size};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -31,9 +31,6 @@
 //! | deliveries ([`grid_client::MAX_TASK_DELIVERIES`]) | 5 | a task that no node can run ends `lost` instead of circling forever |
 //! | retries (broker) | at once | a failed attempt is published again immediately: its cause is in the task or the node, not in time; a node that cannot run a task hands it back after 1 s instead |
 
-use crate::limits::MIB;
-use crate::runtime::RuntimeFiles;
-use crate::{GpuWorker, Limits, NodeCaps, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
@@ -42,6 +39,9 @@ use grid_proto::{
     JobRecord, JobState, NodeInfo, Outcome, Reason, ResultMsg, Sha256Hex, TaskMsg, Usage, decode,
     encode, names,
 };
+use grid_sandbox::limits::MIB;
+use grid_sandbox::runtime::RuntimeFiles;
+use grid_sandbox::{GpuWorker, Limits, NodeCaps, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -718,7 +718,7 @@ impl Node {
         &self,
         job: &JobRecord,
         runtime: &'static grid_proto::runtime::Runtime,
-    ) -> Result<crate::sandbox::LoadedModule, Reason> {
+    ) -> Result<grid_sandbox::LoadedModule, Reason> {
         let fetch = async {
             *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(format!("compiling the {} runtime", runtime.name));
@@ -735,7 +735,7 @@ impl Node {
         &self,
         job: &JobRecord,
         program: &grid_proto::ProgramRef,
-    ) -> Result<Result<crate::sandbox::Program, Reason>> {
+    ) -> Result<Result<grid_sandbox::Program, Reason>> {
         let spec = &job.spec;
         let Some(runtime) = grid_proto::runtime::by_name(&program.runtime) else {
             return Ok(Err(Reason::Invalid(format!(
@@ -803,7 +803,7 @@ impl Node {
             std::io::Write::write_all(&mut tmp, &bytes)?;
             tmp.persist(&path).map_err(|e| e.error)?;
         }
-        Ok(Ok(crate::sandbox::Program {
+        Ok(Ok(grid_sandbox::Program {
             runtime,
             files,
             dir,
@@ -923,7 +923,7 @@ impl Node {
                 b"not what the task wrote",
             )?;
         }
-        let files = crate::outputs::manifest(&out_dir)?;
+        let files = grid_sandbox::outputs::manifest(&out_dir)?;
         for file in &files {
             let path = out_dir.join(&file.path);
             self.grid
@@ -966,7 +966,7 @@ impl Node {
 }
 
 /// A task that ran in the sandbox, for the metrics (see `grid_client::metrics`).
-fn record_ran(report: &crate::TaskReport) {
+fn record_ran(report: &grid_sandbox::TaskReport) {
     let outcome = match report.outcome.reason() {
         None => "succeeded".into(),
         Some(why) => why.kind(),

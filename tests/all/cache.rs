@@ -1,7 +1,7 @@
 //! The compiled-module cache: reused when intact, never trusted when not.
 
 use crate::support::*;
-use grid_node::{Limits, Sandbox, SandboxConfig, TaskSpec};
+use grid_sandbox::{Limits, Sandbox, SandboxConfig, TaskSpec};
 
 fn artifacts(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut found: Vec<_> = std::fs::read_dir(dir)

@@ -276,17 +276,17 @@ fn rt() -> &'static tokio::runtime::Runtime {
 
 /// A sandbox whose tasks may use the GPU through its own GPU worker process (`grid`'s), like a
 /// node's.
-fn new_gpu_sandbox() -> grid_node::Sandbox {
+fn new_gpu_sandbox() -> grid_sandbox::Sandbox {
     // Started from a thread of its own, so that this may be called inside `rt().block_on`.
     let worker = std::thread::spawn(|| {
-        rt().block_on(grid_node::GpuWorker::start(grid_node::WorkerCommand::of(
-            env!("CARGO_BIN_EXE_grid"),
-        )))
+        rt().block_on(grid_sandbox::GpuWorker::start(
+            grid_sandbox::WorkerCommand::of(env!("CARGO_BIN_EXE_grid")),
+        ))
     })
     .join()
     .expect("starting the GPU worker")
     .unwrap_or_else(|e| panic!("{e}"));
-    grid_node::Sandbox::new(grid_node::SandboxConfig {
+    grid_sandbox::Sandbox::new(grid_sandbox::SandboxConfig {
         gpu: Some(worker),
         ..Default::default()
     })
@@ -295,27 +295,27 @@ fn new_gpu_sandbox() -> grid_node::Sandbox {
 
 /// The sandbox of the well-behaved GPU tests. Tests that bring a worker down use their own, so
 /// that they cannot take these tests' GPU objects with them.
-fn gpu_sandbox() -> &'static grid_node::Sandbox {
-    static SANDBOX: OnceLock<grid_node::Sandbox> = OnceLock::new();
+fn gpu_sandbox() -> &'static grid_sandbox::Sandbox {
+    static SANDBOX: OnceLock<grid_sandbox::Sandbox> = OnceLock::new();
     SANDBOX.get_or_init(new_gpu_sandbox)
 }
 
 /// Runs the hostile guest with `args` in `sandbox`, with `/in` and `/out` under `dirs`.
 async fn gpu_task_in(
-    sandbox: &grid_node::Sandbox,
+    sandbox: &grid_sandbox::Sandbox,
     dirs: &crate::support::TaskDirs,
     args: &[&str],
     with_gpu: bool,
     gpu_limits: GpuLimits,
-) -> grid_node::TaskReport {
+) -> grid_sandbox::TaskReport {
     let module = sandbox
         .load(
             &crate::support::guest_bytes("hostile"),
-            &grid_node::Limits::default(),
+            &grid_sandbox::Limits::default(),
         )
         .await
         .unwrap();
-    let mut spec = grid_node::TaskSpec::new(&dirs.output());
+    let mut spec = grid_sandbox::TaskSpec::new(&dirs.output());
     spec.input_dir = Some(dirs.input());
     spec.args = args.iter().map(|a| a.to_string()).collect();
     spec.gpu = with_gpu;
@@ -328,12 +328,12 @@ async fn gpu_task_with(
     args: &[&str],
     with_gpu: bool,
     gpu_limits: GpuLimits,
-) -> grid_node::TaskReport {
+) -> grid_sandbox::TaskReport {
     let dirs = crate::support::TaskDirs::new();
     gpu_task_in(gpu_sandbox(), &dirs, args, with_gpu, gpu_limits).await
 }
 
-async fn gpu_task(mode: &str, with_gpu: bool) -> grid_node::TaskReport {
+async fn gpu_task(mode: &str, with_gpu: bool) -> grid_sandbox::TaskReport {
     gpu_task_with(&[mode], with_gpu, GpuLimits::default()).await
 }
 
@@ -420,7 +420,7 @@ fn gpu_memory_past_the_tasks_limit_ends_it() {
 }
 
 /// A GPU task in `sandbox` succeeds: its GPU worker serves.
-async fn assert_a_gpu_task_runs_in(sandbox: &grid_node::Sandbox) {
+async fn assert_a_gpu_task_runs_in(sandbox: &grid_sandbox::Sandbox) {
     let dirs = crate::support::TaskDirs::new();
     let r = gpu_task_in(sandbox, &dirs, &["gpu-double"], true, GpuLimits::default()).await;
     assert_eq!(
@@ -494,7 +494,7 @@ fn a_gpu_worker_that_dies_mid_call_fails_that_call_only() {
 
 /// Runs a holder (`gpu-hold` with `hold_args`) while a spinner brings the GPU worker down, and
 /// returns the holder's report.
-async fn hold_through_a_restart(hold_args: &[&'static str]) -> grid_node::TaskReport {
+async fn hold_through_a_restart(hold_args: &[&'static str]) -> grid_sandbox::TaskReport {
     let sandbox = std::sync::Arc::new(new_gpu_sandbox());
     let holder_dirs = std::sync::Arc::new(crate::support::TaskDirs::new());
     let holder = tokio::spawn({

@@ -1,5 +1,5 @@
 //! End-to-end tests of Grid through its public interfaces: the `grid` binary and the sandbox API
-//! of `grid-node`. One test binary, one module per topic (wasmtime's `tests/all` layout).
+//! of `grid-sandbox`. One test binary, one module per topic (wasmtime's `tests/all` layout).
 //!
 //! The guest modules they run are built to wasm32-wasip1 first: `cargo xtask test` does that and
 //! then runs these tests; a missing guest fails the test with the command to run.

@@ -2,7 +2,7 @@
 //! task running fine right after in the same engine.
 
 use crate::support::*;
-use grid_node::Limits;
+use grid_sandbox::Limits;
 use std::time::Duration;
 
 fn small_limits() -> Limits {
@@ -17,7 +17,7 @@ fn small_limits() -> Limits {
 }
 
 /// Runs `hostile MODE` with small limits and returns the report after the common checks.
-async fn hostile(mode: &str) -> (grid_node::TaskReport, TaskDirs) {
+async fn hostile(mode: &str) -> (grid_sandbox::TaskReport, TaskDirs) {
     let dirs = TaskDirs::new();
     let report = run_task(&guest_bytes("hostile"), &dirs, |s| {
         s.args = vec![mode.to_string()];
@@ -28,7 +28,7 @@ async fn hostile(mode: &str) -> (grid_node::TaskReport, TaskDirs) {
     (report, dirs)
 }
 
-async fn wat_task(text: &str, timeout: Duration) -> grid_node::TaskReport {
+async fn wat_task(text: &str, timeout: Duration) -> grid_sandbox::TaskReport {
     let dirs = TaskDirs::new();
     let report = run_task(&wat(text), &dirs, |s| {
         s.limits = Limits {
@@ -80,7 +80,7 @@ async fn sleeping_guest_is_stopped_by_the_wall_time_limit() {
     assert_a_good_task_runs().await;
 }
 
-/// `poll_oneoff` on clocks, as the node shadows it (see grid-node's `poll`): a lone relative
+/// `poll_oneoff` on clocks, as the node shadows it (see grid-sandbox's `poll`): a lone relative
 /// timer (its own asynchronous sleep) and two timers (wasmtime-wasi's implementation) both wake
 /// at the first timer and report its event. The guest exits with nevents × 100 + userdata.
 #[tokio::test(flavor = "multi_thread")]
@@ -245,7 +245,7 @@ async fn one_write_larger_than_the_quota_is_refused_before_it_reaches_the_disk()
 async fn sparse_file_past_the_quota_hits_the_output_limit() {
     let (r, dirs) = hostile("sparse-seek").await;
     assert_eq!(reason(&r), "limit: output");
-    assert_eq!(grid_node::outputs::apparent_size(&dirs.output()), 0);
+    assert_eq!(grid_sandbox::outputs::apparent_size(&dirs.output()), 0);
     assert_a_good_task_runs().await;
 }
 
@@ -343,7 +343,7 @@ async fn symlinks_cannot_point_out_of_out_and_are_not_followed() {
             .unwrap()
             .is_symlink()
     );
-    let manifest = grid_node::outputs::manifest(&dirs.output()).unwrap();
+    let manifest = grid_sandbox::outputs::manifest(&dirs.output()).unwrap();
     let paths: Vec<&str> = manifest.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(paths, ["real.txt"], "links are never collected as files");
     assert_a_good_task_runs().await;

@@ -1,6 +1,6 @@
 //! Helpers shared by the tests: guest modules, a shared sandbox, fresh directories, `grid`.
 
-use grid_node::{Sandbox, SandboxConfig, TaskReport, TaskSpec};
+use grid_sandbox::{Sandbox, SandboxConfig, TaskReport, TaskSpec};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;

@@ -2,19 +2,19 @@
 //! runs it in release mode and prints ratios measured side by side in one run.
 //!
 //! - `sandbox`: the synth-data example through the sandbox vs bare wasmtime vs native, and the
-//!   per-task fixed cost (see `grid-node/benches/sandbox.rs`).
+//!   per-task fixed cost (see `grid-sandbox/benches/sandbox.rs`).
 //! - `grid`: one table — trivial tasks per second (1 node, then 2) through submit → broker →
 //!   JetStream → node → result against JetStream's own publish and pull rates on the same
 //!   server (`grid-client/examples/jetstream_ceiling.rs`), and jobs of ~100 ms tasks
 //!   (compute-bound, and output-heavy) against the same task run directly in the sandbox,
 //!   divided by slots; `--json` prints it as one JSON object.
 //! - `gpu`: the gpu-noise example as a wasm task through `grid_gpu_v1` and the GPU worker vs the
-//!   same WGSL from a native program, and the per-dispatch overhead (see `grid-node/benches/gpu.rs`).
+//!   same WGSL from a native program, and the per-dispatch overhead (see `grid-sandbox/benches/gpu.rs`).
 //! - `flat`: jobs of 1k, 10k, 100k and 1M trivial tasks (`--largest N` to stop sooner), counted
 //!   (`--tasks`) and from a params file, each on a fresh `grid up`: tasks per second, the broker's
 //!   peak memory and that of `grid submit`, which must not grow with the job.
 //! - `python`: the Python runtime's cold compile, a warm trivial task, and a numpy-heavy script
-//!   in the sandbox vs the host's CPython with numpy (see `grid-node/benches/python.rs`).
+//!   in the sandbox vs the host's CPython with numpy (see `grid-sandbox/benches/python.rs`).
 
 use crate::{build_guests, cargo, guest_wasm, setup, target_dir};
 use anyhow::{Context, Result, bail};
@@ -42,7 +42,14 @@ pub fn run(args: &[String]) -> Result<()> {
                 "-p",
                 "synth-data",
             ])?;
-            cargo(&["bench", "--locked", "-p", "grid-node", "--bench", "sandbox"])
+            cargo(&[
+                "bench",
+                "--locked",
+                "-p",
+                "grid-sandbox",
+                "--bench",
+                "sandbox",
+            ])
         }
         "grid" => grid(json),
         "flat" => {
@@ -55,13 +62,21 @@ pub fn run(args: &[String]) -> Result<()> {
             };
             flat(largest)
         }
-        "gpu" => cargo(&["bench", "--locked", "-p", "grid-node", "--bench", "gpu"]),
+        "gpu" => cargo(&["bench", "--locked", "-p", "grid-sandbox", "--bench", "gpu"]),
         "python" => {
             let python = setup::host_python_with_numpy()?;
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
-                .args(["bench", "--locked", "-p", "grid-node", "--bench", "python"])
+                .args([
+                    "bench",
+                    "--locked",
+                    "-p",
+                    "grid-sandbox",
+                    "--bench",
+                    "python",
+                ])
                 .env("GRID_BENCH_HOST_PYTHON", python)
+                .env("GRID_RUNTIME_DIR", setup::python_runtime_dir()?)
                 .current_dir(crate::root())
                 .status()?;
             if !status.success() {

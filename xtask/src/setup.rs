@@ -140,6 +140,17 @@ fn ensure_python_runtime() -> Result<()> {
     Ok(())
 }
 
+/// The folder of the Python runtime's files that [`run`] checked: `GRID_RUNTIME_DIR`, else Grid's
+/// virtual environment.
+pub fn python_runtime_dir() -> Result<PathBuf> {
+    match std::env::var_os("GRID_RUNTIME_DIR") {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => {
+            runtime_dir()?.context("the Python runtime is not installed: run `cargo xtask setup`")
+        }
+    }
+}
+
 /// The Python runtime's files in Grid's virtual environment, if installed.
 fn runtime_dir() -> Result<Option<PathBuf>> {
     let lib = venv()?.join("lib");

@@ -6,10 +6,10 @@
 //! same script on the host's CPython with numpy, both for the numerical work alone (timed inside
 //! the script) and for the whole task (interpreter start and `import numpy` included).
 
-use grid_node::runtime::RuntimeFiles;
-use grid_node::{Program, Sandbox, SandboxConfig, TaskSpec};
 use grid_proto::runtime::PYTHON;
-use std::path::Path;
+use grid_sandbox::runtime::RuntimeFiles;
+use grid_sandbox::{Program, Sandbox, SandboxConfig, TaskSpec};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -18,7 +18,12 @@ use common::median;
 fn main() -> anyhow::Result<()> {
     let reps = 7;
     let host_python = std::env::var("GRID_BENCH_HOST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let artifacts = grid_client::find_runtime(&PYTHON)?;
+    // `cargo xtask bench python` names the folder of the runtime's files that its setup checked.
+    let artifacts = std::env::var_os("GRID_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            anyhow::anyhow!("GRID_RUNTIME_DIR is not set: run `cargo xtask bench python`")
+        })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -26,7 +31,7 @@ fn main() -> anyhow::Result<()> {
     let files = RuntimeFiles::install(
         &work.path().join("runtimes"),
         &PYTHON,
-        &std::fs::read(&artifacts.stdlib)?,
+        &std::fs::read(artifacts.join(PYTHON.stdlib_file))?,
     )?;
     let programs = work.path().join("programs");
     std::fs::create_dir_all(&programs)?;
@@ -39,7 +44,7 @@ fn main() -> anyhow::Result<()> {
         cache_dir: Some(work.path().join("compiled")),
         ..Default::default()
     })?;
-    let module_bytes = std::fs::read(&artifacts.module)?;
+    let module_bytes = std::fs::read(artifacts.join(PYTHON.module_file))?;
     let started = Instant::now();
     let module = rt
         .block_on(sandbox.load_runtime(&PYTHON, async { Ok(module_bytes) }))

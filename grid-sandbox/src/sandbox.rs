@@ -30,7 +30,7 @@
 //! # Example
 //! ```no_run
 //! # async fn demo(bytes: &[u8]) -> anyhow::Result<()> {
-//! use grid_node::{Limits, Sandbox, SandboxConfig, TaskSpec};
+//! use grid_sandbox::{Limits, Sandbox, SandboxConfig, TaskSpec};
 //! let sandbox = Sandbox::new(SandboxConfig::default())?;
 //! let module = sandbox.load(bytes, &Limits::default()).await.map_err(|r| anyhow::anyhow!("{r}"))?;
 //! let out = tempfile::tempdir()?;

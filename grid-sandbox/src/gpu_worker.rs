@@ -168,10 +168,12 @@ pub enum CallError {
 pub struct GpuLost;
 
 /// Runs this process as a GPU worker when it was started as one, and exits. Call it first thing
-/// in `main` of every executable that may start a worker (`grid`, `grid-node`).
-pub fn serve_if_asked() {
+/// in `main` of every executable that may start a worker (`grid`, `grid-node`), with the
+/// executable's own logging setup (`grid_client::init_tracing`), which a worker runs before it
+/// serves: the sandbox leaves logging to the program that embeds it.
+pub fn serve_if_asked(init_tracing: impl FnOnce()) {
     if std::env::args_os().nth(1).is_some_and(|a| a == WORKER_ARG) {
-        grid_client::init_tracing();
+        init_tracing();
         std::process::exit(serve());
     }
 }

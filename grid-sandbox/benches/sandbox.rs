@@ -5,7 +5,7 @@
 //! fixed cost of an empty `_start` — instantiate, WASI context, `/in` and `/out`, run, collect —
 //! with the compiled module in memory, from the on-disk cache, and compiled from scratch.
 
-use grid_node::{Limits, Sandbox, SandboxConfig, TaskSpec};
+use grid_sandbox::{Limits, Sandbox, SandboxConfig, TaskSpec};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use wasmtime::{Engine, Linker, Module, Store};

@@ -9,7 +9,7 @@
 
 use gpu_noise::{Noise, cpu_image, pgm};
 use grid_gpu::{GpuDevice, GpuLimits, GpuSession};
-use grid_node::{GpuWorker, Limits, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
+use grid_sandbox::{GpuWorker, Limits, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,6 +65,8 @@ struct Case {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The bench's own executable is its GPU worker (logging nothing, like the bench itself).
+    grid_sandbox::gpu_worker::serve_if_asked(|| {});
     let wasm_path = target_dir().join("wasm32-wasip1/guest/gpu-noise.wasm");
     let wasm = std::fs::read(&wasm_path).map_err(|e| {
         anyhow::anyhow!("{}: {e}; run `cargo xtask bench gpu`", wasm_path.display())
@@ -73,9 +75,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let worker = rt
-        .block_on(GpuWorker::start(WorkerCommand::of(env!(
-            "CARGO_BIN_EXE_grid-node"
-        ))))
+        .block_on(GpuWorker::start(WorkerCommand::current_exe()?))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("GPU: {}", worker.info());
     let worker_handle = worker.clone();
@@ -183,7 +183,8 @@ fn main() -> anyhow::Result<()> {
     let calls = 2000u32;
     let started = Instant::now();
     for _ in 0..calls {
-        let r = rt.block_on(session.call(grid_node::gpu_worker::GpuCall::Destroy { handle: 999 }));
+        let r =
+            rt.block_on(session.call(grid_sandbox::gpu_worker::GpuCall::Destroy { handle: 999 }));
         anyhow::ensure!(r.is_err(), "handle 999 does not exist");
     }
     println!(

@@ -12,7 +12,7 @@
 //! # Example: a task that hits its memory limit
 //! ```
 //! # #[tokio::main] async fn main() -> anyhow::Result<()> {
-//! use grid_node::{Limits, Sandbox, SandboxConfig, TaskSpec};
+//! use grid_sandbox::{Limits, Sandbox, SandboxConfig, TaskSpec};
 //! // Grows memory 1 MiB at a time until `memory.grow` fails, then gives up.
 //! let bomb = wat::parse_str(r#"(module (memory 1)
 //!     (func (export "_start")
