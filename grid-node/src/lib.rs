@@ -6,9 +6,9 @@
 //! the compiled-module cache, the GPU worker) is `grid_sandbox`'s; this crate is the service
 //! around it.
 //!
-//! Modules: [`settings`] (flags and the TOML config file), [`worker`], [`workdirs`] (task
-//! folders, reused), [`disk`] (the disk budget of the caches), [`privileges`] (dropping root,
-//! no-new-privileges, seccomp: the second line of defence).
+//! Modules: [`settings`] (flags and the TOML config file, merged into a [`settings::NodeConfig`]),
+//! [`worker`], [`workdirs`] (task folders, reused), [`disk`] (the disk budget of the caches),
+//! [`privileges`] (dropping root, no-new-privileges, seccomp: the second line of defence).
 
 pub mod disk;
 pub mod privileges;

@@ -1,8 +1,9 @@
 //! A node's settings: command-line flags, and a TOML config file for what a provider sets once.
 //!
-//! Every setting can be given either way; a flag wins over the file. Sizes and durations are
-//! written as users write them (`2GiB`, `5min`). An unknown key in the file is an error that
-//! names it, so a typo never silently falls back to a default.
+//! Every setting can be given either way; a flag wins over the file, and both merge into one
+//! [`NodeConfig`], what the node runs with. Sizes and durations are written as users write them
+//! (`2GiB`, `5min`). An unknown key in the file is an error that names it, so a typo never
+//! silently falls back to a default.
 //!
 //! ```toml
 //! nats = "nats://grid.example.org:4222"
@@ -26,7 +27,6 @@
 //! Caps default to what a node can give: memory up to its memory budget, 24 h of time, 10 GiB
 //! of output, 2 GiB of GPU buffers and 1 h of GPU time.
 
-use crate::worker::NodeConfig;
 use grid_proto::names;
 use grid_sandbox::limits::{Limits, NodeCaps, parse_duration, parse_size};
 use serde::Deserialize;
@@ -96,6 +96,37 @@ pub struct NodeArgs {
     pub metrics: Option<std::net::SocketAddr>,
     /// TEST ONLY: corrupt every task's outputs (a lying provider, for replica tests).
     #[arg(long, hide = true)]
+    pub test_corrupt_outputs: bool,
+}
+
+/// A node's settings, merged from its flags and its config file ([`NodeArgs::into_config`]).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub nats_url: String,
+    /// NATS credentials file (else `GRID_CREDS`, else none).
+    pub creds: Option<PathBuf>,
+    /// Started as root: the user to run as (`--user`).
+    pub user: Option<String>,
+    pub node_id: String,
+    pub class: String,
+    pub slots: u32,
+    pub cache_dir: PathBuf,
+    /// Look for a GPU and, when there is one, also serve the `gpu` class.
+    pub use_gpu: bool,
+    /// GPU tasks run at once (they also take turns on the GPU itself).
+    pub gpu_slots: u32,
+    /// This provider's ceilings on every task's limits.
+    pub caps: NodeCaps,
+    /// Memory all running tasks together may be given (their memory limits, summed).
+    pub memory_budget_bytes: u64,
+    /// Disk the caches may fill (see [`crate::disk`]).
+    pub disk_budget_bytes: u64,
+    /// On shutdown, how long running tasks may take to finish before they are handed back.
+    pub grace: Duration,
+    /// Where to serve Prometheus metrics (see `grid_client::metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
+    /// TEST ONLY: add a file of this node's own to every task's outputs, so that its replica
+    /// results never agree with anyone's.
     pub test_corrupt_outputs: bool,
 }
 

@@ -31,6 +31,7 @@
 //! | deliveries ([`grid_client::MAX_TASK_DELIVERIES`]) | 5 | a task that no node can run ends `lost` instead of circling forever |
 //! | retries (broker) | at once | a failed attempt is published again immediately: its cause is in the task or the node, not in time; a node that cannot run a task hands it back after 1 s instead |
 
+use crate::settings::NodeConfig;
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
@@ -62,36 +63,6 @@ enum Phase {
     Draining,
     /// Running tasks stop and go back to the grid.
     HandingBack,
-}
-
-#[derive(Clone, Debug)]
-pub struct NodeConfig {
-    pub nats_url: String,
-    /// NATS credentials file (else `GRID_CREDS`, else none).
-    pub creds: Option<PathBuf>,
-    /// Started as root: the user to run as (`--user`).
-    pub user: Option<String>,
-    pub node_id: String,
-    pub class: String,
-    pub slots: u32,
-    pub cache_dir: PathBuf,
-    /// Look for a GPU and, when there is one, also serve the `gpu` class.
-    pub use_gpu: bool,
-    /// GPU tasks run at once (they also take turns on the GPU itself).
-    pub gpu_slots: u32,
-    /// This provider's ceilings on every task's limits.
-    pub caps: NodeCaps,
-    /// Memory all running tasks together may be given (their memory limits, summed).
-    pub memory_budget_bytes: u64,
-    /// Disk the caches may fill (see [`crate::disk`]).
-    pub disk_budget_bytes: u64,
-    /// On shutdown, how long running tasks may take to finish before they are handed back.
-    pub grace: Duration,
-    /// Where to serve Prometheus metrics (see `grid_client::metrics`).
-    pub metrics: Option<std::net::SocketAddr>,
-    /// TEST ONLY: add a file of this node's own to every task's outputs, so that its replica
-    /// results never agree with anyone's.
-    pub test_corrupt_outputs: bool,
 }
 
 struct Node {

@@ -102,7 +102,7 @@ impl ModuleCache {
 
     fn try_put(&self, module: &Sha256Hex, variant: &str, compiled: &Module) -> Result<()> {
         let name = self.name(module, variant);
-        let artifact = compiled.serialize().map_err(crate::sandbox::wasm_err)?;
+        let artifact = compiled.serialize().map_err(crate::task_state::wasm_err)?;
         let tag = self.tag(&name, &artifact).finalize().into_bytes();
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
         tmp.write_all(&tag)?;

@@ -11,8 +11,8 @@
 //! The functions are async: each call goes to the node's GPU worker process
 //! ([`crate::gpu_worker`]), which the node can kill when GPU work overruns.
 
-use crate::gpu_worker::{CallError, GpuCall, GpuLost, GpuValue, RemoteSession};
-use crate::sandbox::{LimitHit, TaskState};
+use crate::gpu_worker::{CallError, GpuCall, GpuLost, GpuValue};
+use crate::task_state::{LimitHit, TaskState};
 use grid_gpu::{GpuError, GpuErrorKind};
 use wasmtime::{Caller, Linker, Result};
 
@@ -37,14 +37,6 @@ const UNAVAILABLE: i32 = 5;
 const MAX_ENTRY_BYTES: usize = 256;
 /// Most buffers one dispatch may bind.
 const MAX_BINDINGS: usize = 64;
-
-/// The task's GPU state: a session in the node's GPU worker when the task may use the GPU, and
-/// the last error message.
-#[derive(Default)]
-pub struct TaskGpu {
-    pub session: Option<RemoteSession>,
-    pub last_error: String,
-}
 
 /// A task's GPU call failed because the GPU worker died during it.
 #[derive(Debug, thiserror::Error)]

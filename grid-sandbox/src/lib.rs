@@ -6,8 +6,9 @@
 //! exactly this code, so a task behaves the same on a user's laptop as on any node. Nothing here
 //! talks to a grid: fetching tasks and reporting results is `grid-node`'s.
 //!
-//! Modules: [`validate`] (static checks before compiling), [`limits`], [`sandbox`], [`guard`]
-//! and [`fs_guard`] (the `/out` quota inside WASI), [`capture`] (capped logs),
+//! Modules: [`validate`] (static checks before compiling), [`limits`], [`sandbox`],
+//! [`task_state`] (what a task's store holds, shared by the host functions), [`guard`] and
+//! [`fs_guard`] (the `/out` quota inside WASI, counted by [`quota`]), [`capture`] (capped logs),
 //! [`determinism`] (fixed clocks, seeded randomness), [`cache`] (compiled modules on disk),
 //! [`outputs`], [`runtime`] (pinned runtimes such as Python on a host), [`gpu_binding`] (the
 //! guest's `grid_gpu_v1` imports) over [`gpu_worker`] (the process that owns the GPU, killed and
@@ -24,8 +25,10 @@ pub mod guard;
 pub mod limits;
 pub mod outputs;
 mod poll;
+pub mod quota;
 pub mod runtime;
 pub mod sandbox;
+pub mod task_state;
 pub mod validate;
 
 pub use gpu_worker::{GpuWorker, WorkerCommand};

@@ -8,7 +8,7 @@
 //! This shadows `poll_oneoff`: a lone relative timer sleeps on tokio's timer instead, which a
 //! timeout or a cancel drops; every other poll goes to wasmtime-wasi's own implementation.
 
-use crate::sandbox::TaskState;
+use crate::task_state::TaskState;
 use std::time::Duration;
 use wasmtime::{AsContextMut, Caller, Linker, Result};
 

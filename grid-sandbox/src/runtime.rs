@@ -8,7 +8,7 @@
 //! folder and renamed into place, so a half-written one is never used, and two processes laying
 //! out the same zip at once both end with a whole one.
 
-use crate::sandbox::TaskState;
+use crate::task_state::TaskState;
 use anyhow::{Context, Result, bail};
 use grid_proto::Sha256Hex;
 use grid_proto::runtime::Runtime;

@@ -7,7 +7,7 @@
 //! # How each limit is enforced
 //! | limit | mechanism |
 //! |---|---|
-//! | memory, tables | a [`ResourceLimiter`] per store: `memory.grow` past the limit returns -1 in the guest; a task that then fails reports `limit: memory` |
+//! | memory, tables | a [`ResourceLimiter`](wasmtime::ResourceLimiter) per store: `memory.grow` past the limit returns -1 in the guest; a task that then fails reports `limit: memory` |
 //! | time | a wall deadline checked on every epoch tick (10 ms) while wasm runs, and a tokio timeout around the whole call for a guest blocked in a host call (`poll_oneoff` sleeps) |
 //! | output bytes and files, open files | checks around the writing WASI calls, see [`crate::guard`] and [`crate::fs_guard`]; a task over its output limit leaves an empty `/out` |
 //! | logs | [`crate::capture::CappedPipe`]: truncated and marked, not fatal |
@@ -42,17 +42,19 @@
 use crate::cache::ModuleCache;
 use crate::capture::CappedPipe;
 use crate::determinism::{FixedWallClock, VirtualMonotonicClock, seeded_rng};
-use crate::fs_guard::{self, OutputQuota};
+use crate::fs_guard;
 use crate::guard;
 use crate::limits::{Limits, NodeCaps};
+use crate::quota::OutputQuota;
+use crate::task_state::{LimitHit, TaskGpu, TaskLimiter, TaskState, wasm_err};
 use crate::validate::{CompileCaps, check_module};
 use grid_proto::{Limit, Outcome, Reason, Sha256Hex};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wasmtime::{Config, Engine, Linker, Module, ResourceLimiter, Store, Trap, UpdateDeadline};
-use wasmtime_wasi::p1::{self, WasiP1Ctx};
+use wasmtime::{Config, Engine, Linker, Module, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::p1;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder, WasiView};
 
 /// How often the engine's epoch advances; the granularity of the time limit for running wasm.
@@ -201,11 +203,6 @@ struct Ran {
     peak_memory_bytes: u64,
 }
 
-/// A limit that ended the task, raised from inside the store.
-#[derive(Debug, thiserror::Error)]
-#[error("limit: {0}")]
-pub struct LimitHit(pub Limit);
-
 pub struct Sandbox {
     engine: Engine,
     linker: Linker<TaskState>,
@@ -216,73 +213,6 @@ pub struct Sandbox {
     /// Shown (read-only) at `/in` to tasks that have no inputs.
     empty_in: tempfile::TempDir,
     _ticker: EpochTicker,
-}
-
-/// Per-task store data.
-pub struct TaskState {
-    pub(crate) wasi: WasiP1Ctx,
-    limiter: TaskLimiter,
-    pub(crate) quota: OutputQuota,
-    pub(crate) stdio_replaced: bool,
-    pub(crate) gpu: crate::gpu_binding::TaskGpu,
-}
-
-impl TaskState {
-    pub(crate) fn is_stdio(&self, fd: i32) -> bool {
-        (fd == 1 || fd == 2) && !self.stdio_replaced
-    }
-}
-
-struct TaskLimiter {
-    memory_bytes: u64,
-    /// The largest memory size granted, for the usage ledger.
-    peak_memory_bytes: u64,
-    table_elements: u64,
-    tables_total: u64,
-    hit: Option<Limit>,
-}
-
-impl ResourceLimiter for TaskLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired as u64 > self.memory_bytes {
-            self.hit.get_or_insert(Limit::Memory);
-            return Ok(false);
-        }
-        self.peak_memory_bytes = self.peak_memory_bytes.max(desired as u64);
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let total = self
-            .tables_total
-            .saturating_add((desired - current.min(desired)) as u64);
-        if total > self.table_elements {
-            self.hit.get_or_insert(Limit::Table);
-            return Ok(false);
-        }
-        self.tables_total = total;
-        Ok(true)
-    }
-
-    fn instances(&self) -> usize {
-        2 // the guest and its guard
-    }
-    fn memories(&self) -> usize {
-        1
-    }
-    fn tables(&self) -> usize {
-        100
-    }
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
@@ -645,7 +575,7 @@ impl Sandbox {
                 quota
             },
             stdio_replaced: false,
-            gpu: crate::gpu_binding::TaskGpu {
+            gpu: TaskGpu {
                 session: match (&self.config.gpu, spec.gpu) {
                     (Some(worker), true) => {
                         Some(worker.session(limits.gpu.clone(), Instant::now() + limits.timeout))
@@ -802,11 +732,6 @@ fn trap_name(trap: Trap) -> String {
         Trap::BadConversionToInteger => "invalid conversion to integer".into(),
         other => other.to_string(),
     }
-}
-
-/// wasmtime's error as an `anyhow` error (wasmtime 48's `Error` is not `std::error::Error`).
-pub(crate) fn wasm_err(e: wasmtime::Error) -> anyhow::Error {
-    anyhow::anyhow!("{e:#}")
 }
 
 /// An error chain on one line.
