@@ -5,7 +5,7 @@
 //! | `setup` | installs what is missing (the wasm32-wasip1 target) or says exactly how |
 //! | `build-guests` | builds the example jobs and the test guests to `target/wasm32-wasip1/guest/` |
 //! | `demo [python]` | the README's main job: a local grid runs the synthetic-data example (or the scikit-learn sweep) |
-//! | `test` | setup, build-guests, every test of the workspace, then a short chaos run and a short fuzz run |
+//! | `test` | setup, `cargo fmt --check`, clippy with warnings denied, build-guests, every test of the workspace, then a short chaos run and a short fuzz run |
 //! | `bench [sandbox|grid|gpu|python|flat]` | benchmarks: sandbox vs bare wasmtime vs native; tasks per second through the grid; GPU binding vs native; Python in the sandbox vs host CPython; rate and memory as jobs grow |
 //! | `chaos [--tasks N] [--seed S] [--samples N]` | a job on a local grid while nodes, the broker and nats-server are killed at random; checked against a calm run |
 //! | `fuzz [--seconds N] [--seed S] [wire\|sandbox\|gpu…]` | replays `fuzz/regressions/`, then fuzzes wire decoding, the sandbox and the GPU ABI for N seconds each |
@@ -40,6 +40,18 @@ fn run() -> Result<()> {
         Some("test") => {
             setup::run()?;
             setup::browser()?;
+            // House rules first: formatted, and no clippy warning anywhere.
+            cargo(&["fmt", "--all", "--check"])
+                .context("the code is not formatted: run `cargo fmt --all`")?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--locked",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
             build_guests()?;
             cargo_within(&["test", "--workspace", "--locked"], TEST_LIMIT)?;
             // The short chaos run: the grid under kills of every kind of process.
