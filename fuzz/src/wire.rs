@@ -2,7 +2,7 @@
 
 use crate::Verdict;
 use grid_proto::{
-    ApiReply, CancelRequest, JobRecord, Limit, Message, NodeInfo, NodeTally, Outcome, OutputFile,
+    Answer, CancelRequest, JobRecord, Limit, Message, NodeInfo, NodeTally, Outcome, OutputFile,
     Reason, ResultMsg, Sha256Hex, SubmitRequest, TaskMsg, TaskRecord, Usage, UsageEntry, decode,
     encode,
 };
@@ -75,7 +75,11 @@ fn samples() -> Vec<Vec<u8>> {
         encode(&grid_proto::ResultsMsg {
             results: vec![result.clone(), result.clone()],
         }),
-        encode(&ApiReply::Err("no".into())),
+        encode(&Answer::<grid_proto::JobRef>::Refused("no".into())),
+        encode(&Answer::Granted(grid_proto::Retrying {
+            job_id: "01".into(),
+            tasks: 3,
+        })),
         encode(&NodeTally {
             agreed: 3,
             outvoted: 1,
@@ -163,7 +167,10 @@ pub fn case(input: &[u8]) -> Verdict {
     check::<grid_proto::StorageRequest>(&bytes, &mut decoded)?;
     check::<grid_proto::DeleteRequest>(&bytes, &mut decoded)?;
     check::<grid_proto::RetryRequest>(&bytes, &mut decoded)?;
-    check::<ApiReply>(&bytes, &mut decoded)?;
+    check::<Answer<grid_proto::JobRef>>(&bytes, &mut decoded)?;
+    check::<Answer<grid_proto::Deleted>>(&bytes, &mut decoded)?;
+    check::<Answer<grid_proto::Retrying>>(&bytes, &mut decoded)?;
+    check::<Answer<grid_proto::StoreReady>>(&bytes, &mut decoded)?;
     check::<NodeTally>(&bytes, &mut decoded)?;
     check::<UsageEntry>(&bytes, &mut decoded)?;
     check::<NodeInfo>(&bytes, &mut decoded)?;

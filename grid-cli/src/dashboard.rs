@@ -236,7 +236,7 @@ async fn job_detail(source: &Source, jobs: &JobTable, id: &str) -> Result<Option
             }
         }
     }
-    let mut v = crate::jobs::status_json(&record);
+    let mut v = crate::status::status_json(&record);
     v["tenant"] = json!(tenant);
     v["module"] = json!(record.spec.module_name);
     v["failed_tasks"] = json!(failed);
@@ -456,7 +456,7 @@ async fn snapshot(
     let shown: Vec<Value> = jobs
         .iter()
         .map(|record| {
-            let mut v = crate::jobs::status_json(record);
+            let mut v = crate::status::status_json(record);
             v["tenant"] = json!(record.spec.tenant);
             v["module"] = json!(record.spec.module_name);
             v["created_unix_ms"] = json!(record.created_unix_ms);
@@ -544,12 +544,12 @@ pub struct DashboardArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8470")]
     pub listen: String,
     #[command(flatten)]
-    pub conn: crate::jobs::Conn,
+    pub conn: crate::conn::Conn,
 }
 
 /// `grid dashboard`: serves the page until Ctrl-C.
 pub fn dashboard(args: DashboardArgs) -> Result<std::process::ExitCode> {
-    crate::jobs::runtime()?.block_on(async {
+    crate::conn::runtime()?.block_on(async {
         let session = args.conn.open("dashboard").await?;
         let source = Source {
             tenant: session.scope(),

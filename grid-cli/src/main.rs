@@ -4,11 +4,16 @@
 //! disputed; 2 usage or setup error. Errors are one line, `grid: …`, on stderr.
 
 mod auth;
+mod conn;
+mod control;
 mod dashboard;
 mod doctor;
-mod jobs;
+mod flags;
+mod results;
 mod run;
+mod status;
 mod style;
+mod submit;
 mod up;
 mod usage;
 
@@ -33,23 +38,23 @@ enum Command {
     /// Start a local grid (nats-server, a broker, nodes) in the foreground.
     Up(up::UpArgs),
     /// Submit a job to the grid.
-    Submit(jobs::SubmitArgs),
+    Submit(submit::SubmitArgs),
     /// Show a job's state.
-    Status(jobs::StatusArgs),
+    Status(status::StatusArgs),
     /// List jobs.
-    Jobs(jobs::ListArgs),
+    Jobs(status::ListArgs),
     /// List nodes that sent a heartbeat recently.
-    Nodes(jobs::ListArgs),
+    Nodes(status::ListArgs),
     /// Collect a job's outputs into a folder (works while it runs).
-    Results(jobs::ResultsArgs),
+    Results(results::ResultsArgs),
     /// Print tasks' captured stdout and stderr.
-    Logs(jobs::LogsArgs),
+    Logs(results::LogsArgs),
     /// Cancel a job: queued tasks are dropped, running ones stopped.
-    Cancel(jobs::CancelArgs),
+    Cancel(control::CancelArgs),
     /// Run an ended job's failed tasks again, in the same job.
-    Retry(jobs::RetryArgs),
+    Retry(control::RetryArgs),
     /// Delete an ended job: its records, outputs and logs, and inputs no other job uses.
-    Delete(jobs::DeleteArgs),
+    Delete(control::DeleteArgs),
     /// What tasks used, from the usage ledger: per job, tenant and provider.
     Usage(usage::UsageArgs),
     /// Serve a live web dashboard of the grid (nodes, jobs, throughput, usage).
@@ -104,15 +109,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Up(args) => up::up(args),
-        Command::Submit(args) => jobs::submit(args),
-        Command::Status(args) => jobs::status(args),
-        Command::Jobs(args) => jobs::jobs(args),
-        Command::Nodes(args) => jobs::nodes(args),
-        Command::Results(args) => jobs::results(args),
-        Command::Logs(args) => jobs::logs(args),
-        Command::Cancel(args) => jobs::cancel(args),
-        Command::Retry(args) => jobs::retry(args),
-        Command::Delete(args) => jobs::delete(args),
+        Command::Submit(args) => submit::submit(args),
+        Command::Status(args) => status::status(args),
+        Command::Jobs(args) => status::jobs(args),
+        Command::Nodes(args) => status::nodes(args),
+        Command::Results(args) => results::results(args),
+        Command::Logs(args) => results::logs(args),
+        Command::Cancel(args) => control::cancel(args),
+        Command::Retry(args) => control::retry(args),
+        Command::Delete(args) => control::delete(args),
         Command::Usage(args) => usage::usage(args),
         Command::Dashboard(args) => dashboard::dashboard(args),
         Command::Doctor => doctor::doctor(),
@@ -132,7 +137,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("grid: {}", grid_proto::one_line(&format!("{e:#}"), " "));
             // A refused job or module is the job's failure (1); anything else is usage or setup (2).
-            ExitCode::from(if e.downcast_ref::<jobs::Refused>().is_some() {
+            ExitCode::from(if e.downcast_ref::<conn::Refused>().is_some() {
                 1
             } else {
                 2

@@ -1,15 +1,14 @@
 //! `grid run`: one task, locally, in the node's sandbox.
 
+use crate::flags::TaskFlags;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use grid_proto::TaskStatus;
 use grid_proto::runtime::Runtime;
-pub use grid_sandbox::limits::{parse_duration, parse_size};
-use grid_sandbox::{GpuWorker, Limits, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
+use grid_sandbox::{GpuWorker, GridTask, Limits, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -26,7 +25,7 @@ pub struct RunArgs {
     )]
     pub from: Option<String>,
     #[command(flatten)]
-    pub conn: crate::jobs::Conn,
+    pub conn: crate::conn::Conn,
     /// Shown read-only to the task at /in.
     #[arg(long, value_name = "DIR")]
     pub input: Option<PathBuf>,
@@ -53,73 +52,6 @@ pub struct RunArgs {
 }
 
 /// The flags `grid run` and `grid submit` share: limits, env and seed of a task.
-#[derive(Args, Debug, Clone)]
-pub struct TaskFlags {
-    /// Linear memory limit, e.g. 64MiB [default: 512MiB]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub memory: Option<u64>,
-    /// Wall-time limit (CPU is capped at the same value), e.g. 30s [default: 10min]
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-    pub timeout: Option<Duration>,
-    /// Limit on bytes written under /out, e.g. 100MiB [default: 1GiB]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub max_output: Option<u64>,
-    /// Environment for the task, K=V; repeatable. Host env is never passed.
-    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
-    pub env: Vec<(String, String)>,
-    /// With --gpu: limit on the bytes of the task's GPU buffers together [default: 256MiB]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub gpu_memory: Option<u64>,
-    /// With --gpu: limit on the time the task's GPU work may take in all [default: 60s]
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-    pub gpu_time: Option<Duration>,
-    /// Job seed; each task's GRID_SEED is derived from it and the task index.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Run the file as a program of this runtime (`python`) [default: by its extension: .py]
-    #[arg(long, value_name = "NAME")]
-    pub runtime: Option<String>,
-}
-
-impl TaskFlags {
-    /// The runtime that runs `file`, if it is a program rather than a module.
-    pub fn runtime_for(&self, file: &Path) -> Result<Option<&'static Runtime>> {
-        match &self.runtime {
-            Some(name) => grid_proto::runtime::by_name(name).map(Some).ok_or_else(|| {
-                let known: Vec<&str> = grid_proto::runtime::RUNTIMES
-                    .iter()
-                    .map(|r| r.name)
-                    .collect();
-                anyhow::anyhow!("unknown runtime {name:?}; known: {}", known.join(", "))
-            }),
-            None => Ok(grid_proto::runtime::for_program(file)),
-        }
-    }
-
-    /// The limits asked for, defaults filled in.
-    pub fn limits(&self) -> Limits {
-        let defaults = Limits::default();
-        Limits {
-            memory_bytes: self.memory.unwrap_or(defaults.memory_bytes),
-            timeout: self.timeout.unwrap_or(defaults.timeout),
-            max_output_bytes: self.max_output.unwrap_or(defaults.max_output_bytes),
-            gpu: grid_gpu::GpuLimits {
-                max_buffer_bytes: self.gpu_memory.unwrap_or(defaults.gpu.max_buffer_bytes),
-                gpu_time: self.gpu_time.unwrap_or(defaults.gpu.gpu_time),
-                ..defaults.gpu.clone()
-            },
-            ..defaults
-        }
-    }
-}
-
-pub fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("`{s}` is not K=V")),
-    }
-}
-
 fn grid_cache_dir() -> Option<PathBuf> {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -154,22 +86,14 @@ pub async fn local_runtime_module(runtime: &Runtime) -> Result<Vec<u8>> {
         .with_context(|| format!("reading {}", artifacts.module.display()))
 }
 
-/// What a task is, wherever it came from: this machine's files and flags, or a grid's job.
+/// The task `grid run` runs: a module or a program, and what it sees.
 struct LocalTask {
     bytes: Vec<u8>,
     /// The module's or program's file name.
     name: PathBuf,
     runtime: Option<&'static Runtime>,
-    stdin: Vec<u8>,
-    input_dir: Option<PathBuf>,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    limits: Limits,
-    seed: u64,
-    index: u64,
-    count: u64,
-    attempt: u32,
-    gpu: bool,
+    /// What the task sees; its output folder is set once it is made.
+    spec: TaskSpec,
     /// Holds a grid task's inputs while it runs.
     _inputs: Option<tempfile::TempDir>,
 }
@@ -190,29 +114,31 @@ impl LocalTask {
                 .read_to_end(&mut stdin)
                 .context("reading stdin")?;
         }
+        let mut spec = TaskSpec::new(Path::new(""));
+        spec.args = args.args.clone();
+        spec.env = args.task.env.clone();
+        spec.stdin = stdin;
+        spec.input_dir = args.input.clone();
+        spec.limits = Limits::of_job(&args.task.job_limits());
+        spec.task_index = index;
+        spec.task_count = index + 1;
+        spec.seed = grid_proto::task_seed(args.task.seed, index);
+        spec.gpu = args.gpu;
         Ok(Self {
             bytes,
             name: module.to_path_buf(),
             runtime: args.task.runtime_for(module)?,
-            stdin,
-            input_dir: args.input.clone(),
-            args: args.args.clone(),
-            env: args.task.env.clone(),
-            limits: args.task.limits(),
-            seed: grid_proto::task_seed(args.task.seed, index),
-            index,
-            count: index + 1,
-            attempt: 0,
-            gpu: args.gpu,
+            spec,
             _inputs: None,
         })
     }
 
-    /// Task `index` of grid job `job`, fetched from the grid with the tenant's credentials.
+    /// Task `index` of grid job `job`, fetched from the grid with the tenant's credentials and
+    /// prepared as a node prepares it ([`GridTask`]).
     async fn from_grid(args: &RunArgs, job: &str, index: u64) -> Result<Self> {
         use grid_proto::TaskSource;
         let grid = args.conn.open("run --from").await?;
-        let record = crate::jobs::job_record(&grid, job).await?;
+        let record = grid.job_record(job).await?;
         let spec = &record.spec;
         let total = spec.tasks.len();
         if index >= total {
@@ -238,50 +164,57 @@ impl LocalTask {
                 ),
             ),
         };
-        let inputs = tempfile::Builder::new().prefix("grid-in-").tempdir()?;
-        let mut stdin = Vec::new();
+        let (mut stdin, mut input) = (Vec::new(), None);
         match &spec.tasks {
             TaskSource::Count(_) => {}
             TaskSource::Params { pages, .. } => {
-                let (mut first, mut found) = (0, false);
-                for page in pages {
-                    if index < first + page.lines {
-                        let bytes = grid.get_object(tenant, &page.sha256).await?;
-                        let line = grid_proto::params_lines(&bytes)
-                            .nth((index - first) as usize)
-                            .context("the job's params page has fewer lines than it says")?;
-                        stdin = line.to_vec();
-                        found = true;
-                        break;
-                    }
-                    first += page.lines;
-                }
-                if !found {
-                    bail!("job {job}'s params pages hold {first} lines, not task {index}'s");
-                }
+                let (page, line) = grid_proto::ParamsIndex::new(pages)
+                    .locate(index)
+                    .with_context(|| {
+                        format!("job {job}'s params pages hold no line of task {index}")
+                    })?;
+                let bytes = grid.get_object(tenant, &pages[page].sha256).await?;
+                stdin = grid_proto::params_lines(&bytes)
+                    .nth(line)
+                    .context("the job's params page has fewer lines than it says")?
+                    .to_vec();
             }
             TaskSource::Inputs(files) => {
-                let file = usize::try_from(index)
-                    .ok()
-                    .and_then(|i| files.get(i))
-                    .with_context(|| format!("job {job} lists no input for task {index}"))?;
-                let bytes = grid.get_object(tenant, &file.sha256).await?;
-                std::fs::write(inputs.path().join(plain(&file.name)?), bytes)?;
-            }
-        }
-        if !spec.shared.is_empty() {
-            std::fs::create_dir_all(inputs.path().join("shared"))?;
-            for file in &spec.shared {
-                plain(&file.name)?;
-                let bytes = grid.get_object(tenant, &file.sha256).await?;
-                std::fs::write(inputs.path().join("shared").join(&file.name), bytes)?;
+                input = Some(
+                    usize::try_from(index)
+                        .ok()
+                        .and_then(|i| files.get(i))
+                        .with_context(|| format!("job {job} lists no input for task {index}"))?,
+                );
             }
         }
         // The attempt that decided the task, when it has ended.
-        let attempt = crate::jobs::task_record(&grid, job, index)
+        let attempt = grid
+            .task_record(job, index)
             .await?
             .map_or(0, |t| t.result.attempt);
-        let limits = Limits::of_job(&spec.limits);
+        let task = GridTask {
+            job_id: &record.id,
+            spec,
+            count: total,
+            index,
+            attempt,
+            stdin: &stdin,
+            input,
+        };
+        let inputs = tempfile::Builder::new().prefix("grid-in-").tempdir()?;
+        let files = task
+            .inputs()
+            .map_err(|why| anyhow::anyhow!("job {job}'s task {index}: {why}"))?;
+        for (path, file) in files {
+            let path = inputs.path().join(path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, grid.get_object(tenant, &file.sha256).await?)?;
+        }
+        let mut run = task.task_spec(inputs.path().to_path_buf(), Path::new(""), None);
+        run.gpu |= args.gpu;
         eprintln!(
             "grid: task {index} of job {job} ({}, attempt {attempt}), here",
             spec.module_name
@@ -290,33 +223,15 @@ impl LocalTask {
             bytes,
             name: PathBuf::from(name),
             runtime,
-            stdin,
-            input_dir: Some(inputs.path().to_path_buf()),
-            args: spec.args.clone(),
-            env: spec.env.clone(),
-            limits,
-            seed: grid_proto::task_seed(spec.seed, index),
-            index,
-            count: total,
-            attempt,
-            gpu: args.gpu || spec.class == grid_proto::names::GPU_CLASS,
+            spec: run,
             _inputs: Some(inputs),
         })
     }
 }
 
-/// An input's name from a job spec, checked to be a plain file name (as a node checks it).
-fn plain(name: &str) -> Result<&str> {
-    if grid_node::worker::is_plain_file_name(name) {
-        Ok(name)
-    } else {
-        bail!("the job's input name {name:?} is not a plain file name")
-    }
-}
-
 pub fn main(args: RunArgs) -> Result<ExitCode> {
     let task = match (&args.from, &args.module) {
-        (Some(job), _) => crate::jobs::runtime()?.block_on(LocalTask::from_grid(
+        (Some(job), _) => crate::conn::runtime()?.block_on(LocalTask::from_grid(
             &args,
             job,
             args.task_index.unwrap_or(0),
@@ -342,24 +257,15 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
             .context("cannot create an output directory")?
             .keep(),
     };
-    let limits = task.limits.clone();
-    let mut spec = TaskSpec::new(&output_dir);
-    spec.args = task.args.clone();
-    spec.env = task.env.clone();
-    spec.stdin = task.stdin.clone();
-    spec.input_dir = task.input_dir.clone();
-    spec.limits = limits.clone();
-    spec.task_index = task.index;
-    spec.task_count = task.count;
-    spec.seed = task.seed;
-    spec.attempt = task.attempt;
-    spec.gpu = task.gpu;
+    let mut spec = task.spec.clone();
+    spec.output_dir = output_dir.clone();
+    let limits = spec.limits.clone();
     let program_runtime = task.runtime;
     let bytes = &task.bytes;
     // A program is shown alone at /job, as on a grid node.
     let program_dir = tempfile::Builder::new().prefix("grid-job-").tempdir()?;
     if let Some(runtime) = program_runtime {
-        let file = program_file_name(&task.name)?;
+        let file = crate::flags::program_file_name(&task.name)?;
         std::fs::write(program_dir.path().join(&file), bytes)?;
         spec.program = Some(grid_sandbox::Program {
             runtime,
@@ -372,7 +278,7 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     let report = runtime.block_on(async {
-        let gpu = if task.gpu {
+        let gpu = if spec.gpu {
             let worker = WorkerCommand::current_exe()?;
             Some(
                 GpuWorker::start(worker)
@@ -444,15 +350,6 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
-}
-
-/// The program's file name, as the guest sees it in /job.
-pub fn program_file_name(path: &Path) -> Result<String> {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| !n.is_empty())
-        .map(str::to_string)
-        .with_context(|| format!("{} has no usable file name", path.display()))
 }
 
 fn write_ignoring_closed_pipe(w: &mut impl Write, bytes: &[u8]) -> Result<()> {

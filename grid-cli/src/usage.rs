@@ -7,7 +7,7 @@
 //! is found by comparing the entry's digest with the task's record — with the decision of the
 //! entry's own round, for a task `grid retry` ran again.
 
-use crate::jobs::Conn;
+use crate::conn::Conn;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use grid_proto::{TaskRecord, TaskState, decode, names};
@@ -116,7 +116,7 @@ pub fn usage(args: UsageArgs) -> Result<ExitCode> {
     {
         bail!("--tenant {t:?}: not a tenant name");
     }
-    let runtime = crate::jobs::runtime()?;
+    let runtime = crate::conn::runtime()?;
     let wanted = |e: &UsageEntry| {
         args.provider.as_ref().is_none_or(|p| *p == e.node_id)
             && args.job.as_ref().is_none_or(|j| *j == e.job_id)

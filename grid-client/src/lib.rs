@@ -14,6 +14,7 @@ use std::time::Duration;
 
 pub mod auth;
 pub mod metrics;
+pub mod tenant;
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// How long a node may hold a task without a progress ack before JetStream redelivers it.

@@ -42,9 +42,9 @@ use grid_proto::{
 };
 use grid_sandbox::limits::MIB;
 use grid_sandbox::runtime::RuntimeFiles;
-use grid_sandbox::{GpuWorker, Limits, NodeCaps, Sandbox, SandboxConfig, TaskSpec, WorkerCommand};
+use grid_sandbox::task::is_plain_file_name;
+use grid_sandbox::{GpuWorker, GridTask, Limits, Sandbox, SandboxConfig, WorkerCommand};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -90,18 +90,6 @@ struct Node {
     runtime_files: Mutex<()>,
     /// Task folders, reused.
     work: crate::workdirs::WorkDirs,
-}
-
-/// The largest job limits a node with `caps` takes (what its heartbeat advertises).
-pub fn accepts(caps: &NodeCaps) -> grid_proto::JobLimits {
-    let c = &caps.0;
-    grid_proto::JobLimits {
-        memory_bytes: c.memory_bytes,
-        timeout_ms: c.timeout.as_millis().try_into().unwrap_or(u64::MAX),
-        max_output_bytes: c.max_output_bytes,
-        gpu_memory_bytes: c.gpu.max_buffer_bytes,
-        gpu_time_ms: c.gpu.gpu_time.as_millis().try_into().unwrap_or(u64::MAX),
-    }
 }
 
 /// Runs a node until `shutdown` resolves; running tasks are then abandoned unacked (JetStream
@@ -360,7 +348,7 @@ impl Node {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone(),
-                accepts: accepts(&self.config.caps),
+                accepts: self.config.caps.accepts(),
             };
             let sent = match self.grid.nodes().await {
                 Ok(nodes) => nodes
@@ -462,7 +450,7 @@ impl Node {
         }
         // A job asking for more than the provider's caps is not taken: another node may. (Not a
         // delivery that counts toward `lost`: the broker refuses a job no live node accepts.)
-        if let Some(why) = job.spec.limits.over(&accepts(&self.config.caps)) {
+        if let Some(why) = job.spec.limits.over(&self.config.caps.accepts()) {
             tracing::debug!(job = %task.job_id, index = task.index, "not taking the task: {why}");
             let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
             return;
@@ -514,11 +502,9 @@ impl Node {
         // The task's memory limit, out of the node's budget, before it runs: the limits of the
         // running tasks never add up to more than the provider gave. Waiting keeps the task
         // (progress acks); a drain hands it back.
-        let wanted = job
-            .spec
-            .limits
-            .memory_bytes
-            .min(self.config.caps.0.memory_bytes);
+        let wanted = Limits::of_job(&job.spec.limits)
+            .capped_by(&self.config.caps)
+            .memory_bytes;
         let permits = u32::try_from(wanted.div_ceil(MIB))
             .unwrap_or(u32::MAX)
             .clamp(1, self.memory_permits);
@@ -823,40 +809,30 @@ impl Node {
             Ok(m) => m,
             Err(reason) => return Ok(failed(reason)),
         };
+        let grid_task = GridTask {
+            job_id: &job.id,
+            spec,
+            count: job.counts.total,
+            index: task.index,
+            attempt: task.attempt,
+            stdin: task.stdin(),
+            input: task.input.as_ref(),
+        };
+        let inputs = match grid_task.inputs() {
+            Ok(inputs) => inputs,
+            Err(reason) => return Ok(failed(reason)),
+        };
         let work = self.work.take()?;
         let (in_dir, out_dir) = (work.path().join("in"), work.path().join("out"));
-        let mut inputs: Vec<(PathBuf, &grid_proto::InputRef)> = Vec::new();
-        if let Some(input) = &task.input {
-            inputs.push((in_dir.clone(), input));
-        }
-        if !spec.shared.is_empty() {
-            std::fs::create_dir_all(in_dir.join("shared"))?;
-            inputs.extend(spec.shared.iter().map(|i| (in_dir.join("shared"), i)));
-        }
-        for (dir, input) in inputs {
-            if !is_plain_file_name(&input.name) {
-                return Ok(failed(Reason::Invalid(format!(
-                    "input name {:?} is not a plain file name",
-                    input.name
-                ))));
+        for (path, input) in inputs {
+            let path = in_dir.join(path);
+            if let Some(parent) = path.parent() {
+                tokio::fs::create_dir_all(parent).await?;
             }
             let data = self.grid.get_object(&spec.tenant, &input.sha256).await?;
-            tokio::fs::write(dir.join(&input.name), data).await?;
+            tokio::fs::write(path, data).await?;
         }
-
-        let mut task_spec = TaskSpec::new(&out_dir);
-        task_spec.args = spec.args.clone();
-        task_spec.env = spec.env.clone();
-        task_spec.stdin = task.stdin().to_vec();
-        task_spec.input_dir = Some(in_dir);
-        task_spec.limits = limits;
-        task_spec.job_id = job.id.clone();
-        task_spec.task_index = task.index;
-        task_spec.task_count = job.counts.total;
-        task_spec.seed = grid_proto::task_seed(spec.seed, task.index);
-        task_spec.attempt = task.attempt;
-        task_spec.gpu = spec.class == names::GPU_CLASS;
-        task_spec.program = program;
+        let task_spec = grid_task.task_spec(in_dir, &out_dir, program);
 
         let mut phase = self.phase.subscribe();
         let report = tokio::select! {
@@ -923,9 +899,7 @@ impl Node {
                 wall_seconds: report.wall_seconds,
                 gpu_seconds: report.gpu_seconds,
                 peak_memory_bytes: report.peak_memory_bytes,
-                bytes_in: task.stdin().len() as u64
-                    + task.input.as_ref().map_or(0, |i| i.bytes)
-                    + spec.shared.iter().map(|i| i.bytes).sum::<u64>(),
+                bytes_in: grid_task.bytes_in(),
                 bytes_out: report.bytes_out,
             },
             files,
@@ -1006,11 +980,6 @@ fn check_task_msg(task: TaskMsg) -> Result<TaskMsg, grid_proto::WireError> {
         )));
     }
     Ok(task)
-}
-
-/// A file name with no path in it: what inputs may be called in `/in`.
-pub fn is_plain_file_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 
 /// Runs a node from its flags (and config file) until Ctrl-C or SIGTERM.

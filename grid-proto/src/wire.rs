@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// Bumped on any incompatible change of a wire type.
-pub const WIRE_VERSION: u16 = 8;
+pub const WIRE_VERSION: u16 = 9;
 
 /// A type that travels over NATS.
 pub trait Message: Serialize + DeserializeOwned {
@@ -170,6 +170,16 @@ pub struct JobSpec {
 /// The most replicas a job may ask for.
 pub const MAX_REPLICAS: u32 = 16;
 
+/// Whether `1 <= quorum <= replicas <= MAX_REPLICAS` (part of [`JobSpec::validate`]).
+pub fn check_replicas(replicas: u32, quorum: u32) -> Result<(), String> {
+    if !(1..=MAX_REPLICAS).contains(&replicas) || !(1..=replicas).contains(&quorum) {
+        return Err(format!(
+            "--replicas must be 1..={MAX_REPLICAS} and --quorum 1..=replicas (got {replicas} and {quorum})"
+        ));
+    }
+    Ok(())
+}
+
 impl JobSpec {
     /// Whether the spec is one a grid can run, checked the same way by `grid submit` (before
     /// it uploads anything) and by the broker (which trusts no client): a known class, at least
@@ -186,13 +196,7 @@ impl JobSpec {
         if self.tasks.is_empty() {
             return Err("the job has no tasks".into());
         }
-        let (replicas, quorum) = (self.replicas, self.quorum);
-        if !(1..=MAX_REPLICAS).contains(&replicas) || !(1..=replicas).contains(&quorum) {
-            return Err(format!(
-                "--replicas must be 1..={MAX_REPLICAS} and --quorum 1..=replicas (got {replicas} and {quorum})"
-            ));
-        }
-        Ok(())
+        check_replicas(self.replicas, self.quorum)
     }
 
     /// The stored objects the job itself names: its module, params file, inputs, shared files,
@@ -213,7 +217,35 @@ impl JobSpec {
     }
 }
 
-/// `grid.api.<tenant>.submit` request.
+/// A tenant's request to the broker, sent on `grid.api.<tenant>.<VERB>`
+/// ([`crate::names::api_subject`]); the broker answers with an [`Answer`] of its `Reply`.
+pub trait Request: Message {
+    /// The last token of its subject.
+    const VERB: &'static str;
+    /// What the broker answers when it grants the request.
+    type Reply: Message;
+}
+
+/// The broker's answer to a [`Request`]: its reply, or one line for a user that says why not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Answer<T> {
+    Granted(T),
+    Refused(String),
+}
+impl<T: Message> Message for Answer<T> {
+    const KIND: &'static str = T::KIND;
+}
+
+/// A job, by id: what submit, owner and cancel answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRef {
+    pub job_id: String,
+}
+impl Message for JobRef {
+    const KIND: &'static str = "job-ref";
+}
+
+/// `grid.api.<tenant>.submit`: run a job. Answered with the new job's id.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SubmitRequest {
     pub spec: JobSpec,
@@ -221,28 +253,37 @@ pub struct SubmitRequest {
 impl Message for SubmitRequest {
     const KIND: &'static str = "submit";
 }
-
-/// Reply to a request of a tenant's: the job id, or one line saying why not.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ApiReply {
-    Ok {
-        job_id: String,
-    },
-    Err(String),
-    /// A job deleted: how many stored objects went with it, and their bytes.
-    Deleted {
-        job_id: String,
-        objects: u64,
-        bytes: u64,
-    },
-    /// An ended job's failed tasks are running again: how many.
-    Retrying {
-        job_id: String,
-        tasks: u64,
-    },
+impl Request for SubmitRequest {
+    const VERB: &'static str = "submit";
+    type Reply = JobRef;
 }
-impl Message for ApiReply {
-    const KIND: &'static str = "api-reply";
+
+/// What a delete removed: the job's stored objects no other job of the tenant's names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub job_id: String,
+    pub objects: u64,
+    pub bytes: u64,
+}
+impl Message for Deleted {
+    const KIND: &'static str = "deleted";
+}
+
+/// An ended job's failed tasks running again: how many.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retrying {
+    pub job_id: String,
+    pub tasks: u64,
+}
+impl Message for Retrying {
+    const KIND: &'static str = "retrying";
+}
+
+/// The tenant's object store exists (with the grid's quota).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreReady {}
+impl Message for StoreReady {
+    const KIND: &'static str = "store-ready";
 }
 
 /// `grid.api.<tenant>.owner` request: whose is this job? The reply is `Ok` with the job id
@@ -254,6 +295,10 @@ pub struct OwnerRequest {
 impl Message for OwnerRequest {
     const KIND: &'static str = "owner";
 }
+impl Request for OwnerRequest {
+    const VERB: &'static str = "owner";
+    type Reply = JobRef;
+}
 
 /// `grid.api.<tenant>.delete` request: remove an ended job's records, and the stored objects
 /// (outputs, logs, inputs, module) that no other job of the tenant's uses.
@@ -264,16 +309,24 @@ pub struct DeleteRequest {
 impl Message for DeleteRequest {
     const KIND: &'static str = "delete";
 }
+impl Request for DeleteRequest {
+    const VERB: &'static str = "delete";
+    type Reply = Deleted;
+}
 
 /// `grid.api.<tenant>.retry` request: run an ended job's failed and disputed tasks again, in
 /// the same job (their outputs join the others'), with the job's retries afresh. The reply is
-/// [`ApiReply::Retrying`].
+/// [`Retrying`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryRequest {
     pub job_id: String,
 }
 impl Message for RetryRequest {
     const KIND: &'static str = "retry";
+}
+impl Request for RetryRequest {
+    const VERB: &'static str = "retry";
+    type Reply = Retrying;
 }
 
 /// `grid.api.<tenant>.storage` request: make the tenant's object store (the broker sets its
@@ -283,6 +336,10 @@ pub struct StorageRequest {}
 impl Message for StorageRequest {
     const KIND: &'static str = "storage";
 }
+impl Request for StorageRequest {
+    const VERB: &'static str = "storage";
+    type Reply = StoreReady;
+}
 
 /// `grid.api.<tenant>.cancel` request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -291,6 +348,10 @@ pub struct CancelRequest {
 }
 impl Message for CancelRequest {
     const KIND: &'static str = "cancel";
+}
+impl Request for CancelRequest {
+    const VERB: &'static str = "cancel";
+    type Reply = JobRef;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -782,6 +843,46 @@ fn bytesize_text(bytes: u64) -> String {
     }
 }
 
+/// Where each task's line lies in a params file stored as pages ([`TaskSource::Params`]): the
+/// one lookup of a task's params line, for the broker (which sends it with the task) and for
+/// `grid run --from` (which reruns the task here).
+#[derive(Clone, Debug)]
+pub struct ParamsIndex {
+    /// The first task index of each page.
+    starts: Vec<u64>,
+    /// Tasks in all.
+    total: u64,
+}
+
+impl ParamsIndex {
+    pub fn new(pages: &[ParamsPage]) -> Self {
+        let mut total = 0u64;
+        let starts = pages
+            .iter()
+            .map(|page| {
+                let start = total;
+                total = total.saturating_add(page.lines);
+                start
+            })
+            .collect();
+        Self { starts, total }
+    }
+
+    /// The page that holds task `index`'s line, and the line's place among the page's task
+    /// lines ([`params_lines`]); `None` past the last task.
+    pub fn locate(&self, index: u64) -> Option<(usize, usize)> {
+        if index >= self.total {
+            return None;
+        }
+        let page = self
+            .starts
+            .partition_point(|&start| start <= index)
+            .checked_sub(1)?;
+        let line = usize::try_from(index - self.starts[page]).ok()?;
+        Some((page, line))
+    }
+}
+
 /// The task lines of a params file: every non-blank line, in order. Submit and broker both use
 /// this, so that they agree on the task count.
 pub fn params_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -876,6 +977,23 @@ mod tests {
         }
         assert!(pages.len() >= 3, "{pages:?}");
         assert!(ParamsPager::new(&b"\n \n\n"[..]).next().is_none());
+        let pages = [3, 0, 2].map(|lines| ParamsPage {
+            sha256: Sha256Hex::of(b"page"),
+            lines,
+        });
+        let index = ParamsIndex::new(&pages);
+        let found: Vec<_> = (0..6).map(|i| index.locate(i)).collect();
+        assert_eq!(
+            found,
+            [
+                Some((0, 0)),
+                Some((0, 1)),
+                Some((0, 2)),
+                Some((2, 0)),
+                Some((2, 1)),
+                None
+            ]
+        );
     }
 
     #[test]

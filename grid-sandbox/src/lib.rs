@@ -10,7 +10,8 @@
 //! [`task_state`] (what a task's store holds, shared by the host functions), [`guard`] and
 //! [`fs_guard`] (the `/out` quota inside WASI, counted by [`quota`]), [`capture`] (capped logs),
 //! [`determinism`] (fixed clocks, seeded randomness), [`cache`] (compiled modules on disk),
-//! [`outputs`], [`runtime`] (pinned runtimes such as Python on a host), [`gpu_binding`] (the
+//! [`outputs`], [`task`] (what one task of a grid job sees, for a node and `grid run --from`),
+//! [`runtime`] (pinned runtimes such as Python on a host), [`gpu_binding`] (the
 //! guest's `grid_gpu_v1` imports) over [`gpu_worker`] (the process that owns the GPU, killed and
 //! restarted when GPU work overruns).
 
@@ -28,10 +29,12 @@ mod poll;
 pub mod quota;
 pub mod runtime;
 pub mod sandbox;
+pub mod task;
 pub mod task_state;
 pub mod validate;
 
 pub use gpu_worker::{GpuWorker, WorkerCommand};
 pub use limits::{Limits, NodeCaps};
 pub use sandbox::{LoadedModule, Program, Sandbox, SandboxConfig, TaskReport, TaskSpec};
+pub use task::GridTask;
 pub use validate::CompileCaps;

@@ -61,18 +61,11 @@ pub struct Limits {
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 
+/// The contract's defaults: what a job asks for by default ([`grid_proto::JobLimits`], the one
+/// place they are written), and the sandbox's own for what a job cannot set.
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            memory_bytes: 512 * MIB,
-            table_elements: 100_000,
-            timeout: Duration::from_secs(600),
-            max_output_bytes: GIB,
-            max_output_files: 10_000,
-            max_open_files: 256,
-            max_log_bytes: 4 * MIB,
-            gpu: grid_gpu::GpuLimits::default(),
-        }
+        Limits::of_job(&grid_proto::JobLimits::default())
     }
 }
 
@@ -81,20 +74,40 @@ impl Default for Limits {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct NodeCaps(pub Limits);
 
+impl NodeCaps {
+    /// The largest job limits a node with these caps takes (what its heartbeat advertises, and
+    /// what a job's limits are checked against before the node runs its task).
+    pub fn accepts(&self) -> grid_proto::JobLimits {
+        let c = &self.0;
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        grid_proto::JobLimits {
+            memory_bytes: c.memory_bytes,
+            timeout_ms: ms(c.timeout),
+            max_output_bytes: c.max_output_bytes,
+            gpu_memory_bytes: c.gpu.max_buffer_bytes,
+            gpu_time_ms: ms(c.gpu.gpu_time),
+        }
+    }
+}
+
 impl Limits {
-    /// A job's limits as its tasks run with them (the defaults for what a job does not set).
+    /// A job's limits as its tasks run with them: what the job sets ([`grid_proto::JobLimits`]),
+    /// and the sandbox's defaults for the rest. The one conversion from the wire's limits;
+    /// [`NodeCaps::accepts`] is the one back.
     pub fn of_job(job: &grid_proto::JobLimits) -> Limits {
-        let defaults = Limits::default();
         Limits {
             memory_bytes: job.memory_bytes,
+            table_elements: 100_000,
             timeout: Duration::from_millis(job.timeout_ms),
             max_output_bytes: job.max_output_bytes,
+            max_output_files: 10_000,
+            max_open_files: 256,
+            max_log_bytes: 4 * MIB,
             gpu: grid_gpu::GpuLimits {
                 max_buffer_bytes: job.gpu_memory_bytes,
                 gpu_time: Duration::from_millis(job.gpu_time_ms),
-                ..defaults.gpu.clone()
+                ..grid_gpu::GpuLimits::default()
             },
-            ..defaults
         }
     }
 

@@ -214,8 +214,8 @@ fn a_tenant_cannot_submit_as_another_tenant() {
             .await
             .unwrap();
         assert_eq!(
-            grid_proto::decode::<grid_proto::ApiReply>(&reply.payload).unwrap(),
-            grid_proto::ApiReply::Err(
+            grid_proto::decode::<grid_proto::Answer<grid_proto::JobRef>>(&reply.payload).unwrap(),
+            grid_proto::Answer::Refused(
                 "permission denied: tenant alice cannot submit as tenant bob".into()
             )
         );

@@ -1,6 +1,7 @@
 //! Tenants' requests on `grid.api.<tenant>.<verb>`: submit, owner, storage, cancel, retry,
 //! delete. The tenant is the subject's (NATS lets a tenant publish only under its own name);
-//! every answer is one [`ApiReply`], an error one line for a user.
+//! every answer is a [`grid_proto::Answer`] of the request's reply type, a refusal one line
+//! for a user.
 
 use super::{Broker, store};
 use crate::faults::crash_point;
@@ -8,60 +9,71 @@ use crate::rules::{intake, rounds};
 use anyhow::{Result, anyhow, bail};
 use grid_client::now_unix_ms;
 use grid_proto::{
-    ApiReply, CancelRequest, DeleteRequest, JobRecord, Message, OwnerRequest, ResultMsg,
-    RetryRequest, StorageRequest, SubmitRequest, TaskRecord, decode, encode, names,
+    Answer, CancelRequest, DeleteRequest, Deleted, JobRecord, JobRef, Message, OwnerRequest,
+    Request, ResultMsg, RetryRequest, Retrying, StorageRequest, StoreReady, SubmitRequest,
+    TaskRecord, decode, encode, names,
 };
 
 impl Broker {
-    /// Answers one request.
+    /// Answers one request: an [`Answer`] of the request's reply type.
     pub(super) async fn on_request(&mut self, msg: async_nats::Message) {
-        let reply = match self.answer(&msg).await {
-            Ok(reply) => reply,
-            Err(e) => ApiReply::Err(format!("{e:#}")),
-        };
+        let answer = self.answer(&msg).await;
         if let Some(to) = &msg.reply
-            && let Err(e) = self
-                .grid
-                .client
-                .publish(to.clone(), encode(&reply).into())
-                .await
+            && let Err(e) = self.grid.client.publish(to.clone(), answer.into()).await
         {
             tracing::warn!("replying: {e}");
         }
     }
 
-    async fn answer(&mut self, msg: &async_nats::Message) -> Result<ApiReply> {
+    async fn answer(&mut self, msg: &async_nats::Message) -> Vec<u8> {
         let mut parts = msg.subject.as_str().split('.').skip(2);
         let (Some(tenant), Some(verb), None) = (parts.next(), parts.next(), parts.next()) else {
-            bail!("bad subject");
+            return encode(&Answer::<JobRef>::Refused("bad subject".into()));
         };
-        let tenant = tenant.to_string();
+        let (tenant, payload) = (tenant.to_string(), &msg.payload);
         match verb {
-            SubmitRequest::KIND => {
-                let req = decode::<SubmitRequest>(&msg.payload)?;
-                let job_id = self.submit(&tenant, req).await?;
-                Ok(ApiReply::Ok { job_id })
-            }
-            OwnerRequest::KIND => {
-                let req = decode::<OwnerRequest>(&msg.payload)?;
-                self.check_owner(&tenant, &req.job_id, "read").await?;
-                Ok(ApiReply::Ok { job_id: req.job_id })
-            }
-            StorageRequest::KIND => self.storage(&tenant).await,
-            CancelRequest::KIND => {
-                let req = decode::<CancelRequest>(&msg.payload)?;
-                let job_id = self.cancel(&tenant, req.job_id).await?;
-                Ok(ApiReply::Ok { job_id })
-            }
-            RetryRequest::KIND => {
-                let req = decode::<RetryRequest>(&msg.payload)?;
-                self.retry(&tenant, req.job_id).await
-            }
-            DeleteRequest::KIND => {
-                let req = decode::<DeleteRequest>(&msg.payload)?;
-                self.delete(&tenant, req.job_id).await
-            }
-            verb => bail!("unknown request {verb:?}: this broker may be of another version"),
+            SubmitRequest::VERB => answer(
+                async {
+                    let req = decode::<SubmitRequest>(payload)?;
+                    let job_id = self.submit(&tenant, req).await?;
+                    Ok(JobRef { job_id })
+                }
+                .await,
+            ),
+            OwnerRequest::VERB => answer(
+                async {
+                    let req = decode::<OwnerRequest>(payload)?;
+                    self.check_owner(&tenant, &req.job_id, "read").await?;
+                    Ok(JobRef { job_id: req.job_id })
+                }
+                .await,
+            ),
+            StorageRequest::VERB => answer(self.storage(&tenant).await),
+            CancelRequest::VERB => answer(
+                async {
+                    let req = decode::<CancelRequest>(payload)?;
+                    let job_id = self.cancel(&tenant, req.job_id).await?;
+                    Ok(JobRef { job_id })
+                }
+                .await,
+            ),
+            RetryRequest::VERB => answer(
+                async {
+                    let req = decode::<RetryRequest>(payload)?;
+                    self.retry(&tenant, req.job_id).await
+                }
+                .await,
+            ),
+            DeleteRequest::VERB => answer(
+                async {
+                    let req = decode::<DeleteRequest>(payload)?;
+                    self.delete(&tenant, req.job_id).await
+                }
+                .await,
+            ),
+            verb => encode(&Answer::<JobRef>::Refused(format!(
+                "unknown request {verb:?}: this broker may be of another version"
+            ))),
         }
     }
 
@@ -120,7 +132,7 @@ impl Broker {
     }
 
     /// Makes the asking tenant's object store, with the grid's quota, unless it exists.
-    async fn storage(&mut self, tenant: &str) -> Result<ApiReply> {
+    async fn storage(&mut self, tenant: &str) -> Result<StoreReady> {
         if !names::valid_name(tenant) {
             bail!("bad tenant name");
         }
@@ -131,9 +143,7 @@ impl Broker {
                 self.config.stream_replicas,
             )
             .await?;
-        Ok(ApiReply::Ok {
-            job_id: String::new(),
-        })
+        Ok(StoreReady {})
     }
 
     /// Cancels a job: saved before the broker lets go of it (a failed write leaves it
@@ -164,7 +174,7 @@ impl Broker {
 
     /// Runs an ended job's failed and disputed tasks again, in the same job (see
     /// [`crate::rules::rounds`]).
-    async fn retry(&mut self, tenant: &str, job_id: String) -> Result<ApiReply> {
+    async fn retry(&mut self, tenant: &str, job_id: String) -> Result<Retrying> {
         self.check_owner(tenant, &job_id, "retry").await?;
         if let Some(job) = self.rules.job(&job_id) {
             let state = job.record.state.as_str();
@@ -200,14 +210,14 @@ impl Broker {
     }
 
     /// Takes up a job whose new round is saved: it gets its tasks once its records are read.
-    fn start_round(&mut self, record: JobRecord) -> ApiReply {
+    fn start_round(&mut self, record: JobRecord) -> Retrying {
         let (job_id, round) = (record.id.clone(), record.retried);
         let tasks = record.counts.total - record.counts.succeeded;
         metrics::counter!("grid_task_retries_total").increment(tasks);
         tracing::info!(job = %job_id, tenant = %record.spec.tenant, tasks, round, "retrying failed tasks");
         self.rules.hold(record, false);
         self.start_loads();
-        ApiReply::Retrying { job_id, tasks }
+        Retrying { job_id, tasks }
     }
 
     /// Deletes an ended job of the asking tenant's: its stored objects that no other job of
@@ -219,7 +229,7 @@ impl Broker {
     /// votes are read for that, once per delete. A job still running keeps its objects safe by
     /// the refusal below; a job submitted *during* a delete that names an object being deleted
     /// finds it missing (its tasks fail to fetch it and are reported `lost`) — submit again.
-    async fn delete(&mut self, tenant: &str, job_id: String) -> Result<ApiReply> {
+    async fn delete(&mut self, tenant: &str, job_id: String) -> Result<Deleted> {
         self.check_owner(tenant, &job_id, "delete").await?;
         if let Some(job) = self.rules.job(&job_id)
             && !job.record.state.is_final()
@@ -299,7 +309,7 @@ impl Broker {
             )
             .await;
         tracing::info!(job = %job_id, tenant, objects, bytes, "deleted");
-        Ok(ApiReply::Deleted {
+        Ok(Deleted {
             job_id,
             objects,
             bytes,
@@ -316,6 +326,14 @@ impl Broker {
         }
         Ok(objects)
     }
+}
+
+/// An answer to a request, encoded: granted, or refused with the error's chain on one line.
+fn answer<T: Message>(result: Result<T>) -> Vec<u8> {
+    encode(&match result {
+        Ok(reply) => Answer::Granted(reply),
+        Err(e) => Answer::Refused(format!("{e:#}")),
+    })
 }
 
 /// A new job id: time first, so that ids sort by submission; a random tail, so that they

@@ -220,8 +220,7 @@ pub fn publish_task(
 pub struct ParamsPages {
     tenant: String,
     pages: Vec<grid_proto::ParamsPage>,
-    /// The first task index of each page.
-    starts: Vec<u64>,
+    index: grid_proto::ParamsIndex,
     /// The pages read last, newest at the back.
     cache: std::collections::VecDeque<(usize, ParamsPageLines)>,
 }
@@ -235,29 +234,19 @@ impl ParamsPages {
         let grid_proto::TaskSource::Params { pages, .. } = &spec.tasks else {
             return None;
         };
-        let starts = pages
-            .iter()
-            .scan(0, |next, page| {
-                let start = *next;
-                *next += page.lines;
-                Some(start)
-            })
-            .collect();
         Some(Self {
             tenant: spec.tenant.clone(),
+            index: grid_proto::ParamsIndex::new(pages),
             pages: pages.clone(),
-            starts,
             cache: Default::default(),
         })
     }
 
     /// Task `index`'s params line.
     pub async fn line(&mut self, grid: &Grid, index: u64) -> Result<Vec<u8>> {
-        let page = self.starts.partition_point(|&start| start <= index);
-        let Some(page) = page.checked_sub(1) else {
+        let Some((page, offset)) = self.index.locate(index) else {
             bail!("task {index} has no params line");
         };
-        let offset = (index - self.starts[page]) as usize;
         if !self.cache.iter().any(|(p, _)| *p == page) {
             let lines = read_params_page(grid, &self.tenant, &self.pages[page]).await?;
             if self.cache.len() == PARAMS_PAGES_CACHED {

@@ -1,0 +1,214 @@
+//! What a job left: `grid results` (outputs, manifest, joined tables) and `grid logs`.
+
+use crate::conn::{Conn, Session, runtime};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use grid_client::Grid;
+use grid_proto::{JobRecord, TaskRecord, TaskState, decode, names};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// A path from a result manifest, checked to stay inside the results folder.
+fn safe_relative(path: &str) -> Option<PathBuf> {
+    let p = Path::new(path);
+    let ok = !path.is_empty()
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    ok.then(|| p.to_path_buf())
+}
+
+#[derive(Args, Debug)]
+pub struct ResultsArgs {
+    pub job: String,
+    /// Folder to write DIR/<index>/ and DIR/manifest.jsonl into.
+    #[arg(short = 'o', long = "output", value_name = "DIR")]
+    pub output: PathBuf,
+    /// Also join every task's output file NAME, in task order, into one table DIR/NAME (a CSV
+    /// or TSV header shared by the tasks is kept once); repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub concat: Vec<String>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// Appends one task's `bytes` of a joined file: a first line equal to the header already
+/// written is dropped for CSV and TSV files.
+fn concat_into(joined: &mut Vec<u8>, name: &str, bytes: &[u8]) {
+    let tabular = name.ends_with(".csv") || name.ends_with(".tsv");
+    let header = |b: &[u8]| {
+        b.split_inclusive(|c| *c == b'\n')
+            .next()
+            .map(<[u8]>::to_vec)
+    };
+    let mut rest = bytes;
+    if tabular && !joined.is_empty() && header(joined) == header(bytes) {
+        rest = &bytes[header(bytes).map_or(0, |h| h.len())..];
+    }
+    if !joined.is_empty() && !joined.ends_with(b"\n") {
+        joined.push(b'\n');
+    }
+    joined.extend_from_slice(rest);
+}
+
+pub fn results(args: ResultsArgs) -> Result<ExitCode> {
+    if let Some(bad) = args.concat.iter().find(|n| safe_relative(n).is_none()) {
+        bail!("--concat {bad:?}: not a relative path inside the output folder");
+    }
+    runtime()?.block_on(async {
+        let grid = args.conn.open("results").await?;
+        let record = grid.job_record(&args.job).await?;
+        let tenant = record.spec.tenant.clone();
+        std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
+        let mut manifest = String::new();
+        let mut collected = 0u64;
+        let mut joined: Vec<(String, Vec<u8>, u64)> = args.concat.iter().map(|n| (n.clone(), Vec::new(), 0)).collect();
+        for index in 0..record.counts.total {
+            let Some(task) = grid.task_record(&record.id, index).await? else {
+                manifest.push_str(&format!("{}\n", json!({"index": index, "state": "pending"})));
+                continue;
+            };
+            let dir = args.output.join(index.to_string());
+            std::fs::create_dir_all(&dir)?;
+            let r = &task.result;
+            for file in &r.files {
+                let Some(rel) = safe_relative(&file.path) else {
+                    tracing::warn!(path = %file.path, "skipping an output with an unsafe path");
+                    continue;
+                };
+                let bytes = grid.get_object(&tenant, &file.sha256).await?;
+                let path = dir.join(rel);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                for (name, all, tasks) in joined.iter_mut().filter(|(n, _, _)| *n == file.path) {
+                    concat_into(all, name, &bytes);
+                    *tasks += 1;
+                }
+                std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+            }
+            collected += 1;
+            let line = json!({
+                "index": index,
+                "state": task.state.as_str(),
+                "votes": task.votes.iter().map(|v| json!({"replica": v.replica, "node": v.node_id, "agreed": v.agreed})).collect::<Vec<_>>(),
+                "exit_code": r.outcome.exit_code(),
+                "reason": r.outcome.reason().map(|x| x.to_string()),
+                "attempts": task.attempts,
+                "failures": task.failures,
+                "node": r.node_id,
+                "cpu_seconds": r.usage.cpu_seconds,
+                "wall_seconds": r.usage.wall_seconds,
+                "gpu_seconds": r.usage.gpu_seconds,
+                "files": r.files.iter().map(|f| json!({"path": f.path, "bytes": f.bytes, "sha256": f.sha256.to_string()})).collect::<Vec<_>>(),
+            });
+            manifest.push_str(&format!("{line}\n"));
+        }
+        std::fs::write(args.output.join("manifest.jsonl"), manifest)?;
+        for (name, all, tasks) in &joined {
+            let path = args.output.join(safe_relative(name).unwrap_or_default());
+            std::fs::write(&path, all).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("grid: {} joins {name} of {tasks} tasks", path.display());
+        }
+        eprintln!(
+            "grid: {collected} of {} tasks collected into {} ({})",
+            record.counts.total,
+            args.output.display(),
+            record.state.as_str()
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    pub job: String,
+    /// Only this task.
+    #[arg(long)]
+    pub task: Option<u64>,
+    /// Keep printing tasks' logs as they finish, until the job ends.
+    #[arg(long, conflicts_with = "task")]
+    pub follow: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+async fn print_logs(grid: &Grid, tenant: &str, task: &TaskRecord) -> Result<()> {
+    use std::io::Write;
+    for (blob, to_stderr) in [(&task.result.stdout, false), (&task.result.stderr, true)] {
+        if let Some(sha) = blob {
+            let bytes = grid.get_object(tenant, sha).await?;
+            if to_stderr {
+                std::io::stderr().write_all(&bytes)?;
+            } else {
+                std::io::stdout().write_all(&bytes)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints each task's logs as its record appears, until the job has ended and all are printed.
+/// (Polled, like `status --wait`: a tenant may read its own records, not watch the bucket.)
+async fn follow_logs(grid: &Session, record: JobRecord) -> Result<()> {
+    // A task's record of each round: `grid retry` replaces a failed one with the new round's.
+    let mut printed = std::collections::HashSet::new();
+    let prefix = format!("{}.{}", grid.tenant, record.id);
+    loop {
+        let now = grid.job_record(&record.id).await?;
+        let mut decided = 0;
+        for (_, bytes) in grid.entries(names::TASKS_BUCKET, Some(&prefix)).await? {
+            let Ok(task) = decode::<TaskRecord>(&bytes) else {
+                continue;
+            };
+            if task.state == TaskState::Succeeded || task.round >= now.retried {
+                decided += 1;
+            }
+            if printed.insert((task.result.index, task.round)) {
+                match task.round {
+                    0 => println!("== task {} ==", task.result.index),
+                    round => println!("== task {} (retry {round}) ==", task.result.index),
+                }
+                print_logs(grid, &record.spec.tenant, &task).await?;
+            }
+        }
+        let c = &now.counts;
+        if now.state.is_final() && decided >= c.succeeded + c.failed + c.disputed {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub fn logs(args: LogsArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let grid = args.conn.open("logs").await?;
+        let record = grid.job_record(&args.job).await?;
+        if args.follow {
+            follow_logs(&grid, record).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        let indices: Vec<u64> = match args.task {
+            Some(i) if i >= record.counts.total => {
+                bail!(
+                    "job {} has no task {i} (it has {})",
+                    record.id,
+                    record.counts.total
+                )
+            }
+            Some(i) => vec![i],
+            None => (0..record.counts.total).collect(),
+        };
+        for index in indices {
+            let Some(task) = grid.task_record(&record.id, index).await? else {
+                continue;
+            };
+            if args.task.is_none() {
+                println!("== task {index} ==");
+            }
+            print_logs(&grid, &record.spec.tenant, &task).await?;
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

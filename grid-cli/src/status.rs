@@ -1,0 +1,309 @@
+//! Watching jobs and nodes: `grid status` (with `--wait` and `--watch`), `grid jobs`, `grid
+//! nodes`, and the progress bar of every `--wait`.
+
+use crate::conn::{Conn, Session, runtime};
+use anyhow::{Result, anyhow};
+use clap::Args;
+use futures::StreamExt;
+use grid_client::Grid;
+use grid_proto::{JobRecord, JobState, decode, names};
+use serde_json::json;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Waits for the job to end, with a progress bar on stderr when it is a terminal.
+async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
+    // Subscribed before the first read: no change between them goes unheard.
+    let mut changes = grid
+        .client
+        .subscribe(names::job_events(&grid.tenant, job))
+        .await
+        .map_err(|e| anyhow!("following job {job}: {e}"))?;
+    let mut record = grid.job_record(job).await?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(record.counts.total);
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut warned = false;
+    let mut polls = 0u64;
+    let mut told = std::collections::HashSet::new();
+    loop {
+        if let Some(bar) = &bar {
+            let c = &record.counts;
+            bar.set_position(c.succeeded + c.failed);
+            bar.set_message(format!("failed {} running {}", c.failed, c.in_flight));
+        }
+        if record.state.is_final() {
+            break;
+        }
+        // Told by the broker when the record changes (a KV watch would need leave to read
+        // every job's record); read again at least every half second in case a word is lost.
+        let started = tokio::time::Instant::now();
+        let _ = tokio::time::timeout(Duration::from_millis(500), changes.next()).await;
+        // A closed subscription answers at once: no busy loop. Short, so that a job's end is
+        // seen when it is told (the broker tells of a running job's progress once a tick,
+        // 100 ms, anyway): a floor of 100 ms here added up to 100 ms to every `--wait`.
+        tokio::time::sleep_until(started + Duration::from_millis(20)).await;
+        record = grid.job_record(job).await?;
+        polls += 1;
+        {
+            if polls.is_multiple_of(4) {
+                // A quiet job may be waiting for a node that prepares a runtime: say so, once.
+                for node in grid.live_nodes().await.unwrap_or_default() {
+                    if let Some(what) = &node.preparing
+                        && !record.state.is_final()
+                        && told.insert((node.id.clone(), what.clone()))
+                    {
+                        let note = format!(
+                            "grid: node {} is {what} (once per node; about a minute)",
+                            node.id
+                        );
+                        match &bar {
+                            Some(bar) => bar.println(note),
+                            None => eprintln!("{note}"),
+                        }
+                    }
+                }
+                if !warned
+                    && !record.state.is_final()
+                    && let Some(note) = no_nodes_note(grid, &record).await
+                {
+                    warned = true;
+                    match &bar {
+                        Some(bar) => bar.println(note),
+                        None => eprintln!("{note}"),
+                    }
+                }
+            }
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(record)
+}
+
+/// `--wait`: follows the job to its end and prints its status; exit status 0 only if it is done.
+pub(crate) async fn follow_to_end(grid: &Session, job: &str, json: bool) -> Result<ExitCode> {
+    let record = follow(grid, job).await?;
+    print_status(&record, json);
+    Ok(if record.state == JobState::Done {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// A line saying that no live node serves the job's class, so it cannot make progress now.
+async fn no_nodes_note(grid: &Grid, record: &JobRecord) -> Option<String> {
+    let class = &record.spec.class;
+    let nodes = grid.live_nodes().await.ok()?;
+    (!nodes.iter().any(|n| n.classes.contains(class))).then(|| {
+        format!(
+            "grid: no node of class {class} is online; job {} waits until one joins \
+             (`grid cancel {}` drops it)",
+            record.id, record.id
+        )
+    })
+}
+
+pub(crate) fn status_json(record: &JobRecord) -> serde_json::Value {
+    let c = &record.counts;
+    let finished = c.succeeded + c.failed + c.disputed;
+    json!({
+        "job_id": record.id,
+        "state": record.state.as_str(),
+        "reason": record.reason,
+        "retried": record.retried,
+        "tasks": {
+            "total": c.total,
+            "queued": c.total.saturating_sub(finished + c.in_flight),
+            "running": c.in_flight,
+            "succeeded": c.succeeded,
+            "failed": c.failed,
+            "disputed": c.disputed,
+        }
+    })
+}
+
+pub(crate) fn print_status(record: &JobRecord, as_json: bool) {
+    if as_json {
+        println!("{}", status_json(record));
+        return;
+    }
+    let c = &record.counts;
+    let disputed = if c.disputed > 0 {
+        format!(", {} disputed", c.disputed)
+    } else {
+        String::new()
+    };
+    let retried = match record.retried {
+        0 => String::new(),
+        1 => ", retried once".into(),
+        n => format!(", retried {n} times"),
+    };
+    anstream::println!(
+        "job {}: {} — {} of {} succeeded, {} failed{disputed}, {} running{retried}{}",
+        record.id,
+        crate::style::state(record.state.as_str()),
+        c.succeeded,
+        c.total,
+        c.failed,
+        c.in_flight,
+        record
+            .reason
+            .as_ref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    );
+}
+
+/// `grid status --watch`: the status line each time it changes, until the job ends. On a
+/// terminal the line is redrawn in place, with the nodes' activity under it.
+async fn watch(grid: &Session, job: &str, as_json: bool) -> Result<JobRecord> {
+    let mut changes = grid
+        .client
+        .subscribe(names::job_events(&grid.tenant, job))
+        .await
+        .map_err(|e| anyhow!("watching job {job}: {e}"))?;
+    let terminal = std::io::stdout().is_terminal() && !as_json;
+    let mut last = None;
+    loop {
+        let record = grid.job_record(job).await?;
+        if terminal {
+            // Home, clear, then the status and a line per node.
+            print!("\x1b[H\x1b[2J");
+            print_status(&record, false);
+            for node in grid.live_nodes().await.unwrap_or_default() {
+                anstream::println!(
+                    "  {}  running {} of {} slots, {} held, {} done",
+                    crate::style::dim(&node.id),
+                    node.running,
+                    node.slots,
+                    node.busy,
+                    node.tasks_done
+                );
+            }
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        } else if last.as_ref() != Some(&(record.state, record.counts.clone())) {
+            print_status(&record, as_json);
+        }
+        if record.state.is_final() {
+            return Ok(record);
+        }
+        last = Some((record.state, record.counts.clone()));
+        let started = tokio::time::Instant::now();
+        let _ = tokio::time::timeout(Duration::from_secs(1), changes.next()).await;
+        // A closed subscription answers at once: still one read a second at most.
+        tokio::time::sleep_until(started + Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    pub job: String,
+    /// Follow the job to its end.
+    #[arg(long)]
+    pub wait: bool,
+    /// Show the status as it changes (redrawn in place on a terminal) until the job ends.
+    #[arg(long, conflicts_with = "wait")]
+    pub watch: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+pub fn status(args: StatusArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let grid = args.conn.open("status").await?;
+        let record = if args.wait {
+            follow(&grid, &args.job).await?
+        } else if args.watch {
+            watch(&grid, &args.job, args.json).await?
+        } else {
+            grid.job_record(&args.job).await?
+        };
+        if !args.watch {
+            print_status(&record, args.json);
+        }
+        if !record.state.is_final()
+            && let Some(note) = no_nodes_note(&grid, &record).await
+        {
+            eprintln!("{note}");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+pub fn jobs(args: ListArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let grid = args.conn.open("jobs").await?;
+        for (_, bytes) in grid.entries(names::JOBS_BUCKET, Some(&grid.tenant)).await? {
+            let Ok(record) = decode::<JobRecord>(&bytes) else {
+                continue;
+            };
+            if args.json {
+                let mut v = status_json(&record);
+                v["module"] = json!(record.spec.module_name);
+                println!("{v}");
+            } else {
+                print_status(&record, false);
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn nodes(args: ListArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let grid = args.conn.open("nodes").await?;
+        for node in grid.live_nodes().await? {
+            let tally = match grid.tally().await?.get(&node.id).await {
+                Ok(Some(bytes)) => decode::<grid_proto::NodeTally>(&bytes).unwrap_or_default(),
+                _ => grid_proto::NodeTally::default(),
+            };
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "running": node.running, "memory_reserved_bytes": node.memory_reserved_bytes, "memory_budget_bytes": node.memory_budget_bytes, "tasks_done": node.tasks_done, "votes_agreed": tally.agreed, "votes_lost": tally.outvoted, "preparing": node.preparing, "accepts": {"memory_bytes": node.accepts.memory_bytes, "timeout_ms": node.accepts.timeout_ms, "max_output_bytes": node.accepts.max_output_bytes, "gpu_memory_bytes": node.accepts.gpu_memory_bytes, "gpu_time_ms": node.accepts.gpu_time_ms}})
+                );
+            } else {
+                let gpu = node.gpu.as_deref().map(|g| format!("  gpu {g}")).unwrap_or_default();
+                let preparing = node.preparing.as_deref().map(|p| format!("  ({p})")).unwrap_or_default();
+                let votes = if tally.agreed + tally.outvoted > 0 {
+                    format!("  votes agreed {} lost {}", tally.agreed, tally.outvoted)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{}  {}  slots {}  busy {}  memory {} of {}  done {}{votes}{gpu}{preparing}",
+                    node.id,
+                    node.classes.join(","),
+                    node.slots,
+                    node.busy,
+                    bytesize::ByteSize(node.memory_reserved_bytes),
+                    bytesize::ByteSize(node.memory_budget_bytes),
+                    node.tasks_done
+                );
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
