@@ -476,7 +476,7 @@ async fn snapshot(
 }
 
 /// Per tenant: attempts billed, CPU, wall and GPU seconds.
-type UsageTotals = std::collections::BTreeMap<String, (u64, f64, f64, f64)>;
+type UsageTotals = BTreeMap<String, (u64, f64, f64, f64)>;
 
 /// Keeps `totals` up to date with the usage ledger: one read of what is there, then each new
 /// entry as it is written (ledger entries are created once and never change). Re-reading the

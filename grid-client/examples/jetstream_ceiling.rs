@@ -42,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
         let ack = js
             .publish(format!("grid.bench.{}", i % 64), payload.clone())
             .await?;
-        pending.push(std::future::IntoFuture::into_future(ack));
+        pending.push(IntoFuture::into_future(ack));
         if pending.len() >= WINDOW
             && let Some(ack) = pending.next().await
         {

@@ -362,7 +362,7 @@ impl Grid {
     where
         R: tokio::io::AsyncRead + Unpin,
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<R>>,
+        Fut: Future<Output = Result<R>>,
     {
         let store = self.store(tenant).await?;
         let name = names::object_name(sha);
@@ -715,10 +715,10 @@ pub async fn shutdown_signal() {
 /// or SIGTERM; errors print once as `NAME: …` and exit 2.
 pub fn run_service<F>(
     name: &str,
-    service: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+    service: impl FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
 ) -> std::process::ExitCode
 where
-    F: std::future::Future<Output = Result<()>>,
+    F: Future<Output = Result<()>>,
 {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -21,7 +21,7 @@ pub use device::{GpuDevice, GpuInfo};
 pub use session::{GpuError, GpuErrorKind, GpuLimits, GpuSession, Handle};
 
 /// Drives a wgpu future to completion. On native backends wgpu's futures are ready at once.
-pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
+pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
     let mut f = std::pin::pin!(f);
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     loop {

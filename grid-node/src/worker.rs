@@ -97,7 +97,7 @@ struct Node {
 pub async fn run(
     config: NodeConfig,
     creds: Option<String>,
-    shutdown: impl std::future::Future<Output = ()>,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     if let Some(addr) = config.metrics {
         grid_client::metrics::serve(addr)?;

@@ -295,7 +295,7 @@ impl Sandbox {
         fetch: F,
     ) -> Result<LoadedModule, Reason>
     where
-        F: std::future::Future<Output = anyhow::Result<Vec<u8>>>,
+        F: Future<Output = anyhow::Result<Vec<u8>>>,
     {
         let pinned: Sha256Hex = runtime
             .module_sha256

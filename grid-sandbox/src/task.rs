@@ -94,7 +94,7 @@ mod tests {
             sha256: grid_proto::Sha256Hex::of(name.as_bytes()),
             bytes: 10,
         };
-        let spec = grid_proto::JobSpec {
+        let spec = JobSpec {
             tenant: "t".into(),
             class: "gpu".into(),
             module_sha256: grid_proto::Sha256Hex::of(b"m"),

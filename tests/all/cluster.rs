@@ -72,7 +72,7 @@ fn a_job_completes_when_a_cluster_server_dies_mid_job() {
     let job = submitted["job_id"].as_str().unwrap().to_string();
     // Every stream and bucket is kept by all three servers.
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let client = crate::support::connect_operator(&url).await;
+        let client = connect_operator(&url).await;
         let js = async_nats::jetstream::new(client);
         for stream in [
             "GRID_TASKS",

@@ -461,9 +461,9 @@ fn gpu_work_that_never_ends_is_stopped_and_the_gpu_serves_again() {
 /// that call fails with a trap, the node's sandbox goes on, and the next GPU task gets a new worker.
 #[test]
 fn a_gpu_worker_that_dies_mid_call_fails_that_call_only() {
-    let sandbox = std::sync::Arc::new(new_gpu_sandbox());
+    let sandbox = Arc::new(new_gpu_sandbox());
     rt().block_on(async {
-        let dirs = std::sync::Arc::new(crate::support::TaskDirs::new());
+        let dirs = Arc::new(crate::support::TaskDirs::new());
         let spinner = tokio::spawn({
             let (sandbox, dirs) = (sandbox.clone(), dirs.clone());
             async move {
@@ -495,8 +495,8 @@ fn a_gpu_worker_that_dies_mid_call_fails_that_call_only() {
 /// Runs a holder (`gpu-hold` with `hold_args`) while a spinner brings the GPU worker down, and
 /// returns the holder's report.
 async fn hold_through_a_restart(hold_args: &[&'static str]) -> grid_sandbox::TaskReport {
-    let sandbox = std::sync::Arc::new(new_gpu_sandbox());
-    let holder_dirs = std::sync::Arc::new(crate::support::TaskDirs::new());
+    let sandbox = Arc::new(new_gpu_sandbox());
+    let holder_dirs = Arc::new(crate::support::TaskDirs::new());
     let holder = tokio::spawn({
         let (sandbox, dirs) = (sandbox.clone(), holder_dirs.clone());
         let args: Vec<&'static str> = [&["gpu-hold"], hold_args].concat();
@@ -748,7 +748,7 @@ fn a_gpu_job_whose_gpu_node_died_says_it_waits_for_one() {
     let job = job["job_id"].as_str().unwrap();
     grid.nodes[1].kill();
     // The dead node's heartbeat expires with the bucket's TTL; until then it counts as online.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let out = grid.grid(&["status", job]);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -757,7 +757,7 @@ fn a_gpu_job_whose_gpu_node_died_says_it_waits_for_one() {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "no note: {stderr}");
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

@@ -104,7 +104,7 @@ fn the_same_module_is_uploaded_once_and_compiled_once_per_node() {
     let stored = || {
         rt.block_on(async {
             use futures::StreamExt;
-            let store = crate::support::default_store(&grid.nats.url).await;
+            let store = default_store(&grid.nats.url).await;
             let list: Vec<_> = store.list().await.unwrap().collect().await;
             let modules = list
                 .iter()
@@ -199,7 +199,7 @@ fn a_result_delivered_twice_is_counted_once() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = crate::support::connect_operator(&grid.nats.url).await;
+        let client = connect_operator(&grid.nats.url).await;
         let js = async_nats::jetstream::new(client);
         let result = |index: u64| ResultMsg {
             tenant: names::DEFAULT_TENANT.into(),
@@ -325,7 +325,7 @@ fn a_broker_restarted_from_a_stale_job_record_finishes_the_job() {
     grid.broker.kill();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = crate::support::connect_operator(&grid.nats.url).await;
+        let client = connect_operator(&grid.nats.url).await;
         let jobs = async_nats::jetstream::new(client)
             .get_key_value(names::JOBS_BUCKET)
             .await
@@ -502,7 +502,7 @@ fn short_tasks_travel_several_to_a_message_and_each_still_gets_its_own_line() {
     let job = job.as_str();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let messages = rt.block_on(async {
-        let client = crate::support::connect_operator(&grid.nats.url).await;
+        let client = connect_operator(&grid.nats.url).await;
         let mut stream = async_nats::jetstream::new(client)
             .get_stream(names::TASKS_STREAM)
             .await
@@ -569,7 +569,7 @@ fn bad_submissions_are_refused_with_one_line_and_the_grid_keeps_serving() {
     // Garbled messages straight onto the wire: a task and a result nobody can read.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = crate::support::connect_operator(&grid.nats.url).await;
+        let client = connect_operator(&grid.nats.url).await;
         let js = async_nats::jetstream::new(client);
         for subject in [
             names::tasks_subject("cpu", "garbage"),
@@ -683,7 +683,7 @@ fn a_task_no_node_can_run_is_retried_then_reported_lost() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = crate::support::default_store(&grid.nats.url).await;
+        let store = default_store(&grid.nats.url).await;
         let sha = grid_proto::Sha256Hex::of(&std::fs::read(&module).unwrap());
         store.delete(names::object_name(&sha)).await.unwrap();
     });
@@ -907,7 +907,7 @@ fn a_node_reads_its_settings_from_a_config_file() {
         format!(
             "nats = \"{}\"\ncreds = \"{}\"\nid = \"from-file\"\nslots = 3\ngpu = false\ncache_dir = \"{}\"\n[caps]\nmemory = \"8MiB\"\n",
             grid.nats.url,
-            crate::support::creds(crate::support::Role::Provider, "from-file").display(),
+            creds(Role::Provider, "from-file").display(),
             dir.path().join("cache").display()
         ),
     )

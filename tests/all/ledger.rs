@@ -8,7 +8,7 @@ use serde_json::Value;
 /// `grid usage --json ARGS…` (`grid_json` adds the flag).
 /// `grid usage ARGS --json` as the operator (who sees every tenant's and provider's usage).
 pub fn usage(grid: &TestGrid, args: &[&str]) -> Value {
-    let creds = crate::support::operator_creds();
+    let creds = operator_creds();
     let mut all = vec!["usage", "--creds", creds.to_str().unwrap()];
     all.extend_from_slice(args);
     grid.grid_json(&all, 0)

@@ -65,7 +65,7 @@ fn wait_for_tally(grid: &TestGrid, node: &str, agreed: u64, lost: u64) {
 fn wait_for_votes(grid: &TestGrid, job: &str, n: usize) {
     use futures::StreamExt;
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let client = crate::support::connect_operator(&grid.nats.url).await;
+        let client = connect_operator(&grid.nats.url).await;
         let open = grid_client::Grid::open(client).await.unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {

@@ -542,7 +542,7 @@ async fn many_hostile_tasks_at_once_share_one_engine() {
     assert_a_good_task_runs().await;
 }
 
-async fn futures_join_all<F: std::future::Future + Send + 'static>(
+async fn futures_join_all<F: Future + Send + 'static>(
     futures: impl Iterator<Item = F>,
 ) -> Vec<F::Output>
 where

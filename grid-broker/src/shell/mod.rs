@@ -39,10 +39,7 @@ pub(crate) struct Broker {
 }
 
 /// Runs the broker until `shutdown` resolves.
-pub async fn run(
-    config: BrokerConfig,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<()> {
+pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     if let Some(addr) = config.metrics {
         grid_client::metrics::serve(addr)?;
     }
@@ -209,7 +206,7 @@ impl Broker {
     async fn prepare(
         &mut self,
         dispatches: &[crate::rules::Dispatch],
-    ) -> Result<Vec<impl std::future::Future<Output = Result<()>> + use<>>> {
+    ) -> Result<Vec<impl Future<Output = Result<()>> + use<>>> {
         let mut publishes = Vec::with_capacity(dispatches.len());
         // Replicas of a run share its params lines.
         let mut last: Option<(u64, u32, Vec<Vec<u8>>)> = None;

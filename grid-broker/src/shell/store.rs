@@ -199,7 +199,7 @@ pub fn publish_task(
     subject: String,
     message_id: String,
     task: &TaskMsg,
-) -> impl std::future::Future<Output = Result<()>> + use<> {
+) -> impl Future<Output = Result<()>> + use<> {
     let msg = jetstream::message::PublishMessage::build()
         .payload(encode(task).into())
         .message_id(message_id);

@@ -141,11 +141,11 @@ pub(super) struct World {
     /// The work queue: every dispatch published, in order; a message id seen before is
     /// dropped as JetStream's duplicate window would.
     pub(super) queue: Vec<Dispatch>,
-    pub(super) message_ids: std::collections::HashSet<String>,
+    pub(super) message_ids: HashSet<String>,
     /// `grid_tally`: node → (agreed, outvoted).
     pub(super) tally: HashMap<String, (u64, u64)>,
     /// Task keys whose next create is stored but answered with an error (a lost reply).
-    pub(super) lose_reply: std::collections::HashSet<String>,
+    pub(super) lose_reply: HashSet<String>,
     pub(super) next_id: u32,
 }
 
