@@ -6,9 +6,18 @@
 use anyhow::{Result, bail};
 use grid_proto::{JobRecord, JobSpec, JobState, NodeInfo, TaskCounts, names};
 
-/// The spec of a job `tenant` submitted, checked against the live `nodes`; its `tenant` is
-/// the subject's (a client may leave the default name there).
-pub fn check(tenant: &str, mut spec: JobSpec, nodes: &[NodeInfo]) -> Result<JobSpec> {
+/// The spec of a job `tenant` submitted, checked against the live `nodes` (see [`own`] and
+/// [`placeable`]).
+pub fn check(tenant: &str, spec: JobSpec, nodes: &[NodeInfo]) -> Result<JobSpec> {
+    let spec = own(tenant, spec)?;
+    placeable(&spec, nodes)?;
+    Ok(spec)
+}
+
+/// The spec of a job `tenant` submitted, as a spec of its own: its `tenant` is the subject's
+/// (a client may leave the default name there; another tenant's name is refused), and it
+/// passes [`JobSpec::validate`]. Checked before anything is read.
+pub fn own(tenant: &str, mut spec: JobSpec) -> Result<JobSpec> {
     // The subject is the tenant's own (NATS lets a tenant publish only there).
     if spec.tenant != tenant && spec.tenant != names::DEFAULT_TENANT {
         bail!(
@@ -18,6 +27,11 @@ pub fn check(tenant: &str, mut spec: JobSpec, nodes: &[NodeInfo]) -> Result<JobS
     }
     spec.tenant = tenant.to_string();
     spec.validate().map_err(anyhow::Error::msg)?;
+    Ok(spec)
+}
+
+/// Whether the live `nodes` can run `spec`'s tasks, now or once nodes join.
+pub fn placeable(spec: &JobSpec, nodes: &[NodeInfo]) -> Result<()> {
     let of_class: Vec<&NodeInfo> = nodes
         .iter()
         .filter(|n| n.classes.contains(&spec.class))
@@ -65,7 +79,7 @@ pub fn check(tenant: &str, mut spec: JobSpec, nodes: &[NodeInfo]) -> Result<JobS
             of_class.len()
         );
     }
-    Ok(spec)
+    Ok(())
 }
 
 /// The record of a new job `id` of `spec`, submitted at `now_ms`.

@@ -520,6 +520,19 @@ impl Rules {
         }
     }
 
+    /// The extra replica `dispatch` asked for by `voter`'s vote ([`VoteOutcome::OneMore`])
+    /// could not be published: the task goes back to where it was before that vote, so that the
+    /// vote's redelivery asks for the replica again (held, the vote would be a duplicate, and
+    /// the task would wait for a replica nobody sent).
+    pub fn one_more_failed(&mut self, dispatch: &Dispatch, voter: u32) {
+        if let Some(job) = self.jobs.get_mut(&dispatch.job_id) {
+            job.dispatched.insert(dispatch.index, dispatch.replica);
+            if let Some(votes) = job.votes.get_mut(&dispatch.index) {
+                votes.retain(|v| v.replica != voter);
+            }
+        }
+    }
+
     /// Every job's top-up, round-robin (see the module docs). Nothing changes until the shell
     /// reports a fill stored with [`Rules::filled`]: a fill whose publishes fail is planned
     /// again on the next tick, under the same message ids.

@@ -85,9 +85,10 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
         tokio::select! {
             () = &mut shutdown => break,
             Some(msg) = requests.next() => {
-                broker.on_request(msg).await;
                 // A new job's first window now, not at the next tick.
-                broker.fill().await;
+                if broker.on_request(msg).await {
+                    broker.fill().await;
+                }
             }
             Some((id, stored)) = loaded.recv() => {
                 broker.on_loaded(&id, stored);

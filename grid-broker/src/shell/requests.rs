@@ -15,14 +15,16 @@ use grid_proto::{
 };
 
 impl Broker {
-    /// Answers one request: an [`Answer`] of the request's reply type.
-    pub(super) async fn on_request(&mut self, msg: async_nats::Message) {
+    /// Answers one request: an [`Answer`] of the request's reply type. True when it was a
+    /// submit (a new job, whose first window goes out at once).
+    pub(super) async fn on_request(&mut self, msg: async_nats::Message) -> bool {
         let answer = self.answer(&msg).await;
         if let Some(to) = &msg.reply
             && let Err(e) = self.grid.client.publish(to.clone(), answer.into()).await
         {
             tracing::warn!("replying: {e}");
         }
+        msg.subject.as_str().ends_with(SubmitRequest::VERB)
     }
 
     async fn answer(&mut self, msg: &async_nats::Message) -> Vec<u8> {
@@ -78,8 +80,8 @@ impl Broker {
     }
 
     async fn submit(&mut self, tenant: &str, req: SubmitRequest) -> Result<String> {
-        let nodes = self.grid.live_nodes().await?;
-        let spec = intake::check(tenant, req.spec, &nodes)?;
+        let spec = intake::own(tenant, req.spec)?;
+        intake::placeable(&spec, &self.grid.live_nodes().await?)?;
         if !self.grid.has_object(tenant, &spec.module_sha256).await {
             bail!("module {} was not uploaded", spec.module_sha256);
         }

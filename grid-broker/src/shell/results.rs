@@ -178,9 +178,16 @@ impl Broker {
             }
             _ => Vec::new(),
         };
+        let voter = result.replica;
         match self.rules.add_vote(result, fresh, stored) {
             VoteOutcome::Duplicate | VoteOutcome::Ignored | VoteOutcome::Waiting => Ok(()),
-            VoteOutcome::OneMore(dispatch) => self.dispatch(&dispatch).await,
+            VoteOutcome::OneMore(dispatch) => {
+                let published = self.dispatch(&dispatch).await;
+                if published.is_err() {
+                    self.rules.one_more_failed(&dispatch, voter);
+                }
+                published
+            }
             VoteOutcome::Decided(record) => {
                 if let Some(record) = self.record_task(*record).await? {
                     store::tally_votes(&self.grid, &record).await;

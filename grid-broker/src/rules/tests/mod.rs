@@ -147,6 +147,8 @@ pub(super) struct World {
     /// Task keys whose next create is stored but answered with an error (a lost reply).
     pub(super) lose_reply: HashSet<String>,
     pub(super) next_id: u32,
+    /// Publishes fail (the work queue is unreachable).
+    pub(super) publishes_fail: bool,
 }
 
 /// What became of one results message.
@@ -172,6 +174,7 @@ impl World {
             tally: HashMap::new(),
             lose_reply: Default::default(),
             next_id: 0,
+            publishes_fail: false,
         }
     }
 
@@ -368,8 +371,13 @@ impl World {
         } else {
             Vec::new()
         };
+        let voter = result.replica;
         match self.rules.add_vote(result, fresh, stored) {
             VoteOutcome::Duplicate | VoteOutcome::Ignored | VoteOutcome::Waiting => true,
+            VoteOutcome::OneMore(dispatch) if self.publishes_fail => {
+                self.rules.one_more_failed(&dispatch, voter);
+                false
+            }
             VoteOutcome::OneMore(dispatch) => {
                 self.publish(dispatch);
                 true

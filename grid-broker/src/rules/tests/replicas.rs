@@ -162,3 +162,29 @@ fn decide_waits_asks_for_more_and_disputes() {
     assert_eq!(votes::max_replicas(1), 1);
     assert_eq!(votes::max_replicas(3), 5);
 }
+
+#[test]
+fn an_extra_replica_that_could_not_be_sent_is_asked_for_again() {
+    let mut w = World::new(10);
+    let job = w.submit(replicated(1, 2, 2));
+    w.fill();
+    w.take(&job);
+    w.deliver("n0", vec![vote(&job, 0, 0, "n0", "a")]);
+    w.publishes_fail = true;
+    assert_eq!(
+        w.deliver("n1", vec![vote(&job, 0, 1, "n1", "b")]),
+        Settled::Nakked
+    );
+    assert!(w.take(&job).is_empty());
+    // The redelivered vote asks for the extra replica again, rather than counting as held.
+    w.publishes_fail = false;
+    assert_eq!(
+        w.deliver("n1", vec![vote(&job, 0, 1, "n1", "b")]),
+        Settled::Acked
+    );
+    let more = w.take(&job);
+    assert_eq!(more.iter().map(|d| d.replica).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(w.rules.duplicates(), 0);
+    w.deliver("n2", vec![vote(&job, 0, 2, "n2", "b")]);
+    assert_eq!(w.state(&job).counts.succeeded, 1);
+}
