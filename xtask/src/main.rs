@@ -31,7 +31,9 @@ fn main() {
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("setup") => setup::run().and_then(|()| setup::browser()),
+        Some("setup") => setup::run()
+            .and_then(|()| setup::lint_tools())
+            .and_then(|()| setup::browser()),
         Some("build-guests") => {
             setup::run()?;
             build_guests()
@@ -39,6 +41,7 @@ fn run() -> Result<()> {
         Some("demo") => demo::run(args.get(1).map(String::as_str)),
         Some("test") => {
             setup::run()?;
+            setup::lint_tools()?;
             setup::browser()?;
             // House rules first: formatted, and no clippy warning anywhere.
             cargo(&["fmt", "--all", "--check"])

@@ -10,7 +10,8 @@
 //!   virtual environment, unless `GRID_RUNTIME_DIR` names a folder holding its files; its files
 //!   are checked against the pinned SHA-256s.
 //!
-//! For the tests (`cargo xtask test`, `cargo xtask setup`), also what the dashboard's browser
+//! For the tests (`cargo xtask test`, `cargo xtask setup`), also `rustfmt` and `clippy` (rustup
+//! components; rustup's default profile has them, its minimal one does not), and what the dashboard's browser
 //! test drives: Debian's `chromium` (apt, as root; or `GRID_CHROMIUM` names one) and Node.js,
 //! and `playwright-core` (`npm ci` in `tests/browser`, pinned by its lock file).
 
@@ -195,6 +196,34 @@ fn ensure_vulkan_driver() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `cargo fmt` and `cargo clippy`, which `cargo xtask test` runs first.
+pub fn lint_tools() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let has = |tool: &str| {
+        Command::new(&cargo)
+            .args([tool, "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if has("fmt") && has("clippy") {
+        return Ok(());
+    }
+    eprintln!("xtask: installing rustfmt and clippy (rustup component add rustfmt clippy)");
+    match Command::new("rustup")
+        .args(["component", "add", "rustfmt", "clippy"])
+        .status()
+    {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => {
+            bail!("`rustup component add rustfmt clippy` failed ({s}); run it by hand and retry")
+        }
+        Err(_) => bail!(
+            "cargo fmt or cargo clippy is missing and rustup is not installed: install rustup \
+             (https://rustup.rs), then run `rustup component add rustfmt clippy`"
+        ),
+    }
 }
 
 fn ensure_wasm_target() -> Result<()> {
