@@ -7,7 +7,8 @@
 //! node's claim keeps it to one replica of a task, so a second vote from it is a forgery that
 //! would let one node reach a quorum alone.
 
-use grid_proto::{ResultMsg, Sha256Hex, TaskRecord, TaskState, Vote};
+use super::{Dispatch, Rules, VoteOutcome, VoteStep};
+use grid_proto::{Outcome, Reason, ResultMsg, Sha256Hex, TaskRecord, TaskState, Vote};
 use std::collections::HashMap;
 
 /// Replicas a task may get in all: two more than asked, to break a disagreement (none more
@@ -86,7 +87,7 @@ pub fn decided_record(
     first_attempt: u32,
 ) -> Option<TaskRecord> {
     let (state, result) = match &winner {
-        Some(w) if w.outcome == grid_proto::Outcome::Succeeded => (TaskState::Succeeded, w.clone()),
+        Some(w) if w.outcome == Outcome::Succeeded => (TaskState::Succeeded, w.clone()),
         Some(w) => (TaskState::Failed, w.clone()),
         None => (TaskState::Disputed, votes.first()?.clone()),
     };
@@ -122,4 +123,131 @@ pub fn late_vote(record: &TaskRecord, result: &ResultMsg) -> Option<bool> {
         return None;
     }
     Some(record.state != TaskState::Disputed && record.result.digest == result.digest)
+}
+
+/// A replica's result, as events of the rules.
+impl Rules {
+    /// The first step of a replica's result (after [`Step::Vote`]).
+    pub fn vote_step(&mut self, result: &ResultMsg) -> VoteStep {
+        let Some(job) = self.jobs.get(&result.job_id) else {
+            return VoteStep::Ignore;
+        };
+        if result.outcome == Outcome::Failed(Reason::Cancelled) {
+            return VoteStep::Ignore;
+        }
+        if result.outcome == Outcome::Failed(Reason::Lost)
+            && job.record.retries_left(result.attempt)
+            && !job.has_counted(result.index)
+        {
+            tracing::info!(job = %result.job_id, index = result.index, replica = result.replica, "replica lost; running it again");
+            return VoteStep::RunAgain(Dispatch {
+                job_id: result.job_id.clone(),
+                index: result.index,
+                count: 1,
+                attempt: result.attempt + 1,
+                replica: result.replica,
+            });
+        }
+        VoteStep::Check {
+            round: job.record.retried,
+        }
+    }
+
+    /// Whether the broker holds no votes of `result`'s task yet: the shell then reads the
+    /// stored ones (every replica's key of the round) for [`Rules::add_vote`].
+    pub fn needs_stored_votes(&self, result: &ResultMsg) -> bool {
+        self.jobs
+            .get(&result.job_id)
+            .is_some_and(|job| !job.votes.contains_key(&result.index))
+    }
+
+    /// A replica's result, stored as a vote (`fresh`: this store created it); `stored`: the
+    /// task's votes read from `grid_votes` when [`Rules::needs_stored_votes`] said so.
+    pub fn add_vote(
+        &mut self,
+        result: ResultMsg,
+        fresh: bool,
+        stored: Vec<ResultMsg>,
+    ) -> VoteOutcome {
+        let Some(job) = self.jobs.get_mut(&result.job_id) else {
+            return VoteOutcome::Ignored;
+        };
+        let index = result.index;
+        // Stored already: a duplicate if this broker holds the vote, else a vote whose store
+        // reached the server but whose reply was lost, or one from before a restart.
+        let held = job
+            .votes
+            .get(&index)
+            .is_some_and(|votes| votes.iter().any(|v| v.replica == result.replica));
+        if !fresh && held {
+            self.duplicate();
+            return VoteOutcome::Duplicate;
+        }
+        let votes = match job.votes.get_mut(&index) {
+            Some(votes) if !one_per_node(votes, &result) => {
+                tracing::warn!(job = %result.job_id, index, node = %result.node_id, "ignoring a second replica's vote from one node");
+                return VoteOutcome::Ignored;
+            }
+            Some(votes) => {
+                votes.push(result);
+                votes.clone()
+            }
+            None => {
+                // The first vote this broker sees for the task: the stored ones, this included.
+                let mut votes: Vec<ResultMsg> = Vec::new();
+                for vote in stored {
+                    if vote.index == index && one_per_node(&votes, &vote) {
+                        votes.push(vote);
+                    }
+                }
+                job.votes.insert(index, votes.clone());
+                votes
+            }
+        };
+        let spec = &job.record.spec;
+        let (replicas, quorum) = (spec.replicas, spec.quorum);
+        let dispatched = *job
+            .dispatched
+            .entry(index)
+            .or_insert(given(&votes, replicas));
+        let winner = match decide(&votes, replicas, quorum, dispatched) {
+            Decision::Waiting => return VoteOutcome::Waiting,
+            Decision::OneMore => {
+                tracing::info!(job = %job.record.id, index, votes = votes.len(), "replicas disagree; one more");
+                job.dispatched.insert(index, dispatched + 1);
+                return VoteOutcome::OneMore(Dispatch {
+                    job_id: job.record.id.clone(),
+                    index,
+                    count: 1,
+                    attempt: job.record.first_attempt(),
+                    replica: dispatched,
+                });
+            }
+            Decision::Decided(winner) => winner.map(|w| *w),
+        };
+        job.votes.remove(&index);
+        job.dispatched.remove(&index);
+        match decided_record(
+            &votes,
+            winner,
+            job.record.retried,
+            job.record.first_attempt(),
+        ) {
+            Some(record) => VoteOutcome::Decided(Box::new(record)),
+            None => VoteOutcome::Waiting,
+        }
+    }
+
+    /// The extra replica `dispatch` asked for by `voter`'s vote ([`VoteOutcome::OneMore`])
+    /// could not be published: the task goes back to where it was before that vote, so that the
+    /// vote's redelivery asks for the replica again (held, the vote would be a duplicate, and
+    /// the task would wait for a replica nobody sent).
+    pub fn one_more_failed(&mut self, dispatch: &Dispatch, voter: u32) {
+        if let Some(job) = self.jobs.get_mut(&dispatch.job_id) {
+            job.dispatched.insert(dispatch.index, dispatch.replica);
+            if let Some(votes) = job.votes.get_mut(&dispatch.index) {
+                votes.retain(|v| v.replica != voter);
+            }
+        }
+    }
 }

@@ -1,0 +1,105 @@
+//! Fan-out: each job's window topped up, round-robin, in messages of one task or of a run of
+//! short ones (see the module docs of [`super`]).
+
+use super::{Dispatch, Fill, Rules};
+use grid_proto::{TaskMsg, TaskSource, names};
+
+/// Filling windows, as events of the rules.
+impl Rules {
+    /// Every job's top-up, round-robin (see the module docs). Nothing changes until the shell
+    /// reports a fill stored with [`Rules::filled`]: a fill whose publishes fail is planned
+    /// again on the next tick, under the same message ids.
+    pub fn plan_fill(&self) -> Vec<Fill> {
+        let window = self.window;
+        let mut fills = Vec::new();
+        for job in self.jobs.values().filter(|job| job.loaded) {
+            let record = &job.record;
+            // The saved `enqueued` may lag what a broker before a restart had enqueued, so a
+            // task past it may be counted already: it is passed over, not put in flight again
+            // (a window of tasks that never report would stall the job).
+            let (total, room) = (
+                record.counts.total,
+                window.saturating_sub(record.counts.in_flight),
+            );
+            // Room for a whole message of short tasks first, unless fewer are left.
+            let per_message = job.per_message(window);
+            if room < per_message && total - record.enqueued > room {
+                continue;
+            }
+            let mut last = record.enqueued;
+            let mut indices = Vec::new();
+            while last < total && (indices.len() as u64) < room {
+                if !job.has_counted(last) {
+                    indices.push(last);
+                }
+                last += 1;
+            }
+            if last == record.enqueued {
+                continue;
+            }
+            let (replicas, attempt) = (record.spec.replicas.max(1), record.first_attempt());
+            let mut dispatches = Vec::new();
+            let mut rest = &indices[..];
+            // Consecutive tasks, several to a message when they are short.
+            while !rest.is_empty() {
+                let mut len = 1;
+                while len < rest.len().min(per_message as usize) && rest[len] == rest[len - 1] + 1 {
+                    len += 1;
+                }
+                dispatches.extend((0..replicas).map(|replica| Dispatch {
+                    job_id: record.id.clone(),
+                    index: rest[0],
+                    count: len as u32,
+                    attempt,
+                    replica,
+                }));
+                rest = &rest[len..];
+            }
+            fills.push(Fill {
+                job_id: record.id.clone(),
+                dispatches,
+                next: last,
+                tasks: indices.len() as u64,
+            });
+        }
+        fills
+    }
+
+    /// A fill's dispatches are all stored in the work queue.
+    pub fn filled(&mut self, fill: &Fill) {
+        let Some(job) = self.jobs.get_mut(&fill.job_id) else {
+            return;
+        };
+        job.record.enqueued = fill.next;
+        job.record.counts.in_flight += fill.tasks;
+        job.dirty = true;
+        if job.record.state == grid_proto::JobState::Queued {
+            job.record.state = grid_proto::JobState::Running;
+        }
+    }
+
+    /// The task message of `dispatch`, with its tasks' params lines (none for a job without a
+    /// params file), and the subject it goes to.
+    pub fn task_msg(&self, dispatch: &Dispatch, params: Vec<Vec<u8>>) -> Option<(String, TaskMsg)> {
+        let job = self.jobs.get(&dispatch.job_id)?;
+        let spec = &job.record.spec;
+        let input = match &spec.tasks {
+            TaskSource::Inputs(files) => usize::try_from(dispatch.index)
+                .ok()
+                .and_then(|i| files.get(i))
+                .cloned(),
+            _ => None,
+        };
+        let task = TaskMsg {
+            job_id: job.record.id.clone(),
+            index: dispatch.index,
+            count: dispatch.count,
+            attempt: dispatch.attempt,
+            replica: dispatch.replica,
+            params,
+            input,
+            spec: job.task_spec.clone(),
+        };
+        Some((names::tasks_subject(&spec.class, &job.record.id), task))
+    }
+}
