@@ -3,7 +3,7 @@
 //! what happened — a submit, a results message, a stored or refused create, a job's task
 //! records read, a tick — and does what it answers: a [`Step`] (store this record, publish
 //! this retry, vote), a [`Fill`] (publish these dispatches), a [`Billing`] (create this ledger
-//! entry), records to save. Every rule is unit-tested here in memory (see `tests.rs`), the way
+//! entry), records to save. Every rule is unit-tested here in memory (see `tests/`), the way
 //! quinn-proto tests QUIC without sockets; the shell's own tests are the end-to-end ones.
 //!
 //! # The rules
