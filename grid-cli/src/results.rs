@@ -52,6 +52,37 @@ fn concat_into(joined: &mut Vec<u8>, name: &str, bytes: &[u8]) {
     joined.extend_from_slice(rest);
 }
 
+/// Writes one output file, `path` from a task record, into the task's folder `dir`, or says
+/// why not in one line: a path that leaves the folder, a file where a folder must be (or a
+/// folder where the file goes), a link on the way. Nothing outside `dir` is touched.
+fn write_output(dir: &Path, path: &str, bytes: &[u8]) -> std::result::Result<(), String> {
+    let rel = safe_relative(path).ok_or("not a relative path inside the task's folder")?;
+    let mut at = dir.to_path_buf();
+    let folders = rel.parent().map(|p| p.components().count()).unwrap_or(0);
+    for part in rel.components().take(folders) {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "{} is a file of the task's, not a folder",
+                    at.strip_prefix(dir).unwrap_or(&at).display()
+                ));
+            }
+            Err(_) => {
+                std::fs::create_dir(&at).map_err(|e| format!("creating {}: {e}", at.display()))?
+            }
+        }
+    }
+    let target = dir.join(&rel);
+    if let Ok(meta) = std::fs::symlink_metadata(&target)
+        && !meta.is_file()
+    {
+        return Err(format!("{path} is a folder of the task's, not a file"));
+    }
+    std::fs::write(&target, bytes).map_err(|e| format!("writing {}: {e}", target.display()))
+}
+
 pub fn results(args: ResultsArgs) -> Result<ExitCode> {
     if let Some(bad) = args.concat.iter().find(|n| safe_relative(n).is_none()) {
         bail!("--concat {bad:?}: not a relative path inside the output folder");
@@ -64,48 +95,63 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
         let mut manifest = String::new();
         let mut collected = 0u64;
         let mut joined: Vec<(String, Vec<u8>, u64)> = args.concat.iter().map(|n| (n.clone(), Vec::new(), 0)).collect();
-        for index in 0..record.counts.total {
-            let Some(task) = grid.task_record(&record.id, index).await? else {
-                manifest.push_str(&format!("{}\n", json!({"index": index, "state": "pending"})));
-                continue;
-            };
-            let dir = args.output.join(index.to_string());
-            std::fs::create_dir_all(&dir)?;
-            let r = &task.result;
-            for file in &r.files {
-                let Some(rel) = safe_relative(&file.path) else {
-                    tracing::warn!(path = %file.path, "skipping an output with an unsafe path");
+        // The manifest is written whatever happens below: what was collected is listed.
+        let collecting = async {
+            for index in 0..record.counts.total {
+                let Some(task) = grid.task_record(&record.id, index).await? else {
+                    manifest.push_str(&format!("{}\n", json!({"index": index, "state": "pending"})));
                     continue;
                 };
-                let bytes = grid.get_object(&tenant, &file.sha256).await?;
-                let path = dir.join(rel);
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)?;
+                let dir = args.output.join(index.to_string());
+                std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                let r = &task.result;
+                // A record is a provider's word: a bad path, a file where a folder must be, or a
+                // missing object costs that file (named, with why), never the rest.
+                let mut skipped = Vec::new();
+                for file in &r.files {
+                    let bytes = match safe_relative(&file.path) {
+                        None => Err("not a relative path inside the task's folder".to_string()),
+                        Some(_) => grid.get_object(&tenant, &file.sha256).await.map_err(|e| format!("{e:#}")),
+                    };
+                    match bytes.and_then(|bytes| write_output(&dir, &file.path, &bytes).map(|()| bytes)) {
+                        Ok(bytes) => {
+                            for (name, all, tasks) in joined.iter_mut().filter(|(n, _, _)| *n == file.path) {
+                                concat_into(all, name, &bytes);
+                                *tasks += 1;
+                            }
+                        }
+                        Err(why) => {
+                            eprintln!("grid: task {index}: skipping output {:?}: {why}", file.path);
+                            skipped.push(json!({"path": file.path, "why": why}));
+                        }
+                    }
                 }
-                for (name, all, tasks) in joined.iter_mut().filter(|(n, _, _)| *n == file.path) {
-                    concat_into(all, name, &bytes);
-                    *tasks += 1;
+                collected += 1;
+                let mut line = json!({
+                    "index": index,
+                    "state": task.state.as_str(),
+                    "votes": task.votes.iter().map(|v| json!({"replica": v.replica, "node": v.node_id, "agreed": v.agreed})).collect::<Vec<_>>(),
+                    "exit_code": r.outcome.exit_code(),
+                    "reason": r.outcome.reason().map(|x| x.to_string()),
+                    "attempts": task.attempts,
+                    "failures": task.failures,
+                    "node": r.node_id,
+                    "cpu_seconds": r.usage.cpu_seconds,
+                    "wall_seconds": r.usage.wall_seconds,
+                    "gpu_seconds": r.usage.gpu_seconds,
+                    "files": r.files.iter().map(|f| json!({"path": f.path, "bytes": f.bytes, "sha256": f.sha256.to_string()})).collect::<Vec<_>>(),
+                });
+                if !skipped.is_empty() {
+                    line["skipped"] = json!(skipped);
                 }
-                std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+                manifest.push_str(&format!("{line}\n"));
             }
-            collected += 1;
-            let line = json!({
-                "index": index,
-                "state": task.state.as_str(),
-                "votes": task.votes.iter().map(|v| json!({"replica": v.replica, "node": v.node_id, "agreed": v.agreed})).collect::<Vec<_>>(),
-                "exit_code": r.outcome.exit_code(),
-                "reason": r.outcome.reason().map(|x| x.to_string()),
-                "attempts": task.attempts,
-                "failures": task.failures,
-                "node": r.node_id,
-                "cpu_seconds": r.usage.cpu_seconds,
-                "wall_seconds": r.usage.wall_seconds,
-                "gpu_seconds": r.usage.gpu_seconds,
-                "files": r.files.iter().map(|f| json!({"path": f.path, "bytes": f.bytes, "sha256": f.sha256.to_string()})).collect::<Vec<_>>(),
-            });
-            manifest.push_str(&format!("{line}\n"));
+            anyhow::Ok(())
         }
-        std::fs::write(args.output.join("manifest.jsonl"), manifest)?;
+        .await;
+        let path = args.output.join("manifest.jsonl");
+        std::fs::write(&path, &manifest).with_context(|| format!("writing {}", path.display()))?;
+        collecting?;
         for (name, all, tasks) in &joined {
             let path = args.output.join(safe_relative(name).unwrap_or_default());
             std::fs::write(&path, all).with_context(|| format!("writing {}", path.display()))?;
@@ -211,4 +257,30 @@ pub fn logs(args: LogsArgs) -> Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_output_path_costs_that_file_only() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("0");
+        std::fs::create_dir(&dir).unwrap();
+        assert_eq!(write_output(&dir, "ok.txt", b"a"), Ok(()));
+        // A file where a folder must be, then a folder where a file goes.
+        let clash = write_output(&dir, "ok.txt/inner", b"b").unwrap_err();
+        assert!(clash.contains("ok.txt is a file"), "{clash}");
+        assert_eq!(write_output(&dir, "sub/deep/x.csv", b"c"), Ok(()));
+        let clash = write_output(&dir, "sub/deep", b"d").unwrap_err();
+        assert!(clash.contains("is a folder"), "{clash}");
+        for bad in ["../escape", "/etc/passwd", "", "a/../../b"] {
+            assert!(write_output(&dir, bad, b"e").is_err(), "{bad}");
+        }
+        assert_eq!(std::fs::read(dir.join("ok.txt")).unwrap(), b"a");
+        assert_eq!(std::fs::read(dir.join("sub/deep/x.csv")).unwrap(), b"c");
+        let outside: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+        assert_eq!(outside.len(), 1, "nothing written beside the task's folder");
+    }
 }
