@@ -90,7 +90,7 @@ impl Default for SandboxConfig {
 /// One task to run: what the guest sees, and its limits.
 #[derive(Clone, Debug)]
 pub struct TaskSpec {
-    /// args after argv[0] (which is always `job.wasm`, so that every node passes the same).
+    /// args after `argv[0]` (which is always `job.wasm`, so that every node passes the same).
     pub args: Vec<String>,
     /// The job's env; `GRID_*` names are set by the sandbox and win over these.
     pub env: Vec<(String, String)>,

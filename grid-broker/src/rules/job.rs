@@ -59,7 +59,7 @@ impl ActiveJob {
         }
     }
 
-    /// Whether its stored task records are counted (see [`ActiveJob::loaded`]).
+    /// Whether its stored task records are counted (see the `loaded` field).
     pub fn is_loaded(&self) -> bool {
         self.loaded
     }

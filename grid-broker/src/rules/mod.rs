@@ -1,5 +1,5 @@
 //! The broker's decisions, with no I/O: what it accepts, counts, retries, bills, sends out and
-//! saves. [`Rules`] holds the jobs the broker is running; the shell ([`crate::shell`]) feeds it
+//! saves. [`Rules`] holds the jobs the broker is running; the shell (`crate::shell`) feeds it
 //! what happened — a submit, a results message, a stored or refused create, a job's task
 //! records read, a tick — and does what it answers: a [`Step`] (store this record, publish
 //! this retry, vote), a [`Fill`] (publish these dispatches), a [`Billing`] (create this ledger

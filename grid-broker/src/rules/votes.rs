@@ -127,7 +127,7 @@ pub fn late_vote(record: &TaskRecord, result: &ResultMsg) -> Option<bool> {
 
 /// A replica's result, as events of the rules.
 impl Rules {
-    /// The first step of a replica's result (after [`Step::Vote`]).
+    /// The first step of a replica's result (after [`super::Step::Vote`]).
     pub fn vote_step(&mut self, result: &ResultMsg) -> VoteStep {
         let Some(job) = self.jobs.get(&result.job_id) else {
             return VoteStep::Ignore;
