@@ -277,16 +277,14 @@ impl Rules {
             return Billing::Nothing; // nothing ran
         }
         match self.jobs.get(&result.job_id) {
-            Some(job) => match ledger::entry(&job.record, result, (self.now)()) {
-                Some((key, entry)) => Billing::Bill(key, Box::new(entry)),
-                None => Billing::Nothing,
-            },
+            Some(job) => self.bill_of(&job.record, result),
             None => Billing::ReadJob,
         }
     }
 
-    /// The ledger entry of `result` of an ended job whose stored record is `job`.
-    pub fn bill_ended(&self, job: &JobRecord, result: &ResultMsg) -> Billing {
+    /// The ledger entry of `result` of the job whose record is `job`: held, or (for an ended
+    /// job, [`Billing::ReadJob`]) as stored.
+    pub fn bill_of(&self, job: &JobRecord, result: &ResultMsg) -> Billing {
         match ledger::entry(job, result, (self.now)()) {
             Some((key, entry)) => Billing::Bill(key, Box::new(entry)),
             None => Billing::Nothing,
@@ -425,14 +423,14 @@ impl Rules {
     }
 
     /// Job `id`'s record, as it was when [`Rules::unsaved`] gave it, is saved. A job that ended
-    /// is let go of: only now, so that a failed save is tried again on the next tick.
-    pub fn saved(&mut self, id: &str) {
-        if let Some(job) = self.jobs.get_mut(id) {
-            job.dirty = false;
-            if job.record.state.is_final() {
-                self.jobs.remove(id);
-            }
-        }
+    /// is let go of: only now, so that a failed save is tried again on the next tick. True when
+    /// it was let go of.
+    pub fn saved(&mut self, id: &str) -> bool {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return false;
+        };
+        job.dirty = false;
+        job.record.state.is_final() && self.jobs.remove(id).is_some()
     }
 
     /// Tasks not yet sent out, tasks in flight, and jobs held: for the metrics.
@@ -443,11 +441,6 @@ impl Rules {
             in_flight += job.record.counts.in_flight;
         }
         (queued, in_flight, self.jobs.len())
-    }
-
-    /// The ids of the jobs held.
-    pub fn job_ids(&self) -> impl Iterator<Item = &String> {
-        self.jobs.keys()
     }
 }
 

@@ -9,7 +9,7 @@ mod store;
 
 use crate::args::BrokerConfig;
 use crate::faults::crash_point;
-use crate::rules::{Fill, Rules};
+use crate::rules::Rules;
 use anyhow::{Result, anyhow};
 use async_nats::jetstream;
 use futures::StreamExt;
@@ -196,18 +196,9 @@ impl Broker {
         }
     }
 
-    /// Publishes `dispatch`'s task message (with its params lines).
-    async fn dispatch(&mut self, dispatch: &crate::rules::Dispatch) -> Result<()> {
-        let publish = self.prepare(std::slice::from_ref(dispatch)).await?;
-        futures::future::try_join_all(publish).await?;
-        Ok(())
-    }
-
-    /// The publishes of `dispatches` (of one job), with their params lines read.
-    async fn prepare(
-        &mut self,
-        dispatches: &[crate::rules::Dispatch],
-    ) -> Result<Vec<impl Future<Output = Result<()>> + use<>>> {
+    /// Publishes the task messages of `dispatches` (of one job), with their params lines, and
+    /// waits until JetStream has stored them all.
+    async fn publish(&mut self, dispatches: &[crate::rules::Dispatch]) -> Result<()> {
         let mut publishes = Vec::with_capacity(dispatches.len());
         // Replicas of a run share its params lines.
         let mut last: Option<(u64, u32, Vec<Vec<u8>>)> = None;
@@ -234,7 +225,14 @@ impl Broker {
                 &task,
             ));
         }
-        Ok(publishes)
+        futures::future::try_join_all(publishes).await?;
+        Ok(())
+    }
+
+    /// Lets go of a job (cancelled, deleted), and of its params pages.
+    fn release(&mut self, id: &str) {
+        self.rules.release(id);
+        self.params.remove(id);
     }
 
     /// The params lines of `dispatch`'s tasks (none for a job without a params file).
@@ -263,18 +261,12 @@ impl Broker {
     /// duplicates).
     async fn fill(&mut self) {
         for fill in self.rules.plan_fill() {
-            if let Err(e) = self.publish_fill(&fill).await {
+            if let Err(e) = self.publish(&fill.dispatches).await {
                 tracing::warn!(job = %fill.job_id, "enqueueing tasks: {e:#}");
                 continue;
             }
             self.rules.filled(&fill);
         }
-    }
-
-    async fn publish_fill(&mut self, fill: &Fill) -> Result<()> {
-        let publishes = self.prepare(&fill.dispatches).await?;
-        futures::future::try_join_all(publishes).await?;
-        Ok(())
     }
 
     /// Writes the records of jobs that changed, and lets go of a job that ended once its final
@@ -314,13 +306,12 @@ impl Broker {
                         .client
                         .publish(names::job_events(&tenant, &id), bytes::Bytes::new())
                         .await;
-                    self.rules.saved(&id);
+                    if self.rules.saved(&id) {
+                        self.params.remove(&id);
+                    }
                 }
                 Err(e) => tracing::warn!(job = %id, "saving the job record: {e}"),
             }
         }
-        // Params pages of jobs no longer held.
-        let held: std::collections::HashSet<&String> = self.rules.job_ids().collect();
-        self.params.retain(|id, _| held.contains(id));
     }
 }

@@ -18,21 +18,27 @@ impl Broker {
     /// Answers one request: an [`Answer`] of the request's reply type. True when it was a
     /// submit (a new job, whose first window goes out at once).
     pub(super) async fn on_request(&mut self, msg: async_nats::Message) -> bool {
-        let answer = self.answer(&msg).await;
+        // `grid.api.<tenant>.<verb>`
+        let mut parts = msg.subject.as_str().split('.').skip(2);
+        let (answer, submit) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(tenant), Some(verb), None) => (
+                self.answer(tenant.to_string(), verb, &msg.payload).await,
+                verb == SubmitRequest::VERB,
+            ),
+            _ => (
+                encode(&Answer::<JobRef>::Refused("bad subject".into())),
+                false,
+            ),
+        };
         if let Some(to) = &msg.reply
             && let Err(e) = self.grid.client.publish(to.clone(), answer.into()).await
         {
             tracing::warn!("replying: {e}");
         }
-        msg.subject.as_str().ends_with(SubmitRequest::VERB)
+        submit
     }
 
-    async fn answer(&mut self, msg: &async_nats::Message) -> Vec<u8> {
-        let mut parts = msg.subject.as_str().split('.').skip(2);
-        let (Some(tenant), Some(verb), None) = (parts.next(), parts.next(), parts.next()) else {
-            return encode(&Answer::<JobRef>::Refused("bad subject".into()));
-        };
-        let (tenant, payload) = (tenant.to_string(), &msg.payload);
+    async fn answer(&mut self, tenant: String, verb: &str, payload: &[u8]) -> Vec<u8> {
         match verb {
             SubmitRequest::VERB => answer(
                 async {
@@ -163,7 +169,7 @@ impl Broker {
         store::save_job(&self.grid, &record)
             .await
             .map_err(|e| anyhow!("saving the cancellation: {e:#}; try again"))?;
-        self.rules.release(&job_id);
+        self.release(&job_id);
         store::drop_queued(&self.grid, &record).await?;
         self.grid
             .client
@@ -300,7 +306,7 @@ impl Broker {
                 .await
                 .map_err(|e| anyhow!("deleting job {job_id}'s records: {e:#}"))?;
         }
-        self.rules.release(&job_id);
+        self.release(&job_id);
         // Followers of the job table (the dashboard) see no purge: tell them.
         let _ = self
             .grid

@@ -99,7 +99,7 @@ impl Broker {
     async fn bill(&self, result: &ResultMsg) -> Result<()> {
         let billing = match self.rules.billing(result) {
             Billing::ReadJob => match store::job_of_result(&self.grid, result).await? {
-                Some(job) => self.rules.bill_ended(&job, result),
+                Some(job) => self.rules.bill_of(&job, result),
                 None => Billing::Nothing,
             },
             billing => billing,
@@ -127,7 +127,7 @@ impl Broker {
             Step::Record(record) => self.record_task(*record).await.map(drop),
             Step::Retry(dispatch) => {
                 // Published before the failed result is acked (see `Rules::retried`).
-                self.dispatch(&dispatch).await?;
+                self.publish(std::slice::from_ref(&dispatch)).await?;
                 crash_point("after-retry");
                 self.rules.retried(&result);
                 Ok(())
@@ -157,7 +157,9 @@ impl Broker {
     async fn vote(&mut self, result: ResultMsg) -> Result<()> {
         let round = match self.rules.vote_step(&result) {
             VoteStep::Ignore => return Ok(()),
-            VoteStep::RunAgain(dispatch) => return self.dispatch(&dispatch).await,
+            VoteStep::RunAgain(dispatch) => {
+                return self.publish(std::slice::from_ref(&dispatch)).await;
+            }
             VoteStep::Check { round } => round,
         };
         if let Some(record) = store::decided(&self.grid, &result)
@@ -182,7 +184,7 @@ impl Broker {
         match self.rules.add_vote(result, fresh, stored) {
             VoteOutcome::Duplicate | VoteOutcome::Ignored | VoteOutcome::Waiting => Ok(()),
             VoteOutcome::OneMore(dispatch) => {
-                let published = self.dispatch(&dispatch).await;
+                let published = self.publish(std::slice::from_ref(&dispatch)).await;
                 if published.is_err() {
                     self.rules.one_more_failed(&dispatch, voter);
                 }

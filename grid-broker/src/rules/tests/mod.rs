@@ -258,7 +258,7 @@ impl World {
     pub(super) fn bill(&mut self, result: &ResultMsg) {
         let billing = match self.rules.billing(result) {
             Billing::ReadJob => match self.saved.get(&result.job_id).cloned() {
-                Some(job) => self.rules.bill_ended(&job, result),
+                Some(job) => self.rules.bill_of(&job, result),
                 None => Billing::Nothing,
             },
             billing => billing,
