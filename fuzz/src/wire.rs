@@ -37,6 +37,12 @@ fn samples() -> Vec<Vec<u8>> {
         stdout: Some(sha),
         stderr: None,
         logs_truncated: true,
+        seal: grid_proto::Seal {
+            first_index: 7,
+            count: 1,
+            sent_unix_ms: 1_700_000_000_000,
+            mac: [9; 32],
+        },
     };
     vec![
         encode(&TaskMsg {
@@ -69,6 +75,7 @@ fn samples() -> Vec<Vec<u8>> {
                 shared: vec![],
                 program: None,
             },
+            seal: result.seal,
         }),
         encode(&result),
         encode(&CancelRequest { job_id: "j".into() }),

@@ -389,6 +389,7 @@ fn permissions(who: &Identity) -> (serde_json::Value, serde_json::Value) {
                 format!("KV_{}", names::USAGE_BUCKET),
                 format!("KV_{}", names::VOTES_BUCKET),
                 format!("KV_{}", names::TALLY_BUCKET),
+                format!("KV_{}", names::SECRETS_BUCKET),
                 names::RESULTS_STREAM.to_string(),
                 names::TASKS_STREAM.to_string(),
             ] {

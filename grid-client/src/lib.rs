@@ -213,6 +213,7 @@ impl Grid {
             (names::CLAIMS_BUCKET, Duration::ZERO),
             (names::TALLY_BUCKET, Duration::ZERO),
             (names::USAGE_BUCKET, Duration::ZERO),
+            (names::SECRETS_BUCKET, Duration::ZERO),
         ] {
             js.create_or_update_key_value(kv::Config {
                 bucket: bucket.into(),
@@ -256,6 +257,52 @@ impl Grid {
                 .map_err(|e| anyhow!("opening bucket {name}: {e}"))
         })
         .await
+    }
+
+    /// The broker's sealing key ([`grid_proto::Seal`]): made from `/dev/urandom` by the first
+    /// broker of a grid and kept in `grid_secrets` (whose stream only the operator may read),
+    /// so that every broker after it checks the seals of the ones before.
+    pub async fn seal_key(&self) -> Result<[u8; 32]> {
+        let secrets = self
+            .js
+            .get_key_value(names::SECRETS_BUCKET)
+            .await
+            .map_err(|e| anyhow!("opening bucket {}: {e}", names::SECRETS_BUCKET))?;
+        let read = |bytes: &[u8]| -> Result<[u8; 32]> {
+            bytes.try_into().map_err(|_| {
+                anyhow!(
+                    "the sealing key in {} is not 32 bytes",
+                    names::SECRETS_BUCKET
+                )
+            })
+        };
+        if let Some(stored) = secrets
+            .get(names::SEAL_KEY)
+            .await
+            .map_err(|e| anyhow!("reading the sealing key: {e}"))?
+        {
+            return read(&stored);
+        }
+        let mut key = [0u8; 32];
+        {
+            use std::io::Read;
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut r| r.read_exact(&mut key))
+                .context("reading /dev/urandom for the sealing key")?;
+        }
+        match secrets.create(names::SEAL_KEY, key.to_vec().into()).await {
+            Ok(_) => Ok(key),
+            // Another broker made it first: use that one.
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let stored = secrets
+                    .get(names::SEAL_KEY)
+                    .await
+                    .map_err(|e| anyhow!("reading the sealing key: {e}"))?
+                    .ok_or_else(|| anyhow!("the sealing key vanished"))?;
+                read(&stored)
+            }
+            Err(e) => Err(anyhow!("storing the sealing key: {e}")),
+        }
     }
 
     /// `grid_jobs`: job records, key `<tenant>.<job>`.

@@ -644,6 +644,7 @@ impl Node {
             stdout: None,
             stderr: None,
             logs_truncated: false,
+            seal: task.seal,
         }
     }
 
@@ -906,6 +907,7 @@ impl Node {
             stdout: logs[0],
             stderr: logs[1],
             logs_truncated: report.logs_truncated,
+            seal: task.seal,
         })
     }
 }

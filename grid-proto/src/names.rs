@@ -13,6 +13,7 @@
 //! | `grid_votes` | KV, key `<job>.<index>.<round>.<replica>` | each replica's result, stored once ([`crate::ResultMsg`]) |
 //! | `grid_claims` | KV, key `<job>.<index>.<round>.<node id>` | which replica of a task a node took: never two on one node |
 //! | `grid_tally` | KV, key `<node id>` | votes each node's results won and lost ([`crate::NodeTally`]) |
+//! | `grid_secrets` | KV, key `seal` | the broker's key for sealing task messages ([`crate::Seal`]); the operator's alone |
 //! | `grid_usage` | KV, key `<tenant>.<job>.<index>.<attempt>.<replica>` | the usage ledger: one entry per billable attempt ([`crate::UsageEntry`]) |
 //! | `grid_store_<tenant>` | object store, one per tenant, name `<sha256>` | the tenant's modules, params files, inputs, outputs, logs |
 //! | `grid.api.<tenant>.submit`, `.cancel`, `.retry`, `.delete`, `.storage`, `.owner` | request/reply to the broker | job intake, cancel, retry, delete; creating the tenant's store; who owns a job |
@@ -34,6 +35,10 @@ pub const VOTES_BUCKET: &str = "grid_votes";
 pub const CLAIMS_BUCKET: &str = "grid_claims";
 pub const TALLY_BUCKET: &str = "grid_tally";
 pub const USAGE_BUCKET: &str = "grid_usage";
+/// The broker's secrets: read and written by the operator's credentials only.
+pub const SECRETS_BUCKET: &str = "grid_secrets";
+/// The key in [`SECRETS_BUCKET`] of the broker's sealing key.
+pub const SEAL_KEY: &str = "seal";
 pub const DEFAULT_TENANT: &str = "default";
 pub const DEFAULT_CLASS: &str = "cpu";
 /// The class of nodes with a GPU; its tasks get the node's GPU through `grid_gpu_v1`.

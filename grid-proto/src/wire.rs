@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// Bumped on any incompatible change of a wire type.
-pub const WIRE_VERSION: u16 = 9;
+pub const WIRE_VERSION: u16 = 10;
 
 /// A type that travels over NATS.
 pub trait Message: Serialize + DeserializeOwned {
@@ -457,6 +457,8 @@ pub struct TaskMsg {
     /// The job's spec, without its task list (`tasks` is `Count` of the job's tasks): a node
     /// learns what to run from the task it was given, and reads no job records.
     pub spec: JobSpec,
+    /// The broker's seal on this message; a node returns it with each result.
+    pub seal: Seal,
 }
 impl Message for TaskMsg {
     const KIND: &'static str = "task";
@@ -483,6 +485,20 @@ impl TaskMsg {
     pub fn stdin(&self) -> &[u8] {
         self.params.first().map_or(&[], Vec::as_slice)
     }
+}
+
+/// The broker's proof that it sent a task message: which tasks (`first_index ..
+/// first_index + count`), when (its clock), and an HMAC-SHA256 of them, of the message's
+/// tenant, job, attempt and replica under a key only the broker holds. A node copies it into
+/// each result of the message; the broker accepts a result only under a seal it made, so a
+/// provider cannot report, or bill, an attempt it was never sent. Only the broker makes and
+/// checks seals (`grid_broker::rules::seal`); to everyone else they are opaque.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seal {
+    pub first_index: u64,
+    pub count: u32,
+    pub sent_unix_ms: u64,
+    pub mac: [u8; 32],
 }
 
 /// A regular file a task left in `/out`.
@@ -587,6 +603,8 @@ pub struct ResultMsg {
     pub stdout: Option<Sha256Hex>,
     pub stderr: Option<Sha256Hex>,
     pub logs_truncated: bool,
+    /// The seal of the task message that sent this attempt ([`TaskMsg::seal`]).
+    pub seal: Seal,
 }
 impl Message for ResultMsg {
     const KIND: &'static str = "result";

@@ -8,12 +8,12 @@ use std::path::Path;
 use std::time::Duration;
 
 /// A connection with `creds` that reports the server's errors (permission violations).
-struct Watched {
-    client: async_nats::Client,
+pub(crate) struct Watched {
+    pub(crate) client: async_nats::Client,
     errors: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
-async fn connect_watched(url: &str, creds: &Path) -> Watched {
+pub(crate) async fn connect_watched(url: &str, creds: &Path) -> Watched {
     let who = grid_client::auth::Identity::of_creds_file(creds).unwrap();
     let (tx, errors) = tokio::sync::mpsc::unbounded_channel();
     let client = async_nats::ConnectOptions::with_credentials_file(creds)
@@ -36,7 +36,7 @@ async fn connect_watched(url: &str, creds: &Path) -> Watched {
 
 impl Watched {
     /// Publishes to `subject` and expects the server to refuse it.
-    async fn publish_is_denied(&mut self, subject: &str, payload: Vec<u8>) {
+    pub(crate) async fn publish_is_denied(&mut self, subject: &str, payload: Vec<u8>) {
         self.client
             .publish(subject.to_string(), payload.into())
             .await
@@ -45,7 +45,7 @@ impl Watched {
         self.expect_violation(subject).await;
     }
 
-    async fn expect_violation(&mut self, subject: &str) {
+    pub(crate) async fn expect_violation(&mut self, subject: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let error = tokio::time::timeout_at(deadline, self.errors.recv())
@@ -71,7 +71,7 @@ fn assert_wire_denied(grid: &TestGrid, creds: &Path, subjects: &[String]) {
     });
 }
 
-/// A result of task 0 of `job`, as node `node` would publish it.
+/// A result of task 0 of `job`, as node `node` would publish it, without a seal.
 fn forged_result(job: &str, node: &str) -> grid_proto::ResultMsg {
     grid_proto::ResultMsg {
         tenant: names::DEFAULT_TENANT.into(),
@@ -87,6 +87,7 @@ fn forged_result(job: &str, node: &str) -> grid_proto::ResultMsg {
         stdout: None,
         stderr: None,
         logs_truncated: false,
+        seal: grid_proto::Seal::default(),
     }
 }
 
@@ -389,6 +390,9 @@ fn a_provider_cannot_read_results_of_tasks_it_did_not_run() {
             format!("$JS.API.DIRECT.GET.KV_grid_jobs.$KV.grid_jobs.bob.{job}"),
             "$JS.API.DIRECT.GET.KV_grid_usage".to_string(),
             "$JS.API.DIRECT.GET.KV_grid_votes".to_string(),
+            // The broker's sealing key.
+            "$JS.API.DIRECT.GET.KV_grid_secrets.$KV.grid_secrets.seal".to_string(),
+            "$JS.API.STREAM.INFO.KV_grid_secrets".to_string(),
             "$JS.API.STREAM.INFO.GRID_RESULTS".to_string(),
             "$JS.API.CONSUMER.CREATE.GRID_RESULTS".to_string(),
         ] {
@@ -484,14 +488,19 @@ fn a_provider_cannot_impersonate_another_node() {
     assert_eq!(status["tasks"]["succeeded"], 0, "{status}");
     let billed = crate::ledger::usage(&grid, &["--job", &job]);
     assert_eq!(billed["total"]["attempts"], 0, "{billed}");
-    // Under its own name, a result is counted (as mallory's).
+    // Under its own name, for a task it was given, a result is counted (as mallory's).
     rt.block_on(async {
         let client =
             crate::support::connect_as(&grid.nats.url, &creds(Role::Provider, "mallory")).await;
-        let js = async_nats::jetstream::new(client);
+        let tasks = crate::support::pull_tasks(&client, 1).await;
         let result = grid_proto::ResultsMsg {
-            results: vec![forged_result(&job, "mallory")],
+            results: vec![crate::support::empty_result(
+                &tasks[0].0,
+                "mallory",
+                grid_proto::Usage::default(),
+            )],
         };
+        let js = async_nats::jetstream::new(client);
         js.publish(
             names::results_subject("mallory", &job),
             encode(&result).into(),

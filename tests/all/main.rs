@@ -20,5 +20,6 @@ mod privileges;
 mod python;
 mod replicas;
 mod retry;
+mod rogue;
 mod sandbox;
 mod storage;

@@ -5,13 +5,13 @@ use crate::support::*;
 use std::time::{Duration, Instant};
 
 /// An address with a port free right now.
-fn free_addr() -> String {
+pub(crate) fn free_addr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().to_string()
 }
 
 /// The text at `http://addr/metrics` (waiting for the endpoint to come up).
-fn scrape(addr: &str) -> String {
+pub(crate) fn scrape(addr: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some((head, body)) = http_get(&format!("http://{addr}/metrics")) {
@@ -24,7 +24,7 @@ fn scrape(addr: &str) -> String {
 }
 
 /// The sum of the samples of `name` whose labels include every one of `labels`.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {

@@ -4,6 +4,7 @@ use grid_sandbox::{Sandbox, SandboxConfig, TaskReport, TaskSpec};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -142,7 +143,7 @@ pub async fn assert_a_good_task_runs() {
 /// How long one `grid` command may run in a test before it is killed and the test fails:
 /// far above any command's normal time, so a hang shows up as a failure with its output instead
 /// of a stuck test run.
-pub const GRID_COMMAND_LIMIT: std::time::Duration = std::time::Duration::from_secs(240);
+pub const GRID_COMMAND_LIMIT: Duration = Duration::from_secs(240);
 
 pub fn grid(args: &[&str], stdin: &[u8]) -> Output {
     use std::io::{Read, Write};
@@ -187,7 +188,7 @@ pub fn grid(args: &[&str], stdin: &[u8]) -> Output {
                 String::from_utf8_lossy(&stderr)
             );
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     };
     Output {
         status,
@@ -374,7 +375,7 @@ impl NatsServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server starts");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let url = loop {
             let found = std::fs::read_dir(&ports_dir)
                 .ok()
@@ -391,7 +392,7 @@ impl NatsServer {
                 std::time::Instant::now() < deadline,
                 "nats-server did not report its port"
             );
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         };
         let port = url.rsplit(':').next().unwrap().parse().unwrap();
         Self {
@@ -562,7 +563,7 @@ impl GridProcess {
     pub fn terminate(&mut self) -> bool {
         let pid = rustix::process::Pid::from_child(&self.child);
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status.success();
@@ -571,7 +572,7 @@ impl GridProcess {
                 std::time::Instant::now() < deadline,
                 "the process did not exit"
             );
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
@@ -646,7 +647,7 @@ impl TestGrid {
 
     /// Waits until the broker has set the grid up and `n` nodes sent heartbeats.
     pub fn wait_for_nodes(&self, n: usize) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let out = self.grid(&["nodes", "--json"]);
             if out.status.success() && String::from_utf8_lossy(&out.stdout).lines().count() >= n {
@@ -657,7 +658,7 @@ impl TestGrid {
                 "nodes did not report: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -703,4 +704,68 @@ pub fn http_get(url: &str) -> Option<(String, String)> {
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
     Some((head.to_string(), body.to_string()))
+}
+
+/// Pulls task messages of class `cpu` with `client`, as a node does (from the shared consumer),
+/// until `n` tasks have come or 10 s have passed; acks none. Each task of a run comes alone
+/// (`TaskMsg::split`) beside its message.
+pub async fn pull_tasks(
+    client: &async_nats::Client,
+    n: usize,
+) -> Vec<(grid_proto::TaskMsg, async_nats::jetstream::Message)> {
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(client.clone());
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(
+            grid_proto::names::tasks_consumer("cpu"),
+            grid_proto::names::TASKS_STREAM,
+        )
+        .await
+        .expect("the task consumer");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut tasks = Vec::new();
+    while tasks.len() < n && std::time::Instant::now() < deadline {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(n - tasks.len())
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+            .expect("a fetch");
+        while let Some(msg) = batch.next().await {
+            let msg = msg.expect("a task message");
+            let task: grid_proto::TaskMsg =
+                grid_proto::decode(&msg.payload).expect("a task message");
+            for one in task.split() {
+                tasks.push((one, msg.clone()));
+            }
+        }
+    }
+    tasks
+}
+
+/// The result of `task` that a node named `node` would report for a run that succeeded and
+/// wrote nothing, with `usage`.
+pub fn empty_result(
+    task: &grid_proto::TaskMsg,
+    node: &str,
+    usage: grid_proto::Usage,
+) -> grid_proto::ResultMsg {
+    let outcome = grid_proto::Outcome::Succeeded;
+    grid_proto::ResultMsg {
+        tenant: task.spec.tenant.clone(),
+        job_id: task.job_id.clone(),
+        index: task.index,
+        attempt: task.attempt,
+        replica: task.replica,
+        node_id: node.into(),
+        digest: grid_proto::result_digest(&outcome, &[]),
+        outcome,
+        usage,
+        files: vec![],
+        stdout: None,
+        stderr: None,
+        logs_truncated: false,
+        seal: task.seal,
+    }
 }

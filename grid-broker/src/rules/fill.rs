@@ -79,7 +79,7 @@ impl Rules {
     }
 
     /// The task message of `dispatch`, with its tasks' params lines (none for a job without a
-    /// params file), and the subject it goes to.
+    /// params file), sealed ([`super::seal`]), and the subject it goes to.
     pub fn task_msg(&self, dispatch: &Dispatch, params: Vec<Vec<u8>>) -> Option<(String, TaskMsg)> {
         let job = self.jobs.get(&dispatch.job_id)?;
         let spec = &job.record.spec;
@@ -99,6 +99,7 @@ impl Rules {
             params,
             input,
             spec: job.task_spec.clone(),
+            seal: self.seal.seal(&spec.tenant, dispatch, (self.now)()),
         };
         Some((names::tasks_subject(&spec.class, &job.record.id), task))
     }

@@ -1,15 +1,23 @@
 //! The usage ledger (`grid_usage`): what each attempt cost.
 //!
 //! Every attempt that ran on a node and sent a result is billable to the tenant — a failed
-//! attempt that is retried, each replica, a task cancelled while it ran (a replica whose result
-//! lost its task's vote is billed but not paid to its provider: `grid usage` checks the entry's
-//! digest against the task's record) — and is written once, keyed by tenant, job, task, attempt
-//! and replica (a create: the same attempt delivered twice, or run by two nodes after a lapsed
-//! ack, is billed once, to the first node whose result arrives). A task handed back by its node
-//! sends no result and is not billed; neither is a `lost` report, which ran nothing. The entry
-//! is written before the result is counted, so a broker killed in between finds it on
-//! redelivery and does not bill it again. Usage comes from the provider, so it is billed only
-//! within the job's limits ([`grid_proto::Usage::within`]).
+//! attempt that is retried, each replica (a replica whose result lost its task's vote is billed
+//! but not paid to its provider: `grid usage` checks the entry's digest against the task's
+//! record) — and is written once, keyed by tenant, job, task, attempt and replica (a create: the
+//! same attempt delivered twice, or run by two nodes after a lapsed ack, is billed once, to the
+//! first node whose result arrives). A task handed back by its node sends no result and is not
+//! billed; neither is a `lost` report, which ran nothing. The entry is written before the
+//! result is counted, so a broker killed in between finds it on redelivery and does not bill it
+//! again.
+//!
+//! What a provider reports is bounded by what the broker knows: an attempt is billed only under
+//! the broker's seal of the message that sent it ([`super::seal`]); only while its job's round
+//! runs (nothing for a job that ended, was cancelled, or went on to a later round); no more time
+//! than the job's limits allow ([`grid_proto::Usage::within`]); and no more time than passed
+//! between sending the message and taking in the result, by the broker's clock
+//! ([`bound_by_elapsed`] — for a run of short tasks, which a node runs one after another, that
+//! time bounds their sum). The time a message waited in the queue before a node pulled it is
+//! inside that bound: the broker does not see the pull.
 
 use grid_proto::{JobRecord, Outcome, Reason, ResultMsg, UsageEntry, names};
 
@@ -18,16 +26,18 @@ use grid_proto::{JobRecord, Outcome, Reason, ResultMsg, UsageEntry, names};
 pub enum Billing {
     /// Create this ledger entry under this key (an existing key: billed already).
     Bill(String, Box<UsageEntry>),
-    /// Nothing to bill: nothing ran, or no such task.
+    /// Nothing to bill: nothing ran, no such task, or its round has ended.
     Nothing,
-    /// The job is not held: bill it from its stored record ([`entry`]).
-    ReadJob,
 }
 
-/// The ledger entry of `result`'s attempt of `job`, if it is billable: a task of the job, an
-/// attempt and replica the broker may have sent out, and something ran.
+/// The ledger entry of `result`'s attempt of `job` (a held job), if it is billable: a task of
+/// the job, an attempt and replica of the job's running round, and something ran.
 pub fn entry(job: &JobRecord, result: &ResultMsg, now_ms: u64) -> Option<(String, UsageEntry)> {
-    if result.outcome == Outcome::Failed(Reason::Lost) || result.index >= job.counts.total {
+    if result.outcome == Outcome::Failed(Reason::Lost)
+        || result.index >= job.counts.total
+        || job.state.is_final()
+        || result.attempt < job.first_attempt()
+    {
         return None;
     }
     if let Some(why) = super::results::forged_numbers(job, result) {
@@ -57,4 +67,56 @@ pub fn entry(job: &JobRecord, result: &ResultMsg, now_ms: u64) -> Option<(String
         round: grid_proto::round_of(result.attempt, spec.retries),
     };
     Some((key, entry))
+}
+
+/// Bounds the times of `results` (one results message) by how long their task message was
+/// out: from its seal's send time to `now_ms`. Each result's CPU, wall and GPU seconds are at
+/// most that; so are their sums over the results of one message (a run's tasks run one after
+/// another), scaled down together when over.
+pub fn bound_by_elapsed(results: &mut [ResultMsg], now_ms: u64) {
+    let elapsed = |r: &ResultMsg| now_ms.saturating_sub(r.seal.sent_unix_ms) as f64 / 1000.0;
+    for result in results.iter_mut() {
+        let most = elapsed(result);
+        let usage = &mut result.usage;
+        for seconds in [
+            &mut usage.cpu_seconds,
+            &mut usage.wall_seconds,
+            &mut usage.gpu_seconds,
+        ] {
+            *seconds = if seconds.is_finite() {
+                seconds.clamp(0.0, most)
+            } else {
+                0.0
+            };
+        }
+    }
+    let mut seals: Vec<grid_proto::Seal> = results.iter().map(|r| r.seal).collect();
+    seals.dedup();
+    for seal in seals {
+        let most = now_ms.saturating_sub(seal.sent_unix_ms) as f64 / 1000.0;
+        let of_seal = |r: &&mut ResultMsg| r.seal == seal;
+        let sum = |pick: fn(&grid_proto::Usage) -> f64, results: &mut [ResultMsg]| {
+            results
+                .iter_mut()
+                .filter(of_seal)
+                .map(|r| pick(&r.usage))
+                .sum::<f64>()
+        };
+        let scale = [
+            sum(|u| u.cpu_seconds, results),
+            sum(|u| u.wall_seconds, results),
+            sum(|u| u.gpu_seconds, results),
+        ]
+        .into_iter()
+        .filter(|&total| total > most)
+        .map(|total| most / total)
+        .fold(1.0, f64::min);
+        if scale < 1.0 {
+            for result in results.iter_mut().filter(of_seal) {
+                result.usage.cpu_seconds *= scale;
+                result.usage.wall_seconds *= scale;
+                result.usage.gpu_seconds *= scale;
+            }
+        }
+    }
 }

@@ -11,8 +11,10 @@
 //!   second result for it — a redelivery, a republish, a late result of an old attempt — finds
 //!   the key taken and is a duplicate. A create whose reply was lost is counted when its
 //!   result comes back, from the stored record ([`results::reconcile`]).
-//! - **Nothing forged.** A result must name the node whose subject it came on, its job's
-//!   tenant, and an attempt and replica the broker may have sent ([`Rules::admit`]).
+//! - **Nothing forged.** A result must carry the broker's seal of the message that sent its
+//!   attempt ([`seal`]), and name the node whose subject it came on and its job's tenant
+//!   ([`Rules::admit`]); else it is dropped, counted in `grid_results_forged_total` and logged
+//!   with the node's id.
 //! - **Retries.** A failed attempt (not `invalid:` or `cancelled`) gets another, up to the
 //!   job's retries in its round; a lost replica runs again instead of voting.
 //! - **Votes.** See [`votes`]. **Ledger.** See [`ledger`]. **Rounds and cancel.** See
@@ -30,6 +32,7 @@ mod job;
 pub mod ledger;
 pub mod results;
 pub mod rounds;
+pub mod seal;
 pub mod votes;
 
 #[cfg(test)]
@@ -38,8 +41,9 @@ mod tests;
 pub use job::ActiveJob;
 pub use ledger::Billing;
 pub use results::Reconcile;
+pub use seal::SealKey;
 
-use grid_proto::{JobRecord, Outcome, Reason, ResultMsg, ResultsMsg, TaskRecord, TaskState, names};
+use grid_proto::{JobRecord, Reason, ResultMsg, ResultsMsg, TaskRecord, TaskState, names};
 use std::collections::{BTreeMap, HashSet};
 
 /// Consecutive tasks sent out in one message: `count` tasks from `index`, as attempt `attempt`
@@ -162,16 +166,19 @@ pub struct Rules {
     loading: HashSet<String>,
     /// The clock, in Unix milliseconds.
     now: fn() -> u64,
+    /// Seals task messages and checks results' seals.
+    seal: SealKey,
 }
 
 impl Rules {
-    pub fn new(window: u64, now: fn() -> u64) -> Self {
+    pub fn new(window: u64, now: fn() -> u64, seal: SealKey) -> Self {
         Self {
             window,
             jobs: BTreeMap::new(),
             duplicates: 0,
             loading: HashSet::new(),
             now,
+            seal,
         }
     }
 
@@ -227,9 +234,12 @@ impl Rules {
         }
     }
 
-    /// Screens a results message that came on `node`'s subject.
+    /// Screens a results message that came on `node`'s subject: every result must carry a seal
+    /// of the broker's and name that node and its job's tenant, or the message is a forgery.
+    /// The times of accepted results are bounded by the time their message was out
+    /// ([`ledger::bound_by_elapsed`]).
     pub fn admit(&mut self, node: &str, msg: ResultsMsg) -> Admission {
-        let results = msg.results;
+        let mut results = msg.results;
         let most = grid_proto::MAX_TASKS_PER_MESSAGE as usize;
         if !(1..=most).contains(&results.len()) {
             return Admission::Reject(format!("a results message of {} results", results.len()));
@@ -240,6 +250,8 @@ impl Rules {
                     "it names node {} but came from node {node}",
                     result.node_id
                 ))
+            } else if let Err(why) = self.seal.check(result) {
+                Some(why)
             } else {
                 match self.jobs.get(&result.job_id) {
                     Some(job) if job.record.spec.tenant != result.tenant => Some(format!(
@@ -251,8 +263,10 @@ impl Rules {
                 }
             };
             if let Some(why) = forged {
+                metrics::counter!("grid_results_forged_total", "node" => node.to_string())
+                    .increment(1);
                 return Admission::Reject(format!(
-                    "a result for task {} of job {}: {why}",
+                    "a result for task {} of job {} from node {node}: {why}",
                     result.index, result.job_id
                 ));
             }
@@ -263,30 +277,23 @@ impl Rules {
         {
             return Admission::Later;
         }
-        for result in &results {
+        ledger::bound_by_elapsed(&mut results, (self.now)());
+        for result in &mut results {
             if let Some(job) = self.jobs.get_mut(&result.job_id) {
+                result.usage = result.usage.within(&job.record.spec.limits);
                 job.observe(result);
             }
         }
         Admission::Accept(results)
     }
 
-    /// How to bill `result`'s attempt (see [`ledger`]).
+    /// How to bill `result`'s attempt (see [`ledger`]): only while its job's round runs.
     pub fn billing(&self, result: &ResultMsg) -> Billing {
-        if result.outcome == Outcome::Failed(Reason::Lost) {
-            return Billing::Nothing; // nothing ran
-        }
         match self.jobs.get(&result.job_id) {
-            Some(job) => self.bill_of(&job.record, result),
-            None => Billing::ReadJob,
-        }
-    }
-
-    /// The ledger entry of `result` of the job whose record is `job`: held, or (for an ended
-    /// job, [`Billing::ReadJob`]) as stored.
-    pub fn bill_of(&self, job: &JobRecord, result: &ResultMsg) -> Billing {
-        match ledger::entry(job, result, (self.now)()) {
-            Some((key, entry)) => Billing::Bill(key, Box::new(entry)),
+            Some(job) => match ledger::entry(&job.record, result, (self.now)()) {
+                Some((key, entry)) => Billing::Bill(key, Box::new(entry)),
+                None => Billing::Nothing,
+            },
             None => Billing::Nothing,
         }
     }

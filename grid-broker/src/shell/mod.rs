@@ -54,9 +54,10 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
             }
         }
     };
+    let seal = crate::rules::SealKey::new(grid.seal_key().await?);
     let (loads, mut loaded) = tokio::sync::mpsc::unbounded_channel();
     let mut broker = Broker {
-        rules: Rules::new(config.window, now_unix_ms),
+        rules: Rules::new(config.window, now_unix_ms, seal),
         config,
         grid,
         params: HashMap::new(),

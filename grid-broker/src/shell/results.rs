@@ -97,14 +97,7 @@ impl Broker {
 
     /// Bills `result`'s attempt in the usage ledger, once (see [`crate::rules::ledger`]).
     async fn bill(&self, result: &ResultMsg) -> Result<()> {
-        let billing = match self.rules.billing(result) {
-            Billing::ReadJob => match store::job_of_result(&self.grid, result).await? {
-                Some(job) => self.rules.bill_of(&job, result),
-                None => Billing::Nothing,
-            },
-            billing => billing,
-        };
-        let Billing::Bill(key, entry) = billing else {
+        let Billing::Bill(key, entry) = self.rules.billing(result) else {
             return Ok(());
         };
         match self

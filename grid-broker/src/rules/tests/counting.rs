@@ -164,20 +164,123 @@ fn forged_results_are_terminated_and_change_nothing() {
 }
 
 #[test]
-fn a_forged_result_for_an_ended_job_is_not_billed() {
+fn nothing_is_billed_after_a_job_ends() {
     let mut w = World::new(10);
     let job = w.submit(spec(1));
     w.deliver("n0", vec![ok(&job, 0, 0, "n0")]);
     w.persist();
     assert!(w.rules.job(&job).is_none());
-    // Ended: the broker holds no record to screen against, so it bills from the stored one.
-    assert_eq!(w.deliver("n1", vec![ok(&job, 0, 3, "n1")]), Settled::Acked);
-    assert_eq!(w.deliver("n1", vec![ok(&job, 5, 0, "n1")]), Settled::Acked);
+    // Sealed but late — another node's run after a lapsed ack, a replay — or sealed for
+    // numbers the job never had: none of it is billed or counted.
+    for late in [
+        ok(&job, 0, 0, "n1"),
+        ok(&job, 0, 1, "n1"),
+        ok(&job, 5, 0, "n1"),
+    ] {
+        assert_eq!(w.deliver("n1", vec![late]), Settled::Acked);
+    }
     assert_eq!(w.ledger.len(), 1);
-    // An honest late attempt (a lapsed ack) is billed, and counts for nothing.
-    w.deliver("n1", vec![ok(&job, 0, 1, "n1")]);
-    assert_eq!(w.ledger.len(), 2);
     assert_eq!(w.saved[&job].counts.succeeded, 1);
+}
+
+#[test]
+fn a_result_without_the_brokers_seal_is_dropped() {
+    let mut w = World::new(10);
+    let job = w.submit(spec(4));
+    w.fill();
+    let unsealed = ok(&job, 0, 0, "n0");
+    let mut other_key = ok(&job, 0, 0, "n0");
+    other_key.seal = SealKey::new([8; 32]).seal(
+        TENANT,
+        &Dispatch {
+            job_id: job.clone(),
+            index: 0,
+            count: 1,
+            attempt: 0,
+            replica: 0,
+        },
+        0,
+    );
+    // A real seal, moved to another task, attempt or replica, or with its time changed.
+    let sealed = sealed(ok(&job, 1, 0, "n0"));
+    let mut other_task = sealed.clone();
+    other_task.index = 2;
+    let mut other_attempt = sealed.clone();
+    other_attempt.attempt = 1;
+    let mut earlier = sealed.clone();
+    earlier.seal.sent_unix_ms = sealed.seal.sent_unix_ms.wrapping_sub(1);
+    let mut wider = sealed.clone();
+    wider.seal.count = 3;
+    for forged in [
+        unsealed,
+        other_key,
+        other_task,
+        other_attempt,
+        earlier,
+        wider,
+    ] {
+        assert_eq!(w.deliver_as_is("n0", vec![forged]), Settled::Terminated);
+    }
+    assert!(w.ledger.is_empty() && w.tasks.is_empty());
+    // The seal of a run holds for each of its tasks.
+    let run = Dispatch {
+        job_id: job.clone(),
+        index: 1,
+        count: 3,
+        attempt: 0,
+        replica: 0,
+    };
+    let seal = seal_key().seal(TENANT, &run, 0);
+    let results = run
+        .indices()
+        .map(|i| ResultMsg {
+            seal,
+            ..ok(&job, i, 0, "n0")
+        })
+        .collect();
+    assert_eq!(w.deliver_as_is("n0", results), Settled::Acked);
+    assert_eq!(w.state(&job).counts.succeeded, 3);
+}
+
+#[test]
+fn billed_time_is_at_most_the_time_the_task_was_out() {
+    let mut w = World::new(10);
+    let job = w.submit(spec(4));
+    // Sent 1.5 s ago, reported as 500 s of CPU.
+    let mut r = ok(&job, 0, 0, "n0");
+    r.usage.cpu_seconds = 500.0;
+    r.usage.wall_seconds = 500.0;
+    w.deliver("n0", vec![sealed_at(r, now() - 1_500)]);
+    let entry = &w.ledger[&names::usage_key(TENANT, &job, 0, 0, 0)];
+    assert_eq!(entry.usage.cpu_seconds, 1.5);
+    assert_eq!(entry.usage.wall_seconds, 1.5);
+    // A run of three tasks sent 3 s ago, each reported at 2 s: their sum is 3 s.
+    let run = Dispatch {
+        job_id: job.clone(),
+        index: 1,
+        count: 3,
+        attempt: 0,
+        replica: 0,
+    };
+    let seal = seal_key().seal(TENANT, &run, now() - 3_000);
+    let results = run
+        .indices()
+        .map(|i| {
+            let mut r = ok(&job, i, 0, "n0");
+            r.usage.wall_seconds = 2.0;
+            r.usage.cpu_seconds = 1.0;
+            ResultMsg { seal, ..r }
+        })
+        .collect();
+    assert_eq!(w.deliver_as_is("n0", results), Settled::Acked);
+    let billed: f64 = (1..4)
+        .map(|i| {
+            w.ledger[&names::usage_key(TENANT, &job, i, 0, 0)]
+                .usage
+                .wall_seconds
+        })
+        .sum();
+    assert!((billed - 3.0).abs() < 1e-9, "{billed}");
 }
 
 #[test]
@@ -208,7 +311,7 @@ fn a_restart_resumes_from_stored_records_and_results_wait_until_loaded() {
         w.fill();
     }
     // Killed before the record with the later `enqueued` and counts was saved.
-    w.rules = Rules::new(4, now);
+    w.rules = Rules::new(4, now, seal_key());
     w.rules.hold(w.saved[&job].clone(), false);
     assert_eq!(w.deliver("n0", vec![ok(&job, 6, 0, "n0")]), Settled::Later);
     assert!(
@@ -260,7 +363,7 @@ fn a_failed_read_of_task_records_is_tried_again() {
     let mut w = World::new(4);
     let job = w.submit(spec(2));
     w.persist();
-    w.rules = Rules::new(4, now);
+    w.rules = Rules::new(4, now, seal_key());
     w.rules.hold(w.saved[&job].clone(), false);
     assert_eq!(w.rules.loads_to_start(4).len(), 1);
     assert!(
@@ -281,7 +384,7 @@ fn loads_run_a_few_at_a_time() {
         w.submit(spec(1));
     }
     w.persist();
-    w.rules = Rules::new(4, now);
+    w.rules = Rules::new(4, now, seal_key());
     for record in w.saved.values() {
         w.rules.hold(record.clone(), false);
     }

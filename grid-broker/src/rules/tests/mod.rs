@@ -17,8 +17,32 @@ use std::collections::{BTreeMap, HashMap};
 
 pub(super) const TENANT: &str = "alice";
 
+/// The rules' clock in these tests: results come in 1,000 s after their tasks were sent.
 pub(super) fn now() -> u64 {
-    1_000
+    1_000_000
+}
+
+/// The key the rules seal with in these tests.
+pub(super) fn seal_key() -> SealKey {
+    SealKey::new([7; 32])
+}
+
+/// `result` as a node returns it: under the seal of a message of its one task, sent at 0.
+pub(super) fn sealed(result: ResultMsg) -> ResultMsg {
+    sealed_at(result, 0)
+}
+
+/// `result` under the seal of a message of its one task, sent at `sent_unix_ms`.
+pub(super) fn sealed_at(mut result: ResultMsg, sent_unix_ms: u64) -> ResultMsg {
+    let dispatch = Dispatch {
+        job_id: result.job_id.clone(),
+        index: result.index,
+        count: 1,
+        attempt: result.attempt,
+        replica: result.replica,
+    };
+    result.seal = seal_key().seal(&result.tenant, &dispatch, sent_unix_ms);
+    result
 }
 
 pub(super) fn spec(tasks: u64) -> JobSpec {
@@ -102,6 +126,7 @@ pub(super) fn result(
         stdout: None,
         stderr: None,
         logs_truncated: false,
+        seal: grid_proto::Seal::default(),
     }
 }
 
@@ -163,7 +188,7 @@ pub(super) enum Settled {
 impl World {
     pub(super) fn new(window: u64) -> Self {
         Self {
-            rules: Rules::new(window, now),
+            rules: Rules::new(window, now, seal_key()),
             window,
             tasks: BTreeMap::new(),
             votes: BTreeMap::new(),
@@ -237,8 +262,24 @@ impl World {
             .expect("a job")
     }
 
-    /// A results message on `node`'s subject, carried through as the shell does.
+    /// A results message on `node`'s subject, carried through as the shell does; each result
+    /// under the seal of its task's message, unless it has one.
     pub(super) fn deliver(&mut self, node: &str, results: Vec<ResultMsg>) -> Settled {
+        let results = results
+            .into_iter()
+            .map(|r| {
+                if r.seal == grid_proto::Seal::default() {
+                    sealed(r)
+                } else {
+                    r
+                }
+            })
+            .collect();
+        self.deliver_as_is(node, results)
+    }
+
+    /// A results message on `node`'s subject, as it is (a forger's).
+    pub(super) fn deliver_as_is(&mut self, node: &str, results: Vec<ResultMsg>) -> Settled {
         let results = match self.rules.admit(node, ResultsMsg { results }) {
             Admission::Accept(results) => results,
             Admission::Reject(_) => return Settled::Terminated,
@@ -256,14 +297,7 @@ impl World {
     }
 
     pub(super) fn bill(&mut self, result: &ResultMsg) {
-        let billing = match self.rules.billing(result) {
-            Billing::ReadJob => match self.saved.get(&result.job_id).cloned() {
-                Some(job) => self.rules.bill_of(&job, result),
-                None => Billing::Nothing,
-            },
-            billing => billing,
-        };
-        if let Billing::Bill(key, entry) = billing {
+        if let Billing::Bill(key, entry) = self.rules.billing(result) {
             self.ledger.entry(key).or_insert(*entry);
         }
     }
@@ -402,7 +436,7 @@ impl World {
 
     /// The broker killed and started again: only what was saved survives.
     pub(super) fn restart(&mut self) {
-        self.rules = Rules::new(self.window, now);
+        self.rules = Rules::new(self.window, now, seal_key());
         for record in self.saved.values().filter(|r| !r.state.is_final()) {
             self.rules.hold(record.clone(), false);
         }

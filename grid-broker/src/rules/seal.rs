@@ -1,0 +1,99 @@
+//! Seals: the broker's proof that it sent a task message (see [`grid_proto::Seal`]).
+//!
+//! A provider writes every field of a result. Without a seal, one that knows a job id could
+//! report any of its tasks, and bill any attempt number the job allows. The broker seals each
+//! task message it publishes with an HMAC-SHA256 under a key kept in `grid_secrets`, which
+//! only the operator's credentials can read; the node copies the seal into each result, and
+//! [`super::Rules::admit`] accepts a result only under a seal the broker made for its tenant,
+//! job, attempt and replica, whose run holds its task. A seal also says when the message was
+//! sent, by the broker's own clock, so the ledger bills no more time than passed between then
+//! and the result ([`super::ledger::bound_by_elapsed`]).
+//!
+//! What a seal does not prove: which node pulled the message. JetStream hands a message to
+//! whichever node of the class pulls it; a seal proves that the node reporting it was given
+//! it, or was told it by a node that was — collusion between identities, which only replicas
+//! on independent identities answer.
+
+use super::Dispatch;
+use grid_proto::{ResultMsg, Seal};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// The broker's sealing key (32 random bytes, made once per grid and kept in JetStream so
+/// that a restarted broker checks the seals its predecessor made).
+#[derive(Clone)]
+pub struct SealKey([u8; 32]);
+
+impl SealKey {
+    pub fn new(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The seal of `dispatch`, a message of `tenant`'s job, sent at `sent_unix_ms`.
+    pub fn seal(&self, tenant: &str, dispatch: &Dispatch, sent_unix_ms: u64) -> Seal {
+        let mut seal = Seal {
+            first_index: dispatch.index,
+            count: dispatch.count,
+            sent_unix_ms,
+            mac: [0; 32],
+        };
+        seal.mac = self
+            .mac(
+                tenant,
+                &dispatch.job_id,
+                dispatch.attempt,
+                dispatch.replica,
+                &seal,
+            )
+            .finalize()
+            .into_bytes()
+            .into();
+        seal
+    }
+
+    /// Why `result`'s seal is not one this key made for its task, if it is not.
+    pub fn check(&self, result: &ResultMsg) -> Result<(), String> {
+        let seal = &result.seal;
+        let sealed = seal.first_index..seal.first_index.saturating_add(u64::from(seal.count));
+        self.mac(
+            &result.tenant,
+            &result.job_id,
+            result.attempt,
+            result.replica,
+            seal,
+        )
+        .verify_slice(&seal.mac)
+        .map_err(|_| "its seal is not the broker's: no such task was sent".to_string())?;
+        if !sealed.contains(&result.index) {
+            return Err(format!(
+                "its seal is for tasks {}..{}, not {}",
+                sealed.start, sealed.end, result.index
+            ));
+        }
+        Ok(())
+    }
+
+    fn mac(
+        &self,
+        tenant: &str,
+        job: &str,
+        attempt: u32,
+        replica: u32,
+        seal: &Seal,
+    ) -> Hmac<Sha256> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        // Each field with its length or at a fixed width: no two messages give the same input.
+        mac.update(b"grid-seal-v1");
+        for text in [tenant, job] {
+            mac.update(&(text.len() as u64).to_le_bytes());
+            mac.update(text.as_bytes());
+        }
+        mac.update(&attempt.to_le_bytes());
+        mac.update(&replica.to_le_bytes());
+        mac.update(&seal.first_index.to_le_bytes());
+        mac.update(&seal.count.to_le_bytes());
+        mac.update(&seal.sent_unix_ms.to_le_bytes());
+        mac
+    }
+}
