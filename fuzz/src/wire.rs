@@ -43,6 +43,11 @@ fn samples() -> Vec<Vec<u8>> {
             sent_unix_ms: 1_700_000_000_000,
             mac: [9; 32],
         },
+        staged: vec![grid_proto::Staged {
+            sha256: sha,
+            bytes: 3,
+            chunks: vec![4],
+        }],
     };
     vec![
         encode(&TaskMsg {

@@ -12,6 +12,8 @@ pub struct BrokerConfig {
     pub creds: Option<std::path::PathBuf>,
     /// Bytes each tenant's object store may hold (0: no limit).
     pub tenant_quota_bytes: u64,
+    /// Bytes each provider's stage may hold.
+    pub stage_quota_bytes: u64,
     /// Where to serve Prometheus metrics (see `grid_client::metrics`).
     pub metrics: Option<std::net::SocketAddr>,
 }
@@ -36,6 +38,11 @@ pub struct BrokerArgs {
     /// no limit. Applies when a tenant's store is made.
     #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = parse_size)]
     pub tenant_quota: u64,
+    /// What each provider's stage may hold: the outputs and logs it has handed in that the
+    /// broker has not yet copied into tenants' stores. A full stage refuses that provider's
+    /// next output until the broker catches up; no other provider notices.
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size)]
+    pub stage_quota: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101)
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
@@ -55,6 +62,7 @@ pub fn main(args: BrokerArgs) -> std::process::ExitCode {
         stream_replicas: args.stream_replicas,
         creds: args.creds,
         tenant_quota_bytes: args.tenant_quota,
+        stage_quota_bytes: args.stage_quota,
         metrics: args.metrics,
     };
     grid_client::run_service("grid-broker", |shutdown| crate::run(config, shutdown))

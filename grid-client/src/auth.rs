@@ -11,14 +11,16 @@
 //! |---|---|
 //! | `operator` (the broker, `grid up`) | everything |
 //! | `tenant` | ask the broker (`grid.api.<tenant>.>`); hear its own jobs' changes (`grid.events.<tenant>.>`); read its own job and task records (keys `<tenant>.…`) and its own ledger entries; read and write its own object store (`grid_store_<tenant>`); read node heartbeats and tallies |
-//! | `provider` | take tasks of the `cpu` and `gpu` consumers; publish results and heartbeats under its own node id only; claim replicas as itself; read and write tenants' object stores (a node must fetch the module and inputs of whatever task it is given, and store its outputs); hear cancels |
+//! | `provider` | take tasks of the `cpu` and `gpu` consumers; publish results and heartbeats under its own node id only; write its own stage (`GRID_STAGE_<node>`: outputs and logs for the broker to check and copy) and nothing else in JetStream's stores; ask the broker for its stage and for replica claims (`grid.provider.<node>.>`); read tenants' object stores (a node must fetch the module and inputs of whatever task it is given); hear cancels |
 //!
 //! What a provider can *not* do: submit, cancel or delete jobs; read job records, task records,
-//! votes, tallies or the ledger; publish a result or a heartbeat as another node.
-//! What it *can* read, beyond the tasks it is given: NATS grants object-store access per bucket,
+//! votes, claims, tallies, the ledger or the broker's secrets; publish a result or a heartbeat
+//! as another node; write, roll up, purge or delete anything in a tenant's store, a bucket or a
+//! stream but its own stage and heartbeat (neither allows rollups or purges).
+//! What it *can* still read, beyond the tasks it is given: NATS grants stream reads per stream,
 //! so a provider that goes around `grid-node` can read any object in a tenant's store (modules,
-//! inputs and, once stored, other tasks' outputs). Closing that needs outputs encrypted to the
-//! tenant's key; Grid does not do it yet.
+//! inputs and other tasks' outputs) and what other providers have staged but the broker has not
+//! yet taken.
 //!
 //! Every user gets its own inbox prefix (`_INBOX_<role>_<name>`) and may subscribe to nothing
 //! else (a provider also hears `grid.cancel.>`), so nobody reads another's replies.
@@ -359,16 +361,17 @@ fn permissions(who: &Identity) -> (serde_json::Value, serde_json::Value) {
             let mut allow = vec![
                 "$JS.API.INFO".into(),
                 "$JS.FC.>".into(),
-                // Tenants' object stores (any bucket's info and chunks; the denials below keep
-                // the grid's own streams out).
+                // Tenants' object stores, to read (any bucket's info and chunks; the denials
+                // below keep the grid's own streams out).
                 "$JS.API.STREAM.INFO.*".into(),
                 "$JS.API.DIRECT.GET.*".into(),
                 "$JS.API.DIRECT.GET.*.>".into(),
-                "$O.*.C.>".into(),
-                "$O.*.M.>".into(),
+                // Its own stage: the one place in JetStream's stores it may write.
+                names::stage_subject(name),
+                // Requests to the broker (its stage, replica claims).
+                format!("grid.provider.{name}.>"),
                 format!("grid.results.{name}.>"),
                 format!("$KV.{}.{name}", names::NODES_BUCKET),
-                format!("$KV.{}.*.*.*.{name}", names::CLAIMS_BUCKET),
                 "$JS.ACK.GRID_TASKS.>".into(),
             ];
             for class in names::CLASSES {
@@ -389,6 +392,7 @@ fn permissions(who: &Identity) -> (serde_json::Value, serde_json::Value) {
                 format!("KV_{}", names::USAGE_BUCKET),
                 format!("KV_{}", names::VOTES_BUCKET),
                 format!("KV_{}", names::TALLY_BUCKET),
+                format!("KV_{}", names::CLAIMS_BUCKET),
                 format!("KV_{}", names::SECRETS_BUCKET),
                 names::RESULTS_STREAM.to_string(),
                 names::TASKS_STREAM.to_string(),
@@ -397,13 +401,6 @@ fn permissions(who: &Identity) -> (serde_json::Value, serde_json::Value) {
                 deny.push(format!("$JS.API.DIRECT.GET.{stream}"));
                 deny.push(format!("$JS.API.DIRECT.GET.{stream}.>"));
             }
-            // Claims: read only its own, by key.
-            let claims = format!("KV_{}", names::CLAIMS_BUCKET);
-            deny.push(format!("$JS.API.DIRECT.GET.{claims}"));
-            allow.push(format!(
-                "$JS.API.DIRECT.GET.{claims}.$KV.{}.*.*.*.{name}",
-                names::CLAIMS_BUCKET
-            ));
             (
                 json!({"allow": allow, "deny": deny}),
                 json!({"allow": [inbox, "grid.cancel.>"]}),

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 pub mod auth;
 pub mod metrics;
+pub mod stage;
 pub mod tenant;
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -126,11 +127,18 @@ struct Buckets {
     usage: tokio::sync::OnceCell<kv::Store>,
     /// Tenants' object stores, by tenant.
     stores: tokio::sync::Mutex<std::collections::HashMap<String, object_store::ObjectStore>>,
+    /// Nodes whose stage stream is known to exist (see [`stage`]).
+    stages: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Puts in progress, striped by object name (see [`Grid::put_once`]).
     puts: [tokio::sync::Mutex<()>; PUT_STRIPES],
 }
 
 const PUT_STRIPES: usize = 16;
+
+/// The most the results stream holds (the broker keeps it near empty).
+const RESULTS_MAX_BYTES: i64 = 1 << 30;
+/// The largest results message: NATS's default largest payload.
+const RESULTS_MAX_MESSAGE: i32 = 1 << 20;
 
 /// An object [`Grid::get_object_tail`] reads whole when its last chunk is short of the tail.
 const TAIL_WHOLE: usize = 512 * 1024;
@@ -167,6 +175,8 @@ impl Grid {
         })
         .await
         .map_err(|e| anyhow!("creating stream {}: {e}", names::TASKS_STREAM))?;
+        // Providers publish here: bounded, so that what a flood fills is this stream, and
+        // what a full stream refuses is the next result (the broker drains it as it reads).
         js.create_or_update_stream(stream::Config {
             name: names::RESULTS_STREAM.into(),
             subjects: vec!["grid.results.>".into()],
@@ -174,6 +184,12 @@ impl Grid {
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
             num_replicas: replicas,
+            max_bytes: RESULTS_MAX_BYTES,
+            max_message_size: RESULTS_MAX_MESSAGE,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: false,
+            deny_purge: true,
             ..Default::default()
         })
         .await
@@ -226,6 +242,22 @@ impl Grid {
             .await
             .map_err(|e| anyhow!("creating bucket {bucket}: {e}"))?;
         }
+        // Providers write their own heartbeat key here: no rollups (a `Nats-Rollup: all` on a
+        // key would wipe every node's), and a small value.
+        let nodes = format!("KV_{}", names::NODES_BUCKET);
+        let mut config = js
+            .get_stream(&nodes)
+            .await
+            .map_err(|e| anyhow!("opening {nodes}: {e}"))?
+            .cached_info()
+            .config
+            .clone();
+        config.allow_rollup = false;
+        config.max_message_size = 64 * 1024;
+        config.max_bytes = 256 << 20;
+        js.update_stream(config)
+            .await
+            .map_err(|e| anyhow!("limiting {nodes}: {e}"))?;
         Self::open(client).await
     }
 

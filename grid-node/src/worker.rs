@@ -37,8 +37,8 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use grid_client::{Grid, TASK_PROGRESS_EVERY, now_unix_ms};
 use grid_proto::{
-    JobRecord, JobState, NodeInfo, Outcome, Reason, ResultMsg, Sha256Hex, TaskMsg, Usage, decode,
-    encode, names,
+    JobRecord, JobState, NodeInfo, Outcome, Reason, Request, ResultMsg, Sha256Hex, StageRequest,
+    Staged, TaskMsg, Usage, decode, encode, names,
 };
 use grid_sandbox::limits::MIB;
 use grid_sandbox::runtime::RuntimeFiles;
@@ -114,6 +114,16 @@ pub async fn run(
             }
         }
     };
+    // Its stage, where it hands outputs and logs to the broker, is made by the broker.
+    loop {
+        match ask_for_stage(&client, &config.node_id).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::info!("waiting for the broker to make this node's stage: {e:#}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
     std::fs::create_dir_all(config.cache_dir.join("modules"))?;
     let work = crate::workdirs::WorkDirs::new(
         &config.cache_dir.join("work"),
@@ -195,14 +205,15 @@ pub async fn run(
     }
     node.drain().await;
     services.abort_all();
-    let purged = match node.grid.nodes().await {
+    // A delete, not a purge: the heartbeat bucket allows no rollups.
+    let removed = match node.grid.nodes().await {
         Ok(nodes) => nodes
-            .purge(&node.config.node_id)
+            .delete(&node.config.node_id)
             .await
             .map_err(|e| anyhow!("{e}")),
         Err(e) => Err(e),
     };
-    if let Err(e) = purged {
+    if let Err(e) = removed {
         tracing::warn!("removing the heartbeat: {e}");
     }
     tracing::info!("node stopped");
@@ -571,23 +582,40 @@ impl Node {
     /// Claims `task`'s replica for this node: false when the node holds another replica of the
     /// same task (true for a redelivery of its own). An unreachable KV claims nothing.
     async fn claim(&self, task: &TaskMsg) -> bool {
-        let round = grid_proto::round_of(task.attempt, task.spec.retries);
-        let key = names::claim_key(&task.job_id, task.index, round, &self.config.node_id);
-        let mine = task.replica.to_le_bytes();
-        let claims = match self.grid.claims().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("claiming a replica: {e:#}");
-                return false;
-            }
+        let claim = grid_proto::ClaimRequest {
+            tenant: task.spec.tenant.clone(),
+            job_id: task.job_id.clone(),
+            index: task.index,
+            attempt: task.attempt,
+            replica: task.replica,
+            seal: task.seal,
         };
-        match claims.create(&key, mine.to_vec().into()).await {
-            Ok(_) => true,
-            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
-                matches!(claims.get(&key).await, Ok(Some(v)) if v.as_ref() == mine)
+        let subject = names::provider_subject(&self.config.node_id, grid_proto::ClaimRequest::VERB);
+        let asked = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.grid.client.request(subject, encode(&claim).into()),
+        )
+        .await;
+        match asked {
+            Ok(Ok(reply)) => {
+                match decode::<grid_proto::Answer<grid_proto::Claimed>>(&reply.payload) {
+                    Ok(grid_proto::Answer::Granted(_)) => true,
+                    Ok(grid_proto::Answer::Refused(why)) => {
+                        tracing::debug!(job = %task.job_id, index = task.index, "not this node's replica: {why}");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::warn!("claiming a replica: {e}");
+                        false
+                    }
+                }
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!("claiming a replica: {e}");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("claiming a replica: no broker answered");
                 false
             }
         }
@@ -645,6 +673,7 @@ impl Node {
             stderr: None,
             logs_truncated: false,
             seal: task.seal,
+            staged: Vec::new(),
         }
     }
 
@@ -871,19 +900,32 @@ impl Node {
                 b"not what the task wrote",
             )?;
         }
+        // Outputs and logs go to this node's stage; the broker checks them and copies them
+        // into the tenant's store (see `grid_client::stage`). Each blob once.
+        let node_id = &self.config.node_id;
         let files = grid_sandbox::outputs::manifest(&out_dir)?;
+        let mut staged: Vec<Staged> = Vec::new();
         for file in &files {
+            if staged.iter().any(|s| s.sha256 == file.sha256) {
+                continue;
+            }
             let path = out_dir.join(&file.path);
-            self.grid
-                .put_file(&spec.tenant, &file.sha256, &path)
-                .await?;
+            staged.push(
+                self.grid
+                    .stage_file(node_id, file.sha256, file.bytes, &path)
+                    .await?,
+            );
         }
         let mut logs = Vec::new();
         for log in [&report.stdout, &report.stderr] {
             logs.push(if log.is_empty() {
                 None
             } else {
-                Some(self.grid.put_object(&spec.tenant, log).await?.0)
+                let sha = Sha256Hex::of(log);
+                if !staged.iter().any(|s| s.sha256 == sha) {
+                    staged.push(self.grid.stage_bytes(node_id, log).await?);
+                }
+                Some(sha)
             });
         }
         Ok(ResultMsg {
@@ -908,6 +950,7 @@ impl Node {
             stderr: logs[1],
             logs_truncated: report.logs_truncated,
             seal: task.seal,
+            staged,
         })
     }
 }
@@ -964,6 +1007,24 @@ impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
         metrics::gauge!("grid_node_slots_busy").decrement(1.0);
+    }
+}
+
+/// Asks the broker for this node's stage stream.
+async fn ask_for_stage(client: &async_nats::Client, node: &str) -> Result<()> {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(
+            names::provider_subject(node, StageRequest::VERB),
+            encode(&StageRequest {}).into(),
+        ),
+    )
+    .await
+    .map_err(|_| anyhow!("no broker answered"))?
+    .map_err(|e| anyhow!("{e}"))?;
+    match decode::<grid_proto::Answer<grid_proto::StoreReady>>(&reply.payload)? {
+        grid_proto::Answer::Granted(_) => Ok(()),
+        grid_proto::Answer::Refused(why) => bail!("{why}"),
     }
 }
 

@@ -15,6 +15,8 @@
 //! | `grid_tally` | KV, key `<node id>` | votes each node's results won and lost ([`crate::NodeTally`]) |
 //! | `grid_secrets` | KV, key `seal` | the broker's key for sealing task messages ([`crate::Seal`]); the operator's alone |
 //! | `grid_usage` | KV, key `<tenant>.<job>.<index>.<attempt>.<replica>` | the usage ledger: one entry per billable attempt ([`crate::UsageEntry`]) |
+//! | `GRID_STAGE_<node id>` | stream, subject `grid.stage.<node id>`, one per provider | what a provider hands the broker: its tasks' outputs and logs, in chunks; no rollups, no purges, capped in bytes and age; the broker verifies each blob, copies it into the tenant's store and deletes the chunks |
+//! | `grid.provider.<node id>.stage` | request/reply to the broker | a provider asks for its stage stream |
 //! | `grid_store_<tenant>` | object store, one per tenant, name `<sha256>` | the tenant's modules, params files, inputs, outputs, logs |
 //! | `grid.api.<tenant>.submit`, `.cancel`, `.retry`, `.delete`, `.storage`, `.owner` | request/reply to the broker | job intake, cancel, retry, delete; creating the tenant's store; who owns a job |
 //! | `grid.cancel.<job>` | core NATS broadcast | tells nodes to stop a cancelled job's tasks |
@@ -103,6 +105,30 @@ pub fn job_key(tenant: &str, job: &str) -> String {
 pub fn task_key(tenant: &str, job: &str, index: u64) -> String {
     format!("{tenant}.{job}.{index}")
 }
+/// The stream where provider `node` stages outputs and logs for the broker.
+pub fn stage_stream(node: &str) -> String {
+    format!("GRID_STAGE_{node}")
+}
+/// The one subject of [`stage_stream`]: a provider may publish there and nowhere else in
+/// JetStream's stores.
+pub fn stage_subject(node: &str) -> String {
+    format!("grid.stage.{node}")
+}
+/// The bytes of each staged chunk but a blob's last.
+pub const STAGE_CHUNK_BYTES: u64 = 256 * 1024;
+/// `grid.provider.<node>.<verb>`: a request of provider `node`'s to the broker.
+pub fn provider_subject(node: &str, verb: &str) -> String {
+    format!("grid.provider.{node}.{verb}")
+}
+/// The node id of a provider request's subject.
+pub fn provider_of(subject: &str) -> Option<(&str, &str)> {
+    let mut tokens = subject.strip_prefix("grid.provider.")?.split('.');
+    match (tokens.next(), tokens.next(), tokens.next()) {
+        (Some(node), Some(verb), None) => Some((node, verb)),
+        _ => None,
+    }
+}
+
 /// The object store holding everything of one tenant's: modules, params, inputs, outputs, logs.
 /// One bucket per tenant, because NATS grants object-store access per bucket.
 pub fn tenant_store(tenant: &str) -> String {

@@ -501,6 +501,55 @@ pub struct Seal {
     pub mac: [u8; 32],
 }
 
+/// A blob a node staged ([`crate::names::stage_stream`]): its hash and size, and the stream
+/// sequence of each of its chunks, in order (each [`crate::names::STAGE_CHUNK_BYTES`] long
+/// but the last).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staged {
+    pub sha256: Sha256Hex,
+    pub bytes: u64,
+    pub chunks: Vec<u64>,
+}
+
+/// A provider asks the broker for its stage stream (`grid.provider.<node>.stage`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageRequest {}
+impl Message for StageRequest {
+    const KIND: &'static str = "stage";
+}
+impl Request for StageRequest {
+    const VERB: &'static str = "stage";
+    type Reply = StoreReady;
+}
+
+/// A node asks the broker to place a replica on it (`grid.provider.<node>.claim`): granted
+/// unless the node runs (or ran) another replica of the same task in the same round, so that
+/// replicas of a task never run on one node. The seal is the task message's: a node claims
+/// only replicas it was sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    pub tenant: String,
+    pub job_id: String,
+    pub index: u64,
+    pub attempt: u32,
+    pub replica: u32,
+    pub seal: Seal,
+}
+impl Message for ClaimRequest {
+    const KIND: &'static str = "claim";
+}
+impl Request for ClaimRequest {
+    const VERB: &'static str = "claim";
+    type Reply = Claimed;
+}
+
+/// The broker placed the replica on the node that asked.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claimed {}
+impl Message for Claimed {
+    const KIND: &'static str = "claimed";
+}
+
 /// A regular file a task left in `/out`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputFile {
@@ -605,6 +654,10 @@ pub struct ResultMsg {
     pub logs_truncated: bool,
     /// The seal of the task message that sent this attempt ([`TaskMsg::seal`]).
     pub seal: Seal,
+    /// Where the node staged each blob the result names (its files and logs, each once): the
+    /// broker reads them from the node's stage, checks them against their hashes and sizes,
+    /// and copies them into the tenant's store; empty in a stored task record.
+    pub staged: Vec<Staged>,
 }
 impl Message for ResultMsg {
     const KIND: &'static str = "result";

@@ -88,6 +88,7 @@ fn forged_result(job: &str, node: &str) -> grid_proto::ResultMsg {
         stderr: None,
         logs_truncated: false,
         seal: grid_proto::Seal::default(),
+        staged: vec![],
     }
 }
 

@@ -135,13 +135,15 @@ fn a_lying_node_is_outvoted_and_its_outputs_never_count() {
     }
     // Every task ran on all three nodes: the liar lost every vote (some after the decision).
     wait_for_tally(&grid, "liar", 0, 4);
-    // The tenant is billed for every replica; the liar is paid for none of them.
+    // The tenant is billed for every replica that reported while the job ran (a replica that
+    // reports after the job ended is not billed); the liar is paid for none of them.
     let billed = crate::ledger::usage(&grid, &["--job", &job]);
-    assert_eq!(billed["total"]["attempts"], 12, "{billed}");
-    assert_eq!(billed["total"]["withheld"], 4, "{billed}");
     let liar = crate::ledger::usage(&grid, &["--job", &job, "--provider", "liar"]);
-    assert_eq!(liar["total"]["attempts"], 4, "{liar}");
-    assert_eq!(liar["total"]["withheld"], 4, "{liar}");
+    let liars = liar["total"]["attempts"].as_u64().unwrap();
+    assert!(liars <= 4, "{liar}");
+    assert_eq!(billed["total"]["attempts"], 8 + liars, "{billed}");
+    assert_eq!(billed["total"]["withheld"], liars, "{billed}");
+    assert_eq!(liar["total"]["withheld"], liars, "{liar}");
     assert_eq!(liar["total"]["paid_cpu_seconds"], 0.0, "{liar}");
     let honest = crate::ledger::usage(&grid, &["--job", &job, "--provider", "honest-1"]);
     assert_eq!(honest["total"]["withheld"], 0, "{honest}");

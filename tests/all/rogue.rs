@@ -196,3 +196,279 @@ fn a_provider_bills_no_more_than_it_was_seen_to_run_and_nothing_after_the_job() 
         );
     }
 }
+
+/// The rogue's connection, with its stage made by the broker (as `grid-node` asks for it).
+struct Rogue {
+    client: async_nats::Client,
+    grid: grid_client::Grid,
+}
+
+impl Rogue {
+    async fn join(url: &str) -> Self {
+        let client = connect_as(url, &rogue_creds()).await;
+        let reply = client
+            .request(
+                names::provider_subject("rogue", "stage"),
+                encode(&grid_proto::StageRequest {}).into(),
+            )
+            .await
+            .expect("the broker answers");
+        let answer: grid_proto::Answer<grid_proto::StoreReady> =
+            grid_proto::decode(&reply.payload).unwrap();
+        assert!(
+            matches!(answer, grid_proto::Answer::Granted(_)),
+            "{answer:?}"
+        );
+        let grid = grid_client::Grid::open(client.clone()).await.unwrap();
+        Rogue { client, grid }
+    }
+
+    /// A heartbeat as a node of class `cpu` with two slots.
+    async fn heartbeat(&self) {
+        let info = grid_proto::NodeInfo {
+            id: "rogue".into(),
+            classes: vec!["cpu".into()],
+            gpu: None,
+            slots: 2,
+            busy: 0,
+            running: 0,
+            memory_reserved_bytes: 0,
+            memory_budget_bytes: 8 << 30,
+            tasks_done: 0,
+            started_unix_ms: grid_client::now_unix_ms(),
+            preparing: None,
+            accepts: grid_proto::JobLimits {
+                memory_bytes: 8 << 30,
+                timeout_ms: 86_400_000,
+                max_output_bytes: 10 << 30,
+                gpu_memory_bytes: 0,
+                gpu_time_ms: 0,
+            },
+        };
+        let nodes = self.grid.nodes().await.unwrap();
+        nodes.put("rogue", encode(&info).into()).await.unwrap();
+    }
+
+    async fn stage(&self, bytes: &[u8]) -> grid_proto::Staged {
+        self.grid.stage_bytes("rogue", bytes).await.unwrap()
+    }
+
+    /// Publishes `subject` with a `Nats-Rollup: all` header through JetStream; true when a
+    /// stream stored it.
+    async fn roll_up(&self, subject: &str) -> bool {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Rollup", "all");
+        match js
+            .publish_with_headers(subject.to_string(), headers, "x".into())
+            .await
+        {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+/// What a hostile `nap` task `index` honestly writes: `index.txt` holding its index.
+fn honest_files(index: u64) -> (Vec<u8>, Vec<grid_proto::OutputFile>) {
+    let bytes = index.to_string().into_bytes();
+    let file = grid_proto::OutputFile {
+        path: "index.txt".into(),
+        bytes: bytes.len() as u64,
+        sha256: grid_proto::Sha256Hex::of(&bytes),
+    };
+    (bytes, vec![file])
+}
+
+fn submit_nap(grid: &TestGrid, tasks: u32, flags: &[&str]) -> String {
+    let hostile = guest("hostile");
+    let tasks = tasks.to_string();
+    let mut args = vec!["submit", hostile.to_str().unwrap(), "--tasks", &tasks];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--", "nap", "10"]);
+    grid.grid_json(&args, 0)["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Each task's `index.txt` is its index, and nothing else was written.
+fn assert_honest_outputs(grid: &TestGrid, job: &str, tasks: u64) {
+    let files = outputs(grid, job);
+    assert_eq!(files.len() as u64, tasks);
+    for (index, files) in files.iter().enumerate() {
+        assert_eq!(
+            files,
+            &[("index.txt".to_string(), index.to_string().into_bytes())],
+            "task {index}"
+        );
+    }
+}
+
+#[test]
+fn a_provider_cannot_roll_up_purge_delete_or_overwrite_what_is_not_its_own() {
+    let grid = TestGrid::start(1, &[]);
+    let job = submit_nap(&grid, 3, &[]);
+    assert_eq!(grid.wait(&job)["state"], "done");
+    let store = names::tenant_store(names::DEFAULT_TENANT);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let rogue = Rogue::join(&grid.nats.url).await;
+        let mut watched = crate::auth::connect_watched(&grid.nats.url, &rogue_creds()).await;
+        // Tenants' stores, other nodes' heartbeats, the grid's streams and buckets, and the
+        // JetStream API that purges, deletes or reconfigures: refused by the server.
+        for subject in [
+            format!("$O.{store}.M.bWFsbG9yeQ"),
+            format!("$O.{store}.C.someobject"),
+            format!("$KV.{}.node-0", names::NODES_BUCKET),
+            format!("$KV.{}.job.0.0.rogue", names::CLAIMS_BUCKET),
+            format!("$KV.{}.default.{job}", names::JOBS_BUCKET),
+            format!("$JS.API.STREAM.PURGE.OBJ_{store}"),
+            format!("$JS.API.STREAM.MSG.DELETE.OBJ_{store}"),
+            format!("$JS.API.STREAM.PURGE.KV_{}", names::NODES_BUCKET),
+            format!("$JS.API.STREAM.PURGE.{}", names::stage_stream("rogue")),
+            format!("$JS.API.STREAM.MSG.DELETE.{}", names::stage_stream("rogue")),
+            format!("$JS.API.STREAM.UPDATE.{}", names::stage_stream("rogue")),
+            format!("$JS.API.STREAM.DELETE.{}", names::stage_stream("node-0")),
+            names::stage_subject("node-0"),
+            format!("$JS.API.STREAM.PURGE.{}", names::RESULTS_STREAM),
+        ] {
+            watched.publish_is_denied(&subject, b"{}".to_vec()).await;
+        }
+        // Where it may publish, a rollup is refused by the stream itself.
+        for subject in [
+            format!("$KV.{}.rogue", names::NODES_BUCKET),
+            names::stage_subject("rogue"),
+            names::results_subject("rogue", &job),
+        ] {
+            assert!(
+                !rogue.roll_up(&subject).await,
+                "a rollup on {subject} was stored"
+            );
+        }
+        // Its stage takes chunks no larger than a chunk.
+        let js = async_nats::jetstream::new(rogue.client.clone());
+        let big = vec![0u8; (names::STAGE_CHUNK_BYTES as usize) + 8192];
+        let stored = match js.publish(names::stage_subject("rogue"), big.into()).await {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(!stored, "an oversized chunk was staged");
+    });
+    // Everything is as it was: the node's heartbeat, the job's outputs; and the grid serves.
+    let nodes = grid.grid(&["nodes", "--json"]);
+    assert!(
+        String::from_utf8_lossy(&nodes.stdout).contains("\"node-0\""),
+        "{nodes:?}"
+    );
+    assert_honest_outputs(&grid, &job, 3);
+    let again = submit_nap(&grid, 3, &[]);
+    assert_eq!(grid.wait(&again)["state"], "done");
+    assert_honest_outputs(&grid, &again, 3);
+}
+
+#[test]
+fn a_provider_cannot_make_forged_bytes_a_tasks_result() {
+    let metrics = free_addr();
+    let grid = TestGrid::start(0, &["--metrics", &metrics]);
+    let job = submit_nap(&grid, 1, &["--retries", "5"]);
+    let (honest, files) = honest_files(0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let rogue = Rogue::join(&grid.nats.url).await;
+        let digest = grid_proto::result_digest(&grid_proto::Outcome::Succeeded, &files);
+        let forged = rogue.stage(b"F").await;
+        let real = rogue.stage(&honest).await;
+        let variants = [
+            // The honest manifest and digest, over other bytes under the honest hash.
+            vec![grid_proto::Staged {
+                sha256: files[0].sha256,
+                ..forged.clone()
+            }],
+            // The honest manifest and digest, nothing staged (as if the blob were stored).
+            vec![],
+            // The honest bytes, staged, under a digest of something else.
+            vec![real.clone()],
+        ];
+        for (i, staged) in variants.into_iter().enumerate() {
+            let (task, msg) = pull_tasks(&rogue.client, 1).await.remove(0);
+            let mut result = empty_result(&task, "rogue", Usage::default());
+            result.files = files.clone();
+            result.digest = digest;
+            result.staged = staged;
+            if i == 2 {
+                result.digest = grid_proto::Sha256Hex::of(b"something else");
+            }
+            publish_results(&rogue.client, "rogue", vec![result]).await;
+            msg.ack().await.unwrap();
+        }
+    });
+    // An honest node takes the next attempt.
+    let cache = tempfile::tempdir().unwrap();
+    let _node = GridProcess::node(&grid.nats, "honest", cache.path(), 2);
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    assert_honest_outputs(&grid, &job, 1);
+    let (_, manifest) = grid.results(&job);
+    assert_eq!(manifest[0]["attempts"], 4, "{manifest:?}");
+    assert_eq!(providers(&grid, &job), ["honest"]);
+    let forged = value(
+        &scrape(&metrics),
+        "grid_results_forged_total",
+        &[("node", "rogue")],
+    );
+    assert_eq!(forged, 3.0);
+}
+
+#[test]
+fn one_provider_cannot_win_a_vote_with_forged_bytes() {
+    let grid = TestGrid::start(0, &[]);
+    let a = tempfile::tempdir().unwrap();
+    let _a = GridProcess::node(&grid.nats, "honest-a", a.path(), 1);
+    grid.wait_for_nodes(1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rogue = rt.block_on(async {
+        let rogue = Rogue::join(&grid.nats.url).await;
+        rogue.heartbeat().await;
+        rogue
+    });
+    grid.wait_for_nodes(2);
+    let job = submit_nap(
+        &grid,
+        1,
+        &["--replicas", "2", "--quorum", "2", "--retries", "3"],
+    );
+    let (_, files) = honest_files(0);
+    rt.block_on(async {
+        // It takes a replica and answers with the honest digest over forged bytes.
+        let (task, msg) = pull_tasks(&rogue.client, 1).await.remove(0);
+        let forged = rogue.stage(b"F").await;
+        let mut result = empty_result(&task, "rogue", Usage::default());
+        result.files = files.clone();
+        result.digest = grid_proto::result_digest(&grid_proto::Outcome::Succeeded, &files);
+        result.staged = vec![grid_proto::Staged {
+            sha256: files[0].sha256,
+            ..forged
+        }];
+        publish_results(&rogue.client, "rogue", vec![result]).await;
+        msg.ack().await.unwrap();
+    });
+    // Its replica runs again, on a second honest node (the first runs the other replica).
+    let b = tempfile::tempdir().unwrap();
+    let _b = GridProcess::node(&grid.nats, "honest-b", b.path(), 1);
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    assert_honest_outputs(&grid, &job, 1);
+    let (_, manifest) = grid.results(&job);
+    let mut voters: Vec<&str> = manifest[0]["votes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["node"].as_str().unwrap())
+        .collect();
+    voters.sort();
+    assert_eq!(voters, ["honest-a", "honest-b"], "{manifest:?}");
+    let mut paid = providers(&grid, &job);
+    paid.sort();
+    assert_eq!(paid, ["honest-a", "honest-b"]);
+}

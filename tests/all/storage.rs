@@ -150,11 +150,11 @@ fn deleting_a_job_keeps_what_other_jobs_use() {
     );
 }
 
-/// A node's slots often store the same output at about the same moment (tasks whose outputs
-/// are equal). Each put used to send the bytes again, and one that found the object stored by
-/// the time it wrote its metadata purged the old chunks — which a provider may not do, so it
-/// failed after the request timeout (10 s) and its task was handed back to run again. Now puts
-/// of one object go one at a time and each checks first: the bytes travel once.
+/// The broker often stores the same output at about the same moment (tasks whose outputs are
+/// equal), and a tenant may upload the same file from several places. Each put used to send
+/// the bytes again, and one that found the object stored by the time it wrote its metadata
+/// purged the old chunks. Now puts of one object go one at a time and each checks first: the
+/// bytes travel once.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_object_stored_by_many_puts_at_once_is_sent_once_and_every_put_succeeds() {
     let grid = TestGrid::start(0, &[]);
@@ -165,8 +165,8 @@ async fn one_object_stored_by_many_puts_at_once_is_sent_once_and_every_put_succe
         &["submit", guest("hostile").to_str().unwrap(), "--json"],
     );
     json_of(&submitted);
-    let provider = crate::support::creds(crate::support::Role::Provider, "node-puts");
-    let client = grid_client::connect_with(&grid.nats.url, false, Some(&provider))
+    let tenant = tenant_creds("puts");
+    let client = grid_client::connect_with(&grid.nats.url, false, Some(&tenant))
         .await
         .unwrap();
     let store = grid_client::Grid::open(client).await.unwrap();

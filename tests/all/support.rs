@@ -767,5 +767,6 @@ pub fn empty_result(
         stderr: None,
         logs_truncated: false,
         seal: task.seal,
+        staged: vec![],
     }
 }

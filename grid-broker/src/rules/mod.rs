@@ -287,6 +287,18 @@ impl Rules {
         Admission::Accept(results)
     }
 
+    /// Whether `result`'s blobs go into its tenant's store once checked — a result its held job
+    /// may still count: `Some` of the job's output limit — or are only checked (`None`): a late
+    /// result, which can change no more than its node's tally.
+    pub fn keeps_blobs(&self, result: &ResultMsg) -> Option<u64> {
+        let job = self.jobs.get(&result.job_id)?;
+        let record = &job.record;
+        (!record.state.is_final()
+            && result.index < record.counts.total
+            && result.attempt >= record.first_attempt())
+        .then_some(record.spec.limits.max_output_bytes)
+    }
+
     /// How to bill `result`'s attempt (see [`ledger`]): only while its job's round runs.
     pub fn billing(&self, result: &ResultMsg) -> Billing {
         match self.jobs.get(&result.job_id) {

@@ -5,7 +5,7 @@
 //! job's, or an attempt or replica number the broker never sent out is a forgery, and so is
 //! the message that carries it.
 
-use grid_proto::{JobRecord, Outcome, Reason, ResultMsg, TaskRecord, TaskState};
+use grid_proto::{JobRecord, Outcome, Reason, ResultMsg, Sha256Hex, TaskRecord, TaskState};
 
 /// Why `result`'s attempt or replica number cannot be one the broker sent out for `job`, if
 /// so.
@@ -73,5 +73,87 @@ pub fn reconcile(record: &TaskRecord, stored: TaskRecord) -> Reconcile {
         Reconcile::Count(stored)
     } else {
         Reconcile::Replace(record.after(&stored))
+    }
+}
+
+/// The most bytes a log may have: the sandbox keeps 4 MiB of each stream (more is dropped and
+/// marked `logs_truncated`); a staged log past this is not what a node sends.
+pub const MOST_LOG_BYTES: u64 = 16 << 20;
+
+/// Why `result`'s staged blobs cannot be what it says, before reading any of them, if so: each
+/// file and log it names must be staged with that hash and size, and its files together may not
+/// hold more than `max_output_bytes` (the job's limit, when its job is held).
+pub fn staged_check(result: &ResultMsg, max_output_bytes: Option<u64>) -> Option<String> {
+    let staged = |sha: &Sha256Hex| result.staged.iter().find(|s| s.sha256 == *sha);
+    let mut total = 0u64;
+    for file in &result.files {
+        match staged(&file.sha256) {
+            Some(s) if s.bytes == file.bytes => total = total.saturating_add(file.bytes),
+            Some(s) => {
+                return Some(format!(
+                    "file {:?} is {} bytes but its blob {} is {}",
+                    file.path, file.bytes, file.sha256, s.bytes
+                ));
+            }
+            None => return Some(format!("file {:?} was not staged", file.path)),
+        }
+    }
+    if let Some(most) = max_output_bytes
+        && total > most
+    {
+        return Some(format!(
+            "its files hold {total} bytes, more than the job's {most}"
+        ));
+    }
+    for log in [result.stdout, result.stderr].iter().flatten() {
+        match staged(log) {
+            Some(s) if s.bytes <= MOST_LOG_BYTES => {}
+            Some(s) => return Some(format!("a log of {} bytes", s.bytes)),
+            None => return Some(format!("log {log} was not staged")),
+        }
+    }
+    let mut shas: Vec<Sha256Hex> = result.staged.iter().map(|s| s.sha256).collect();
+    shas.sort();
+    shas.dedup();
+    if shas.len() != result.staged.len() {
+        return Some("a blob staged twice".into());
+    }
+    if result.staged.len() > result.files.len() + 2 {
+        return Some(format!(
+            "{} blobs staged for {} files",
+            result.staged.len(),
+            result.files.len()
+        ));
+    }
+    None
+}
+
+/// Why `result`'s digest is not the one its outcome and (checked) files give, if so: the
+/// broker never takes a node's word for what replicas compare.
+pub fn digest_check(result: &ResultMsg) -> Option<String> {
+    let digest = grid_proto::result_digest(&result.outcome, &result.files);
+    (digest != result.digest).then(|| {
+        format!(
+            "it reports digest {} for outputs whose digest is {digest}",
+            result.digest
+        )
+    })
+}
+
+/// `result` as the broker takes it once its blobs are checked (`blobs`: what was wrong with
+/// them, if anything), with nothing staged left to name. A result whose blobs or digest
+/// ([`digest_check`]) are not what it says is taken as a lost attempt — no files, no logs,
+/// nothing billed — so that its task runs again like any lost one.
+pub fn verify(result: &mut ResultMsg, blobs: Option<String>) {
+    result.staged = Vec::new();
+    if let Some(why) = blobs.or_else(|| digest_check(result)) {
+        tracing::warn!(job = %result.job_id, index = result.index, node = %result.node_id, "a result whose outputs are not what it says: {why}; taken as lost");
+        metrics::counter!("grid_results_forged_total", "node" => result.node_id.clone())
+            .increment(1);
+        result.outcome = Outcome::Failed(Reason::Lost);
+        result.files = Vec::new();
+        result.stdout = None;
+        result.stderr = None;
+        result.digest = grid_proto::result_digest(&result.outcome, &[]);
     }
 }

@@ -53,21 +53,35 @@ impl SealKey {
 
     /// Why `result`'s seal is not one this key made for its task, if it is not.
     pub fn check(&self, result: &ResultMsg) -> Result<(), String> {
-        let seal = &result.seal;
-        let sealed = seal.first_index..seal.first_index.saturating_add(u64::from(seal.count));
-        self.mac(
+        self.check_task(
             &result.tenant,
             &result.job_id,
+            result.index,
             result.attempt,
             result.replica,
-            seal,
+            &result.seal,
         )
-        .verify_slice(&seal.mac)
-        .map_err(|_| "its seal is not the broker's: no such task was sent".to_string())?;
-        if !sealed.contains(&result.index) {
+    }
+
+    /// Why `seal` is not one this key made for a message that sent task `index` of `tenant`'s
+    /// job `job` as this attempt and replica, if it is not.
+    pub fn check_task(
+        &self,
+        tenant: &str,
+        job: &str,
+        index: u64,
+        attempt: u32,
+        replica: u32,
+        seal: &Seal,
+    ) -> Result<(), String> {
+        let sealed = seal.first_index..seal.first_index.saturating_add(u64::from(seal.count));
+        self.mac(tenant, job, attempt, replica, seal)
+            .verify_slice(&seal.mac)
+            .map_err(|_| "its seal is not the broker's: no such task was sent".to_string())?;
+        if !sealed.contains(&index) {
             return Err(format!(
-                "its seal is for tasks {}..{}, not {}",
-                sealed.start, sealed.end, result.index
+                "its seal is for tasks {}..{}, not {index}",
+                sealed.start, sealed.end
             ));
         }
         Ok(())

@@ -3,6 +3,7 @@
 //! [`Rules`], and does what they answer against JetStream: stores, publishes, acks. Nothing
 //! here decides; a decision found here belongs in [`crate::rules`].
 
+mod providers;
 mod requests;
 mod results;
 mod store;
@@ -36,6 +37,10 @@ pub(crate) struct Broker {
     params: HashMap<String, ParamsPages>,
     /// Where background reads of task records send them (see [`Broker::start_loads`]).
     loads: tokio::sync::mpsc::UnboundedSender<Loaded>,
+    /// Where results messages go once their blobs are taken (see `results::take_blobs`).
+    taken: tokio::sync::mpsc::UnboundedSender<results::Intake>,
+    /// Turns at taking blobs ([`results::TAKING_AT_ONCE`]).
+    taking: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// Runs the broker until `shutdown` resolves.
@@ -55,15 +60,25 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
         }
     };
     let seal = crate::rules::SealKey::new(grid.seal_key().await?);
+    let provider_settings = providers::Settings {
+        stage_quota_bytes: config.stage_quota_bytes,
+        stream_replicas: config.stream_replicas,
+        seal: seal.clone(),
+    };
     let (loads, mut loaded) = tokio::sync::mpsc::unbounded_channel();
+    let (taken, mut blobs_taken) = tokio::sync::mpsc::unbounded_channel();
     let mut broker = Broker {
         rules: Rules::new(config.window, now_unix_ms, seal),
         config,
         grid,
         params: HashMap::new(),
         loads,
+        taken,
+        taking: std::sync::Arc::new(tokio::sync::Semaphore::new(results::TAKING_AT_ONCE)),
     };
     broker.resume().await?;
+    let mut provider_requests =
+        tokio::spawn(providers::serve(broker.grid.clone(), provider_settings));
     // Tenants' requests, in a queue group: one broker answers each.
     let mut requests = client
         .queue_subscribe(names::api_subject("*", "*"), "broker".into())
@@ -85,6 +100,13 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            served = &mut provider_requests => {
+                return Err(match served {
+                    Ok(Err(e)) => e.context("serving providers"),
+                    Ok(Ok(())) => anyhow!("providers' requests stopped"),
+                    Err(e) => anyhow!("serving providers: {e}"),
+                });
+            }
             Some(msg) = requests.next() => {
                 // A new job's first window now, not at the next tick.
                 if broker.on_request(msg).await {
@@ -93,6 +115,20 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
             }
             Some((id, stored)) = loaded.recv() => {
                 broker.on_loaded(&id, stored);
+                broker.fill().await;
+            }
+            Some(intake) = blobs_taken.recv() => {
+                let mut batch = vec![intake];
+                while batch.len() < RESULT_BATCH {
+                    match blobs_taken.try_recv() {
+                        Ok(intake) => batch.push(intake),
+                        Err(_) => break,
+                    }
+                }
+                broker.taken(batch).await;
+                if broker.rules.ended_unsaved() {
+                    broker.persist().await;
+                }
                 broker.fill().await;
             }
             Some(msg) = results.next() => {

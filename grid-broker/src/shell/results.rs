@@ -1,34 +1,81 @@
-//! Results in: each message screened ([`Rules::admit`]), each result billed, then recorded or
-//! retried or voted as [`Rules::step`] says, and the message acked once all of it is stored.
+//! Results in: each message screened ([`Rules::admit`]); the blobs its results name taken from
+//! the node's stage — read, checked and copied into the tenant's store, off the loop
+//! ([`take_blobs`]); then each result billed, and recorded or retried or voted as
+//! [`Rules::step`] says, and the message acked once all of it is stored.
 
 use super::{Broker, store};
 use crate::faults::{REPLY_LOST, crash_point, reply_lost};
-use crate::rules::{Admission, Billing, Reconcile, Step, Taken, VoteOutcome, VoteStep, votes};
+use crate::rules::{
+    Admission, Billing, Reconcile, Step, Taken, VoteOutcome, VoteStep, results, votes,
+};
 use anyhow::{Result, anyhow};
 use async_nats::jetstream::{self, AckKind};
+use grid_client::Grid;
+use grid_client::stage::Taken as Blob;
 use grid_proto::{ResultMsg, TaskRecord, decode, encode, names};
 use std::time::Duration;
 
+/// A results message on its way through the broker: admitted, and its results' blobs taken.
+pub(super) struct Intake {
+    msg: jetstream::Message,
+    node: String,
+    results: Vec<ResultMsg>,
+    /// The stage chunks its results named: deleted once it is recorded.
+    chunks: Vec<u64>,
+}
+
+/// Results messages whose blobs are being taken at once; more wait for a turn.
+pub(super) const TAKING_AT_ONCE: usize = 8;
+
 impl Broker {
-    /// Records a batch of results messages. The JetStream writes of different results do not
-    /// depend on each other — each ledger entry and each task record is a create under its own
-    /// key — so they go out together; what they change in the rules (counts, retries, votes)
-    /// is done one result at a time, in order. A message is acked once all its results are
-    /// stored, and asked for again if any is not (the others then come back as duplicates).
+    /// Screens a batch of results messages. Those that name no blobs are recorded now; the
+    /// others go to [`take_blobs`] in the background and come back through
+    /// [`Broker::taken`] to be recorded.
     pub(super) async fn on_results(&mut self, batch: Vec<jetstream::Message>) {
-        // Each result with the index of its message in `messages`.
         let mut ready = Vec::with_capacity(batch.len());
-        let mut messages = Vec::with_capacity(batch.len());
         for msg in batch {
-            let node = names::result_node(msg.subject.as_str()).unwrap_or_default();
+            let node = names::result_node(msg.subject.as_str())
+                .unwrap_or_default()
+                .to_string();
             let admission = match decode::<grid_proto::ResultsMsg>(&msg.payload) {
-                Ok(results) => self.rules.admit(node, results),
+                Ok(results) => self.rules.admit(&node, results),
                 Err(e) => Admission::Reject(e.to_string()),
             };
             match admission {
                 Admission::Accept(results) => {
-                    ready.extend(results.into_iter().map(|r| (messages.len(), r)));
-                    messages.push(msg);
+                    let chunks = results
+                        .iter()
+                        .flat_map(|r| r.staged.iter().flat_map(|s| s.chunks.iter().copied()))
+                        .collect();
+                    let intake = Intake {
+                        msg,
+                        node,
+                        results,
+                        chunks,
+                    };
+                    if intake.results.iter().all(names_no_blobs) {
+                        let mut intake = intake;
+                        for result in &mut intake.results {
+                            results::verify(result, None);
+                        }
+                        ready.push(intake);
+                    } else {
+                        let keep = intake
+                            .results
+                            .iter()
+                            .map(|r| self.rules.keeps_blobs(r))
+                            .collect();
+                        let (grid, taken, turns) =
+                            (self.grid.clone(), self.taken.clone(), self.taking.clone());
+                        tokio::spawn(async move {
+                            let Ok(_turn) = turns.acquire_owned().await else {
+                                return;
+                            };
+                            if let Some(intake) = take_blobs(&grid, intake, keep).await {
+                                let _ = taken.send(intake);
+                            }
+                        });
+                    }
                 }
                 Admission::Reject(why) => {
                     tracing::warn!(subject = %msg.subject, "rejecting a results message: {why}");
@@ -43,6 +90,30 @@ impl Broker {
                         .await;
                 }
             }
+        }
+        if !ready.is_empty() {
+            self.record(ready).await;
+        }
+    }
+
+    /// Results messages whose blobs were taken ([`take_blobs`]).
+    pub(super) async fn taken(&mut self, intakes: Vec<Intake>) {
+        self.record(intakes).await;
+    }
+
+    /// Records a batch of admitted results messages. The JetStream writes of different results
+    /// do not depend on each other — each ledger entry and each task record is a create under
+    /// its own key — so they go out together; what they change in the rules (counts, retries,
+    /// votes) is done one result at a time, in order. A message is acked once all its results
+    /// are stored, and asked for again if any is not (the others then come back as
+    /// duplicates).
+    async fn record(&mut self, intakes: Vec<Intake>) {
+        // Each result with the index of its message in `intakes`.
+        let mut ready = Vec::new();
+        let mut messages = Vec::with_capacity(intakes.len());
+        for intake in intakes {
+            ready.extend(intake.results.into_iter().map(|r| (messages.len(), r)));
+            messages.push((intake.msg, intake.node, intake.chunks));
         }
         let mut recorded: Vec<Result<()>> = messages.iter().map(|_| Ok(())).collect();
         let mut fail = |m: usize, e: anyhow::Error| {
@@ -90,8 +161,12 @@ impl Broker {
                 fail(m, e);
             }
         }
-        for (msg, recorded) in messages.iter().zip(recorded) {
-            settle(msg, recorded).await;
+        for ((msg, node, chunks), recorded) in messages.into_iter().zip(recorded) {
+            if settle(&msg, recorded, !chunks.is_empty()).await && !chunks.is_empty() {
+                // Copied into the tenant's store and recorded: the stage lets them go.
+                let grid = self.grid.clone();
+                tokio::spawn(async move { grid.free_staged(&node, &chunks).await });
+            }
         }
     }
 
@@ -244,7 +319,7 @@ impl Broker {
                     .ok_or_else(|| anyhow!("task {key} vanished"))?;
                 let stored =
                     decode::<TaskRecord>(&entry.value).map_err(|e| anyhow!("task {key}: {e}"))?;
-                match crate::rules::results::reconcile(&record, stored) {
+                match results::reconcile(&record, stored) {
                     Reconcile::Count(stored) => stored,
                     Reconcile::Replace(replaced) => {
                         // Compare-and-set: a second result of the task finds the key changed
@@ -275,12 +350,23 @@ fn task_key(record: &TaskRecord) -> String {
     names::task_key(&result.tenant, &result.job_id, result.index)
 }
 
-/// Acks a result once it is recorded, or asks for it again shortly.
-async fn settle(msg: &jetstream::Message, recorded: Result<()>) {
+/// Acks a result once it is recorded, or asks for it again shortly. True when the ack was
+/// sent — and, with `confirm`, stored by the server (a message whose staged chunks go next
+/// must not come back to find them gone).
+async fn settle(msg: &jetstream::Message, recorded: Result<()>, confirm: bool) -> bool {
     match recorded {
         Ok(()) => {
-            if let Err(e) = msg.ack().await {
-                tracing::warn!("acking a result: {e}");
+            let acked = if confirm {
+                msg.double_ack().await
+            } else {
+                msg.ack().await
+            };
+            match acked {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!("acking a result: {e}");
+                    false
+                }
             }
         }
         Err(e) => {
@@ -288,6 +374,47 @@ async fn settle(msg: &jetstream::Message, recorded: Result<()>) {
             let _ = msg
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                 .await;
+            false
         }
     }
+}
+
+/// Whether `result` names no stored blob: nothing to take from a stage.
+fn names_no_blobs(result: &ResultMsg) -> bool {
+    result.staged.is_empty() && result.objects().next().is_none()
+}
+
+/// Takes the blobs of `intake`'s results from its node's stage: each result's are checked
+/// ([`results::staged_check`]), read and hashed, and copied into the tenant's store when
+/// `keep` says so (`Some` of the job's output limit); then [`results::verify`] checks its
+/// digest against its files and takes a result that fails as lost. `None` when JetStream could not be read: the message is asked for
+/// again.
+async fn take_blobs(grid: &Grid, mut intake: Intake, keep: Vec<Option<u64>>) -> Option<Intake> {
+    for (result, keep) in intake.results.iter_mut().zip(keep) {
+        let mut forged = results::staged_check(result, keep);
+        if forged.is_none() {
+            for staged in &result.staged {
+                match grid
+                    .take_staged(&intake.node, &result.tenant, staged, keep.is_some())
+                    .await
+                {
+                    Ok(Blob::Verified) => {}
+                    Ok(Blob::Forged(why)) => {
+                        forged = Some(why);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %intake.node, "taking a staged blob: {e:#}; the result will be redelivered");
+                        let _ = intake
+                            .msg
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                        return None;
+                    }
+                }
+            }
+        }
+        results::verify(result, forged);
+    }
+    Some(intake)
 }

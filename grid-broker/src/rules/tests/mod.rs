@@ -127,6 +127,7 @@ pub(super) fn result(
         stderr: None,
         logs_truncated: false,
         seal: grid_proto::Seal::default(),
+        staged: Vec::new(),
     }
 }
 
