@@ -7,6 +7,7 @@ use super::*;
 
 mod counting;
 mod intake_and_fill;
+mod outputs;
 mod replicas;
 mod retry_and_cancel;
 use grid_proto::{
