@@ -114,6 +114,7 @@ fn samples() -> Vec<Vec<u8>> {
             classes: vec!["cpu".into(), "gpu".into()],
             gpu: Some("llvmpipe".into()),
             slots: 2,
+            gpu_slots: 1,
             busy: 1,
             running: 1,
             memory_reserved_bytes: 1 << 20,

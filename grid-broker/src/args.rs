@@ -14,6 +14,8 @@ pub struct BrokerConfig {
     pub tenant_quota_bytes: u64,
     /// Bytes each provider's stage may hold.
     pub stage_quota_bytes: u64,
+    /// How long past its time limit a node may hold a task before the broker takes it back.
+    pub take_back_grace: std::time::Duration,
     /// Where to serve Prometheus metrics (see `grid_client::metrics`).
     pub metrics: Option<std::net::SocketAddr>,
 }
@@ -43,9 +45,18 @@ pub struct BrokerArgs {
     /// next output until the broker catches up; no other provider notices.
     #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size)]
     pub stage_quota: u64,
+    /// How long past its time limit (its job's `--timeout`, for each task of a run) a node may
+    /// hold a task before the broker takes it back and offers it to others, whatever the node
+    /// says. Covers the wait for a slot and a first compile (the Python runtime's: minutes).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub take_back_grace: std::time::Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101)
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 5m)"))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -63,6 +74,7 @@ pub fn main(args: BrokerArgs) -> std::process::ExitCode {
         creds: args.creds,
         tenant_quota_bytes: args.tenant_quota,
         stage_quota_bytes: args.stage_quota,
+        take_back_grace: args.take_back_grace,
         metrics: args.metrics,
     };
     grid_client::run_service("grid-broker", |shutdown| crate::run(config, shutdown))

@@ -11,7 +11,7 @@
 //! |---|---|
 //! | `operator` (the broker, `grid up`) | everything |
 //! | `tenant` | ask the broker (`grid.api.<tenant>.>`); hear its own jobs' changes (`grid.events.<tenant>.>`); read its own job and task records (keys `<tenant>.…`) and its own ledger entries; read and write its own object store (`grid_store_<tenant>`); read node heartbeats and tallies |
-//! | `provider` | take tasks of the `cpu` and `gpu` consumers; publish results and heartbeats under its own node id only; write its own stage (`GRID_STAGE_<node>`: outputs and logs for the broker to check and copy) and nothing else in JetStream's stores; ask the broker for its stage and for replica claims (`grid.provider.<node>.>`); read tenants' object stores (a node must fetch the module and inputs of whatever task it is given); hear cancels |
+//! | `provider` | ask the broker for tasks, report them done or handed back, ask for its stage and for replica claims (`grid.provider.<node>.>`: it never touches the work queue or its acks); publish results and heartbeats under its own node id only; write its own stage (`GRID_STAGE_<node>`: outputs and logs for the broker to check and copy) and nothing else in JetStream's stores; read tenants' object stores (a node must fetch the module and inputs of whatever task it is given); hear cancels |
 //!
 //! What a provider can *not* do: submit, cancel or delete jobs; read job records, task records,
 //! votes, claims, tallies, the ledger or the broker's secrets; publish a result or a heartbeat
@@ -358,7 +358,7 @@ fn permissions(who: &Identity) -> (serde_json::Value, serde_json::Value) {
             (json!({"allow": allow}), json!({"allow": [inbox, events]}))
         }
         Role::Provider => {
-            let mut allow = vec![
+            let allow: Vec<String> = vec![
                 "$JS.API.INFO".into(),
                 "$JS.FC.>".into(),
                 // Tenants' object stores, to read (any bucket's info and chunks; the denials
@@ -368,23 +368,11 @@ fn permissions(who: &Identity) -> (serde_json::Value, serde_json::Value) {
                 "$JS.API.DIRECT.GET.*.>".into(),
                 // Its own stage: the one place in JetStream's stores it may write.
                 names::stage_subject(name),
-                // Requests to the broker (its stage, replica claims).
+                // Requests to the broker: its stage, tasks, reports of them, replica claims.
                 format!("grid.provider.{name}.>"),
                 format!("grid.results.{name}.>"),
                 format!("$KV.{}.{name}", names::NODES_BUCKET),
-                "$JS.ACK.GRID_TASKS.>".into(),
             ];
-            for class in names::CLASSES {
-                let consumer = names::tasks_consumer(class);
-                allow.push(format!(
-                    "$JS.API.CONSUMER.INFO.{}.{consumer}",
-                    names::TASKS_STREAM
-                ));
-                allow.push(format!(
-                    "$JS.API.CONSUMER.MSG.NEXT.{}.{consumer}",
-                    names::TASKS_STREAM
-                ));
-            }
             let mut deny = Vec::new();
             for stream in [
                 format!("KV_{}", names::JOBS_BUCKET),

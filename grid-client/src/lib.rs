@@ -18,9 +18,11 @@ pub mod stage;
 pub mod tenant;
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
-/// How long a node may hold a task without a progress ack before JetStream redelivers it.
+/// How long a task message stays with its node without a sign of life (the broker's progress
+/// ack, sent while the node lists it as held) before JetStream offers it again.
 pub const TASK_ACK_WAIT: Duration = Duration::from_secs(10);
-/// How often a node tells JetStream a long task is still running.
+/// How often a node lists the tasks it holds to the broker, and the broker extends their
+/// messages.
 pub const TASK_PROGRESS_EVERY: Duration = Duration::from_secs(3);
 /// Deliveries of one attempt of a task before a node gives up on it as `lost` (each node that
 /// took it died, or could not fetch what it needs); the broker then retries it as a new attempt,
@@ -665,7 +667,7 @@ impl Grid {
     }
 }
 
-/// The pull consumer every node of `class` shares.
+/// The pull consumer of `class`'s tasks: the broker pulls it and hands the messages to nodes.
 pub fn task_consumer_config(class: &str) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(names::tasks_consumer(class)),

@@ -1,12 +1,13 @@
-//! The node's task loop: take tasks from JetStream, run them in the sandbox, store results.
+//! The node's task loop: take tasks from the broker, run them in the sandbox, report results.
 //!
-//! Every node of a class pulls from one shared durable consumer (`nodes-<class>`) and runs up
-//! to `slots` tasks at once. For each task it fetches the job spec (KV, cached), the module (by
-//! hash: object store, then a local file cache, then the compiled cache), the task's inputs; runs
-//! it while sending progress acks; stores the outputs and logs as content-addressed blobs;
-//! publishes the result with message id `job.task.attempt`; and only then acks the task. A node
-//! killed at any point loses nothing: an unacked task is redelivered after its ack wait, and a
-//! result published twice is deduplicated by JetStream and counted once by the broker.
+//! A node asks the broker for task messages of its classes (see [`crate::deliveries`]: only the
+//! broker touches the work queue) and runs up to `slots` tasks at once. For each task it fetches
+//! the module (by hash: object store, then a local file cache, then the compiled cache) and the
+//! task's inputs; runs it, telling the broker every few seconds that it still holds it; stages
+//! the outputs and logs (`grid_client::stage`); publishes the result with message id
+//! `job.task.attempt.replica`; and only then reports the task done. A node killed at any point
+//! loses nothing: a task no longer reported as held goes back to the queue after its ack wait,
+//! and a result published twice is deduplicated by JetStream and counted once by the broker.
 //!
 //! # Life cycle
 //! On SIGTERM or Ctrl-C a node *drains*: it takes no new tasks (any it already fetched go back
@@ -25,17 +26,19 @@
 //! | what | value | why |
 //! |---|---|---|
 //! | ack wait ([`grid_client::TASK_ACK_WAIT`]) | 10 s | a dead node's tasks come back this long after its last sign of life |
-//! | progress acks ([`TASK_PROGRESS_EVERY`]) | 3 s | a slow but alive task resets its ack wait well before it ends: two acks may be lost before a task is redelivered |
+//! | held report ([`grid_client::TASK_PROGRESS_EVERY`]) | 3 s | the broker keeps a slow but alive task's message (progress acks) while its node lists it; two reports may be lost before it goes back |
+//! | take-back grace (broker, `--take-back-grace`) | 5 min | a task held past its time limit and this goes back to the queue whatever its node says |
 //! | heartbeat, bucket TTL | 2 s, 10 s | `grid nodes` and the GPU-class check drop a dead node within 10 s |
 //! | hand-back delay ([`HAND_BACK_DELAY`]) | 1 s | a task this node cannot run (draining, module missing, GPU worker restarted) is offered to others at once, without a hot loop |
 //! | deliveries ([`grid_client::MAX_TASK_DELIVERIES`]) | 5 | a task that no node can run ends `lost` instead of circling forever |
 //! | retries (broker) | at once | a failed attempt is published again immediately: its cause is in the task or the node, not in time; a node that cannot run a task hands it back after 1 s instead |
 
+use crate::deliveries::{Delivery, Dispatch};
 use crate::settings::NodeConfig;
 use anyhow::{Context, Result, anyhow, bail};
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use futures::StreamExt;
-use grid_client::{Grid, TASK_PROGRESS_EVERY, now_unix_ms};
+use grid_client::{Grid, now_unix_ms};
 use grid_proto::{
     JobRecord, JobState, NodeInfo, Outcome, Reason, Request, ResultMsg, Sha256Hex, StageRequest,
     Staged, TaskMsg, Usage, decode, encode, names,
@@ -52,8 +55,9 @@ use tokio::sync::{Mutex, Semaphore, watch};
 
 /// How long a task this node cannot run waits before JetStream offers it again.
 pub const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
-/// Tasks a node holds per slot: one runs, the others are being fetched or reported.
-pub const HELD_PER_SLOT: usize = 4;
+/// Tasks a node holds per slot: one runs, the others are being fetched or reported (the
+/// broker hands out no more, see [`grid_proto::HELD_PER_SLOT`]).
+pub const HELD_PER_SLOT: usize = grid_proto::HELD_PER_SLOT as usize;
 
 /// Where a node is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +94,8 @@ struct Node {
     runtime_files: Mutex<()>,
     /// Task folders, reused.
     work: crate::workdirs::WorkDirs,
+    /// Task messages taken from the broker and held.
+    dispatch: Arc<Dispatch>,
 }
 
 /// Runs a node until `shutdown` resolves; running tasks are then abandoned unacked (JetStream
@@ -164,6 +170,7 @@ pub async fn run(
         .unwrap_or(u32::MAX)
         .min(Semaphore::MAX_PERMITS as u32)
         .max(1);
+    let dispatch = Dispatch::new(client.clone(), config.node_id.clone());
     let node = Arc::new(Node {
         config,
         grid,
@@ -182,6 +189,7 @@ pub async fn run(
         preparing: std::sync::Mutex::new(None),
         runtime_files: Mutex::new(()),
         work,
+        dispatch,
     });
     let started = now_unix_ms();
     let mut services = tokio::task::JoinSet::new();
@@ -197,6 +205,7 @@ pub async fn run(
         );
     }
     services.spawn(node.clone().heartbeat_loop(started));
+    services.spawn(node.dispatch.clone().hold_loop());
     services.spawn(node.clone().disk_loop());
     services.spawn(node.clone().cancel_loop());
     tokio::select! {
@@ -251,55 +260,27 @@ impl Node {
     /// published, task acked — round trips to NATS) overlap with running.
     async fn pull_loop(self: Arc<Self>, class: String, slots: Arc<Semaphore>) -> Result<()> {
         let held = Arc::new(Semaphore::new(slots.available_permits() * HELD_PER_SLOT));
-        // Straight to the consumer: a provider may read its info, not the stream's.
-        let consumer: jetstream::consumer::PullConsumer = loop {
-            match self
-                .grid
-                .js
-                .get_consumer_from_stream(names::tasks_consumer(&class), names::TASKS_STREAM)
-                .await
-            {
-                Ok(c) => break c,
-                Err(e) => {
-                    tracing::info!("waiting for the task consumer: {e}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        };
         let mut phase = self.phase.subscribe();
         loop {
-            // Wait for room, then ask for as many tasks as there is room for.
+            // Wait for room, then ask the broker for as many tasks as there is room for.
             let first = tokio::select! {
                 permit = held.clone().acquire_owned() => permit?,
                 _ = phase.wait_for(|p| *p != Phase::Serving) => return Ok(()),
             };
             let free = held.available_permits() + 1;
-            let batch = consumer
-                .fetch()
-                .max_messages(free)
-                .expires(Duration::from_secs(1))
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(b) => b,
+            let batch = match self.dispatch.take(&class, free).await {
+                Ok(batch) => batch,
                 Err(e) => {
-                    tracing::warn!("fetching tasks: {e}");
+                    tracing::info!("taking tasks: {e:#}");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
             };
             let mut permit = Some(first);
-            while let Some(msg) = batch.next().await {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!("receiving a task: {e}");
-                        break;
-                    }
-                };
+            for delivery in batch {
                 if *phase.borrow() != Phase::Serving {
-                    // Fetched as the node began to drain: straight back.
-                    let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+                    // Taken as the node began to drain: straight back.
+                    delivery.back(HAND_BACK_DELAY).await;
                     continue;
                 }
                 let p = match permit.take() {
@@ -311,7 +292,7 @@ impl Node {
                 // Counted from here, so that a drain waits for it.
                 node.busy.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(async move {
-                    node.clone().handle(msg, slots).await;
+                    node.clone().handle(delivery, slots).await;
                     node.busy.fetch_sub(1, Ordering::AcqRel);
                     drop(p);
                 });
@@ -346,6 +327,11 @@ impl Node {
                 classes: self.classes.clone(),
                 gpu: self.gpu.clone(),
                 slots: self.config.slots,
+                gpu_slots: if self.gpu.is_some() {
+                    self.config.gpu_slots
+                } else {
+                    0
+                },
                 busy: self.busy.load(Ordering::Relaxed),
                 running: self.running.load(Ordering::Relaxed),
                 memory_reserved_bytes: u64::from(
@@ -445,25 +431,25 @@ impl Node {
         record
     }
 
-    async fn handle(self: Arc<Self>, msg: jetstream::Message, slots: Arc<Semaphore>) {
-        let task = match decode::<TaskMsg>(&msg.payload).and_then(check_task_msg) {
+    async fn handle(self: Arc<Self>, msg: Delivery, slots: Arc<Semaphore>) {
+        let task = match decode::<TaskMsg>(&msg.task).and_then(check_task_msg) {
             Ok(t) => t,
             Err(e) => {
-                tracing::error!(subject = %msg.subject, "rejecting a task message: {e}");
-                let _ = msg.ack_with(AckKind::Term).await;
+                tracing::error!("dropping a task message: {e}");
+                msg.done().await;
                 return;
             }
         };
         let job = self.job(&task).await;
         if job.state == JobState::Cancelled {
-            let _ = msg.ack().await;
+            msg.done().await;
             return;
         }
         // A job asking for more than the provider's caps is not taken: another node may. (Not a
         // delivery that counts toward `lost`: the broker refuses a job no live node accepts.)
         if let Some(why) = job.spec.limits.over(&self.config.caps.accepts()) {
             tracing::debug!(job = %task.job_id, index = task.index, "not taking the task: {why}");
-            let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+            msg.back(HAND_BACK_DELAY).await;
             return;
         }
         // Before the delivery count: a replica handed back because this node runs another
@@ -471,20 +457,16 @@ impl Node {
         // node holds several tasks, so it may see such a replica many times.
         if job.spec.replicas > 1 && !self.claim(&task).await {
             // This node ran (or runs) another replica of the task: another node must.
-            let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+            msg.back(HAND_BACK_DELAY).await;
             return;
         }
-        let delivered = msg.info().map_or(1, |i| i.delivered);
+        let delivered = i64::try_from(msg.delivered).unwrap_or(i64::MAX);
         if delivered > 1 {
             tracing::debug!(job = %task.job_id, index = task.index, delivered, "redelivered task");
             metrics::counter!("grid_task_redeliveries_total").increment(1);
         }
         // A first delivery's wait (a redelivery's would include the earlier attempt's run).
-        let published = msg
-            .info()
-            .ok()
-            .filter(|i| i.delivered == 1)
-            .map(|i| i.published);
+        let published = (msg.delivered == 1).then_some(msg.published_unix_ms);
         // A replica may also be handed back once by each node that already ran another replica.
         let replicas = i64::from(job.spec.replicas.max(1) - 1);
         if delivered > grid_client::MAX_TASK_DELIVERIES + replicas {
@@ -495,21 +477,11 @@ impl Node {
                 .map(|task| self.failed_result(&job, task, Reason::Lost))
                 .collect();
             if self.publish(&job, lost).await.is_ok() {
-                let _ = msg.double_ack().await;
+                msg.done().await;
             }
             return;
         }
-        let msg = Arc::new(msg);
-        // Progress acks for as long as this message is handled.
-        let _progress = AbortOnDrop({
-            let msg = msg.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(TASK_PROGRESS_EVERY).await;
-                    let _ = msg.ack_with(AckKind::Progress).await;
-                }
-            })
-        });
+        // Held (the dispatch reports it to the broker every few seconds) until settled.
         // The task's memory limit, out of the node's budget, before it runs: the limits of the
         // running tasks never add up to more than the provider gave. Waiting keeps the task
         // (progress acks); a drain hands it back.
@@ -537,22 +509,19 @@ impl Node {
             };
             let Some((slot, memory)) = held else {
                 let _ = self.publish(&job, results).await;
-                let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+                msg.back(HAND_BACK_DELAY).await;
                 return;
             };
             // Cancelled while it waited for its slot: it never starts, nor do the rest.
             if self.is_cancelled(&task.job_id).await {
                 if self.publish(&job, results).await.is_ok() {
-                    let _ = msg.ack().await;
+                    msg.done().await;
                 }
                 return;
             }
             if let Some(published) = published {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as i128);
-                let waited = (now - published.unix_timestamp_nanos()) as f64 / 1e9;
-                metrics::histogram!("grid_task_queue_wait_seconds").record(waited.max(0.0));
+                let waited = now_unix_ms().saturating_sub(published) as f64 / 1e3;
+                metrics::histogram!("grid_task_queue_wait_seconds").record(waited);
             }
             let running = Running::new(&self.running, slot, memory);
             match self.run_task(&job, &task, running).await {
@@ -560,7 +529,7 @@ impl Node {
                 Err(e) => {
                     tracing::warn!(job = %task.job_id, index = task.index, "could not run the task here: {e:#}; handing it back");
                     let _ = self.publish(&job, results).await;
-                    let _ = msg.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+                    msg.back(HAND_BACK_DELAY).await;
                     return;
                 }
             }
@@ -571,12 +540,10 @@ impl Node {
             return;
         }
         self.done.fetch_add(ran as u64, Ordering::Relaxed);
-        // A plain ack, not waited on: if it is lost, the tasks come back after the ack wait and
-        // run again, and their results — the same message id — are dropped by JetStream or
-        // found already counted by the broker.
-        if let Err(e) = msg.ack().await {
-            tracing::warn!("acking a task: {e}");
-        }
+        // If the report is lost, the tasks come back after the ack wait and run again, and
+        // their results — the same message id — are dropped by JetStream or found already
+        // counted by the broker.
+        msg.done().await;
     }
 
     /// Claims `task`'s replica for this node: false when the node holds another replica of the
@@ -968,15 +935,6 @@ fn record_ran(report: &grid_sandbox::TaskReport) {
     metrics::histogram!("grid_node_task_seconds").record(report.wall_seconds);
     if report.gpu_seconds > 0.0 {
         metrics::histogram!("grid_task_gpu_seconds").record(report.gpu_seconds);
-    }
-}
-
-/// A spawned task that ends when this is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -4,7 +4,7 @@
 //! | name | kind | holds |
 //! |---|---|---|
 //! | `GRID_TASKS` | work-queue stream, subjects `grid.tasks.<class>.<job>` | tasks waiting for a node |
-//! | `nodes-<class>` | durable pull consumer on `GRID_TASKS` | shared by every node of a class |
+//! | `nodes-<class>` | durable pull consumer on `GRID_TASKS` | pulled by the broker only, which hands messages to nodes (`grid.provider.<node>.take`) |
 //! | `GRID_RESULTS` | stream, subjects `grid.results.<node id>.<job>` | results, deduplicated by `job.task.attempt`; a provider may publish only under its own node id |
 //! | `broker` | durable pull consumer on `GRID_RESULTS` | the broker's intake |
 //! | `grid_jobs` | KV, key `<tenant>.<job>` | the job record ([`crate::JobRecord`]) |
@@ -16,7 +16,7 @@
 //! | `grid_secrets` | KV, key `seal` | the broker's key for sealing task messages ([`crate::Seal`]); the operator's alone |
 //! | `grid_usage` | KV, key `<tenant>.<job>.<index>.<attempt>.<replica>` | the usage ledger: one entry per billable attempt ([`crate::UsageEntry`]) |
 //! | `GRID_STAGE_<node id>` | stream, subject `grid.stage.<node id>`, one per provider | what a provider hands the broker: its tasks' outputs and logs, in chunks; no rollups, no purges, capped in bytes and age; the broker verifies each blob, copies it into the tenant's store and deletes the chunks |
-//! | `grid.provider.<node id>.stage` | request/reply to the broker | a provider asks for its stage stream |
+//! | `grid.provider.<node id>.stage`, `.take`, `.report`, `.claim` | request/reply to the broker | a provider asks for its stage stream, for task messages, reports them done, handed back or still held, and claims a replica |
 //! | `grid_store_<tenant>` | object store, one per tenant, name `<sha256>` | the tenant's modules, params files, inputs, outputs, logs |
 //! | `grid.api.<tenant>.submit`, `.cancel`, `.retry`, `.delete`, `.storage`, `.owner` | request/reply to the broker | job intake, cancel, retry, delete; creating the tenant's store; who owns a job |
 //! | `grid.cancel.<job>` | core NATS broadcast | tells nodes to stop a cancelled job's tasks |

@@ -522,6 +522,77 @@ impl Request for StageRequest {
     type Reply = StoreReady;
 }
 
+/// Task messages a node may hold per slot it advertises: one running, the others being fetched
+/// or reported. The broker hands no node more.
+pub const HELD_PER_SLOT: u32 = 4;
+
+/// A node asks the broker for task messages of `class` (`grid.provider.<node>.take`), at most
+/// `max`: the broker waits up to a second for some, and hands out no more than the node's
+/// advertised slots justify ([`HELD_PER_SLOT`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeRequest {
+    pub class: String,
+    pub max: u32,
+}
+impl Message for TakeRequest {
+    const KIND: &'static str = "take";
+}
+impl Request for TakeRequest {
+    const VERB: &'static str = "take";
+    type Reply = Deliveries;
+}
+
+/// Task messages the broker handed a node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deliveries {
+    pub deliveries: Vec<Delivery>,
+}
+impl Message for Deliveries {
+    const KIND: &'static str = "deliveries";
+}
+
+/// One task message handed to a node: the node reports it done or handed back by `id`
+/// ([`DeliveryReport`]). Its seal is bound to the node it was handed to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub id: u64,
+    /// How many times JetStream has delivered the message (1 the first time).
+    pub delivered: u64,
+    /// When the broker published it, by the server's clock.
+    pub published_unix_ms: u64,
+    /// The task message, as the broker published it (encoded).
+    pub task: Vec<u8>,
+}
+
+/// What became of deliveries (`grid.provider.<node>.report`): `done` (its results are
+/// published, or it was a message to drop), `back` (handed back, to be offered again after
+/// `back_delay_ms`), and `holding`: every delivery the node still holds, sent every few
+/// seconds — a delivery not in it for the ack wait goes back to the queue.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryReport {
+    pub done: Vec<u64>,
+    pub back: Vec<u64>,
+    pub back_delay_ms: u32,
+    pub holding: Vec<u64>,
+}
+impl Message for DeliveryReport {
+    const KIND: &'static str = "report";
+}
+impl Request for DeliveryReport {
+    const VERB: &'static str = "report";
+    type Reply = Reported;
+}
+
+/// The broker took a [`DeliveryReport`]; `unknown`: ids it does not hold for the node (taken
+/// back, or handed out by a broker before a restart).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reported {
+    pub unknown: Vec<u64>,
+}
+impl Message for Reported {
+    const KIND: &'static str = "reported";
+}
+
 /// A node asks the broker to place a replica on it (`grid.provider.<node>.claim`): granted
 /// unless the node runs (or ran) another replica of the same task in the same round, so that
 /// replicas of a task never run on one node. The seal is the task message's: a node claims
@@ -557,6 +628,44 @@ pub struct OutputFile {
     pub path: String,
     pub bytes: u64,
     pub sha256: Sha256Hex,
+}
+
+impl OutputFile {
+    /// Whether `path` is one a walk of `/out` gives: relative, `/`-separated, no empty, `.` or
+    /// `..` parts, no NUL, at most 4096 bytes.
+    pub fn is_plain_path(path: &str) -> bool {
+        !path.is_empty()
+            && path.len() <= 4096
+            && !path.contains('\0')
+            && path
+                .split('/')
+                .all(|part| !part.is_empty() && part != "." && part != "..")
+    }
+}
+
+/// Why `files` cannot be what a walk of one `/out` left, if so: a path that is not plain
+/// ([`OutputFile::is_plain_path`]), a path listed twice, or a file where another's folder is.
+pub fn files_clash(files: &[OutputFile]) -> Option<String> {
+    if let Some(bad) = files.iter().find(|f| !OutputFile::is_plain_path(&f.path)) {
+        return Some(format!(
+            "output path {:?} is not a plain relative path",
+            bad.path
+        ));
+    }
+    let mut paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    paths.sort_unstable();
+    for pair in paths.windows(2) {
+        if pair[0] == pair[1] {
+            return Some(format!("output {:?} is listed twice", pair[0]));
+        }
+        if pair[1].starts_with(pair[0]) && pair[1].as_bytes().get(pair[0].len()) == Some(&b'/') {
+            return Some(format!(
+                "output {:?} is a file and the folder of {:?}",
+                pair[0], pair[1]
+            ));
+        }
+    }
+    None
 }
 
 /// What one attempt of a task used on the node that ran it: the ledger's unit.
@@ -831,6 +940,8 @@ pub struct NodeInfo {
     /// Its GPU, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (vulkan, cpu)`.
     pub gpu: Option<String>,
     pub slots: u32,
+    /// Its slots for GPU tasks (0 without a GPU).
+    pub gpu_slots: u32,
     /// Tasks it holds: running, or waiting for memory.
     pub busy: u32,
     /// Tasks running now (each holds its memory limit of the node's budget).

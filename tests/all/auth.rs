@@ -493,7 +493,7 @@ fn a_provider_cannot_impersonate_another_node() {
     rt.block_on(async {
         let client =
             crate::support::connect_as(&grid.nats.url, &creds(Role::Provider, "mallory")).await;
-        let tasks = crate::support::pull_tasks(&client, 1).await;
+        let tasks = crate::support::pull_tasks(&client, "mallory", 1).await;
         let result = grid_proto::ResultsMsg {
             results: vec![crate::support::empty_result(
                 &tasks[0].0,

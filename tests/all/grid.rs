@@ -200,7 +200,7 @@ fn a_result_delivered_twice_is_counted_once() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = connect_operator(&grid.nats.url).await;
-        let tasks = pull_tasks(&client, 2).await;
+        let tasks = pull_tasks(&client, "test", 2).await;
         assert_eq!(tasks.len(), 2);
         // Out for longer than the CPU time it reports, so the bill is what it says.
         tokio::time::sleep(std::time::Duration::from_millis(1600)).await;

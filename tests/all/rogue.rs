@@ -87,11 +87,9 @@ fn results_for_tasks_never_delivered_to_the_provider_are_dropped() {
     rt.block_on(async {
         let rogue = connect_as(&grid.nats.url, &rogue_creds()).await;
         // A task it was given: its seal, then the task handed back.
-        let given = pull_tasks(&rogue, 1).await;
+        let given = pull_tasks(&rogue, "rogue", 1).await;
         let (task, msg) = &given[0];
-        msg.ack_with(async_nats::jetstream::AckKind::Nak(None))
-            .await
-            .unwrap();
+        msg.back().await;
         let mut forged = Vec::new();
         for index in 0..4 {
             // No seal at all, for every task.
@@ -154,7 +152,7 @@ fn a_provider_bills_no_more_than_it_was_seen_to_run_and_nothing_after_the_job() 
     let started = std::time::Instant::now();
     rt.block_on(async {
         let rogue = connect_as(&grid.nats.url, &rogue_creds()).await;
-        let (task, msg) = pull_tasks(&rogue, 1).await.remove(0);
+        let (task, msg) = pull_tasks(&rogue, "rogue", 1).await.remove(0);
         // It claims the job's whole time limit, and the most memory and output it allows.
         let greedy = Usage {
             cpu_seconds: 600.0,
@@ -170,7 +168,7 @@ fn a_provider_bills_no_more_than_it_was_seen_to_run_and_nothing_after_the_job() 
             vec![empty_result(&task, "rogue", greedy.clone())],
         )
         .await;
-        msg.ack().await.unwrap();
+        msg.done().await;
         assert_eq!(grid.wait(&job)["state"], "done");
         // After the job ended: the same result again, and a retry's under its seal.
         publish_results(
@@ -225,28 +223,7 @@ impl Rogue {
 
     /// A heartbeat as a node of class `cpu` with two slots.
     async fn heartbeat(&self) {
-        let info = grid_proto::NodeInfo {
-            id: "rogue".into(),
-            classes: vec!["cpu".into()],
-            gpu: None,
-            slots: 2,
-            busy: 0,
-            running: 0,
-            memory_reserved_bytes: 0,
-            memory_budget_bytes: 8 << 30,
-            tasks_done: 0,
-            started_unix_ms: grid_client::now_unix_ms(),
-            preparing: None,
-            accepts: grid_proto::JobLimits {
-                memory_bytes: 8 << 30,
-                timeout_ms: 86_400_000,
-                max_output_bytes: 10 << 30,
-                gpu_memory_bytes: 0,
-                gpu_time_ms: 0,
-            },
-        };
-        let nodes = self.grid.nodes().await.unwrap();
-        nodes.put("rogue", encode(&info).into()).await.unwrap();
+        heartbeat(&self.client, "rogue").await;
     }
 
     async fn stage(&self, bytes: &[u8]) -> grid_proto::Staged {
@@ -391,7 +368,7 @@ fn a_provider_cannot_make_forged_bytes_a_tasks_result() {
             vec![real.clone()],
         ];
         for (i, staged) in variants.into_iter().enumerate() {
-            let (task, msg) = pull_tasks(&rogue.client, 1).await.remove(0);
+            let (task, msg) = pull_tasks(&rogue.client, "rogue", 1).await.remove(0);
             let mut result = empty_result(&task, "rogue", Usage::default());
             result.files = files.clone();
             result.digest = digest;
@@ -400,7 +377,7 @@ fn a_provider_cannot_make_forged_bytes_a_tasks_result() {
                 result.digest = grid_proto::Sha256Hex::of(b"something else");
             }
             publish_results(&rogue.client, "rogue", vec![result]).await;
-            msg.ack().await.unwrap();
+            msg.done().await;
         }
     });
     // An honest node takes the next attempt.
@@ -441,7 +418,7 @@ fn one_provider_cannot_win_a_vote_with_forged_bytes() {
     let (_, files) = honest_files(0);
     rt.block_on(async {
         // It takes a replica and answers with the honest digest over forged bytes.
-        let (task, msg) = pull_tasks(&rogue.client, 1).await.remove(0);
+        let (task, msg) = pull_tasks(&rogue.client, "rogue", 1).await.remove(0);
         let forged = rogue.stage(b"F").await;
         let mut result = empty_result(&task, "rogue", Usage::default());
         result.files = files.clone();
@@ -451,7 +428,7 @@ fn one_provider_cannot_win_a_vote_with_forged_bytes() {
             ..forged
         }];
         publish_results(&rogue.client, "rogue", vec![result]).await;
-        msg.ack().await.unwrap();
+        msg.done().await;
     });
     // Its replica runs again, on a second honest node (the first runs the other replica).
     let b = tempfile::tempdir().unwrap();
@@ -471,4 +448,111 @@ fn one_provider_cannot_win_a_vote_with_forged_bytes() {
     let mut paid = providers(&grid, &job);
     paid.sort();
     assert_eq!(paid, ["honest-a", "honest-b"]);
+}
+
+/// Asks the broker for `max` tasks as the rogue; the number handed out.
+async fn take(client: &async_nats::Client, max: u32) -> Vec<u64> {
+    let take = grid_proto::TakeRequest {
+        class: "cpu".into(),
+        max,
+    };
+    let reply = client
+        .request(
+            names::provider_subject("rogue", "take"),
+            encode(&take).into(),
+        )
+        .await
+        .unwrap();
+    match grid_proto::decode(&reply.payload).unwrap() {
+        grid_proto::Answer::<grid_proto::Deliveries>::Granted(d) => {
+            d.deliveries.iter().map(|d| d.id).collect()
+        }
+        grid_proto::Answer::Refused(why) => panic!("{why}"),
+    }
+}
+
+/// Reports `report` as the rogue; the ids the broker says it does not hold for it.
+async fn report(client: &async_nats::Client, report: grid_proto::DeliveryReport) -> Vec<u64> {
+    let reply = client
+        .request(
+            names::provider_subject("rogue", "report"),
+            encode(&report).into(),
+        )
+        .await
+        .unwrap();
+    match grid_proto::decode(&reply.payload).unwrap() {
+        grid_proto::Answer::<grid_proto::Reported>::Granted(r) => r.unknown,
+        grid_proto::Answer::Refused(why) => panic!("{why}"),
+    }
+}
+
+#[test]
+fn a_provider_cannot_hoard_tasks_or_settle_another_nodes() {
+    let metrics = free_addr();
+    let grid = TestGrid::start(0, &["--metrics", &metrics, "--take-back-grace", "1s"]);
+    let honest_cache = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job = submit_nap(&grid, 20, &["--timeout", "2s"]);
+    let (held, guessed) = rt.block_on(async {
+        let rogue = Rogue::join(&grid.nats.url).await;
+        let mut watched = crate::auth::connect_watched(&grid.nats.url, &rogue_creds()).await;
+        // The work queue itself is the broker's: no pulls, no acks, naks or progress of its own.
+        for subject in [
+            format!(
+                "$JS.API.CONSUMER.MSG.NEXT.{}.nodes-cpu",
+                names::TASKS_STREAM
+            ),
+            format!("$JS.API.CONSUMER.INFO.{}.nodes-cpu", names::TASKS_STREAM),
+            format!("$JS.API.CONSUMER.CREATE.{}.mine", names::TASKS_STREAM),
+            format!("$JS.ACK.{}.nodes-cpu.1.1.1.0.0", names::TASKS_STREAM),
+        ] {
+            watched.publish_is_denied(&subject, b"+ACK".to_vec()).await;
+        }
+        // A heartbeat of two slots: eight tasks held at most, however many it asks for.
+        rogue.heartbeat().await;
+        let mut held = take(&rogue.client, 1000).await;
+        held.extend(take(&rogue.client, 1000).await);
+        // Ids near its own are other nodes' (or none): settling them does nothing.
+        let guessed: Vec<u64> = (1..=50).map(|d| held[0] + 100 + d).collect();
+        let unknown = report(
+            &rogue.client,
+            grid_proto::DeliveryReport {
+                done: guessed.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(unknown, guessed);
+        // It says it holds them for longer than their time limit and the grace.
+        for _ in 0..8 {
+            rogue.heartbeat().await;
+            let unknown = report(
+                &rogue.client,
+                grid_proto::DeliveryReport {
+                    holding: held.clone(),
+                    ..Default::default()
+                },
+            )
+            .await;
+            if unknown.len() == held.len() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        (held, guessed)
+    });
+    assert_eq!(held.len(), 8, "two slots' worth: {held:?}");
+    assert!(!guessed.is_empty());
+    // Taken back, the tasks run on an honest node; the rogue's reports come too late.
+    let _node = GridProcess::node(&grid.nats, "honest", honest_cache.path(), 2);
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "done", "{status}");
+    assert_honest_outputs(&grid, &job, 20);
+    assert_eq!(providers(&grid, &job), ["honest"]);
+    let taken_back = value(
+        &scrape(&metrics),
+        "grid_deliveries_taken_back_total",
+        &[("node", "rogue")],
+    );
+    assert_eq!(taken_back, 8.0);
 }

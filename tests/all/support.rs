@@ -706,38 +706,112 @@ pub fn http_get(url: &str) -> Option<(String, String)> {
     Some((head.to_string(), body.to_string()))
 }
 
-/// Pulls task messages of class `cpu` with `client`, as a node does (from the shared consumer),
-/// until `n` tasks have come or 10 s have passed; acks none. Each task of a run comes alone
-/// (`TaskMsg::split`) beside its message.
+/// A task message the broker handed the test, playing node `node`.
+pub struct Taken {
+    client: async_nats::Client,
+    node: String,
+    id: u64,
+}
+
+impl Taken {
+    /// Reports it done (the broker acks it).
+    pub async fn done(&self) {
+        self.report(true).await;
+    }
+
+    /// Hands it back at once.
+    pub async fn back(&self) {
+        self.report(false).await;
+    }
+
+    async fn report(&self, done: bool) {
+        let report = grid_proto::DeliveryReport {
+            done: if done { vec![self.id] } else { vec![] },
+            back: if done { vec![] } else { vec![self.id] },
+            ..Default::default()
+        };
+        self.client
+            .request(
+                grid_proto::names::provider_subject(&self.node, "report"),
+                grid_proto::encode(&report).into(),
+            )
+            .await
+            .expect("the broker answers");
+    }
+}
+
+/// A heartbeat for node `node` (class `cpu`, 2 slots), written with `client`.
+pub async fn heartbeat(client: &async_nats::Client, node: &str) {
+    let info = grid_proto::NodeInfo {
+        id: node.into(),
+        classes: vec!["cpu".into()],
+        gpu: None,
+        slots: 2,
+        gpu_slots: 0,
+        busy: 0,
+        running: 0,
+        memory_reserved_bytes: 0,
+        memory_budget_bytes: 8 << 30,
+        tasks_done: 0,
+        started_unix_ms: grid_client::now_unix_ms(),
+        preparing: None,
+        accepts: grid_proto::JobLimits {
+            memory_bytes: 8 << 30,
+            timeout_ms: 86_400_000,
+            max_output_bytes: 10 << 30,
+            gpu_memory_bytes: 0,
+            gpu_time_ms: 0,
+        },
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish(
+        format!("$KV.{}.{node}", grid_proto::names::NODES_BUCKET),
+        grid_proto::encode(&info).into(),
+    )
+    .await
+    .expect("published")
+    .await
+    .expect("stored");
+}
+
+/// Takes task messages of class `cpu` from the broker with `client`, as node `node` does (a
+/// heartbeat first), until `n` tasks have come or 10 s have passed; settles none. Each task of
+/// a run comes alone (`TaskMsg::split`) beside its delivery.
 pub async fn pull_tasks(
     client: &async_nats::Client,
+    node: &str,
     n: usize,
-) -> Vec<(grid_proto::TaskMsg, async_nats::jetstream::Message)> {
-    use futures::StreamExt;
-    let js = async_nats::jetstream::new(client.clone());
-    let consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_consumer_from_stream(
-            grid_proto::names::tasks_consumer("cpu"),
-            grid_proto::names::TASKS_STREAM,
-        )
-        .await
-        .expect("the task consumer");
+) -> Vec<(grid_proto::TaskMsg, std::sync::Arc<Taken>)> {
+    heartbeat(client, node).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut tasks = Vec::new();
     while tasks.len() < n && std::time::Instant::now() < deadline {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(n - tasks.len())
-            .expires(Duration::from_millis(500))
-            .messages()
+        let take = grid_proto::TakeRequest {
+            class: "cpu".into(),
+            max: (n - tasks.len()) as u32,
+        };
+        let reply = client
+            .request(
+                grid_proto::names::provider_subject(node, "take"),
+                grid_proto::encode(&take).into(),
+            )
             .await
-            .expect("a fetch");
-        while let Some(msg) = batch.next().await {
-            let msg = msg.expect("a task message");
+            .expect("the broker answers");
+        let answer: grid_proto::Answer<grid_proto::Deliveries> =
+            grid_proto::decode(&reply.payload).expect("an answer");
+        let grid_proto::Answer::Granted(deliveries) = answer else {
+            panic!("taking tasks as {node}: {answer:?}");
+        };
+        for delivery in deliveries.deliveries {
             let task: grid_proto::TaskMsg =
-                grid_proto::decode(&msg.payload).expect("a task message");
+                grid_proto::decode(&delivery.task).expect("a task message");
+            let taken = std::sync::Arc::new(Taken {
+                client: client.clone(),
+                node: node.into(),
+                id: delivery.id,
+            });
             for one in task.split() {
-                tasks.push((one, msg.clone()));
+                tasks.push((one, taken.clone()));
             }
         }
     }

@@ -80,10 +80,14 @@ pub fn reconcile(record: &TaskRecord, stored: TaskRecord) -> Reconcile {
 /// marked `logs_truncated`); a staged log past this is not what a node sends.
 pub const MOST_LOG_BYTES: u64 = 16 << 20;
 
-/// Why `result`'s staged blobs cannot be what it says, before reading any of them, if so: each
-/// file and log it names must be staged with that hash and size, and its files together may not
-/// hold more than `max_output_bytes` (the job's limit, when its job is held).
+/// Why `result`'s staged blobs cannot be what it says, before reading any of them, if so: its
+/// file paths must be ones a walk of `/out` gives ([`grid_proto::files_clash`]), each file and
+/// log it names must be staged with that hash and size, and its files together may not hold
+/// more than `max_output_bytes` (the job's limit, when its job is held).
 pub fn staged_check(result: &ResultMsg, max_output_bytes: Option<u64>) -> Option<String> {
+    if let Some(why) = grid_proto::files_clash(&result.files) {
+        return Some(why);
+    }
     let staged = |sha: &Sha256Hex| result.staged.iter().find(|s| s.sha256 == *sha);
     let mut total = 0u64;
     for file in &result.files {

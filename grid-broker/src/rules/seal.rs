@@ -9,10 +9,10 @@
 //! sent, by the broker's own clock, so the ledger bills no more time than passed between then
 //! and the result ([`super::ledger::bound_by_elapsed`]).
 //!
-//! What a seal does not prove: which node pulled the message. JetStream hands a message to
-//! whichever node of the class pulls it; a seal proves that the node reporting it was given
-//! it, or was told it by a node that was — collusion between identities, which only replicas
-//! on independent identities answer.
+//! The broker hands each message to one node (`shell::dispatch`), and binds the seal to that
+//! node as it does ([`SealKey::bind`]): a result is accepted only from the node the message was
+//! handed to. What a seal cannot stop is that node telling another identity what to report —
+//! collusion between identities, which only replicas on independent identities answer.
 
 use super::Dispatch;
 use grid_proto::{ResultMsg, Seal};
@@ -51,7 +51,16 @@ impl SealKey {
         seal
     }
 
-    /// Why `result`'s seal is not one this key made for its task, if it is not.
+    /// `seal` bound to `node`, the one node its message is handed to.
+    pub fn bind(&self, seal: &Seal, node: &str) -> Seal {
+        Seal {
+            mac: self.bound(&seal.mac, node).finalize().into_bytes().into(),
+            ..*seal
+        }
+    }
+
+    /// Why `result`'s seal is not one this key made for its task and bound to its node, if it
+    /// is not.
     pub fn check(&self, result: &ResultMsg) -> Result<(), String> {
         self.check_task(
             &result.tenant,
@@ -59,12 +68,14 @@ impl SealKey {
             result.index,
             result.attempt,
             result.replica,
+            &result.node_id,
             &result.seal,
         )
     }
 
     /// Why `seal` is not one this key made for a message that sent task `index` of `tenant`'s
-    /// job `job` as this attempt and replica, if it is not.
+    /// job `job` as this attempt and replica, handed to `node`, if it is not.
+    #[allow(clippy::too_many_arguments)]
     pub fn check_task(
         &self,
         tenant: &str,
@@ -72,12 +83,20 @@ impl SealKey {
         index: u64,
         attempt: u32,
         replica: u32,
+        node: &str,
         seal: &Seal,
     ) -> Result<(), String> {
         let sealed = seal.first_index..seal.first_index.saturating_add(u64::from(seal.count));
-        self.mac(tenant, job, attempt, replica, seal)
+        let unbound: [u8; 32] = self
+            .mac(tenant, job, attempt, replica, seal)
+            .finalize()
+            .into_bytes()
+            .into();
+        self.bound(&unbound, node)
             .verify_slice(&seal.mac)
-            .map_err(|_| "its seal is not the broker's: no such task was sent".to_string())?;
+            .map_err(|_| {
+                format!("its seal is not the broker's for a task handed to node {node}")
+            })?;
         if !sealed.contains(&index) {
             return Err(format!(
                 "its seal is for tasks {}..{}, not {index}",
@@ -85,6 +104,16 @@ impl SealKey {
             ));
         }
         Ok(())
+    }
+
+    fn bound(&self, unbound: &[u8; 32], node: &str) -> Hmac<Sha256> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(b"grid-seal-node-v1");
+        mac.update(unbound);
+        mac.update(&(node.len() as u64).to_le_bytes());
+        mac.update(node.as_bytes());
+        mac
     }
 
     fn mac(

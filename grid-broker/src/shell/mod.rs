@@ -3,6 +3,7 @@
 //! [`Rules`], and does what they answer against JetStream: stores, publishes, acks. Nothing
 //! here decides; a decision found here belongs in [`crate::rules`].
 
+mod dispatch;
 mod providers;
 mod requests;
 mod results;
@@ -60,10 +61,13 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
         }
     };
     let seal = crate::rules::SealKey::new(grid.seal_key().await?);
+    let dispatcher =
+        dispatch::Dispatcher::new(grid.clone(), seal.clone(), config.take_back_grace).await?;
     let provider_settings = providers::Settings {
         stage_quota_bytes: config.stage_quota_bytes,
         stream_replicas: config.stream_replicas,
         seal: seal.clone(),
+        dispatcher: std::sync::Arc::new(dispatcher),
     };
     let (loads, mut loaded) = tokio::sync::mpsc::unbounded_channel();
     let (taken, mut blobs_taken) = tokio::sync::mpsc::unbounded_channel();

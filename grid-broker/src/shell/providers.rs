@@ -4,22 +4,25 @@
 //!
 //! - `stage`: make (or update) the node's stage stream (`grid_client::stage`), with the
 //!   grid's `--stage-quota`.
+//! - `take`, `report`: deliveries of task messages (see [`super::dispatch`]).
 //! - `claim`: place a replica on the node, unless it runs (or ran) another replica of the same
 //!   task in the same round: a create in `grid_claims`, which only the broker writes. The
 //!   claim must carry the seal of the message that sent the replica.
 
+use super::dispatch::Dispatcher;
 use crate::rules::SealKey;
 use anyhow::{Result, anyhow};
 use futures::StreamExt;
 use grid_client::Grid;
 use grid_proto::{
-    Answer, ClaimRequest, Claimed, JobRecord, Message, Request, StageRequest, StoreReady, decode,
-    encode, names,
+    Answer, ClaimRequest, Claimed, DeliveryReport, JobRecord, Message, Request, StageRequest,
+    StoreReady, TakeRequest, decode, encode, names,
 };
 use std::sync::Arc;
 
-/// Providers' requests answered at once; more wait in the subscription.
-const AT_ONCE: usize = 16;
+/// Providers' requests answered at once (a take may wait a second for tasks); more wait in
+/// the subscription.
+const AT_ONCE: usize = 256;
 
 /// What the service needs of the broker's settings.
 #[derive(Clone)]
@@ -27,6 +30,7 @@ pub(super) struct Settings {
     pub stage_quota_bytes: u64,
     pub stream_replicas: usize,
     pub seal: SealKey,
+    pub dispatcher: Arc<Dispatcher>,
 }
 
 /// Serves providers' requests until the subscription ends.
@@ -37,6 +41,8 @@ pub(super) async fn serve(grid: Grid, settings: Settings) -> Result<()> {
         .await
         .map_err(|e| anyhow!("{e}"))?;
     let at_once = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
+    let dispatcher = settings.dispatcher.clone();
+    tokio::spawn(async move { dispatcher.keep_alive().await });
     while let Some(msg) = requests.next().await {
         let permit = at_once.clone().acquire_owned().await?;
         let (grid, settings) = (grid.clone(), settings.clone());
@@ -74,6 +80,20 @@ async fn answer(
             }
             .await,
         ),
+        TakeRequest::VERB => reply(
+            async {
+                let req = decode::<TakeRequest>(payload)?;
+                settings.dispatcher.take(node, &req).await
+            }
+            .await,
+        ),
+        DeliveryReport::VERB => reply(
+            async {
+                let req = decode::<DeliveryReport>(payload)?;
+                Ok(settings.dispatcher.report(node, &req).await)
+            }
+            .await,
+        ),
         ClaimRequest::VERB => reply(
             async {
                 let req = decode::<ClaimRequest>(payload)?;
@@ -100,6 +120,7 @@ async fn claim(grid: &Grid, seal: &SealKey, node: &str, req: &ClaimRequest) -> R
         req.index,
         req.attempt,
         req.replica,
+        node,
         &req.seal,
     )
     .map_err(|why| anyhow!("a claim from node {node}: {why}"))?;

@@ -230,7 +230,7 @@ fn a_result_without_the_brokers_seal_is_dropped() {
         attempt: 0,
         replica: 0,
     };
-    let seal = seal_key().seal(TENANT, &run, 0);
+    let seal = sealed_for(&run, "n0", 0);
     let results = run
         .indices()
         .map(|i| ResultMsg {
@@ -262,7 +262,7 @@ fn billed_time_is_at_most_the_time_the_task_was_out() {
         attempt: 0,
         replica: 0,
     };
-    let seal = seal_key().seal(TENANT, &run, now() - 3_000);
+    let seal = sealed_for(&run, "n0", now() - 3_000);
     let results = run
         .indices()
         .map(|i| {

@@ -42,8 +42,14 @@ pub(super) fn sealed_at(mut result: ResultMsg, sent_unix_ms: u64) -> ResultMsg {
         attempt: result.attempt,
         replica: result.replica,
     };
-    result.seal = seal_key().seal(&result.tenant, &dispatch, sent_unix_ms);
+    result.seal = sealed_for(&dispatch, &result.node_id, sent_unix_ms);
     result
+}
+
+/// The seal of `dispatch`'s message, sent at `sent_unix_ms` and handed to `node`.
+pub(super) fn sealed_for(dispatch: &Dispatch, node: &str, sent_unix_ms: u64) -> grid_proto::Seal {
+    let key = seal_key();
+    key.bind(&key.seal(TENANT, dispatch, sent_unix_ms), node)
 }
 
 pub(super) fn spec(tasks: u64) -> JobSpec {
@@ -79,6 +85,7 @@ pub(super) fn node(id: &str) -> NodeInfo {
         classes: vec!["cpu".into()],
         gpu: None,
         slots: 2,
+        gpu_slots: 0,
         busy: 0,
         running: 0,
         memory_reserved_bytes: 0,

@@ -69,6 +69,20 @@ fn staged_blobs_that_are_not_what_the_files_say_are_refused() {
     log.bytes = results::MOST_LOG_BYTES + 1;
     huge_log.stdout = Some(log.sha256);
     huge_log.staged.push(log);
+    let clashes = [
+        with_files(&[("ok.txt", b"1"), ("ok.txt/inner", b"2")]),
+        with_files(&[("../escape", b"1")]),
+        with_files(&[("/etc/passwd", b"1")]),
+        with_files(&[("a//b", b"1")]),
+        with_files(&[("same", b"1"), ("same", b"2")]),
+    ];
+    for clash in &clashes {
+        assert!(
+            results::staged_check(clash, None).is_some(),
+            "{:?}",
+            clash.files
+        );
+    }
     for (name, forged) in [
         ("unstaged", unstaged),
         ("other size", other_size),

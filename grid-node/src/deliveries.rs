@@ -1,0 +1,155 @@
+//! The node's side of deliveries: it asks the broker for task messages
+//! (`grid.provider.<node>.take`), tells it every few seconds which it still holds, and reports
+//! each one done or handed back (`grid.provider.<node>.report`). Only the broker touches the
+//! work queue (see `grid_broker`'s `shell::dispatch` for why): a provider's credentials allow it
+//! no JetStream acks at all.
+
+use anyhow::{Result, anyhow, bail};
+use grid_client::TASK_PROGRESS_EVERY;
+use grid_proto::{
+    Answer, Deliveries, DeliveryReport, Reported, Request, TakeRequest, decode, encode, names,
+};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a request to the broker may take before the node tries again.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Deliveries of one node.
+pub struct Dispatch {
+    client: async_nats::Client,
+    node: String,
+    /// Ids of the deliveries held now.
+    holding: Mutex<HashSet<u64>>,
+}
+
+/// A task message the broker handed this node. Dropped without [`Delivery::done`] or
+/// [`Delivery::back`], it is no longer reported as held, and the broker offers it again after
+/// the ack wait.
+pub struct Delivery {
+    pub id: u64,
+    /// How many times it has been delivered (1 the first time).
+    pub delivered: u64,
+    /// When the broker published it (Unix ms, the server's clock).
+    pub published_unix_ms: u64,
+    /// The task message, encoded.
+    pub task: Vec<u8>,
+    dispatch: Arc<Dispatch>,
+}
+
+impl Dispatch {
+    pub fn new(client: async_nats::Client, node: String) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            node,
+            holding: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn holding(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.holding.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn ask<R: Request>(&self, request: &R) -> Result<R::Reply> {
+        let reply = tokio::time::timeout(
+            ASK_TIMEOUT,
+            self.client.request(
+                names::provider_subject(&self.node, R::VERB),
+                encode(request).into(),
+            ),
+        )
+        .await
+        .map_err(|_| anyhow!("no broker answered"))?
+        .map_err(|e| anyhow!("{e}"))?;
+        match decode::<Answer<R::Reply>>(&reply.payload)? {
+            Answer::Granted(reply) => Ok(reply),
+            Answer::Refused(why) => bail!("{why}"),
+        }
+    }
+
+    /// Up to `max` task messages of `class` (the broker waits up to a second for some).
+    pub async fn take(self: &Arc<Self>, class: &str, max: usize) -> Result<Vec<Delivery>> {
+        let Deliveries { deliveries } = self
+            .ask(&TakeRequest {
+                class: class.to_string(),
+                max: u32::try_from(max).unwrap_or(u32::MAX),
+            })
+            .await?;
+        let mut holding = self.holding();
+        Ok(deliveries
+            .into_iter()
+            .map(|d| {
+                holding.insert(d.id);
+                Delivery {
+                    id: d.id,
+                    delivered: d.delivered,
+                    published_unix_ms: d.published_unix_ms,
+                    task: d.task,
+                    dispatch: self.clone(),
+                }
+            })
+            .collect())
+    }
+
+    /// Tells the broker which deliveries this node still holds, every few seconds, until the
+    /// node stops.
+    pub async fn hold_loop(self: Arc<Self>) -> Result<()> {
+        loop {
+            tokio::time::sleep(TASK_PROGRESS_EVERY).await;
+            let holding: Vec<u64> = self.holding().iter().copied().collect();
+            if holding.is_empty() {
+                continue;
+            }
+            let report = DeliveryReport {
+                holding,
+                ..DeliveryReport::default()
+            };
+            match self.ask(&report).await {
+                Ok(Reported { unknown }) if !unknown.is_empty() => {
+                    tracing::debug!(
+                        ?unknown,
+                        "deliveries the broker no longer holds for this node"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("reporting held tasks: {e:#}"),
+            }
+        }
+    }
+}
+
+impl Delivery {
+    /// Its results are published (or it is a message to drop): the broker acks it.
+    pub async fn done(self) {
+        self.settle(true, Duration::ZERO).await;
+    }
+
+    /// Hands it back: the broker offers it again after `delay`.
+    pub async fn back(self, delay: Duration) {
+        self.settle(false, delay).await;
+    }
+
+    async fn settle(self, done: bool, delay: Duration) {
+        self.dispatch.holding().remove(&self.id);
+        let report = DeliveryReport {
+            done: if done { vec![self.id] } else { Vec::new() },
+            back: if done { Vec::new() } else { vec![self.id] },
+            back_delay_ms: u32::try_from(delay.as_millis()).unwrap_or(u32::MAX),
+            holding: Vec::new(),
+        };
+        if let Err(e) = self.dispatch.ask(&report).await {
+            // Not held any more either way: the broker offers it again after the ack wait.
+            tracing::warn!(
+                "reporting a task {}: {e:#}",
+                if done { "done" } else { "handed back" }
+            );
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        self.dispatch.holding().remove(&self.id);
+    }
+}
