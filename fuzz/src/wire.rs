@@ -41,6 +41,7 @@ fn samples() -> Vec<Vec<u8>> {
             first_index: 7,
             count: 1,
             sent_unix_ms: 1_700_000_000_000,
+            handed_unix_ms: 1_700_000_000_500,
             mac: [9; 32],
         },
         staged: vec![grid_proto::Staged {

@@ -11,16 +11,14 @@
 //! |---|---|
 //! | `operator` (the broker, `grid up`) | everything |
 //! | `tenant` | ask the broker (`grid.api.<tenant>.>`); hear its own jobs' changes (`grid.events.<tenant>.>`); read its own job and task records (keys `<tenant>.…`) and its own ledger entries; read and write its own object store (`grid_store_<tenant>`); read node heartbeats and tallies |
-//! | `provider` | ask the broker for tasks, report them done or handed back, ask for its stage and for replica claims (`grid.provider.<node>.>`: it never touches the work queue or its acks); publish results and heartbeats under its own node id only; write its own stage (`GRID_STAGE_<node>`: outputs and logs for the broker to check and copy) and nothing else in JetStream's stores; read tenants' object stores (a node must fetch the module and inputs of whatever task it is given); hear cancels |
+//! | `provider` | ask the broker (`grid.provider.<node>.>`) for tasks, report them done or handed back, read the objects the tasks it holds need, ask for its stage and for replica claims — it never touches the work queue, its acks or a tenant's store itself; publish results and heartbeats under its own node id only; write its own stage (`GRID_STAGE_<node>`: outputs and logs for the broker to check and copy) and nothing else in JetStream's stores; hear cancels |
 //!
 //! What a provider can *not* do: submit, cancel or delete jobs; read job records, task records,
 //! votes, claims, tallies, the ledger or the broker's secrets; publish a result or a heartbeat
 //! as another node; write, roll up, purge or delete anything in a tenant's store, a bucket or a
 //! stream but its own stage and heartbeat (neither allows rollups or purges).
-//! What it *can* still read, beyond the tasks it is given: NATS grants stream reads per stream,
-//! so a provider that goes around `grid-node` can read any object in a tenant's store (modules,
-//! inputs and other tasks' outputs) and what other providers have staged but the broker has not
-//! yet taken.
+//! What it reads of tenants' stores, it reads through the broker, which serves only the objects
+//! named by a task message the node holds at that moment.
 //!
 //! Every user gets its own inbox prefix (`_INBOX_<role>_<name>`) and may subscribe to nothing
 //! else (a provider also hears `grid.cancel.>`), so nobody reads another's replies.
@@ -358,39 +356,22 @@ fn permissions(who: &Identity) -> (serde_json::Value, serde_json::Value) {
             (json!({"allow": allow}), json!({"allow": [inbox, events]}))
         }
         Role::Provider => {
-            let allow: Vec<String> = vec![
-                "$JS.API.INFO".into(),
-                "$JS.FC.>".into(),
-                // Tenants' object stores, to read (any bucket's info and chunks; the denials
-                // below keep the grid's own streams out).
-                "$JS.API.STREAM.INFO.*".into(),
-                "$JS.API.DIRECT.GET.*".into(),
-                "$JS.API.DIRECT.GET.*.>".into(),
+            // Everything a node does goes through its own subjects: nothing in JetStream's
+            // stores but its stage and its heartbeat, no reads but through the broker.
+            let allow = vec![
+                "$JS.API.INFO".to_string(),
+                // Opening the heartbeat bucket.
+                format!("$JS.API.STREAM.INFO.KV_{}", names::NODES_BUCKET),
+                format!("$KV.{}.{name}", names::NODES_BUCKET),
                 // Its own stage: the one place in JetStream's stores it may write.
                 names::stage_subject(name),
-                // Requests to the broker: its stage, tasks, reports of them, replica claims.
+                // Requests to the broker: its stage, tasks, reports of them, the objects they
+                // need, replica claims.
                 format!("grid.provider.{name}.>"),
                 format!("grid.results.{name}.>"),
-                format!("$KV.{}.{name}", names::NODES_BUCKET),
             ];
-            let mut deny = Vec::new();
-            for stream in [
-                format!("KV_{}", names::JOBS_BUCKET),
-                format!("KV_{}", names::TASKS_BUCKET),
-                format!("KV_{}", names::USAGE_BUCKET),
-                format!("KV_{}", names::VOTES_BUCKET),
-                format!("KV_{}", names::TALLY_BUCKET),
-                format!("KV_{}", names::CLAIMS_BUCKET),
-                format!("KV_{}", names::SECRETS_BUCKET),
-                names::RESULTS_STREAM.to_string(),
-                names::TASKS_STREAM.to_string(),
-            ] {
-                deny.push(format!("$JS.API.STREAM.INFO.{stream}"));
-                deny.push(format!("$JS.API.DIRECT.GET.{stream}"));
-                deny.push(format!("$JS.API.DIRECT.GET.{stream}.>"));
-            }
             (
-                json!({"allow": allow, "deny": deny}),
+                json!({"allow": allow}),
                 json!({"allow": [inbox, "grid.cancel.>"]}),
             )
         }

@@ -245,7 +245,7 @@ impl Grid {
             .map_err(|e| anyhow!("creating bucket {bucket}: {e}"))?;
         }
         // Providers write their own heartbeat key here: no rollups (a `Nats-Rollup: all` on a
-        // key would wipe every node's), and a small value.
+        // key would wipe every node's), no purges, and a small value.
         let nodes = format!("KV_{}", names::NODES_BUCKET);
         let mut config = js
             .get_stream(&nodes)
@@ -255,6 +255,7 @@ impl Grid {
             .config
             .clone();
         config.allow_rollup = false;
+        config.deny_purge = true;
         config.max_message_size = 64 * 1024;
         config.max_bytes = 256 << 20;
         js.update_stream(config)
@@ -579,6 +580,53 @@ impl Grid {
             })
             .await
             .map_err(|e| anyhow!("reading {bucket}: {e}"))
+    }
+
+    /// Chunks of object `sha` of `tenant`'s, in order, after stream sequence `after_seq`, until
+    /// `max_bytes` are gathered (at least one chunk) or the object ends: the object's size and
+    /// chunk count as stored, and the chunks with their sequences. What relays a provider's
+    /// reads (`grid.provider.<node>.fetch`); the reader checks the hash.
+    pub async fn object_chunks(
+        &self,
+        tenant: &str,
+        sha: &Sha256Hex,
+        after_seq: u64,
+        max_bytes: usize,
+    ) -> Result<(u64, u64, Vec<(u64, bytes::Bytes)>)> {
+        let name = names::object_name(sha);
+        let bucket = names::tenant_store(tenant);
+        let info = self
+            .store(tenant)
+            .await?
+            .info(&name)
+            .await
+            .map_err(|e| anyhow!("object {name} of tenant {tenant}: {e}"))?;
+        if info.deleted {
+            bail!("object {name} of tenant {tenant} is not stored (deleted)");
+        }
+        let stream = self
+            .js
+            .get_stream_no_info(format!("OBJ_{bucket}"))
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let subject = format!("$O.{bucket}.C.{}", info.nuid);
+        let (mut chunks, mut gathered, mut next) = (Vec::new(), 0usize, after_seq + 1);
+        let mut seen = 0u64;
+        while gathered < max_bytes && seen < info.chunks as u64 {
+            let chunk = match stream
+                .direct_get_next_for_subject(subject.as_str(), Some(next))
+                .await
+            {
+                Ok(chunk) => chunk,
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(anyhow!("fetching {name}: {e}")),
+            };
+            next = chunk.sequence + 1;
+            gathered += chunk.payload.len();
+            seen += 1;
+            chunks.push((chunk.sequence, chunk.payload));
+        }
+        Ok((info.size as u64, info.chunks as u64, chunks))
     }
 
     /// Whether `tenant`'s store holds `sha`.

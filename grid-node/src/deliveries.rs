@@ -7,7 +7,8 @@
 use anyhow::{Result, anyhow, bail};
 use grid_client::TASK_PROGRESS_EVERY;
 use grid_proto::{
-    Answer, Deliveries, DeliveryReport, Reported, Request, TakeRequest, decode, encode, names,
+    Answer, Deliveries, DeliveryReport, FetchRequest, Fetched, Reported, Request, Sha256Hex,
+    TakeRequest, decode, encode, names,
 };
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,9 @@ use std::time::Duration;
 
 /// How long a request to the broker may take before the node tries again.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Fetches a node has in flight at once (the broker answers at most 64 requests of one node at
+/// a time and refuses more).
+const FETCHES_AT_ONCE: usize = 32;
 
 /// Deliveries of one node.
 pub struct Dispatch {
@@ -22,6 +26,7 @@ pub struct Dispatch {
     node: String,
     /// Ids of the deliveries held now.
     holding: Mutex<HashSet<u64>>,
+    fetches: tokio::sync::Semaphore,
 }
 
 /// A task message the broker handed this node. Dropped without [`Delivery::done`] or
@@ -44,6 +49,7 @@ impl Dispatch {
             client,
             node,
             holding: Mutex::new(HashSet::new()),
+            fetches: tokio::sync::Semaphore::new(FETCHES_AT_ONCE),
         })
     }
 
@@ -90,6 +96,53 @@ impl Dispatch {
                 }
             })
             .collect())
+    }
+
+    /// Object `sha256`, which the task of delivery `delivery` needs, read through the broker
+    /// (a provider may read tenants' stores no other way) and checked against its hash; more
+    /// than `max_bytes` is an error.
+    pub async fn fetch(
+        &self,
+        delivery: u64,
+        sha256: &Sha256Hex,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>> {
+        let _turn = self.fetches.acquire().await?;
+        let mut bytes = Vec::new();
+        let (mut after_seq, mut chunks) = (0, 0u64);
+        loop {
+            let Fetched {
+                chunks: total,
+                data,
+                last_seq,
+                ..
+            } = self
+                .ask(&FetchRequest {
+                    delivery,
+                    sha256: *sha256,
+                    after_seq,
+                })
+                .await
+                .map_err(|e| anyhow!("fetching object {sha256}: {e:#}"))?;
+            if data.is_empty() {
+                break;
+            }
+            for chunk in data {
+                if bytes.len() as u64 + chunk.len() as u64 > max_bytes {
+                    bail!("object {sha256} is larger than the {max_bytes} bytes expected");
+                }
+                bytes.extend_from_slice(&chunk);
+                chunks += 1;
+            }
+            after_seq = last_seq;
+            if chunks >= total {
+                break;
+            }
+        }
+        if Sha256Hex::of(&bytes) != *sha256 {
+            bail!("object {sha256} does not match its hash");
+        }
+        Ok(bytes)
     }
 
     /// Tells the broker which deliveries this node still holds, every few seconds, until the

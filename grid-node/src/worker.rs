@@ -58,6 +58,9 @@ pub const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 /// Tasks a node holds per slot: one runs, the others are being fetched or reported (the
 /// broker hands out no more, see [`grid_proto::HELD_PER_SLOT`]).
 pub const HELD_PER_SLOT: usize = grid_proto::HELD_PER_SLOT as usize;
+/// The most bytes a module, runtime or runtime library fetched for a task may have (each is
+/// checked against its hash; this bounds what a tenant's lie about one costs).
+const MOST_FETCHED: u64 = 1 << 30;
 
 /// Where a node is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -452,14 +455,6 @@ impl Node {
             msg.back(HAND_BACK_DELAY).await;
             return;
         }
-        // Before the delivery count: a replica handed back because this node runs another
-        // replica of its task is waiting for a node to place it on, not failing to run — a
-        // node holds several tasks, so it may see such a replica many times.
-        if job.spec.replicas > 1 && !self.claim(&task).await {
-            // This node ran (or runs) another replica of the task: another node must.
-            msg.back(HAND_BACK_DELAY).await;
-            return;
-        }
         let delivered = i64::try_from(msg.delivered).unwrap_or(i64::MAX);
         if delivered > 1 {
             tracing::debug!(job = %task.job_id, index = task.index, delivered, "redelivered task");
@@ -467,9 +462,8 @@ impl Node {
         }
         // A first delivery's wait (a redelivery's would include the earlier attempt's run).
         let published = (msg.delivered == 1).then_some(msg.published_unix_ms);
-        // A replica may also be handed back once by each node that already ran another replica.
-        let replicas = i64::from(job.spec.replicas.max(1) - 1);
-        if delivered > grid_client::MAX_TASK_DELIVERIES + replicas {
+        // (The broker places replicas: a node is never handed one it cannot run.)
+        if delivered > grid_client::MAX_TASK_DELIVERIES {
             tracing::warn!(job = %task.job_id, index = task.index, count = task.count, delivered, "task delivered too often; reporting it lost");
             let lost = task
                 .split()
@@ -524,7 +518,7 @@ impl Node {
                 metrics::histogram!("grid_task_queue_wait_seconds").record(waited);
             }
             let running = Running::new(&self.running, slot, memory);
-            match self.run_task(&job, &task, running).await {
+            match self.run_task(&job, &task, running, msg.id).await {
                 Ok(result) => results.push(result),
                 Err(e) => {
                     tracing::warn!(job = %task.job_id, index = task.index, "could not run the task here: {e:#}; handing it back");
@@ -544,48 +538,6 @@ impl Node {
         // their results — the same message id — are dropped by JetStream or found already
         // counted by the broker.
         msg.done().await;
-    }
-
-    /// Claims `task`'s replica for this node: false when the node holds another replica of the
-    /// same task (true for a redelivery of its own). An unreachable KV claims nothing.
-    async fn claim(&self, task: &TaskMsg) -> bool {
-        let claim = grid_proto::ClaimRequest {
-            tenant: task.spec.tenant.clone(),
-            job_id: task.job_id.clone(),
-            index: task.index,
-            attempt: task.attempt,
-            replica: task.replica,
-            seal: task.seal,
-        };
-        let subject = names::provider_subject(&self.config.node_id, grid_proto::ClaimRequest::VERB);
-        let asked = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.grid.client.request(subject, encode(&claim).into()),
-        )
-        .await;
-        match asked {
-            Ok(Ok(reply)) => {
-                match decode::<grid_proto::Answer<grid_proto::Claimed>>(&reply.payload) {
-                    Ok(grid_proto::Answer::Granted(_)) => true,
-                    Ok(grid_proto::Answer::Refused(why)) => {
-                        tracing::debug!(job = %task.job_id, index = task.index, "not this node's replica: {why}");
-                        false
-                    }
-                    Err(e) => {
-                        tracing::warn!("claiming a replica: {e}");
-                        false
-                    }
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::warn!("claiming a replica: {e}");
-                false
-            }
-            Err(_) => {
-                tracing::warn!("claiming a replica: no broker answered");
-                false
-            }
-        }
     }
 
     /// Publishes the results of a task message's tasks (all of them, or those run before the
@@ -644,7 +596,7 @@ impl Node {
         }
     }
 
-    async fn module_bytes(&self, job: &JobRecord) -> Result<Vec<u8>> {
+    async fn module_bytes(&self, job: &JobRecord, delivery: u64) -> Result<Vec<u8>> {
         let sha = &job.spec.module_sha256;
         let path = self
             .config
@@ -657,7 +609,7 @@ impl Node {
             crate::disk::touch(&path);
             return Ok(bytes);
         }
-        let bytes = self.grid.get_object(&job.spec.tenant, sha).await?;
+        let bytes = self.dispatch.fetch(delivery, sha, MOST_FETCHED).await?;
         // Several tasks may fetch the same module at once: each writes its own temp file.
         let mut tmp = tempfile::NamedTempFile::new_in(self.config.cache_dir.join("modules"))?;
         std::io::Write::write_all(&mut tmp, &bytes)?;
@@ -672,11 +624,12 @@ impl Node {
         &self,
         job: &JobRecord,
         runtime: &'static grid_proto::runtime::Runtime,
+        delivery: u64,
     ) -> Result<grid_sandbox::LoadedModule, Reason> {
         let fetch = async {
             *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(format!("compiling the {} runtime", runtime.name));
-            self.module_bytes(job).await
+            self.module_bytes(job, delivery).await
         };
         let loaded = self.sandbox.load_runtime(runtime, fetch).await;
         *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -689,6 +642,7 @@ impl Node {
         &self,
         job: &JobRecord,
         program: &grid_proto::ProgramRef,
+        delivery: u64,
     ) -> Result<Result<grid_sandbox::Program, Reason>> {
         let spec = &job.spec;
         let Some(runtime) = grid_proto::runtime::by_name(&program.runtime) else {
@@ -720,8 +674,8 @@ impl Node {
                     *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(format!("fetching the {} runtime", runtime.name));
                     let stdlib = self
-                        .grid
-                        .get_object(&spec.tenant, &program.stdlib_sha256)
+                        .dispatch
+                        .fetch(delivery, &program.stdlib_sha256, MOST_FETCHED)
                         .await
                         .context("fetching the runtime's stdlib");
                     let installed = match stdlib {
@@ -748,8 +702,8 @@ impl Node {
         let path = dir.join(&program.file.name);
         if !path.is_file() {
             let bytes = self
-                .grid
-                .get_object(&spec.tenant, &program.file.sha256)
+                .dispatch
+                .fetch(delivery, &program.file.sha256, program.file.bytes)
                 .await
                 .context("fetching the program")?;
             std::fs::create_dir_all(&dir)?;
@@ -773,6 +727,7 @@ impl Node {
         job: &JobRecord,
         task: &TaskMsg,
         running: Running<'_>,
+        delivery: u64,
     ) -> Result<ResultMsg> {
         let spec = &job.spec;
         let limits = Limits::of_job(&spec.limits);
@@ -792,13 +747,13 @@ impl Node {
         let (loaded, program) = match &spec.program {
             None => {
                 let bytes = self
-                    .module_bytes(job)
+                    .module_bytes(job, delivery)
                     .await
                     .context("fetching the module")?;
                 (self.sandbox.load(&bytes, &limits).await, None)
             }
-            Some(program) => match self.program(job, program).await? {
-                Ok(p) => (self.load_runtime(job, p.runtime).await, Some(p)),
+            Some(program) => match self.program(job, program, delivery).await? {
+                Ok(p) => (self.load_runtime(job, p.runtime, delivery).await, Some(p)),
                 Err(reason) => return Ok(failed(reason)),
             },
         };
@@ -826,7 +781,10 @@ impl Node {
             if let Some(parent) = path.parent() {
                 tokio::fs::create_dir_all(parent).await?;
             }
-            let data = self.grid.get_object(&spec.tenant, &input.sha256).await?;
+            let data = self
+                .dispatch
+                .fetch(delivery, &input.sha256, input.bytes)
+                .await?;
             tokio::fs::write(path, data).await?;
         }
         let task_spec = grid_task.task_spec(in_dir, &out_dir, program);

@@ -488,16 +488,19 @@ impl TaskMsg {
 }
 
 /// The broker's proof that it sent a task message: which tasks (`first_index ..
-/// first_index + count`), when (its clock), and an HMAC-SHA256 of them, of the message's
-/// tenant, job, attempt and replica under a key only the broker holds. A node copies it into
-/// each result of the message; the broker accepts a result only under a seal it made, so a
-/// provider cannot report, or bill, an attempt it was never sent. Only the broker makes and
-/// checks seals (`grid_broker::rules::seal`); to everyone else they are opaque.
+/// first_index + count`), when it published them and when it handed them to a node (its clock),
+/// and an HMAC-SHA256 of all that, of the message's tenant, job, attempt and replica and of the
+/// node it was handed to, under a key only the broker holds. A node copies it into each result
+/// of the message; the broker accepts a result only under a seal it made for that task and that
+/// node, so a provider cannot report, or bill, an attempt it was not handed. Only the broker
+/// makes and checks seals (`grid_broker::rules::seal`); to everyone else they are opaque.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seal {
     pub first_index: u64,
     pub count: u32,
     pub sent_unix_ms: u64,
+    /// When the broker handed the message to the node (0 until it does).
+    pub handed_unix_ms: u64,
     pub mac: [u8; 32],
 }
 
@@ -593,32 +596,36 @@ impl Message for Reported {
     const KIND: &'static str = "reported";
 }
 
-/// A node asks the broker to place a replica on it (`grid.provider.<node>.claim`): granted
-/// unless the node runs (or ran) another replica of the same task in the same round, so that
-/// replicas of a task never run on one node. The seal is the task message's: a node claims
-/// only replicas it was sent.
+/// A node asks the broker for an object a task it holds needs — its module or runtime, program,
+/// input or shared files (`grid.provider.<node>.fetch`): the chunks after stream sequence
+/// `after_seq` (0 for the first), as many as fit in one reply. A provider reads tenants' stores
+/// only this way, and only what the deliveries it holds name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClaimRequest {
-    pub tenant: String,
-    pub job_id: String,
-    pub index: u64,
-    pub attempt: u32,
-    pub replica: u32,
-    pub seal: Seal,
+pub struct FetchRequest {
+    pub delivery: u64,
+    pub sha256: Sha256Hex,
+    pub after_seq: u64,
 }
-impl Message for ClaimRequest {
-    const KIND: &'static str = "claim";
+impl Message for FetchRequest {
+    const KIND: &'static str = "fetch";
 }
-impl Request for ClaimRequest {
-    const VERB: &'static str = "claim";
-    type Reply = Claimed;
+impl Request for FetchRequest {
+    const VERB: &'static str = "fetch";
+    type Reply = Fetched;
 }
 
-/// The broker placed the replica on the node that asked.
+/// Chunks of an object, in order ([`FetchRequest`]): the object's size and chunk count as its
+/// store says (the node checks the bytes against the hash it asked for), and the stream
+/// sequence of the last chunk given, to ask after.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claimed {}
-impl Message for Claimed {
-    const KIND: &'static str = "claimed";
+pub struct Fetched {
+    pub size: u64,
+    pub chunks: u64,
+    pub data: Vec<Vec<u8>>,
+    pub last_seq: u64,
+}
+impl Message for Fetched {
+    const KIND: &'static str = "fetched";
 }
 
 /// A regular file a task left in `/out`.

@@ -556,3 +556,176 @@ fn a_provider_cannot_hoard_tasks_or_settle_another_nodes() {
     );
     assert_eq!(taken_back, 8.0);
 }
+
+/// Asks the broker for object `sha` as the rogue, for delivery `delivery`: its bytes, or the
+/// refusal.
+async fn fetch(
+    client: &async_nats::Client,
+    delivery: u64,
+    sha: grid_proto::Sha256Hex,
+) -> Result<Vec<u8>, String> {
+    let req = grid_proto::FetchRequest {
+        delivery,
+        sha256: sha,
+        after_seq: 0,
+    };
+    let mut bytes = Vec::new();
+    let mut req = req;
+    loop {
+        let reply = client
+            .request(
+                names::provider_subject("rogue", "fetch"),
+                encode(&req).into(),
+            )
+            .await
+            .unwrap();
+        match grid_proto::decode(&reply.payload).unwrap() {
+            grid_proto::Answer::<grid_proto::Fetched>::Granted(f) => {
+                if f.data.is_empty() {
+                    return Ok(bytes);
+                }
+                f.data.iter().for_each(|c| bytes.extend_from_slice(c));
+                if bytes.len() as u64 >= f.size {
+                    return Ok(bytes);
+                }
+                req.after_seq = f.last_seq;
+            }
+            grid_proto::Answer::Refused(why) => return Err(why),
+        }
+    }
+}
+
+#[test]
+fn a_provider_reads_only_what_the_tasks_it_holds_need() {
+    let grid = TestGrid::start(0, &[]);
+    let (nap, pi) = (guest("hostile"), guest("monte-carlo-pi"));
+    let nap_job = submit_nap(&grid, 1, &[]);
+    let pi_job = submit_pi(&grid, 1);
+    let modules = [std::fs::read(&nap).unwrap(), std::fs::read(&pi).unwrap()];
+    let shas = modules.clone().map(|m| grid_proto::Sha256Hex::of(&m));
+    let store = names::tenant_store(names::DEFAULT_TENANT);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut watched = crate::auth::connect_watched(&grid.nats.url, &rogue_creds()).await;
+        // No store, stage or stream of anybody's is readable on the wire.
+        for subject in [
+            format!("$JS.API.DIRECT.GET.OBJ_{store}"),
+            format!("$JS.API.DIRECT.GET.OBJ_{store}.$O.{store}.M.x"),
+            format!("$JS.API.STREAM.INFO.OBJ_{store}"),
+            format!("$JS.API.CONSUMER.CREATE.OBJ_{store}.x.$O.{store}.C.x"),
+            format!("$JS.API.DIRECT.GET.{}", names::stage_stream("node-0")),
+            "$JS.API.STREAM.NAMES".to_string(),
+        ] {
+            watched.publish_is_denied(&subject, b"{}".to_vec()).await;
+        }
+        let rogue = Rogue::join(&grid.nats.url).await;
+        let (task, held) = pull_tasks(&rogue.client, "rogue", 1).await.remove(0);
+        let mine = usize::from(task.spec.module_sha256 != shas[0]);
+        // Through the broker: its own task's module, and nothing else.
+        let id = held.id;
+        assert_eq!(
+            fetch(&rogue.client, id, shas[mine]).await.as_deref(),
+            Ok(&modules[mine][..])
+        );
+        let other = fetch(&rogue.client, id, shas[1 - mine]).await;
+        assert!(other.unwrap_err().contains("does not name"));
+        let not_held = fetch(&rogue.client, id + 1_000_000, shas[mine]).await;
+        assert!(not_held.unwrap_err().contains("holds no delivery"));
+        held.back().await;
+        // Handed back, it reads nothing more.
+        assert!(fetch(&rogue.client, id, shas[mine]).await.is_err());
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let _node = GridProcess::node(&grid.nats, "honest", cache.path(), 2);
+    assert_eq!(grid.wait(&nap_job)["state"], "done");
+    assert_eq!(grid.wait(&pi_job)["state"], "done");
+}
+
+#[test]
+fn malformed_output_paths_are_refused_and_grid_results_never_aborts_on_one() {
+    let grid = TestGrid::start(0, &[]);
+    let job = submit_nap(&grid, 2, &["--retries", "0"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (other_index, _) = rt.block_on(async {
+        // A rogue's result naming a file that is also a folder: taken as lost.
+        let rogue = Rogue::join(&grid.nats.url).await;
+        let (task, held) = pull_tasks(&rogue.client, "rogue", 1).await.remove(0);
+        let staged = rogue.stage(b"ok").await;
+        let file = |path: &str| grid_proto::OutputFile {
+            path: path.into(),
+            bytes: 2,
+            sha256: staged.sha256,
+        };
+        let mut result = empty_result(&task, "rogue", Usage::default());
+        result.files = vec![file("ok.txt"), file("ok.txt/inner")];
+        result.digest = grid_proto::result_digest(&result.outcome, &result.files);
+        result.staged = vec![staged.clone()];
+        publish_results(&rogue.client, "rogue", vec![result]).await;
+        held.done().await;
+        // The other task, reported plainly by the test as node `test`.
+        let operator = connect_operator(&grid.nats.url).await;
+        let (other, taken) = pull_tasks(&operator, "test", 1).await.remove(0);
+        publish_results(
+            &operator,
+            "test",
+            vec![empty_result(&other, "test", Usage::default())],
+        )
+        .await;
+        taken.done().await;
+        (other.index, staged.sha256)
+    });
+    let status = grid.wait(&job);
+    assert_eq!(status["state"], "failed", "{status}");
+    rt.block_on(async {
+        // A record that names such paths anyway (written by the operator, as a broker before
+        // these checks could have): `grid results` skips what it cannot write and goes on.
+        let tenant = connect_as(&grid.nats.url, &tenant_creds(names::DEFAULT_TENANT)).await;
+        let tenant = grid_client::Grid::open(tenant).await.unwrap();
+        let (ok, _) = tenant
+            .put_object(names::DEFAULT_TENANT, b"ok")
+            .await
+            .unwrap();
+        let file = |path: &str, bytes: u64, sha256| grid_proto::OutputFile {
+            path: path.into(),
+            bytes,
+            sha256,
+        };
+        let operator = connect_operator(&grid.nats.url).await;
+        let js = async_nats::jetstream::new(operator);
+        let tasks = js.get_key_value(names::TASKS_BUCKET).await.unwrap();
+        let key = names::task_key(names::DEFAULT_TENANT, &job, other_index);
+        let stored = tasks.get(&key).await.unwrap().expect("its record");
+        let mut record: grid_proto::TaskRecord = grid_proto::decode(&stored).unwrap();
+        record.result.files = vec![
+            file("ok.txt", 2, ok),
+            file("ok.txt/inner", 2, ok),
+            file("../escape", 2, ok),
+            file("missing.txt", 5, grid_proto::Sha256Hex::of(b"never stored")),
+        ];
+        tasks.put(&key, encode(&record).into()).await.unwrap();
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = grid.grid(&["results", &job, "-o", dir.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let manifest: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.path().join("manifest.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(manifest.len(), 2);
+    let lost = manifest.iter().find(|t| t["state"] == "failed").unwrap();
+    assert_eq!(lost["reason"], "lost", "{lost}");
+    assert_eq!(lost["files"].as_array().unwrap().len(), 0);
+    let written = manifest.iter().find(|t| t["state"] == "succeeded").unwrap();
+    let index = written["index"].as_u64().unwrap().to_string();
+    assert_eq!(
+        std::fs::read(dir.path().join(&index).join("ok.txt")).unwrap(),
+        b"ok"
+    );
+    assert_eq!(written["skipped"].as_array().unwrap().len(), 3, "{written}");
+    assert!(stderr.contains("skipping output"), "{stderr}");
+    assert!(!dir.path().join("escape").exists());
+}

@@ -710,7 +710,7 @@ pub fn http_get(url: &str) -> Option<(String, String)> {
 pub struct Taken {
     client: async_nats::Client,
     node: String,
-    id: u64,
+    pub id: u64,
 }
 
 impl Taken {

@@ -69,12 +69,22 @@ pub fn entry(job: &JobRecord, result: &ResultMsg, now_ms: u64) -> Option<(String
     Some((key, entry))
 }
 
+/// When a sealed message went out to its node: when it was handed over (its send time, for a
+/// seal never handed, as in the rules' own tests).
+fn out_since(seal: &grid_proto::Seal) -> u64 {
+    if seal.handed_unix_ms > 0 {
+        seal.handed_unix_ms
+    } else {
+        seal.sent_unix_ms
+    }
+}
+
 /// Bounds the times of `results` (one results message) by how long their task message was
-/// out: from its seal's send time to `now_ms`. Each result's CPU, wall and GPU seconds are at
+/// out: from when it was handed to its node (its seal's) to `now_ms`. Each result's CPU, wall and GPU seconds are at
 /// most that; so are their sums over the results of one message (a run's tasks run one after
 /// another), scaled down together when over.
 pub fn bound_by_elapsed(results: &mut [ResultMsg], now_ms: u64) {
-    let elapsed = |r: &ResultMsg| now_ms.saturating_sub(r.seal.sent_unix_ms) as f64 / 1000.0;
+    let elapsed = |r: &ResultMsg| now_ms.saturating_sub(out_since(&r.seal)) as f64 / 1000.0;
     for result in results.iter_mut() {
         let most = elapsed(result);
         let usage = &mut result.usage;
@@ -93,7 +103,7 @@ pub fn bound_by_elapsed(results: &mut [ResultMsg], now_ms: u64) {
     let mut seals: Vec<grid_proto::Seal> = results.iter().map(|r| r.seal).collect();
     seals.dedup();
     for seal in seals {
-        let most = now_ms.saturating_sub(seal.sent_unix_ms) as f64 / 1000.0;
+        let most = now_ms.saturating_sub(out_since(&seal)) as f64 / 1000.0;
         let of_seal = |r: &&mut ResultMsg| r.seal == seal;
         let sum = |pick: fn(&grid_proto::Usage) -> f64, results: &mut [ResultMsg]| {
             results

@@ -6,8 +6,8 @@
 //! only the operator's credentials can read; the node copies the seal into each result, and
 //! [`super::Rules::admit`] accepts a result only under a seal the broker made for its tenant,
 //! job, attempt and replica, whose run holds its task. A seal also says when the message was
-//! sent, by the broker's own clock, so the ledger bills no more time than passed between then
-//! and the result ([`super::ledger::bound_by_elapsed`]).
+//! handed to its node, by the broker's own clock, so the ledger bills no more time than passed
+//! between then and the result ([`super::ledger::bound_by_elapsed`]).
 //!
 //! The broker hands each message to one node (`shell::dispatch`), and binds the seal to that
 //! node as it does ([`SealKey::bind`]): a result is accepted only from the node the message was
@@ -35,6 +35,7 @@ impl SealKey {
             first_index: dispatch.index,
             count: dispatch.count,
             sent_unix_ms,
+            handed_unix_ms: 0,
             mac: [0; 32],
         };
         seal.mac = self
@@ -51,10 +52,15 @@ impl SealKey {
         seal
     }
 
-    /// `seal` bound to `node`, the one node its message is handed to.
-    pub fn bind(&self, seal: &Seal, node: &str) -> Seal {
+    /// `seal` bound to `node`, the one node its message is handed to, at `handed_unix_ms`.
+    pub fn bind(&self, seal: &Seal, node: &str, handed_unix_ms: u64) -> Seal {
         Seal {
-            mac: self.bound(&seal.mac, node).finalize().into_bytes().into(),
+            mac: self
+                .bound(&seal.mac, node, handed_unix_ms)
+                .finalize()
+                .into_bytes()
+                .into(),
+            handed_unix_ms,
             ..*seal
         }
     }
@@ -92,7 +98,7 @@ impl SealKey {
             .finalize()
             .into_bytes()
             .into();
-        self.bound(&unbound, node)
+        self.bound(&unbound, node, seal.handed_unix_ms)
             .verify_slice(&seal.mac)
             .map_err(|_| {
                 format!("its seal is not the broker's for a task handed to node {node}")
@@ -106,13 +112,14 @@ impl SealKey {
         Ok(())
     }
 
-    fn bound(&self, unbound: &[u8; 32], node: &str) -> Hmac<Sha256> {
+    fn bound(&self, unbound: &[u8; 32], node: &str, handed_unix_ms: u64) -> Hmac<Sha256> {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         mac.update(b"grid-seal-node-v1");
         mac.update(unbound);
         mac.update(&(node.len() as u64).to_le_bytes());
         mac.update(node.as_bytes());
+        mac.update(&handed_unix_ms.to_le_bytes());
         mac
     }
 

@@ -16,8 +16,16 @@
 //!   its node lists it in a report every few seconds and until its time limit plus
 //!   `--take-back-grace` have passed (the time limit of all its tasks, for a run); then it stops,
 //!   and JetStream offers the message again after its ack wait, whatever the node says.
+//! - **Replicas of a task go to distinct nodes.** Before handing out a replica, the broker
+//!   claims it for the node (`grid_claims` key `<job>.<index>.<round>.<node>`, a create); a
+//!   node that holds another replica of the task does not get it, and the broker keeps the
+//!   message (alive, in hand) for the next node that asks rather than sending it round the
+//!   queue again — so placing a replica never counts as a failed delivery.
 //! - **A result comes from the node the message was handed to.** The seal is bound to the node
 //!   on the way out ([`SealKey::bind`]).
+//! - **A provider reads only what its tasks need.** Nodes read tenants' stores through the
+//!   broker ([`Dispatcher::fetch`]): an object named by a task message the node holds now (its
+//!   module or runtime, program, input, shared files), nothing else.
 //!
 //! A broker that restarts forgets what it handed out: those messages come back after their ack
 //! wait and are handed out again; what their first nodes still report is counted once, as any
@@ -29,10 +37,11 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use grid_client::{Grid, TASK_ACK_WAIT, TASK_PROGRESS_EVERY};
 use grid_proto::{
-    Deliveries, Delivery, DeliveryReport, HELD_PER_SLOT, NodeInfo, Reported, TakeRequest, TaskMsg,
-    decode, encode, names,
+    Deliveries, Delivery, DeliveryReport, FetchRequest, Fetched, HELD_PER_SLOT, NodeInfo, Reported,
+    Sha256Hex, TakeRequest, TaskMsg, decode, encode, names,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -40,11 +49,26 @@ use std::time::{Duration, Instant};
 const MOST_HELD: usize = 4096;
 /// How long a take waits for messages when there are none.
 const TAKE_WAIT: Duration = Duration::from_secs(1);
+/// Bytes of an object one fetch returns (NATS's largest payload is 1 MiB).
+const FETCH_BYTES: usize = 512 * 1024;
+/// Replica messages kept in hand for a node that may take them; past this, back to the queue.
+const MOST_UNPLACED: usize = 10_000;
+
+/// A replica message no node that asked could take yet.
+struct Unplaced {
+    msg: jetstream::Message,
+    task: TaskMsg,
+    /// Nodes that hold another replica of its task (they never can).
+    refused: HashSet<String>,
+}
 
 /// A message handed to a node.
 struct Held {
     msg: jetstream::Message,
     node: String,
+    tenant: String,
+    /// The objects its task needs (one set per job, shared).
+    objects: Arc<HashSet<Sha256Hex>>,
     /// Its time limit and the grace, from when it was handed out.
     deadline: Instant,
     /// When its node last listed it as held.
@@ -59,6 +83,10 @@ pub(super) struct Dispatcher {
     consumers: HashMap<String, jetstream::consumer::PullConsumer>,
     held: Mutex<HashMap<u64, Held>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// The objects each job's tasks need, by job, while any of its messages is held.
+    objects: Mutex<HashMap<String, Arc<HashSet<Sha256Hex>>>>,
+    /// Replica messages waiting for a node that may run them.
+    unplaced: Mutex<Vec<Unplaced>>,
 }
 
 impl Dispatcher {
@@ -81,6 +109,8 @@ impl Dispatcher {
             consumers,
             held: Mutex::new(HashMap::new()),
             next_id: first.into(),
+            objects: Mutex::new(HashMap::new()),
+            unplaced: Mutex::new(Vec::new()),
         })
     }
 
@@ -107,24 +137,42 @@ impl Dispatcher {
             .saturating_mul(HELD_PER_SLOT as usize)
             .min(MOST_HELD);
         let holding = self.held().values().filter(|h| h.node == node).count();
-        let room = most.saturating_sub(holding).min(req.max as usize);
+        let mut room = most.saturating_sub(holding).min(req.max as usize);
+        let mut deliveries = Vec::new();
+        // Replicas kept in hand first: placing them is what they wait for.
+        for (msg, task) in self.unplaced_for(node, room).await {
+            deliveries.push(self.hand_out(node, msg, task));
+            room -= 1;
+        }
         if room == 0 {
-            return Ok(Deliveries::default());
+            return Ok(Deliveries { deliveries });
         }
         let mut batch = consumer
             .fetch()
             .max_messages(room)
-            .expires(TAKE_WAIT)
+            .expires(if deliveries.is_empty() {
+                TAKE_WAIT
+            } else {
+                Duration::from_millis(1)
+            })
             .messages()
             .await
             .map_err(|e| anyhow!("fetching tasks: {e}"))?;
-        let mut deliveries = Vec::new();
         while let Some(msg) = batch.next().await {
             let msg = msg.map_err(|e| anyhow!("fetching tasks: {e}"))?;
-            match self.hand_out(node, msg) {
-                Some(delivery) => deliveries.push(delivery),
-                None => continue,
+            let task = match decode::<TaskMsg>(&msg.payload) {
+                Ok(task) => task,
+                Err(e) => {
+                    tracing::error!(subject = %msg.subject, "dropping a task message: {e}");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            if task.spec.replicas > 1 && !self.place(node, &task).await? {
+                self.keep_unplaced(msg, task, node).await;
+                continue;
             }
+            deliveries.push(self.hand_out(node, msg, task));
         }
         if !deliveries.is_empty() {
             metrics::counter!("grid_deliveries_total").increment(deliveries.len() as u64);
@@ -132,19 +180,96 @@ impl Dispatcher {
         Ok(Deliveries { deliveries })
     }
 
-    /// Binds `msg`'s seal to `node` and keeps it as held; `None` for a message that is not a
-    /// task message (terminated).
-    fn hand_out(&self, node: &str, msg: jetstream::Message) -> Option<Delivery> {
-        let mut task = match decode::<TaskMsg>(&msg.payload) {
-            Ok(task) => task,
-            Err(e) => {
-                tracing::error!(subject = %msg.subject, "dropping a task message: {e}");
-                let msg = msg.clone();
-                tokio::spawn(async move { msg.ack_with(AckKind::Term).await });
-                return None;
+    /// Claims `task`'s replica for `node`: false when the node holds another replica of the
+    /// same task in its round (true for its own replica, delivered again).
+    async fn place(&self, node: &str, task: &TaskMsg) -> Result<bool> {
+        let round = grid_proto::round_of(task.attempt, task.spec.retries);
+        let key = names::claim_key(&task.job_id, task.index, round, node);
+        let mine = task.replica.to_le_bytes();
+        let claims = self.grid.claims().await?;
+        match claims.create(&key, mine.to_vec().into()).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                match claims.get(&key).await {
+                    Ok(Some(v)) => Ok(v.as_ref() == mine),
+                    Ok(None) => Ok(false),
+                    Err(e) => Err(anyhow!("reading claim {key}: {e}")),
+                }
+            }
+            Err(e) => Err(anyhow!("claiming {key}: {e}")),
+        }
+    }
+
+    /// Keeps a replica message `node` cannot run in hand for another node.
+    async fn keep_unplaced(&self, msg: jetstream::Message, task: TaskMsg, node: &str) {
+        let kept = {
+            let mut unplaced = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
+            if unplaced.len() < MOST_UNPLACED {
+                unplaced.push(Unplaced {
+                    msg: msg.clone(),
+                    task,
+                    refused: HashSet::from([node.to_string()]),
+                });
+                true
+            } else {
+                false
             }
         };
-        task.seal = self.seal.bind(&task.seal, node);
+        if !kept {
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+    }
+
+    /// Up to `room` replica messages in hand that `node` may run, claimed for it.
+    async fn unplaced_for(&self, node: &str, room: usize) -> Vec<(jetstream::Message, TaskMsg)> {
+        let candidates: Vec<TaskMsg> = {
+            let unplaced = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
+            unplaced
+                .iter()
+                .filter(|u| !u.refused.contains(node))
+                .map(|u| u.task.clone())
+                .collect()
+        };
+        let mut taken = Vec::new();
+        for task in candidates {
+            if taken.len() >= room {
+                break;
+            }
+            let placed = self.place(node, &task).await.unwrap_or(false);
+            let mut unplaced = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(at) = unplaced.iter().position(|u| u.task == task) else {
+                continue; // taken by another node meanwhile
+            };
+            if placed {
+                let u = unplaced.swap_remove(at);
+                taken.push((u.msg, u.task));
+            } else {
+                unplaced[at].refused.insert(node.to_string());
+            }
+        }
+        taken
+    }
+
+    /// Binds `task`'s seal to `node` and keeps its message as held.
+    fn hand_out(&self, node: &str, msg: jetstream::Message, mut task: TaskMsg) -> Delivery {
+        task.seal = self.seal.bind(&task.seal, node, grid_client::now_unix_ms());
+        let objects = {
+            let mut jobs = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+            let job = jobs
+                .entry(task.job_id.clone())
+                .or_insert_with(|| Arc::new(task.spec.objects().into_iter().collect()));
+            match &task.input {
+                // A task's own input joins its job's set only for this delivery.
+                Some(input) if !job.contains(&input.sha256) => {
+                    let mut own = HashSet::clone(job);
+                    own.insert(input.sha256);
+                    Arc::new(own)
+                }
+                _ => job.clone(),
+            }
+        };
         let limit =
             Duration::from_millis(task.spec.limits.timeout_ms).saturating_mul(task.count.max(1));
         let (delivered, published_unix_ms) = msg.info().map_or((1, 0), |i| {
@@ -162,16 +287,18 @@ impl Dispatcher {
             Held {
                 msg,
                 node: node.to_string(),
+                tenant: task.spec.tenant.clone(),
+                objects,
                 deadline: now + limit + self.grace,
                 reported: now,
             },
         );
-        Some(Delivery {
+        Delivery {
             id,
             delivered,
             published_unix_ms,
             task: encode(&task),
-        })
+        }
     }
 
     /// Settles what `node` reports done or handed back, and marks what it still holds.
@@ -238,13 +365,54 @@ impl Dispatcher {
                     }
                 });
             }
+            // Jobs none of whose messages is held any more.
+            self.objects
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|_, objects| Arc::strong_count(objects) > 1);
             for msg in gone {
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
             }
+            alive.extend(
+                self.unplaced
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(|u| u.msg.clone()),
+            );
             for msg in alive {
                 let _ = msg.ack_with(AckKind::Progress).await;
             }
         }
+    }
+
+    /// Chunks of an object the task of delivery `req.delivery`, held by `node`, needs.
+    pub(super) async fn fetch(&self, node: &str, req: &FetchRequest) -> Result<Fetched> {
+        let tenant = {
+            let held = self.held();
+            match held.get(&req.delivery) {
+                Some(h) if h.node == node && h.objects.contains(&req.sha256) => h.tenant.clone(),
+                Some(h) if h.node == node => {
+                    bail!(
+                        "the task of delivery {} does not name object {}",
+                        req.delivery,
+                        req.sha256
+                    )
+                }
+                _ => bail!("node {node} holds no delivery {}", req.delivery),
+            }
+        };
+        let (size, chunks, data) = self
+            .grid
+            .object_chunks(&tenant, &req.sha256, req.after_seq, FETCH_BYTES)
+            .await?;
+        let last_seq = data.last().map_or(req.after_seq, |(seq, _)| *seq);
+        Ok(Fetched {
+            size,
+            chunks,
+            data: data.into_iter().map(|(_, bytes)| bytes.to_vec()).collect(),
+            last_seq,
+        })
     }
 
     /// `node`'s heartbeat: what it serves and with how many slots.

@@ -66,7 +66,6 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
     let provider_settings = providers::Settings {
         stage_quota_bytes: config.stage_quota_bytes,
         stream_replicas: config.stream_replicas,
-        seal: seal.clone(),
         dispatcher: std::sync::Arc::new(dispatcher),
     };
     let (loads, mut loaded) = tokio::sync::mpsc::unbounded_channel();

@@ -4,32 +4,33 @@
 //!
 //! - `stage`: make (or update) the node's stage stream (`grid_client::stage`), with the
 //!   grid's `--stage-quota`.
-//! - `take`, `report`: deliveries of task messages (see [`super::dispatch`]).
-//! - `claim`: place a replica on the node, unless it runs (or ran) another replica of the same
-//!   task in the same round: a create in `grid_claims`, which only the broker writes. The
-//!   claim must carry the seal of the message that sent the replica.
+//! - `take`, `report`, `fetch`: deliveries of task messages, and reads of the objects their
+//!   tasks need (see [`super::dispatch`]).
 
 use super::dispatch::Dispatcher;
-use crate::rules::SealKey;
 use anyhow::{Result, anyhow};
 use futures::StreamExt;
 use grid_client::Grid;
 use grid_proto::{
-    Answer, ClaimRequest, Claimed, DeliveryReport, JobRecord, Message, Request, StageRequest,
-    StoreReady, TakeRequest, decode, encode, names,
+    Answer, DeliveryReport, FetchRequest, Message, Request, StageRequest, StoreReady, TakeRequest,
+    decode, encode, names,
 };
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Providers' requests answered at once (a take may wait a second for tasks); more wait in
 /// the subscription.
 const AT_ONCE: usize = 256;
+/// One node's requests answered at once: more are refused at once, so that one provider cannot
+/// take every turn (`grid-node` makes a take per class, a report and at most 32 fetches at a
+/// time).
+const PER_NODE: usize = 64;
 
 /// What the service needs of the broker's settings.
 #[derive(Clone)]
 pub(super) struct Settings {
     pub stage_quota_bytes: u64,
     pub stream_replicas: usize,
-    pub seal: SealKey,
     pub dispatcher: Arc<Dispatcher>,
 }
 
@@ -43,10 +44,31 @@ pub(super) async fn serve(grid: Grid, settings: Settings) -> Result<()> {
     let at_once = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
     let dispatcher = settings.dispatcher.clone();
     tokio::spawn(async move { dispatcher.keep_alive().await });
+    let busy: Arc<std::sync::Mutex<HashMap<String, usize>>> = Default::default();
     while let Some(msg) = requests.next().await {
+        let Some((node, _)) = names::provider_of(msg.subject.as_str()) else {
+            continue;
+        };
+        let node = node.to_string();
+        let turn = Turn::take(&busy, &node);
+        if turn.is_none() {
+            metrics::counter!("grid_provider_requests_refused_total", "node" => node.clone())
+                .increment(1);
+            if let Some(to) = &msg.reply {
+                let refused = Answer::<StoreReady>::Refused(format!(
+                    "node {node} has {PER_NODE} requests in progress already"
+                ));
+                let _ = grid
+                    .client
+                    .publish(to.clone(), encode(&refused).into())
+                    .await;
+            }
+            continue;
+        }
         let permit = at_once.clone().acquire_owned().await?;
         let (grid, settings) = (grid.clone(), settings.clone());
         tokio::spawn(async move {
+            let _turn = turn;
             let answer = match names::provider_of(msg.subject.as_str()) {
                 Some((node, verb)) => answer(&grid, &settings, node, verb, &msg.payload).await,
                 None => encode(&Answer::<StoreReady>::Refused("bad subject".into())),
@@ -94,14 +116,47 @@ async fn answer(
             }
             .await,
         ),
-        ClaimRequest::VERB => reply(
+        FetchRequest::VERB => reply(
             async {
-                let req = decode::<ClaimRequest>(payload)?;
-                claim(grid, &settings.seal, node, &req).await
+                let req = decode::<FetchRequest>(payload)?;
+                settings.dispatcher.fetch(node, &req).await
             }
             .await,
         ),
         verb => reply::<StoreReady>(Err(anyhow!("no such request: {verb}"))),
+    }
+}
+
+/// One of a node's [`PER_NODE`] turns, given back when dropped.
+struct Turn {
+    busy: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    node: String,
+}
+
+impl Turn {
+    fn take(busy: &Arc<std::sync::Mutex<HashMap<String, usize>>>, node: &str) -> Option<Turn> {
+        let mut counts = busy.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(node.to_string()).or_default();
+        if *count >= PER_NODE {
+            return None;
+        }
+        *count += 1;
+        Some(Turn {
+            busy: busy.clone(),
+            node: node.to_string(),
+        })
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut counts = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.node) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.node);
+            }
+        }
     }
 }
 
@@ -110,43 +165,4 @@ fn reply<T: Message>(result: Result<T>) -> Vec<u8> {
         Ok(reply) => Answer::Granted(reply),
         Err(e) => Answer::Refused(format!("{e:#}")),
     })
-}
-
-/// Places replica `req.replica` on `node` (see the module docs).
-async fn claim(grid: &Grid, seal: &SealKey, node: &str, req: &ClaimRequest) -> Result<Claimed> {
-    seal.check_task(
-        &req.tenant,
-        &req.job_id,
-        req.index,
-        req.attempt,
-        req.replica,
-        node,
-        &req.seal,
-    )
-    .map_err(|why| anyhow!("a claim from node {node}: {why}"))?;
-    let key = names::job_key(&req.tenant, &req.job_id);
-    let job = grid
-        .jobs()
-        .await?
-        .get(&key)
-        .await
-        .map_err(|e| anyhow!("reading job {key}: {e}"))?
-        .ok_or_else(|| anyhow!("no job {key}"))?;
-    let job: JobRecord = decode(&job)?;
-    let round = grid_proto::round_of(req.attempt, job.spec.retries);
-    let key = names::claim_key(&req.job_id, req.index, round, node);
-    let mine = req.replica.to_le_bytes();
-    let claims = grid.claims().await?;
-    match claims.create(&key, mine.to_vec().into()).await {
-        Ok(_) => Ok(Claimed {}),
-        Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
-            match claims.get(&key).await {
-                // A redelivery of its own replica.
-                Ok(Some(v)) if v.as_ref() == mine => Ok(Claimed {}),
-                Ok(_) => anyhow::bail!("node {node} runs another replica of the task"),
-                Err(e) => Err(anyhow!("reading claim {key}: {e}")),
-            }
-        }
-        Err(e) => Err(anyhow!("claiming {key}: {e}")),
-    }
 }

@@ -209,6 +209,9 @@ fn a_result_without_the_brokers_seal_is_dropped() {
     other_attempt.attempt = 1;
     let mut earlier = sealed.clone();
     earlier.seal.sent_unix_ms = sealed.seal.sent_unix_ms.wrapping_sub(1);
+    // Handed over earlier than it was, to bill more time.
+    let mut handed_earlier = sealed.clone();
+    handed_earlier.seal.handed_unix_ms = 1;
     let mut wider = sealed.clone();
     wider.seal.count = 3;
     for forged in [

@@ -46,10 +46,14 @@ pub(super) fn sealed_at(mut result: ResultMsg, sent_unix_ms: u64) -> ResultMsg {
     result
 }
 
-/// The seal of `dispatch`'s message, sent at `sent_unix_ms` and handed to `node`.
+/// The seal of `dispatch`'s message, sent at `sent_unix_ms` and handed to `node` then.
 pub(super) fn sealed_for(dispatch: &Dispatch, node: &str, sent_unix_ms: u64) -> grid_proto::Seal {
     let key = seal_key();
-    key.bind(&key.seal(TENANT, dispatch, sent_unix_ms), node)
+    key.bind(
+        &key.seal(TENANT, dispatch, sent_unix_ms),
+        node,
+        sent_unix_ms,
+    )
 }
 
 pub(super) fn spec(tasks: u64) -> JobSpec {
