@@ -135,7 +135,7 @@ struct Buckets {
     puts: [tokio::sync::Mutex<()>; PUT_STRIPES],
 }
 
-const PUT_STRIPES: usize = 16;
+pub(crate) const PUT_STRIPES: usize = 16;
 
 /// The most the results stream holds (the broker keeps it near empty).
 const RESULTS_MAX_BYTES: i64 = 1 << 30;

@@ -19,14 +19,16 @@ use async_nats::jetstream::{self, stream};
 use grid_proto::{Sha256Hex, Staged, names};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 /// How long staged chunks live at most: the broker takes them within seconds; a broker down
 /// for longer than this finds them gone, and the attempt runs again.
 pub const STAGE_MAX_AGE: Duration = Duration::from_secs(3600);
 
-/// Chunks a node has in flight while staging one blob.
+/// Chunks in flight while staging or copying one blob.
 const CHUNKS_IN_FLIGHT: usize = 32;
+/// Staged chunks being read at once while the broker takes one blob.
+const READS_IN_FLIGHT: usize = 8;
 
 /// What the broker found when it took a staged blob.
 #[derive(Debug, PartialEq, Eq)]
@@ -137,6 +139,11 @@ impl Grid {
     /// and hash, and (with `copy`) stores it in `tenant`'s store under the hash computed from
     /// its bytes. `Err` is a failure to reach JetStream (try again later); a blob that is not
     /// what the node said is [`Taken::Forged`].
+    ///
+    /// The copy is written as it is read, chunk for chunk, with reads and writes pipelined
+    /// (a chunk read and a chunk write per round trip would cap it at a few dozen MB/s); the
+    /// object's metadata, which makes it visible under its name, goes last and only if the
+    /// bytes hashed to that name. A copy that does not is purged again.
     pub async fn take_staged(
         &self,
         node: &str,
@@ -157,53 +164,98 @@ impl Grid {
             Some(reader) => reader,
             None => return Ok(Taken::Forged(format!("node {node} has no stage"))),
         };
+        // One copy of an object at a time in this process (see `put_once`).
+        let stripe = usize::from(staged.sha256.0[0]) % crate::PUT_STRIPES;
+        let _one_at_a_time = self.buckets.puts[stripe].lock().await;
         if !copy || self.has_object(tenant, &staged.sha256).await {
-            let mut sink = tokio::io::sink();
-            return reader.check(staged, &mut sink).await;
+            return reader.check(staged, None).await;
         }
-        // Copied as it is read: the put reads what the check writes into the pipe.
-        let (mut tx, rx) = tokio::io::duplex(2 * names::STAGE_CHUNK_BYTES as usize);
-        let check = async {
-            let taken = reader.check(staged, &mut tx).await;
-            drop(tx); // the end of the blob
-            taken
-        };
-        let put = self.put_once(tenant, &staged.sha256, || async { Ok(rx) });
-        let (taken, put) = tokio::join!(check, put);
-        let taken = match taken {
-            // Stored meanwhile by another writer: the put did not read the pipe.
-            Err(_) if matches!(put, Ok(false)) => {
-                let mut sink = tokio::io::sink();
-                return reader.check(staged, &mut sink).await;
+        let bucket = names::tenant_store(tenant);
+        let nuid = random_token()?;
+        let chunk_subject = format!("$O.{bucket}.C.{nuid}");
+        let taken = reader
+            .check(staged, Some((&self.js, chunk_subject.as_str())))
+            .await;
+        match taken {
+            Ok(Taken::Verified) => {
+                self.publish_object_info(tenant, staged, &nuid).await?;
+                Ok(Taken::Verified)
             }
-            taken => taken,
-        };
-        if !matches!(taken, Ok(Taken::Verified)) && matches!(put, Ok(true)) {
-            // Stored under a name its bytes do not hash to: removed again.
-            if let Ok(store) = self.store(tenant).await {
-                let _ = store.delete(names::object_name(&staged.sha256)).await;
+            other => {
+                // Written in part, or in full under a name its bytes do not hash to.
+                let _ = self
+                    .js
+                    .get_stream_no_info(format!("OBJ_{bucket}"))
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?
+                    .purge()
+                    .filter(chunk_subject)
+                    .await;
+                other
             }
         }
-        let taken = taken?;
-        put?;
-        Ok(taken)
+    }
+
+    /// Makes a copied blob an object of `tenant`'s store: its metadata, as the object store
+    /// writes it (readable by any NATS object-store client).
+    async fn publish_object_info(&self, tenant: &str, staged: &Staged, nuid: &str) -> Result<()> {
+        let name = names::object_name(&staged.sha256);
+        let bucket = names::tenant_store(tenant);
+        let info = jetstream::object_store::ObjectInfo {
+            name: name.clone(),
+            description: None,
+            metadata: Default::default(),
+            headers: None,
+            options: Some(jetstream::object_store::ObjectOptions {
+                max_chunk_size: Some(names::STAGE_CHUNK_BYTES as usize),
+                link: None,
+            }),
+            bucket: bucket.clone(),
+            nuid: nuid.to_string(),
+            size: staged.bytes as usize,
+            chunks: staged.chunks.len(),
+            modified: None,
+            digest: Some(format!(
+                "SHA-256={}",
+                data_encoding::BASE64URL.encode(&staged.sha256.0)
+            )),
+            deleted: false,
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Rollup", "sub");
+        let subject = format!(
+            "$O.{bucket}.M.{}",
+            data_encoding::BASE64URL.encode(name.as_bytes())
+        );
+        self.js
+            .publish_with_headers(subject, headers, serde_json::to_vec(&info)?.into())
+            .await
+            .map_err(|e| anyhow!("storing object {name}: {e}"))?
+            .await
+            .map_err(|e| anyhow!("storing object {name}: {e}"))?;
+        Ok(())
     }
 
     /// Deletes staged chunks (the broker, once the result naming them is recorded). A chunk
-    /// that is gone already is no error; one that fails to go ages out.
+    /// that is gone already is no error; one that fails to go ages out. Deleted without
+    /// erasing (JetStream's default overwrites each message on disk: no secret is in a chunk
+    /// that its tenant's store does not now hold).
     pub async fn free_staged(&self, node: &str, chunks: &[u64]) {
-        let Ok(stage) = self.js.get_stream_no_info(names::stage_stream(node)).await else {
-            return;
-        };
-        let deletes = chunks.iter().map(|&seq| {
-            let stage = &stage;
+        use futures::StreamExt;
+        let subject = format!("$JS.API.STREAM.MSG.DELETE.{}", names::stage_stream(node));
+        let deletes = chunks.iter().copied().map(|seq| {
+            let (client, subject) = (self.client.clone(), subject.clone());
             async move {
-                if let Err(e) = stage.delete_message(seq).await {
+                let body = format!(r#"{{"seq":{seq},"no_erase":true}}"#);
+                if let Err(e) = client.request(subject, body.into()).await {
                     tracing::debug!(node, seq, "freeing a staged chunk: {e}");
                 }
             }
         });
-        futures::future::join_all(deletes).await;
+        futures::stream::iter(deletes)
+            .buffer_unordered(CHUNKS_IN_FLIGHT)
+            .collect::<Vec<()>>()
+            .await;
     }
 
     /// A reader of `node`'s stage, or `None` when it has none.
@@ -257,17 +309,23 @@ struct StageReader {
 }
 
 impl StageReader {
-    /// Reads `staged`'s chunks in order into `out`, checking each chunk's subject and length
-    /// and the whole blob's hash.
-    async fn check<W: tokio::io::AsyncWrite + Unpin>(
+    /// Reads `staged`'s chunks in order — several reads in flight — checking each chunk's
+    /// subject and length and the whole blob's hash; with `copy_to`, publishes each chunk to
+    /// that subject as it goes (several acks in flight).
+    async fn check(
         &self,
         staged: &Staged,
-        out: &mut W,
+        copy_to: Option<(&jetstream::Context, &str)>,
     ) -> Result<Taken> {
+        use futures::StreamExt;
         let mut hasher = Sha256::new();
         let mut left = staged.bytes;
-        for &seq in &staged.chunks {
-            let chunk = match self.stream.direct_get(seq).await {
+        let mut reads = futures::stream::iter(staged.chunks.iter().copied())
+            .map(|seq| async move { (seq, self.stream.direct_get(seq).await) })
+            .buffered(READS_IN_FLIGHT);
+        let mut writes = std::collections::VecDeque::new();
+        while let Some((seq, chunk)) = reads.next().await {
+            let chunk = match chunk {
                 Ok(chunk) => chunk,
                 Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
                     return Ok(Taken::Forged(format!(
@@ -286,8 +344,22 @@ impl StageReader {
             }
             left -= want;
             hasher.update(&chunk.payload);
-            out.write_all(&chunk.payload)
-                .await
+            if let Some((js, subject)) = copy_to {
+                let ack = js
+                    .publish(subject.to_string(), chunk.payload)
+                    .await
+                    .map_err(|e| anyhow!("copying blob {}: {e}", staged.sha256))?;
+                writes.push_back(ack);
+                if writes.len() >= CHUNKS_IN_FLIGHT
+                    && let Some(ack) = writes.pop_front()
+                {
+                    ack.await
+                        .map_err(|e| anyhow!("copying blob {}: {e}", staged.sha256))?;
+                }
+            }
+        }
+        for ack in writes {
+            ack.await
                 .map_err(|e| anyhow!("copying blob {}: {e}", staged.sha256))?;
         }
         if Sha256Hex::from_hasher(hasher) != staged.sha256 {
@@ -298,4 +370,14 @@ impl StageReader {
         }
         Ok(Taken::Verified)
     }
+}
+
+/// A fresh token for an object's chunk subject (the object store's `nuid`).
+fn random_token() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut r| r.read_exact(&mut bytes))
+        .map_err(|e| anyhow!("reading /dev/urandom: {e}"))?;
+    Ok(data_encoding::HEXLOWER.encode(&bytes))
 }

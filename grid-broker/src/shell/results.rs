@@ -161,12 +161,26 @@ impl Broker {
                 fail(m, e);
             }
         }
+        // A job that just ended is saved (and its waiters told) before the acks go out.
+        if self.rules.ended_unsaved() {
+            self.persist().await;
+        }
+        let mut freed = Vec::new();
         for ((msg, node, chunks), recorded) in messages.into_iter().zip(recorded) {
-            if settle(&msg, recorded, !chunks.is_empty()).await && !chunks.is_empty() {
-                // Copied into the tenant's store and recorded: the stage lets them go.
-                let grid = self.grid.clone();
-                tokio::spawn(async move { grid.free_staged(&node, &chunks).await });
+            if settle(&msg, recorded).await && !chunks.is_empty() {
+                freed.push((node, chunks));
             }
+        }
+        if !freed.is_empty() {
+            // Copied into the tenant's store and recorded: the stages let them go. (Should an
+            // ack be lost, the message comes back to find its chunks gone and is taken as lost
+            // — harmless for a task counted already.)
+            let grid = self.grid.clone();
+            tokio::spawn(async move {
+                for (node, chunks) in freed {
+                    grid.free_staged(&node, &chunks).await;
+                }
+            });
         }
     }
 
@@ -350,25 +364,16 @@ fn task_key(record: &TaskRecord) -> String {
     names::task_key(&result.tenant, &result.job_id, result.index)
 }
 
-/// Acks a result once it is recorded, or asks for it again shortly. True when the ack was
-/// sent — and, with `confirm`, stored by the server (a message whose staged chunks go next
-/// must not come back to find them gone).
-async fn settle(msg: &jetstream::Message, recorded: Result<()>, confirm: bool) -> bool {
+/// Acks a result once it is recorded (true), or asks for it again shortly.
+async fn settle(msg: &jetstream::Message, recorded: Result<()>) -> bool {
     match recorded {
-        Ok(()) => {
-            let acked = if confirm {
-                msg.double_ack().await
-            } else {
-                msg.ack().await
-            };
-            match acked {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!("acking a result: {e}");
-                    false
-                }
+        Ok(()) => match msg.ack().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("acking a result: {e}");
+                false
             }
-        }
+        },
         Err(e) => {
             tracing::warn!("recording a result: {e:#}; it will be redelivered");
             let _ = msg
@@ -390,6 +395,12 @@ fn names_no_blobs(result: &ResultMsg) -> bool {
 /// digest against its files and takes a result that fails as lost. `None` when JetStream could not be read: the message is asked for
 /// again.
 async fn take_blobs(grid: &Grid, mut intake: Intake, keep: Vec<Option<u64>>) -> Option<Intake> {
+    let started = std::time::Instant::now();
+    let bytes: u64 = intake
+        .results
+        .iter()
+        .flat_map(|r| r.staged.iter().map(|s| s.bytes))
+        .sum();
     for (result, keep) in intake.results.iter_mut().zip(keep) {
         let mut forged = results::staged_check(result, keep);
         if forged.is_none() {
@@ -416,5 +427,6 @@ async fn take_blobs(grid: &Grid, mut intake: Intake, keep: Vec<Option<u64>>) -> 
         }
         results::verify(result, forged);
     }
+    tracing::debug!(node = %intake.node, bytes, seconds = started.elapsed().as_secs_f64(), "blobs taken");
     Some(intake)
 }
