@@ -84,6 +84,35 @@ fn samples() -> Vec<Vec<u8>> {
             seal: result.seal,
         }),
         encode(&result),
+        encode(&grid_proto::TakeRequest {
+            class: "cpu".into(),
+            max: 8,
+        }),
+        encode(&grid_proto::DeliveryReport {
+            done: vec![1, 2],
+            back: vec![3],
+            back_delay_ms: 1000,
+            holding: vec![4, 5, 6],
+        }),
+        encode(&grid_proto::FetchRequest {
+            delivery: 7,
+            sha256: sha,
+            after_seq: 12,
+        }),
+        encode(&Answer::Granted(grid_proto::Fetched {
+            size: 3,
+            chunks: 1,
+            data: vec![b"abc".to_vec()],
+            last_seq: 13,
+        })),
+        encode(&Answer::Granted(grid_proto::Deliveries {
+            deliveries: vec![grid_proto::Delivery {
+                id: 1,
+                delivered: 1,
+                published_unix_ms: 1,
+                task: vec![1, 2, 3],
+            }],
+        })),
         encode(&CancelRequest { job_id: "j".into() }),
         encode(&grid_proto::ResultsMsg {
             results: vec![result.clone(), result.clone()],
@@ -190,6 +219,14 @@ pub fn case(input: &[u8]) -> Verdict {
     check::<NodeInfo>(&bytes, &mut decoded)?;
     check::<JobRecord>(&bytes, &mut decoded)?;
     check::<TaskRecord>(&bytes, &mut decoded)?;
+    // What providers send the broker, and what it answers.
+    check::<grid_proto::StageRequest>(&bytes, &mut decoded)?;
+    check::<grid_proto::TakeRequest>(&bytes, &mut decoded)?;
+    check::<grid_proto::DeliveryReport>(&bytes, &mut decoded)?;
+    check::<grid_proto::FetchRequest>(&bytes, &mut decoded)?;
+    check::<Answer<grid_proto::Deliveries>>(&bytes, &mut decoded)?;
+    check::<Answer<grid_proto::Reported>>(&bytes, &mut decoded)?;
+    check::<Answer<grid_proto::Fetched>>(&bytes, &mut decoded)?;
     // No `PartialEq`: decoding alone must not panic.
     if decode::<SubmitRequest>(&bytes).is_ok() {
         decoded += 1;
