@@ -16,7 +16,7 @@
 //! What a provider can *not* do: submit, cancel or delete jobs; read job records, task records,
 //! votes, claims, tallies, the ledger or the broker's secrets; publish a result or a heartbeat
 //! as another node; write, roll up, purge or delete anything in a tenant's store, a bucket or a
-//! stream but its own stage and heartbeat (neither allows rollups or purges).
+//! stream but its own stage and heartbeat (neither allows rollups; only the operator may purge).
 //! What it reads of tenants' stores, it reads through the broker, which serves only the objects
 //! named by a task message the node holds at that moment.
 //!

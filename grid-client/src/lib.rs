@@ -245,7 +245,9 @@ impl Grid {
             .map_err(|e| anyhow!("creating bucket {bucket}: {e}"))?;
         }
         // Providers write their own heartbeat key here: no rollups (a `Nats-Rollup: all` on a
-        // key would wipe every node's), no purges, and a small value.
+        // key would wipe every node's), and a small value. (Not `deny_purge`: JetStream never
+        // lets a stream drop it again, and the KV update above would; purging is an API call,
+        // which only the operator's permissions allow.)
         let nodes = format!("KV_{}", names::NODES_BUCKET);
         let mut config = js
             .get_stream(&nodes)
@@ -255,7 +257,6 @@ impl Grid {
             .config
             .clone();
         config.allow_rollup = false;
-        config.deny_purge = true;
         config.max_message_size = 64 * 1024;
         config.max_bytes = 256 << 20;
         js.update_stream(config)
