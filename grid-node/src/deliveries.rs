@@ -14,8 +14,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How long a request to the broker may take before the node tries again.
-const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request to the broker may take before the node tries again: long, because a
+/// take whose answer never arrives leaves tasks handed to this node unseen until the broker
+/// takes them back (a busy broker answers in seconds, not milliseconds).
+const ASK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Fetches a node has in flight at once (the broker answers at most 64 requests of one node at
 /// a time and refuses more).
 const FETCHES_AT_ONCE: usize = 32;

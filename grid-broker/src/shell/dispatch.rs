@@ -58,7 +58,7 @@ const MOST_UNPLACED: usize = 10_000;
 struct Unplaced {
     msg: jetstream::Message,
     task: TaskMsg,
-    /// Nodes that hold another replica of its task (they never can).
+    /// Nodes that hold another replica of its task (asked again after the next keep-alive).
     refused: HashSet<String>,
 }
 
@@ -66,6 +66,8 @@ struct Unplaced {
 struct Held {
     msg: jetstream::Message,
     node: String,
+    /// The replica claim made for this handover (`grid_claims` key), if a replica.
+    claim: Option<String>,
     tenant: String,
     /// The objects its task needs (one set per job, shared).
     objects: Arc<HashSet<Sha256Hex>>,
@@ -200,6 +202,22 @@ impl Dispatcher {
         }
     }
 
+    /// Drops a replica claim made for a handover that came to nothing (handed back, or its node
+    /// went silent), so that the replica can go to that node or another again.
+    async fn release(&self, claim: Option<String>) {
+        let Some(key) = claim else {
+            return;
+        };
+        match self.grid.claims().await {
+            Ok(claims) => {
+                if let Err(e) = claims.purge(&key).await {
+                    tracing::warn!("releasing claim {key}: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("releasing claim {key}: {e:#}"),
+        }
+    }
+
     /// Keeps a replica message `node` cannot run in hand for another node.
     async fn keep_unplaced(&self, msg: jetstream::Message, task: TaskMsg, node: &str) {
         let kept = {
@@ -289,6 +307,10 @@ impl Dispatcher {
                 node: node.to_string(),
                 tenant: task.spec.tenant.clone(),
                 objects,
+                claim: (task.spec.replicas > 1).then(|| {
+                    let round = grid_proto::round_of(task.attempt, task.spec.retries);
+                    names::claim_key(&task.job_id, task.index, round, node)
+                }),
                 deadline: now + limit + self.grace,
                 reported: now,
             },
@@ -314,16 +336,24 @@ impl Dispatcher {
                     _ => unknown.push(*id),
                 }
             }
-            for (ids, into) in [(&report.done, &mut done), (&report.back, &mut back)] {
-                for id in ids {
-                    match held.get(id) {
-                        Some(h) if h.node == node => {
-                            if let Some(h) = held.remove(id) {
-                                into.push(h.msg);
-                            }
+            for id in &report.done {
+                match held.get(id) {
+                    Some(h) if h.node == node => {
+                        if let Some(h) = held.remove(id) {
+                            done.push(h.msg);
                         }
-                        _ => unknown.push(*id),
                     }
+                    _ => unknown.push(*id),
+                }
+            }
+            for id in &report.back {
+                match held.get(id) {
+                    Some(h) if h.node == node => {
+                        if let Some(h) = held.remove(id) {
+                            back.push((h.msg, h.claim));
+                        }
+                    }
+                    _ => unknown.push(*id),
                 }
             }
         }
@@ -333,8 +363,9 @@ impl Dispatcher {
                 tracing::warn!(node, "acking a task: {e}");
             }
         }
-        for msg in back {
+        for (msg, claim) in back {
             let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+            self.release(claim).await;
         }
         Reported { unknown }
     }
@@ -357,7 +388,10 @@ impl Dispatcher {
                         metrics::counter!("grid_deliveries_taken_back_total", "node" => h.node.clone()).increment(1);
                     }
                     if silent || overdue {
-                        gone.push(h.msg.clone());
+                        // A node that went silent may never have seen the message: its
+                        // replica claim goes too, or no node could take the replica again.
+                        let claim = if silent && !overdue { h.claim.clone() } else { None };
+                        gone.push((h.msg.clone(), claim));
                         false
                     } else {
                         alive.push(h.msg.clone());
@@ -370,16 +404,19 @@ impl Dispatcher {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .retain(|_, objects| Arc::strong_count(objects) > 1);
-            for msg in gone {
+            for (msg, claim) in gone {
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
+                self.release(claim).await;
             }
-            alive.extend(
-                self.unplaced
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
-                    .map(|u| u.msg.clone()),
-            );
+            {
+                // Replicas in hand stay alive; and every node may be asked again (a claim that
+                // kept one away may have been released since).
+                let mut unplaced = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
+                for u in unplaced.iter_mut() {
+                    u.refused.clear();
+                    alive.push(u.msg.clone());
+                }
+            }
             for msg in alive {
                 let _ = msg.ack_with(AckKind::Progress).await;
             }
