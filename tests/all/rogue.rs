@@ -729,3 +729,39 @@ fn malformed_output_paths_are_refused_and_grid_results_never_aborts_on_one() {
     assert!(stderr.contains("skipping output"), "{stderr}");
     assert!(!dir.path().join("escape").exists());
 }
+
+#[test]
+fn a_provider_that_fills_its_stage_stops_itself_only() {
+    let grid = TestGrid::start(1, &["--stage-quota", "1MiB"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let rogue = Rogue::join(&grid.nats.url).await;
+        let js = async_nats::jetstream::new(rogue.client.clone());
+        let chunk = vec![7u8; names::STAGE_CHUNK_BYTES as usize];
+        let mut stored = 0;
+        for _ in 0..8 {
+            let ack = match js
+                .publish(names::stage_subject("rogue"), chunk.clone().into())
+                .await
+            {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e.into()),
+            };
+            match ack {
+                Ok(_) => stored += 1,
+                Err(e) => {
+                    assert!(
+                        e.to_string().to_lowercase().contains("maximum bytes"),
+                        "{e}"
+                    );
+                    break;
+                }
+            }
+        }
+        assert!(stored < 8, "a 1 MiB stage took {stored} chunks of 256 KiB");
+    });
+    // Everyone else's outputs still go through their own stages.
+    let job = submit_nap(&grid, 4, &[]);
+    assert_eq!(grid.wait(&job)["state"], "done");
+    assert_honest_outputs(&grid, &job, 4);
+}
