@@ -745,7 +745,7 @@ fn a_provider_that_fills_its_stage_stops_itself_only() {
                 .await
             {
                 Ok(ack) => ack.await,
-                Err(e) => Err(e.into()),
+                Err(e) => Err(e),
             };
             match ack {
                 Ok(_) => stored += 1,
