@@ -142,7 +142,7 @@ impl Dispatcher {
         let mut room = most.saturating_sub(holding).min(req.max as usize);
         let mut deliveries = Vec::new();
         // Replicas kept in hand first: placing them is what they wait for.
-        for (msg, task) in self.unplaced_for(node, room).await {
+        for (msg, task) in self.unplaced_for(node, &req.class, room).await {
             deliveries.push(self.hand_out(node, msg, task));
             room -= 1;
         }
@@ -241,12 +241,17 @@ impl Dispatcher {
     }
 
     /// Up to `room` replica messages in hand that `node` may run, claimed for it.
-    async fn unplaced_for(&self, node: &str, room: usize) -> Vec<(jetstream::Message, TaskMsg)> {
+    async fn unplaced_for(
+        &self,
+        node: &str,
+        class: &str,
+        room: usize,
+    ) -> Vec<(jetstream::Message, TaskMsg)> {
         let candidates: Vec<TaskMsg> = {
             let unplaced = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
             unplaced
                 .iter()
-                .filter(|u| !u.refused.contains(node))
+                .filter(|u| u.task.spec.class == class && !u.refused.contains(node))
                 .map(|u| u.task.clone())
                 .collect()
         };
@@ -256,15 +261,27 @@ impl Dispatcher {
                 break;
             }
             let placed = self.place(node, &task).await.unwrap_or(false);
-            let mut unplaced = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(at) = unplaced.iter().position(|u| u.task == task) else {
-                continue; // taken by another node meanwhile
+            let found = {
+                let mut unplaced = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
+                match unplaced.iter().position(|u| u.task == task) {
+                    Some(at) if placed => {
+                        let u = unplaced.swap_remove(at);
+                        taken.push((u.msg, u.task));
+                        true
+                    }
+                    Some(at) => {
+                        unplaced[at].refused.insert(node.to_string());
+                        true
+                    }
+                    None => false,
+                }
             };
-            if placed {
-                let u = unplaced.swap_remove(at);
-                taken.push((u.msg, u.task));
-            } else {
-                unplaced[at].refused.insert(node.to_string());
+            if placed && !found {
+                // Taken by another node meanwhile: the claim just made for this one must go,
+                // or it would keep this node from the task's other replicas.
+                let round = grid_proto::round_of(task.attempt, task.spec.retries);
+                let key = names::claim_key(&task.job_id, task.index, round, node);
+                self.release(Some(key)).await;
             }
         }
         taken
