@@ -59,7 +59,8 @@ impl Dispatch {
         self.holding.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn ask<R: Request>(&self, request: &R) -> Result<R::Reply> {
+    /// Asks the broker `request` on this node's subject; its answer, or the refusal's line.
+    pub async fn ask<R: Request>(&self, request: &R) -> Result<R::Reply> {
         let reply = tokio::time::timeout(
             ASK_TIMEOUT,
             self.client.request(

@@ -40,8 +40,8 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use grid_client::{Grid, now_unix_ms};
 use grid_proto::{
-    JobRecord, JobState, NodeInfo, Outcome, Reason, Request, ResultMsg, Sha256Hex, StageRequest,
-    Staged, TaskMsg, Usage, decode, encode, names,
+    JobRecord, JobState, NodeInfo, Outcome, Reason, ResultMsg, Sha256Hex, StageRequest, Staged,
+    TaskMsg, Usage, decode, encode, names,
 };
 use grid_sandbox::limits::MIB;
 use grid_sandbox::runtime::RuntimeFiles;
@@ -123,9 +123,10 @@ pub async fn run(
             }
         }
     };
+    let dispatch = Dispatch::new(client.clone(), config.node_id.clone());
     // Its stage, where it hands outputs and logs to the broker, is made by the broker.
     loop {
-        match ask_for_stage(&client, &config.node_id).await {
+        match dispatch.ask(&StageRequest {}).await.map(drop) {
             Ok(()) => break,
             Err(e) => {
                 tracing::info!("waiting for the broker to make this node's stage: {e:#}");
@@ -173,7 +174,6 @@ pub async fn run(
         .unwrap_or(u32::MAX)
         .min(Semaphore::MAX_PERMITS as u32)
         .max(1);
-    let dispatch = Dispatch::new(client.clone(), config.node_id.clone());
     let node = Arc::new(Node {
         config,
         grid,
@@ -923,24 +923,6 @@ impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
         metrics::gauge!("grid_node_slots_busy").decrement(1.0);
-    }
-}
-
-/// Asks the broker for this node's stage stream.
-async fn ask_for_stage(client: &async_nats::Client, node: &str) -> Result<()> {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.request(
-            names::provider_subject(node, StageRequest::VERB),
-            encode(&StageRequest {}).into(),
-        ),
-    )
-    .await
-    .map_err(|_| anyhow!("no broker answered"))?
-    .map_err(|e| anyhow!("{e}"))?;
-    match decode::<grid_proto::Answer<grid_proto::StoreReady>>(&reply.payload)? {
-        grid_proto::Answer::Granted(_) => Ok(()),
-        grid_proto::Answer::Refused(why) => bail!("{why}"),
     }
 }
 
