@@ -12,8 +12,8 @@ use anyhow::{Result, anyhow};
 use futures::StreamExt;
 use grid_client::Grid;
 use grid_proto::{
-    Answer, DeliveryReport, FetchRequest, Message, Request, StageRequest, StoreReady, TakeRequest,
-    decode, encode, names,
+    Answer, DeliveryReport, FetchRequest, Request, StageRequest, StoreReady, TakeRequest, decode,
+    encode, names,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -92,7 +92,7 @@ async fn answer(
     payload: &[u8],
 ) -> Vec<u8> {
     match verb {
-        StageRequest::VERB => reply(
+        StageRequest::VERB => super::requests::answer(
             async {
                 decode::<StageRequest>(payload)?;
                 grid.create_stage(node, settings.stage_quota_bytes, settings.stream_replicas)
@@ -102,28 +102,28 @@ async fn answer(
             }
             .await,
         ),
-        TakeRequest::VERB => reply(
+        TakeRequest::VERB => super::requests::answer(
             async {
                 let req = decode::<TakeRequest>(payload)?;
                 settings.dispatcher.take(node, &req).await
             }
             .await,
         ),
-        DeliveryReport::VERB => reply(
+        DeliveryReport::VERB => super::requests::answer(
             async {
                 let req = decode::<DeliveryReport>(payload)?;
                 Ok(settings.dispatcher.report(node, &req).await)
             }
             .await,
         ),
-        FetchRequest::VERB => reply(
+        FetchRequest::VERB => super::requests::answer(
             async {
                 let req = decode::<FetchRequest>(payload)?;
                 settings.dispatcher.fetch(node, &req).await
             }
             .await,
         ),
-        verb => reply::<StoreReady>(Err(anyhow!("no such request: {verb}"))),
+        verb => super::requests::answer::<StoreReady>(Err(anyhow!("no such request: {verb}"))),
     }
 }
 
@@ -158,11 +158,4 @@ impl Drop for Turn {
             }
         }
     }
-}
-
-fn reply<T: Message>(result: Result<T>) -> Vec<u8> {
-    encode(&match result {
-        Ok(reply) => Answer::Granted(reply),
-        Err(e) => Answer::Refused(format!("{e:#}")),
-    })
 }

@@ -337,7 +337,7 @@ impl Broker {
 }
 
 /// An answer to a request, encoded: granted, or refused with the error's chain on one line.
-fn answer<T: Message>(result: Result<T>) -> Vec<u8> {
+pub(super) fn answer<T: Message>(result: Result<T>) -> Vec<u8> {
     encode(&match result {
         Ok(reply) => Answer::Granted(reply),
         Err(e) => Answer::Refused(format!("{e:#}")),
