@@ -80,6 +80,7 @@ fn samples() -> Vec<Vec<u8>> {
                 tasks: grid_proto::TaskSource::Count(10),
                 shared: vec![],
                 program: None,
+                priority: 0,
             },
             seal: result.seal,
         }),

@@ -111,7 +111,7 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
                 for file in &r.files {
                     let bytes = match safe_relative(&file.path) {
                         None => Err("not a relative path inside the task's folder".to_string()),
-                        Some(_) => grid.get_object(&tenant, &file.sha256).await.map_err(|e| format!("{e:#}")),
+                        Some(_) => grid.get_object(&tenant, &file.sha256, file.bytes).await.map_err(|e| format!("{e:#}")),
                     };
                     match bytes.and_then(|bytes| write_output(&dir, &file.path, &bytes).map(|()| bytes)) {
                         Ok(bytes) => {
@@ -184,7 +184,9 @@ async fn print_logs(grid: &Grid, tenant: &str, task: &TaskRecord) -> Result<()> 
     use std::io::Write;
     for (blob, to_stderr) in [(&task.result.stdout, false), (&task.result.stderr, true)] {
         if let Some(sha) = blob {
-            let bytes = grid.get_object(tenant, sha).await?;
+            let bytes = grid
+                .get_object(tenant, sha, grid_proto::caps::LOG_BYTES)
+                .await?;
             if to_stderr {
                 std::io::stderr().write_all(&bytes)?;
             } else {

@@ -147,12 +147,14 @@ impl LocalTask {
         let tenant = spec.tenant.as_str();
         let (bytes, name, runtime) = match &spec.program {
             None => (
-                grid.get_object(tenant, &spec.module_sha256).await?,
+                grid.get_object(tenant, &spec.module_sha256, grid_proto::caps::MODULE_BYTES)
+                    .await?,
                 spec.module_name.clone(),
                 None,
             ),
             Some(program) => (
-                grid.get_object(tenant, &program.file.sha256).await?,
+                grid.get_object(tenant, &program.file.sha256, program.file.bytes)
+                    .await?,
                 program.file.name.clone(),
                 Some(
                     grid_proto::runtime::by_name(&program.runtime).with_context(|| {
@@ -173,7 +175,13 @@ impl LocalTask {
                     .with_context(|| {
                         format!("job {job}'s params pages hold no line of task {index}")
                     })?;
-                let bytes = grid.get_object(tenant, &pages[page].sha256).await?;
+                let bytes = grid
+                    .get_object(
+                        tenant,
+                        &pages[page].sha256,
+                        grid_proto::caps::PARAMS_PAGE_BYTES,
+                    )
+                    .await?;
                 stdin = grid_proto::params_lines(&bytes)
                     .nth(line)
                     .context("the job's params page has fewer lines than it says")?
@@ -211,7 +219,10 @@ impl LocalTask {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            std::fs::write(path, grid.get_object(tenant, &file.sha256).await?)?;
+            std::fs::write(
+                path,
+                grid.get_object(tenant, &file.sha256, file.bytes).await?,
+            )?;
         }
         let mut run = task.task_spec(inputs.path().to_path_buf(), Path::new(""), None);
         run.gpu |= args.gpu;

@@ -29,6 +29,10 @@ pub struct SubmitArgs {
     /// Attempts after the first for a task that fails or is lost.
     #[arg(long, default_value_t = 2)]
     pub retries: u32,
+    /// Among your own jobs, higher runs first (may be negative). Other tenants are unaffected:
+    /// tenants share the grid by the weights the operator gives them.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub priority: i32,
     #[command(flatten)]
     pub task: TaskFlags,
     /// Run each task on K distinct nodes and compare their results (outcome and outputs).
@@ -222,6 +226,7 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
             tasks: tasks.clone(),
             shared: upload(shared.unwrap_or_default()).await?,
             program,
+            priority: args.priority,
         };
         spec.validate().map_err(anyhow::Error::msg)?;
         let job_id = match grid.ask(&SubmitRequest { spec }).await? {

@@ -671,18 +671,28 @@ impl Grid {
             .payload;
         if last.len() < max && info.chunks > 1 && info.size <= TAIL_WHOLE {
             // A last chunk shorter than the tail: a small object is read whole instead.
-            let bytes = self.get_object(tenant, sha).await?;
+            let bytes = self.get_object(tenant, sha, TAIL_WHOLE as u64).await?;
             return Ok(Some(bytes[bytes.len().saturating_sub(max)..].to_vec()));
         }
         Ok(Some(last[last.len().saturating_sub(max)..].to_vec()))
     }
 
-    /// Reads `sha` from `tenant`'s store and checks that its bytes hash to the name.
+    /// Reads `sha` from `tenant`'s store, at most `max_bytes` of it (what the reader expects:
+    /// the size its record or spec gives, or a cap), and checks that its bytes hash to the name.
+    ///
+    /// The object's metadata (size, chunk count) is the tenant's to write: it sizes nothing
+    /// here. The bytes are gathered as they come and the read stops with an error naming the
+    /// object as soon as they pass `max_bytes`.
     ///
     /// Reads the chunks with direct gets rather than `ObjectStore::get`, which creates a consumer
     /// per read: thousands of reads a minute (a node fetching inputs, `grid results`) hit
     /// JetStream's consumer limit.
-    pub async fn get_object(&self, tenant: &str, sha: &Sha256Hex) -> Result<Vec<u8>> {
+    pub async fn get_object(
+        &self,
+        tenant: &str,
+        sha: &Sha256Hex,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>> {
         let name = names::object_name(sha);
         let bucket = names::tenant_store(tenant);
         let store = self.store(tenant).await?;
@@ -699,13 +709,23 @@ impl Grid {
             .await
             .map_err(|e| anyhow!("{e}"))?;
         let subject = format!("$O.{bucket}.C.{}", info.nuid);
-        let mut bytes = Vec::with_capacity(info.size);
+        let mut bytes = Vec::new();
         let mut next = None;
-        for _ in 0..info.chunks {
-            let chunk = stream
+        // Until the chunks end, whatever count the metadata gives: the hash decides.
+        loop {
+            let chunk = match stream
                 .direct_get_next_for_subject(subject.as_str(), next)
                 .await
-                .map_err(|e| anyhow!("fetching {name}: {e}"))?;
+            {
+                Ok(chunk) => chunk,
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
+                Err(e) => bail!("fetching {name} of tenant {tenant}: {e}"),
+            };
+            if bytes.len() as u64 + chunk.payload.len() as u64 > max_bytes {
+                bail!(
+                    "object {name} of tenant {tenant} is larger than the {max_bytes} bytes expected: it is not what its name says"
+                );
+            }
             bytes.extend_from_slice(&chunk.payload);
             next = Some(chunk.sequence + 1);
         }

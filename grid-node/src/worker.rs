@@ -58,9 +58,6 @@ pub const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 /// Tasks a node holds per slot: one runs, the others are being fetched or reported (the
 /// broker hands out no more, see [`grid_proto::HELD_PER_SLOT`]).
 pub const HELD_PER_SLOT: usize = grid_proto::HELD_PER_SLOT as usize;
-/// The most bytes a module, runtime or runtime library fetched for a task may have (each is
-/// checked against its hash; this bounds what a tenant's lie about one costs).
-const MOST_FETCHED: u64 = 1 << 30;
 
 /// Where a node is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -609,7 +606,10 @@ impl Node {
             crate::disk::touch(&path);
             return Ok(bytes);
         }
-        let bytes = self.dispatch.fetch(delivery, sha, MOST_FETCHED).await?;
+        let bytes = self
+            .dispatch
+            .fetch(delivery, sha, grid_proto::caps::MODULE_BYTES)
+            .await?;
         // Several tasks may fetch the same module at once: each writes its own temp file.
         let mut tmp = tempfile::NamedTempFile::new_in(self.config.cache_dir.join("modules"))?;
         std::io::Write::write_all(&mut tmp, &bytes)?;
@@ -675,7 +675,11 @@ impl Node {
                         Some(format!("fetching the {} runtime", runtime.name));
                     let stdlib = self
                         .dispatch
-                        .fetch(delivery, &program.stdlib_sha256, MOST_FETCHED)
+                        .fetch(
+                            delivery,
+                            &program.stdlib_sha256,
+                            grid_proto::caps::MODULE_BYTES,
+                        )
                         .await
                         .context("fetching the runtime's stdlib");
                     let installed = match stdlib {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// Bumped on any incompatible change of a wire type.
-pub const WIRE_VERSION: u16 = 10;
+pub const WIRE_VERSION: u16 = 11;
 
 /// A type that travels over NATS.
 pub trait Message: Serialize + DeserializeOwned {
@@ -165,6 +165,36 @@ pub struct JobSpec {
     pub shared: Vec<InputRef>,
     /// A program for a runtime (`grid submit job.py`); `None` for a module of the user's own.
     pub program: Option<ProgramRef>,
+    /// Among its tenant's jobs, higher goes first (`grid submit --priority`); tenants share
+    /// the grid by their weights whatever their jobs' priorities.
+    pub priority: i32,
+}
+
+/// What one job may ask of the grid, checked by `grid submit` and by the broker
+/// ([`JobSpec::validate`]): a job's spec travels in every task message, and the broker reads its
+/// params pages at submit, so each is bounded by what a broker serving many tenants can afford.
+pub mod caps {
+    /// Tasks of one job.
+    pub const TASKS: u64 = 1_000_000;
+    /// Params pages of one job (each at most [`PARAMS_PAGE_BYTES`]).
+    pub const PARAMS_PAGES: u64 = 1024;
+    /// Bytes of one params page: a page holds whole lines up to [`super::PARAMS_PAGE_BYTES`],
+    /// more only for a single longer line.
+    pub const PARAMS_PAGE_BYTES: u64 = 2 * super::PARAMS_PAGE_BYTES as u64;
+    /// Files shown to every task at `/in/shared/`.
+    pub const SHARED_FILES: u64 = 1024;
+    /// Arguments after the module's name.
+    pub const ARGS: u64 = 4096;
+    /// Environment variables.
+    pub const ENV: u64 = 4096;
+    /// Bytes of the arguments and environment together.
+    pub const ARGS_ENV_BYTES: u64 = 128 * 1024;
+    /// Bytes of a name shown for display (the module's).
+    pub const NAME_BYTES: u64 = 1024;
+    /// Bytes of a module, a runtime or its library: what any reader of one expects at most.
+    pub const MODULE_BYTES: u64 = 1 << 30;
+    /// Bytes of a task's captured stdout or stderr: what a reader of a log expects at most.
+    pub const LOG_BYTES: u64 = 64 << 20;
 }
 
 /// The most replicas a job may ask for.
@@ -196,7 +226,74 @@ impl JobSpec {
         if self.tasks.is_empty() {
             return Err("the job has no tasks".into());
         }
-        check_replicas(self.replicas, self.quorum)
+        check_replicas(self.replicas, self.quorum)?;
+        self.within_caps()
+    }
+
+    /// Whether the spec is within [`caps`]: the error names the cap and what to do.
+    fn within_caps(&self) -> Result<(), String> {
+        let over = |what: &str, got: u64, most: u64, hint: &str| {
+            (got > most)
+                .then(|| format!("{what} is {got}: the most a job may have is {most}; {hint}"))
+        };
+        let pages = match &self.tasks {
+            TaskSource::Params { pages, .. } => pages.len() as u64,
+            _ => 0,
+        };
+        let env_args: u64 = self
+            .args
+            .iter()
+            .map(|a| a.len() as u64 + 1)
+            .chain(self.env.iter().map(|(k, v)| (k.len() + v.len()) as u64 + 2))
+            .sum();
+        let checks = [
+            over(
+                "the number of tasks",
+                self.tasks.len(),
+                caps::TASKS,
+                "split it into several jobs",
+            ),
+            over(
+                "the number of params pages",
+                pages,
+                caps::PARAMS_PAGES,
+                "split the params file into several jobs",
+            ),
+            over(
+                "the number of shared files",
+                self.shared.len() as u64,
+                caps::SHARED_FILES,
+                "pack them into an archive",
+            ),
+            over(
+                "the number of args",
+                self.args.len() as u64,
+                caps::ARGS,
+                "pass them in a file",
+            ),
+            over(
+                "the number of env variables",
+                self.env.len() as u64,
+                caps::ENV,
+                "pass them in a file",
+            ),
+            over(
+                "the size of args and env in bytes",
+                env_args,
+                caps::ARGS_ENV_BYTES,
+                "pass them in a file",
+            ),
+            over(
+                "the length of the module's name",
+                self.module_name.len() as u64,
+                caps::NAME_BYTES,
+                "rename it",
+            ),
+        ];
+        match checks.into_iter().flatten().next() {
+            Some(line) => Err(line),
+            None => Ok(()),
+        }
     }
 
     /// The stored objects the job itself names: its module, params file, inputs, shared files,

@@ -109,6 +109,7 @@ mod tests {
             tasks: grid_proto::TaskSource::Count(3),
             shared: vec![file("ref.csv")],
             program: None,
+            priority: 0,
         };
         let own = file("shard-2.csv");
         let task = GridTask {

@@ -206,6 +206,7 @@ fn a_tenant_cannot_submit_as_another_tenant() {
             tasks: grid_proto::TaskSource::Count(1),
             shared: vec![],
             program: None,
+            priority: 0,
         };
         let reply = alice
             .client
@@ -302,7 +303,7 @@ fn a_tenant_cannot_read_another_tenants_modules() {
         let sha = grid_proto::Sha256Hex::of(&std::fs::read(guest("monte-carlo-pi")).unwrap());
         let read = tokio::time::timeout(
             Duration::from_secs(30),
-            grid_as_alice.get_object("bob", &sha),
+            grid_as_alice.get_object("bob", &sha, 1 << 30),
         )
         .await;
         assert!(!matches!(read, Ok(Ok(_))), "alice read bob's module");

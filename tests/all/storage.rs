@@ -186,5 +186,11 @@ async fn one_object_stored_by_many_puts_at_once_is_sent_once_and_every_put_succe
     }
     assert_eq!(sent, 1, "the bytes travel once");
     let sha = sha.unwrap();
-    assert_eq!(store.get_object("puts", &sha).await.unwrap(), bytes);
+    assert_eq!(
+        store
+            .get_object("puts", &sha, bytes.len() as u64)
+            .await
+            .unwrap(),
+        bytes
+    );
 }

@@ -216,17 +216,18 @@ pub fn publish_task(
 
 /// A params job's task lines, read a page at a time: a fill reads forward, and retries and
 /// extra replicas are of tasks in the window, so a few pages in memory serve them all however
-/// long the file is.
+/// long the file is. A fill reads its pages off the loop first ([`ParamsPages::missing`],
+/// [`ParamsPages::insert`]); a retry whose page has left the cache reads it in place.
 pub struct ParamsPages {
     tenant: String,
     pages: Vec<grid_proto::ParamsPage>,
     index: grid_proto::ParamsIndex,
     /// The pages read last, newest at the back.
-    cache: std::collections::VecDeque<(usize, ParamsPageLines)>,
+    cache: std::collections::VecDeque<(usize, std::sync::Arc<ParamsPageLines>)>,
 }
 
 /// Params pages a job keeps in memory.
-const PARAMS_PAGES_CACHED: usize = 3;
+pub const PARAMS_PAGES_CACHED: usize = 4;
 
 impl ParamsPages {
     /// The pages of `spec`'s params file, or `None` for a job without one.
@@ -242,17 +243,55 @@ impl ParamsPages {
         })
     }
 
-    /// Task `index`'s params line.
+    /// The pages (number, and the page) that tasks `indices` need and the cache lacks, in
+    /// order, at most as many as it holds.
+    pub fn missing(
+        &self,
+        indices: impl Iterator<Item = u64>,
+    ) -> Vec<(usize, grid_proto::ParamsPage)> {
+        let mut missing: Vec<(usize, grid_proto::ParamsPage)> = Vec::new();
+        for index in indices {
+            let Some((page, _)) = self.index.locate(index) else {
+                continue;
+            };
+            if !self.cache.iter().any(|(p, _)| *p == page)
+                && !missing.iter().any(|(p, _)| *p == page)
+            {
+                missing.push((page, self.pages[page].clone()));
+                if missing.len() == PARAMS_PAGES_CACHED {
+                    break;
+                }
+            }
+        }
+        missing
+    }
+
+    /// Whether task `index`'s page is in memory.
+    pub fn has(&self, index: u64) -> bool {
+        self.index
+            .locate(index)
+            .is_some_and(|(page, _)| self.cache.iter().any(|(p, _)| *p == page))
+    }
+
+    /// Keeps page `page`'s lines, read off the loop.
+    pub fn insert(&mut self, page: usize, lines: std::sync::Arc<ParamsPageLines>) {
+        if self.cache.iter().any(|(p, _)| *p == page) {
+            return;
+        }
+        if self.cache.len() == PARAMS_PAGES_CACHED {
+            self.cache.pop_front();
+        }
+        self.cache.push_back((page, lines));
+    }
+
+    /// Task `index`'s params line (read in place when its page is not in memory).
     pub async fn line(&mut self, grid: &Grid, index: u64) -> Result<Vec<u8>> {
         let Some((page, offset)) = self.index.locate(index) else {
             bail!("task {index} has no params line");
         };
         if !self.cache.iter().any(|(p, _)| *p == page) {
             let lines = read_params_page(grid, &self.tenant, &self.pages[page]).await?;
-            if self.cache.len() == PARAMS_PAGES_CACHED {
-                self.cache.pop_front();
-            }
-            self.cache.push_back((page, lines));
+            self.insert(page, std::sync::Arc::new(lines));
         }
         self.cache
             .iter()
@@ -283,7 +322,9 @@ pub async fn read_params_page(
     tenant: &str,
     page: &grid_proto::ParamsPage,
 ) -> Result<ParamsPageLines> {
-    let bytes = grid.get_object(tenant, &page.sha256).await?;
+    let bytes = grid
+        .get_object(tenant, &page.sha256, grid_proto::caps::PARAMS_PAGE_BYTES)
+        .await?;
     let Ok(size) = u32::try_from(bytes.len()) else {
         bail!(
             "params page {} is {} bytes: too large",

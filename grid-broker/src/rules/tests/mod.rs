@@ -72,6 +72,7 @@ pub(super) fn spec(tasks: u64) -> JobSpec {
         tasks: TaskSource::Count(tasks),
         shared: Vec::new(),
         program: None,
+        priority: 0,
     }
 }
 
