@@ -6,6 +6,10 @@ pub struct BrokerConfig {
     pub nats_url: String,
     /// Tasks of one job queued or running at once.
     pub window: u64,
+    /// Tasks of one tenant's jobs queued or running at once.
+    pub tenant_window: u64,
+    /// Tenants' shares of the slots (1 for a tenant not named).
+    pub tenant_weights: std::collections::HashMap<String, u32>,
     /// Servers of the NATS cluster that keep each stream and bucket.
     pub stream_replicas: usize,
     /// NATS credentials (the operator's, on a grid with auth).
@@ -29,6 +33,15 @@ pub struct BrokerArgs {
     /// Tasks of one job queued or running at once.
     #[arg(long, default_value_t = 256)]
     pub window: u64,
+    /// Tasks of one tenant's jobs queued or running at once: what keeps every tenant's next
+    /// tasks within sight of the broker's fair share (see `--tenant-weight`).
+    #[arg(long, default_value_t = 2048)]
+    pub tenant_window: u64,
+    /// A tenant's share of the slots, as NAME=WEIGHT (repeat for several): a tenant of weight 3
+    /// gets three times the slots of one of weight 1 while both have tasks waiting. Tenants
+    /// not named weigh 1.
+    #[arg(long = "tenant-weight", value_name = "NAME=WEIGHT", value_parser = parse_weight)]
+    pub tenant_weights: Vec<(String, u32)>,
     /// Copies of every stream, bucket and object store in a NATS cluster (3 on a 3-server
     /// cluster: any one server may die).
     #[arg(long, default_value_t = 1)]
@@ -55,6 +68,21 @@ pub struct BrokerArgs {
     pub metrics: Option<std::net::SocketAddr>,
 }
 
+fn parse_weight(s: &str) -> Result<(String, u32), String> {
+    let (name, weight) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=WEIGHT (e.g. alice=3)"))?;
+    let weight: u32 = weight
+        .parse()
+        .ok()
+        .filter(|w| *w > 0)
+        .ok_or_else(|| format!("{s:?}: the weight must be a whole number of at least 1"))?;
+    if !grid_proto::names::valid_name(name) {
+        return Err(format!("{s:?}: {name:?} is not a tenant name"));
+    }
+    Ok((name.to_string(), weight))
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 5m)"))
 }
@@ -70,6 +98,8 @@ pub fn main(args: BrokerArgs) -> std::process::ExitCode {
     let config = BrokerConfig {
         nats_url: grid_client::nats_url(args.nats.as_deref()),
         window: args.window,
+        tenant_window: args.tenant_window,
+        tenant_weights: args.tenant_weights.into_iter().collect(),
         stream_replicas: args.stream_replicas,
         creds: args.creds,
         tenant_quota_bytes: args.tenant_quota,

@@ -12,14 +12,32 @@ impl Rules {
     pub fn plan_fill(&self) -> Vec<Fill> {
         let window = self.window;
         let mut fills = Vec::new();
-        for job in self.jobs.values().filter(|job| job.loaded) {
+        // What each tenant's jobs may still put in flight.
+        let mut tenant_room: std::collections::HashMap<&str, u64> = Default::default();
+        for job in self.jobs.values() {
+            let room = tenant_room
+                .entry(job.record.spec.tenant.as_str())
+                .or_insert(self.tenant_window);
+            *room = room.saturating_sub(job.record.counts.in_flight);
+        }
+        let mut jobs: Vec<&super::ActiveJob> =
+            self.jobs.values().filter(|job| job.loaded).collect();
+        // A tenant's jobs of higher priority first; ids (times) otherwise.
+        jobs.sort_by_key(|job| std::cmp::Reverse(job.record.spec.priority));
+        for job in jobs {
             let record = &job.record;
+            let tenant_left = tenant_room
+                .get(record.spec.tenant.as_str())
+                .copied()
+                .unwrap_or(0);
             // The saved `enqueued` may lag what a broker before a restart had enqueued, so a
             // task past it may be counted already: it is passed over, not put in flight again
             // (a window of tasks that never report would stall the job).
             let (total, room) = (
                 record.counts.total,
-                window.saturating_sub(record.counts.in_flight),
+                window
+                    .saturating_sub(record.counts.in_flight)
+                    .min(tenant_left),
             );
             // Room for a whole message of short tasks first, unless fewer are left.
             let per_message = job.per_message(window);
@@ -36,6 +54,9 @@ impl Rules {
             }
             if last == record.enqueued {
                 continue;
+            }
+            if let Some(left) = tenant_room.get_mut(record.spec.tenant.as_str()) {
+                *left = left.saturating_sub(indices.len() as u64);
             }
             let (replicas, attempt) = (record.spec.replicas.max(1), record.first_attempt());
             let mut dispatches = Vec::new();

@@ -19,9 +19,12 @@
 //!   job's retries in its round; a lost replica runs again instead of voting.
 //! - **Votes.** See [`votes`]. **Ledger.** See [`ledger`]. **Rounds and cancel.** See
 //!   [`rounds`]. **Intake.** See [`intake`].
-//! - **Fairness.** Each job has at most `window` tasks queued or running; [`Rules::plan_fill`]
-//!   tops windows up round-robin in job-id order (ids grow with time), so a small job behind a
-//!   large one waits one window, not the whole job. Short tasks travel several to a message
+//! - **Fairness.** Each job has at most `window` tasks queued or running, and each tenant's
+//!   jobs together at most `tenant_window`; [`Rules::plan_fill`] tops windows up round-robin,
+//!   a tenant's jobs of higher priority first, then in job-id order (ids grow with time), so a
+//!   small job behind a large one waits one window, not the whole job. Between tenants, the
+//!   dispatcher hands out queued tasks by weighted fair share (`shell::dispatch`); the tenant
+//!   window keeps each tenant's queue short enough for it to see them all. Short tasks travel several to a message
 //!   (see [`ActiveJob::per_message`]).
 //! - **Restart.** A held job's results wait ([`Admission::Later`]) until its stored task
 //!   records are counted ([`Rules::loaded`]), so nothing is counted on top of what they say.
@@ -158,6 +161,8 @@ pub enum Taken {
 pub struct Rules {
     /// Tasks of one job queued or running at once.
     window: u64,
+    /// Tasks of one tenant's jobs queued or running at once.
+    tenant_window: u64,
     /// Ordered by job id (ids grow with time): round-robin fill visits older jobs first.
     jobs: BTreeMap<String, ActiveJob>,
     /// Results dropped as duplicates since start (logged when a job finishes).
@@ -174,12 +179,19 @@ impl Rules {
     pub fn new(window: u64, now: fn() -> u64, seal: SealKey) -> Self {
         Self {
             window,
+            tenant_window: u64::MAX,
             jobs: BTreeMap::new(),
             duplicates: 0,
             loading: HashSet::new(),
             now,
             seal,
         }
+    }
+
+    /// Caps the tasks of one tenant's jobs queued or running at once (no cap by default).
+    pub fn with_tenant_window(mut self, tenant_window: u64) -> Self {
+        self.tenant_window = tenant_window.max(1);
+        self
     }
 
     /// The job `id`, if held.

@@ -21,6 +21,14 @@
 //!   node that holds another replica of the task does not get it, and the broker keeps the
 //!   message (alive, in hand) for the next node that asks rather than sending it round the
 //!   queue again — so placing a replica never counts as a failed delivery.
+//! - **Tenants share the slots by weight.** The broker pulls each class's queue ahead into a pool
+//!   in hand (at most [`POOL_MOST`] messages, kept alive like held ones) and hands a node the
+//!   message of the tenant that holds the fewest deliveries of the class for its weight
+//!   (`--tenant-weight NAME=W`, default 1); within a tenant, the job of highest priority
+//!   (`grid submit --priority`), then the oldest. So a tenant with 100,000 tasks queued delays
+//!   a newcomer's job by at most the deliveries nodes already hold, not by its queue: the
+//!   rules keep each tenant's queue short enough for the pool to see every tenant's
+//!   (`--tenant-window`, see `crate::rules`).
 //! - **A result comes from the node the message was handed to.** The seal is bound to the node
 //!   on the way out ([`SealKey::bind`]).
 //! - **A provider reads only what its tasks need.** Nodes read tenants' stores through the
@@ -49,13 +57,16 @@ use std::time::{Duration, Instant};
 const MOST_HELD: usize = 4096;
 /// How long a take waits for messages when there are none.
 const TAKE_WAIT: Duration = Duration::from_secs(1);
+/// Bytes of task messages one take hands out (at least one message), so that its reply stays
+/// within NATS's largest payload (1 MiB by default).
+const TAKE_BYTES: usize = 768 * 1024;
 /// Bytes of an object one fetch returns (NATS's largest payload is 1 MiB).
 const FETCH_BYTES: usize = 512 * 1024;
-/// Replica messages kept in hand for a node that may take them; past this, back to the queue.
-const MOST_UNPLACED: usize = 10_000;
+/// Messages of one class pulled ahead and kept in hand, to choose from by fair share.
+pub const POOL_MOST: usize = 8192;
 
-/// A replica message no node that asked could take yet.
-struct Unplaced {
+/// A message pulled from the queue and not handed out yet.
+struct InHand {
     msg: jetstream::Message,
     task: TaskMsg,
     /// Nodes that hold another replica of its task (asked again after the next keep-alive).
@@ -66,6 +77,7 @@ struct Unplaced {
 struct Held {
     msg: jetstream::Message,
     node: String,
+    class: String,
     /// The replica claim made for this handover (`grid_claims` key), if a replica.
     claim: Option<String>,
     tenant: String,
@@ -87,12 +99,19 @@ pub(super) struct Dispatcher {
     next_id: std::sync::atomic::AtomicU64,
     /// The objects each job's tasks need, by job, while any of its messages is held.
     objects: Mutex<HashMap<String, Arc<HashSet<Sha256Hex>>>>,
-    /// Replica messages waiting for a node that may run them.
-    unplaced: Mutex<Vec<Unplaced>>,
+    /// Messages pulled ahead, waiting for a node (see the module docs).
+    pool: Mutex<Vec<InHand>>,
+    /// Tenants' weights; 1 for a tenant not named.
+    weights: HashMap<String, u32>,
 }
 
 impl Dispatcher {
-    pub(super) async fn new(grid: Grid, seal: SealKey, grace: Duration) -> Result<Self> {
+    pub(super) async fn new(
+        grid: Grid,
+        seal: SealKey,
+        grace: Duration,
+        weights: HashMap<String, u32>,
+    ) -> Result<Self> {
         let mut consumers = HashMap::new();
         for class in names::CLASSES {
             let consumer = grid
@@ -112,7 +131,8 @@ impl Dispatcher {
             held: Mutex::new(HashMap::new()),
             next_id: first.into(),
             objects: Mutex::new(HashMap::new()),
-            unplaced: Mutex::new(Vec::new()),
+            pool: Mutex::new(Vec::new()),
+            weights,
         })
     }
 
@@ -141,45 +161,129 @@ impl Dispatcher {
         let holding = self.held().values().filter(|h| h.node == node).count();
         let mut room = most.saturating_sub(holding).min(req.max as usize);
         let mut deliveries = Vec::new();
-        // Replicas kept in hand first: placing them is what they wait for.
-        for (msg, task) in self.unplaced_for(node, &req.class, room).await {
-            deliveries.push(self.hand_out(node, msg, task));
-            room -= 1;
-        }
         if room == 0 {
             return Ok(Deliveries { deliveries });
         }
-        let mut batch = consumer
-            .fetch()
-            .max_messages(room)
-            .expires(if deliveries.is_empty() {
-                TAKE_WAIT
-            } else {
-                Duration::from_millis(1)
-            })
-            .messages()
-            .await
-            .map_err(|e| anyhow!("fetching tasks: {e}"))?;
-        while let Some(msg) = batch.next().await {
-            let msg = msg.map_err(|e| anyhow!("fetching tasks: {e}"))?;
-            let task = match decode::<TaskMsg>(&msg.payload) {
-                Ok(task) => task,
-                Err(e) => {
-                    tracing::error!(subject = %msg.subject, "dropping a task message: {e}");
-                    let _ = msg.ack_with(AckKind::Term).await;
-                    continue;
-                }
+        self.top_up(consumer, node, &req.class).await?;
+        // Deliveries of the class each tenant holds, counting those handed out here.
+        let mut holds: HashMap<String, usize> = HashMap::new();
+        for h in self.held().values().filter(|h| h.class == req.class) {
+            *holds.entry(h.tenant.clone()).or_default() += 1;
+        }
+        let mut bytes = 0;
+        while room > 0 {
+            let Some(InHand {
+                msg,
+                task,
+                mut refused,
+            }) = self.pick(node, &req.class, &holds)
+            else {
+                break;
             };
-            if task.spec.replicas > 1 && !self.place(node, &task).await? {
-                self.keep_unplaced(msg, task, node).await;
-                continue;
+            // One reply carries the messages: it stays within NATS's largest payload.
+            bytes += msg.payload.len();
+            if bytes > TAKE_BYTES && !deliveries.is_empty() {
+                self.lock_pool().push(InHand { msg, task, refused });
+                break;
             }
+            if task.spec.replicas > 1 {
+                match self.place(node, &task).await {
+                    Ok(true) => {}
+                    placed => {
+                        refused.insert(node.to_string());
+                        self.lock_pool().push(InHand { msg, task, refused });
+                        placed?;
+                        continue;
+                    }
+                }
+            }
+            *holds.entry(task.spec.tenant.clone()).or_default() += 1;
             deliveries.push(self.hand_out(node, msg, task));
+            room -= 1;
         }
         if !deliveries.is_empty() {
             metrics::counter!("grid_deliveries_total").increment(deliveries.len() as u64);
         }
         Ok(Deliveries { deliveries })
+    }
+
+    fn lock_pool(&self) -> std::sync::MutexGuard<'_, Vec<InHand>> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pulls `class`'s queued messages into the pool, up to [`POOL_MOST`]; waits up to
+    /// [`TAKE_WAIT`] for some when the pool has none `node` may take.
+    async fn top_up(
+        &self,
+        consumer: &jetstream::consumer::PullConsumer,
+        node: &str,
+        class: &str,
+    ) -> Result<()> {
+        let (of_class, for_node) = {
+            let pool = self.lock_pool();
+            let of_class: Vec<&InHand> =
+                pool.iter().filter(|h| h.task.spec.class == class).collect();
+            let for_node = of_class.iter().any(|h| !h.refused.contains(node));
+            (of_class.len(), for_node)
+        };
+        let want = POOL_MOST.saturating_sub(of_class);
+        if want == 0 {
+            return Ok(());
+        }
+        let mut batch = consumer
+            .fetch()
+            .max_messages(want)
+            .expires(if for_node {
+                Duration::from_millis(1)
+            } else {
+                TAKE_WAIT
+            })
+            .messages()
+            .await
+            .map_err(|e| anyhow!("fetching tasks: {e}"))?;
+        let mut pulled = Vec::new();
+        while let Some(msg) = batch.next().await {
+            let msg = msg.map_err(|e| anyhow!("fetching tasks: {e}"))?;
+            match decode::<TaskMsg>(&msg.payload) {
+                Ok(task) => pulled.push(InHand {
+                    msg,
+                    task,
+                    refused: HashSet::new(),
+                }),
+                Err(e) => {
+                    tracing::error!(subject = %msg.subject, "dropping a task message: {e}");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                }
+            }
+        }
+        self.lock_pool().extend(pulled);
+        Ok(())
+    }
+
+    /// Takes from the pool the message of `class` that `node` should get next: of the tenant
+    /// holding the fewest deliveries for its weight (`holds`), then of its job of highest
+    /// priority, then the oldest job's, lowest task first.
+    fn pick(&self, node: &str, class: &str, holds: &HashMap<String, usize>) -> Option<InHand> {
+        let mut pool = self.lock_pool();
+        let share = |tenant: &str| {
+            let weight = self.weights.get(tenant).copied().unwrap_or(1).max(1);
+            holds.get(tenant).copied().unwrap_or(0) as f64 / f64::from(weight)
+        };
+        let at = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.task.spec.class == class && !h.refused.contains(node))
+            .min_by(|(_, a), (_, b)| {
+                let (a, b) = (&a.task, &b.task);
+                share(&a.spec.tenant)
+                    .total_cmp(&share(&b.spec.tenant))
+                    .then(b.spec.priority.cmp(&a.spec.priority))
+                    .then(a.job_id.cmp(&b.job_id))
+                    .then(a.index.cmp(&b.index))
+                    .then(a.replica.cmp(&b.replica))
+            })
+            .map(|(at, _)| at)?;
+        Some(pool.swap_remove(at))
     }
 
     /// Claims `task`'s replica for `node`: false when the node holds another replica of the
@@ -218,75 +322,6 @@ impl Dispatcher {
         }
     }
 
-    /// Keeps a replica message `node` cannot run in hand for another node.
-    async fn keep_unplaced(&self, msg: jetstream::Message, task: TaskMsg, node: &str) {
-        let kept = {
-            let mut unplaced = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
-            if unplaced.len() < MOST_UNPLACED {
-                unplaced.push(Unplaced {
-                    msg: msg.clone(),
-                    task,
-                    refused: HashSet::from([node.to_string()]),
-                });
-                true
-            } else {
-                false
-            }
-        };
-        if !kept {
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-        }
-    }
-
-    /// Up to `room` replica messages in hand that `node` may run, claimed for it.
-    async fn unplaced_for(
-        &self,
-        node: &str,
-        class: &str,
-        room: usize,
-    ) -> Vec<(jetstream::Message, TaskMsg)> {
-        let candidates: Vec<TaskMsg> = {
-            let unplaced = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
-            unplaced
-                .iter()
-                .filter(|u| u.task.spec.class == class && !u.refused.contains(node))
-                .map(|u| u.task.clone())
-                .collect()
-        };
-        let mut taken = Vec::new();
-        for task in candidates {
-            if taken.len() >= room {
-                break;
-            }
-            let placed = self.place(node, &task).await.unwrap_or(false);
-            let found = {
-                let mut unplaced = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
-                match unplaced.iter().position(|u| u.task == task) {
-                    Some(at) if placed => {
-                        let u = unplaced.swap_remove(at);
-                        taken.push((u.msg, u.task));
-                        true
-                    }
-                    Some(at) => {
-                        unplaced[at].refused.insert(node.to_string());
-                        true
-                    }
-                    None => false,
-                }
-            };
-            if placed && !found {
-                // Taken by another node meanwhile: the claim just made for this one must go,
-                // or it would keep this node from the task's other replicas.
-                let round = grid_proto::round_of(task.attempt, task.spec.retries);
-                let key = names::claim_key(&task.job_id, task.index, round, node);
-                self.release(Some(key)).await;
-            }
-        }
-        taken
-    }
-
     /// Binds `task`'s seal to `node` and keeps its message as held.
     fn hand_out(&self, node: &str, msg: jetstream::Message, mut task: TaskMsg) -> Delivery {
         task.seal = self.seal.bind(&task.seal, node, grid_client::now_unix_ms());
@@ -322,6 +357,7 @@ impl Dispatcher {
             Held {
                 msg,
                 node: node.to_string(),
+                class: task.spec.class.clone(),
                 tenant: task.spec.tenant.clone(),
                 objects,
                 claim: (task.spec.replicas > 1).then(|| {
@@ -426,12 +462,12 @@ impl Dispatcher {
                 self.release(claim).await;
             }
             {
-                // Replicas in hand stay alive; and every node may be asked again (a claim that
-                // kept one away may have been released since).
-                let mut unplaced = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
-                for u in unplaced.iter_mut() {
-                    u.refused.clear();
-                    alive.push(u.msg.clone());
+                // Messages in hand stay alive; and every node may be asked again for a replica
+                // (a claim that kept one away may have been released since).
+                let mut pool = self.lock_pool();
+                for h in pool.iter_mut() {
+                    h.refused.clear();
+                    alive.push(h.msg.clone());
                 }
             }
             for msg in alive {

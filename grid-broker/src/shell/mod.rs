@@ -30,6 +30,9 @@ const LOADS_AT_ONCE: usize = 4;
 /// Task records read in the background for a job: its id and the records (or why not).
 type Loaded = (String, Result<Vec<TaskRecord>>);
 
+/// A params page read in the background for a job: its id, the page's number and its lines.
+type PageRead = (String, usize, Result<store::ParamsPageLines>);
+
 pub(crate) struct Broker {
     config: BrokerConfig,
     grid: Grid,
@@ -42,6 +45,16 @@ pub(crate) struct Broker {
     taken: tokio::sync::mpsc::UnboundedSender<results::Intake>,
     /// Turns at taking blobs ([`results::TAKING_AT_ONCE`]).
     taking: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Where requests answered off the loop come back (see [`Broker::on_request`]).
+    finished: tokio::sync::mpsc::UnboundedSender<requests::Finished>,
+    /// Submits being checked off the loop, by tenant.
+    submitting: HashMap<String, usize>,
+    /// Jobs being deleted off the loop.
+    deleting: std::collections::HashSet<String>,
+    /// Where params pages read off the loop go (see [`Broker::read_pages`]).
+    pages_read: tokio::sync::mpsc::UnboundedSender<PageRead>,
+    /// Params pages being read, by job and page number.
+    reading: std::collections::HashSet<(String, usize)>,
 }
 
 /// Runs the broker until `shutdown` resolves.
@@ -61,8 +74,13 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
         }
     };
     let seal = crate::rules::SealKey::new(grid.seal_key().await?);
-    let dispatcher =
-        dispatch::Dispatcher::new(grid.clone(), seal.clone(), config.take_back_grace).await?;
+    let dispatcher = dispatch::Dispatcher::new(
+        grid.clone(),
+        seal.clone(),
+        config.take_back_grace,
+        config.tenant_weights.clone(),
+    )
+    .await?;
     let provider_settings = providers::Settings {
         stage_quota_bytes: config.stage_quota_bytes,
         stream_replicas: config.stream_replicas,
@@ -70,14 +88,22 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
     };
     let (loads, mut loaded) = tokio::sync::mpsc::unbounded_channel();
     let (taken, mut blobs_taken) = tokio::sync::mpsc::unbounded_channel();
+    let (finished, mut requests_finished) = tokio::sync::mpsc::unbounded_channel();
+    let (pages_read, mut page_read) = tokio::sync::mpsc::unbounded_channel();
     let mut broker = Broker {
-        rules: Rules::new(config.window, now_unix_ms, seal),
+        rules: Rules::new(config.window, now_unix_ms, seal)
+            .with_tenant_window(config.tenant_window),
         config,
         grid,
         params: HashMap::new(),
         loads,
         taken,
         taking: std::sync::Arc::new(tokio::sync::Semaphore::new(results::TAKING_AT_ONCE)),
+        finished,
+        submitting: HashMap::new(),
+        deleting: Default::default(),
+        pages_read,
+        reading: Default::default(),
     };
     broker.resume().await?;
     let mut provider_requests =
@@ -110,11 +136,15 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
                     Err(e) => anyhow!("serving providers: {e}"),
                 });
             }
-            Some(msg) = requests.next() => {
+            Some(msg) = requests.next() => broker.on_request(msg).await,
+            Some(read) = page_read.recv() => {
+                broker.on_page(read);
+                broker.fill().await;
+            }
+            Some(finished) = requests_finished.recv() => {
+                broker.on_finished(finished).await;
                 // A new job's first window now, not at the next tick.
-                if broker.on_request(msg).await {
-                    broker.fill().await;
-                }
+                broker.fill().await;
             }
             Some((id, stored)) = loaded.recv() => {
                 broker.on_loaded(&id, stored);
@@ -298,14 +328,89 @@ impl Broker {
 
     /// Tops up every job's window (see [`Rules::plan_fill`]). A job whose publishes fail stays
     /// where it was and is published again on the next tick (the same message ids: no
-    /// duplicates).
+    /// duplicates). A params job's fill goes out as far as its pages are in memory; the pages
+    /// it lacks are read off the loop ([`Broker::read_pages`]) and the rest follows once they
+    /// are in.
     async fn fill(&mut self) {
-        for fill in self.rules.plan_fill() {
+        for mut fill in self.rules.plan_fill() {
+            if let Some(pages) = self.pages_for(&fill.job_id) {
+                let ready = fill
+                    .dispatches
+                    .iter()
+                    .position(|d| !d.indices().all(|i| pages.has(i)))
+                    .unwrap_or(fill.dispatches.len());
+                if ready < fill.dispatches.len() {
+                    let missing =
+                        pages.missing(fill.dispatches[ready..].iter().flat_map(|d| d.indices()));
+                    self.read_pages(&fill.job_id, missing);
+                    if ready == 0 {
+                        continue;
+                    }
+                    fill.dispatches.truncate(ready);
+                    let last = &fill.dispatches[ready - 1];
+                    fill.next = last.index + u64::from(last.count);
+                    fill.tasks = fill
+                        .dispatches
+                        .iter()
+                        .filter(|d| d.replica == 0)
+                        .map(|d| u64::from(d.count))
+                        .sum();
+                }
+            }
             if let Err(e) = self.publish(&fill.dispatches).await {
                 tracing::warn!(job = %fill.job_id, "enqueueing tasks: {e:#}");
                 continue;
             }
             self.rules.filled(&fill);
+        }
+    }
+
+    /// The params pages of held job `id`, if it has a params file.
+    fn pages_for(&mut self, id: &str) -> Option<&mut ParamsPages> {
+        if !self.params.contains_key(id) {
+            let pages = ParamsPages::of(&self.rules.job(id)?.record.spec)?;
+            self.params.insert(id.to_string(), pages);
+        }
+        self.params.get_mut(id)
+    }
+
+    /// Reads job `id`'s params pages `missing` in the background, unless being read already;
+    /// [`Broker::on_page`] keeps them.
+    fn read_pages(&mut self, id: &str, missing: Vec<(usize, grid_proto::ParamsPage)>) {
+        let Some(tenant) = self.rules.job(id).map(|j| j.record.spec.tenant.clone()) else {
+            return;
+        };
+        for (number, page) in missing {
+            if !self.reading.insert((id.to_string(), number)) {
+                continue;
+            }
+            let (grid, pages_read, id, tenant) = (
+                self.grid.clone(),
+                self.pages_read.clone(),
+                id.to_string(),
+                tenant.clone(),
+            );
+            tokio::spawn(async move {
+                let read = store::read_params_page(&grid, &tenant, &page).await;
+                if read.is_err() {
+                    // Tried again by a later fill: not a read a tick.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                let _ = pages_read.send((id, number, read));
+            });
+        }
+    }
+
+    /// A params page read by [`Broker::read_pages`].
+    fn on_page(&mut self, (id, number, read): PageRead) {
+        self.reading.remove(&(id.clone(), number));
+        match read {
+            Ok(lines) => {
+                if let Some(pages) = self.params.get_mut(&id) {
+                    pages.insert(number, std::sync::Arc::new(lines));
+                }
+            }
+            Err(e) => tracing::warn!(job = %id, page = number, "reading a params page: {e:#}"),
         }
     }
 

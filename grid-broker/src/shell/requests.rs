@@ -7,47 +7,109 @@ use super::{Broker, store};
 use crate::faults::crash_point;
 use crate::rules::{intake, rounds};
 use anyhow::{Result, anyhow, bail};
-use grid_client::now_unix_ms;
+use grid_client::{Grid, now_unix_ms};
 use grid_proto::{
     Answer, CancelRequest, DeleteRequest, Deleted, JobRecord, JobRef, Message, OwnerRequest,
     Request, ResultMsg, RetryRequest, Retrying, StorageRequest, StoreReady, SubmitRequest,
     TaskRecord, decode, encode, names,
 };
 
+/// Submits of one tenant's being checked at once; more are refused until they are answered.
+const SUBMITS_PER_TENANT: usize = 4;
+/// Objects one submit checks or reads at once.
+const OBJECTS_AT_ONCE: usize = 8;
+
+/// A request answered off the loop, back with what the loop still has to do.
+pub(super) enum Finished {
+    /// A submit whose objects are checked and whose record is stored: the job to hold.
+    Submitted {
+        tenant: String,
+        reply: Option<async_nats::Subject>,
+        record: Result<Box<JobRecord>>,
+    },
+    /// A delete that is done: the job to let go of.
+    Deleted {
+        job_id: String,
+        reply: Option<async_nats::Subject>,
+        deleted: Result<Deleted>,
+    },
+}
+
 impl Broker {
-    /// Answers one request: an [`Answer`] of the request's reply type. True when it was a
-    /// submit (a new job, whose first window goes out at once).
-    pub(super) async fn on_request(&mut self, msg: async_nats::Message) -> bool {
+    /// Answers one request with an [`Answer`] of the request's reply type. A submit or a delete,
+    /// whose reads grow with the job, is answered once its work off the loop is done
+    /// ([`Broker::on_finished`]): one tenant's large job never holds up another's requests.
+    pub(super) async fn on_request(&mut self, msg: async_nats::Message) {
         // `grid.api.<tenant>.<verb>`
         let mut parts = msg.subject.as_str().split('.').skip(2);
-        let (answer, submit) = match (parts.next(), parts.next(), parts.next()) {
-            (Some(tenant), Some(verb), None) => (
-                self.answer(tenant.to_string(), verb, &msg.payload).await,
-                verb == SubmitRequest::VERB,
-            ),
-            _ => (
-                encode(&Answer::<JobRef>::Refused("bad subject".into())),
-                false,
-            ),
+        let answer = match (parts.next(), parts.next(), parts.next()) {
+            (Some(tenant), Some(SubmitRequest::VERB), None) => {
+                match self.start_submit(tenant.to_string(), &msg.payload, msg.reply.clone()) {
+                    Ok(()) => return,
+                    Err(e) => answer::<JobRef>(Err(e)),
+                }
+            }
+            (Some(tenant), Some(DeleteRequest::VERB), None) => {
+                match self
+                    .start_delete(tenant.to_string(), &msg.payload, msg.reply.clone())
+                    .await
+                {
+                    Ok(()) => return,
+                    Err(e) => answer::<Deleted>(Err(e)),
+                }
+            }
+            (Some(tenant), Some(verb), None) => {
+                self.answer(tenant.to_string(), verb, &msg.payload).await
+            }
+            _ => encode(&Answer::<JobRef>::Refused("bad subject".into())),
         };
-        if let Some(to) = &msg.reply
-            && let Err(e) = self.grid.client.publish(to.clone(), answer.into()).await
+        self.reply(msg.reply, answer).await;
+    }
+
+    async fn reply(&self, to: Option<async_nats::Subject>, answer: Vec<u8>) {
+        if let Some(to) = to
+            && let Err(e) = self.grid.client.publish(to, answer.into()).await
         {
             tracing::warn!("replying: {e}");
         }
-        submit
+    }
+
+    /// Takes in what a request answered off the loop left to do, and answers it.
+    pub(super) async fn on_finished(&mut self, finished: Finished) {
+        match finished {
+            Finished::Submitted {
+                tenant,
+                reply,
+                record,
+            } => {
+                if let Some(n) = self.submitting.get_mut(&tenant) {
+                    *n = n.saturating_sub(1);
+                }
+                let answer = answer(record.map(|record| {
+                    let job_id = record.id.clone();
+                    tracing::info!(job = %job_id, tenant, total = record.counts.total, "submitted");
+                    // A new job has no task records to read.
+                    self.rules.hold(*record, true);
+                    JobRef { job_id }
+                }));
+                self.reply(reply, answer).await;
+            }
+            Finished::Deleted {
+                job_id,
+                reply,
+                deleted,
+            } => {
+                self.deleting.remove(&job_id);
+                if deleted.is_ok() {
+                    self.release(&job_id);
+                }
+                self.reply(reply, answer(deleted)).await;
+            }
+        }
     }
 
     async fn answer(&mut self, tenant: String, verb: &str, payload: &[u8]) -> Vec<u8> {
         match verb {
-            SubmitRequest::VERB => answer(
-                async {
-                    let req = decode::<SubmitRequest>(payload)?;
-                    let job_id = self.submit(&tenant, req).await?;
-                    Ok(JobRef { job_id })
-                }
-                .await,
-            ),
             OwnerRequest::VERB => answer(
                 async {
                     let req = decode::<OwnerRequest>(payload)?;
@@ -72,60 +134,55 @@ impl Broker {
                 }
                 .await,
             ),
-            DeleteRequest::VERB => answer(
-                async {
-                    let req = decode::<DeleteRequest>(payload)?;
-                    self.delete(&tenant, req.job_id).await
-                }
-                .await,
-            ),
             verb => encode(&Answer::<JobRef>::Refused(format!(
                 "unknown request {verb:?}: this broker may be of another version"
             ))),
         }
     }
 
-    async fn submit(&mut self, tenant: &str, req: SubmitRequest) -> Result<String> {
-        let spec = intake::own(tenant, req.spec)?;
-        intake::placeable(&spec, &self.grid.live_nodes().await?)?;
-        if !self.grid.has_object(tenant, &spec.module_sha256).await {
-            bail!("module {} was not uploaded", spec.module_sha256);
+    /// Starts checking a submit off the loop: its objects uploaded, its params pages read once
+    /// each (so that a wrong count is refused now rather than found mid-job), its record
+    /// stored. [`Broker::on_finished`] holds the job and answers.
+    fn start_submit(
+        &mut self,
+        tenant: String,
+        payload: &[u8],
+        reply: Option<async_nats::Subject>,
+    ) -> Result<()> {
+        let spec = intake::own(&tenant, decode::<SubmitRequest>(payload)?.spec)?;
+        let submitting = self.submitting.entry(tenant.clone()).or_default();
+        if *submitting >= SUBMITS_PER_TENANT {
+            bail!(
+                "tenant {tenant} has {SUBMITS_PER_TENANT} submits being checked: wait for their answers, then submit again"
+            );
         }
-        let mut blobs: Vec<&grid_proto::Sha256Hex> =
-            spec.shared.iter().map(|i| &i.sha256).collect();
-        match &spec.tasks {
-            grid_proto::TaskSource::Params { pages, lines } => {
-                // Each page is read (and dropped) once here, so that a wrong count is refused
-                // now rather than found mid-job.
-                for page in pages {
-                    store::read_params_page(&self.grid, tenant, page).await?;
-                }
-                let counted: u64 = pages.iter().map(|p| p.lines).sum();
-                if counted != *lines {
-                    bail!("params file has {counted} tasks, the request says {lines}");
-                }
+        *submitting += 1;
+        let (grid, finished) = (self.grid.clone(), self.finished.clone());
+        tokio::spawn(async move {
+            let record = async {
+                intake::placeable(&spec, &grid.live_nodes().await?)?;
+                check_objects(&grid, &spec).await?;
+                let record = intake::new_record(new_job_id(), spec, now_unix_ms());
+                store::save_job(&grid, &record)
+                    .await
+                    .map_err(|e| anyhow!("storing the job: {e:#}"))?;
+                Ok(Box::new(record))
             }
-            grid_proto::TaskSource::Inputs(files) => blobs.extend(files.iter().map(|i| &i.sha256)),
-            grid_proto::TaskSource::Count(_) => {}
-        }
-        for blob in blobs {
-            if !self.grid.has_object(tenant, blob).await {
-                bail!("input {blob} was not uploaded");
-            }
-        }
-        let id = new_job_id();
-        let record = intake::new_record(id.clone(), spec, now_unix_ms());
-        store::save_job(&self.grid, &record)
-            .await
-            .map_err(|e| anyhow!("storing the job: {e:#}"))?;
-        tracing::info!(job = %id, tenant, total = record.counts.total, "submitted");
-        // A new job has no task records to read.
-        self.rules.hold(record, true);
-        Ok(id)
+            .await;
+            let _ = finished.send(Finished::Submitted {
+                tenant,
+                reply,
+                record,
+            });
+        });
+        Ok(())
     }
 
     /// Fails unless `job_id` is a job of `tenant`'s, with the line a user sees.
     async fn check_owner(&self, tenant: &str, job_id: &str, verb: &str) -> Result<()> {
+        if self.deleting.contains(job_id) {
+            bail!("job {job_id} is being deleted");
+        }
         let owner = match self.rules.job(job_id) {
             Some(job) => Some(job.record.spec.tenant.clone()),
             None => store::stored_owner(&self.grid, job_id).await?,
@@ -237,8 +294,14 @@ impl Broker {
     /// votes are read for that, once per delete. A job still running keeps its objects safe by
     /// the refusal below; a job submitted *during* a delete that names an object being deleted
     /// finds it missing (its tasks fail to fetch it and are reported `lost`) — submit again.
-    async fn delete(&mut self, tenant: &str, job_id: String) -> Result<Deleted> {
-        self.check_owner(tenant, &job_id, "delete").await?;
+    async fn start_delete(
+        &mut self,
+        tenant: String,
+        payload: &[u8],
+        reply: Option<async_nats::Subject>,
+    ) -> Result<()> {
+        let job_id = decode::<DeleteRequest>(payload)?.job_id;
+        self.check_owner(&tenant, &job_id, "delete").await?;
         if let Some(job) = self.rules.job(&job_id)
             && !job.record.state.is_final()
         {
@@ -247,93 +310,165 @@ impl Broker {
                 job.record.state.as_str()
             );
         }
-        let record = store::job_record(&self.grid, tenant, &job_id)
-            .await?
-            .ok_or_else(|| anyhow!("unknown job {job_id}"))?;
-        let mut mine: std::collections::BTreeSet<grid_proto::Sha256Hex> =
-            record.spec.objects().into_iter().collect();
-        let mut kept = std::collections::BTreeSet::new();
-        let own_tasks = format!("{tenant}.{job_id}.");
-        for (key, bytes) in self.grid.entries(names::TASKS_BUCKET, Some(tenant)).await? {
-            let Ok(task) = decode::<TaskRecord>(&bytes) else {
-                continue;
-            };
-            if key.starts_with(&own_tasks) {
-                mine.extend(task.objects());
-            } else {
-                kept.extend(task.objects());
-            }
+        if !self.deleting.insert(job_id.clone()) {
+            bail!("job {job_id} is being deleted already");
         }
-        for (_, bytes) in self.grid.entries(names::JOBS_BUCKET, Some(tenant)).await? {
-            let Ok(other) = decode::<JobRecord>(&bytes) else {
-                continue;
-            };
-            if other.id == job_id {
-                continue;
-            }
-            kept.extend(other.spec.objects());
-            if other.spec.replicas > 1 {
-                kept.extend(self.vote_objects(&other.id).await?);
-            }
-        }
-        if record.spec.replicas > 1 {
-            mine.extend(self.vote_objects(&job_id).await?);
-        }
-        let store = self.grid.store(tenant).await?;
-        let (mut objects, mut bytes) = (0u64, 0u64);
-        for sha in mine.difference(&kept) {
-            let name = names::object_name(sha);
-            let Ok(info) = store.info(&name).await else {
-                continue;
-            };
-            if info.deleted {
-                continue;
-            }
-            store
-                .delete(&name)
-                .await
-                .map_err(|e| anyhow!("deleting {name}: {e}"))?;
-            objects += 1;
-            bytes += info.size as u64;
-        }
-        for (bucket, keys) in [
-            (names::TASKS_BUCKET, format!("{tenant}.{job_id}.>")),
-            (names::VOTES_BUCKET, format!("{job_id}.>")),
-            (names::CLAIMS_BUCKET, format!("{job_id}.>")),
-            (names::JOBS_BUCKET, names::job_key(tenant, &job_id)),
-        ] {
-            store::purge(&self.grid, bucket, &keys)
-                .await
-                .map_err(|e| anyhow!("deleting job {job_id}'s records: {e:#}"))?;
-        }
-        self.release(&job_id);
-        // Followers of the job table (the dashboard) see no purge: tell them.
-        let _ = self
-            .grid
-            .client
-            .publish(
-                names::job_events(tenant, &job_id),
-                bytes::Bytes::from_static(names::JOB_DELETED),
-            )
-            .await;
-        tracing::info!(job = %job_id, tenant, objects, bytes, "deleted");
-        Ok(Deleted {
-            job_id,
-            objects,
-            bytes,
-        })
+        let (grid, finished) = (self.grid.clone(), self.finished.clone());
+        tokio::spawn(async move {
+            let deleted = delete(&grid, &tenant, &job_id).await;
+            let _ = finished.send(Finished::Deleted {
+                job_id,
+                reply,
+                deleted,
+            });
+        });
+        Ok(())
     }
+}
 
-    /// The stored objects that job `job_id`'s votes name.
-    async fn vote_objects(&self, job_id: &str) -> Result<Vec<grid_proto::Sha256Hex>> {
-        let mut objects = Vec::new();
-        for (_, vote) in self.grid.entries(names::VOTES_BUCKET, Some(job_id)).await? {
-            if let Ok(vote) = decode::<ResultMsg>(&vote) {
-                objects.extend(vote.objects());
-            }
-        }
-        Ok(objects)
+/// Checks that a submitted job's objects are uploaded, and reads each distinct params page
+/// once to check its task count; at most [`OBJECTS_AT_ONCE`] at a time.
+async fn check_objects(grid: &Grid, spec: &grid_proto::JobSpec) -> Result<()> {
+    use futures::{StreamExt, TryStreamExt};
+    let tenant = spec.tenant.as_str();
+    if !grid.has_object(tenant, &spec.module_sha256).await {
+        bail!("module {} was not uploaded", spec.module_sha256);
     }
+    let mut blobs: Vec<&grid_proto::Sha256Hex> = spec.shared.iter().map(|i| &i.sha256).collect();
+    match &spec.tasks {
+        grid_proto::TaskSource::Params { pages, lines } => {
+            let counted: u64 = pages.iter().map(|p| p.lines).sum();
+            if counted != *lines {
+                bail!("params file has {counted} tasks, the request says {lines}");
+            }
+            let mut distinct: Vec<&grid_proto::ParamsPage> = pages.iter().collect();
+            distinct.sort_by_key(|p| (p.sha256, p.lines));
+            distinct.dedup();
+            let reads: Vec<_> = distinct
+                .into_iter()
+                .map(|page| store::read_params_page(grid, tenant, page))
+                .collect();
+            futures::stream::iter(reads)
+                .buffer_unordered(OBJECTS_AT_ONCE)
+                .try_for_each(|_| async { Ok(()) })
+                .await?;
+        }
+        grid_proto::TaskSource::Inputs(files) => blobs.extend(files.iter().map(|i| &i.sha256)),
+        grid_proto::TaskSource::Count(_) => {}
+    }
+    blobs.sort();
+    blobs.dedup();
+    let checks: Vec<_> = blobs
+        .into_iter()
+        .map(|blob| uploaded(grid, tenant, blob))
+        .collect();
+    futures::stream::iter(checks)
+        .buffer_unordered(OBJECTS_AT_ONCE)
+        .try_for_each(|()| async { Ok(()) })
+        .await
+}
+
+async fn uploaded(grid: &Grid, tenant: &str, blob: &grid_proto::Sha256Hex) -> Result<()> {
+    match grid.has_object(tenant, blob).await {
+        true => Ok(()),
+        false => Err(anyhow!("input {blob} was not uploaded")),
+    }
+}
+
+/// Deletes an ended job of `tenant`'s (checked on the loop, see [`Broker::start_delete`]): its
+/// stored objects that no other job of the tenant's names, then its task records, votes, claims
+/// and job record. The ledger keeps the job's entries: they are what was billed.
+///
+/// Objects are shared by content (the same module, input or log in two jobs is one
+/// object), so what the tenant's other jobs name is kept: their specs, task records and
+/// votes are read for that, once per delete. A job still running keeps its objects safe by
+/// the refusal in `start_delete`; a job submitted *during* a delete that names an object being
+/// deleted finds it missing (its tasks fail to fetch it and are reported `lost`) — submit again.
+async fn delete(grid: &Grid, tenant: &str, job_id: &str) -> Result<Deleted> {
+    let record = store::job_record(grid, tenant, job_id)
+        .await?
+        .ok_or_else(|| anyhow!("unknown job {job_id}"))?;
+    let mut mine: std::collections::BTreeSet<grid_proto::Sha256Hex> =
+        record.spec.objects().into_iter().collect();
+    let mut kept = std::collections::BTreeSet::new();
+    let own_tasks = format!("{tenant}.{job_id}.");
+    for (key, bytes) in grid.entries(names::TASKS_BUCKET, Some(tenant)).await? {
+        let Ok(task) = decode::<TaskRecord>(&bytes) else {
+            continue;
+        };
+        if key.starts_with(&own_tasks) {
+            mine.extend(task.objects());
+        } else {
+            kept.extend(task.objects());
+        }
+    }
+    for (_, bytes) in grid.entries(names::JOBS_BUCKET, Some(tenant)).await? {
+        let Ok(other) = decode::<JobRecord>(&bytes) else {
+            continue;
+        };
+        if other.id == job_id {
+            continue;
+        }
+        kept.extend(other.spec.objects());
+        if other.spec.replicas > 1 {
+            kept.extend(vote_objects(grid, &other.id).await?);
+        }
+    }
+    if record.spec.replicas > 1 {
+        mine.extend(vote_objects(grid, job_id).await?);
+    }
+    let store = grid.store(tenant).await?;
+    let (mut objects, mut bytes) = (0u64, 0u64);
+    for sha in mine.difference(&kept) {
+        let name = names::object_name(sha);
+        let Ok(info) = store.info(&name).await else {
+            continue;
+        };
+        if info.deleted {
+            continue;
+        }
+        store
+            .delete(&name)
+            .await
+            .map_err(|e| anyhow!("deleting {name}: {e}"))?;
+        objects += 1;
+        bytes += info.size as u64;
+    }
+    for (bucket, keys) in [
+        (names::TASKS_BUCKET, format!("{tenant}.{job_id}.>")),
+        (names::VOTES_BUCKET, format!("{job_id}.>")),
+        (names::CLAIMS_BUCKET, format!("{job_id}.>")),
+        (names::JOBS_BUCKET, names::job_key(tenant, job_id)),
+    ] {
+        store::purge(grid, bucket, &keys)
+            .await
+            .map_err(|e| anyhow!("deleting job {job_id}'s records: {e:#}"))?;
+    }
+    // Followers of the job table (the dashboard) see no purge: tell them.
+    let _ = grid
+        .client
+        .publish(
+            names::job_events(tenant, job_id),
+            bytes::Bytes::from_static(names::JOB_DELETED),
+        )
+        .await;
+    tracing::info!(job = %job_id, tenant, objects, bytes, "deleted");
+    Ok(Deleted {
+        job_id: job_id.to_string(),
+        objects,
+        bytes,
+    })
+}
+
+/// The stored objects that job `job_id`'s votes name.
+async fn vote_objects(grid: &Grid, job_id: &str) -> Result<Vec<grid_proto::Sha256Hex>> {
+    let mut objects = Vec::new();
+    for (_, vote) in grid.entries(names::VOTES_BUCKET, Some(job_id)).await? {
+        if let Ok(vote) = decode::<ResultMsg>(&vote) {
+            objects.extend(vote.objects());
+        }
+    }
+    Ok(objects)
 }
 
 /// An answer to a request, encoded: granted, or refused with the error's chain on one line.

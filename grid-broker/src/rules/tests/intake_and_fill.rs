@@ -176,3 +176,35 @@ fn every_replica_is_its_own_message() {
             .collect::<Vec<_>>()
     );
 }
+
+/// Holds a job of `tasks` tasks of `tenant`'s at `priority`.
+fn submit_as(w: &mut World, tenant: &str, tasks: u64, priority: i32) -> String {
+    w.next_id += 1;
+    let id = format!("job{:03}", w.next_id);
+    let spec = JobSpec {
+        tenant: tenant.into(),
+        priority,
+        ..spec(tasks)
+    };
+    let record = intake::new_record(id.clone(), spec, now());
+    w.rules.hold(record, true);
+    id
+}
+
+#[test]
+fn a_tenant_window_caps_each_tenants_jobs_together_and_priority_goes_first() {
+    let mut w = World::new(10);
+    w.rules = Rules::new(10, now, seal_key()).with_tenant_window(15);
+    let low = submit_as(&mut w, "alice", 100, 0);
+    let high = submit_as(&mut w, "alice", 100, 5);
+    let other = submit_as(&mut w, "bob", 100, 0);
+    w.fill();
+    // Alice's higher-priority job fills its whole window first, her older job gets the rest
+    // of her 15; Bob's job is not held back by Alice's.
+    assert_eq!(w.take(&high).len(), 10);
+    assert_eq!(w.take(&low).len(), 5);
+    assert_eq!(w.take(&other).len(), 10);
+    // Nothing finished: nothing more goes out.
+    w.fill();
+    assert!(w.queue.is_empty(), "{:?}", w.queue);
+}
