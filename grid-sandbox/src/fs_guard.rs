@@ -13,7 +13,8 @@
 //!
 //! Links: a guest may create only relative symlinks whose target has no `..` component, so a
 //! link cannot point outside `/out`; outputs are collected without following links. Hard links
-//! are refused (`EPERM`): one from `/in` into `/out` would make an input writable.
+//! are made only between writable folders (wasmtime-wasi refuses one out of `/in`: it would make
+//! an input writable) and count once in the quota.
 //!
 //! Open files: the WASI handle table is capped at the task's `max_open_files`; a guest that runs
 //! out of handles ends with `limit: open-files`.
@@ -189,12 +190,16 @@ pub fn add_hooks(linker: &mut Linker<TaskState>) -> Result<()> {
             Ok(0)
         },
     )?;
-    // Hard links are refused: a link from `/in` (or the job's shared inputs) into `/out` would
-    // make a read-only file writable through its new name.
+    // Hard links: wasmtime-wasi links only between writable directories of the same
+    // permissions (`/out`, a runtime's `/tmp`), so no read-only file gains a writable name; a
+    // link is an entry, and its file counts once (by inode) in the quota.
     hook(
         linker,
         "path_link",
-        |_, _: (i32, i32, i32, i32, i32, i32, i32)| Ok(ERRNO_PERM),
+        |c, _: (i32, i32, i32, i32, i32, i32, i32)| {
+            check_new_entry(c)?;
+            Ok(0)
+        },
     )?;
     // Renumbering onto 0..=2 turns a standard stream into a file: from then on, count it.
     hook(linker, "fd_renumber", |c, (_from, to): (i32, i32)| {

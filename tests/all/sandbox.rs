@@ -114,6 +114,31 @@ async fn poll_oneoff_on_timers_wakes_at_the_first_one() {
     }
 }
 
+/// Socket calls return WASI's errnos: EBADF (8) for a descriptor that is not open, ENOTSOCK
+/// (57) for one that is not a socket (fd 3 is `/in`).
+#[tokio::test(flavor = "multi_thread")]
+async fn sock_shutdown_errnos() {
+    for (fd, errno) in [(99, 8), (3, 57), (1, 57)] {
+        let r = wat_task(
+            &format!(
+                r#"(module
+                  (import "wasi_snapshot_preview1" "sock_shutdown" (func $shutdown (param i32 i32) (result i32)))
+                  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                  (memory (export "memory") 1)
+                  (func (export "_start")
+                    (call $exit (call $shutdown (i32.const {fd}) (i32.const 1)))))"#
+            ),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(
+            reason(&r),
+            format!("exit: {errno}"),
+            "sock_shutdown on fd {fd}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_bomb_hits_the_memory_limit() {
     let (r, _) = hostile("memory-bomb").await;
