@@ -14,6 +14,7 @@ mod run;
 mod status;
 mod style;
 mod submit;
+mod terminal;
 mod up;
 mod usage;
 
@@ -135,7 +136,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("grid: {}", grid_proto::one_line(&format!("{e:#}"), " "));
+            // An error may quote the grid or a provider: shown, not obeyed, on a terminal.
+            let line = grid_proto::one_line(&format!("{e:#}"), " ");
+            eprintln!("grid: {}", terminal::for_stderr(&line));
             // A refused job or module is the job's failure (1); anything else is usage or setup (2).
             ExitCode::from(if e.downcast_ref::<conn::Refused>().is_some() {
                 1

@@ -121,7 +121,7 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
                             }
                         }
                         Err(why) => {
-                            eprintln!("grid: task {index}: skipping output {:?}: {why}", file.path);
+                            eprintln!("grid: task {index}: skipping output {:?}: {}", file.path, crate::terminal::for_stderr(&why));
                             skipped.push(json!({"path": file.path, "why": why}));
                         }
                     }
@@ -176,21 +176,44 @@ pub struct LogsArgs {
     /// Keep printing tasks' logs as they finish, until the job ends.
     #[arg(long, conflicts_with = "task")]
     pub follow: bool,
+    /// Print the logs exactly as the task wrote them, even on a terminal (where control
+    /// characters are otherwise shown as `\x1b`, `\u{9b}`, …; a pipe or file always gets them
+    /// as they are).
+    #[arg(long)]
+    pub raw: bool,
     #[command(flatten)]
     pub conn: Conn,
 }
 
-async fn print_logs(grid: &Grid, tenant: &str, task: &TaskRecord) -> Result<()> {
-    use std::io::Write;
+/// Whether each of stdout and stderr gets the logs escaped (see [`crate::terminal`]).
+#[derive(Clone, Copy)]
+struct Escape {
+    stdout: bool,
+    stderr: bool,
+}
+
+impl Escape {
+    fn new(raw: bool) -> Self {
+        use crate::terminal::escape_for;
+        use std::io::IsTerminal;
+        Self {
+            stdout: escape_for(std::io::stdout().is_terminal(), raw),
+            stderr: escape_for(std::io::stderr().is_terminal(), raw),
+        }
+    }
+}
+
+async fn print_logs(grid: &Grid, tenant: &str, task: &TaskRecord, escape: Escape) -> Result<()> {
+    use crate::terminal::write_bytes;
     for (blob, to_stderr) in [(&task.result.stdout, false), (&task.result.stderr, true)] {
         if let Some(sha) = blob {
             let bytes = grid
                 .get_object(tenant, sha, grid_proto::caps::LOG_BYTES)
                 .await?;
             if to_stderr {
-                std::io::stderr().write_all(&bytes)?;
+                write_bytes(&mut std::io::stderr(), &bytes, escape.stderr)?;
             } else {
-                std::io::stdout().write_all(&bytes)?;
+                write_bytes(&mut std::io::stdout(), &bytes, escape.stdout)?;
             }
         }
     }
@@ -199,7 +222,7 @@ async fn print_logs(grid: &Grid, tenant: &str, task: &TaskRecord) -> Result<()> 
 
 /// Prints each task's logs as its record appears, until the job has ended and all are printed.
 /// (Polled, like `status --wait`: a tenant may read its own records, not watch the bucket.)
-async fn follow_logs(grid: &Session, record: JobRecord) -> Result<()> {
+async fn follow_logs(grid: &Session, record: JobRecord, escape: Escape) -> Result<()> {
     // A task's record of each round: `grid retry` replaces a failed one with the new round's.
     let mut printed = std::collections::HashSet::new();
     let prefix = format!("{}.{}", grid.tenant, record.id);
@@ -218,7 +241,7 @@ async fn follow_logs(grid: &Session, record: JobRecord) -> Result<()> {
                     0 => println!("== task {} ==", task.result.index),
                     round => println!("== task {} (retry {round}) ==", task.result.index),
                 }
-                print_logs(grid, &record.spec.tenant, &task).await?;
+                print_logs(grid, &record.spec.tenant, &task, escape).await?;
             }
         }
         let c = &now.counts;
@@ -233,8 +256,9 @@ pub fn logs(args: LogsArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open("logs").await?;
         let record = grid.job_record(&args.job).await?;
+        let escape = Escape::new(args.raw);
         if args.follow {
-            follow_logs(&grid, record).await?;
+            follow_logs(&grid, record, escape).await?;
             return Ok(ExitCode::SUCCESS);
         }
         let indices: Vec<u64> = match args.task {
@@ -255,7 +279,7 @@ pub fn logs(args: LogsArgs) -> Result<ExitCode> {
             if args.task.is_none() {
                 println!("== task {index} ==");
             }
-            print_logs(&grid, &record.spec.tenant, &task).await?;
+            print_logs(&grid, &record.spec.tenant, &task, escape).await?;
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -43,6 +43,11 @@ pub struct RunArgs {
     /// Print one JSON object with the result (and the guest's output inside it).
     #[arg(long)]
     pub json: bool,
+    /// Print the task's stdout and stderr exactly as it wrote them, even on a terminal (where
+    /// control characters are otherwise shown as `\x1b`, `\u{9b}`, …; a pipe or file always
+    /// gets them as they are).
+    #[arg(long)]
+    pub raw: bool,
     /// Directory for compiled modules (default: $XDG_CACHE_HOME/grid or ~/.cache/grid).
     #[arg(long, value_name = "DIR", env = "GRID_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -334,10 +339,21 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
             "stderr": String::from_utf8_lossy(&report.stderr),
             "logs_truncated": report.logs_truncated,
         });
+        let line = crate::terminal::json_line(&line);
         write_ignoring_closed_pipe(&mut std::io::stdout(), format!("{line}\n").as_bytes())?;
     } else {
-        write_ignoring_closed_pipe(&mut std::io::stdout(), &report.stdout)?;
-        write_ignoring_closed_pipe(&mut std::io::stderr(), &report.stderr)?;
+        use crate::terminal::{escape_for, shown_bytes};
+        // The guest's bytes: shown, not obeyed, on a terminal (see `crate::terminal`).
+        let escape_out = escape_for(std::io::stdout().is_terminal(), args.raw);
+        let escape_err = escape_for(std::io::stderr().is_terminal(), args.raw);
+        write_ignoring_closed_pipe(
+            &mut std::io::stdout(),
+            &shown_bytes(&report.stdout, escape_out),
+        )?;
+        write_ignoring_closed_pipe(
+            &mut std::io::stderr(),
+            &shown_bytes(&report.stderr, escape_err),
+        )?;
         if report.logs_truncated {
             eprintln!(
                 "grid: logs truncated at {} per stream",
@@ -346,12 +362,13 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
         }
         if let Some(reason) = report.outcome.reason() {
             eprintln!(
-                "grid: task {}: {reason}",
+                "grid: task {}: {}",
                 if status == TaskStatus::Refused {
                     "refused"
                 } else {
                     "failed"
-                }
+                },
+                crate::terminal::for_stderr(&reason.to_string())
             );
         }
         eprintln!("grid: output in {}", output_dir.display());

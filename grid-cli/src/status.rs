@@ -62,9 +62,11 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
                         && !record.state.is_final()
                         && told.insert((node.id.clone(), what.clone()))
                     {
+                        // The node's own words: shown, not obeyed, on a terminal.
                         let note = format!(
-                            "grid: node {} is {what} (once per node; about a minute)",
-                            node.id
+                            "grid: node {} is {} (once per node; about a minute)",
+                            crate::terminal::for_stderr(&node.id),
+                            crate::terminal::for_stderr(what)
                         );
                         match &bar {
                             Some(bar) => bar.println(note),
@@ -136,7 +138,7 @@ pub(crate) fn status_json(record: &JobRecord) -> serde_json::Value {
 
 pub(crate) fn print_status(record: &JobRecord, as_json: bool) {
     if as_json {
-        println!("{}", status_json(record));
+        println!("{}", crate::terminal::json_line(&status_json(record)));
         return;
     }
     let c = &record.counts;
@@ -158,10 +160,11 @@ pub(crate) fn print_status(record: &JobRecord, as_json: bool) {
         c.total,
         c.failed,
         c.in_flight,
+        // A reason may quote a provider or a guest: shown, not obeyed, on a terminal.
         record
             .reason
             .as_ref()
-            .map(|r| format!(" ({r})"))
+            .map(|r| format!(" ({})", crate::terminal::for_stdout(r)))
             .unwrap_or_default()
     );
 }
@@ -185,7 +188,7 @@ async fn watch(grid: &Session, job: &str, as_json: bool) -> Result<JobRecord> {
             for node in grid.live_nodes().await.unwrap_or_default() {
                 anstream::println!(
                     "  {}  running {} of {} slots, {} held, {} done",
-                    crate::style::dim(&node.id),
+                    crate::style::dim(&crate::terminal::for_stdout(&node.id)),
                     node.running,
                     node.slots,
                     node.busy,
@@ -262,7 +265,7 @@ pub fn jobs(args: ListArgs) -> Result<ExitCode> {
             if args.json {
                 let mut v = status_json(&record);
                 v["module"] = json!(record.spec.module_name);
-                println!("{v}");
+                println!("{}", crate::terminal::json_line(&v));
             } else {
                 print_status(&record, false);
             }
@@ -282,11 +285,13 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
             if args.json {
                 println!(
                     "{}",
-                    json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "running": node.running, "memory_reserved_bytes": node.memory_reserved_bytes, "memory_budget_bytes": node.memory_budget_bytes, "tasks_done": node.tasks_done, "votes_agreed": tally.agreed, "votes_lost": tally.outvoted, "preparing": node.preparing, "accepts": {"memory_bytes": node.accepts.memory_bytes, "timeout_ms": node.accepts.timeout_ms, "max_output_bytes": node.accepts.max_output_bytes, "gpu_memory_bytes": node.accepts.gpu_memory_bytes, "gpu_time_ms": node.accepts.gpu_time_ms}})
+                    crate::terminal::json_line(&json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "running": node.running, "memory_reserved_bytes": node.memory_reserved_bytes, "memory_budget_bytes": node.memory_budget_bytes, "tasks_done": node.tasks_done, "votes_agreed": tally.agreed, "votes_lost": tally.outvoted, "preparing": node.preparing, "accepts": {"memory_bytes": node.accepts.memory_bytes, "timeout_ms": node.accepts.timeout_ms, "max_output_bytes": node.accepts.max_output_bytes, "gpu_memory_bytes": node.accepts.gpu_memory_bytes, "gpu_time_ms": node.accepts.gpu_time_ms}}))
                 );
             } else {
-                let gpu = node.gpu.as_deref().map(|g| format!("  gpu {g}")).unwrap_or_default();
-                let preparing = node.preparing.as_deref().map(|p| format!("  ({p})")).unwrap_or_default();
+                // A node's words are its provider's: shown, not obeyed, on a terminal.
+                use crate::terminal::for_stdout;
+                let gpu = node.gpu.as_deref().map(|g| format!("  gpu {}", for_stdout(g))).unwrap_or_default();
+                let preparing = node.preparing.as_deref().map(|p| format!("  ({})", for_stdout(p))).unwrap_or_default();
                 let votes = if tally.agreed + tally.outvoted > 0 {
                     format!("  votes agreed {} lost {}", tally.agreed, tally.outvoted)
                 } else {
@@ -294,8 +299,8 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
                 };
                 println!(
                     "{}  {}  slots {}  busy {}  memory {} of {}  done {}{votes}{gpu}{preparing}",
-                    node.id,
-                    node.classes.join(","),
+                    for_stdout(&node.id),
+                    for_stdout(&node.classes.join(",")),
                     node.slots,
                     node.busy,
                     bytesize::ByteSize(node.memory_reserved_bytes),

@@ -664,6 +664,66 @@ fn input_files_become_tasks_and_shared_files_reach_every_task() {
     assert_eq!(followed.matches("/in/shared/ref.txt: reference").count(), 2);
 }
 
+/// What `hostile terminal-escapes` writes: escape sequences, C1 controls, bytes that are not
+/// UTF-8 (kept equal to the guest's own copy in tests/guests/src/main.rs).
+const GUEST_STDOUT: &[u8] =
+    b"plain\tline\n\x1b[31mred\x1b[0m \x1b]0;title\x07 \xc2\x9b2J \x9b \xff\xfe fake\rreal\n";
+const GUEST_STDERR: &[u8] = b"\x1b[2Kerr\x07\n";
+
+/// A pipe gets what a guest wrote byte for byte, from `grid logs` (with `--raw` or without,
+/// `--follow`) and from `grid run`. Only a terminal gets control characters escaped; a test's
+/// output never is one, so `grid`'s unit tests (`terminal.rs`) cover that side.
+#[test]
+fn a_pipe_gets_the_guests_bytes_exactly() {
+    let contains = |all: &[u8], part: &[u8]| all.windows(part.len()).any(|w| w == part);
+    let grid = TestGrid::start(1, &[]);
+    let hostile = guest("hostile");
+    let job = submit(
+        &grid,
+        &[
+            hostile.to_str().unwrap(),
+            "--wait",
+            "--",
+            "terminal-escapes",
+        ],
+    );
+    let variants: [&[&str]; 2] = [&[], &["--raw"]];
+    for extra in variants {
+        let mut args = vec!["logs", job.as_str(), "--task", "0"];
+        args.extend_from_slice(extra);
+        let out = grid.grid(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, GUEST_STDOUT, "grid {args:?}");
+        assert!(
+            contains(&out.stderr, GUEST_STDERR),
+            "grid {args:?}: {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let followed = grid.grid(&["logs", &job, "--follow"]);
+    assert!(
+        contains(&followed.stdout, GUEST_STDOUT),
+        "{:?}",
+        String::from_utf8_lossy(&followed.stdout)
+    );
+    // The same task, here.
+    let out = crate::support::grid(
+        &["run", hostile.to_str().unwrap(), "--", "terminal-escapes"],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, GUEST_STDOUT);
+    assert!(contains(&out.stderr, GUEST_STDERR));
+}
+
 #[test]
 fn a_task_no_node_can_run_is_retried_then_reported_lost() {
     // Submit with no node up, remove the module from the grid, then start a node: every

@@ -132,6 +132,15 @@ fn main() {
             }
             eprintln!("done");
         }
+        "terminal-escapes" => {
+            // What a terminal would obey: CSI and OSC sequences, BEL, CR, C1 CSI as UTF-8 and
+            // as a lone byte, and bytes that are not UTF-8. Kept equal to GUEST_STDOUT and
+            // GUEST_STDERR in tests/all/grid.rs, which expect them back byte for byte.
+            std::io::stdout()
+                .write_all(b"plain\tline\n\x1b[31mred\x1b[0m \x1b]0;title\x07 \xc2\x9b2J \x9b \xff\xfe fake\rreal\n")
+                .unwrap();
+            std::io::stderr().write_all(b"\x1b[2Kerr\x07\n").unwrap();
+        }
         "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
         "spin" => {
             let mut x = 0u64;
