@@ -11,16 +11,39 @@
 //! Throughput is the change, between samples, of the tasks that ended in the jobs shown; the
 //! page charts the last five minutes of it.
 //!
+//! # Who may look
+//!
+//! The dashboard reads with the credentials it was given — the operator's, under `grid up` —
+//! so whoever can reach its port could read what they read, every tenant's jobs and logs. It
+//! asks for a token, Jupyter's way: it prints `http://127.0.0.1:PORT/?token=TOKEN` (32 random
+//! bytes, or `--token`/`GRID_DASHBOARD_TOKEN` for scripts); the first request with the right
+//! `?token=` gets an HttpOnly, SameSite=Strict cookie and a redirect to the same address
+//! without the token, and later requests show the cookie, an `Authorization: Bearer TOKEN`
+//! header, or `?token=` again (an `/api/` request with it is answered at once, for scripts).
+//! Any other request, to any path, gets 401 and a line on how to get in; tokens are compared
+//! by their SHA-256, so the time taken says nothing about how much of one was right.
+//!
+//! A request must also name this dashboard in its `Host`: a web page the user visits cannot
+//! then point a name of its own at this address (DNS rebinding) and read the grid through
+//! the user's browser. The names allowed, with the dashboard's port: the listen address;
+//! `localhost`, `127.0.0.1` and `[::1]` on loopback or all interfaces; the machine's hostname
+//! beyond loopback; any IP address on all interfaces (a rebinding page has a name, never an
+//! IP literal); and any name added with `--allow-host`.
+//!
+//! Not covered: a browser sends a host's cookies to every port of it, so a web server of
+//! another user on this machine that the browser visits sees the cookie (named per port, so
+//! dashboards do not clash). Nor is anything encrypted: beyond loopback, put it behind TLS.
+//!
 //! Job records are followed, not re-read: one read of `grid_jobs`, then each record as the
 //! broker writes it, so a snapshot costs the grid nothing however many jobs it holds. A deleted
 //! job's record is purged, which a follower does not see: the broker says so on the job's
 //! events subject, and the table is read anew every [`RESYNC`] in case that word was lost.
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use grid_client::Grid;
 use grid_proto::{JobRecord, TaskRecord, TaskState, decode, names};
@@ -71,8 +94,12 @@ struct AppState {
     snapshot: watch::Receiver<Arc<String>>,
 }
 
-/// Serves the dashboard on `listener` until the future is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, source: Source) -> Result<()> {
+/// Serves the dashboard on `listener` to those `access` lets in, until the future is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    source: Source,
+    access: Access,
+) -> Result<()> {
     let (tx, rx) = watch::channel(Arc::new(String::from("{}")));
     let jobs = JobTable::default();
     tokio::spawn(follow_jobs(source.clone(), jobs.clone()));
@@ -87,51 +114,263 @@ pub async fn serve(listener: tokio::net::TcpListener, source: Source) -> Result<
             jobs,
             snapshot: rx,
         })
+        // Every route and the fallback: nothing is answered before the check.
         .layer(axum::middleware::from_fn_with_state(
-            allowed_hosts(listener.local_addr()?),
-            check_host,
+            Arc::new(access),
+            guard,
         ));
     axum::serve(listener, app)
         .await
         .context("serving the dashboard")
 }
 
-/// The `Host` values a request may carry, or `None` to take any (a dashboard listening on all
-/// interfaces is reached by names it cannot know).
-fn allowed_hosts(addr: std::net::SocketAddr) -> Option<Arc<Vec<String>>> {
-    if addr.ip().is_unspecified() {
-        return None;
-    }
-    let port = addr.port();
-    let mut hosts = vec![addr.to_string()];
-    if addr.ip().is_loopback() {
-        hosts.extend([
-            format!("localhost:{port}"),
-            format!("127.0.0.1:{port}"),
-            format!("[::1]:{port}"),
-        ]);
-    }
-    Some(Arc::new(hosts))
+/// Who may read the dashboard: the token, and the `Host` values it answers to (see the module
+/// docs).
+pub struct Access {
+    token: String,
+    /// `host:port`, lowercase.
+    hosts: Vec<String>,
+    /// Any IP address with the dashboard's port (served beyond loopback).
+    any_ip: bool,
+    port: u16,
+    /// The cookie's name: one per port, as a browser sends a host's cookies to all its ports.
+    cookie: String,
 }
 
-/// Refuses a request for another host name: a web page the user visits cannot point a name of
-/// its own at this address (DNS rebinding) and read the grid through the user's browser.
-async fn check_host(
-    State(allowed): State<Option<Arc<Vec<String>>>>,
+impl Access {
+    /// For a dashboard listening on `addr`, with `token` (see [`token`]), also answering to
+    /// the names in `allow_hosts`.
+    pub fn new(addr: std::net::SocketAddr, token: String, allow_hosts: &[String]) -> Self {
+        let (ip, port) = (addr.ip(), addr.port());
+        let mut hosts = vec![addr.to_string()];
+        if ip.is_loopback() || ip.is_unspecified() {
+            hosts.extend([
+                format!("localhost:{port}"),
+                format!("127.0.0.1:{port}"),
+                format!("[::1]:{port}"),
+            ]);
+        }
+        if !ip.is_loopback()
+            && let Some(name) = hostname()
+        {
+            hosts.push(format!("{name}:{port}"));
+        }
+        hosts.extend(allow_hosts.iter().map(|name| with_port(name, port)));
+        for host in &mut hosts {
+            host.make_ascii_lowercase();
+        }
+        Self {
+            token,
+            hosts,
+            any_ip: ip.is_unspecified(),
+            port,
+            cookie: format!("grid-dashboard-{port}"),
+        }
+    }
+
+    /// The address to open, token included. An unspecified listen address is shown as the
+    /// loopback one of its family: a browser here reaches it there.
+    pub fn url(&self, addr: std::net::SocketAddr) -> String {
+        let mut shown = addr;
+        if addr.ip().is_unspecified() {
+            let loopback = match addr.ip() {
+                std::net::IpAddr::V4(_) => std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+                std::net::IpAddr::V6(_) => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            };
+            shown.set_ip(loopback);
+        }
+        format!("http://{shown}/?token={}", self.token)
+    }
+
+    fn host_allowed(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        self.hosts.contains(&host)
+            || (self.any_ip
+                && host
+                    .parse::<std::net::SocketAddr>()
+                    .is_ok_and(|a| a.port() == self.port))
+    }
+
+    fn grants(&self, offered: &str) -> bool {
+        same_secret(offered.as_bytes(), self.token.as_bytes())
+    }
+
+    /// The token the request's cookie of this dashboard carries, if any.
+    fn cookie_in<'a>(&self, headers: &'a axum::http::HeaderMap) -> Option<&'a str> {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(name, _)| *name == self.cookie)
+            .map(|(_, value)| value)
+    }
+
+    fn set_cookie(&self) -> String {
+        format!(
+            "{}={}; HttpOnly; SameSite=Strict; Path=/",
+            self.cookie, self.token
+        )
+    }
+}
+
+/// The dashboard's token: `chosen` (`--token`, `GRID_DASHBOARD_TOKEN`) when given, else 32
+/// random bytes from the system, in hex.
+pub fn token(chosen: Option<&str>) -> Result<String> {
+    if let Some(token) = chosen {
+        // It goes in a URL and a cookie as it is.
+        let url_safe = |b: u8| b.is_ascii_alphanumeric() || b"-_.~".contains(&b);
+        if token.len() < 16 || !token.bytes().all(url_safe) {
+            bail!(
+                "use at least 16 characters of A-Z, a-z, 0-9, '-', '_', '.' and '~' (or leave \
+                 it out, and GRID_DASHBOARD_TOKEN unset, for a random one)"
+            );
+        }
+        return Ok(token.to_string());
+    }
+    use rand::TryRng;
+    let mut bytes = [0u8; 32];
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|e| anyhow!("making the dashboard's token: {e}"))?;
+    let mut hex = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        use std::fmt::Write as _;
+        let _ = write!(hex, "{b:02x}");
+    }
+    Ok(hex)
+}
+
+/// Whether two secrets are equal, in a time that does not depend on where they differ: their
+/// SHA-256 digests are compared whole.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    let diff = a
+        .iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// This machine's name, as others may reach it.
+fn hostname() -> Option<String> {
+    let uname = rustix::system::uname();
+    let name = uname.nodename().to_str().ok()?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// `name` as a `Host` value: with the dashboard's port unless it has one.
+fn with_port(name: &str, port: u16) -> String {
+    if name.parse::<std::net::SocketAddr>().is_ok() {
+        return name.to_string();
+    }
+    if let Ok(std::net::IpAddr::V6(ip)) = name.parse::<std::net::IpAddr>() {
+        return format!("[{ip}]:{port}");
+    }
+    match name.rsplit_once(':') {
+        Some((host, p)) if !host.contains(':') && p.parse::<u16>().is_ok() => name.to_string(),
+        _ => format!("{name}:{port}"),
+    }
+}
+
+/// `?token=` of a query string, if there.
+fn token_in_query(query: Option<&str>) -> Option<&str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(name, _)| *name == "token")
+        .map(|(_, value)| value)
+}
+
+/// Where the redirect after a `?token=` goes: the same path and query, without the token.
+fn without_token(uri: &Uri) -> String {
+    // `//host` would be another site's address.
+    let path = if uri.path().starts_with("//") {
+        "/"
+    } else {
+        uri.path()
+    };
+    let rest: Vec<&str> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("token"))
+        .collect();
+    if rest.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", rest.join("&"))
+    }
+}
+
+const LOGIN_HINT: &str = "This dashboard needs its token: open the URL `grid up` printed, with \
+its ?token=..., or run `grid dashboard` to get a new one.";
+
+/// Lets a request in only for an allowed `Host` and with the token (see the module docs).
+async fn guard(
+    State(access): State<Arc<Access>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let host = request
-        .headers()
+    let headers = request.headers();
+    let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
-    match &allowed {
-        Some(hosts) if !hosts.iter().any(|h| h == host) => {
-            (StatusCode::FORBIDDEN, "unknown host").into_response()
-        }
-        _ => next.run(request).await,
+    if !access.host_allowed(host) {
+        return (
+            StatusCode::FORBIDDEN,
+            "unknown host: open the URL the dashboard printed, or serve it with --allow-host NAME\n",
+        )
+            .into_response();
     }
+    let uri = request.uri();
+    let api = uri.path().starts_with("/api/");
+    if token_in_query(uri.query()).is_some_and(|t| access.grants(t)) {
+        // A page: keep the token out of the address bar and the history, in a cookie.
+        let method = request.method();
+        if !api && (*method == Method::GET || *method == Method::HEAD) {
+            let to = without_token(uri);
+            return (
+                [(header::SET_COOKIE, access.set_cookie())],
+                Redirect::to(&to),
+            )
+                .into_response();
+        }
+        return next.run(request).await;
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    let cookie = access.cookie_in(headers);
+    if bearer.is_some_and(|t| access.grants(t.trim())) || cookie.is_some_and(|t| access.grants(t)) {
+        return next.run(request).await;
+    }
+    let (kind, body) = if api {
+        ("text/plain; charset=utf-8", format!("{LOGIN_HINT}\n"))
+    } else {
+        (
+            "text/html; charset=utf-8",
+            format!(
+                "<!doctype html><meta charset=\"utf-8\"><title>Grid dashboard</title>\
+                 <p>{}</p>\n",
+                LOGIN_HINT.replace('`', "")
+            ),
+        )
+    };
+    (
+        StatusCode::UNAUTHORIZED,
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::WWW_AUTHENTICATE, "Bearer"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn page() -> impl IntoResponse {
@@ -529,6 +768,16 @@ fn usage_json(totals: &UsageTotals) -> Value {
     )
 }
 
+/// What to tell the user of a dashboard served beyond this machine.
+pub fn beyond_loopback_note(addr: std::net::SocketAddr) -> String {
+    format!(
+        "grid: the dashboard listens on {addr}, beyond this machine: from elsewhere, open it at \
+         this machine's hostname or IP address with the same ?token= (another name needs \
+         --allow-host NAME, or --dashboard-allow-host under `grid up`); the token and the page \
+         travel unencrypted"
+    )
+}
+
 /// Binds `listen` (a port of 0 takes a free one) and returns the listener and its address.
 pub async fn bind(listen: &str) -> Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -540,15 +789,31 @@ pub async fn bind(listen: &str) -> Result<(tokio::net::TcpListener, std::net::So
 
 #[derive(clap::Args, Debug)]
 pub struct DashboardArgs {
-    /// Where to serve the page: HOST:PORT (port 0 takes a free one)
+    /// Where to serve the page: HOST:PORT (port 0 takes a free one). It asks for its token
+    /// wherever it listens.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8470")]
     pub listen: String,
+    /// Also answer requests for NAME (how others reach this machine), at the dashboard's port
+    /// unless NAME has one; repeatable. Always answered: the listen address; localhost beside
+    /// loopback; this machine's hostname beyond loopback; any IP address on 0.0.0.0 or [::]
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_host: Vec<String>,
+    /// The token the dashboard asks for, instead of a random one (for scripts): at least 16 of
+    /// A-Z a-z 0-9 - _ . ~
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "GRID_DASHBOARD_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
     #[command(flatten)]
     pub conn: crate::conn::Conn,
 }
 
 /// `grid dashboard`: serves the page until Ctrl-C.
 pub fn dashboard(args: DashboardArgs) -> Result<std::process::ExitCode> {
+    let token = token(args.token.as_deref()).context("--token")?;
     crate::conn::runtime()?.block_on(async {
         let session = args.conn.open("dashboard").await?;
         let source = Source {
@@ -556,13 +821,118 @@ pub fn dashboard(args: DashboardArgs) -> Result<std::process::ExitCode> {
             grid: session.grid,
         };
         let (listener, addr) = bind(&args.listen).await?;
-        println!("grid: dashboard at http://{addr}/");
+        let access = Access::new(addr, token, &args.allow_host);
+        println!("grid: dashboard at {}", access.url(addr));
         use std::io::Write;
         let _ = std::io::stdout().flush();
+        if !addr.ip().is_loopback() {
+            eprintln!("{}", beyond_loopback_note(addr));
+        }
         tokio::select! {
-            served = serve(listener, source) => served?,
+            served = serve(listener, source, access) => served?,
             () = grid_client::shutdown_signal() => {}
         }
         Ok(std::process::ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(listen: &str, allow: &[&str]) -> Access {
+        let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
+        Access::new(listen.parse().unwrap(), "t".repeat(64), &allow)
+    }
+
+    #[test]
+    fn a_loopback_dashboard_answers_its_own_names_only() {
+        let a = access("127.0.0.1:8470", &[]);
+        for host in [
+            "127.0.0.1:8470",
+            "localhost:8470",
+            "LOCALHOST:8470",
+            "[::1]:8470",
+        ] {
+            assert!(a.host_allowed(host), "{host}");
+        }
+        for host in [
+            "",
+            "evil.example:8470",
+            "localhost",
+            "127.0.0.1:8471",
+            "10.0.0.1:8470",
+        ] {
+            assert!(!a.host_allowed(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn beyond_loopback_ip_addresses_the_hostname_and_given_names_are_answered() {
+        let a = access(
+            "0.0.0.0:8470",
+            &["grid.example", "other.example:9000", "::2"],
+        );
+        for host in [
+            "10.0.0.1:8470",
+            "[fe80::1]:8470",
+            "localhost:8470",
+            "grid.example:8470",
+            "Grid.Example:8470",
+            "other.example:9000",
+            "[::2]:8470",
+        ] {
+            assert!(a.host_allowed(host), "{host}");
+        }
+        if let Some(name) = hostname() {
+            assert!(a.host_allowed(&format!("{name}:8470")));
+        }
+        for host in [
+            "evil.example:8470",
+            "10.0.0.1:8471",
+            "grid.example",
+            "grid.example:9000",
+            "10.0.0.1.evil.example:8470",
+        ] {
+            assert!(!a.host_allowed(host), "{host}");
+        }
+        assert_eq!(
+            a.url("0.0.0.0:8470".parse().unwrap()),
+            format!("http://127.0.0.1:8470/?token={}", "t".repeat(64))
+        );
+    }
+
+    #[test]
+    fn the_token_is_found_checked_and_dropped_from_the_address() {
+        let a = access("127.0.0.1:8470", &[]);
+        assert!(a.grants(&"t".repeat(64)));
+        assert!(!a.grants(&"t".repeat(63)) && !a.grants("") && !a.grants(&"u".repeat(64)));
+        assert_eq!(token_in_query(Some("a=1&token=abc&b")), Some("abc"));
+        assert_eq!(token_in_query(Some("tokens=abc")), None);
+        assert_eq!(token_in_query(None), None);
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        assert_eq!(without_token(&uri("/?token=abc")), "/");
+        assert_eq!(without_token(&uri("/x?a=1&token=abc&b=2")), "/x?a=1&b=2");
+        assert_eq!(without_token(&uri("//evil.example/?token=abc")), "/");
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            "theme=dark; grid-dashboard-8470=secret".parse().unwrap(),
+        );
+        assert_eq!(a.cookie_in(&headers), Some("secret"));
+        assert!(a.set_cookie().contains("HttpOnly; SameSite=Strict"));
+    }
+
+    #[test]
+    fn a_chosen_token_must_be_long_and_url_safe_and_a_random_one_is_fresh() {
+        assert!(token(Some("short")).is_err());
+        assert!(token(Some("has space in it, sixteen+")).is_err());
+        assert_eq!(
+            token(Some("0123456789abcdef-_.~")).unwrap(),
+            "0123456789abcdef-_.~"
+        );
+        let (a, b) = (token(None).unwrap(), token(None).unwrap());
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+    }
 }

@@ -37,9 +37,22 @@ pub struct UpArgs {
     /// credentials `grid` commands find on their own, and a provider per node.
     #[arg(long)]
     pub no_auth: bool,
-    /// Where to serve the dashboard (a free port when this one is taken)
+    /// Where to serve the dashboard (a free port when this one is taken). It asks for the
+    /// token in the URL it prints.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8470")]
     pub dashboard: String,
+    /// Also answer dashboard requests for NAME (see `grid dashboard --allow-host`); repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub dashboard_allow_host: Vec<String>,
+    /// The dashboard's token, instead of a random one (for scripts): at least 16 of A-Z a-z
+    /// 0-9 - _ . ~
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "GRID_DASHBOARD_TOKEN",
+        hide_env_values = true
+    )]
+    pub dashboard_token: Option<String>,
     /// Serve no dashboard.
     #[arg(long)]
     pub no_dashboard: bool,
@@ -123,6 +136,11 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     if !(1..=5).contains(&args.cluster) {
         bail!("--cluster must be 1 to 5 servers, got {}", args.cluster);
     }
+    // Checked before anything starts: a bad --dashboard-token is a usage error.
+    let dashboard_token = (!args.no_dashboard)
+        .then(|| crate::dashboard::token(args.dashboard_token.as_deref()))
+        .transpose()
+        .context("--dashboard-token")?;
     // The operator setup: made once, kept across restarts (handed-out credentials stay valid).
     let auth = (!args.no_auth)
         .then(|| -> Result<_> {
@@ -284,11 +302,16 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     // The dashboard, as the operator (or anyone, without auth): this machine's own grid.
-    if !args.no_dashboard {
-        let dashboard = start_dashboard(&args.dashboard, &url, operator_creds.as_deref());
-        match rt.block_on(dashboard) {
-            Ok(addr) => eprintln!("grid: dashboard at http://{addr}/"),
-            Err(e) => eprintln!("grid: no dashboard: {e:#}"),
+    if let Some(token) = dashboard_token {
+        let dashboard = start_dashboard(
+            &args.dashboard,
+            &args.dashboard_allow_host,
+            token,
+            &url,
+            operator_creds.as_deref(),
+        );
+        if let Err(e) = rt.block_on(dashboard) {
+            eprintln!("grid: no dashboard: {e:#}");
         }
     }
     let exited = rt.block_on(async {
@@ -316,12 +339,15 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     }
 }
 
-/// Serves the dashboard on `listen`, or on a free port of its host when that one is taken.
+/// Serves the dashboard on `listen`, or on a free port of its host when that one is taken, and
+/// says where, token included.
 async fn start_dashboard(
     listen: &str,
+    allow_hosts: &[String],
+    token: String,
     url: &str,
     creds: Option<&Path>,
-) -> Result<std::net::SocketAddr> {
+) -> Result<()> {
     let client = grid_client::connect_with(url, true, creds).await?;
     let grid = Grid::open(client).await?;
     let (listener, addr) = match crate::dashboard::bind(listen).await {
@@ -332,12 +358,17 @@ async fn start_dashboard(
         }
     };
     let source = crate::dashboard::Source { grid, tenant: None };
+    let access = crate::dashboard::Access::new(addr, token, allow_hosts);
+    eprintln!("grid: dashboard at {}", access.url(addr));
+    if !addr.ip().is_loopback() {
+        eprintln!("{}", crate::dashboard::beyond_loopback_note(addr));
+    }
     tokio::spawn(async move {
-        if let Err(e) = crate::dashboard::serve(listener, source).await {
+        if let Err(e) = crate::dashboard::serve(listener, source, access).await {
             tracing::warn!("dashboard: {e:#}");
         }
     });
-    Ok(addr)
+    Ok(())
 }
 
 fn wait_for_port(host: &str, port: u16, server: &mut Child, log: &Path) -> Result<()> {

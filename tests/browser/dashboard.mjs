@@ -3,6 +3,8 @@
 // tasks from the job page, and the nodes. Prints one JSON object for the Rust test to check.
 //
 // node dashboard.mjs URL JOB_ID FAILING_JOB_ID SCREENSHOT.png
+// URL is the one `grid dashboard` printed, ?token= included: the first visit trades it for a
+// cookie, which the page's own requests then carry.
 import { chromium } from "playwright-core";
 
 const [url, jobId, failingId, screenshot] = process.argv.slice(2);
