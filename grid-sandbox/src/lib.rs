@@ -8,12 +8,13 @@
 //!
 //! Modules: [`validate`] (static checks before compiling), [`limits`], [`sandbox`],
 //! [`task_state`] (what a task's store holds, shared by the host functions), [`guard`] and
-//! [`fs_guard`] (the `/out` quota inside WASI, counted by [`quota`]), [`capture`] (capped logs),
-//! [`determinism`] (fixed clocks, seeded randomness), [`cache`] (compiled modules on disk),
-//! [`outputs`], [`task`] (what one task of a grid job sees, for a node and `grid run --from`),
-//! [`runtime`] (pinned runtimes such as Python on a host), [`gpu_binding`] (the
-//! guest's `grid_gpu_v1` imports) over [`gpu_worker`] (the process that owns the GPU, killed and
-//! restarted when GPU work overruns).
+//! [`fs_guard`] (the `/out` quota inside WASI, counted by [`quota`]), [`tree`] (walking and
+//! removing a task's folders through directory handles, for the quota and [`outputs`]),
+//! [`capture`] (capped logs), [`determinism`] (fixed clocks, seeded randomness), [`cache`]
+//! (compiled modules on disk), [`task`] (what one task of a grid job sees, for a node and
+//! `grid run --from`), [`runtime`] (pinned runtimes such as Python on a host), [`gpu_binding`]
+//! (the guest's `grid_gpu_v1` imports) over [`gpu_worker`] (the process that owns the GPU,
+//! killed and restarted when GPU work overruns).
 
 pub mod cache;
 pub mod capture;
@@ -31,6 +32,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod task;
 pub mod task_state;
+pub mod tree;
 pub mod validate;
 
 pub use gpu_worker::{GpuWorker, WorkerCommand};
