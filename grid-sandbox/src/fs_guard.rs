@@ -8,8 +8,11 @@
 //! grows past its limit ends at once with `limit: output` / `limit: files` — while writing, not
 //! afterwards.
 //!
-//! The byte and entry counts are kept by [`crate::quota::OutputQuota`], which says how they stay exact and
-//! cheap; the hooks here feed it the sizes of the task's open writable files.
+//! The byte and entry counts are kept by [`crate::quota::OutputQuota`], which says how they stay
+//! exact and cheap, why they fail closed (its walks go through directory handles, see
+//! [`crate::tree`], and a tree they cannot account for whole counts as over the limit), and how
+//! far the disk a task uses can pass its limit; the hooks here feed it the sizes of the task's
+//! open writable files.
 //!
 //! Links: a guest may create only relative symlinks whose target has no `..` component, so a
 //! link cannot point outside `/out`; outputs are collected without following links. Hard links
