@@ -9,7 +9,7 @@
 //! |---|---|
 //! | memory, tables | a [`ResourceLimiter`](wasmtime::ResourceLimiter) per store: `memory.grow` past the limit returns -1 in the guest; a task that then fails reports `limit: memory` |
 //! | time | a wall deadline checked on every epoch tick (10 ms) while wasm runs, and a tokio timeout around the whole call for a guest blocked in a host call (`poll_oneoff` sleeps) |
-//! | output bytes and files, open files | checks around the writing WASI calls, see [`crate::guard`] and [`crate::fs_guard`]; a task over its output limit leaves an empty `/out` |
+//! | output bytes and files, open files | checks around the writing WASI calls, see [`crate::guard`] and [`crate::fs_guard`]; when the task ends, a walk of `/out` ([`crate::outputs::measure`]) ends one whose `/out` no result can hold (deeper than [`crate::tree::MAX_DEPTH`] folders, a path longer than 4096 bytes) with `limit: output`; a task over its output limit leaves an empty `/out` |
 //! | logs | [`crate::capture::CappedPipe`]: truncated and marked, not fatal |
 //! | stack | `max_wasm_stack` on the engine (per node) |
 //!
@@ -160,7 +160,8 @@ pub struct TaskReport {
     pub gpu_seconds: f64,
     /// The largest linear memory the task had (0 when it never started).
     pub peak_memory_bytes: u64,
-    /// Apparent size of `/out` when the task ended.
+    /// Apparent size of `/out` when the task ended (a hard-linked file once); 0 after a task
+    /// over its output limit, whose `/out` is emptied.
     pub bytes_out: u64,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -447,15 +448,30 @@ impl Sandbox {
                 0.0,
             ),
         };
-        let outcome = ran.outcome;
+        let mut outcome = ran.outcome;
         let wall_seconds = started.elapsed().as_secs_f64();
-        if matches!(
-            outcome,
-            Outcome::Failed(Reason::Limit(Limit::Output | Limit::Files))
-        ) {
+        // The hooks keep `/out` within its limits while the guest runs; this walk also catches
+        // what they had no cause to walk (a tree deeper than `tree::MAX_DEPTH`, a path longer
+        // than a result may name) and ends such a task as over its output limit.
+        let left = crate::outputs::measure(&spec.output_dir);
+        if !over_output_limit(&outcome)
+            && let Some(limit) = output_limit_passed(&left, &limits)
+        {
+            outcome = Outcome::Failed(Reason::Limit(limit));
+        }
+        let bytes_out = if over_output_limit(&outcome) {
             // The last write may have left a sparse file past the quota, or one entry too many:
             // a task over its output limit leaves nothing behind.
             crate::outputs::clear(&spec.output_dir);
+            crate::outputs::measure(&spec.output_dir).map_or(0, |m| m.bytes)
+        } else {
+            left.map_or(0, |m| m.bytes)
+        };
+        if let Some(dir) = &scratch
+            && let Err(e) = crate::tree::remove_contents(dir.path())
+        {
+            // Emptied here, at any depth: the `TempDir` then removes an empty folder.
+            tracing::warn!(dir = %dir.path().display(), error = %e, "could not empty a task's /tmp");
         }
         let (stdout, out_truncated) = stdout.take();
         let (stderr, err_truncated) = stderr.take();
@@ -465,7 +481,7 @@ impl Sandbox {
             wall_seconds,
             gpu_seconds: ran.gpu_time.as_secs_f64(),
             peak_memory_bytes: ran.peak_memory_bytes,
-            bytes_out: crate::outputs::apparent_size(&spec.output_dir),
+            bytes_out,
             stdout,
             stderr,
             logs_truncated: out_truncated || err_truncated,
@@ -682,6 +698,31 @@ impl Sandbox {
             imports.push(export);
         }
         wasmtime::Instance::new_async(&mut *store, &module.module, &imports).await
+    }
+}
+
+/// Whether `outcome` is a task over its output limits (bytes or entries).
+fn over_output_limit(outcome: &Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::Failed(Reason::Limit(Limit::Output | Limit::Files))
+    )
+}
+
+/// The output limit a task's `/out` (as `left` measured it) is over, if any. One that cannot be
+/// measured, or listed as a result, is over `max_output_bytes`.
+fn output_limit_passed(
+    left: &Result<crate::outputs::Measured, crate::outputs::OutputsError>,
+    limits: &Limits,
+) -> Option<Limit> {
+    match left {
+        Err(e) => {
+            tracing::debug!(error = %e, "a task's /out cannot be listed as a result");
+            Some(Limit::Output)
+        }
+        Ok(m) if m.bytes > limits.max_output_bytes => Some(Limit::Output),
+        Ok(m) if m.entries > limits.max_output_files => Some(Limit::Files),
+        Ok(_) => None,
     }
 }
 
