@@ -69,17 +69,16 @@ impl Grid {
         Ok(())
     }
 
-    /// Stages the file at `path` (whose hash and size the caller computed) as `node`.
+    /// Stages `file` (whose hash and size the caller computed, open for reading at its start)
+    /// as `node`. An open file rather than a path: a task's output may lie past `PATH_MAX`.
     pub async fn stage_file(
         &self,
         node: &str,
         sha256: Sha256Hex,
         bytes: u64,
-        path: &std::path::Path,
+        file: std::fs::File,
     ) -> Result<Staged> {
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| anyhow!("opening {}: {e}", path.display()))?;
+        let mut file = tokio::fs::File::from_std(file);
         let mut chunks = Vec::new();
         let mut in_flight = std::collections::VecDeque::new();
         let mut left = bytes;
@@ -88,7 +87,7 @@ impl Grid {
             let mut chunk = vec![0u8; len];
             file.read_exact(&mut chunk)
                 .await
-                .map_err(|e| anyhow!("reading {}: {e}", path.display()))?;
+                .map_err(|e| anyhow!("reading the file of blob {sha256}: {e}"))?;
             left -= len as u64;
             in_flight.push_back(self.stage_chunk(node, chunk).await?);
             if in_flight.len() >= CHUNKS_IN_FLIGHT

@@ -40,8 +40,8 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use grid_client::{Grid, now_unix_ms};
 use grid_proto::{
-    JobRecord, JobState, NodeInfo, Outcome, Reason, ResultMsg, Sha256Hex, StageRequest, Staged,
-    TaskMsg, Usage, decode, encode, names,
+    JobRecord, JobState, Limit, NodeInfo, Outcome, Reason, ResultMsg, Sha256Hex, StageRequest,
+    Staged, TaskMsg, Usage, decode, encode, names,
 };
 use grid_sandbox::limits::MIB;
 use grid_sandbox::runtime::RuntimeFiles;
@@ -830,18 +830,28 @@ impl Node {
             )?;
         }
         // Outputs and logs go to this node's stage; the broker checks them and copies them
-        // into the tenant's store (see `grid_client::stage`). Each blob once.
+        // into the tenant's store (see `grid_client::stage`). Each blob once. A task over its
+        // output limit has none; one whose `/out` no result could hold was ended as over it by
+        // the sandbox, so a failure to list or read what is left is this node's trouble.
         let node_id = &self.config.node_id;
-        let files = grid_sandbox::outputs::manifest(&out_dir)?;
+        let files = if matches!(
+            report.outcome,
+            Outcome::Failed(Reason::Limit(Limit::Output | Limit::Files))
+        ) {
+            Vec::new()
+        } else {
+            grid_sandbox::outputs::manifest(&out_dir).context("listing the task's outputs")?
+        };
         let mut staged: Vec<Staged> = Vec::new();
         for file in &files {
             if staged.iter().any(|s| s.sha256 == file.sha256) {
                 continue;
             }
-            let path = out_dir.join(&file.path);
+            let opened = grid_sandbox::outputs::open(&out_dir, &file.path)
+                .with_context(|| format!("opening output {}", file.path))?;
             staged.push(
                 self.grid
-                    .stage_file(node_id, file.sha256, file.bytes, &path)
+                    .stage_file(node_id, file.sha256, file.bytes, opened)
                     .await?,
             );
         }
