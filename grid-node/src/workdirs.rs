@@ -6,7 +6,12 @@
 //! synchronous discard. A folder that comes back is emptied (its contents removed, the
 //! folder and its `in/` and `out/` kept) before another task gets it, so no task ever sees
 //! another's files. A folder that cannot be emptied is removed instead.
+//!
+//! The folders are emptied and removed through directory handles ([`grid_sandbox::tree`]): a
+//! guest can nest folders deeper than any path reaches, or than a recursive removal has handles
+//! and stack for.
 
+use grid_sandbox::tree::{remove_all, remove_contents};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -30,7 +35,7 @@ impl WorkDirs {
     pub fn new(root: &Path, keep: usize) -> std::io::Result<Self> {
         std::fs::create_dir_all(root)?;
         for entry in std::fs::read_dir(root)?.flatten() {
-            let _ = std::fs::remove_dir_all(entry.path());
+            let _ = remove_all(&entry.path());
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -67,7 +72,7 @@ impl WorkDirs {
             free.push(path);
         } else {
             drop(free);
-            let _ = std::fs::remove_dir_all(&path);
+            let _ = remove_all(&path);
         }
     }
 }
@@ -90,20 +95,10 @@ fn empty(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
-        let kind = entry.file_type()?;
-        if (name == "in" || name == "out") && kind.is_dir() {
-            for inner in std::fs::read_dir(entry.path())? {
-                let inner = inner?;
-                if inner.file_type()?.is_dir() {
-                    std::fs::remove_dir_all(inner.path())?;
-                } else {
-                    std::fs::remove_file(inner.path())?;
-                }
-            }
-        } else if kind.is_dir() {
-            std::fs::remove_dir_all(entry.path())?;
+        if (name == "in" || name == "out") && entry.file_type()?.is_dir() {
+            remove_contents(&entry.path())?;
         } else {
-            std::fs::remove_file(entry.path())?;
+            remove_all(&entry.path())?;
         }
     }
     for sub in ["in", "out"] {
