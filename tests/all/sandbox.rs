@@ -279,6 +279,92 @@ async fn sparse_file_past_the_quota_hits_the_output_limit() {
     assert_a_good_task_runs().await;
 }
 
+/// 16 MiB and 10,000 entries: room for trees of a few hundred folders.
+fn output_limits() -> Limits {
+    Limits {
+        max_output_bytes: 16 << 20,
+        max_output_files: 10_000,
+        timeout: Duration::from_secs(30),
+        ..small_limits()
+    }
+}
+
+/// Runs `hostile ARGS…` with `limits`, after the common checks.
+async fn hostile_with(args: &[&str], limits: Limits) -> (grid_sandbox::TaskReport, TaskDirs) {
+    let dirs = TaskDirs::new();
+    let report = run_task(&guest_bytes("hostile"), &dirs, |s| {
+        s.args = args.iter().map(|a| a.to_string()).collect();
+        s.limits = limits;
+    })
+    .await;
+    dirs.assert_nothing_outside_out();
+    (report, dirs)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_hidden_past_path_max_count_against_the_output_limit() {
+    // 30 folders of 200-byte names (paths of 6 KB at the bottom, past PATH_MAX), then 64 MiB
+    // there in files of 4 MiB, each closed before the next.
+    let (r, dirs) = hostile_with(&["deep-nest", "30", "200", "64"], output_limits()).await;
+    assert_eq!(
+        reason(&r),
+        "limit: output",
+        "stdout: {}",
+        String::from_utf8_lossy(&r.stdout)
+    );
+    assert_eq!(r.bytes_out, 0);
+    // The limit plus its slack at most while it ran; nothing once it ended.
+    assert_eq!(
+        grid_sandbox::outputs::measure(&dirs.output()).unwrap(),
+        grid_sandbox::outputs::Measured::default(),
+        "a task over its output limit leaves an empty /out"
+    );
+    assert_a_good_task_runs().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tree_deeper_than_the_walk_goes_is_over_the_output_limit() {
+    let deeper = (grid_sandbox::tree::MAX_DEPTH + 10).to_string();
+    let (r, dirs) = hostile_with(&["deep-nest", deeper.as_str(), "1", "0"], output_limits()).await;
+    assert_eq!(reason(&r), "limit: output");
+    assert_eq!(std::fs::read_dir(dirs.output()).unwrap().count(), 0);
+
+    // Within the walk's depth and the 4096 bytes a result may name, a deep tree is a result.
+    let (r, dirs) = hostile_with(&["deep-nest", "10", "200", "8"], output_limits()).await;
+    assert_eq!(reason(&r), "succeeded");
+    assert_eq!(r.bytes_out, 8 << 20);
+    let files = grid_sandbox::outputs::manifest(&dirs.output()).unwrap();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(
+        files
+            .iter()
+            .all(|f| f.path.len() > 2000 && f.bytes == 4 << 20)
+    );
+    assert_a_good_task_runs().await;
+}
+
+/// Needs `path_link` within `/out` (refused with EPERM before hard links were allowed there).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hard_linked_file_counts_once_against_the_output_limit() {
+    // 4 MiB under six names, a 10 MiB file written and removed, then 8 MiB: the walk the
+    // stale 10 MiB calls for must count the linked file once (4 + 8), not six times (24 + 8).
+    let (r, dirs) = hostile_with(&["hard-links"], output_limits()).await;
+    assert_eq!(
+        reason(&r),
+        "succeeded",
+        "stderr: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(r.bytes_out, 12 << 20);
+    let files = grid_sandbox::outputs::manifest(&dirs.output()).unwrap();
+    assert_eq!(
+        files.len(),
+        7,
+        "data.bin, its five other names and more.bin"
+    );
+    assert_a_good_task_runs().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn set_len_past_the_quota_hits_the_output_limit() {
     let (r, _) = hostile("set-len").await;

@@ -38,6 +38,48 @@ fn main() {
                 fs::create_dir(format!("/out/d{i}")).unwrap();
             }
         }
+        "deep-nest" => {
+            // Folders LEVELS deep with names NAME_LEN bytes long, each made and opened through
+            // its parent's handle (a path stops resolving at PATH_MAX, a handle never does),
+            // then MIB mebibytes at the bottom, in files of 4 MiB each closed before the next.
+            let arg = |i: usize, default: u64| -> u64 {
+                std::env::args()
+                    .nth(i)
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(default)
+            };
+            let (levels, name_len, mib) = (arg(2, 30), arg(3, 200), arg(4, 64));
+            let name = "d".repeat(name_len as usize);
+            let mut dir = at::OUT;
+            for _ in 0..levels {
+                at::mkdir(dir, &name).unwrap();
+                let inner = at::open_dir(dir, &name).unwrap();
+                if dir != at::OUT {
+                    at::close(dir);
+                }
+                dir = inner;
+            }
+            let chunk = vec![7u8; 1 << 20];
+            for part in 0..mib.div_ceil(4) {
+                let file = at::create(dir, &format!("part{part}")).unwrap();
+                for _ in 0..(mib - 4 * part).min(4) {
+                    at::write_all(file, &chunk).unwrap();
+                }
+                at::close(file);
+            }
+            println!("wrote {mib} MiB {levels} folders down");
+        }
+        "hard-links" => {
+            // 4 MiB under six names; 10 MiB written and removed; then 8 MiB. 12 MiB are left,
+            // in files that a listing by name would count as 32.
+            fs::write("/out/data.bin", vec![3u8; 4 << 20]).unwrap();
+            for i in 0..5 {
+                fs::hard_link("/out/data.bin", format!("/out/link{i}.bin")).unwrap();
+            }
+            fs::write("/out/scratch.bin", vec![5u8; 10 << 20]).unwrap();
+            fs::remove_file("/out/scratch.bin").unwrap();
+            fs::write("/out/more.bin", vec![4u8; 8 << 20]).unwrap();
+        }
         "rewrite-one-file" => {
             // Rewriting one small file many times stays within any sensible quota.
             for i in 0..2000 {
@@ -379,6 +421,122 @@ fn symlink(target: &str, link: &str) -> bool {
 #[cfg(not(target_os = "wasi"))]
 fn symlink(_target: &str, _link: &str) -> bool {
     false
+}
+
+/// Preview 1 calls on handles (`path_create_directory`, `path_open`, `fd_write` relative to an
+/// open folder), for trees whose paths pass PATH_MAX. Errors are WASI errno values.
+#[cfg(target_os = "wasi")]
+mod at {
+    #[link(wasm_import_module = "wasi_snapshot_preview1")]
+    unsafe extern "C" {
+        fn path_create_directory(fd: i32, path: i32, path_len: i32) -> i32;
+        fn path_open(
+            fd: i32,
+            dirflags: i32,
+            path: i32,
+            path_len: i32,
+            oflags: i32,
+            rights_base: i64,
+            rights_inheriting: i64,
+            fdflags: i32,
+            opened: i32,
+        ) -> i32;
+        fn fd_write(fd: i32, iovs: i32, iovs_len: i32, written: i32) -> i32;
+        fn fd_close(fd: i32) -> i32;
+    }
+
+    /// `/out`: the sandbox preopens `/in` (fd 3), then `/out`.
+    pub const OUT: i32 = 4;
+    const OFLAGS_CREAT: i32 = 1;
+    const OFLAGS_DIRECTORY: i32 = 2;
+    const OFLAGS_TRUNC: i32 = 8;
+    const RIGHTS_FD_READ: i64 = 1 << 1;
+    const RIGHTS_FD_WRITE: i64 = 1 << 6;
+
+    fn ok(errno: i32) -> Result<(), i32> {
+        if errno == 0 { Ok(()) } else { Err(errno) }
+    }
+
+    pub fn mkdir(dir: i32, name: &str) -> Result<(), i32> {
+        // SAFETY: the pointer and length come from a live &str.
+        ok(unsafe { path_create_directory(dir, name.as_ptr() as i32, name.len() as i32) })
+    }
+
+    fn open(dir: i32, name: &str, oflags: i32, rights: i64) -> Result<i32, i32> {
+        let mut fd = 0u32;
+        // SAFETY: the pointers come from a live &str and a live u32.
+        ok(unsafe {
+            path_open(
+                dir,
+                0,
+                name.as_ptr() as i32,
+                name.len() as i32,
+                oflags,
+                rights,
+                rights,
+                0,
+                &mut fd as *mut u32 as i32,
+            )
+        })?;
+        Ok(fd as i32)
+    }
+
+    pub fn open_dir(dir: i32, name: &str) -> Result<i32, i32> {
+        open(dir, name, OFLAGS_DIRECTORY, RIGHTS_FD_READ)
+    }
+
+    pub fn create(dir: i32, name: &str) -> Result<i32, i32> {
+        open(
+            dir,
+            name,
+            OFLAGS_CREAT | OFLAGS_TRUNC,
+            RIGHTS_FD_READ | RIGHTS_FD_WRITE,
+        )
+    }
+
+    pub fn write_all(fd: i32, mut bytes: &[u8]) -> Result<(), i32> {
+        while !bytes.is_empty() {
+            // One ciovec: the buffer's address and length.
+            let iov = [bytes.as_ptr() as i32, bytes.len() as i32];
+            let mut written = 0u32;
+            // SAFETY: the pointers come from a live slice, array and u32.
+            ok(unsafe { fd_write(fd, iov.as_ptr() as i32, 1, &mut written as *mut u32 as i32) })?;
+            bytes = bytes.get(written as usize..).unwrap_or_default();
+        }
+        Ok(())
+    }
+
+    pub fn close(fd: i32) {
+        // SAFETY: closing a handle has no memory effects.
+        unsafe {
+            fd_close(fd);
+        }
+    }
+}
+
+/// Off WASI (the workspace's host build of this crate), every call fails with ENOTSUP.
+#[cfg(not(target_os = "wasi"))]
+mod at {
+    pub const OUT: i32 = 4;
+    const ENOTSUP: i32 = 58;
+
+    pub fn mkdir(_dir: i32, _name: &str) -> Result<(), i32> {
+        Err(ENOTSUP)
+    }
+
+    pub fn open_dir(_dir: i32, _name: &str) -> Result<i32, i32> {
+        Err(ENOTSUP)
+    }
+
+    pub fn create(_dir: i32, _name: &str) -> Result<i32, i32> {
+        Err(ENOTSUP)
+    }
+
+    pub fn write_all(_fd: i32, _bytes: &[u8]) -> Result<(), i32> {
+        Err(ENOTSUP)
+    }
+
+    pub fn close(_fd: i32) {}
 }
 
 /// Raw `grid_gpu_v1` calls with pointers and lengths outside memory and foreign handles.
