@@ -7,11 +7,13 @@
 //! folder and its `in/` and `out/` kept) before another task gets it, so no task ever sees
 //! another's files. A folder that cannot be emptied is removed instead.
 //!
-//! The folders are emptied and removed through directory handles ([`grid_sandbox::tree`]): a
-//! guest can nest folders deeper than any path reaches, or than a recursive removal has handles
-//! and stack for.
+//! The folders are the node's user's alone (mode 0700, the pool's root too): a task's inputs
+//! and outputs are its tenant's. They are emptied and removed through directory handles
+//! ([`grid_sandbox::tree`]): a guest can nest folders deeper than any path reaches, or than a
+//! recursive removal has handles and stack for.
 
 use grid_sandbox::tree::{remove_all, remove_contents};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -33,7 +35,7 @@ pub struct WorkDir {
 impl WorkDirs {
     /// A pool under `root`. Folders left by an earlier run of the node are removed.
     pub fn new(root: &Path, keep: usize) -> std::io::Result<Self> {
-        std::fs::create_dir_all(root)?;
+        private_dir(root)?;
         for entry in std::fs::read_dir(root)?.flatten() {
             let _ = remove_all(&entry.path());
         }
@@ -52,10 +54,14 @@ impl WorkDirs {
             None => {
                 let path = tempfile::Builder::new()
                     .prefix("task-")
+                    .permissions(std::fs::Permissions::from_mode(0o700))
                     .tempdir_in(&self.root)?
                     .keep();
-                std::fs::create_dir(path.join("in"))?;
-                std::fs::create_dir(path.join("out"))?;
+                for sub in ["in", "out"] {
+                    std::fs::DirBuilder::new()
+                        .mode(0o700)
+                        .create(path.join(sub))?;
+                }
                 path
             }
         };
@@ -87,6 +93,16 @@ impl Drop for WorkDir {
     fn drop(&mut self) {
         self.pool.give_back(std::mem::take(&mut self.path));
     }
+}
+
+/// Makes `path` (and any missing parent) a folder only the node's user can enter, and makes
+/// one an older node left with the default mode so too.
+pub(crate) fn private_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Removes everything in `dir` but its `in/` and `out/`, and everything in those; fails when
@@ -127,6 +143,15 @@ mod tests {
         drop(first);
         let again = pool.take().unwrap();
         assert_eq!(again.path(), path, "reused");
+        for dir in [
+            root.path().to_path_buf(),
+            path.clone(),
+            path.join("in"),
+            path.join("out"),
+        ] {
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{} is the node's user's alone", dir.display());
+        }
         for sub in ["in", "out"] {
             assert_eq!(
                 std::fs::read_dir(path.join(sub)).unwrap().count(),

@@ -131,7 +131,8 @@ pub async fn run(
             }
         }
     }
-    std::fs::create_dir_all(config.cache_dir.join("modules"))?;
+    // Tenants' code and task folders: the node's user's alone.
+    crate::workdirs::private_dir(&config.cache_dir.join("modules"))?;
     let work = crate::workdirs::WorkDirs::new(
         &config.cache_dir.join("work"),
         (config.slots + config.gpu_slots) as usize * HELD_PER_SLOT,
@@ -710,7 +711,7 @@ impl Node {
                 .fetch(delivery, &program.file.sha256, program.file.bytes)
                 .await
                 .context("fetching the program")?;
-            std::fs::create_dir_all(&dir)?;
+            crate::workdirs::private_dir(&dir)?;
             let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
             std::io::Write::write_all(&mut tmp, &bytes)?;
             tmp.persist(&path).map_err(|e| e.error)?;

@@ -50,6 +50,7 @@ use crate::task_state::{LimitHit, TaskGpu, TaskLimiter, TaskState, wasm_err};
 use crate::validate::{CompileCaps, check_module};
 use grid_proto::{Limit, Outcome, Reason, Sha256Hex};
 use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -416,10 +417,15 @@ impl Sandbox {
         let stdout = CappedPipe::new(limits.max_log_bytes);
         let stderr = CappedPipe::new(limits.max_log_bytes);
         let started = Instant::now();
-        // A runtime gets a writable /tmp (its HOME too), counted in the output quota and
-        // removed when the task ends.
+        // A runtime gets a writable /tmp (its HOME too), the node's user's alone (mode 0700,
+        // in the host's shared temp folder), counted in the output quota and removed when the
+        // task ends.
         let scratch = match spec.program {
-            Some(_) => match tempfile::Builder::new().prefix("grid-tmp-").tempdir() {
+            Some(_) => match tempfile::Builder::new()
+                .prefix("grid-tmp-")
+                .permissions(std::fs::Permissions::from_mode(0o700))
+                .tempdir()
+            {
                 Ok(dir) => Some(dir),
                 Err(e) => {
                     return TaskReport::refused(Reason::Invalid(format!(

@@ -1,6 +1,7 @@
 //! The node's second line of defence behind wasmtime (`grid_node::privileges`): started as
 //! root with `--user`, it runs as that user with no capabilities; always, with
-//! no-new-privileges and a seccomp filter — and it still serves CPU and GPU tasks.
+//! no-new-privileges and a seccomp filter, and with task folders that are its user's alone —
+//! and it still serves CPU and GPU tasks.
 
 use crate::support::{GridProcess, TestGrid, guest};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -81,6 +82,17 @@ fn a_node_runs_unprivileged_under_seccomp_and_still_serves() {
     if root {
         let modules = std::fs::metadata(cache.join("modules")).unwrap();
         assert_eq!(modules.uid(), uid_of("nobody"), "the cache is the user's");
+    }
+    // Task folders (kept for the next task) and tenants' modules: the node's user's alone.
+    let mut private = vec![cache.join("work"), cache.join("modules")];
+    for task in std::fs::read_dir(cache.join("work")).unwrap() {
+        let task = task.unwrap().path();
+        private.extend([task.join("in"), task.join("out"), task]);
+    }
+    assert!(private.len() > 2, "a task folder is kept for reuse");
+    for dir in private {
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", dir.display());
     }
 }
 
