@@ -11,15 +11,27 @@
 //!   can gain privileges (set-uid programs, file capabilities).
 //! - **A seccomp filter** ([`seccompiler`], from rust-vmm, as in Firecracker) on every thread and
 //!   inherited by the GPU worker: the system calls a node never makes and an attacker wants —
-//!   debugging other processes, kernel modules and kexec, mounts and namespaces, BPF, perf
-//!   events, keyrings, userfaultfd, raw I/O ports, clock and swap changes, reboot — fail with
-//!   `EPERM`.
+//!   debugging other processes and taking their file descriptors (`pidfd_getfd`), kernel
+//!   modules and kexec, mounts (`mount` and the new API: `fsopen`, `fsconfig`, `fsmount`,
+//!   `fspick`, `move_mount`, `open_tree`, `mount_setattr`) and namespaces (`unshare`, `setns`,
+//!   and `clone` with any `CLONE_NEW*` flag), io_uring (a large kernel surface that seccomp
+//!   cannot see into), BPF, perf events, keyrings, userfaultfd, raw I/O ports, clock and swap
+//!   changes, reboot — fail with `EPERM`. `clone3` fails with `ENOSYS`: its flags sit in a
+//!   struct that seccomp cannot read, and `ENOSYS` is the answer on which glibc (2.34 and later,
+//!   for threads and `posix_spawn`) falls back to `clone`, whose flags it can; `EPERM` would
+//!   make every new thread fail.
+//! - **Private folders**: task folders (`work/`), fetched modules and programs are mode 0700
+//!   (see [`crate::workdirs`]); compiled code is too (`grid_sandbox::cache`).
 //!
 //! What remains: the filter is a deny list, not an allow list — wasmtime, tokio, NATS and a GPU
 //! driver need a large and version-dependent set of calls (JIT memory, threads, sockets, GPU
-//! ioctls), and an allow list that misses one kills the node in the field. The node can still
-//! read what its user can read, reach the network (it must reach NATS), and write its cache
-//! folder. Run it as a dedicated user, in a container or VM if the machine holds secrets.
+//! ioctls), and an allow list that misses one kills the node in the field. So a system call
+//! added to the kernel after this list was written is allowed until it is listed (the newest
+//! mount calls, `open_tree_attr`, `listmount` and `statmount`, have no constant in `libc` yet),
+//! and `clone`'s flags are read as its first argument, which they are on the architectures
+//! seccompiler builds filters for (x86_64, aarch64, riscv64). The node can still read what its
+//! user can read, reach the network (it must reach NATS), and write its cache folder. Run it as
+//! a dedicated user, in a container or VM if the machine holds secrets.
 
 use std::path::Path;
 
@@ -60,10 +72,33 @@ const DENIED: &[(&str, i64)] = &[
     ("name_to_handle_at", libc::SYS_name_to_handle_at),
     ("fanotify_init", libc::SYS_fanotify_init),
     ("vhangup", libc::SYS_vhangup),
+    ("pidfd_getfd", libc::SYS_pidfd_getfd),
+    ("io_uring_setup", libc::SYS_io_uring_setup),
+    ("io_uring_enter", libc::SYS_io_uring_enter),
+    ("io_uring_register", libc::SYS_io_uring_register),
+    ("fsopen", libc::SYS_fsopen),
+    ("fsconfig", libc::SYS_fsconfig),
+    ("fsmount", libc::SYS_fsmount),
+    ("fspick", libc::SYS_fspick),
+    ("move_mount", libc::SYS_move_mount),
+    ("open_tree", libc::SYS_open_tree),
+    ("mount_setattr", libc::SYS_mount_setattr),
     #[cfg(target_arch = "x86_64")]
     ("iopl", libc::SYS_iopl),
     #[cfg(target_arch = "x86_64")]
     ("ioperm", libc::SYS_ioperm),
+];
+
+/// The flags that make `clone` create namespaces, refused like `unshare`. (`CLONE_NEWTIME`
+/// exists only for `unshare` and `clone3`.)
+const CLONE_NAMESPACES: [libc::c_int; 7] = [
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWNET,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWCGROUP,
 ];
 
 /// What [`drop_privileges`] did, for the log.
@@ -92,38 +127,66 @@ pub fn drop_privileges(user: Option<&str>, cache_dir: &Path) -> Result<Dropped, 
             None
         }
     };
-    install_filter(true)?;
+    let denied_syscalls = install_filter(true)?;
     Ok(Dropped {
         user: switched,
-        denied_syscalls: DENIED.len(),
+        denied_syscalls,
     })
 }
 
 /// Installs the filter on the calling thread only, or with `all_threads` on every thread of the
-/// process (and, either way, on what they start later).
-pub fn install_filter(all_threads: bool) -> Result<(), String> {
-    use seccompiler::{SeccompAction, SeccompFilter};
-    let rules = DENIED.iter().map(|(_, nr)| (*nr, Vec::new())).collect();
-    let arch = std::env::consts::ARCH
+/// process (and, either way, on what they start later). Returns how many system calls it
+/// refuses, outright or for some arguments.
+pub fn install_filter(all_threads: bool) -> Result<usize, String> {
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule,
+    };
+    use std::collections::BTreeMap;
+    let arch: seccompiler::TargetArch = std::env::consts::ARCH
         .try_into()
         .map_err(|e| format!("seccomp: {e:?}"))?;
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .map_err(|e| format!("seccomp filter: {e}"))?;
-    let program: seccompiler::BpfProgram = filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| format!("seccomp filter: {e}"))?;
-    // Both set no-new-privileges first, as the kernel requires of an unprivileged process.
-    let applied = if all_threads {
-        seccompiler::apply_filter_all_threads(&program)
-    } else {
-        seccompiler::apply_filter(&program)
-    };
-    applied.map_err(|e| format!("installing the seccomp filter: {e}"))
+    let rule_error = |e: seccompiler::BackendError| format!("seccomp rule: {e}");
+    let mut refused: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().map(|(_, nr)| (*nr, Vec::new())).collect();
+    // `clone` whose flags (its first argument) carry any namespace flag; rules of a system
+    // call are alternatives.
+    let mut clone = Vec::new();
+    for flag in CLONE_NAMESPACES {
+        let flag = flag as u64;
+        let has_flag = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(flag),
+            flag,
+        )
+        .map_err(rule_error)?;
+        clone.push(SeccompRule::new(vec![has_flag]).map_err(rule_error)?);
+    }
+    refused.insert(libc::SYS_clone, clone);
+    let unsupported = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    let count = refused.len() + unsupported.len();
+    // Two filters, one answer each; the kernel runs both on every call.
+    for (rules, errno) in [(refused, libc::EPERM), (unsupported, libc::ENOSYS)] {
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno as u32),
+            arch,
+        )
+        .map_err(|e| format!("seccomp filter: {e}"))?;
+        let program: BpfProgram = filter
+            .try_into()
+            .map_err(|e: seccompiler::BackendError| format!("seccomp filter: {e}"))?;
+        // Both set no-new-privileges first, as the kernel requires of an unprivileged process.
+        let applied = if all_threads {
+            seccompiler::apply_filter_all_threads(&program)
+        } else {
+            seccompiler::apply_filter(&program)
+        };
+        applied.map_err(|e| format!("installing the seccomp filter: {e}"))?;
+    }
+    Ok(count)
 }
 
 fn switch_user(name: &str, cache_dir: &Path) -> Result<(), String> {
@@ -225,30 +288,69 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// The errno of a system call that returned `rc`, or `None` if it succeeded.
+    fn errno(rc: libc::c_long) -> Option<i32> {
+        (rc == -1).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+
     #[test]
     fn the_filter_refuses_what_it_lists_and_nothing_a_node_needs() {
         // On a thread of its own: the filter stays there.
         std::thread::spawn(|| {
             install_filter(false).unwrap();
-            // SAFETY: plain system calls; each fails or does nothing harmful.
+            let null = std::ptr::null_mut::<libc::c_void>();
+            // SAFETY: plain system calls, each refused before the kernel looks at its arguments
+            // (the filter's answers differ from the kernel's: EPERM where the kernel would say
+            // EINVAL, EFAULT or EBADF, ENOSYS where it would say EINVAL); a clone that got
+            // through anyway exits at once in the child.
             unsafe {
-                assert_eq!(libc::unshare(libc::CLONE_NEWUTS), -1);
                 assert_eq!(
-                    std::io::Error::last_os_error().raw_os_error(),
+                    errno(libc::unshare(libc::CLONE_NEWUTS).into()),
                     Some(libc::EPERM)
                 );
-                assert_eq!(libc::syscall(libc::SYS_ptrace, 0, 0, 0, 0), -1);
                 assert_eq!(
-                    std::io::Error::last_os_error().raw_os_error(),
+                    errno(libc::unshare(libc::CLONE_NEWUSER).into()),
                     Some(libc::EPERM)
                 );
-                assert_eq!(libc::syscall(libc::SYS_bpf, 0, 0, 0), -1);
                 assert_eq!(
-                    std::io::Error::last_os_error().raw_os_error(),
+                    errno(libc::syscall(libc::SYS_ptrace, 0, 0, 0, 0)),
                     Some(libc::EPERM)
+                );
+                assert_eq!(
+                    errno(libc::syscall(libc::SYS_bpf, 0, 0, 0)),
+                    Some(libc::EPERM)
+                );
+                for flags in [libc::CLONE_NEWUSER, libc::CLONE_NEWNET | libc::CLONE_NEWNS] {
+                    let flags = (flags | libc::SIGCHLD) as libc::c_ulong;
+                    let child = libc::syscall(libc::SYS_clone, flags, null, null, null, 0usize);
+                    if child == 0 {
+                        libc::_exit(0);
+                    }
+                    if child > 0 {
+                        libc::waitpid(child as libc::pid_t, std::ptr::null_mut(), 0);
+                    }
+                    assert_eq!(errno(child), Some(libc::EPERM), "clone with {flags:#x}");
+                }
+                assert_eq!(
+                    errno(libc::syscall(libc::SYS_io_uring_setup, 1u32, null)),
+                    Some(libc::EPERM)
+                );
+                assert_eq!(
+                    errno(libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), 0u32)),
+                    Some(libc::EPERM)
+                );
+                assert_eq!(
+                    errno(libc::syscall(libc::SYS_pidfd_getfd, -1i32, 0i32, 0u32)),
+                    Some(libc::EPERM)
+                );
+                assert_eq!(
+                    errno(libc::syscall(libc::SYS_clone3, null, 0usize)),
+                    Some(libc::ENOSYS),
+                    "ENOSYS, on which glibc falls back to clone"
                 );
             }
-            // What a node does every day still works: files, threads, memory, a child process.
+            // What a node does every day still works: files, threads (glibc tries clone3 first,
+            // then clone), memory, a child process (posix_spawn, the same way).
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join("f"), b"x").unwrap();
             std::thread::spawn(|| 1 + 1).join().unwrap();

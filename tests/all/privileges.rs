@@ -1,7 +1,8 @@
 //! The node's second line of defence behind wasmtime (`grid_node::privileges`): started as
 //! root with `--user`, it runs as that user with no capabilities; always, with
 //! no-new-privileges and a seccomp filter, and with task folders that are its user's alone —
-//! and it still serves CPU and GPU tasks.
+//! and it still serves CPU and GPU tasks. (What the filter refuses is checked system call by
+//! system call in `grid_node::privileges`'s own tests, under the same filter.)
 
 use crate::support::{GridProcess, TestGrid, guest};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
