@@ -531,7 +531,7 @@ mod tests {
         std::os::unix::fs::symlink("real", root.path().join("sub/alias")).unwrap();
         std::os::unix::fs::symlink("sub", root.path().join("via")).unwrap();
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut open_file(root.path(), "sub/real").unwrap(), &mut text)
+        io::Read::read_to_string(&mut open_file(root.path(), "sub/real").unwrap(), &mut text)
             .unwrap();
         assert_eq!(text, "data");
         for refused in [

@@ -299,12 +299,12 @@ fn a_tenants_dashboard_shows_its_own_jobs_only() {
     let theirs = submit("bob");
     let dashboard = Dashboard::start(&grid, "alice");
     let state = dashboard.get("api/state");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     let mut state = state;
     // Its job, and its usage from the ledger (one attempt billed).
     while !(state.contains(&mine) && state.contains(r#""attempts":1"#)) {
-        assert!(std::time::Instant::now() < deadline, "{state}");
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(Instant::now() < deadline, "{state}");
+        std::thread::sleep(Duration::from_millis(200));
         state = dashboard.get("api/state");
     }
     assert!(!state.contains(&theirs), "{state}");
@@ -322,10 +322,10 @@ fn a_tenants_dashboard_shows_its_own_jobs_only() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while !state.contains(&next) || state.contains(&mine) {
-        assert!(std::time::Instant::now() < deadline, "{state}");
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(Instant::now() < deadline, "{state}");
+        std::thread::sleep(Duration::from_millis(200));
         state = dashboard.get("api/state");
     }
     assert!(state.contains(r#""jobs_total":1"#), "{state}");
