@@ -112,9 +112,15 @@ fn request(addr: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
     if stream.write_all(text.as_bytes()).is_err() {
         return Reply::default();
     }
-    let mut bytes = Vec::new();
-    // A timeout keeps what was read.
-    let _ = stream.read_to_end(&mut bytes);
+    // What comes in 3 seconds at most (an event stream sends keep-alives forever).
+    let (mut bytes, mut chunk) = (Vec::new(), [0u8; 4096]);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+        }
+    }
     let response = String::from_utf8_lossy(&bytes).into_owned();
     let (head, body) = response
         .split_once("\r\n\r\n")
