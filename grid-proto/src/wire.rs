@@ -194,7 +194,7 @@ pub mod caps {
     /// Bytes of a module, a runtime or its library: what any reader of one expects at most.
     pub const MODULE_BYTES: u64 = 1 << 30;
     /// Bytes of a task's captured stdout or stderr: what a reader of a log expects at most.
-    pub const LOG_BYTES: u64 = 64 << 20;
+    pub const LOG_BYTES: u64 = 16 << 20;
 }
 
 /// The most replicas a job may ask for.

@@ -78,7 +78,7 @@ pub fn reconcile(record: &TaskRecord, stored: TaskRecord) -> Reconcile {
 
 /// The most bytes a log may have: the sandbox keeps 4 MiB of each stream (more is dropped and
 /// marked `logs_truncated`); a staged log past this is not what a node sends.
-pub const MOST_LOG_BYTES: u64 = 16 << 20;
+pub const MOST_LOG_BYTES: u64 = grid_proto::caps::LOG_BYTES;
 
 /// Why `result`'s staged blobs cannot be what it says, before reading any of them, if so: its
 /// file paths must be ones a walk of `/out` gives ([`grid_proto::files_clash`]), each file and
@@ -89,10 +89,16 @@ pub fn staged_check(result: &ResultMsg, max_output_bytes: Option<u64>) -> Option
         return Some(why);
     }
     let staged = |sha: &Sha256Hex| result.staged.iter().find(|s| s.sha256 == *sha);
+    // What is stored: each blob once, however many names it has (hard links, equal files).
     let mut total = 0u64;
+    let mut counted = std::collections::HashSet::new();
     for file in &result.files {
         match staged(&file.sha256) {
-            Some(s) if s.bytes == file.bytes => total = total.saturating_add(file.bytes),
+            Some(s) if s.bytes == file.bytes => {
+                if counted.insert(file.sha256) {
+                    total = total.saturating_add(file.bytes);
+                }
+            }
             Some(s) => {
                 return Some(format!(
                     "file {:?} is {} bytes but its blob {} is {}",

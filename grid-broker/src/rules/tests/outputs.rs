@@ -47,6 +47,16 @@ fn a_result_whose_files_are_all_staged_passes() {
 }
 
 #[test]
+fn a_blob_of_several_names_counts_once_against_the_output_limit() {
+    // Hard links in `/out`: one file of 60 bytes under three names, within a limit of 100.
+    let bytes = [7u8; 60];
+    let r = with_files(&[("a", &bytes), ("b", &bytes), ("c/d", &bytes)]);
+    assert_eq!(results::staged_check(&r, Some(100)), None);
+    let r = with_files(&[("a", &bytes), ("b", &[8u8; 41])]);
+    assert!(results::staged_check(&r, Some(100)).is_some());
+}
+
+#[test]
 fn staged_blobs_that_are_not_what_the_files_say_are_refused() {
     let r = with_files(&[("a.csv", b"1,2\n")]);
     let mut unstaged = r.clone();
