@@ -325,3 +325,62 @@ fn a_tenants_weight_buys_it_its_share() {
     as_tenant(&grid, "carol", &["cancel", &carol], 0);
     as_tenant(&grid, "dave", &["cancel", &dave], 0);
 }
+
+/// A guest that hides its outputs below `PATH_MAX` fails at its output limit on a real grid;
+/// one that hard-links a file within `/out` has it counted once, by the node and by the broker,
+/// and every name comes back; the node serves on.
+#[test]
+fn hidden_and_hard_linked_outputs_are_held_to_the_output_limit() {
+    let mut grid = TestGrid::start(1, &[]);
+    let hostile = guest("hostile");
+    let run = |args: &[&str], code: i32| {
+        let mut all = vec![
+            "submit",
+            hostile.to_str().unwrap(),
+            "--max-output",
+            "16MiB",
+            "--retries",
+            "0",
+            "--wait",
+            "--",
+        ];
+        all.extend_from_slice(args);
+        let status = as_tenant(&grid, "alice", &all, code);
+        status["job_id"].as_str().unwrap().to_string()
+    };
+    let results = |job: &str| {
+        let alice = tenant_creds("alice");
+        let out = tempfile::tempdir().unwrap();
+        let collected = grid.grid(&[
+            "results",
+            "--creds",
+            alice.to_str().unwrap(),
+            job,
+            "--output",
+            out.path().to_str().unwrap(),
+        ]);
+        let manifest = std::fs::read_to_string(out.path().join("manifest.jsonl")).unwrap();
+        let line: serde_json::Value =
+            serde_json::from_str(manifest.lines().next().unwrap()).unwrap();
+        (out, line, collected)
+    };
+    // 64 MiB below 30 folders of 200-byte names (6 KB paths).
+    let hidden = run(&["deep-nest", "30", "200", "64"], 1);
+    let (_, line, _) = results(&hidden);
+    assert_eq!(line["state"], "failed", "{line}");
+    assert_eq!(line["reason"], "limit: output", "{line}");
+    // 4 MiB under six names and 8 MiB more: 12 MiB, within 16.
+    let linked = run(&["hard-links"], 0);
+    let (out, line, collected) = results(&linked);
+    assert!(collected.status.success(), "{collected:?}");
+    assert_eq!(line["state"], "succeeded", "{line}");
+    for name in ["data.bin", "link0.bin", "link4.bin"] {
+        let bytes = std::fs::read(out.path().join("0").join(name)).unwrap();
+        assert_eq!(bytes, vec![3u8; 4 << 20], "{name}");
+    }
+    assert!(
+        grid.nodes.iter_mut().all(|n| !n.exited()),
+        "the node stays up"
+    );
+    bobs_ten(&grid);
+}
