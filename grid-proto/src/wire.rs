@@ -191,6 +191,11 @@ pub mod caps {
     pub const ARGS_ENV_BYTES: u64 = 128 * 1024;
     /// Bytes of a name shown for display (the module's).
     pub const NAME_BYTES: u64 = 1024;
+    /// Bytes of the spec every task message carries (args, env, shared files' names, …):
+    /// with a task's params line, a message must stay within NATS's 1 MiB payload.
+    pub const SPEC_BYTES: u64 = 256 * 1024;
+    /// Bytes of one params line (a task's stdin); larger inputs go in files (`--input`).
+    pub const PARAMS_LINE_BYTES: u64 = 256 * 1024;
     /// Bytes of a module, a runtime or its library: what any reader of one expects at most.
     pub const MODULE_BYTES: u64 = 1 << 30;
     /// Bytes of a task's captured stdout or stderr: what a reader of a log expects at most.
@@ -228,6 +233,19 @@ impl JobSpec {
         }
         check_replicas(self.replicas, self.quorum)?;
         self.within_caps()
+    }
+
+    /// Bytes of what every task message carries of the spec, encoded.
+    fn carried_bytes(&self) -> u64 {
+        let carried = (
+            &self.tenant,
+            &self.module_name,
+            &self.args,
+            &self.env,
+            &self.shared,
+            &self.program,
+        );
+        postcard::to_stdvec(&carried).map_or(u64::MAX, |b| b.len() as u64)
     }
 
     /// Whether the spec is within [`caps`]: the error names the cap and what to do.
@@ -288,6 +306,12 @@ impl JobSpec {
                 self.module_name.len() as u64,
                 caps::NAME_BYTES,
                 "rename it",
+            ),
+            over(
+                "the size in bytes of what every task carries (args, env, shared files' names)",
+                self.carried_bytes(),
+                caps::SPEC_BYTES,
+                "pass large arguments in a file",
             ),
         ];
         match checks.into_iter().flatten().next() {
@@ -1228,6 +1252,16 @@ impl<R: std::io::BufRead> Iterator for ParamsPager<R> {
             }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue; // blank lines are not tasks: left out of the pages
+            }
+            if line.len() as u64 > caps::PARAMS_LINE_BYTES {
+                return Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "a params line of {} bytes: the most a line may have is {}; put large inputs in files (--input DIR)",
+                        line.len(),
+                        caps::PARAMS_LINE_BYTES
+                    ),
+                )));
             }
             if !page.is_empty() && page.len() + line.len() > self.page_bytes {
                 self.carry = std::mem::take(&mut line);

@@ -384,3 +384,50 @@ fn hidden_and_hard_linked_outputs_are_held_to_the_output_limit() {
     );
     bobs_ten(&grid);
 }
+
+/// Params lines near the largest allowed, on tasks short enough to travel several to a
+/// message, still fit NATS's payload (the runs are shortened); a longer line is refused with
+/// the cap named.
+#[test]
+fn long_params_lines_travel_in_shorter_runs_and_longer_ones_are_refused() {
+    let grid = TestGrid::start(1, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let pad = "x".repeat(250_000);
+    let params = write_params(
+        dir.path(),
+        (0..60).map(|i| format!("{{\"i\":{i},\"pad\":\"{pad}\"}}")),
+    );
+    let hostile = guest("hostile");
+    let status = as_tenant(
+        &grid,
+        "alice",
+        &[
+            "submit",
+            hostile.to_str().unwrap(),
+            "--params",
+            params.to_str().unwrap(),
+            "--wait",
+            "--",
+            "nap",
+            "1",
+        ],
+        0,
+    );
+    assert_eq!(status["state"], "done", "{status}");
+    let too_long = write_params(
+        dir.path(),
+        std::iter::once(format!("{{\"pad\":\"{}\"}}", "x".repeat(300_000))),
+    );
+    let out = grid.grid(&[
+        "submit",
+        hostile.to_str().unwrap(),
+        "--params",
+        too_long.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("the most a line may have is 262144"),
+        "{stderr}"
+    );
+}

@@ -86,6 +86,15 @@ impl Rules {
         fills
     }
 
+    /// Job `job_id`'s runs of `count` tasks carry params lines of `bytes` in all, more than a
+    /// message may: its runs are shortened to fit `budget` bytes (at least one task) from now on.
+    pub fn shorten_runs(&mut self, job_id: &str, count: u32, bytes: u64, budget: u64) {
+        if let Some(job) = self.jobs.get_mut(job_id) {
+            let fit = (u64::from(count) * budget / bytes.max(1)).max(1);
+            job.most_per_message = job.most_per_message.min(fit);
+        }
+    }
+
     /// A fill's dispatches are all stored in the work queue.
     pub fn filled(&mut self, fill: &Fill) {
         let Some(job) = self.jobs.get_mut(&fill.job_id) else {

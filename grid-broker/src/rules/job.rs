@@ -30,6 +30,9 @@ pub struct ActiveJob {
     counted: BitSet,
     /// A moving average of its tasks' wall time, from their results: how many to a message.
     task_seconds: Option<f64>,
+    /// The most tasks to a message, as the size of its params lines allows
+    /// ([`super::Rules::shorten_runs`]).
+    pub(super) most_per_message: u64,
     /// The record changed since it was last saved.
     pub(super) dirty: bool,
     /// Its stored task records are counted (see [`ActiveJob::load`]). Until then — after a
@@ -53,6 +56,7 @@ impl ActiveJob {
             dispatched: HashMap::new(),
             counted: BitSet::new(),
             task_seconds: None,
+            most_per_message: u64::from(grid_proto::MAX_TASKS_PER_MESSAGE),
             // Its record is as saved; `load` and the fill mark what changes it.
             dirty: false,
             loaded,
@@ -76,9 +80,7 @@ impl ActiveJob {
             return 1;
         };
         let fit = (MESSAGE_SECONDS / seconds.max(1e-6)) as u64;
-        fit.min(u64::from(grid_proto::MAX_TASKS_PER_MESSAGE))
-            .min(window / 8)
-            .max(1)
+        fit.min(self.most_per_message).min(window / 8).max(1)
     }
 
     /// Takes a result's wall time into the job's average.

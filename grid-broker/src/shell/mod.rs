@@ -21,6 +21,23 @@ use std::collections::HashMap;
 use std::time::Duration;
 use store::ParamsPages;
 
+/// Bytes of params lines a run of several tasks may carry in one message (with the spec, at
+/// most `grid_proto::caps::SPEC_BYTES`, it stays within NATS's 1 MiB payload).
+const RUN_PARAMS_BYTES: u64 = 512 * 1024;
+
+/// A fill not published because its runs carry too many params bytes for one message; the
+/// job's runs are shortened and the next fill sends them.
+#[derive(Debug)]
+struct Shortened;
+
+impl std::fmt::Display for Shortened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("runs shortened to fit their params in a message")
+    }
+}
+
+impl std::error::Error for Shortened {}
+
 /// Results the broker takes at once (see `Broker::on_results`).
 const RESULT_BATCH: usize = 256;
 
@@ -281,6 +298,17 @@ impl Broker {
                 }
                 _ => {
                     let params = self.params_of(dispatch).await?;
+                    let bytes: u64 = params.iter().map(|line| line.len() as u64).sum();
+                    if dispatch.count > 1 && bytes > RUN_PARAMS_BYTES {
+                        // Too large for one message: planned again in shorter runs.
+                        self.rules.shorten_runs(
+                            &dispatch.job_id,
+                            dispatch.count,
+                            bytes,
+                            RUN_PARAMS_BYTES,
+                        );
+                        return Err(Shortened.into());
+                    }
                     last = Some((dispatch.index, dispatch.count, params.clone()));
                     params
                 }
@@ -358,7 +386,11 @@ impl Broker {
                 }
             }
             if let Err(e) = self.publish(&fill.dispatches).await {
-                tracing::warn!(job = %fill.job_id, "enqueueing tasks: {e:#}");
+                if e.is::<Shortened>() {
+                    tracing::debug!(job = %fill.job_id, "runs shortened to fit their params");
+                } else {
+                    tracing::warn!(job = %fill.job_id, "enqueueing tasks: {e:#}");
+                }
                 continue;
             }
             self.rules.filled(&fill);

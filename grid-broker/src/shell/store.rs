@@ -335,6 +335,17 @@ pub async fn read_params_page(
     let lines: Vec<(u32, u32)> = grid_proto::params_line_ranges(&bytes)
         .map(|range| (range.start as u32, range.end.min(size as usize) as u32))
         .collect();
+    if let Some((start, end)) = lines
+        .iter()
+        .find(|(start, end)| u64::from(end - start) > grid_proto::caps::PARAMS_LINE_BYTES)
+    {
+        bail!(
+            "params page {} has a line of {} bytes: the most a line may have is {}",
+            page.sha256,
+            end - start,
+            grid_proto::caps::PARAMS_LINE_BYTES
+        );
+    }
     if lines.len() as u64 != page.lines {
         bail!(
             "params page {} has {} tasks, the job's spec says {}",

@@ -208,3 +208,23 @@ fn a_tenant_window_caps_each_tenants_jobs_together_and_priority_goes_first() {
     w.fill();
     assert!(w.queue.is_empty(), "{:?}", w.queue);
 }
+
+#[test]
+fn runs_too_large_for_a_message_are_shortened_to_fit() {
+    let mut w = World::new(256);
+    let job = w.submit(spec(1000));
+    w.fill();
+    let first: Vec<Dispatch> = w.take(&job);
+    let results: Vec<ResultMsg> = first[..10]
+        .iter()
+        .map(|d| ok(&job, d.index, 0, "n0"))
+        .collect();
+    w.deliver("n0", results);
+    // The shell found a run of 4 carrying 800 KB of params, over a budget of 200 KB: one task
+    // to a message from now on.
+    w.rules.shorten_runs(&job, 4, 800_000, 200_000);
+    w.fill();
+    let runs = w.take(&job);
+    assert!(!runs.is_empty());
+    assert!(runs.iter().all(|d| d.count == 1), "{runs:?}");
+}
