@@ -32,6 +32,12 @@ pub struct RunArgs {
     /// Where the task's /out goes (must be empty or new); default: a new directory, printed.
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
+    /// A folder of this machine shown read-write to the task as GUEST (default: the same
+    /// name), as other WASI runtimes' `--dir` does, for programs that expect their own
+    /// folders; repeatable. Counted in the task's output limit. Local runs only: a grid job's
+    /// tasks see /in and /out.
+    #[arg(long = "dir", value_name = "HOST[::GUEST]", value_parser = parse_dir, conflicts_with = "from")]
+    pub dirs: Vec<(PathBuf, String)>,
     #[command(flatten)]
     pub task: TaskFlags,
     /// The task's index (GRID_TASK_INDEX); with --from, which task of the job.
@@ -56,7 +62,20 @@ pub struct RunArgs {
     pub args: Vec<String>,
 }
 
-/// The flags `grid run` and `grid submit` share: limits, env and seed of a task.
+fn parse_dir(s: &str) -> Result<(PathBuf, String), String> {
+    let (host, guest) = s.split_once("::").unwrap_or((s, s));
+    let host = PathBuf::from(host);
+    if !host.is_dir() {
+        return Err(format!("{}: not a directory", host.display()));
+    }
+    if guest.is_empty() || ["/in", "/out"].contains(&guest.trim_end_matches('/')) {
+        return Err(format!(
+            "{guest:?}: a task's own folders are /in and /out; pick another name"
+        ));
+    }
+    Ok((host, guest.to_string()))
+}
+
 fn grid_cache_dir() -> Option<PathBuf> {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -124,6 +143,7 @@ impl LocalTask {
         spec.env = args.task.env.clone();
         spec.stdin = stdin;
         spec.input_dir = args.input.clone();
+        spec.dirs = args.dirs.clone();
         spec.limits = Limits::of_job(&args.task.job_limits());
         spec.task_index = index;
         spec.task_count = index + 1;

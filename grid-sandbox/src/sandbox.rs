@@ -100,6 +100,10 @@ pub struct TaskSpec {
     pub input_dir: Option<PathBuf>,
     /// Host directory shown read-write at `/out`. It should be empty: the quota counts what is there.
     pub output_dir: PathBuf,
+    /// More host folders shown read-write, each under a guest name (`grid run --dir
+    /// HOST::GUEST`, as other WASI runtimes offer): counted in the output quota with `/out`.
+    /// Tasks of a grid job have none.
+    pub dirs: Vec<(PathBuf, String)>,
     pub limits: Limits,
     pub job_id: String,
     pub task_index: u64,
@@ -137,6 +141,7 @@ impl TaskSpec {
             stdin: Vec::new(),
             input_dir: None,
             output_dir: output_dir.to_path_buf(),
+            dirs: Vec::new(),
             limits: Limits::default(),
             job_id: "local".into(),
             task_index: 0,
@@ -543,6 +548,10 @@ impl Sandbox {
             .map_err(wasm_err)?;
         b.preopened_dir(&spec.output_dir, "/out", FsPerms::ReadWrite)
             .map_err(wasm_err)?;
+        for (host, guest) in &spec.dirs {
+            b.preopened_dir(host, guest, FsPerms::ReadWrite)
+                .map_err(wasm_err)?;
+        }
         if let Some(p) = &spec.program {
             for (host, guest) in p.files.guest_dirs(p.runtime) {
                 b.preopened_dir(host, guest, FsPerms::ReadOnly)
@@ -593,6 +602,9 @@ impl Sandbox {
                 );
                 if let Some(dir) = scratch {
                     quota.also_count(dir);
+                }
+                for (host, _) in &spec.dirs {
+                    quota.also_count(host);
                 }
                 quota
             },

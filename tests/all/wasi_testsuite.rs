@@ -4,9 +4,9 @@
 //!
 //! A test is `NAME.wasm` with an optional `NAME.json`, every field optional:
 //! `{"args": [..], "env": {..}, "dirs": ["fs-tests.dir"], "exit_code": 0, "stdout": "..", "stderr": ".."}`.
-//! Mapped onto a task: the `dirs` entry's contents are copied into the task's `/out`, and an
-//! argument naming it becomes `/out` (the Rust tests look their scratch preopen up by the name
-//! given as `argv[1]`). Exit code, and stdout/stderr where the config gives them, must match.
+//! Mapped onto a task as the suite's runner maps it onto any runtime: a `dirs` entry (a copy) is
+//! preopened read-write under its own name, as `grid run --dir HOST::NAME` does; args and env
+//! as given. Exit code, and stdout/stderr where the config gives them, must match.
 
 use crate::support::*;
 use grid_sandbox::{Limits, TaskReport, TaskSpec};
@@ -36,35 +36,6 @@ const EXCLUDED: &[(&str, &str)] = &[
     (
         "c/sock_shutdown-invalid_fd",
         "takes fd 3 for a bad descriptor; in Grid fd 3 is /in (ENOTSOCK, not EBADF)",
-    ),
-    // Later versions of the suite preopen these tests' folder as `/` (a root preopen).
-    (
-        "c/fdopendir-with-access",
-        "opens `fs-tests.dir/…`: needs a preopen of that name",
-    ),
-    (
-        "c/fopen-with-access",
-        "opens `fs-tests.dir/…`: needs a preopen of that name",
-    ),
-    (
-        "c/lseek",
-        "opens `fs-tests.dir/…`: needs a preopen of that name",
-    ),
-    (
-        "c/pread-with-access",
-        "opens `fs-tests.dir/…`: needs a preopen of that name",
-    ),
-    (
-        "c/pwrite-with-access",
-        "opens `fs-tests.dir/…`: needs a preopen of that name",
-    ),
-    (
-        "c/pwrite-with-append",
-        "opens `fs-tests.dir/…`: needs a preopen of that name",
-    ),
-    (
-        "c/stat-dev-ino",
-        "opens `fs-tests.dir/…`: needs a preopen of that name",
     ),
 ];
 
@@ -101,7 +72,7 @@ async fn wasi_testsuite() {
             }
         }
     }
-    assert!(ran >= 60, "only {ran} tests found under {}", root.display());
+    assert!(ran >= 68, "only {ran} tests found under {}", root.display());
     assert!(
         failures.is_empty(),
         "{} of {ran} wasi-testsuite tests failed:\n{}",
@@ -121,22 +92,17 @@ async fn run_one(wasm: &Path) -> Result<(), String> {
         "{}: one `dirs` entry at most",
         wasm.display()
     );
-    let out = tempfile::tempdir().unwrap();
-    for dir in &config.dirs {
-        copy_dir(&wasm.with_file_name(dir), out.path());
-    }
+    // Each `dirs` entry is a copy (the tests write there), shown under its own name, as
+    // `grid run --dir HOST::NAME` shows it (and as the suite's runner asks of any runtime).
+    let (out, scratch) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut spec = TaskSpec::new(out.path());
-    spec.args = config
-        .args
-        .iter()
-        .map(|a| {
-            if config.dirs.contains(a) {
-                "/out".into()
-            } else {
-                a.clone()
-            }
-        })
-        .collect();
+    for dir in &config.dirs {
+        let copy = scratch.path().join(dir);
+        std::fs::create_dir_all(&copy).unwrap();
+        copy_dir(&wasm.with_file_name(dir), &copy);
+        spec.dirs.push((copy, dir.clone()));
+    }
+    spec.args = config.args.clone();
     spec.env = config.env.into_iter().collect();
     spec.deterministic = false;
     spec.limits = Limits {
@@ -193,4 +159,27 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), dest).unwrap();
         }
     }
+}
+
+/// `grid run --dir HOST::NAME` runs a program that opens its folder by name, unmodified.
+#[test]
+fn grid_run_shows_a_folder_under_its_own_name() {
+    let root = workspace_root().join("tests/wasi-testsuite/c");
+    let scratch = tempfile::tempdir().unwrap();
+    copy_dir(&root.join("fs-tests.dir"), scratch.path());
+    let dir = format!("{}::fs-tests.dir", scratch.path().display());
+    for test in ["fopen-with-access", "pwrite-with-access", "stat-dev-ino"] {
+        let wasm = root.join(format!("{test}.wasm"));
+        let (v, code) = grid_run_json(&[wasm.to_str().unwrap(), "--dir", &dir], b"");
+        assert_eq!(
+            (code, &v["exit_code"]),
+            (0, &serde_json::json!(0)),
+            "{test}: {v}"
+        );
+    }
+    let (v, code) = grid_run_json(
+        &[root.join("fopen-with-access.wasm").to_str().unwrap()],
+        b"",
+    );
+    assert_ne!(code, 0, "without --dir the folder is not there: {v}");
 }
