@@ -64,8 +64,8 @@ pub(crate) struct Broker {
     taking: std::sync::Arc<tokio::sync::Semaphore>,
     /// Where requests answered off the loop come back (see [`Broker::on_request`]).
     finished: tokio::sync::mpsc::UnboundedSender<requests::Finished>,
-    /// Submits being checked off the loop, by tenant.
-    submitting: HashMap<String, usize>,
+    /// Submits and deletes of each tenant's being done off the loop.
+    busy: HashMap<String, usize>,
     /// Jobs being deleted off the loop.
     deleting: std::collections::HashSet<String>,
     /// Where params pages read off the loop go (see [`Broker::read_pages`]).
@@ -117,7 +117,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
         taken,
         taking: std::sync::Arc::new(tokio::sync::Semaphore::new(results::TAKING_AT_ONCE)),
         finished,
-        submitting: HashMap::new(),
+        busy: HashMap::new(),
         deleting: Default::default(),
         pages_read,
         reading: Default::default(),

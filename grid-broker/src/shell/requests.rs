@@ -14,8 +14,9 @@ use grid_proto::{
     TaskRecord, decode, encode, names,
 };
 
-/// Submits of one tenant's being checked at once; more are refused until they are answered.
-const SUBMITS_PER_TENANT: usize = 4;
+/// Submits and deletes of one tenant's being done off the loop at once; more are refused until
+/// they are answered.
+const BUSY_PER_TENANT: usize = 4;
 /// Objects one submit checks or reads at once.
 const OBJECTS_AT_ONCE: usize = 8;
 
@@ -29,6 +30,7 @@ pub(super) enum Finished {
     },
     /// A delete that is done: the job to let go of.
     Deleted {
+        tenant: String,
         job_id: String,
         reply: Option<async_nats::Subject>,
         deleted: Result<Deleted>,
@@ -74,6 +76,27 @@ impl Broker {
         }
     }
 
+    /// Counts a submit or delete of `tenant`'s going off the loop, unless it has too many.
+    fn start_busy(&mut self, tenant: &str) -> Result<()> {
+        let busy = self.busy.entry(tenant.to_string()).or_default();
+        if *busy >= BUSY_PER_TENANT {
+            bail!(
+                "tenant {tenant} has {BUSY_PER_TENANT} submits or deletes in progress: wait for their answers, then try again"
+            );
+        }
+        *busy += 1;
+        Ok(())
+    }
+
+    fn done_busy(&mut self, tenant: &str) {
+        if let Some(busy) = self.busy.get_mut(tenant) {
+            *busy = busy.saturating_sub(1);
+            if *busy == 0 {
+                self.busy.remove(tenant);
+            }
+        }
+    }
+
     /// Takes in what a request answered off the loop left to do, and answers it.
     pub(super) async fn on_finished(&mut self, finished: Finished) {
         match finished {
@@ -82,9 +105,7 @@ impl Broker {
                 reply,
                 record,
             } => {
-                if let Some(n) = self.submitting.get_mut(&tenant) {
-                    *n = n.saturating_sub(1);
-                }
+                self.done_busy(&tenant);
                 let answer = answer(record.map(|record| {
                     let job_id = record.id.clone();
                     tracing::info!(job = %job_id, tenant, total = record.counts.total, "submitted");
@@ -95,10 +116,12 @@ impl Broker {
                 self.reply(reply, answer).await;
             }
             Finished::Deleted {
+                tenant,
                 job_id,
                 reply,
                 deleted,
             } => {
+                self.done_busy(&tenant);
                 self.deleting.remove(&job_id);
                 if deleted.is_ok() {
                     self.release(&job_id);
@@ -150,13 +173,7 @@ impl Broker {
         reply: Option<async_nats::Subject>,
     ) -> Result<()> {
         let spec = intake::own(&tenant, decode::<SubmitRequest>(payload)?.spec)?;
-        let submitting = self.submitting.entry(tenant.clone()).or_default();
-        if *submitting >= SUBMITS_PER_TENANT {
-            bail!(
-                "tenant {tenant} has {SUBMITS_PER_TENANT} submits being checked: wait for their answers, then submit again"
-            );
-        }
-        *submitting += 1;
+        self.start_busy(&tenant)?;
         let (grid, finished) = (self.grid.clone(), self.finished.clone());
         tokio::spawn(async move {
             let record = async {
@@ -310,13 +327,16 @@ impl Broker {
                 job.record.state.as_str()
             );
         }
-        if !self.deleting.insert(job_id.clone()) {
+        if self.deleting.contains(&job_id) {
             bail!("job {job_id} is being deleted already");
         }
+        self.start_busy(&tenant)?;
+        self.deleting.insert(job_id.clone());
         let (grid, finished) = (self.grid.clone(), self.finished.clone());
         tokio::spawn(async move {
             let deleted = delete(&grid, &tenant, &job_id).await;
             let _ = finished.send(Finished::Deleted {
+                tenant,
                 job_id,
                 reply,
                 deleted,
