@@ -96,6 +96,31 @@ fn version() -> &'static str {
     VERSION.as_str()
 }
 
+impl Command {
+    /// Whether the command's work is to print (a listing, logs, completions), so that a reader
+    /// who stops reading (`grid usage | head -1`) ends it.
+    fn prints_a_listing(&self) -> bool {
+        matches!(
+            self,
+            Command::Status(_)
+                | Command::Jobs(_)
+                | Command::Nodes(_)
+                | Command::Logs(_)
+                | Command::Usage(_)
+                | Command::Completions { .. }
+        )
+    }
+}
+
+/// A closed pipe ends the process quietly, as it ends `cat` (Rust ignores SIGPIPE, so a print
+/// to a closed pipe would panic). Only for commands that just print: servers keep ignoring it.
+fn quiet_on_a_closed_pipe() {
+    // SAFETY: restoring a signal's default action, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     grid_sandbox::gpu_worker::serve_if_asked(grid_client::init_tracing);
     grid_client::init_tracing();
@@ -107,6 +132,9 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if cli.command.prints_a_listing() {
+        quiet_on_a_closed_pipe();
+    }
     let result = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Up(args) => up::up(args),

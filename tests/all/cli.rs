@@ -289,3 +289,30 @@ fn doctor_checks_the_machine_and_colours_only_a_terminal() {
         .unwrap();
     assert!(String::from_utf8_lossy(&forced.stdout).contains("\x1b["));
 }
+
+/// SIGPIPE's number on Linux.
+const SIGPIPE: i32 = 13;
+
+/// A reader that stops reading (`grid completions bash | head -1`) ends a printing command
+/// quietly, as it ends `cat`: no panic, no message.
+#[test]
+fn a_closed_pipe_ends_a_listing_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    for args in [&["completions", "bash"][..], &["completions", "zsh"][..]] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_grid"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() || out.status.signal() == Some(SIGPIPE),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
