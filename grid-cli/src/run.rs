@@ -41,7 +41,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub task: TaskFlags,
     /// The task's index (GRID_TASK_INDEX); with --from, which task of the job.
-    #[arg(long, visible_alias = "task")]
+    #[arg(long = "task", value_name = "I", visible_alias = "task-index")]
     pub task_index: Option<u64>,
     /// Give the task this machine's GPU (through `grid_gpu_v1`); without it, GPU calls say "no GPU".
     #[arg(long)]

@@ -316,3 +316,12 @@ fn a_closed_pipe_ends_a_listing_quietly() {
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
 }
+
+/// `grid run --from JOB` without the task asks for it by the name the README uses.
+#[test]
+fn run_from_asks_for_the_task_by_its_name() {
+    let out = grid(&["run", "--from", "01a2"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--task <I>"), "{stderr}");
+}
