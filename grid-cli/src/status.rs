@@ -26,9 +26,15 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
         bar.enable_steady_tick(Duration::from_millis(200));
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} ({per_sec}, eta {eta})",
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} ({rate}, eta {eta})",
             )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = w.write_str(&rate(state.per_sec()));
+                },
+            ),
         );
         bar
     });
@@ -91,6 +97,26 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
         bar.finish_and_clear();
     }
     Ok(record)
+}
+
+/// Tasks per second as a person reads them: `2.5/s`, `37/s`, `1,204/s`.
+fn rate(per_sec: f64) -> String {
+    if !per_sec.is_finite() || per_sec <= 0.0 {
+        return "0/s".into();
+    }
+    if per_sec < 10.0 {
+        return format!("{per_sec:.1}/s");
+    }
+    let whole = per_sec.round() as u64;
+    let digits = whole.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("{grouped}/s")
 }
 
 /// `--wait`: follows the job to its end and prints its status; exit status 0 only if it is done.
@@ -311,4 +337,16 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rates_read_as_a_person_writes_them() {
+        assert_eq!(super::rate(2.5212), "2.5/s");
+        assert_eq!(super::rate(37.4), "37/s");
+        assert_eq!(super::rate(1204.2), "1,204/s");
+        assert_eq!(super::rate(0.0), "0/s");
+        assert_eq!(super::rate(f64::NAN), "0/s");
+    }
 }
