@@ -345,6 +345,15 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
         anyhow::Ok(report)
     })?;
 
+    // A folder this run made and the task left empty (a refused or silent task) goes: only
+    // one that holds outputs is kept and named.
+    let output_dir = match &args.output {
+        None if std::fs::read_dir(&output_dir).is_ok_and(|mut d| d.next().is_none()) => {
+            let _ = std::fs::remove_dir(&output_dir);
+            None
+        }
+        _ => Some(output_dir),
+    };
     let status = report.outcome.status();
     if args.json {
         let line = serde_json::json!({
@@ -354,7 +363,7 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
             "cpu_seconds": report.cpu_seconds,
             "wall_seconds": report.wall_seconds,
             "bytes_out": report.bytes_out,
-            "output_dir": output_dir.display().to_string(),
+            "output_dir": output_dir.as_ref().map(|d| d.display().to_string()),
             "stdout": String::from_utf8_lossy(&report.stdout),
             "stderr": String::from_utf8_lossy(&report.stderr),
             "logs_truncated": report.logs_truncated,
@@ -391,7 +400,10 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
                 crate::terminal::for_stderr(&reason.to_string())
             );
         }
-        eprintln!("grid: output in {}", output_dir.display());
+        match &output_dir {
+            Some(dir) => eprintln!("grid: output in {}", dir.display()),
+            None => eprintln!("grid: the task wrote no output"),
+        }
     }
     Ok(if status == TaskStatus::Succeeded {
         ExitCode::SUCCESS

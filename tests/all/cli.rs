@@ -325,3 +325,24 @@ fn run_from_asks_for_the_task_by_its_name() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--task <I>"), "{stderr}");
 }
+
+/// A run that leaves nothing in `/out` leaves no folder behind: refused, failed or silent.
+#[test]
+fn a_run_that_writes_nothing_leaves_no_folder_behind() {
+    let garbage = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(garbage.path(), b"not wasm").unwrap();
+    for args in [
+        vec![path(garbage.path())],
+        vec![path(&guest("hostile")), "--", "exit", "5"],
+    ] {
+        let (v, code) = grid_run_json(&args, b"");
+        assert_eq!(code, 1, "{v}");
+        assert!(v["output_dir"].is_null(), "{v}");
+    }
+    let out = grid(&["run", path(&guest("hostile")), "--", "exit", "0"], b"");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("grid: the task wrote no output"),
+        "{stderr}"
+    );
+}
