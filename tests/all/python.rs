@@ -194,8 +194,10 @@ fn hostile_python_is_contained_and_the_next_task_is_fine() {
         assert_eq!(v["reason"], "exit: 1", "{mode}: {v}");
         let stderr = v["stderr"].as_str().unwrap();
         assert!(stderr.contains(error), "{mode}: {v}");
-        let dir = PathBuf::from(v["output_dir"].as_str().unwrap());
-        assert!(!dir.join("escaped").exists(), "{mode}");
+        // No output folder at all (the task wrote nothing), or one without the file.
+        if let Some(dir) = v["output_dir"].as_str() {
+            assert!(!PathBuf::from(dir).join("escaped").exists(), "{mode}");
+        }
     }
     let v = hostile("fill-tmp");
     assert_eq!(
