@@ -123,7 +123,6 @@ fn quiet_on_a_closed_pipe() {
 
 fn main() -> ExitCode {
     grid_sandbox::gpu_worker::serve_if_asked(grid_client::init_tracing);
-    grid_client::init_tracing();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -132,6 +131,14 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // A user's command says what went wrong in its own words: no libraries' lines (the NATS
+    // client's, say) on the terminal unless RUST_LOG asks. Servers log everything.
+    match cli.command {
+        Command::Broker(_) | Command::Node(_) | Command::Up(_) | Command::Dashboard(_) => {
+            grid_client::init_tracing()
+        }
+        _ => grid_client::init_tracing_or("warn,async_nats=off"),
+    }
     if cli.command.prints_a_listing() {
         quiet_on_a_closed_pipe();
     }

@@ -71,6 +71,16 @@ pub async fn connect_with_text(
     forever: bool,
     creds: Option<&str>,
 ) -> Result<async_nats::Client> {
+    connect_named(url, forever, creds, None).await
+}
+
+/// [`connect_with_text`], naming the credentials file (`creds_path`) in a refusal.
+pub async fn connect_named(
+    url: &str,
+    forever: bool,
+    creds: Option<&str>,
+    creds_path: Option<&std::path::Path>,
+) -> Result<async_nats::Client> {
     let mut options = async_nats::ConnectOptions::new().name("grid");
     if let Some(creds) = creds {
         options = options
@@ -99,6 +109,22 @@ pub async fn connect_with_text(
     let attempt = tokio::time::timeout(Duration::from_secs(5), options.connect(servers)).await;
     match attempt {
         Ok(Ok(client)) => Ok(client),
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                    | async_nats::ConnectErrorKind::Authentication
+            ) =>
+        {
+            let presented = match (creds, creds_path) {
+                (Some(_), Some(path)) => format!("the credentials in {}", path.display()),
+                (Some(_), None) => "these credentials".to_string(),
+                (None, _) => "a connection without credentials".to_string(),
+            };
+            bail!(
+                "the grid at {url} answered but refused {presented}: pass yours with --creds FILE or GRID_CREDS (a grid started with `grid up --data-dir DATA` keeps its tenants' in DATA/auth/creds/, e.g. tenant-default.creds)"
+            )
+        }
         Ok(Err(e)) => bail!(
             "cannot reach the grid at {url}: {e} (start one with `grid up`, or pass --nats URL)"
         ),
@@ -836,9 +862,16 @@ pub const NATS_SERVER_MISSING: &str = "nats-server not found: run `cargo xtask s
 
 /// Logs to stderr, quiet by default (`warn`); `RUST_LOG` turns it up.
 pub fn init_tracing() {
+    init_tracing_or("warn");
+}
+
+/// [`init_tracing`] with `default` as the filter when `RUST_LOG` is unset (a user's command
+/// keeps libraries' own lines off the terminal: `warn,async_nats=off`).
+pub fn init_tracing_or(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
         // Colours only on a terminal, and never with NO_COLOR (https://no-color.org).

@@ -52,7 +52,7 @@ impl Session {
             Some(who) if who.role == auth::Role::Tenant => who.name.clone(),
             _ => names::DEFAULT_TENANT.to_string(),
         };
-        let client = crate::connect_with_text(&url, false, text.as_deref()).await?;
+        let client = crate::connect_named(&url, false, text.as_deref(), creds.as_deref()).await?;
         Ok(Session {
             grid: Grid::open(client).await?,
             tenant,

@@ -346,3 +346,31 @@ fn a_run_that_writes_nothing_leaves_no_folder_behind() {
         "{stderr}"
     );
 }
+
+/// A grid that answers and refuses says so, and which credentials to pass; no library's log
+/// line reaches the terminal.
+#[test]
+fn a_refused_connection_names_the_credentials_to_pass() {
+    let grid = TestGrid::start(0, &[]);
+    let nowhere = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_grid"))
+        .args(["nodes", "--nats", grid.nats.url.as_str()])
+        .env("GRID_CREDS", "")
+        .env("XDG_DATA_HOME", nowhere.path())
+        .env("HOME", nowhere.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("answered but refused a connection without credentials")
+            && stderr.contains("--creds FILE or GRID_CREDS"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("ERROR") && !stderr.contains("async_nats"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
