@@ -127,6 +127,14 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     let data = args.data_dir.unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(data.join("logs"))
         .with_context(|| format!("creating {}", data.display()))?;
+    // One grid per data dir: a second would share the first's JetStream store and rewrite its
+    // credentials. Held until this process ends.
+    let _lock = lock_data_dir(&data, &url)?;
+    if port != 0 && std::net::TcpListener::bind((host.as_str(), port)).is_err() {
+        bail!(
+            "port {port} on {host} is in use (another grid, or another program): stop what serves it, or pick a free port with --nats nats://{host}:0"
+        );
+    }
     let exe = std::env::current_exe()?;
     let slots = args.slots.unwrap_or_else(|| {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -369,6 +377,40 @@ async fn start_dashboard(
         }
     });
     Ok(())
+}
+
+/// Locks `data` for this `grid up` (serving `url`), or says which one holds it.
+fn lock_data_dir(data: &Path, url: &str) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = data.join("grid.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if let Err(e) = file.try_lock() {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        return Err(match e {
+            std::fs::TryLockError::WouldBlock => anyhow!(
+                "another `grid up` runs on data dir {} ({}): stop it first, or pass another --data-dir",
+                data.display(),
+                if holder.is_empty() {
+                    "pid unknown"
+                } else {
+                    holder
+                }
+            ),
+            std::fs::TryLockError::Error(e) => anyhow!("locking {}: {e}", path.display()),
+        });
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "pid {}, serving {url}", std::process::id())?;
+    Ok(file)
 }
 
 fn wait_for_port(host: &str, port: u16, server: &mut Child, log: &Path) -> Result<()> {

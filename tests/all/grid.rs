@@ -810,6 +810,29 @@ fn grid_up_serves_until_interrupted_then_stops_everything() {
         .strip_prefix("grid: ready ")
         .unwrap_or_else(|| panic!("{ready}"))
         .to_string();
+    // One grid per data dir, one per port: a second `grid up` says which holds them.
+    let second = grid(&["up", "--data-dir", data.path().to_str().unwrap()], b"");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("another `grid up` runs on data dir")
+            && stderr.contains(&format!("pid {}", up.id())),
+        "{stderr}"
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let same_port = grid(
+        &[
+            "up",
+            "--data-dir",
+            elsewhere.path().to_str().unwrap(),
+            "--nats",
+            &url,
+        ],
+        b"",
+    );
+    let stderr = String::from_utf8_lossy(&same_port.stderr);
+    assert_eq!(same_port.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is in use"), "{stderr}");
     // `grid up` made its own operator setup and default tenant.
     let creds = data.path().join("auth/creds/tenant-default.creds");
     let out = grid(
