@@ -239,7 +239,8 @@ async fn watch(grid: &Session, job: &str, as_json: bool) -> Result<JobRecord> {
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     pub job: String,
-    /// Follow the job to its end.
+    /// Follow the job to its end; exit 0 only if it is done (1 if it failed or was cancelled),
+    /// as `grid submit --wait` does.
     #[arg(long)]
     pub wait: bool,
     /// Show the status as it changes (redrawn in place on a terminal) until the job ends.
@@ -254,9 +255,11 @@ pub struct StatusArgs {
 pub fn status(args: StatusArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open("status").await?;
-        let record = if args.wait {
-            follow(&grid, &args.job).await?
-        } else if args.watch {
+        if args.wait {
+            // As `grid submit --wait`: 0 only for a job that is done.
+            return follow_to_end(&grid, &args.job, args.json).await;
+        }
+        let record = if args.watch {
             watch(&grid, &args.job, args.json).await?
         } else {
             grid.job_record(&args.job).await?

@@ -679,16 +679,20 @@ impl TestGrid {
         (dir, manifest)
     }
 
-    /// Waits for the job to end (the deadline only guards against a hang) and returns its status.
+    /// Waits for the job to end (the deadline only guards against a hang) and returns its status
+    /// (`--wait` exits 0 for a job that is done, 1 for one that failed or was cancelled).
     pub fn wait(&self, job: &str) -> serde_json::Value {
         let out = self.grid(&["status", job, "--wait", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        let done = status["state"] == "done";
         assert_eq!(
             out.status.code(),
-            Some(0),
-            "{}",
+            Some(if done { 0 } else { 1 }),
+            "{status} {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout).unwrap()
+        status
     }
 }
 
