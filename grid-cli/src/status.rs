@@ -287,7 +287,14 @@ pub struct ListArgs {
 pub fn jobs(args: ListArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open("jobs").await?;
-        for (_, bytes) in grid.entries(names::JOBS_BUCKET, Some(&grid.tenant)).await? {
+        let entries = grid.entries(names::JOBS_BUCKET, Some(&grid.tenant)).await?;
+        if entries.is_empty() && !args.json {
+            eprintln!(
+                "grid: no jobs of tenant {} yet: submit one with `grid submit JOB.wasm --tasks N`",
+                grid.tenant
+            );
+        }
+        for (_, bytes) in entries {
             let Ok(record) = decode::<JobRecord>(&bytes) else {
                 continue;
             };
@@ -306,7 +313,13 @@ pub fn jobs(args: ListArgs) -> Result<ExitCode> {
 pub fn nodes(args: ListArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open("nodes").await?;
-        for node in grid.live_nodes().await? {
+        let nodes = grid.live_nodes().await?;
+        if nodes.is_empty() && !args.json {
+            eprintln!(
+                "grid: no node is online: start one with `grid up`, or `grid-node --nats URL --creds FILE` on a provider's machine"
+            );
+        }
+        for node in nodes {
             let tally = match grid.tally().await?.get(&node.id).await {
                 Ok(Some(bytes)) => decode::<grid_proto::NodeTally>(&bytes).unwrap_or_default(),
                 _ => grid_proto::NodeTally::default(),

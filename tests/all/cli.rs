@@ -374,3 +374,23 @@ fn a_refused_connection_names_the_credentials_to_pass() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+/// An empty listing says so, and what to do, rather than print nothing.
+#[test]
+fn empty_listings_say_what_to_do() {
+    let grid = TestGrid::start(0, &[]);
+    let erin = tenant_creds("erin");
+    for (command, says) in [
+        (
+            "jobs",
+            "grid: no jobs of tenant erin yet: submit one with `grid submit",
+        ),
+        ("nodes", "grid: no node is online: start one with `grid up`"),
+    ] {
+        let out = grid.grid(&[command, "--creds", erin.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{command}: {stderr}");
+        assert!(out.stdout.is_empty(), "{command}");
+        assert!(stderr.contains(says), "{command}: {stderr}");
+    }
+}
