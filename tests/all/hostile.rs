@@ -36,6 +36,25 @@ fn wait_as(grid: &TestGrid, tenant: &str, job: &str) -> serde_json::Value {
     as_tenant(grid, tenant, &["status", job, "--wait"], 0)
 }
 
+/// `grid results JOB` as `tenant`, into a new folder: the folder and how the command ended.
+fn collect_as(
+    grid: &TestGrid,
+    tenant: &str,
+    job: &str,
+) -> (tempfile::TempDir, std::process::Output) {
+    let creds = tenant_creds(tenant);
+    let out = tempfile::tempdir().unwrap();
+    let collected = grid.grid(&[
+        "results",
+        "--creds",
+        creds.to_str().unwrap(),
+        job,
+        "--output",
+        out.path().to_str().unwrap(),
+    ]);
+    (out, collected)
+}
+
 /// Bob's 10 naps, start to end, checked task by task.
 fn bobs_ten(grid: &TestGrid) -> Duration {
     let started = Instant::now();
@@ -43,16 +62,7 @@ fn bobs_ten(grid: &TestGrid) -> Duration {
     let status = wait_as(grid, "bob", &job);
     let took = started.elapsed();
     assert_eq!(status["state"], "done", "{status}");
-    let bob = tenant_creds("bob");
-    let out = tempfile::tempdir().unwrap();
-    let collected = grid.grid(&[
-        "results",
-        "--creds",
-        bob.to_str().unwrap(),
-        &job,
-        "--output",
-        out.path().to_str().unwrap(),
-    ]);
+    let (out, collected) = collect_as(grid, "bob", &job);
     assert!(collected.status.success(), "{collected:?}");
     for index in 0..10 {
         let bytes = std::fs::read(out.path().join(index.to_string()).join("index.txt")).unwrap();
@@ -141,17 +151,9 @@ fn sizes_a_tenant_writes_in_its_store_size_nothing() {
         .to_string();
     assert_eq!(wait_as(&grid, "alice", &second)["state"], "done");
     // `grid results` and `grid run --from` read them too.
-    let alice = tenant_creds("alice");
-    let out = tempfile::tempdir().unwrap();
-    let collected = grid.grid(&[
-        "results",
-        "--creds",
-        alice.to_str().unwrap(),
-        &second,
-        "--output",
-        out.path().to_str().unwrap(),
-    ]);
+    let (_out, collected) = collect_as(&grid, "alice", &second);
     assert!(collected.status.success(), "{collected:?}");
+    let alice = tenant_creds("alice");
     let rerun = grid.grid(&[
         "run",
         "--creds",
@@ -349,16 +351,7 @@ fn hidden_and_hard_linked_outputs_are_held_to_the_output_limit() {
         status["job_id"].as_str().unwrap().to_string()
     };
     let results = |job: &str| {
-        let alice = tenant_creds("alice");
-        let out = tempfile::tempdir().unwrap();
-        let collected = grid.grid(&[
-            "results",
-            "--creds",
-            alice.to_str().unwrap(),
-            job,
-            "--output",
-            out.path().to_str().unwrap(),
-        ]);
+        let (out, collected) = collect_as(&grid, "alice", job);
         let manifest = std::fs::read_to_string(out.path().join("manifest.jsonl")).unwrap();
         let line: serde_json::Value =
             serde_json::from_str(manifest.lines().next().unwrap()).unwrap();

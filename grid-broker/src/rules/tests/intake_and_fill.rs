@@ -101,9 +101,9 @@ fn windows_fill_round_robin_so_a_small_job_waits_one_window() {
     );
 }
 
-#[test]
-fn short_tasks_travel_several_to_a_message_but_replicas_and_inputs_alone() {
-    let mut w = World::new(256);
+/// A job of 1000 tasks whose first window went out one task to a message (their time unknown)
+/// and whose first 10 results say they are short (10 ms).
+fn job_of_known_short_tasks(w: &mut World) -> String {
     let job = w.submit(spec(1000));
     w.fill();
     assert!(
@@ -116,6 +116,13 @@ fn short_tasks_travel_several_to_a_message_but_replicas_and_inputs_alone() {
         .map(|d| ok(&job, d.index, 0, "n0"))
         .collect();
     w.deliver("n0", results);
+    job
+}
+
+#[test]
+fn short_tasks_travel_several_to_a_message_but_replicas_and_inputs_alone() {
+    let mut w = World::new(256);
+    let job = job_of_known_short_tasks(&mut w);
     w.fill();
     let runs = w.take(&job);
     // 10 ms tasks, 50 ms a message: about five to a message, consecutive, none left out.
@@ -212,14 +219,7 @@ fn a_tenant_window_caps_each_tenants_jobs_together_and_priority_goes_first() {
 #[test]
 fn runs_too_large_for_a_message_are_shortened_to_fit() {
     let mut w = World::new(256);
-    let job = w.submit(spec(1000));
-    w.fill();
-    let first: Vec<Dispatch> = w.take(&job);
-    let results: Vec<ResultMsg> = first[..10]
-        .iter()
-        .map(|d| ok(&job, d.index, 0, "n0"))
-        .collect();
-    w.deliver("n0", results);
+    let job = job_of_known_short_tasks(&mut w);
     // The shell found a run of 4 carrying 800 KB of params, over a budget of 200 KB: one task
     // to a message from now on.
     w.rules.shorten_runs(&job, 4, 800_000, 200_000);
