@@ -83,7 +83,8 @@ fn grid_cache_dir() -> Option<PathBuf> {
         .map(|d| d.join("grid"))
 }
 
-fn default_cache_dir() -> Option<PathBuf> {
+/// Where `grid run` keeps compiled modules; the nodes `grid up` starts share it.
+pub fn default_cache_dir() -> Option<PathBuf> {
     grid_cache_dir().map(|d| d.join("modules"))
 }
 

@@ -253,6 +253,13 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                     ])
                     .arg("--cache-dir")
                     .arg(data.join(format!("node-{i}")))
+                    // One compiled cache for the machine: `grid run`'s, shared by the nodes, so
+                    // a module (the Python runtime's 100 MB) is compiled once, not once each.
+                    .args(
+                        crate::run::default_cache_dir()
+                            .iter()
+                            .flat_map(|d| [std::ffi::OsStr::new("--compiled-dir"), d.as_os_str()]),
+                    )
                     // One GPU worker per machine: node-1 serves GPU jobs if there is a GPU.
                     .args((i > 1 || args.no_gpu).then_some("--no-gpu"))
                     .args(

@@ -38,13 +38,14 @@ pub struct Evicted {
     pub kept_bytes: u64,
 }
 
-/// Removes least recently used modules (with their compiled code) from the caches under
-/// `cache_dir` until they hold at most `budget` bytes. A file that vanishes meanwhile (another
-/// pass, a task's fresh copy) is skipped.
-pub fn evict_to(cache_dir: &Path, budget: u64) -> Evicted {
+/// Removes least recently used modules (with their compiled code) from the caches `modules` and
+/// `compiled` until they hold at most `budget` bytes. A file that vanishes meanwhile (another
+/// pass, a task's fresh copy) is skipped. Compiled code shared with other nodes (`--compiled-dir`)
+/// is counted whole in each node's budget.
+pub fn evict_to(modules: &Path, compiled: &Path, budget: u64) -> Evicted {
     let mut entries: HashMap<String, Entry> = HashMap::new();
-    for (dir, is_module) in [("modules", true), ("compiled", false)] {
-        let Ok(list) = std::fs::read_dir(cache_dir.join(dir)) else {
+    for (dir, is_module) in [(modules, true), (compiled, false)] {
+        let Ok(list) = std::fs::read_dir(dir) else {
             continue;
         };
         for file in list.flatten() {
@@ -131,8 +132,8 @@ mod tests {
         file(&c.join("node.key"), 32, 10_000);
         std::fs::write(m.join(".tmpXYZ"), [0u8; 10]).unwrap();
 
-        assert_eq!(evict_to(dir.path(), 1 << 20).modules, 0, "all fit");
-        let evicted = evict_to(dir.path(), 11_000);
+        assert_eq!(evict_to(&m, &c, 1 << 20).modules, 0, "all fit");
+        let evicted = evict_to(&m, &c, 11_000);
         assert_eq!(evicted.modules, 1);
         assert_eq!(evicted.bytes, 5_000);
         assert_eq!(evicted.kept_bytes, 10_000);
@@ -141,12 +142,12 @@ mod tests {
 
         // Using b makes c the oldest.
         touch(&m.join("b.wasm"));
-        evict_to(dir.path(), 6_000);
+        evict_to(&m, &c, 6_000);
         assert!(m.join("b.wasm").exists());
         assert!(!m.join("c.wasm").exists());
         assert!(c.join("node.key").exists(), "the key is never evicted");
         // A budget smaller than one module empties the caches.
-        assert_eq!(evict_to(dir.path(), 100).kept_bytes, 0);
+        assert_eq!(evict_to(&m, &c, 100).kept_bytes, 0);
         assert!(c.join("node.key").exists());
     }
 }

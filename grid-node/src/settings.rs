@@ -12,6 +12,7 @@
 //! slots = 4
 //! class = "cpu"
 //! cache_dir = "/var/cache/grid"
+//! compiled_dir = "/var/cache/grid/compiled"  # share with the provider's other nodes
 //! gpu = true            # look for a GPU and serve the gpu class too
 //! gpu_slots = 1
 //! grace = "30s"         # on shutdown, how long running tasks may finish
@@ -51,6 +52,10 @@ pub struct NodeArgs {
     /// Where modules, compiled code and task work dirs are kept [default: ~/.cache/grid/node]
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Where compiled code is kept; nodes of one user on one machine may share it, so that a
+    /// module (a runtime's 100 MB) is compiled once per machine [default: CACHE_DIR/compiled]
+    #[arg(long, value_name = "DIR")]
+    pub compiled_dir: Option<PathBuf>,
     /// Capability class to serve: cpu, or gpu (only GPU jobs) [default: cpu]
     #[arg(long)]
     pub class: Option<String>,
@@ -111,6 +116,8 @@ pub struct NodeConfig {
     pub class: String,
     pub slots: u32,
     pub cache_dir: PathBuf,
+    /// Compiled code (`grid_sandbox::cache`), perhaps shared with other nodes of this user.
+    pub compiled_dir: PathBuf,
     /// Look for a GPU and, when there is one, also serve the `gpu` class.
     pub use_gpu: bool,
     /// GPU tasks run at once (they also take turns on the GPU itself).
@@ -140,6 +147,7 @@ struct NodeFile {
     slots: Option<u32>,
     class: Option<String>,
     cache_dir: Option<PathBuf>,
+    compiled_dir: Option<PathBuf>,
     gpu: Option<bool>,
     gpu_slots: Option<u32>,
     memory_budget: Option<String>,
@@ -230,6 +238,10 @@ impl NodeArgs {
                 .unwrap_or_else(std::env::temp_dir)
                 .join(".cache/grid/node")
         });
+        let compiled_dir = self
+            .compiled_dir
+            .or(file.compiled_dir)
+            .unwrap_or_else(|| cache_dir.join("compiled"));
         let creds = self.creds.or(file.creds).or_else(|| {
             std::env::var_os("GRID_CREDS")
                 .filter(|s| !s.is_empty())
@@ -309,6 +321,7 @@ impl NodeArgs {
             class,
             slots,
             cache_dir,
+            compiled_dir,
             use_gpu: !self.no_gpu && file.gpu.unwrap_or(true),
             gpu_slots,
             caps: NodeCaps(caps),

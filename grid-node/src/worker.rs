@@ -161,7 +161,7 @@ pub async fn run(
     }
     let gpu_name = gpu.as_ref().map(|w| w.info().to_string());
     let sandbox = Sandbox::new(SandboxConfig {
-        cache_dir: Some(config.cache_dir.join("compiled")),
+        cache_dir: Some(config.compiled_dir.clone()),
         caps: config.caps.clone(),
         gpu,
         ..Default::default()
@@ -307,9 +307,15 @@ impl Node {
         loop {
             let _ = tokio::time::timeout(Duration::from_secs(60), self.evict_soon.notified()).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let (dir, budget) = (self.config.cache_dir.clone(), self.config.disk_budget_bytes);
-            let evicted =
-                tokio::task::spawn_blocking(move || crate::disk::evict_to(&dir, budget)).await?;
+            let modules = self.config.cache_dir.join("modules");
+            let (compiled, budget) = (
+                self.config.compiled_dir.clone(),
+                self.config.disk_budget_bytes,
+            );
+            let evicted = tokio::task::spawn_blocking(move || {
+                crate::disk::evict_to(&modules, &compiled, budget)
+            })
+            .await?;
             if evicted.modules > 0 {
                 tracing::info!(
                     modules = evicted.modules,

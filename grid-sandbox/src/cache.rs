@@ -12,6 +12,14 @@
 //! covers the cache key and the bytes; an artifact whose tag does not verify is deleted and the
 //! module is compiled again. Someone who can read the node's key file already runs as the node's
 //! user, and could as well change its binary.
+//!
+//! **Shared by one user's processes.** Processes of one user on one machine — the nodes of a
+//! provider, the nodes `grid up` starts and `grid run` — may open one cache directory: one trust
+//! domain, one key. A runtime's 100 MB module is then compiled once per machine, not once per
+//! process. Artifacts are written to a temporary file and renamed into place (a reader sees a
+//! whole artifact or none), the key is created the same way, and a compile holds a lock file
+//! for its artifact ([`ModuleCache::lock`]) so that a second process wanting the same module
+//! waits for the first one's artifact instead of compiling it again.
 
 use anyhow::{Context, Result};
 use grid_proto::Sha256Hex;
@@ -93,6 +101,30 @@ impl ModuleCache {
         }
     }
 
+    /// Holds the lock for the artifact of (`module`, `variant`) until dropped: between looking it
+    /// up and storing it, so that processes sharing the cache compile it once. Blocks while
+    /// another holds it. `None` (logged) when the lock file cannot be made: the compile goes
+    /// ahead unlocked, at worst twice.
+    pub fn lock(&self, module: &Sha256Hex, variant: &str) -> Option<fs::File> {
+        let path = self
+            .dir
+            .join(format!("{}.lock", self.name(module, variant)));
+        let locked = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|file| file.lock().map(|()| file));
+        match locked {
+            Ok(file) => Some(file),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not lock a compile");
+                None
+            }
+        }
+    }
+
     /// Stores `compiled` for later runs; `variant` tells apart forms of one module (plain, guarded). Failures only cost a recompile later, so they are logged.
     pub fn put(&self, module: &Sha256Hex, variant: &str, compiled: &Module) {
         if let Err(e) = self.try_put(module, variant, compiled) {
@@ -129,13 +161,18 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
             fs::File::open("/dev/urandom")
                 .and_then(|mut r| r.read_exact(&mut key))
                 .context("reading /dev/urandom for the cache key")?;
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            f.write_all(&key)?;
+            // Written whole, then linked into place unless another process sharing the cache
+            // made its key first: then that one is the key.
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let mut tmp = tempfile::NamedTempFile::new_in(dir)
+                .with_context(|| format!("creating a key in {}", dir.display()))?;
+            tmp.write_all(&key)?;
+            if let Err(e) = tmp.persist_noclobber(path) {
+                if e.error.kind() != std::io::ErrorKind::AlreadyExists {
+                    return Err(e.error).with_context(|| format!("creating {}", path.display()));
+                }
+                return load_or_create_key(path);
+            }
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }

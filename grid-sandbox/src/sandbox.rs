@@ -214,7 +214,7 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<TaskState>,
     config: SandboxConfig,
-    cache: Option<ModuleCache>,
+    cache: Option<Arc<ModuleCache>>,
     loaded: Mutex<HashMap<Sha256Hex, LoadedModule>>,
     runtime_compile: tokio::sync::Mutex<()>,
     /// Shown (read-only) at `/in` to tasks that have no inputs.
@@ -256,7 +256,7 @@ impl Sandbox {
         crate::gpu_binding::add_to_linker(&mut linker).map_err(wasm_err)?;
         crate::runtime::add_host_call(&mut linker).map_err(wasm_err)?;
         let cache = match &config.cache_dir {
-            Some(dir) => Some(ModuleCache::open(dir, &engine)?),
+            Some(dir) => Some(Arc::new(ModuleCache::open(dir, &engine)?)),
             None => None,
         };
         let ticker = EpochTicker::start(&engine)?;
@@ -398,19 +398,33 @@ impl Sandbox {
             }
             return Ok(m);
         }
-        let engine = self.engine.clone();
-        let owned = bytes.to_vec();
+        // The compile runs to its end on its own thread and lands in the cache even if the
+        // task that asked for it is cancelled meanwhile. With a cache, it holds the cache's lock
+        // for this artifact: a process sharing the cache (another node of this machine, `grid
+        // run`) that is compiling the same module is waited for, and its artifact used.
+        let (engine, owned, cache) = (self.engine.clone(), bytes.to_vec(), self.cache.clone());
+        let (sha, kind) = (*sha256, variant.to_string());
         let started = Instant::now();
-        let module = tokio::task::spawn_blocking(move || Module::new(&engine, &owned))
-            .await
-            .map_err(|e| Reason::Invalid(format!("compiler crashed: {e}")))?
-            .map_err(|e| Reason::Invalid(one_line(&e)))?;
-        tracing::debug!(module = %sha256, variant, seconds = started.elapsed().as_secs_f64(), "compiled");
+        let (module, compiled) = tokio::task::spawn_blocking(move || {
+            let _lock = cache.as_ref().map(|c| c.lock(&sha, &kind));
+            if let Some(m) = cache.as_ref().and_then(|c| c.get(&engine, &sha, &kind)) {
+                return Ok((m, false));
+            }
+            let module = Module::new(&engine, &owned)?;
+            if let Some(cache) = &cache {
+                cache.put(&sha, &kind, &module);
+            }
+            Ok((module, true))
+        })
+        .await
+        .map_err(|e| Reason::Invalid(format!("compiler crashed: {e}")))?
+        .map_err(|e: wasmtime::Error| Reason::Invalid(one_line(&e)))?;
         if variant != "guard" {
-            metrics::counter!("grid_module_loads_total", "from" => "compiled").increment(1);
+            let from = if compiled { "compiled" } else { "disk" };
+            metrics::counter!("grid_module_loads_total", "from" => from).increment(1);
         }
-        if let Some(cache) = &self.cache {
-            cache.put(sha256, variant, &module);
+        if compiled {
+            tracing::debug!(module = %sha256, variant, seconds = started.elapsed().as_secs_f64(), "compiled");
         }
         Ok(module)
     }

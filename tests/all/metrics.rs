@@ -170,3 +170,61 @@ fn broker_and_node_metrics_count_what_the_grid_did() {
     assert!(loads("compiled") + loads("disk") >= 2.0, "{node}");
     assert!(loads("memory") >= 1.0, "{node}");
 }
+
+#[test]
+fn nodes_sharing_a_compiled_dir_compile_a_module_once() {
+    let grid = TestGrid::start(0, &[]);
+    let (shared, caches) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let addrs = [free_addr(), free_addr()];
+    let _nodes: Vec<GridProcess> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            GridProcess::node_with(
+                &grid.nats,
+                &format!("node-{i}"),
+                &caches.path().join(format!("node-{i}")),
+                2,
+                &[
+                    "--no-gpu",
+                    "--metrics",
+                    addr,
+                    "--compiled-dir",
+                    shared.path().to_str().unwrap(),
+                ],
+            )
+        })
+        .collect();
+    grid.wait_for_nodes(2);
+    // Eight tasks of half a second on four slots: both nodes load the module at once.
+    let hostile = guest("hostile");
+    let done = grid.grid_json(
+        &[
+            "submit",
+            hostile.to_str().unwrap(),
+            "--tasks",
+            "8",
+            "--wait",
+            "--",
+            "nap",
+            "500",
+        ],
+        0,
+    );
+    assert_eq!(done["tasks"]["succeeded"], 8);
+    let texts: Vec<String> = addrs.iter().map(|a| scrape(a)).collect();
+    let loads = |from: &str| -> f64 {
+        texts
+            .iter()
+            .map(|t| value(t, "grid_module_loads_total", &[("from", from)]))
+            .sum()
+    };
+    for text in &texts {
+        assert!(
+            value(text, "grid_node_tasks_total", &[]) > 0.0,
+            "both nodes ran tasks"
+        );
+    }
+    assert_eq!(loads("compiled"), 1.0, "compiled once for the two nodes");
+    assert!(loads("disk") >= 1.0, "the other node used its artifact");
+}
