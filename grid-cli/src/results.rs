@@ -96,10 +96,15 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
         let mut collected = 0u64;
         let mut joined: Vec<(String, Vec<u8>, u64)> = args.concat.iter().map(|n| (n.clone(), Vec::new(), 0)).collect();
         // The manifest is written whatever happens below: what was collected is listed.
+        // A task of a cancelled job that left no record ended with the cancel.
+        let unrecorded = match record.state {
+            grid_proto::JobState::Cancelled => "cancelled",
+            _ => "pending",
+        };
         let collecting = async {
             for index in 0..record.counts.total {
                 let Some(task) = grid.task_record(&record.id, index).await? else {
-                    manifest.push_str(&format!("{}\n", json!({"index": index, "state": "pending"})));
+                    manifest.push_str(&format!("{}\n", json!({"index": index, "state": unrecorded})));
                     continue;
                 };
                 let dir = args.output.join(index.to_string());

@@ -145,7 +145,7 @@ async fn no_nodes_note(grid: &Grid, record: &JobRecord) -> Option<String> {
 
 pub(crate) fn status_json(record: &JobRecord) -> serde_json::Value {
     let c = &record.counts;
-    let finished = c.succeeded + c.failed + c.disputed;
+    let finished = c.succeeded + c.failed + c.disputed + c.cancelled;
     json!({
         "job_id": record.id,
         "state": record.state.as_str(),
@@ -158,6 +158,7 @@ pub(crate) fn status_json(record: &JobRecord) -> serde_json::Value {
             "succeeded": c.succeeded,
             "failed": c.failed,
             "disputed": c.disputed,
+            "cancelled": c.cancelled,
         }
     })
 }
@@ -179,13 +180,16 @@ pub(crate) fn print_status(record: &JobRecord, as_json: bool) {
         n => format!(", retried {n} times"),
     };
     anstream::println!(
-        "job {}: {} — {} of {} succeeded, {} failed{disputed}, {} running{retried}{}",
+        "job {}: {} — {} of {} succeeded, {} failed{disputed}, {}{retried}{}",
         record.id,
         crate::style::state(record.state.as_str()),
         c.succeeded,
         c.total,
         c.failed,
-        c.in_flight,
+        match record.state {
+            JobState::Cancelled => format!("{} cancelled", c.cancelled),
+            _ => format!("{} running", c.in_flight),
+        },
         // A reason may quote a provider or a guest: shown, not obeyed, on a terminal.
         record
             .reason

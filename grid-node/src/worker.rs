@@ -77,8 +77,12 @@ struct Node {
     classes: Vec<String>,
     gpu: Option<String>,
     jobs: Mutex<HashMap<String, Arc<JobRecord>>>,
-    /// One sender per job with running tasks; `true` means cancelled.
-    cancels: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// When each job the node heard of was last cancelled, by the broker's clock: a task message
+    /// the broker sent before then is cancelled ([`cancels_task`]); one of a later round (`grid
+    /// retry` of a cancelled job) is not.
+    cancelled_at: Mutex<HashMap<String, u64>>,
+    /// One sender per job with running tasks: its cancel time (0 for none).
+    cancels: Mutex<HashMap<String, watch::Sender<u64>>>,
     busy: AtomicU32,
     done: AtomicU64,
     /// The memory budget in MiB permits: a task holds its memory limit's worth while it runs.
@@ -179,6 +183,7 @@ pub async fn run(
         classes,
         gpu: gpu_name,
         jobs: Mutex::new(HashMap::new()),
+        cancelled_at: Mutex::new(HashMap::new()),
         cancels: Mutex::new(HashMap::new()),
         busy: AtomicU32::new(0),
         done: AtomicU64::new(0),
@@ -380,28 +385,36 @@ impl Node {
             let Some(job) = msg.subject.as_str().strip_prefix("grid.cancel.") else {
                 continue;
             };
+            // The broker's cancel time; a cancel that names none stops everything sent so far.
+            let at = std::str::from_utf8(&msg.payload)
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(u64::MAX);
             tracing::info!(job, "cancelled");
-            // The state first, then the signal: a task that subscribes to the signal and then
-            // finds the state not cancelled is sure to get the signal (see `run_task`).
-            if let Some(record) = self.jobs.lock().await.get_mut(job) {
-                let mut r = (**record).clone();
-                r.state = JobState::Cancelled;
-                *record = Arc::new(r);
+            // The time first, then the signal: a task that subscribes to the signal and then
+            // finds no cancel is sure to get the signal (see `run_task`).
+            {
+                let mut cancelled = self.cancelled_at.lock().await;
+                if cancelled.len() >= 4096 {
+                    cancelled.clear(); // long past: their tasks are done or redelivered
+                }
+                let last = cancelled.entry(job.to_string()).or_default();
+                *last = (*last).max(at);
             }
             if let Some(tx) = self.cancels.lock().await.get(job) {
-                let _ = tx.send(true);
+                tx.send_modify(|last| *last = (*last).max(at));
             }
         }
         Ok(())
     }
 
-    /// Whether the node heard that `job` was cancelled.
-    async fn is_cancelled(&self, job: &str) -> bool {
-        self.jobs
+    /// Whether the node heard that `task`'s job was cancelled after its message was sent.
+    async fn is_cancelled(&self, task: &TaskMsg) -> bool {
+        self.cancelled_at
             .lock()
             .await
-            .get(job)
-            .is_some_and(|j| j.state == JobState::Cancelled)
+            .get(&task.job_id)
+            .is_some_and(|at| cancels_task(*at, task))
     }
 
     /// The task's job, from the node's cache or the spec the task carries (a node reads no
@@ -412,11 +425,8 @@ impl Node {
             return j.clone();
         }
         if jobs.len() > 1000 {
-            // Forget running jobs first: they come back with their next task.
-            jobs.retain(|_, j| j.state == JobState::Cancelled);
-            if jobs.len() > 1000 {
-                jobs.clear();
-            }
+            // Forgotten jobs come back with their next task.
+            jobs.clear();
         }
         let spec = task.spec.clone();
         let total = spec.tasks.len();
@@ -448,7 +458,7 @@ impl Node {
             }
         };
         let job = self.job(&task).await;
-        if job.state == JobState::Cancelled {
+        if self.is_cancelled(&task).await {
             msg.done().await;
             return;
         }
@@ -511,7 +521,7 @@ impl Node {
                 return;
             };
             // Cancelled while it waited for its slot: it never starts, nor do the rest.
-            if self.is_cancelled(&task.job_id).await {
+            if self.is_cancelled(&task).await {
                 if self.publish(&job, results).await.is_ok() {
                     msg.done().await;
                 }
@@ -749,24 +759,32 @@ impl Node {
             let mut cancels = self.cancels.lock().await;
             cancels
                 .entry(job.id.clone())
-                .or_insert_with(|| watch::channel(false).0)
+                .or_insert_with(|| watch::channel(0).0)
                 .subscribe()
         };
-        if self.is_cancelled(&job.id).await {
+        if self.is_cancelled(task).await {
             return Ok(failed(Reason::Cancelled));
         }
-        let (loaded, program) = match &spec.program {
-            None => {
-                let bytes = self
-                    .module_bytes(job, delivery)
-                    .await
-                    .context("fetching the module")?;
-                (self.sandbox.load(&bytes, &limits).await, None)
-            }
-            Some(program) => match self.program(job, program, delivery).await? {
-                Ok(p) => (self.load_runtime(job, p.runtime, delivery).await, Some(p)),
-                Err(reason) => return Ok(failed(reason)),
-            },
+        // A cancel stops a task waiting for its module's compile too (its slot goes to the next
+        // job at once); the compile goes on, and its code lands in the cache.
+        let load = async {
+            anyhow::Ok(match &spec.program {
+                None => {
+                    let bytes = self
+                        .module_bytes(job, delivery)
+                        .await
+                        .context("fetching the module")?;
+                    (self.sandbox.load(&bytes, &limits).await, None)
+                }
+                Some(program) => match self.program(job, program, delivery).await? {
+                    Ok(p) => (self.load_runtime(job, p.runtime, delivery).await, Some(p)),
+                    Err(reason) => (Err(reason), None),
+                },
+            })
+        };
+        let (loaded, program) = tokio::select! {
+            loaded = load => loaded?,
+            Ok(_) = cancelled.wait_for(|at| cancels_task(*at, task)) => return Ok(failed(Reason::Cancelled)),
         };
         let module = match loaded {
             Ok(m) => m,
@@ -801,9 +819,19 @@ impl Node {
         let task_spec = grid_task.task_spec(in_dir, &out_dir, program);
 
         let mut phase = self.phase.subscribe();
+        // A cancel ends the task as `cancelled`, with the time it ran and the outputs and logs
+        // it left, billed as any failed attempt.
+        let stop = async {
+            if cancelled
+                .wait_for(|at| cancels_task(*at, task))
+                .await
+                .is_err()
+            {
+                std::future::pending::<()>().await;
+            }
+        };
         let report = tokio::select! {
-            report = self.sandbox.run(&module, task_spec) => Ok(report),
-            _ = cancelled.wait_for(|c| *c) => Err(Reason::Cancelled),
+            report = self.sandbox.run_until(&module, task_spec, stop) => Ok(report),
             _ = phase.wait_for(|p| *p == Phase::HandingBack) => Err(Reason::Lost),
         };
         drop(cancelled);
@@ -997,4 +1025,10 @@ pub fn main(args: crate::settings::NodeArgs) -> std::process::ExitCode {
         }
     }
     grid_client::run_service("grid-node", |shutdown| run(config, creds, shutdown))
+}
+
+/// Whether a cancel at `cancelled_at` (the broker's clock) stops `task`: the broker sent its
+/// message before the cancel.
+fn cancels_task(cancelled_at: u64, task: &TaskMsg) -> bool {
+    cancelled_at > 0 && task.seal.sent_unix_ms <= cancelled_at
 }

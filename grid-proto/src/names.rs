@@ -19,7 +19,7 @@
 //! | `grid.provider.<node id>.stage`, `.take`, `.report`, `.claim` | request/reply to the broker | a provider asks for its stage stream, for task messages, reports them done, handed back or still held, and claims a replica |
 //! | `grid_store_<tenant>` | object store, one per tenant, name `<sha256>` | the tenant's modules, params files, inputs, outputs, logs |
 //! | `grid.api.<tenant>.submit`, `.cancel`, `.retry`, `.delete`, `.storage`, `.owner` | request/reply to the broker | job intake, cancel, retry, delete; creating the tenant's store; who owns a job |
-//! | `grid.cancel.<job>` | core NATS broadcast | tells nodes to stop a cancelled job's tasks |
+//! | `grid.cancel.<job>` | core NATS broadcast | tells nodes to stop a cancelled job's tasks sent before the cancel time it carries (decimal Unix ms) |
 //! | `grid.events.<tenant>.<job>` | core NATS, empty (or `deleted`) | the job's record changed (`grid status --wait` re-reads it), or was deleted |
 //! | `_INBOX_<user>.>` | reply subjects | each user's own inbox prefix, so that nobody reads another's replies |
 //!

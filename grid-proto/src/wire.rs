@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// Bumped on any incompatible change of a wire type.
-pub const WIRE_VERSION: u16 = 11;
+pub const WIRE_VERSION: u16 = 12;
 
 /// A type that travels over NATS.
 pub trait Message: Serialize + DeserializeOwned {
@@ -511,6 +511,9 @@ pub struct TaskCounts {
     pub in_flight: u64,
     /// Tasks whose replicas never reached a quorum.
     pub disputed: u64,
+    /// Of a cancelled job: the tasks that had not ended when it was cancelled (they end
+    /// `cancelled`; `grid retry` runs them again).
+    pub cancelled: u64,
 }
 
 /// The job record in `grid_jobs`. Only the broker writes it.

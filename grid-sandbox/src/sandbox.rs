@@ -432,6 +432,18 @@ impl Sandbox {
     /// Runs one task to its end. Never panics on guest behaviour; every way a task can end is an
     /// [`Outcome`].
     pub async fn run(&self, module: &LoadedModule, spec: TaskSpec) -> TaskReport {
+        self.run_until(module, spec, std::future::pending()).await
+    }
+
+    /// [`Sandbox::run`], stopped when `stop` resolves (a cancelled job): the task ends
+    /// `cancelled`, with what it used until then and the outputs and logs it left, as a task
+    /// over its time limit does.
+    pub async fn run_until(
+        &self,
+        module: &LoadedModule,
+        spec: TaskSpec,
+        stop: impl Future<Output = ()>,
+    ) -> TaskReport {
         let limits = spec.limits.capped_by(&self.config.caps);
         let stdout = CappedPipe::new(limits.max_log_bytes);
         let stderr = CappedPipe::new(limits.max_log_bytes);
@@ -458,7 +470,7 @@ impl Sandbox {
         let (ran, cpu_seconds) = match self.prepare(&spec, &limits, &stdout, &stderr, scratch_path)
         {
             Ok(store) => {
-                let run = self.call_start(store, module, &limits, started);
+                let run = self.call_start(store, module, &limits, started, stop);
                 let (ran, cpu) = crate::cpu::CpuTimed::new(run).await;
                 (ran, cpu.as_secs_f64())
             }
@@ -644,6 +656,7 @@ impl Sandbox {
         module: &LoadedModule,
         limits: &Limits,
         started: Instant,
+        stop: impl Future<Output = ()>,
     ) -> Ran {
         let deadline = started + limits.timeout;
         store.set_epoch_deadline(1);
@@ -681,7 +694,10 @@ impl Sandbox {
             })
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let ran = tokio::time::timeout(remaining, run).await;
+        let ran = tokio::select! {
+            ran = tokio::time::timeout(remaining, run) => ran,
+            () = stop => Ok(Err(Reason::Cancelled)),
+        };
         let gpu_used = store
             .data()
             .gpu

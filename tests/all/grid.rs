@@ -395,6 +395,94 @@ fn cancel_stops_running_tasks_and_starts_no_more() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already ended (cancelled)"));
 }
 
+/// Polls `check` every 100 ms until it is true; panics with `what` after `secs`.
+fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_cancelled_job_settles_bills_what_ran_and_can_be_retried() {
+    let grid = TestGrid::start(1, &[]);
+    let hostile = guest("hostile");
+    let job = submit(
+        &grid,
+        &[
+            hostile.to_str().unwrap(),
+            "--tasks",
+            "6",
+            "--",
+            "nap-first",
+            "600000",
+        ],
+    );
+    // Both slots of the node run a task of the job, for a second or more.
+    eventually(30, "the node never ran the job", || {
+        grid.grid_json(&["nodes"], 0)["running"] == 2
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let cancelled_at = std::time::Instant::now();
+    assert_eq!(grid.grid_json(&["cancel", &job], 0)["state"], "cancelled");
+
+    // The job is settled at once: every task that had not ended is cancelled, none running.
+    let status = grid.grid_json(&["status", &job], 0);
+    assert_eq!(status["tasks"]["cancelled"], 6, "{status}");
+    assert_eq!(status["tasks"]["running"], 0, "{status}");
+    assert_eq!(status["tasks"]["queued"], 0, "{status}");
+    let line = String::from_utf8_lossy(&grid.grid(&["status", &job]).stdout).into_owned();
+    assert!(
+        line.contains("0 of 6 succeeded, 0 failed, 6 cancelled"),
+        "{line}"
+    );
+    // Its running tasks stop within seconds and their slots go to the next job.
+    eventually(10, "the cancelled tasks kept their slots", || {
+        grid.grid_json(&["nodes"], 0)["running"] == 0
+    });
+    let next = submit(
+        &grid,
+        &[
+            hostile.to_str().unwrap(),
+            "--tasks",
+            "2",
+            "--",
+            "nap",
+            "100",
+        ],
+    );
+    assert_eq!(grid.wait(&next)["state"], "done");
+    assert!(
+        cancelled_at.elapsed() < std::time::Duration::from_secs(30),
+        "the next job waited for the cancelled one's tasks"
+    );
+    // The two stopped attempts are billed as they ran: more than the 1.5 s before the cancel.
+    let mut billed = serde_json::Value::Null;
+    eventually(20, "the stopped attempts were not billed", || {
+        billed = crate::ledger::usage(&grid, &["--job", &job]);
+        billed["total"]["attempts"] == 2
+    });
+    let wall = billed["total"]["wall_seconds"].as_f64().unwrap();
+    assert!(wall > 2.0 * 1.5 && wall < 2.0 * 30.0, "{billed}");
+
+    let (_dir, manifest) = grid.results(&job);
+    assert!(
+        manifest.iter().all(|t| t["state"] == "cancelled"),
+        "{manifest:?}"
+    );
+    // A cancelled job can be retried: its six tasks run again, quickly this time.
+    let out = grid.grid(&["retry", &job, "--failed"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = grid.wait(&job);
+    assert_eq!(status["tasks"]["succeeded"], 6, "{status}");
+    assert_eq!(status["tasks"]["cancelled"], 0, "{status}");
+}
+
 #[test]
 fn a_small_job_behind_a_large_one_finishes_first() {
     let grid = TestGrid::start(1, &["--window", "4"]);

@@ -12,14 +12,15 @@
 //!
 //! What a provider reports is bounded by what the broker knows: an attempt is billed only under
 //! the broker's seal of the message that sent it ([`super::seal`]); only while its job's round
-//! runs (nothing for a job that ended, was cancelled, or went on to a later round); no more time
+//! runs (nothing for a job that ended or went on to a later round; for a cancelled job, the
+//! attempts sent out before the cancel, for no more time than until [`SETTLE_MS`] after it); no more time
 //! than the job's limits allow ([`grid_proto::Usage::within`]); and no more time than passed
 //! between sending the message and taking in the result, by the broker's clock
 //! ([`bound_by_elapsed`] — for a run of short tasks, which a node runs one after another, that
 //! time bounds their sum). The time a message waited in the queue before a node pulled it is
 //! inside that bound: the broker does not see the pull.
 
-use grid_proto::{JobRecord, Outcome, Reason, ResultMsg, UsageEntry, names};
+use grid_proto::{JobRecord, JobState, Outcome, Reason, ResultMsg, UsageEntry, names};
 
 /// What billing a result takes.
 #[derive(Debug, PartialEq)]
@@ -33,9 +34,10 @@ pub enum Billing {
 /// The ledger entry of `result`'s attempt of `job` (a held job), if it is billable: a task of
 /// the job, an attempt and replica of the job's running round, and something ran.
 pub fn entry(job: &JobRecord, result: &ResultMsg, now_ms: u64) -> Option<(String, UsageEntry)> {
+    let stopped = stopped_by_cancel(job, result);
     if result.outcome == Outcome::Failed(Reason::Lost)
         || result.index >= job.counts.total
-        || job.state.is_final()
+        || (job.state.is_final() && stopped.is_none())
         || result.attempt < job.first_attempt()
     {
         return None;
@@ -59,14 +61,45 @@ pub fn entry(job: &JobRecord, result: &ResultMsg, now_ms: u64) -> Option<(String
         attempt: result.attempt,
         replica: result.replica,
         node_id: result.node_id.clone(),
-        // A provider bills no more than the limits it enforced.
-        usage: result.usage.within(&spec.limits),
+        // A provider bills no more than the limits it enforced, nor past a cancel.
+        usage: match stopped {
+            Some(most) => bound_seconds(result.usage.within(&spec.limits), most),
+            None => result.usage.within(&spec.limits),
+        },
         recorded_unix_ms: now_ms,
         replicas: spec.replicas,
         digest: result.digest,
         round: grid_proto::round_of(result.attempt, spec.retries),
     };
     Some((key, entry))
+}
+
+/// How long after a cancel the broker keeps its job's record to bill the attempts its nodes
+/// stop, and the most time past the cancel it bills them for (a node stops a task within an
+/// epoch tick of hearing the cancel; this covers a slow report).
+pub const SETTLE_MS: u64 = 10_000;
+
+/// For an attempt of a cancelled job sent out before the cancel: the most seconds it may be
+/// billed, from when its message went out to the cancel plus [`SETTLE_MS`]. `None` for any
+/// other attempt.
+fn stopped_by_cancel(job: &JobRecord, result: &ResultMsg) -> Option<f64> {
+    let cancelled_at = job
+        .finished_unix_ms
+        .filter(|_| job.state == JobState::Cancelled)?;
+    let out = out_since(&result.seal);
+    (out <= cancelled_at).then(|| (cancelled_at + SETTLE_MS).saturating_sub(out) as f64 / 1000.0)
+}
+
+/// `usage` with its CPU, wall and GPU seconds at most `most`.
+fn bound_seconds(mut usage: grid_proto::Usage, most: f64) -> grid_proto::Usage {
+    for seconds in [
+        &mut usage.cpu_seconds,
+        &mut usage.wall_seconds,
+        &mut usage.gpu_seconds,
+    ] {
+        *seconds = seconds.clamp(0.0, most);
+    }
+    usage
 }
 
 /// When a sealed message went out to its node: when it was handed over (its send time, for a

@@ -47,7 +47,7 @@ pub use results::Reconcile;
 pub use seal::SealKey;
 
 use grid_proto::{JobRecord, Reason, ResultMsg, ResultsMsg, TaskRecord, TaskState, names};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Consecutive tasks sent out in one message: `count` tasks from `index`, as attempt `attempt`
 /// of replica `replica`.
@@ -157,6 +157,9 @@ pub enum Taken {
     ReadStored,
 }
 
+/// Cancelled jobs kept at once for billing their last attempts ([`Rules::settle`]).
+const SETTLING_MOST: usize = 4096;
+
 /// The jobs a broker holds and every decision about them.
 pub struct Rules {
     /// Tasks of one job queued or running at once.
@@ -169,6 +172,9 @@ pub struct Rules {
     duplicates: u64,
     /// Jobs whose task records are being read.
     loading: HashSet<String>,
+    /// Cancelled jobs' records, kept a while to bill the attempts their nodes stop
+    /// ([`Rules::settle`]).
+    settling: HashMap<String, JobRecord>,
     /// The clock, in Unix milliseconds.
     now: fn() -> u64,
     /// Seals task messages and checks results' seals.
@@ -183,6 +189,7 @@ impl Rules {
             jobs: BTreeMap::new(),
             duplicates: 0,
             loading: HashSet::new(),
+            settling: HashMap::new(),
             now,
             seal,
         }
@@ -215,6 +222,28 @@ impl Rules {
     pub fn release(&mut self, id: &str) -> Option<ActiveJob> {
         self.loading.remove(id);
         self.jobs.remove(id)
+    }
+
+    /// Keeps a cancelled job's `record` (released already) for [`ledger::SETTLE_MS`], so that
+    /// the attempts its nodes stop are billed as they ran, within the cancel's bound (see
+    /// [`ledger`]). A broker restarted meanwhile does not bill them.
+    pub fn settle(&mut self, record: JobRecord) {
+        let now = (self.now)();
+        self.settling.retain(|_, r| {
+            r.finished_unix_ms
+                .is_some_and(|at| now.saturating_sub(at) < ledger::SETTLE_MS)
+        });
+        if self.settling.len() < SETTLING_MOST {
+            self.settling.insert(record.id.clone(), record);
+        }
+    }
+
+    /// The record of job `id`: held, or cancelled and settling.
+    fn record_of(&self, id: &str) -> Option<&JobRecord> {
+        self.jobs
+            .get(id)
+            .map(|job| &job.record)
+            .or_else(|| self.settling.get(id))
     }
 
     /// Jobs whose task records should be read now, at most `at_once` reads at a time: their
@@ -265,12 +294,12 @@ impl Rules {
             } else if let Err(why) = self.seal.check(result) {
                 Some(why)
             } else {
-                match self.jobs.get(&result.job_id) {
-                    Some(job) if job.record.spec.tenant != result.tenant => Some(format!(
+                match self.record_of(&result.job_id) {
+                    Some(record) if record.spec.tenant != result.tenant => Some(format!(
                         "it names tenant {} for a job of tenant {}",
-                        result.tenant, job.record.spec.tenant
+                        result.tenant, record.spec.tenant
                     )),
-                    Some(job) => results::forged_numbers(&job.record, result),
+                    Some(record) => results::forged_numbers(record, result),
                     None => None,
                 }
             };
@@ -311,13 +340,14 @@ impl Rules {
         .then_some(record.spec.limits.max_output_bytes)
     }
 
-    /// How to bill `result`'s attempt (see [`ledger`]): only while its job's round runs.
+    /// How to bill `result`'s attempt (see [`ledger`]): only while its job's round runs, or
+    /// until its cancel.
     pub fn billing(&self, result: &ResultMsg) -> Billing {
-        match self.jobs.get(&result.job_id) {
-            Some(job) => match ledger::entry(&job.record, result, (self.now)()) {
-                Some((key, entry)) => Billing::Bill(key, Box::new(entry)),
-                None => Billing::Nothing,
-            },
+        let entry = self
+            .record_of(&result.job_id)
+            .and_then(|record| ledger::entry(record, result, (self.now)()));
+        match entry {
+            Some((key, entry)) => Billing::Bill(key, Box::new(entry)),
             None => Billing::Nothing,
         }
     }

@@ -8,6 +8,12 @@
 //! saved record is the commitment: a broker that dies before saving it changed nothing; one
 //! that dies after resumes the job in its new round; a save whose reply was lost leaves a
 //! queued job no broker holds, which the next `grid retry` takes up.
+//!
+//! **Cancel** ends a job at once: its record is saved `cancelled`, its queued tasks are dropped
+//! and its nodes told to stop its running ones, which end `cancelled` with what they used. The
+//! broker keeps the record a while ([`crate::rules::Rules::settle`]) to bill those last
+//! attempts, no later than the cancel allowed. A cancelled job can be retried: its round runs
+//! every task that has not succeeded.
 
 use anyhow::{Result, bail};
 use grid_proto::{JobRecord, JobState, TaskCounts};
@@ -25,12 +31,9 @@ pub enum Retry {
 pub fn retry(mut record: JobRecord) -> Result<Retry> {
     let job_id = record.id.clone();
     let counts = &record.counts;
-    let tasks = counts.failed + counts.disputed;
+    let tasks = counts.failed + counts.disputed + counts.cancelled;
     match record.state {
-        JobState::Failed if tasks > 0 => {}
-        JobState::Cancelled => bail!(
-            "job {job_id} was cancelled: only an ended job's failed tasks can be retried; submit it again"
-        ),
+        JobState::Failed | JobState::Cancelled if tasks > 0 => {}
         state if state.is_final() => {
             bail!("job {job_id} has no failed tasks ({})", state.as_str())
         }
@@ -58,7 +61,8 @@ pub fn retry(mut record: JobRecord) -> Result<Retry> {
     Ok(Retry::Save(record))
 }
 
-/// The record of a job cancelled at `now_ms`, or why it cannot be.
+/// The record of a job cancelled at `now_ms`, or why it cannot be. Its tasks that had not ended
+/// end `cancelled`: none is running once its node hears of the cancel, and none is queued.
 pub fn cancel(mut record: JobRecord, now_ms: u64) -> Result<JobRecord> {
     if record.state.is_final() {
         bail!(
@@ -67,6 +71,11 @@ pub fn cancel(mut record: JobRecord, now_ms: u64) -> Result<JobRecord> {
             record.state.as_str()
         );
     }
+    let counts = &mut record.counts;
+    counts.cancelled = counts
+        .total
+        .saturating_sub(counts.succeeded + counts.failed + counts.disputed);
+    counts.in_flight = 0;
     record.state = JobState::Cancelled;
     record.reason = Some("cancelled".into());
     record.finished_unix_ms = Some(now_ms);

@@ -244,10 +244,19 @@ impl Broker {
             .await
             .map_err(|e| anyhow!("saving the cancellation: {e:#}; try again"))?;
         self.release(&job_id);
+        self.rules.settle(record.clone());
         store::drop_queued(&self.grid, &record).await?;
         self.grid
             .client
-            .publish(names::cancel_broadcast(&record.id), bytes::Bytes::new())
+            .publish(
+                names::cancel_broadcast(&record.id),
+                // The cancel time: a node stops the tasks sent before it, not a retry's.
+                record
+                    .finished_unix_ms
+                    .unwrap_or(u64::MAX)
+                    .to_string()
+                    .into(),
+            )
             .await
             .map_err(|e| anyhow!("{e}"))?;
         tracing::info!(job = %record.id, "cancelled");

@@ -72,14 +72,11 @@ fn a_retry_runs_only_the_failed_tasks_in_a_round_of_their_own() {
 }
 
 #[test]
-fn a_retry_is_refused_for_running_cancelled_and_done_jobs() {
+fn a_retry_is_refused_for_running_and_done_jobs() {
     let mut w = World::new(10);
     let running = w.submit(spec(1));
     assert!(w.retry(&running).is_err());
     let record = w.saved[&running].clone();
-    let cancelled = rounds::cancel(record.clone(), now()).unwrap();
-    let err = rounds::retry(cancelled).unwrap_err().to_string();
-    assert!(err.contains("was cancelled"), "{err}");
     let done = JobRecord {
         state: JobState::Done,
         ..record.clone()
@@ -161,7 +158,7 @@ fn reconcile_counts_what_is_stored_unless_it_is_an_earlier_failure() {
 }
 
 #[test]
-fn a_cancelled_job_counts_and_bills_nothing_more() {
+fn a_cancelled_job_counts_nothing_more() {
     let mut w = World::new(10);
     let job = w.submit(spec(3));
     w.fill();
@@ -170,6 +167,7 @@ fn a_cancelled_job_counts_and_bills_nothing_more() {
     assert_eq!(cancelled.reason.as_deref(), Some("cancelled"));
     w.saved.insert(job.clone(), cancelled.clone());
     w.rules.release(&job);
+    w.rules.settle(cancelled.clone());
     w.deliver(
         "n1",
         vec![result(
@@ -182,8 +180,16 @@ fn a_cancelled_job_counts_and_bills_nothing_more() {
         )],
     );
     w.deliver("n1", vec![ok(&job, 2, 0, "n1")]);
-    assert_eq!(w.ledger.len(), 1, "the round ended with the cancel");
-    assert_eq!(w.tasks.len(), 1);
+    assert_eq!(
+        w.ledger.len(),
+        3,
+        "attempts sent before the cancel are billed"
+    );
+    assert_eq!(
+        w.tasks.len(),
+        1,
+        "and not counted: the job ended with the cancel"
+    );
     assert!(rounds::cancel(cancelled, now()).is_err(), "already ended");
 }
 
@@ -196,4 +202,74 @@ fn a_cancel_mid_round_leaves_no_more_tasks_to_send() {
     w.fill();
     assert!(w.queue.is_empty());
     assert!(w.rules.loads_to_start(4).is_empty());
+}
+
+#[test]
+fn a_cancelled_job_ends_its_unfinished_tasks_bills_what_ran_and_can_be_retried() {
+    let mut w = World::new(10);
+    let job = w.submit(JobSpec {
+        retries: 0,
+        ..spec(3)
+    });
+    w.fill();
+    w.take(&job);
+    w.deliver("n0", vec![ok(&job, 0, 0, "n0")]);
+    w.persist();
+    // Cancelled 20 s before the results below come in.
+    let cancelled_at = now() - 20_000;
+    let record = rounds::cancel(w.state(&job), cancelled_at).unwrap();
+    assert_eq!(
+        (
+            record.state,
+            record.counts.succeeded,
+            record.counts.cancelled
+        ),
+        (JobState::Cancelled, 1, 2)
+    );
+    assert_eq!(record.counts.in_flight, 0, "nothing runs after a cancel");
+    w.saved.insert(job.clone(), record.clone());
+    w.rules.release(&job);
+    w.rules.settle(record);
+
+    // Task 1, sent 10 s before the cancel, stopped by it: billed as it ran, up to the cancel
+    // and its grace (20 s), not the 25 s its node claims.
+    let mut stopped = result(&job, 1, 0, 0, "n0", Outcome::Failed(Reason::Cancelled));
+    stopped.usage.wall_seconds = 25.0;
+    stopped.usage.cpu_seconds = 25.0;
+    w.deliver("n0", vec![sealed_at(stopped, cancelled_at - 10_000)]);
+    // Task 2, claimed sent after the cancel: nothing to bill.
+    let late = result(&job, 2, 0, 0, "n0", Outcome::Failed(Reason::Cancelled));
+    w.deliver("n0", vec![sealed_at(late, cancelled_at + 1_000)]);
+    let billed: Vec<(u64, f64)> = w
+        .ledger
+        .values()
+        .filter(|e| e.index > 0)
+        .map(|e| (e.index, e.usage.wall_seconds))
+        .collect();
+    assert_eq!(billed, vec![(1, 20.0)]);
+    assert_eq!(
+        w.ledger
+            .values()
+            .find(|e| e.index == 1)
+            .unwrap()
+            .usage
+            .cpu_seconds,
+        20.0
+    );
+
+    // A retry runs the two tasks that did not succeed, in a round of their own.
+    assert_eq!(w.retry(&job).unwrap(), 2);
+    w.fill();
+    let sent: Vec<u64> = w.take(&job).iter().map(|d| d.index).collect();
+    assert_eq!(sent, vec![1, 2]);
+    w.deliver("n0", vec![ok(&job, 1, 1, "n0"), ok(&job, 2, 1, "n0")]);
+    let record = w.state(&job);
+    assert_eq!(
+        (
+            record.state,
+            record.counts.succeeded,
+            record.counts.cancelled
+        ),
+        (JobState::Done, 3, 0)
+    );
 }
