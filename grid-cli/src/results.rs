@@ -1,7 +1,7 @@
 //! What a job left: `grid results` (outputs, manifest, joined tables) and `grid logs`.
 
 use crate::conn::{Conn, Session, runtime};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use grid_client::Grid;
 use grid_proto::{JobRecord, TaskRecord, TaskState, decode, names};
@@ -25,16 +25,131 @@ pub struct ResultsArgs {
     /// Folder to write DIR/<index>/ and DIR/manifest.jsonl into.
     #[arg(short = 'o', long = "output", value_name = "DIR")]
     pub output: PathBuf,
-    /// Also join every task's output file NAME, in task order, into one table DIR/NAME (a CSV
-    /// or TSV header shared by the tasks is kept once); repeatable.
-    #[arg(long, value_name = "NAME")]
+    /// Also join the tasks' output files that PATTERN matches into one table: a name
+    /// (`metrics.csv`) or a shell pattern (`'part-*.csv'`; `*` and `?` stop at `/`, `**/`
+    /// crosses folders). Tasks in index order, one task's files in path order; a CSV or TSV
+    /// header shared by the files is kept once. The table is DIR/PATTERN, each run of wildcards
+    /// written `all` (`part-*.csv` → DIR/part-all.csv). Fails (exit 2) when PATTERN matches no
+    /// file of any task, naming some that exist. Repeatable.
+    #[arg(long, value_name = "PATTERN")]
     pub concat: Vec<String>,
     #[command(flatten)]
     pub conn: Conn,
 }
 
-/// Appends one task's `bytes` of a joined file: a first line equal to the header already
-/// written is dropped for CSV and TSV files.
+/// How `--concat` patterns match output paths: as a shell does (`*` and `?` stop at `/`), with
+/// `**/` for any depth of folders.
+const CONCAT_MATCH: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: false,
+};
+
+/// One `--concat PATTERN`: the output files it matches, joined into one table.
+struct Concat {
+    pattern: glob::Pattern,
+    /// The table's path under the results folder ([`joined_name`] of the pattern).
+    name: PathBuf,
+    joined: Vec<u8>,
+    files: u64,
+    tasks: u64,
+}
+
+impl Concat {
+    /// The `--concat` of `pattern`, or why it cannot be one, in one line.
+    fn new(pattern: &str) -> Result<Self> {
+        let matcher = glob::Pattern::new(pattern)
+            .map_err(|e| anyhow!("--concat '{pattern}': not a pattern: {}", e.msg))?;
+        let Some(name) = safe_relative(&joined_name(pattern)) else {
+            bail!("--concat '{pattern}': not a relative path inside the output folder");
+        };
+        // DIR/manifest.jsonl and DIR/<index>/ are `grid results`' own: a table there would
+        // overwrite the manifest or a task's output.
+        let first = name
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned());
+        if let Some(first) = first
+            && (first == MANIFEST || first.bytes().all(|b| b.is_ascii_digit()))
+        {
+            bail!(
+                "--concat '{pattern}': its table would be {}, where `grid results` keeps {}",
+                name.display(),
+                if first == MANIFEST {
+                    "the manifest"
+                } else {
+                    "a task's outputs"
+                }
+            );
+        }
+        Ok(Self {
+            pattern: matcher,
+            name,
+            joined: Vec::new(),
+            files: 0,
+            tasks: 0,
+        })
+    }
+}
+
+/// The results folder's list of tasks, one JSON line each.
+const MANIFEST: &str = "manifest.jsonl";
+
+/// The name of the table `--concat PATTERN` writes: the pattern with each run of wildcards
+/// (`*`, `**`, `?`, `[…]`) written `all` — `part-*.csv` gives `part-all.csv`, a plain name
+/// itself — so that no file is named with a `*`.
+fn joined_name(pattern: &str) -> String {
+    let mut name = String::with_capacity(pattern.len());
+    let mut chars = pattern.chars().peekable();
+    let mut in_wildcards = false;
+    while let Some(c) = chars.next() {
+        let wildcard = match c {
+            '*' | '?' => true,
+            '[' => {
+                // A `]` first in the set (after an optional `!`) is one of its characters.
+                if chars.peek() == Some(&'!') {
+                    chars.next();
+                }
+                if chars.peek() == Some(&']') {
+                    chars.next();
+                }
+                for inside in chars.by_ref() {
+                    if inside == ']' {
+                        break;
+                    }
+                }
+                true
+            }
+            _ => false,
+        };
+        if !wildcard {
+            name.push(c);
+        } else if !in_wildcards {
+            name.push_str("all");
+        }
+        in_wildcards = wildcard;
+    }
+    name
+}
+
+/// The error line of `--concat` patterns that matched nothing: what the tasks wrote instead,
+/// so that the next try can be right.
+fn matched_nothing(patterns: &[&str], collected: u64, seen: &[String]) -> String {
+    let patterns: Vec<String> = patterns.iter().map(|p| format!("'{p}'")).collect();
+    let tasks = if collected == 1 { "task" } else { "tasks" };
+    let why = match (collected, seen.is_empty()) {
+        (0, _) => "no task of the job has ended yet".to_string(),
+        (n, true) => format!("the {n} {tasks} collected wrote none"),
+        (n, false) => format!("the {n} {tasks} collected wrote e.g. {}", seen.join(", ")),
+    };
+    format!(
+        "--concat {} matched no output file: {why}",
+        patterns.join(", ")
+    )
+}
+
+/// Appends one task's `bytes` of a joined file, the task's output `name`: a first line equal
+/// to the header already written is dropped for CSV and TSV files.
 fn concat_into(joined: &mut Vec<u8>, name: &str, bytes: &[u8]) {
     let tabular = name.ends_with(".csv") || name.ends_with(".tsv");
     let header = |b: &[u8]| {
@@ -84,8 +199,21 @@ fn write_output(dir: &Path, path: &str, bytes: &[u8]) -> std::result::Result<(),
 }
 
 pub fn results(args: ResultsArgs) -> Result<ExitCode> {
-    if let Some(bad) = args.concat.iter().find(|n| safe_relative(n).is_none()) {
-        bail!("--concat {bad:?}: not a relative path inside the output folder");
+    let mut concats = args
+        .concat
+        .iter()
+        .map(String::as_str)
+        .map(Concat::new)
+        .collect::<Result<Vec<_>>>()?;
+    for (i, concat) in concats.iter().enumerate() {
+        if let Some(other) = concats[..i].iter().find(|c| c.name == concat.name) {
+            bail!(
+                "--concat '{}' and '{}' would both write {}",
+                other.pattern.as_str(),
+                concat.pattern.as_str(),
+                concat.name.display()
+            );
+        }
     }
     runtime()?.block_on(async {
         let grid = args.conn.open("results").await?;
@@ -94,7 +222,8 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
         std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
         let mut manifest = String::new();
         let mut collected = 0u64;
-        let mut joined: Vec<(String, Vec<u8>, u64)> = args.concat.iter().map(|n| (n.clone(), Vec::new(), 0)).collect();
+        // A few of the tasks' output paths, for the line that says a pattern matched none.
+        let mut seen: Vec<String> = Vec::new();
         // The manifest is written whatever happens below: what was collected is listed.
         // A task of a cancelled job that left no record ended with the cancel.
         let unrecorded = match record.state {
@@ -110,19 +239,29 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
                 let dir = args.output.join(index.to_string());
                 std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
                 let r = &task.result;
+                // In path order, the order a task's files are joined in.
+                let mut files: Vec<_> = r.files.iter().collect();
+                files.sort_by(|a, b| a.path.cmp(&b.path));
+                let mut joined_here = vec![false; concats.len()];
                 // A record is a provider's word: a bad path, a file where a folder must be, or a
                 // missing object costs that file (named, with why), never the rest.
                 let mut skipped = Vec::new();
-                for file in &r.files {
+                for file in files {
+                    if seen.len() < 3 && !seen.contains(&file.path) {
+                        seen.push(file.path.clone());
+                    }
                     let bytes = match safe_relative(&file.path) {
                         None => Err("not a relative path inside the task's folder".to_string()),
                         Some(_) => grid.get_object(&tenant, &file.sha256, file.bytes).await.map_err(|e| format!("{e:#}")),
                     };
                     match bytes.and_then(|bytes| write_output(&dir, &file.path, &bytes).map(|()| bytes)) {
                         Ok(bytes) => {
-                            for (name, all, tasks) in joined.iter_mut().filter(|(n, _, _)| *n == file.path) {
-                                concat_into(all, name, &bytes);
-                                *tasks += 1;
+                            for (concat, joined) in concats.iter_mut().zip(&mut joined_here) {
+                                if concat.pattern.matches_with(&file.path, CONCAT_MATCH) {
+                                    concat_into(&mut concat.joined, &file.path, &bytes);
+                                    concat.files += 1;
+                                    *joined = true;
+                                }
                             }
                         }
                         Err(why) => {
@@ -130,6 +269,9 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
                             skipped.push(json!({"path": file.path, "why": why}));
                         }
                     }
+                }
+                for (concat, joined) in concats.iter_mut().zip(joined_here) {
+                    concat.tasks += u64::from(joined);
                 }
                 collected += 1;
                 let mut line = json!({
@@ -154,13 +296,26 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
             anyhow::Ok(())
         }
         .await;
-        let path = args.output.join("manifest.jsonl");
+        let path = args.output.join(MANIFEST);
         std::fs::write(&path, &manifest).with_context(|| format!("writing {}", path.display()))?;
         collecting?;
-        for (name, all, tasks) in &joined {
-            let path = args.output.join(safe_relative(name).unwrap_or_default());
-            std::fs::write(&path, all).with_context(|| format!("writing {}", path.display()))?;
-            eprintln!("grid: {} joins {name} of {tasks} tasks", path.display());
+        for concat in concats.iter().filter(|c| c.files > 0) {
+            let path = args.output.join(&concat.name);
+            if let Some(folder) = path.parent() {
+                std::fs::create_dir_all(folder).with_context(|| format!("cannot create {}", folder.display()))?;
+            }
+            std::fs::write(&path, &concat.joined).with_context(|| format!("writing {}", path.display()))?;
+            let files = if concat.files == concat.tasks {
+                String::new()
+            } else {
+                format!(" ({} files)", concat.files)
+            };
+            eprintln!(
+                "grid: {} joins '{}' of {} tasks{files}",
+                path.display(),
+                concat.pattern.as_str(),
+                concat.tasks
+            );
         }
         eprintln!(
             "grid: {collected} of {} tasks collected into {} ({})",
@@ -168,6 +323,11 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
             args.output.display(),
             record.state.as_str()
         );
+        let unmatched: Vec<&str> = concats.iter().filter(|c| c.files == 0).map(|c| c.pattern.as_str()).collect();
+        if !unmatched.is_empty() {
+            // The tasks' paths are a provider's word: main shows the line escaped on a terminal.
+            bail!(matched_nothing(&unmatched, collected, &seen));
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -293,6 +453,77 @@ pub fn logs(args: LogsArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_joined_table_is_never_named_with_a_wildcard() {
+        assert_eq!(joined_name("metrics.csv"), "metrics.csv");
+        assert_eq!(joined_name("part-*.csv"), "part-all.csv");
+        assert_eq!(joined_name("part-?????.csv"), "part-all.csv");
+        assert_eq!(joined_name("part-[0-9]*.csv"), "part-all.csv");
+        assert_eq!(joined_name("part-[!]x].csv"), "part-all.csv");
+        assert_eq!(joined_name("**/*.tsv"), "all/all.tsv");
+    }
+
+    #[test]
+    fn concat_patterns_match_as_a_shell_does() {
+        let matches = |pattern: &str, path: &str| {
+            Concat::new(pattern)
+                .unwrap()
+                .pattern
+                .matches_with(path, CONCAT_MATCH)
+        };
+        assert!(matches("part-*.csv", "part-00001.csv"));
+        assert!(!matches("part-*.csv", "sub/part-1.csv"), "`*` stops at `/`");
+        assert!(matches("**/part-*.csv", "sub/deep/part-1.csv"));
+        assert!(matches("**/part-*.csv", "part-1.csv"));
+        assert!(matches("metrics.csv", "metrics.csv"));
+        assert!(!matches("metrics.csv", "metrics.csv.bak"));
+    }
+
+    #[test]
+    fn a_concat_that_would_overwrite_grid_results_own_files_is_refused() {
+        for (pattern, why) in [
+            ("manifest.jsonl", "keeps the manifest"),
+            ("0/*.csv", "keeps a task's outputs"),
+            ("../*.csv", "not a relative path"),
+            ("/tmp/x.csv", "not a relative path"),
+            ("part-[.csv", "not a pattern"),
+        ] {
+            let Err(e) = Concat::new(pattern) else {
+                panic!("{pattern} was taken");
+            };
+            let line = format!("{e:#}");
+            assert!(line.contains(why), "{pattern}: {line}");
+            assert!(line.starts_with(&format!("--concat '{pattern}'")), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_pattern_that_matched_nothing_is_told_with_what_was_there() {
+        let seen = ["part-00000.csv".to_string(), "part-00001.csv".to_string()];
+        assert_eq!(
+            matched_nothing(&["part-*.tsv"], 6, &seen),
+            "--concat 'part-*.tsv' matched no output file: the 6 tasks collected wrote e.g. \
+             part-00000.csv, part-00001.csv"
+        );
+        assert_eq!(
+            matched_nothing(&["a", "b*"], 1, &[]),
+            "--concat 'a', 'b*' matched no output file: the 1 task collected wrote none"
+        );
+        assert_eq!(
+            matched_nothing(&["a"], 0, &[]),
+            "--concat 'a' matched no output file: no task of the job has ended yet"
+        );
+    }
+
+    #[test]
+    fn tables_from_several_files_keep_one_header() {
+        let mut joined = Vec::new();
+        concat_into(&mut joined, "part-a.csv", b"x,y\n1,2\n");
+        concat_into(&mut joined, "part-b.csv", b"x,y\n3,4");
+        concat_into(&mut joined, "sub/part-c.csv", b"x,y\n5,6\n");
+        assert_eq!(joined, b"x,y\n1,2\n3,4\n5,6\n");
+    }
 
     #[test]
     fn a_malformed_output_path_costs_that_file_only() {

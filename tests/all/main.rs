@@ -20,6 +20,7 @@ mod metrics;
 mod privileges;
 mod python;
 mod replicas;
+mod results;
 mod retry;
 mod rogue;
 mod sandbox;

@@ -367,6 +367,15 @@ fn main() {
             }
             fs::write("/out/attempt.txt", attempt.to_string()).unwrap();
         }
+        "csv-parts" => {
+            // Three tables with one header, written out of path order, one in a folder: what
+            // `grid results --concat` joins (a task's files in path order, the header once).
+            let index = std::env::var("GRID_TASK_INDEX").unwrap();
+            fs::write("/out/part-b.csv", format!("task,part\n{index},b\n")).unwrap();
+            fs::write("/out/part-a.csv", format!("task,part\n{index},a\n")).unwrap();
+            fs::create_dir("/out/sub").unwrap();
+            fs::write("/out/sub/part-c.csv", format!("task,part\n{index},c\n")).unwrap();
+        }
         "nap" => {
             // A short task that takes real time: arg 2 is milliseconds.
             let ms: u64 = std::env::args()

@@ -1,0 +1,140 @@
+//! What a job left, read the way a newcomer reads it: `grid results --concat` joining the tasks'
+//! tables. Each test goes through the `grid` command only: its output, its exit code and the
+//! files it writes.
+
+use crate::support::*;
+use std::path::Path;
+
+/// Submits `hostile MODE` as `tasks` tasks without retries and waits for it; its job id.
+fn hostile_job(grid: &TestGrid, tasks: &str, mode: &str, code: i32) -> String {
+    let hostile = guest("hostile");
+    let status = grid.grid_json(
+        &[
+            "submit",
+            hostile.to_str().unwrap(),
+            "--tasks",
+            tasks,
+            "--retries",
+            "0",
+            "--wait",
+            "--",
+            mode,
+        ],
+        code,
+    );
+    status["job_id"].as_str().unwrap().to_string()
+}
+
+/// `grid results JOB -o DIR ARGS…`: exit code, stderr.
+fn results(grid: &TestGrid, job: &str, dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let mut all = vec!["results", job, "-o", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = grid.grid(&all);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn concat_joins_the_files_a_pattern_matches_and_fails_when_it_matches_none() {
+    let grid = TestGrid::start(1, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+
+    // The README's case: each task writes part-<index>.csv.
+    let params = write_params(tmp.path(), (0..3).map(|_| r#"{"rows": 2}"#.to_string()));
+    let status = grid.grid_json(
+        &[
+            "submit",
+            guest("synth-data").to_str().unwrap(),
+            "--params",
+            params.to_str().unwrap(),
+            "--wait",
+        ],
+        0,
+    );
+    let synth = status["job_id"].as_str().unwrap().to_string();
+    let out = tmp.path().join("synth");
+    let (code, stderr) = results(&grid, &synth, &out, &["--concat", "part-*.csv"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("part-all.csv joins 'part-*.csv' of 3 tasks"),
+        "{stderr}"
+    );
+    let table = read(&out.join("part-all.csv"));
+    let mut lines = table.lines();
+    assert_eq!(lines.next(), Some("id,group,age,income,score,label"));
+    let ids: Vec<u64> = lines
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ids, (0..6).collect::<Vec<_>>(), "tasks in index order");
+    assert!(
+        !out.join("part-*.csv").exists(),
+        "no file is named with a `*`"
+    );
+
+    // Several files per task, written out of path order, one in a folder.
+    let parts = hostile_job(&grid, "2", "csv-parts", 0);
+    let out = tmp.path().join("parts");
+    let (code, stderr) = results(
+        &grid,
+        &parts,
+        &out,
+        &[
+            "--concat",
+            "part-*.csv",
+            "--concat",
+            "**/part-*.csv",
+            "--concat",
+            "part-b.csv",
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    // `*` stops at `/`: the folder's table is not in it. A task's files join in path order.
+    assert_eq!(
+        read(&out.join("part-all.csv")),
+        "task,part\n0,a\n0,b\n1,a\n1,b\n"
+    );
+    assert!(
+        stderr.contains("joins 'part-*.csv' of 2 tasks (4 files)"),
+        "{stderr}"
+    );
+    // `**/` crosses folders; each run of wildcards is written `all`.
+    assert_eq!(
+        read(&out.join("all/part-all.csv")),
+        "task,part\n0,a\n0,b\n0,c\n1,a\n1,b\n1,c\n"
+    );
+    // A plain name is that one file, as before.
+    assert_eq!(read(&out.join("part-b.csv")), "task,part\n0,b\n1,b\n");
+    assert_eq!(read(&out.join("1/sub/part-c.csv")), "task,part\n1,c\n");
+
+    // Nothing matches: exit 2, one line that names what the tasks did write; the outputs and
+    // the manifest are still collected, and no empty table is written.
+    let out = tmp.path().join("none");
+    let (code, stderr) = results(&grid, &parts, &out, &["--concat", "part-*.tsv"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(
+        stderr.lines().last(),
+        Some(
+            "grid: --concat 'part-*.tsv' matched no output file: the 2 tasks collected wrote \
+             e.g. part-a.csv, part-b.csv, sub/part-c.csv"
+        ),
+        "{stderr}"
+    );
+    assert!(out.join("manifest.jsonl").exists());
+    assert!(out.join("0/part-a.csv").exists());
+    assert!(!out.join("part-all.tsv").exists());
+
+    // A table where `grid results` keeps its own files is refused before anything is read.
+    let (code, stderr) = results(&grid, &parts, &out, &["--concat", "manifest.jsonl"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("where `grid results` keeps the manifest"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
