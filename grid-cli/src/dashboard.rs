@@ -444,8 +444,7 @@ async fn job_detail(source: &Source, jobs: &JobTable, id: &str) -> Result<Option
             let Ok(task) = decode::<TaskRecord>(&bytes) else {
                 continue;
             };
-            // Succeeded, or an earlier round's failure that a retry is running again.
-            if task.state == TaskState::Succeeded || task.round < record.retried {
+            if !crate::status::failed_now(&task, &record) {
                 continue;
             }
             let mut logs = serde_json::Map::new();

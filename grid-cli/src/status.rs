@@ -6,7 +6,7 @@ use anyhow::{Result, anyhow};
 use clap::Args;
 use futures::StreamExt;
 use grid_client::Grid;
-use grid_proto::{JobRecord, JobState, decode, names};
+use grid_proto::{JobRecord, JobState, TaskRecord, TaskState, decode, names};
 use serde_json::json;
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -123,11 +123,16 @@ fn rate(per_sec: f64) -> String {
 pub(crate) async fn follow_to_end(grid: &Session, job: &str, json: bool) -> Result<ExitCode> {
     let record = follow(grid, job).await?;
     print_status(&record, json);
-    Ok(if record.state == JobState::Done {
+    Ok(wait_exit_code(&record))
+}
+
+/// The exit status of a `--wait` that followed the job to `record`: 0 only if it is done.
+fn wait_exit_code(record: &JobRecord) -> ExitCode {
+    if record.state == JobState::Done {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
-    })
+    }
 }
 
 /// A line saying that no live node serves the job's class, so it cannot make progress now.
@@ -250,6 +255,12 @@ pub struct StatusArgs {
     /// Show the status as it changes (redrawn in place on a terminal) until the job ends.
     #[arg(long, conflicts_with = "wait")]
     pub watch: bool,
+    /// Also list the failed and disputed tasks, a line each in index order: why each failed
+    /// and after how many attempts (at most 1,000 lines; `--json` lists them all, as the
+    /// status's `failed` array of `{index, state, reason, attempts, failures, node, round}`).
+    #[arg(long, conflicts_with = "watch")]
+    pub failed: bool,
+    /// Print the status as one line of JSON.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -259,16 +270,16 @@ pub struct StatusArgs {
 pub fn status(args: StatusArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open("status").await?;
-        if args.wait {
-            // As `grid submit --wait`: 0 only for a job that is done.
-            return follow_to_end(&grid, &args.job, args.json).await;
-        }
-        let record = if args.watch {
+        let record = if args.wait {
+            follow(&grid, &args.job).await?
+        } else if args.watch {
             watch(&grid, &args.job, args.json).await?
         } else {
             grid.job_record(&args.job).await?
         };
-        if !args.watch {
+        if args.failed {
+            print_failed(&grid, &record, args.json).await?;
+        } else if !args.watch {
             print_status(&record, args.json);
         }
         if !record.state.is_final()
@@ -276,8 +287,189 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         {
             eprintln!("{note}");
         }
-        Ok(ExitCode::SUCCESS)
+        // As `grid submit --wait`: 0 only for a job that is done.
+        Ok(if args.wait {
+            wait_exit_code(&record)
+        } else {
+            ExitCode::SUCCESS
+        })
     })
+}
+
+/// Whether `task` is one of its job's failures now: failed or disputed in the job's latest
+/// round. An earlier round's failure that `grid retry` is running again is not, as the job's
+/// counts do not count it.
+pub(crate) fn failed_now(task: &TaskRecord, job: &JobRecord) -> bool {
+    task.state != TaskState::Succeeded && task.round >= job.retried
+}
+
+/// Calls `each` with every task record of `job` that is a failure now ([`failed_now`]), in the
+/// order the tasks were decided. One ordered read of the job's records rather than a `get` per
+/// index: a job may have a million tasks, and none is read when its counts have no failure.
+pub(crate) async fn for_each_failed(
+    grid: &Grid,
+    job: &JobRecord,
+    mut each: impl FnMut(TaskRecord),
+) -> Result<()> {
+    if job.counts.failed + job.counts.disputed == 0 {
+        return Ok(());
+    }
+    let prefix = format!("{}.{}", job.spec.tenant, job.id);
+    let mut records = grid
+        .kv_follow(
+            names::TASKS_BUCKET,
+            Some(&prefix),
+            async_nats::jetstream::consumer::DeliverPolicy::LastPerSubject,
+        )
+        .await?;
+    while let Some(entry) = records.next_until_caught_up().await {
+        let Some(bytes) = entry?.value else {
+            continue;
+        };
+        if let Ok(task) = decode::<TaskRecord>(&bytes)
+            && failed_now(&task, job)
+        {
+            each(task);
+        }
+    }
+    Ok(())
+}
+
+/// Lines of failed tasks `grid status --failed` prints; `--json` has them all.
+const FAILED_LINES: usize = 1000;
+
+/// One failed or disputed task, as `grid status --failed` shows it.
+struct FailedTask {
+    index: u64,
+    state: TaskState,
+    reason: Option<String>,
+    attempts: u32,
+    failures: Vec<String>,
+    node: String,
+    round: u32,
+    votes: usize,
+}
+
+impl FailedTask {
+    fn of(task: &TaskRecord) -> Self {
+        Self {
+            index: task.result.index,
+            state: task.state,
+            reason: task.result.outcome.reason().map(|r| r.to_string()),
+            attempts: task.attempts,
+            failures: task.failures.clone(),
+            node: task.result.node_id.clone(),
+            round: task.round,
+            votes: task.votes.len(),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "index": self.index,
+            "state": self.state.as_str(),
+            "reason": self.reason,
+            "attempts": self.attempts,
+            "failures": self.failures,
+            "node": self.node,
+            "round": self.round,
+        })
+    }
+
+    /// `task 3: failed: exit: 1 (1 attempt, on node-0)`; the failures of earlier attempts are
+    /// listed when there were any.
+    fn line(&self) -> String {
+        let what = match (self.state, &self.reason) {
+            (TaskState::Disputed, _) => format!("disputed: its {} replicas disagreed", self.votes),
+            (_, Some(reason)) => format!("failed: {reason}"),
+            (_, None) => "failed".to_string(),
+        };
+        let attempts = match self.attempts {
+            1 => "1 attempt".to_string(),
+            n => format!("{n} attempts"),
+        };
+        let how = if self.failures.len() > 1 {
+            format!("{attempts}: {}", self.failures.join(", "))
+        } else {
+            format!("{attempts}, on {}", self.node)
+        };
+        // A reason or node is a provider's word, on one line.
+        grid_proto::one_line(&format!("task {}: {what} ({how})", self.index), " ")
+    }
+}
+
+/// The lowest-indexed `keep` of the failed tasks offered (all of them when `None`), holding at
+/// most twice `keep` at once however many are offered: a job may have a million failures.
+struct Lowest {
+    keep: Option<usize>,
+    kept: Vec<FailedTask>,
+    offered: u64,
+}
+
+impl Lowest {
+    fn new(keep: Option<usize>) -> Self {
+        Self {
+            keep,
+            kept: Vec::new(),
+            offered: 0,
+        }
+    }
+
+    fn offer(&mut self, task: FailedTask) {
+        self.offered += 1;
+        self.kept.push(task);
+        if let Some(keep) = self.keep
+            && self.kept.len() >= 2 * keep.max(1)
+        {
+            self.kept.sort_by_key(|t| t.index);
+            self.kept.truncate(keep);
+        }
+    }
+
+    /// The tasks kept, in index order, and how many were offered.
+    fn into_sorted(mut self) -> (Vec<FailedTask>, u64) {
+        self.kept.sort_by_key(|t| t.index);
+        if let Some(keep) = self.keep {
+            self.kept.truncate(keep);
+        }
+        (self.kept, self.offered)
+    }
+}
+
+/// The failed tasks of `job` in index order, at most `keep` of them (all when `None`), and
+/// how many there are.
+async fn failed_tasks(
+    grid: &Grid,
+    job: &JobRecord,
+    keep: Option<usize>,
+) -> Result<(Vec<FailedTask>, u64)> {
+    let mut lowest = Lowest::new(keep);
+    for_each_failed(grid, job, |task| lowest.offer(FailedTask::of(&task))).await?;
+    Ok(lowest.into_sorted())
+}
+
+/// `grid status JOB --failed`: the status, then the failed tasks (see [`StatusArgs::failed`]).
+async fn print_failed(grid: &Grid, record: &JobRecord, as_json: bool) -> Result<()> {
+    if as_json {
+        let (failed, _) = failed_tasks(grid, record, None).await?;
+        let mut status = status_json(record);
+        status["failed"] = failed.iter().map(FailedTask::json).collect();
+        println!("{}", crate::terminal::json_line(&status));
+        return Ok(());
+    }
+    let (failed, total) = failed_tasks(grid, record, Some(FAILED_LINES)).await?;
+    print_status(record, false);
+    for task in &failed {
+        println!("  {}", crate::terminal::for_stdout(&task.line()));
+    }
+    let more = total.saturating_sub(failed.len() as u64);
+    if more > 0 {
+        eprintln!(
+            "grid: … and {more} more failed tasks; `grid status {} --failed --json` lists them all",
+            record.id
+        );
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -361,12 +553,86 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn failed(index: u64) -> FailedTask {
+        FailedTask {
+            index,
+            state: TaskState::Failed,
+            reason: Some("exit: 1".into()),
+            attempts: 1,
+            failures: vec!["exit: 1".into()],
+            node: "node-0".into(),
+            round: 0,
+            votes: 0,
+        }
+    }
+
+    #[test]
+    fn the_failed_listing_keeps_the_lowest_indices_in_bounded_memory() {
+        let mut lowest = Lowest::new(Some(3));
+        // Decided in no particular order, as a job's records are read.
+        for index in (0..10_000u64).rev().map(|i| (i * 7919) % 10_000) {
+            lowest.offer(failed(index));
+            assert!(lowest.kept.len() < 6, "{} held", lowest.kept.len());
+        }
+        let (kept, offered) = lowest.into_sorted();
+        let indices: Vec<u64> = kept.iter().map(|t| t.index).collect();
+        assert_eq!(indices, [0, 1, 2]);
+        assert_eq!(offered, 10_000);
+
+        let mut all = Lowest::new(None);
+        for index in [5, 1, 3] {
+            all.offer(failed(index));
+        }
+        let (kept, offered) = all.into_sorted();
+        assert_eq!(kept.iter().map(|t| t.index).collect::<Vec<_>>(), [1, 3, 5]);
+        assert_eq!(offered, 3);
+    }
+
+    #[test]
+    fn a_failed_task_reads_as_one_line_with_why() {
+        assert_eq!(
+            failed(3).line(),
+            "task 3: failed: exit: 1 (1 attempt, on node-0)"
+        );
+        let retried = FailedTask {
+            attempts: 3,
+            reason: Some("trap: unreachable\nat 0x2a".into()),
+            failures: vec![
+                "lost".into(),
+                "lost".into(),
+                "trap: unreachable\nat 0x2a".into(),
+            ],
+            ..failed(7)
+        };
+        assert_eq!(
+            retried.line(),
+            "task 7: failed: trap: unreachable at 0x2a (3 attempts: lost, lost, trap: unreachable at 0x2a)"
+        );
+        let disputed = FailedTask {
+            state: TaskState::Disputed,
+            reason: None,
+            failures: Vec::new(),
+            votes: 3,
+            ..failed(9)
+        };
+        assert_eq!(
+            disputed.line(),
+            "task 9: disputed: its 3 replicas disagreed (1 attempt, on node-0)"
+        );
+        let as_json = failed(3).json();
+        assert_eq!(as_json["index"], 3);
+        assert_eq!(as_json["reason"], "exit: 1");
+        assert_eq!(as_json["failures"], json!(["exit: 1"]));
+    }
+
     #[test]
     fn rates_read_as_a_person_writes_them() {
-        assert_eq!(super::rate(2.5212), "2.5/s");
-        assert_eq!(super::rate(37.4), "37/s");
-        assert_eq!(super::rate(1204.2), "1,204/s");
-        assert_eq!(super::rate(0.0), "0/s");
-        assert_eq!(super::rate(f64::NAN), "0/s");
+        assert_eq!(rate(2.5212), "2.5/s");
+        assert_eq!(rate(37.4), "37/s");
+        assert_eq!(rate(1204.2), "1,204/s");
+        assert_eq!(rate(0.0), "0/s");
+        assert_eq!(rate(f64::NAN), "0/s");
     }
 }

@@ -1,6 +1,6 @@
 //! What a job left, read the way a newcomer reads it: `grid results --concat` joining the tasks'
-//! tables. Each test goes through the `grid` command only: its output, its exit code and the
-//! files it writes.
+//! tables, and `grid status --failed`. Each test goes through the `grid` command only: its
+//! output, its exit code and the files it writes.
 
 use crate::support::*;
 use std::path::Path;
@@ -137,4 +137,53 @@ fn concat_joins_the_files_a_pattern_matches_and_fails_when_it_matches_none() {
         "{stderr}"
     );
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn status_failed_lists_each_failed_task_with_why_in_text_and_json() {
+    let grid = TestGrid::start(1, &[]);
+    let job = hostile_job(&grid, "4", "odd-fail-first", 1);
+
+    let text = grid.grid(&["status", &job, "--failed"]);
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.status.success(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines[0].starts_with(&format!("job {job}: ")) && lines[0].contains("2 failed"),
+        "{stdout}"
+    );
+    assert_eq!(lines[1], "  task 1: failed: exit: 9 (1 attempt, on node-0)");
+    assert_eq!(lines[2], "  task 3: failed: exit: 9 (1 attempt, on node-0)");
+
+    let status = grid.grid_json(&["status", &job, "--failed"], 0);
+    assert_eq!(status["state"], "failed", "{status}");
+    assert_eq!(status["tasks"]["failed"], 2, "{status}");
+    let failed = status["failed"].as_array().unwrap();
+    let indices: Vec<u64> = failed
+        .iter()
+        .map(|t| t["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indices, [1, 3], "{status}");
+    for task in failed {
+        assert_eq!(task["state"], "failed", "{task}");
+        assert_eq!(task["reason"], "exit: 9", "{task}");
+        assert_eq!(task["attempts"], 1, "{task}");
+        assert_eq!(task["failures"], serde_json::json!(["exit: 9"]), "{task}");
+        assert_eq!(task["node"], "node-0", "{task}");
+    }
+
+    // `--wait` with it: the list once the job has ended, and the exit code of a failed job.
+    let waited = grid.grid(&["status", &job, "--wait", "--failed"]);
+    assert_eq!(waited.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&waited.stdout), stdout);
+
+    // After a retry that fixes them, nothing is listed.
+    grid.grid_json(&["retry", &job, "--failed", "--wait"], 0);
+    let status = grid.grid_json(&["status", &job, "--failed"], 0);
+    assert_eq!(status["failed"], serde_json::json!([]), "{status}");
 }
