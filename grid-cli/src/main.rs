@@ -48,7 +48,7 @@ enum Command {
     Nodes(status::ListArgs),
     /// Collect a job's outputs into a folder (works while it runs).
     Results(results::ResultsArgs),
-    /// Print tasks' captured stdout and stderr.
+    /// Print tasks' captured stdout and stderr, on stdout under a header per task and stream.
     Logs(results::LogsArgs),
     /// Cancel a job: queued tasks are dropped, running ones stopped.
     Cancel(control::CancelArgs),

@@ -335,9 +335,14 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
 #[derive(Args, Debug)]
 pub struct LogsArgs {
     pub job: String,
-    /// Only this task.
+    /// Only this task, as `grid run` shows one: its stdout on stdout and its stderr on stderr,
+    /// as written and without headers (`grid logs JOB --task 3 > out.txt` is its stdout byte
+    /// for byte).
     #[arg(long)]
     pub task: Option<u64>,
+    /// Only the tasks that failed or were disputed (those `grid status JOB --failed` lists).
+    #[arg(long, conflicts_with = "task")]
+    pub failed: bool,
     /// Keep printing tasks' logs as they finish, until the job ends.
     #[arg(long, conflicts_with = "task")]
     pub follow: bool,
@@ -368,6 +373,7 @@ impl Escape {
     }
 }
 
+/// `grid logs JOB --task I`: the task's stdout to stdout, its stderr to stderr, as written.
 async fn print_logs(grid: &Grid, tenant: &str, task: &TaskRecord, escape: Escape) -> Result<()> {
     use crate::terminal::write_bytes;
     for (blob, to_stderr) in [(&task.result.stdout, false), (&task.result.stderr, true)] {
@@ -385,11 +391,94 @@ async fn print_logs(grid: &Grid, tenant: &str, task: &TaskRecord, escape: Escape
     Ok(())
 }
 
+/// The header of one stream of a task's logs in a listing: `== task 3 stderr ==`, with the
+/// round of a retried task, how a task that did not succeed ended, and whether its logs were
+/// cut at the cap.
+fn log_header(task: &TaskRecord, stream: &str) -> String {
+    let mut notes = Vec::new();
+    if task.round > 0 {
+        notes.push(format!("retry {}", task.round));
+    }
+    match (task.state, task.result.outcome.reason()) {
+        (TaskState::Succeeded, _) => {}
+        (TaskState::Failed, Some(reason)) => notes.push(format!("failed: {reason}")),
+        (TaskState::Failed, None) => notes.push("failed".into()),
+        (TaskState::Disputed, _) => notes.push("disputed".into()),
+    }
+    if task.result.logs_truncated {
+        notes.push("truncated".into());
+    }
+    let notes = if notes.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", notes.join(", "))
+    };
+    // A reason may carry a provider's line breaks: a header is one line.
+    grid_proto::one_line(
+        &format!("== task {} {stream}{notes} ==", task.result.index),
+        " ",
+    )
+}
+
+/// Prints `task`'s logs into a listing (see [`logs`]): each stream it wrote to under its
+/// header, on stdout. False when it wrote to neither.
+async fn list_task_logs(
+    grid: &Grid,
+    tenant: &str,
+    task: &TaskRecord,
+    escape: bool,
+) -> Result<bool> {
+    use std::io::Write;
+    let mut wrote = false;
+    for (stream, blob) in [
+        ("stdout", &task.result.stdout),
+        ("stderr", &task.result.stderr),
+    ] {
+        let Some(sha) = blob else {
+            continue;
+        };
+        let bytes = grid
+            .get_object(tenant, sha, grid_proto::caps::LOG_BYTES)
+            .await?;
+        if bytes.is_empty() {
+            continue;
+        }
+        let mut out = std::io::stdout().lock();
+        // The reason in it is a provider's word: shown, not obeyed, on a terminal.
+        writeln!(
+            out,
+            "{}",
+            crate::terminal::for_stdout(&log_header(task, stream))
+        )?;
+        crate::terminal::write_bytes(&mut out, &bytes, escape)?;
+        if !bytes.ends_with(b"\n") {
+            out.write_all(b"\n")?;
+        }
+        wrote = true;
+    }
+    Ok(wrote)
+}
+
+/// The listing's last word on stderr: how many of the `listed` tasks wrote nothing (they have
+/// no header, so would otherwise go unmentioned).
+fn say_silent(silent: u64, listed: u64, failed_only: bool) {
+    if silent > 0 {
+        let which = if failed_only { "failed tasks" } else { "tasks" };
+        eprintln!("grid: {silent} of {listed} {which} wrote nothing to stdout or stderr");
+    }
+}
+
 /// Prints each task's logs as its record appears, until the job has ended and all are printed.
 /// (Polled, like `status --wait`: a tenant may read its own records, not watch the bucket.)
-async fn follow_logs(grid: &Session, record: JobRecord, escape: Escape) -> Result<()> {
+async fn follow_logs(
+    grid: &Session,
+    record: JobRecord,
+    failed_only: bool,
+    escape: bool,
+) -> Result<()> {
     // A task's record of each round: `grid retry` replaces a failed one with the new round's.
     let mut printed = std::collections::HashSet::new();
+    let (mut silent, mut listed) = (0u64, 0u64);
     let prefix = format!("{}.{}", grid.tenant, record.id);
     loop {
         let now = grid.job_record(&record.id).await?;
@@ -401,50 +490,108 @@ async fn follow_logs(grid: &Session, record: JobRecord, escape: Escape) -> Resul
             if task.state == TaskState::Succeeded || task.round >= now.retried {
                 decided += 1;
             }
+            // Every round's failure, the one a retry runs again too: each is one to look at.
+            if failed_only && task.state == TaskState::Succeeded {
+                continue;
+            }
             if printed.insert((task.result.index, task.round)) {
-                match task.round {
-                    0 => println!("== task {} ==", task.result.index),
-                    round => println!("== task {} (retry {round}) ==", task.result.index),
+                listed += 1;
+                if !list_task_logs(grid, &record.spec.tenant, &task, escape).await? {
+                    silent += 1;
                 }
-                print_logs(grid, &record.spec.tenant, &task, escape).await?;
             }
         }
         let c = &now.counts;
         if now.state.is_final() && decided >= c.succeeded + c.failed + c.disputed {
+            say_silent(silent, listed, failed_only);
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
+/// `grid logs JOB [--failed]`: the listing [`logs`] describes, of the tasks decided now.
+async fn list_logs(
+    grid: &Session,
+    record: &JobRecord,
+    failed_only: bool,
+    escape: bool,
+) -> Result<()> {
+    let indices: Box<dyn Iterator<Item = u64>> = if failed_only {
+        let mut failed = Vec::new();
+        crate::status::for_each_failed(grid, record, |task| failed.push(task.result.index)).await?;
+        failed.sort_unstable();
+        Box::new(failed.into_iter())
+    } else {
+        Box::new(0..record.counts.total)
+    };
+    let (mut silent, mut listed) = (0u64, 0u64);
+    for index in indices {
+        let Some(task) = grid.task_record(&record.id, index).await? else {
+            continue;
+        };
+        // A retry may have started since the failures were read: its tasks are not failed now.
+        if failed_only && !crate::status::failed_now(&task, record) {
+            continue;
+        }
+        listed += 1;
+        if !list_task_logs(grid, &record.spec.tenant, &task, escape).await? {
+            silent += 1;
+        }
+    }
+    if failed_only && listed == 0 {
+        eprintln!(
+            "grid: job {} has no failed tasks ({})",
+            record.id,
+            record.state.as_str()
+        );
+    }
+    say_silent(silent, listed, failed_only);
+    let c = &record.counts;
+    let ended = c.succeeded + c.failed + c.disputed;
+    if ended < c.total {
+        eprintln!(
+            "grid: {} of {} tasks have not ended yet (`grid logs {} --follow` prints their logs as they end)",
+            c.total - ended,
+            c.total,
+            record.id
+        );
+    }
+    Ok(())
+}
+
+/// `grid logs JOB`: the tasks' logs, in index order, on stdout. Each stream a task wrote to
+/// comes under a header of its own — `== task 3 stderr ==`, with `(retry 1, failed: exit: 1,
+/// truncated)` as they apply — and a log that does not end a line is given a newline so that
+/// the next header starts one; streams a task left empty are not shown. A last line on stderr
+/// says how many tasks wrote nothing, and how many have not ended yet. With `--task I`, that
+/// task's logs as `grid run` shows them.
 pub fn logs(args: LogsArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open("logs").await?;
         let record = grid.job_record(&args.job).await?;
         let escape = Escape::new(args.raw);
         if args.follow {
-            follow_logs(&grid, record, escape).await?;
+            follow_logs(&grid, record, args.failed, escape.stdout).await?;
             return Ok(ExitCode::SUCCESS);
         }
-        let indices: Vec<u64> = match args.task {
-            Some(i) if i >= record.counts.total => {
-                bail!(
-                    "job {} has no task {i} (it has {})",
-                    record.id,
-                    record.counts.total
-                )
-            }
-            Some(i) => vec![i],
-            None => (0..record.counts.total).collect(),
+        let Some(index) = args.task else {
+            list_logs(&grid, &record, args.failed, escape.stdout).await?;
+            return Ok(ExitCode::SUCCESS);
         };
-        for index in indices {
-            let Some(task) = grid.task_record(&record.id, index).await? else {
-                continue;
-            };
-            if args.task.is_none() {
-                println!("== task {index} ==");
+        if index >= record.counts.total {
+            bail!(
+                "job {} has no task {index} (it has {})",
+                record.id,
+                record.counts.total
+            )
+        }
+        match grid.task_record(&record.id, index).await? {
+            None => eprintln!("grid: task {index} of job {} has not ended yet", record.id),
+            Some(task) if task.result.stdout.is_none() && task.result.stderr.is_none() => {
+                eprintln!("grid: task {index} wrote nothing to stdout or stderr")
             }
-            print_logs(&grid, &record.spec.tenant, &task, escape).await?;
+            Some(task) => print_logs(&grid, &record.spec.tenant, &task, escape).await?,
         }
         Ok(ExitCode::SUCCESS)
     })
@@ -453,6 +600,7 @@ pub fn logs(args: LogsArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use grid_proto::{Outcome, Reason, ResultMsg, Seal, Sha256Hex, Usage};
 
     #[test]
     fn a_joined_table_is_never_named_with_a_wildcard() {
@@ -523,6 +671,55 @@ mod tests {
         concat_into(&mut joined, "part-b.csv", b"x,y\n3,4");
         concat_into(&mut joined, "sub/part-c.csv", b"x,y\n5,6\n");
         assert_eq!(joined, b"x,y\n1,2\n3,4\n5,6\n");
+    }
+
+    fn task_record(state: TaskState, outcome: Outcome, round: u32) -> TaskRecord {
+        TaskRecord {
+            state,
+            attempts: 1,
+            failures: Vec::new(),
+            result: ResultMsg {
+                tenant: "t".into(),
+                job_id: "j".into(),
+                index: 3,
+                attempt: 0,
+                replica: 0,
+                node_id: "node-0".into(),
+                outcome,
+                digest: Sha256Hex([0; 32]),
+                usage: Usage::default(),
+                files: Vec::new(),
+                stdout: None,
+                stderr: None,
+                logs_truncated: false,
+                seal: Seal::default(),
+                staged: Vec::new(),
+            },
+            votes: Vec::new(),
+            round,
+            earlier: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_log_header_says_which_task_stream_round_and_why() {
+        let ok = task_record(TaskState::Succeeded, Outcome::Succeeded, 0);
+        assert_eq!(log_header(&ok, "stdout"), "== task 3 stdout ==");
+        let mut failed = task_record(
+            TaskState::Failed,
+            Outcome::Failed(Reason::Trap("unreachable\n  at 0x2a".into())),
+            2,
+        );
+        failed.result.logs_truncated = true;
+        assert_eq!(
+            log_header(&failed, "stderr"),
+            "== task 3 stderr (retry 2, failed: trap: unreachable at 0x2a, truncated) =="
+        );
+        let disputed = task_record(TaskState::Disputed, Outcome::Succeeded, 0);
+        assert_eq!(
+            log_header(&disputed, "stdout"),
+            "== task 3 stdout (disputed) =="
+        );
     }
 
     #[test]

@@ -9,9 +9,10 @@
 //! tab, DEL and C1 controls come out as `\x1b`, `\r`, `\x7f`, `\u{9b}`, and bytes that are not
 //! UTF-8 as `\xff`. Everything else, newlines and tabs included, is left as it is.
 //!
-//! A pipe or a file gets the bytes exactly as written: logs are data, and `grid logs JOB >
-//! out.bin` must be the guest's output. `--raw` (`grid logs`, `grid run`) asks for the same on
-//! a terminal. Reasons and other one-line texts from providers are escaped on a terminal
+//! A pipe or a file gets the bytes exactly as written: logs are data, and `grid logs JOB --task
+//! I > out.bin` must be the guest's output (a listing of many tasks adds only its headers, and
+//! a newline where a log does not end one). `--raw` (`grid logs`, `grid run`) asks for the same
+//! on a terminal. Reasons and other one-line texts from providers are escaped on a terminal
 //! always; JSON output never carries a raw control character (see [`json_line`]).
 //!
 //! Not covered: characters that are not controls but mislead a reader (bidirectional

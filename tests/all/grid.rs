@@ -746,7 +746,7 @@ fn input_files_become_tasks_and_shared_files_reach_every_task() {
     );
     let followed = String::from_utf8(grid.grid(&["logs", job, "--follow"]).stdout).unwrap();
     assert!(
-        followed.contains("== task 0 ==") && followed.contains("== task 1 =="),
+        followed.contains("== task 0 stdout ==\n") && followed.contains("== task 1 stdout ==\n"),
         "{followed}"
     );
     assert_eq!(followed.matches("/in/shared/ref.txt: reference").count(), 2);

@@ -1,6 +1,6 @@
 //! What a job left, read the way a newcomer reads it: `grid results --concat` joining the tasks'
-//! tables, and `grid status --failed`. Each test goes through the `grid` command only: its
-//! output, its exit code and the files it writes.
+//! tables, `grid logs` (labelled, on stdout, `--failed`), and `grid status --failed`. Each test
+//! goes through the `grid` command only: its output, its exit code and the files it writes.
 
 use crate::support::*;
 use std::path::Path;
@@ -137,6 +137,60 @@ fn concat_joins_the_files_a_pattern_matches_and_fails_when_it_matches_none() {
         "{stderr}"
     );
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+/// What `hostile odd-fail-first` writes to stderr in task `index` when it fails (an odd index,
+/// attempt 0); even tasks write nothing.
+fn failure_log(index: u64) -> String {
+    format!("task {index} failing on attempt 0\n")
+}
+
+#[test]
+fn logs_are_labelled_on_stdout_and_failed_selects_the_failures() {
+    let grid = TestGrid::start(1, &[]);
+    let job = hostile_job(&grid, "4", "odd-fail-first", 1);
+    let failed_listing = format!(
+        "== task 1 stderr (failed: exit: 9) ==\n{}== task 3 stderr (failed: exit: 9) ==\n{}",
+        failure_log(1),
+        failure_log(3)
+    );
+
+    // Every task: the two that wrote something, under headers, all on stdout; the two that
+    // wrote nothing are counted on stderr, which has none of the guests' bytes.
+    let all = grid.grid(&["logs", &job]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&all.stdout),
+        String::from_utf8_lossy(&all.stderr),
+    );
+    assert!(all.status.success(), "{stderr}");
+    assert_eq!(stdout, failed_listing);
+    assert_eq!(
+        stderr.trim_end(),
+        "grid: 2 of 4 tasks wrote nothing to stdout or stderr"
+    );
+
+    // Only the failures: the same two, and nothing to count.
+    let failed = grid.grid(&["logs", &job, "--failed"]);
+    assert!(failed.status.success());
+    assert_eq!(String::from_utf8_lossy(&failed.stdout), failed_listing);
+    assert_eq!(String::from_utf8_lossy(&failed.stderr), "");
+    let followed = grid.grid(&["logs", &job, "--failed", "--follow"]);
+    assert!(followed.status.success());
+    assert_eq!(String::from_utf8_lossy(&followed.stdout), failed_listing);
+
+    // One task is shown as `grid run` shows it: its stderr on stderr, as written.
+    let one = grid.grid(&["logs", &job, "--task", "1"]);
+    assert!(one.status.success());
+    assert_eq!(String::from_utf8_lossy(&one.stdout), "");
+    assert_eq!(String::from_utf8_lossy(&one.stderr), failure_log(1));
+    let quiet = grid.grid(&["logs", &job, "--task", "0"]);
+    assert_eq!(String::from_utf8_lossy(&quiet.stdout), "");
+    assert_eq!(
+        String::from_utf8_lossy(&quiet.stderr).trim_end(),
+        "grid: task 0 wrote nothing to stdout or stderr"
+    );
+    let both = grid.grid(&["logs", &job, "--task", "1", "--failed"]);
+    assert_eq!(both.status.code(), Some(2), "one task, or the failed ones");
 }
 
 #[test]
