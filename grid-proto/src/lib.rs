@@ -8,6 +8,7 @@ pub mod hash;
 pub mod names;
 pub mod outcome;
 pub mod runtime;
+pub mod units;
 pub mod wire;
 
 pub use hash::Sha256Hex;

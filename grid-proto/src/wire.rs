@@ -218,8 +218,8 @@ pub fn check_replicas(replicas: u32, quorum: u32) -> Result<(), String> {
 impl JobSpec {
     /// Whether the spec is one a grid can run, checked the same way by `grid submit` (before
     /// it uploads anything) and by the broker (which trusts no client): a known class, at least
-    /// one task, and `1 <= quorum <= replicas <= MAX_REPLICAS`. The error is one line for a
-    /// user.
+    /// one task, `1 <= quorum <= replicas <= MAX_REPLICAS`, limits a task can run under
+    /// ([`JobLimits::check`]) and the [`caps`]. The error is one line for a user.
     pub fn validate(&self) -> Result<(), String> {
         if !crate::names::CLASSES.contains(&self.class.as_str()) {
             return Err(format!(
@@ -232,6 +232,7 @@ impl JobSpec {
             return Err("the job has no tasks".into());
         }
         check_replicas(self.replicas, self.quorum)?;
+        self.limits.check()?;
         self.within_caps()
     }
 
@@ -1107,11 +1108,42 @@ impl Default for JobLimits {
 }
 
 impl JobLimits {
+    /// The least memory a task may be given. A module's memory comes in 64 KiB pages, a Rust
+    /// or C program's stack alone is about 1 MiB, and a node's memory budget is counted in
+    /// MiB: less is a typo, not a limit.
+    pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
+    /// The least time a task may be given (and the least GPU time the flags take): limits
+    /// travel in whole milliseconds, and zero would end every task before it starts.
+    pub const MIN_TIME: std::time::Duration = std::time::Duration::from_millis(1);
+
+    /// Whether every task could run under these limits at all: memory of at least
+    /// [`Self::MIN_MEMORY_BYTES`] and time of at least [`Self::MIN_TIME`] (part of
+    /// [`JobSpec::validate`]; `grid run` and `grid submit` refuse less as they read their
+    /// flags). The GPU limits may be zero: a CPU job never uses them.
+    pub fn check(&self) -> Result<(), String> {
+        use crate::units::{duration_text, size_text};
+        if self.memory_bytes < Self::MIN_MEMORY_BYTES {
+            return Err(format!(
+                "a memory limit of {} is below the least a task may have, {}",
+                size_text(self.memory_bytes),
+                size_text(Self::MIN_MEMORY_BYTES)
+            ));
+        }
+        if std::time::Duration::from_millis(self.timeout_ms) < Self::MIN_TIME {
+            return Err(format!(
+                "a time limit of {} is below the least a task may have, {}",
+                crate::units::millis_text(self.timeout_ms),
+                duration_text(Self::MIN_TIME)
+            ));
+        }
+        Ok(())
+    }
+
     /// Why a node whose caps are `caps` does not take a job with these limits (the first limit
     /// over its cap), or `None` when it does.
     pub fn over(&self, caps: &JobLimits) -> Option<String> {
-        let size = |b: u64| bytesize_text(b);
-        let time = |ms: u64| format!("{:?}", std::time::Duration::from_millis(ms));
+        let size = |b: u64| crate::units::size_text(b);
+        let time = |ms: u64| crate::units::millis_text(ms);
         [
             (
                 "memory",
@@ -1137,22 +1169,6 @@ impl JobLimits {
         .into_iter()
         .find(|(_, asked, cap, _)| asked > cap)
         .map(|(what, asked, cap, show)| format!("{what} {} over its {}", show(asked), show(cap)))
-    }
-}
-
-/// `1.5 GiB`-style text for a byte count (no I/O crate needed here).
-fn bytesize_text(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if value.fract() == 0.0 {
-        format!("{value:.0} {}", UNITS[unit])
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
     }
 }
 
@@ -1280,6 +1296,45 @@ impl<R: std::io::BufRead> Iterator for ParamsPager<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_no_task_can_run_under_are_refused_in_human_units() {
+        assert_eq!(JobLimits::default().check(), Ok(()));
+        let none = JobLimits {
+            memory_bytes: 100,
+            ..JobLimits::default()
+        };
+        assert_eq!(
+            none.check(),
+            Err("a memory limit of 100 B is below the least a task may have, 1 MiB".into())
+        );
+        let instant = JobLimits {
+            timeout_ms: 0,
+            ..JobLimits::default()
+        };
+        assert_eq!(
+            instant.check(),
+            Err("a time limit of 0s is below the least a task may have, 1ms".into())
+        );
+        let cpu_only = JobLimits {
+            gpu_memory_bytes: 0,
+            gpu_time_ms: 0,
+            ..JobLimits::default()
+        };
+        assert_eq!(
+            cpu_only.check(),
+            Ok(()),
+            "a CPU job may leave the GPU at zero"
+        );
+        let caps = JobLimits {
+            timeout_ms: 60_000,
+            ..JobLimits::default()
+        };
+        assert_eq!(
+            JobLimits::default().over(&caps).as_deref(),
+            Some("time 10m over its 1m")
+        );
+    }
 
     #[test]
     fn params_pages_hold_whole_lines_and_every_task_line_once() {
