@@ -1,4 +1,7 @@
-//! The broker's settings and flags (`grid-broker` and the hidden `grid broker`).
+//! The broker's settings and flags (`grid-broker` and the hidden `grid broker`). Sizes and
+//! durations take a unit, as every flag of Grid's does (`grid_proto::units`).
+
+use grid_proto::units::{parse_duration, parse_size};
 
 /// What a broker is started with.
 #[derive(Clone, Debug)]
@@ -81,16 +84,6 @@ fn parse_weight(s: &str) -> Result<(String, u32), String> {
         return Err(format!("{s:?}: {name:?} is not a tenant name"));
     }
     Ok((name.to_string(), weight))
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 5m)"))
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    s.parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("{s:?}: {e} (e.g. 10GiB)"))
 }
 
 /// Runs a broker from its flags until Ctrl-C or SIGTERM.

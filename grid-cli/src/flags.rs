@@ -4,19 +4,20 @@ use anyhow::{Context, Result};
 use clap::Args;
 use grid_proto::JobLimits;
 use grid_proto::runtime::Runtime;
-pub use grid_sandbox::limits::{parse_duration, parse_size};
+use grid_proto::units::parse_size;
 use std::path::Path;
 use std::time::Duration;
 
+/// Sizes and durations take a unit (see `grid_proto::units`): `64MiB`, `30s`.
 #[derive(Args, Debug, Clone)]
 pub struct TaskFlags {
-    /// Linear memory limit, e.g. 64MiB [default: 512MiB]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    /// Linear memory limit, at least 1MiB, e.g. 64MiB [default: 512MiB]
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory_limit)]
     pub memory: Option<u64>,
     /// Wall-time limit (CPU is capped at the same value), e.g. 30s [default: 10min]
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_time_limit)]
     pub timeout: Option<Duration>,
-    /// Limit on bytes written under /out, e.g. 100MiB [default: 1GiB]
+    /// Limit on bytes written under /out, e.g. 100MiB; 0 for none at all [default: 1GiB]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_output: Option<u64>,
     /// Environment for the task, K=V; repeatable. Host env is never passed.
@@ -26,7 +27,7 @@ pub struct TaskFlags {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub gpu_memory: Option<u64>,
     /// With --gpu: limit on the time the task's GPU work may take in all [default: 60s]
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_time_limit)]
     pub gpu_time: Option<Duration>,
     /// Job seed; each task's GRID_SEED is derived from it and the task index.
     #[arg(long, default_value_t = 0)]
@@ -64,6 +65,16 @@ impl TaskFlags {
             gpu_time_ms: self.gpu_time.map_or(defaults.gpu_time_ms, ms),
         }
     }
+}
+
+/// A memory limit: a size of at least [`JobLimits::MIN_MEMORY_BYTES`].
+pub fn parse_memory_limit(s: &str) -> Result<u64, String> {
+    grid_proto::units::size_at_least(s, JobLimits::MIN_MEMORY_BYTES)
+}
+
+/// A time limit: a duration of at least [`JobLimits::MIN_TIME`].
+pub fn parse_time_limit(s: &str) -> Result<Duration, String> {
+    grid_proto::units::duration_at_least(s, JobLimits::MIN_TIME)
 }
 
 pub fn parse_env(s: &str) -> Result<(String, String), String> {

@@ -245,7 +245,7 @@ impl GpuSession {
                 format!(
                     "{} bytes of GPU buffers, over the task's limit of {}",
                     self.live_bytes + size,
-                    self.limits.max_buffer_bytes
+                    grid_proto::units::size_text(self.limits.max_buffer_bytes)
                 ),
             ));
         }

@@ -1,9 +1,10 @@
 //! A node's settings: command-line flags, and a TOML config file for what a provider sets once.
 //!
 //! Every setting can be given either way; a flag wins over the file, and both merge into one
-//! [`NodeConfig`], what the node runs with. Sizes and durations are written as users write them
-//! (`2GiB`, `5min`). An unknown key in the file is an error that names it, so a typo never
-//! silently falls back to a default.
+//! [`NodeConfig`], what the node runs with. Sizes and durations take a unit, in the grammar of
+//! every other flag (`2GiB`, `5min`; see `grid_proto::units`), and limits their floors (memory
+//! at least 1 MiB, time at least 1 ms). An unknown key in the file is an error that names it, so
+//! a typo never silently falls back to a default.
 //!
 //! ```toml
 //! nats = "nats://grid.example.org:4222"
@@ -28,8 +29,9 @@
 //! Caps default to what a node can give: memory up to its memory budget, 24 h of time, 10 GiB
 //! of output, 2 GiB of GPU buffers and 1 h of GPU time.
 
-use grid_proto::names;
-use grid_sandbox::limits::{Limits, NodeCaps, parse_duration, parse_size};
+use grid_proto::units::{duration_at_least, parse_duration, parse_size, size_at_least};
+use grid_proto::{JobLimits, names};
+use grid_sandbox::limits::{Limits, NodeCaps};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -77,14 +79,14 @@ pub struct NodeArgs {
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
     /// Take no job that asks for more memory per task, e.g. 1GiB [default: --memory-budget]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory)]
     pub max_memory: Option<u64>,
     /// Take no job that asks for more time per task, e.g. 1h [default: 24h]
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_time)]
     pub max_time: Option<Duration>,
     /// Memory all running tasks together may be given: a task starts only when its memory
     /// limit fits beside the running ones' [default: this machine's RAM]
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory)]
     pub memory_budget: Option<u64>,
     /// Disk the node's caches (fetched modules, compiled code) may fill; least recently used
     /// modules are evicted past it [default: 10GiB]
@@ -94,7 +96,7 @@ pub struct NodeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_gpu_memory: Option<u64>,
     /// Take no job that asks for more GPU time per task, e.g. 5min [default: 1h]
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_time)]
     pub max_gpu_time: Option<Duration>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9102)
     #[arg(long, value_name = "ADDR")]
@@ -168,6 +170,17 @@ struct CapsFile {
     gpu_time: Option<String>,
 }
 
+/// A memory budget or cap: a size of at least the least a task may have (the budget is counted
+/// in MiB, and a cap below every job's limit takes no job).
+fn parse_memory(s: &str) -> Result<u64, String> {
+    size_at_least(s, JobLimits::MIN_MEMORY_BYTES)
+}
+
+/// A time cap: a duration of at least the least a task may have.
+fn parse_time(s: &str) -> Result<Duration, String> {
+    duration_at_least(s, JobLimits::MIN_TIME)
+}
+
 /// Parses an optional `key = "…"` value of the file with `parse`, naming the key when it fails.
 fn parsed<T>(
     key: &str,
@@ -203,16 +216,16 @@ impl NodeArgs {
         };
         let grace = parsed("grace", file.grace.as_ref(), parse_duration).map_err(in_file)?;
         let memory_budget =
-            parsed("memory_budget", file.memory_budget.as_ref(), parse_size).map_err(in_file)?;
+            parsed("memory_budget", file.memory_budget.as_ref(), parse_memory).map_err(in_file)?;
         let disk_budget =
             parsed("disk_budget", file.disk_budget.as_ref(), parse_size).map_err(in_file)?;
         let memory =
-            parsed("caps.memory", file.caps.memory.as_ref(), parse_size).map_err(in_file)?;
-        let time = parsed("caps.time", file.caps.time.as_ref(), parse_duration).map_err(in_file)?;
+            parsed("caps.memory", file.caps.memory.as_ref(), parse_memory).map_err(in_file)?;
+        let time = parsed("caps.time", file.caps.time.as_ref(), parse_time).map_err(in_file)?;
         let gpu_memory = parsed("caps.gpu_memory", file.caps.gpu_memory.as_ref(), parse_size)
             .map_err(in_file)?;
-        let gpu_time = parsed("caps.gpu_time", file.caps.gpu_time.as_ref(), parse_duration)
-            .map_err(in_file)?;
+        let gpu_time =
+            parsed("caps.gpu_time", file.caps.gpu_time.as_ref(), parse_time).map_err(in_file)?;
 
         let class = self
             .class
@@ -298,8 +311,11 @@ impl NodeArgs {
             .or(memory_budget)
             .or_else(physical_memory)
             .unwrap_or(u64::MAX);
-        if memory_budget_bytes < 1 << 20 {
-            return Err("memory_budget must be at least 1MiB".into());
+        if memory_budget_bytes < JobLimits::MIN_MEMORY_BYTES {
+            return Err(format!(
+                "memory_budget must be at least {}",
+                grid_proto::units::size_text(JobLimits::MIN_MEMORY_BYTES)
+            ));
         }
         // No task may be given more than all of them together.
         caps.memory_bytes = self
@@ -442,6 +458,15 @@ gpu_time = "5min"
         assert!(e.contains("node.toml"), "{e}");
         let e = with_file("[caps]\nmemory = \"lots\"\n", NodeArgs::default()).unwrap_err();
         assert!(e.contains("caps.memory"), "{e}");
+        let e = with_file("disk_budget = \"100\"\n", NodeArgs::default()).unwrap_err();
+        assert!(
+            e.contains("disk_budget = \"100\": give a unit, e.g. 100MiB"),
+            "one grammar for flags and files: {e}"
+        );
+        let e = with_file("[caps]\ntime = \"0\"\n", NodeArgs::default()).unwrap_err();
+        assert!(e.contains("caps.time = \"0\": must be at least 1ms"), "{e}");
+        let e = with_file("memory_budget = \"512KiB\"\n", NodeArgs::default()).unwrap_err();
+        assert!(e.contains("must be at least 1 MiB"), "{e}");
         let e = with_file("class = \"tpu\"\n", NodeArgs::default()).unwrap_err();
         assert!(e.contains("unknown class"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");

@@ -109,7 +109,10 @@ fn refuse_early(
         fail(
             state,
             status,
-            format!("{what} of {len} bytes, over the task's cap of {cap}"),
+            format!(
+                "{what} of {len} bytes, over the task's cap of {}",
+                grid_proto::units::size_text(cap)
+            ),
         )
     })
 }

@@ -823,13 +823,17 @@ impl RemoteSession {
             GpuCall::Write { data, .. } if data.len() as u64 > max => Err(refused(
                 GpuErrorKind::BadArgument,
                 format!(
-                    "a write of {} bytes, over the task's GPU memory of {max}",
-                    data.len()
+                    "a write of {} bytes, over the task's GPU memory of {}",
+                    data.len(),
+                    grid_proto::units::size_text(max)
                 ),
             )),
             GpuCall::Read { len, .. } if *len > max => Err(refused(
                 GpuErrorKind::BadArgument,
-                format!("a read of {len} bytes, over the task's GPU memory of {max}"),
+                format!(
+                    "a read of {len} bytes, over the task's GPU memory of {}",
+                    grid_proto::units::size_text(max)
+                ),
             )),
             GpuCall::KernelCreate { wgsl, .. } if wgsl.len() > self.limits.max_shader_bytes => {
                 Err(refused(

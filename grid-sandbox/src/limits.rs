@@ -127,18 +127,6 @@ impl Limits {
     }
 }
 
-/// A size as users write it (`64MiB`, `1GiB`), for command-line flags.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    s.parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("{e} (write sizes like 64MiB or 1GiB)"))
-}
-
-/// A duration as users write it (`30s`, `10min`), for command-line flags.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 30s or 10min)"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -112,23 +112,22 @@ pub fn check_module(bytes: &[u8], limits: &Limits, caps: &CompileCaps) -> Result
     let mut has_start = false;
     let mut memory_min_bytes: u64 = 0;
     let mut table_min_elements: u64 = 0;
-    let mut check_memory = |min_pages: u64,
-                            shared: bool,
-                            page_size_log2: Option<u32>|
-     -> Result<(), String> {
-        if shared {
-            return Err("shared memory (threads) is not supported".into());
-        }
-        let page = page_size_log2.map_or(WASM_PAGE_BYTES, |log2| 1u64 << log2.min(16));
-        memory_min_bytes = memory_min_bytes.saturating_add(min_pages.saturating_mul(page));
-        if memory_min_bytes > limits.memory_bytes {
-            return Err(format!(
-                "declared minimum memory of {memory_min_bytes} bytes exceeds the task's memory limit of {} bytes",
-                limits.memory_bytes
-            ));
-        }
-        Ok(())
-    };
+    let mut check_memory =
+        |min_pages: u64, shared: bool, page_size_log2: Option<u32>| -> Result<(), String> {
+            if shared {
+                return Err("shared memory (threads) is not supported".into());
+            }
+            let page = page_size_log2.map_or(WASM_PAGE_BYTES, |log2| 1u64 << log2.min(16));
+            memory_min_bytes = memory_min_bytes.saturating_add(min_pages.saturating_mul(page));
+            if memory_min_bytes > limits.memory_bytes {
+                return Err(format!(
+                    "declared minimum memory of {} exceeds the task's memory limit of {}",
+                    grid_proto::units::size_text(memory_min_bytes),
+                    grid_proto::units::size_text(limits.memory_bytes)
+                ));
+            }
+            Ok(())
+        };
 
     for payload in Parser::new(0).parse_all(bytes) {
         let payload =
@@ -255,10 +254,10 @@ mod tests {
                 .unwrap_err()
                 .contains("shared memory")
         );
-        assert!(
-            check(r#"(module (memory 65536) (func (export "_start")))"#)
-                .unwrap_err()
-                .contains("exceeds the task's memory limit")
+        assert_eq!(
+            check(r#"(module (memory 65536) (func (export "_start")))"#).unwrap_err(),
+            "declared minimum memory of 4 GiB exceeds the task's memory limit of 512 MiB",
+            "in the units people write limits in"
         );
         assert!(
             check_module(b"\0asm\x01", &Limits::default(), &CompileCaps::default())

@@ -138,6 +138,98 @@ fn usage_and_setup_errors_exit_2_with_one_line() {
     assert!(stderr.contains("/no/such/module.wasm"));
 }
 
+/// One grammar for sizes and durations, in every command: a unit is required (`--memory 100`
+/// was once 100 bytes), a limit no task can run under is refused as the flag is read rather
+/// than failing the task later (`--timeout 0` was `limit: time`), and the messages speak in
+/// the units people write.
+#[test]
+fn sizes_and_durations_take_a_unit_and_limits_their_floor_everywhere() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["run", "x.wasm", "--memory", "100"],
+            "give a unit, e.g. 100MiB",
+        ),
+        (
+            &["run", "x.wasm", "--memory", "0"],
+            "must be at least 1 MiB",
+        ),
+        (
+            &["run", "x.wasm", "--memory", "512m"],
+            "write 512MiB or 512MB",
+        ),
+        (
+            &["run", "x.wasm", "--timeout", "30"],
+            "give a unit, e.g. 30s",
+        ),
+        (&["run", "x.wasm", "--timeout", "0"], "must be at least 1ms"),
+        (
+            &["submit", "x.wasm", "--timeout", "0s"],
+            "must be at least 1ms",
+        ),
+        (
+            &["submit", "x.wasm", "--gpu-time", "0"],
+            "must be at least 1ms",
+        ),
+        (
+            &["submit", "x.wasm", "--max-output", "10"],
+            "give a unit, e.g. 10MiB",
+        ),
+        (
+            &["node", "--memory-budget", "100"],
+            "give a unit, e.g. 100MiB",
+        ),
+        (&["node", "--max-memory", "0"], "must be at least 1 MiB"),
+        (&["node", "--max-time", "30"], "give a unit, e.g. 30s"),
+        (
+            &["broker", "--stage-quota", "4096"],
+            "give a unit, e.g. 4096MiB",
+        ),
+        (
+            &["broker", "--take-back-grace", "300"],
+            "give a unit, e.g. 300s",
+        ),
+        (&["up", "--memory-budget", "8"], "give a unit, e.g. 8MiB"),
+    ];
+    for (args, says) in cases {
+        let out = grid(args, b"");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        let value = args.last().unwrap();
+        assert!(
+            stderr.contains(&format!("'{value}'")),
+            "the value is quoted with its flag: {stderr}"
+        );
+    }
+    // Zero is zero in every unit, where zero means something: no output at all.
+    let (v, code) = grid_run_json(
+        &[
+            path(&guest("hostile")),
+            "--max-output",
+            "0",
+            "--",
+            "exit",
+            "0",
+        ],
+        b"",
+    );
+    assert_eq!(code, 0, "{v}");
+    // A module that needs more memory than its limit is refused in the same units.
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("big.wasm");
+    std::fs::write(
+        &module,
+        wat(r#"(module (memory 32) (func (export "_start")))"#),
+    )
+    .unwrap();
+    let (v, code) = grid_run_json(&[path(&module), "--memory", "1MiB"], b"");
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(
+        v["reason"],
+        "invalid: declared minimum memory of 2 MiB exceeds the task's memory limit of 1 MiB"
+    );
+}
+
 #[test]
 fn a_non_empty_output_dir_is_refused_and_left_alone() {
     let dir = tempfile::tempdir().unwrap();
