@@ -29,9 +29,11 @@ pub struct TaskFlags {
     /// With --gpu: limit on the time the task's GPU work may take in all [default: 60s]
     #[arg(long, value_name = "DUR", value_parser = parse_time_limit)]
     pub gpu_time: Option<Duration>,
-    /// Job seed; each task's GRID_SEED is derived from it and the task index.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Job seed; each task's GRID_SEED is derived from it and the task index. Give it to
+    /// draw the same numbers again [default: `grid run` 0; `grid submit` a fresh one per
+    /// job, which it prints]
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Run the file as a program of this runtime (`python`) [default: by its extension: .py]
     #[arg(long, value_name = "NAME")]
     pub runtime: Option<String>,

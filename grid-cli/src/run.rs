@@ -148,7 +148,7 @@ impl LocalTask {
         spec.limits = Limits::of_job(&args.task.job_limits());
         spec.task_index = index;
         spec.task_count = index + 1;
-        spec.seed = grid_proto::task_seed(args.task.seed, index);
+        spec.seed = grid_proto::task_seed(args.task.seed.unwrap_or(0), index);
         spec.gpu = args.gpu;
         Ok(Self {
             bytes,

@@ -156,6 +156,8 @@ pub(crate) fn status_json(record: &JobRecord) -> serde_json::Value {
         "state": record.state.as_str(),
         "reason": record.reason,
         "retried": record.retried,
+        // What the job's tasks draw their numbers from (`--seed`, or the one submit drew).
+        "seed": record.spec.seed,
         "tasks": {
             "total": c.total,
             "queued": c.total.saturating_sub(finished + c.in_flight),

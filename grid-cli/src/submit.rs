@@ -57,25 +57,45 @@ pub struct SubmitArgs {
 }
 
 /// Checks that every non-blank line of the params file at `path` is JSON, reading it a line at
-/// a time.
-fn check_params(path: &Path) -> Result<()> {
+/// a time; returns how many lines were blank (they are no tasks).
+fn check_params(path: &Path) -> Result<u64> {
     use std::io::BufRead;
     let cannot = || format!("cannot read params file {}", path.display());
     let mut reader = std::io::BufReader::new(std::fs::File::open(path).with_context(cannot)?);
-    let mut line = Vec::new();
+    let (mut line, mut blank) = (Vec::new(), 0);
     for n in 1.. {
         line.clear();
         if reader.read_until(b'\n', &mut line).with_context(cannot)? == 0 {
             break;
         }
         if line.iter().all(u8::is_ascii_whitespace) {
+            blank += 1;
             continue;
         }
         if let Err(e) = serde_json::from_slice::<serde_json::Value>(&line) {
             bail!("{} line {n} is not valid JSON: {e}", path.display());
         }
     }
-    Ok(())
+    Ok(blank)
+}
+
+/// A job seed nobody chose: each job draws its own numbers unless `--seed` says otherwise.
+/// Below 2^53, so that it survives JSON readers that hold numbers as doubles (JavaScript's).
+fn fresh_seed() -> Result<u64> {
+    use rand::TryRng;
+    let seed = rand::rngs::SysRng
+        .try_next_u64()
+        .map_err(|e| anyhow!("drawing a job seed: {e}"))?;
+    Ok(seed >> 11)
+}
+
+/// `N tasks`, `1 task`.
+fn tasks_text(n: u64) -> String {
+    if n == 1 {
+        "1 task".into()
+    } else {
+        format!("{n} tasks")
+    }
 }
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
@@ -146,9 +166,11 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
     }
     // Checked line by line here, before anything is uploaded, and paged while uploading:
     // a params file is never read whole (it may hold a million tasks).
-    if let Some(path) = &args.params {
-        check_params(path)?;
-    }
+    let blank_lines = args.params.as_deref().map(check_params).transpose()?;
+    let seed = match args.task.seed {
+        Some(seed) => seed,
+        None => fresh_seed()?,
+    };
     let inputs = args.input.as_deref().map(read_dir_sorted).transpose()?;
     let shared = args.shared.as_deref().map(read_dir_sorted).transpose()?;
     if inputs.as_ref().is_some_and(Vec::is_empty) {
@@ -219,7 +241,7 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
             args: args.args.clone(),
             env: args.task.env.clone(),
             limits,
-            seed: args.task.seed,
+            seed,
             retries: args.retries,
             replicas,
             quorum,
@@ -233,14 +255,25 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
             Answer::Granted(job) => job.job_id,
             Answer::Refused(why) => return Err(Refused(format!("job refused: {why}")).into()),
         };
+        // Said once the job is in: a refused submit prints its one line and nothing else.
+        if let (Some(blank), Some(path)) = (blank_lines.filter(|n| *n > 0), &args.params) {
+            let lines = if blank == 1 { "line" } else { "lines" };
+            eprintln!("grid: skipped {blank} blank {lines} of {} (blank lines are no tasks)", path.display());
+        }
+        if matches!(tasks, TaskSource::Count(_)) && args.tasks.is_none() {
+            eprintln!("grid: submitted one task (give --tasks N or --params FILE for more)");
+        }
         if !args.wait {
             if args.json {
-                println!("{}", json!({"job_id": job_id, "tasks": tasks.len(), "module_sha256": module_sha.to_string()}));
+                println!("{}", json!({"job_id": job_id, "tasks": tasks.len(), "seed": seed, "module_sha256": module_sha.to_string()}));
             } else {
                 println!("{job_id}");
-                eprintln!("grid: submitted job {job_id} ({} tasks); follow it with `grid status {job_id} --wait`", tasks.len());
+                eprintln!("grid: submitted job {job_id} ({}, seed {seed}); follow it with `grid status {job_id} --wait`", tasks_text(tasks.len()));
             }
             return Ok(ExitCode::SUCCESS);
+        }
+        if !args.json && args.task.seed.is_none() {
+            eprintln!("grid: job {job_id} has seed {seed} (`--seed {seed}` draws the same numbers again)");
         }
         crate::status::follow_to_end(&grid, &job_id, args.json).await
     })

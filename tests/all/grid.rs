@@ -94,6 +94,61 @@ fn a_thousand_task_job_on_two_nodes_completes_with_correct_results() {
     }
 }
 
+/// A job without `--seed` draws a fresh seed, recorded in the job and printed (two `--tasks`
+/// jobs once drew identical numbers); `--seed` still fixes it. What `grid submit` assumes is
+/// said: one task when neither `--tasks` nor `--params` says how many, and the blank lines of
+/// a params file it skipped.
+#[test]
+fn a_job_draws_a_fresh_seed_unless_given_one_and_submit_says_what_it_assumed() {
+    let grid = TestGrid::start(1, &[]);
+    let hostile = guest("hostile");
+    let submit_env = |flags: &[&str]| {
+        let mut args = vec!["submit", hostile.to_str().unwrap(), "--json"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--", "env"]);
+        let out = grid.grid(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        (v, stderr)
+    };
+    let (first, said) = submit_env(&[]);
+    assert!(
+        said.contains("grid: submitted one task (give --tasks N or --params FILE for more)"),
+        "{said}"
+    );
+    let (second, _) = submit_env(&[]);
+    let seeds = [&first, &second].map(|v| v["seed"].as_u64().expect("the seed it drew"));
+    assert_ne!(seeds[0], seeds[1], "two jobs, two seeds");
+    assert!(
+        seeds.iter().all(|s| *s < 1 << 53),
+        "a seed any JSON reader holds exactly: {seeds:?}"
+    );
+    // The seed is the job's: `grid status` says it, and the task drew from it.
+    let job = first["job_id"].as_str().unwrap();
+    let status = grid.wait(job);
+    assert_eq!(status["seed"], seeds[0], "{status}");
+    let logs = grid.grid(&["logs", job, "--task", "0"]);
+    let stdout = String::from_utf8_lossy(&logs.stdout);
+    let drawn = format!("GRID_SEED={}", grid_proto::task_seed(seeds[0], 0));
+    assert!(stdout.contains(&drawn), "{drawn}: {stdout}");
+    // Given, the seed is kept, and a count given is not remarked on.
+    let (fixed, said) = submit_env(&["--seed", "7", "--tasks", "1"]);
+    assert_eq!(fixed["seed"], 7);
+    assert!(!said.contains("one task"), "{said}");
+    // Blank lines of a params file are no tasks, and submit says how many it skipped, once.
+    let tmp = tempfile::tempdir().unwrap();
+    let params = tmp.path().join("params.jsonl");
+    std::fs::write(&params, "{}\n\n{}\n   \n\n").unwrap();
+    let (paged, said) = submit_env(&["--params", params.to_str().unwrap()]);
+    assert_eq!(paged["tasks"], 2, "{paged}");
+    let skipped = format!("grid: skipped 3 blank lines of {}", params.display());
+    assert!(said.contains(&skipped), "{said}");
+    assert_eq!(said.matches("blank line").count(), 1, "{said}");
+    assert!(!said.contains("one task"), "{said}");
+}
+
 #[test]
 fn the_same_module_is_uploaded_once_and_compiled_once_per_node() {
     let grid = TestGrid::start(1, &[]);
@@ -115,7 +170,10 @@ fn the_same_module_is_uploaded_once_and_compiled_once_per_node() {
     };
     let mut after = Vec::new();
     for _ in 0..2 {
-        let job = submit(&grid, &[module.to_str().unwrap(), "--tasks", "3"]);
+        let job = submit(
+            &grid,
+            &[module.to_str().unwrap(), "--tasks", "3", "--seed", "1"],
+        );
         assert_eq!(grid.wait(&job)["state"], "done");
         after.push(stored());
     }
