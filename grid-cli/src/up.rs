@@ -19,6 +19,11 @@ pub struct UpArgs {
     /// Task slots per node [default: CPUs / nodes, at least 1]
     #[arg(long)]
     pub slots: Option<u32>,
+    /// Memory all nodes' running tasks together may be given, shared equally among the nodes
+    /// (each node's `--memory-budget`), e.g. 8GiB [default: this machine's RAM less an eighth,
+    /// kept for nats-server, the broker and the rest of the machine]
+    #[arg(long, value_name = "SIZE", value_parser = grid_proto::units::parse_size)]
+    pub memory_budget: Option<u64>,
     /// Where JetStream and the nodes' caches live [default: ~/.local/share/grid]
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -144,6 +149,21 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
     if !(1..=5).contains(&args.cluster) {
         bail!("--cluster must be 1 to 5 servers, got {}", args.cluster);
     }
+    let node_memory = node_memory_budget(
+        args.memory_budget,
+        grid_node::settings::physical_memory(),
+        args.nodes,
+    );
+    if let Some(each) = node_memory
+        && each < grid_proto::JobLimits::MIN_MEMORY_BYTES
+    {
+        bail!(
+            "--memory-budget shared by {} nodes gives each {}: a node needs at least {}",
+            args.nodes,
+            grid_proto::units::size_text(each),
+            grid_proto::units::size_text(grid_proto::JobLimits::MIN_MEMORY_BYTES)
+        );
+    }
     // Checked before anything starts: a bad --dashboard-token is a usage error.
     let dashboard_token = (!args.no_dashboard)
         .then(|| crate::dashboard::token(args.dashboard_token.as_deref()))
@@ -262,6 +282,12 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                     )
                     // One GPU worker per machine: node-1 serves GPU jobs if there is a GPU.
                     .args((i > 1 || args.no_gpu).then_some("--no-gpu"))
+                    // Its share of the machine, not all of it (see `node_memory_budget`).
+                    .args(
+                        node_memory
+                            .iter()
+                            .flat_map(|bytes| ["--memory-budget".to_string(), format!("{bytes}B")]),
+                    )
                     .args(
                         creds
                             .iter()
@@ -307,8 +333,12 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         .collect::<Vec<_>>()
         .join(", ");
     eprintln!("grid: Prometheus metrics: {scrape}");
+    let memory = node_memory
+        .filter(|_| args.nodes > 0)
+        .map(|each| format!(", {} of memory each", grid_proto::units::size_text(each)))
+        .unwrap_or_default();
     eprintln!(
-        "grid: {} node(s) × {slots} slot(s); data in {}; Ctrl-C stops the grid",
+        "grid: {} node(s) × {slots} slot(s){memory}; data in {}; Ctrl-C stops the grid",
         args.nodes,
         data.display()
     );
@@ -352,6 +382,15 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
         None => Ok(ExitCode::SUCCESS),
         Some(why) => bail!("{why}; logs are in {}", data.join("logs").display()),
     }
+}
+
+/// Each node's memory budget: `given` (else the machine's RAM less an eighth, kept for
+/// nats-server, the broker and the rest of the machine) shared equally among `nodes`. A node
+/// left to itself claims the whole machine, so that two of them would promise their tasks
+/// twice the RAM there is. `None` when neither is known: each node then takes its own default.
+fn node_memory_budget(given: Option<u64>, machine: Option<u64>, nodes: u32) -> Option<u64> {
+    let total = given.or_else(|| machine.map(|ram| ram - ram / 8))?;
+    Some(total / u64::from(nodes.max(1)))
 }
 
 /// Serves the dashboard on `listen`, or on a free port of its host when that one is taken, and
@@ -473,4 +512,27 @@ fn wait_for_nodes(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_share_the_machine_instead_of_each_claiming_it() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(node_memory_budget(None, Some(16 * GIB), 2), Some(7 * GIB));
+        assert_eq!(node_memory_budget(None, Some(16 * GIB), 1), Some(14 * GIB));
+        for nodes in 1..=7 {
+            let each = node_memory_budget(None, Some(16 * GIB), nodes).unwrap();
+            assert!(each * u64::from(nodes) <= 16 * GIB, "{nodes} nodes");
+        }
+        assert_eq!(
+            node_memory_budget(Some(10 * GIB), Some(16 * GIB), 4),
+            Some(10 * GIB / 4),
+            "a budget given is shared as it is"
+        );
+        assert_eq!(node_memory_budget(None, None, 2), None);
+        assert_eq!(node_memory_budget(None, Some(16 * GIB), 0), Some(14 * GIB));
+    }
 }

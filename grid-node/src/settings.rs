@@ -371,8 +371,9 @@ fn default_id() -> String {
     )
 }
 
-/// This machine's RAM (`MemTotal` of `/proc/meminfo`), if it can be read.
-fn physical_memory() -> Option<u64> {
+/// This machine's RAM (`MemTotal` of `/proc/meminfo`), if it can be read: a node's default
+/// memory budget, and what `grid up` shares among its nodes.
+pub fn physical_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: u64 = text
         .lines()

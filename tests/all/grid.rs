@@ -932,6 +932,8 @@ fn a_task_longer_than_the_ack_wait_runs_once() {
     assert_eq!(node["busy"], 0, "{node}");
 }
 
+/// `grid up` serves until Ctrl-C, one grid per data dir and port; its nodes share the
+/// machine's memory rather than each claiming all of it.
 #[test]
 fn grid_up_serves_until_interrupted_then_stops_everything() {
     let data = tempfile::tempdir().unwrap();
@@ -939,7 +941,8 @@ fn grid_up_serves_until_interrupted_then_stops_everything() {
         .args([
             "up",
             "--nodes",
-            "1",
+            "2",
+            "--no-gpu",
             "--nats",
             "nats://127.0.0.1:0",
             "--data-dir",
@@ -981,6 +984,36 @@ fn grid_up_serves_until_interrupted_then_stops_everything() {
     assert!(stderr.contains("is in use"), "{stderr}");
     // `grid up` made its own operator setup and default tenant.
     let creds = data.path().join("auth/creds/tenant-default.creds");
+    // Each node's memory budget is its share: together they promise no more than there is.
+    let nodes = grid(
+        &[
+            "nodes",
+            "--json",
+            "--nats",
+            &url,
+            "--creds",
+            creds.to_str().unwrap(),
+        ],
+        b"",
+    );
+    let budgets: Vec<u64> = String::from_utf8_lossy(&nodes.stdout)
+        .lines()
+        .map(|l| {
+            let node: serde_json::Value = serde_json::from_str(l).unwrap();
+            node["memory_budget_bytes"].as_u64().unwrap()
+        })
+        .collect();
+    let machine = grid_node::settings::physical_memory().expect("this machine's RAM");
+    assert_eq!(budgets.len(), 2, "{budgets:?}");
+    assert_eq!(budgets[0], budgets[1], "equal shares: {budgets:?}");
+    assert!(
+        budgets.iter().sum::<u64>() <= machine,
+        "{budgets:?} of {machine} bytes"
+    );
+    assert!(
+        budgets[0] >= machine / 4,
+        "a real share: {budgets:?} of {machine}"
+    );
     let out = grid(
         &[
             "submit",
