@@ -60,8 +60,9 @@ enum Command {
     Usage(usage::UsageArgs),
     /// Serve a live web dashboard of the grid (nodes, jobs, throughput, usage).
     Dashboard(dashboard::DashboardArgs),
-    /// Check this machine: wasm target, nats-server, GPU driver, Python runtime, ports.
-    Doctor,
+    /// Check this machine and your grid: wasm target, nats-server, GPU, Python runtime, the grid
+    /// and your credentials.
+    Doctor(doctor::DoctorArgs),
     /// Print a shell completion script: `grid completions bash > /etc/bash_completion.d/grid`.
     Completions {
         #[arg(value_enum)]
@@ -156,7 +157,7 @@ fn main() -> ExitCode {
         Command::Delete(args) => control::delete(args),
         Command::Usage(args) => usage::usage(args),
         Command::Dashboard(args) => dashboard::dashboard(args),
-        Command::Doctor => doctor::doctor(),
+        Command::Doctor(args) => doctor::doctor(args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "grid", &mut std::io::stdout());

@@ -125,13 +125,26 @@ pub async fn connect_named(
                 "the grid at {url} answered but refused {presented}: pass yours with --creds FILE or GRID_CREDS (a grid started with `grid up --data-dir DATA` keeps its tenants' in DATA/auth/creds/, e.g. tenant-default.creds)"
             )
         }
-        Ok(Err(e)) => bail!(
-            "cannot reach the grid at {url}: {e} (start one with `grid up`, or pass --nats URL)"
-        ),
-        Err(_) => bail!(
-            "cannot reach the grid at {url}: timed out (start one with `grid up`, or pass --nats URL)"
-        ),
+        Ok(Err(e)) => Err(Unreachable {
+            url: url.to_string(),
+            why: e.to_string(),
+        }
+        .into()),
+        Err(_) => Err(Unreachable {
+            url: url.to_string(),
+            why: "timed out".into(),
+        }
+        .into()),
     }
+}
+
+/// The error when nothing answers as NATS at a grid's URL, as opposed to a grid that answers
+/// and refuses the credentials (`grid doctor` tells the two apart).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the grid at {url}: {why} (start one with `grid up`, or pass --nats URL)")]
+pub struct Unreachable {
+    pub url: String,
+    pub why: String,
 }
 
 /// Handles on everything a grid keeps in JetStream. Buckets open on first use: each role's

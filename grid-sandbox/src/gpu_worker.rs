@@ -745,10 +745,11 @@ fn private_runtime_dir() -> Option<PathBuf> {
 /// Starts a worker process and reads its first frame.
 async fn spawn(command: &WorkerCommand, generation: u64) -> Result<(Conn, GpuInfo), String> {
     let mut cmd = tokio::process::Command::new(&command.program);
-    if std::env::var_os("XDG_RUNTIME_DIR").is_none()
-        && let Some(dir) = private_runtime_dir()
-    {
-        // Vulkan's window-system probing prints an error on every start without it.
+    // Vulkan's window-system probing (libwayland) prints "XDG_RUNTIME_DIR is invalid or not
+    // set" on every start unless it names an absolute path; empty counts as unset.
+    let usable = std::env::var_os("XDG_RUNTIME_DIR")
+        .is_some_and(|dir| std::path::Path::new(&dir).is_absolute());
+    if !usable && let Some(dir) = private_runtime_dir() {
         cmd.env("XDG_RUNTIME_DIR", dir);
     }
     let mut child = cmd

@@ -368,7 +368,7 @@ fn doctor_checks_the_machine_and_colours_only_a_terminal() {
         "nats-server 2.",
         "GPU: ",
         "Python runtime",
-        "port 4222",
+        "127.0.0.1:4222",
         "port 8470",
     ] {
         assert!(text.contains(needed), "{needed} missing in:\n{text}");

@@ -11,6 +11,7 @@ mod cache;
 mod cli;
 mod cluster;
 mod dashboard;
+mod doctor;
 mod examples;
 mod gpu;
 mod grid;
