@@ -77,11 +77,11 @@ enum Command {
     /// Providers: whose nodes may take tasks.
     #[command(subcommand)]
     Provider(auth::AddCommand),
-    /// Run a broker (what `grid-broker` runs).
-    #[command(hide = true)]
+    /// Run a grid's broker against a nats-server (what `grid up` starts; also built as
+    /// `grid-broker`).
     Broker(grid_broker::BrokerArgs),
-    /// Run a node (what `grid-node` runs).
-    #[command(hide = true)]
+    /// Run a node: take a grid's tasks and run them here, as a provider (also built as
+    /// `grid-node`).
     Node(grid_node::settings::NodeArgs),
 }
 

@@ -19,23 +19,29 @@
 //! from `GRID_IN_DIR` / `GRID_OUT_DIR` when set.
 //!
 //! # Example: a complete job
+//!
+//! (The README's "Writing a job" shows this same program; a test keeps the two alike.)
 //! ```no_run
 //! use grid_guest::{Task, create_output, rand::RngExt};
 //! use std::io::Write;
 //!
+//! /// One line of the job's params file, e.g. `{"rows": 1000}`.
 //! #[derive(serde::Deserialize, Default)]
-//! struct Params { rows: Option<u64> }
+//! struct Params {
+//!     rows: Option<u64>,
+//! }
 //!
-//! fn main() -> std::io::Result<()> {
-//!     let task = Task::current();
-//!     let params: Params = task.params_or_default().expect("params are JSON");
-//!     let mut rng = task.rng();
-//!     let mut out = create_output(&format!("part-{}.csv", task.index))?;
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let task = Task::current(); // job id, index, count, seed, attempt
+//!     let params: Params = task.params_or_default()?; // stdin as JSON; empty: the default
+//!     let mut rng = task.rng(); // seeded: same task, same numbers
+//!     let mut out = create_output(format!("part-{}.csv", task.index))?; // in /out
 //!     writeln!(out, "id,value")?;
 //!     for id in 0..params.rows.unwrap_or(10) {
 //!         writeln!(out, "{id},{}", rng.random::<f64>())?;
 //!     }
-//!     out.flush()
+//!     out.flush()?;
+//!     Ok(())
 //! }
 //! ```
 

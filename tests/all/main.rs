@@ -20,6 +20,7 @@ mod ledger;
 mod metrics;
 mod privileges;
 mod python;
+mod readme;
 mod replicas;
 mod results;
 mod retry;
