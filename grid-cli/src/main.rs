@@ -9,6 +9,7 @@ mod control;
 mod dashboard;
 mod doctor;
 mod flags;
+mod python;
 mod results;
 mod run;
 mod status;
@@ -77,6 +78,9 @@ enum Command {
     /// Providers: whose nodes may take tasks.
     #[command(subcommand)]
     Provider(auth::AddCommand),
+    /// Grid's Python runtime: `grid python packages` lists what a `.py` job can import.
+    #[command(subcommand)]
+    Python(python::PythonCommand),
     /// Run a grid's broker against a nats-server (what `grid up` starts; also built as
     /// `grid-broker`).
     Broker(grid_broker::BrokerArgs),
@@ -108,6 +112,7 @@ impl Command {
                 | Command::Nodes(_)
                 | Command::Logs(_)
                 | Command::Usage(_)
+                | Command::Python(_)
                 | Command::Completions { .. }
         )
     }
@@ -166,6 +171,7 @@ fn main() -> ExitCode {
         Command::Auth(command) => auth::auth(command),
         Command::Tenant(command) => auth::add(grid_client::auth::Role::Tenant, command),
         Command::Provider(command) => auth::add(grid_client::auth::Role::Provider, command),
+        Command::Python(command) => python::python(command),
         Command::Broker(args) => return grid_broker::main(args),
         Command::Node(args) => return grid_node::worker::main(args),
     };

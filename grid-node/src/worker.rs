@@ -686,7 +686,11 @@ impl Node {
         let files = {
             let _one = self.runtime_files.lock().await;
             match RuntimeFiles::find(&root, runtime) {
-                Some(files) => files,
+                // A layout from an older Grid may lack a helper the prelude imports.
+                Some(files) => {
+                    files.refresh_helper()?;
+                    files
+                }
                 None => {
                     *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(format!("fetching the {} runtime", runtime.name));

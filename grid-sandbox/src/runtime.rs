@@ -4,7 +4,10 @@
 //! holds the zip alone (the guest sees it read-only at `/usr/local/lib`, where the interpreter
 //! looks for it), `mpl-data/` holds matplotlib's data, extracted from the zip's inner archive
 //! (matplotlib reads fonts and its rc file from real paths), and `grid/` holds Grid's helper
-//! module `grid.py` (at `/usr/local/grid`, put on `sys.path` by [`guest_argv`]). The layout is built in a temporary
+//! modules (at `/usr/local/grid`, put on `sys.path` by [`guest_argv`]): `grid.py`, which
+//! programs import, and `_grid_site.py`, which the prelude imports to say plainly what the
+//! sandbox does not offer (a package not in the runtime, processes, threads, sockets) when a
+//! program fails for it. The layout is built in a temporary
 //! folder and renamed into place, so a half-written one is never used, and two processes laying
 //! out the same zip at once both end with a whole one.
 
@@ -17,6 +20,16 @@ use std::path::{Path, PathBuf};
 
 /// Grid's helper module for Python programs (`import grid`): the same contract as `grid-guest`.
 pub const GRID_PY: &str = include_str!("../../guest-sdk/python/grid.py");
+
+/// The hook the prelude installs before the program runs: an uncaught exception for something
+/// the sandbox does not offer ends its traceback with one line in Grid's words (see the file).
+pub const SITE_PY: &str = include_str!("../../guest-sdk/python/_grid_site.py");
+
+/// The files of the helper folder, by name.
+const HELPERS: [(&str, &str); 2] = [("grid.py", GRID_PY), ("_grid_site.py", SITE_PY)];
+
+/// Bytes read of a package's `METADATA` (its headers come first; they are a few KiB).
+const METADATA_BYTES: u64 = 1 << 20;
 
 /// Where the guest sees Grid's helper module.
 pub const HELPER_GUEST_DIR: &str = "/usr/local/grid";
@@ -78,13 +91,66 @@ impl RuntimeFiles {
         Ok(files)
     }
 
-    /// Rewrites `grid.py` if this build's differs (the layout outlives Grid upgrades).
+    /// Rewrites the helper modules if this build's differ (the layout outlives Grid upgrades,
+    /// and the prelude imports `_grid_site`: call it before a task runs on a layout found).
     pub fn refresh_helper(&self) -> Result<()> {
-        let path = self.dir.join("grid").join("grid.py");
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(GRID_PY) {
+        let stale = HELPERS.iter().any(|(name, text)| {
+            std::fs::read_to_string(self.dir.join("grid").join(name))
+                .ok()
+                .as_deref()
+                != Some(*text)
+        });
+        if stale {
             write_helper(&self.dir)?;
         }
         Ok(())
+    }
+
+    /// The packages the runtime ships, `(name, version)` sorted by name (case aside): the
+    /// `Name` and `Version` headers of each `<package>.dist-info/METADATA` at the top of its
+    /// stdlib zip, the files `importlib.metadata` reads in the guest.
+    pub fn packages(&self, runtime: &Runtime) -> Result<Vec<(String, String)>> {
+        let path = self.dir.join("lib").join(runtime.stdlib_guest_name);
+        let file =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+            .with_context(|| format!("reading {}", path.display()))?;
+        let members: Vec<String> = zip
+            .file_names()
+            .filter(|n| {
+                n.strip_suffix(".dist-info/METADATA")
+                    .is_some_and(|dist| !dist.is_empty() && !dist.contains('/'))
+            })
+            .map(str::to_string)
+            .collect();
+        let mut packages = Vec::new();
+        for member in members {
+            let mut bytes = Vec::new();
+            zip.by_name(&member)
+                .with_context(|| format!("reading {member} in {}", path.display()))?
+                .take(METADATA_BYTES)
+                .read_to_end(&mut bytes)
+                .with_context(|| format!("reading {member} in {}", path.display()))?;
+            let text = String::from_utf8_lossy(&bytes);
+            // Email-style headers, up to the first blank line (a line that starts with
+            // whitespace continues the header before it).
+            let header = |key: &str| {
+                text.lines()
+                    .take_while(|l| !l.trim().is_empty())
+                    .filter(|l| !l.starts_with([' ', '\t']))
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.trim()
+                            .eq_ignore_ascii_case(key)
+                            .then(|| v.trim().to_string())
+                    })
+            };
+            if let (Some(name), Some(version)) = (header("Name"), header("Version")) {
+                packages.push((name, version));
+            }
+        }
+        packages.sort_by_key(|(name, _)| name.to_lowercase());
+        Ok(packages)
     }
 
     fn is_whole(&self, runtime: &Runtime) -> bool {
@@ -120,9 +186,11 @@ fn layout_name(runtime: &Runtime) -> String {
 fn write_helper(dir: &Path) -> Result<()> {
     let helper = dir.join("grid");
     std::fs::create_dir_all(&helper)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(&helper)?;
-    std::io::Write::write_all(&mut tmp, GRID_PY.as_bytes())?;
-    tmp.persist(helper.join("grid.py")).map_err(|e| e.error)?;
+    for (name, text) in HELPERS {
+        let mut tmp = tempfile::NamedTempFile::new_in(&helper)?;
+        std::io::Write::write_all(&mut tmp, text.as_bytes())?;
+        tmp.persist(helper.join(name)).map_err(|e| e.error)?;
+    }
     Ok(())
 }
 
@@ -150,7 +218,8 @@ fn extract_mpl_data(stdlib: &[u8], dest: &Path) -> Result<()> {
 }
 
 /// The guest's argv before the program's path: the interpreter's `argv[0]`, then a `-c`
-/// prelude that puts Grid's helper folder on `sys.path` and runs the rest of argv through the
+/// prelude that puts Grid's helper folder on `sys.path`, installs `_grid_site`'s hook (every
+/// step returns `None`, so the `or` chain goes on) and runs the rest of argv through the
 /// reactor's own argument handling (the way the runtime's own runner adds import paths: the
 /// pre-initialized interpreter computed its path before any env was read, so `PYTHONPATH`
 /// would not reach it). The program then sees `sys.argv == ["/job/<file>", args…]`.
@@ -159,6 +228,7 @@ pub fn guest_argv(runtime: &Runtime) -> [String; 3] {
     let prelude = format!(
         "__import__('linecache')._interactive_cache.clear() or \
          __import__('sys').path.extend(['{HELPER_GUEST_DIR}']) or \
+         __import__('_grid_site').install() or \
          __import__('sys').exit(__import__('_reactor').run(\
          ['{argv0}', *__import__('sys').argv[1:]], dict(__import__('os').environ)))"
     );

@@ -330,3 +330,68 @@ fn the_python_examples_run_and_give_the_same_bytes_twice() {
     let accuracy: f64 = row.rsplit(',').nth(1).unwrap().parse().unwrap();
     assert!((0.6..=1.0).contains(&accuracy), "{metrics}");
 }
+
+/// `grid python packages` lists what a `.py` job can import, with versions, read from the
+/// runtime's files; `--json` gives one object per line.
+#[test]
+fn grid_python_packages_lists_the_runtime_with_versions() {
+    let out = grid(&["python", "packages"], b"");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in ["numpy", "pandas", "scipy", "scikit-learn"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in:\n{stdout}"));
+        let version = line.split_whitespace().nth(1).unwrap_or("");
+        assert!(
+            version.starts_with(|c: char| c.is_ascii_digit()) && version.contains('.'),
+            "{line}"
+        );
+    }
+    let out = grid(&["python", "packages", "--json"], b"");
+    assert!(out.status.success());
+    let packages: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        packages
+            .iter()
+            .any(|p| p["name"] == "pandas" && p["version"].as_str().is_some_and(|v| !v.is_empty())),
+        "{packages:?}"
+    );
+}
+
+/// A program that reaches for what the sandbox does not offer fails with a last line that says
+/// so plainly: a package the runtime lacks (not CPython's site-packages hint), processes.
+#[test]
+fn what_the_sandbox_lacks_is_said_plainly() {
+    let _turn = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = python_cache();
+    for (program, says) in [
+        (
+            "import torch\n",
+            "grid: torch is not in Grid's Python runtime, which has numpy ",
+        ),
+        (
+            "import multiprocessing\nwith multiprocessing.Pool(2) as pool:\n    pool.map(abs, [1])\n",
+            "grid: the sandbox has no processes, threads or sockets: multiprocessing is not available",
+        ),
+    ] {
+        let path = dir.path().join("job.py");
+        std::fs::write(&path, program).unwrap();
+        let (v, code) = grid_run_json(&[path.to_str().unwrap(), "--cache-dir", &cache], b"");
+        assert_eq!(code, 1, "{v}");
+        assert_eq!(v["reason"], "exit: 1", "{v}");
+        let stderr = v["stderr"].as_str().unwrap();
+        assert!(stderr.contains("Traceback"), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(!stderr.contains("site-packages directory"), "{stderr}");
+    }
+}
