@@ -37,6 +37,7 @@ fn samples() -> Vec<Vec<u8>> {
         stdout: Some(sha),
         stderr: None,
         logs_truncated: true,
+        detail: None,
         seal: grid_proto::Seal {
             first_index: 7,
             count: 1,

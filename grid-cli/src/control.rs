@@ -39,6 +39,11 @@ pub struct RetryArgs {
     /// Follow the job to its end (exit status 0 only if every task succeeds).
     #[arg(long)]
     pub wait: bool,
+    /// New limits for the tasks run again (the others keep the job's): `--memory 1GiB` for
+    /// tasks that failed `limit: memory`, `--timeout 1h` for `limit: time`, …
+    #[command(flatten)]
+    pub limits: crate::flags::LimitFlags,
+    /// Print one JSON object: the job and how many tasks run again (with --wait, its status).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -51,8 +56,13 @@ pub struct RetryArgs {
 pub fn retry(args: RetryArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open("retry").await?;
+        let limits = match args.limits.any() {
+            true => Some(args.limits.over(&grid.job_record(&args.job).await?.spec.limits)),
+            false => None,
+        };
         let request = grid_proto::RetryRequest {
             job_id: args.job.clone(),
+            limits,
         };
         let grid_proto::Retrying { job_id, tasks } = grid.grant(&request).await?;
         if !args.wait {

@@ -463,7 +463,7 @@ async fn job_detail(source: &Source, jobs: &JobTable, id: &str) -> Result<Option
             failed.push(json!({
                 "index": task.result.index,
                 "state": task_state(task.state),
-                "reason": task.result.outcome.reason().map(|r| r.to_string()),
+                "reason": task.result.failure(),
                 "attempts": task.attempts,
                 "failures": task.failures,
                 "node": task.result.node_id,

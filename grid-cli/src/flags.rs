@@ -1,16 +1,36 @@
-//! The task flags `grid run` and `grid submit` share: limits, env, seed and runtime.
+//! The task flags `grid run` and `grid submit` share: limits, env, seed and runtime. The limit
+//! flags alone ([`LimitFlags`]) also raise a job's limits where it is run again: `grid retry`
+//! and `grid run --from`.
 
 use anyhow::{Context, Result};
 use clap::Args;
-use grid_proto::JobLimits;
 use grid_proto::runtime::Runtime;
 use grid_proto::units::parse_size;
+use grid_proto::{JobLimits, Limit};
 use std::path::Path;
 use std::time::Duration;
 
 /// Sizes and durations take a unit (see `grid_proto::units`): `64MiB`, `30s`.
 #[derive(Args, Debug, Clone)]
 pub struct TaskFlags {
+    #[command(flatten)]
+    pub limits: LimitFlags,
+    /// Environment for the task, K=V; repeatable. Host env is never passed.
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Job seed; each task's GRID_SEED is derived from it and the task index. Give it to
+    /// draw the same numbers again [default: `grid run` 0; `grid submit` a fresh one per
+    /// job, which it prints]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Run the file as a program of this runtime (`python`) [default: by its extension: .py]
+    #[arg(long, value_name = "NAME")]
+    pub runtime: Option<String>,
+}
+
+/// A task's limits, each as given or not.
+#[derive(Args, Debug, Clone, Default)]
+pub struct LimitFlags {
     /// Linear memory limit, at least 1MiB, e.g. 64MiB [default: 512MiB]
     #[arg(long, value_name = "SIZE", value_parser = parse_memory_limit)]
     pub memory: Option<u64>,
@@ -20,23 +40,35 @@ pub struct TaskFlags {
     /// Limit on bytes written under /out, e.g. 100MiB; 0 for none at all [default: 1GiB]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_output: Option<u64>,
-    /// Environment for the task, K=V; repeatable. Host env is never passed.
-    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
-    pub env: Vec<(String, String)>,
     /// With --gpu: limit on the bytes of the task's GPU buffers together [default: 256MiB]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub gpu_memory: Option<u64>,
     /// With --gpu: limit on the time the task's GPU work may take in all [default: 60s]
     #[arg(long, value_name = "DUR", value_parser = parse_time_limit)]
     pub gpu_time: Option<Duration>,
-    /// Job seed; each task's GRID_SEED is derived from it and the task index. Give it to
-    /// draw the same numbers again [default: `grid run` 0; `grid submit` a fresh one per
-    /// job, which it prints]
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Run the file as a program of this runtime (`python`) [default: by its extension: .py]
-    #[arg(long, value_name = "NAME")]
-    pub runtime: Option<String>,
+}
+
+impl LimitFlags {
+    /// `base` with the limits given here in place of its own.
+    pub fn over(&self, base: &JobLimits) -> JobLimits {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        JobLimits {
+            memory_bytes: self.memory.unwrap_or(base.memory_bytes),
+            timeout_ms: self.timeout.map_or(base.timeout_ms, ms),
+            max_output_bytes: self.max_output.unwrap_or(base.max_output_bytes),
+            gpu_memory_bytes: self.gpu_memory.unwrap_or(base.gpu_memory_bytes),
+            gpu_time_ms: self.gpu_time.map_or(base.gpu_time_ms, ms),
+        }
+    }
+
+    /// Whether any limit is given.
+    pub fn any(&self) -> bool {
+        self.memory.is_some()
+            || self.timeout.is_some()
+            || self.max_output.is_some()
+            || self.gpu_memory.is_some()
+            || self.gpu_time.is_some()
+    }
 }
 
 impl TaskFlags {
@@ -57,16 +89,54 @@ impl TaskFlags {
     /// The job's limits as asked for, the contract's defaults ([`JobLimits::default`]) for
     /// what is not. `grid run` runs a task with exactly these, as a node would.
     pub fn job_limits(&self) -> JobLimits {
-        let defaults = JobLimits::default();
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        JobLimits {
-            memory_bytes: self.memory.unwrap_or(defaults.memory_bytes),
-            timeout_ms: self.timeout.map_or(defaults.timeout_ms, ms),
-            max_output_bytes: self.max_output.unwrap_or(defaults.max_output_bytes),
-            gpu_memory_bytes: self.gpu_memory.unwrap_or(defaults.gpu_memory_bytes),
-            gpu_time_ms: self.gpu_time.map_or(defaults.gpu_time_ms, ms),
-        }
+        self.limits.over(&JobLimits::default())
     }
+}
+
+/// How to give a task more room after it ran into `limit` under `limits`: the limit's value
+/// and the flag that raises it (`None` for a limit no flag sets).
+pub fn raise_hint(limit: Limit, limits: &JobLimits) -> Option<String> {
+    use grid_proto::units::{millis_text, size_text};
+    let (flag, value) = match limit {
+        Limit::Memory => ("--memory", size_text(limits.memory_bytes)),
+        Limit::Time => ("--timeout", millis_text(limits.timeout_ms)),
+        Limit::Output => ("--max-output", size_text(limits.max_output_bytes)),
+        Limit::GpuMemory => ("--gpu-memory", size_text(limits.gpu_memory_bytes)),
+        Limit::GpuTime => ("--gpu-time", millis_text(limits.gpu_time_ms)),
+        _ => return None,
+    };
+    Some(format!(
+        "its {limit} limit was {value}: raise it with {flag}"
+    ))
+}
+
+/// The limit a job's failure reason (`task 3 failed: limit: memory (…)`) names, if any.
+pub fn limit_named(reason: &str) -> Option<Limit> {
+    const ALL: [Limit; 10] = [
+        Limit::Memory,
+        Limit::Table,
+        Limit::Time,
+        Limit::Output,
+        Limit::Files,
+        Limit::OpenFiles,
+        Limit::GpuMemory,
+        Limit::GpuObjects,
+        Limit::GpuDispatch,
+        Limit::GpuTime,
+    ];
+    ALL.into_iter()
+        .filter_map(|limit| {
+            let at = reason.find(&format!("limit: {limit}"))?;
+            let end = at + "limit: ".len() + limit.as_str().len();
+            // `limit: gpu-time` is not `limit: gpu`: the name must end there.
+            let whole = reason[end..]
+                .chars()
+                .next()
+                .is_none_or(|c| !c.is_alphanumeric() && c != '-');
+            whole.then_some((at, limit))
+        })
+        .min_by_key(|(at, _)| *at)
+        .map(|(_, limit)| limit)
 }
 
 /// A memory limit: a size of at least [`JobLimits::MIN_MEMORY_BYTES`].
@@ -93,4 +163,28 @@ pub fn program_file_name(path: &Path) -> Result<String> {
         .filter(|n| !n.is_empty())
         .map(str::to_string)
         .with_context(|| format!("{} has no usable file name", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_names_the_flag_that_raises_its_limit() {
+        let limits = JobLimits::default();
+        assert_eq!(
+            limit_named("task 3 failed: limit: memory"),
+            Some(Limit::Memory)
+        );
+        assert_eq!(
+            limit_named("task 0 failed: limit: gpu-memory (out of limit: time)"),
+            Some(Limit::GpuMemory)
+        );
+        assert_eq!(limit_named("task 1 failed: exit: 3"), None);
+        assert_eq!(
+            raise_hint(Limit::Memory, &limits).as_deref(),
+            Some("its memory limit was 512 MiB: raise it with --memory")
+        );
+        assert_eq!(raise_hint(Limit::OpenFiles, &limits), None);
+    }
 }

@@ -280,6 +280,8 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
                     "votes": task.votes.iter().map(|v| json!({"replica": v.replica, "node": v.node_id, "agreed": v.agreed})).collect::<Vec<_>>(),
                     "exit_code": r.outcome.exit_code(),
                     "reason": r.outcome.reason().map(|x| x.to_string()),
+                    // The guest's last line of stderr, when it failed.
+                    "detail": r.detail,
                     "attempts": task.attempts,
                     "failures": task.failures,
                     "node": r.node_id,
@@ -692,6 +694,7 @@ mod tests {
                 stdout: None,
                 stderr: None,
                 logs_truncated: false,
+                detail: None,
                 seal: Seal::default(),
                 staged: Vec::new(),
             },

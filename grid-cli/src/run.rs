@@ -13,14 +13,16 @@ use std::process::ExitCode;
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// The job: a WASI preview 1 command module (.wasm), or a program for a runtime (job.py).
+    /// With --from: a fixed module or program to run in place of the job's.
     #[arg(required_unless_present = "from")]
     pub module: Option<PathBuf>,
     /// Rerun task --task I of grid job JOB here, exactly as it ran there: its module or
     /// program, params line or input file, shared files, args, env, limits, seed and attempt.
+    /// Limit flags (--memory, --timeout, …) raise its limits; a MODULE replaces its module.
     #[arg(
         long,
         value_name = "JOB",
-        conflicts_with_all = ["module", "input", "args", "memory", "timeout", "max_output", "env", "seed", "runtime", "gpu_memory", "gpu_time"],
+        conflicts_with_all = ["input", "args", "env", "seed", "runtime"],
         requires = "task_index"
     )]
     pub from: Option<String>,
@@ -119,6 +121,8 @@ struct LocalTask {
     runtime: Option<&'static Runtime>,
     /// What the task sees; its output folder is set once it is made.
     spec: TaskSpec,
+    /// Its limits as a job states them (for the hint when it runs into one).
+    job_limits: grid_proto::JobLimits,
     /// Holds a grid task's inputs while it runs.
     _inputs: Option<tempfile::TempDir>,
 }
@@ -155,6 +159,7 @@ impl LocalTask {
             name: module.to_path_buf(),
             runtime: args.task.runtime_for(module)?,
             spec,
+            job_limits: args.task.job_limits(),
             _inputs: None,
         })
     }
@@ -165,20 +170,27 @@ impl LocalTask {
         use grid_proto::TaskSource;
         let grid = args.conn.open("run --from").await?;
         let record = grid.job_record(job).await?;
-        let spec = &record.spec;
+        let mut spec = record.spec.clone();
+        spec.limits = args.task.limits.over(&spec.limits);
+        let spec = &spec;
         let total = spec.tasks.len();
         if index >= total {
             bail!("job {job} has {total} tasks: --task must be below {total}");
         }
         let tenant = spec.tenant.as_str();
-        let (bytes, name, runtime) = match &spec.program {
-            None => (
+        let (bytes, name, runtime) = match (&args.module, &spec.program) {
+            (Some(file), _) => (
+                std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?,
+                file.display().to_string(),
+                grid_proto::runtime::for_program(file),
+            ),
+            (None, None) => (
                 grid.get_object(tenant, &spec.module_sha256, grid_proto::caps::MODULE_BYTES)
                     .await?,
                 spec.module_name.clone(),
                 None,
             ),
-            Some(program) => (
+            (None, Some(program)) => (
                 grid.get_object(tenant, &program.file.sha256, program.file.bytes)
                     .await?,
                 program.file.name.clone(),
@@ -252,8 +264,13 @@ impl LocalTask {
         }
         let mut run = task.task_spec(inputs.path().to_path_buf(), Path::new(""), None);
         run.gpu |= args.gpu;
+        let changed = match (&args.module, args.task.limits.any()) {
+            (Some(file), _) => format!("; {} in place of its module", file.display()),
+            (None, true) => "; with the limits given".to_string(),
+            (None, false) => String::new(),
+        };
         eprintln!(
-            "grid: task {index} of job {job} ({}, attempt {attempt}), here",
+            "grid: task {index} of job {job} ({}, attempt {attempt}), here{changed}",
             spec.module_name
         );
         Ok(Self {
@@ -261,6 +278,7 @@ impl LocalTask {
             name: PathBuf::from(name),
             runtime,
             spec: run,
+            job_limits: spec.limits.clone(),
             _inputs: Some(inputs),
         })
     }
@@ -400,6 +418,11 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
                 },
                 crate::terminal::for_stderr(&reason.to_string())
             );
+            if let grid_proto::Reason::Limit(limit) = reason
+                && let Some(hint) = crate::flags::raise_hint(*limit, &task.job_limits)
+            {
+                eprintln!("grid: {hint}");
+            }
         }
         match &output_dir {
             Some(dir) => eprintln!("grid: output in {}", dir.display()),

@@ -123,7 +123,33 @@ fn rate(per_sec: f64) -> String {
 pub(crate) async fn follow_to_end(grid: &Session, job: &str, json: bool) -> Result<ExitCode> {
     let record = follow(grid, job).await?;
     print_status(&record, json);
+    if !json && let Some(hint) = retry_hint(&record) {
+        eprintln!("{hint}");
+    }
     Ok(wait_exit_code(&record))
+}
+
+/// What to do about a failed job: for a task over a limit a flag raises, `grid retry` with
+/// that flag; for another failure, where to read why.
+fn retry_hint(record: &JobRecord) -> Option<String> {
+    if record.state != JobState::Failed {
+        return None;
+    }
+    let id = &record.id;
+    let reason = record.reason.as_deref().unwrap_or_default();
+    Some(
+        match crate::flags::limit_named(reason)
+            .and_then(|limit| crate::flags::raise_hint(limit, &record.spec.limits))
+        {
+            Some(hint) => format!(
+                "grid: the failed task ran out of room: {hint}: `grid retry {id} --failed {}`",
+                hint.rsplit(' ').next().unwrap_or_default()
+            ),
+            None => format!(
+                "grid: why each task failed: `grid status {id} --failed`, `grid logs {id} --failed`"
+            ),
+        },
+    )
 }
 
 /// The exit status of a `--wait` that followed the job to `record`: 0 only if it is done.
@@ -345,6 +371,8 @@ struct FailedTask {
     index: u64,
     state: TaskState,
     reason: Option<String>,
+    /// The guest's last line of stderr (see `grid_proto::ResultMsg::detail`).
+    detail: Option<String>,
     attempts: u32,
     failures: Vec<String>,
     node: String,
@@ -358,6 +386,7 @@ impl FailedTask {
             index: task.result.index,
             state: task.state,
             reason: task.result.outcome.reason().map(|r| r.to_string()),
+            detail: task.result.detail.clone(),
             attempts: task.attempts,
             failures: task.failures.clone(),
             node: task.result.node_id.clone(),
@@ -371,6 +400,7 @@ impl FailedTask {
             "index": self.index,
             "state": self.state.as_str(),
             "reason": self.reason,
+            "detail": self.detail,
             "attempts": self.attempts,
             "failures": self.failures,
             "node": self.node,
@@ -383,7 +413,10 @@ impl FailedTask {
     fn line(&self) -> String {
         let what = match (self.state, &self.reason) {
             (TaskState::Disputed, _) => format!("disputed: its {} replicas disagreed", self.votes),
-            (_, Some(reason)) => format!("failed: {reason}"),
+            (_, Some(reason)) => match &self.detail {
+                Some(detail) => format!("failed: {reason} — {detail}"),
+                None => format!("failed: {reason}"),
+            },
             (_, None) => "failed".to_string(),
         };
         let attempts = match self.attempts {
@@ -562,6 +595,7 @@ mod tests {
             index,
             state: TaskState::Failed,
             reason: Some("exit: 1".into()),
+            detail: None,
             attempts: 1,
             failures: vec!["exit: 1".into()],
             node: "node-0".into(),

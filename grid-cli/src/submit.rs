@@ -26,7 +26,8 @@ pub struct SubmitArgs {
     /// Files every task sees read-only at /in/shared/.
     #[arg(long, value_name = "DIR")]
     pub shared: Option<PathBuf>,
-    /// Attempts after the first for a task that fails or is lost.
+    /// Attempts after the first for a task that is lost or runs past its time limit (other
+    /// failures would be the same again: see `grid retry`).
     #[arg(long, default_value_t = 2)]
     pub retries: u32,
     /// Among your own jobs, higher runs first (may be negative). Other tenants are unaffected:

@@ -421,7 +421,11 @@ impl Node {
     /// job records: its NATS permissions do not allow it).
     async fn job(&self, task: &TaskMsg) -> Arc<JobRecord> {
         let mut jobs = self.jobs.lock().await;
-        if let Some(j) = jobs.get(&task.job_id) {
+        // A retried round may run with new limits (`grid retry --memory`): the spec its task
+        // carries is the job's now.
+        if let Some(j) = jobs.get(&task.job_id)
+            && j.spec == task.spec
+        {
             return j.clone();
         }
         if jobs.len() > 1000 {
@@ -605,6 +609,7 @@ impl Node {
             stdout: None,
             stderr: None,
             logs_truncated: false,
+            detail: None,
             seal: task.seal,
             staged: Vec::new(),
         }
@@ -906,6 +911,10 @@ impl Node {
                 Some(sha)
             });
         }
+        let detail = match report.outcome {
+            Outcome::Failed(_) => grid_proto::last_words(&report.stderr),
+            Outcome::Succeeded => None,
+        };
         Ok(ResultMsg {
             tenant: spec.tenant.clone(),
             job_id: job.id.clone(),
@@ -927,6 +936,7 @@ impl Node {
             stdout: logs[0],
             stderr: logs[1],
             logs_truncated: report.logs_truncated,
+            detail,
             seal: task.seal,
             staged,
         })

@@ -442,6 +442,9 @@ impl Request for DeleteRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryRequest {
     pub job_id: String,
+    /// The new round's limits (`grid retry --memory 1GiB`): all of them, checked as a submit's
+    /// are; `None` keeps the job's.
+    pub limits: Option<JobLimits>,
 }
 impl Message for RetryRequest {
     const KIND: &'static str = "retry";
@@ -893,6 +896,10 @@ pub struct ResultMsg {
     pub stdout: Option<Sha256Hex>,
     pub stderr: Option<Sha256Hex>,
     pub logs_truncated: bool,
+    /// Of a failed attempt: the line its guest wrote last to stderr ([`last_words`]), to say
+    /// why beside the reason (a panic's message beside `trap: unreachable`). The provider's
+    /// word, as the logs are; the broker keeps one line of at most [`DETAIL_BYTES`].
+    pub detail: Option<String>,
     /// The seal of the task message that sent this attempt ([`TaskMsg::seal`]).
     pub seal: Seal,
     /// Where the node staged each blob the result names (its files and logs, each once): the
@@ -914,7 +921,50 @@ impl Message for ResultsMsg {
     const KIND: &'static str = "results";
 }
 
+/// The most bytes of a failed attempt's [`ResultMsg::detail`].
+pub const DETAIL_BYTES: usize = 200;
+
+/// The line of a failed task's `stderr` that says why: its last line with text, passing over
+/// Rust's `note: run with `RUST_BACKTRACE=1`…` hint (a panic's message is the line before it),
+/// as one line of at most [`DETAIL_BYTES`].
+pub fn last_words(stderr: &[u8]) -> Option<String> {
+    let tail = &stderr[stderr.len().saturating_sub(4 * DETAIL_BYTES)..];
+    let text = String::from_utf8_lossy(tail);
+    let line = text
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))?;
+    detail_line(line)
+}
+
+/// `text` as a detail: one line of at most [`DETAIL_BYTES`] (cut at a character, marked `…`),
+/// `None` when empty.
+pub fn detail_line(text: &str) -> Option<String> {
+    let mut line = crate::one_line(text, " ");
+    if line.len() > DETAIL_BYTES {
+        let mut cut = DETAIL_BYTES - '…'.len_utf8();
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push('…');
+    }
+    (!line.is_empty()).then_some(line)
+}
+
 impl ResultMsg {
+    /// How its attempt failed, as task records and `grid status` tell it: the reason, then the
+    /// guest's last words (`trap: unreachable — the guest panicked on purpose`). `None` for a
+    /// success.
+    pub fn failure(&self) -> Option<String> {
+        let reason = self.outcome.reason()?;
+        Some(match &self.detail {
+            Some(detail) => format!("{reason} — {detail}"),
+            None => reason.to_string(),
+        })
+    }
+
     /// The stored objects the result names: its output files and logs.
     pub fn objects(&self) -> impl Iterator<Item = Sha256Hex> + '_ {
         self.files
@@ -1295,6 +1345,27 @@ impl<R: std::io::BufRead> Iterator for ParamsPager<R> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_last_words_of_a_failed_task_are_its_last_line_with_text() {
+        let panic = b"thread 'main' panicked at src/main.rs:4:5:\nthe guest panicked on purpose\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(
+            last_words(panic).as_deref(),
+            Some("the guest panicked on purpose")
+        );
+        let python = b"Traceback (most recent call last):\n  File \"/job/job.py\", line 3\nValueError: no rows\n\n";
+        assert_eq!(
+            last_words(python).as_deref(),
+            Some("ValueError: no rows")
+        );
+        assert_eq!(last_words(b"\n \n"), None);
+        let long = "x".repeat(10_000) + "\n" + &"é".repeat(300);
+        let words = last_words(long.as_bytes()).unwrap();
+        assert!(
+            words.len() <= DETAIL_BYTES && words.ends_with('…'),
+            "{words}"
+        );
+    }
     use super::*;
 
     #[test]

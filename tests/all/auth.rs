@@ -87,6 +87,7 @@ fn forged_result(job: &str, node: &str) -> grid_proto::ResultMsg {
         stdout: None,
         stderr: None,
         logs_truncated: false,
+        detail: None,
         seal: grid_proto::Seal::default(),
         staged: vec![],
     }

@@ -145,7 +145,7 @@ fn a_job_draws_a_fresh_seed_unless_given_one_and_submit_says_what_it_assumed() {
     assert_eq!(paged["tasks"], 2, "{paged}");
     let skipped = format!("grid: skipped 3 blank lines of {}", params.display());
     assert!(said.contains(&skipped), "{said}");
-    assert_eq!(said.matches("blank line").count(), 1, "{said}");
+    assert_eq!(said.matches("grid: skipped").count(), 1, "{said}");
     assert!(!said.contains("one task"), "{said}");
 }
 
@@ -201,6 +201,8 @@ fn a_flaky_task_is_retried_and_counted_once_and_a_failing_one_fails_the_job() {
             hostile.to_str().unwrap(),
             "--retries",
             "2",
+            "--timeout",
+            "1s",
             "--wait",
             "--",
             "flaky",
@@ -243,7 +245,10 @@ fn a_flaky_task_is_retried_and_counted_once_and_a_failing_one_fails_the_job() {
         tmp.path().to_str().unwrap(),
     ]);
     let m = manifest(tmp.path());
-    assert_eq!(m[0]["attempts"], 2);
+    assert_eq!(
+        m[0]["attempts"], 1,
+        "an exit fails the same way every time: not retried"
+    );
     assert_eq!(m[0]["reason"], "exit: 4");
 }
 
@@ -539,6 +544,104 @@ fn a_cancelled_job_settles_bills_what_ran_and_can_be_retried() {
     let status = grid.wait(&job);
     assert_eq!(status["tasks"]["succeeded"], 6, "{status}");
     assert_eq!(status["tasks"]["cancelled"], 0, "{status}");
+}
+
+#[test]
+fn a_panic_says_why_and_a_task_out_of_room_is_run_again_with_more() {
+    let grid = TestGrid::start(1, &[]);
+    let hostile = guest("hostile");
+    // A panic: its message (the guest's last words on stderr) beside `trap: unreachable`.
+    let status = grid.grid_json(
+        &["submit", hostile.to_str().unwrap(), "--wait", "--", "panic"],
+        1,
+    );
+    let why = "trap: unreachable — the guest panicked on purpose";
+    assert_eq!(
+        status["reason"],
+        format!("task 0 failed: {why}"),
+        "{status}"
+    );
+    let (_dir, manifest) = grid.results(status["job_id"].as_str().unwrap());
+    assert_eq!(manifest[0]["reason"], "trap: unreachable");
+    assert_eq!(manifest[0]["detail"], "the guest panicked on purpose");
+    assert_eq!(manifest[0]["attempts"], 1, "a panic is not retried");
+
+    // Two tasks that each need 100 MiB, under a 64 MiB limit: the hint names the flag.
+    let out = grid.grid(&[
+        "submit",
+        hostile.to_str().unwrap(),
+        "--tasks",
+        "2",
+        "--memory",
+        "64MiB",
+        "--wait",
+        "--",
+        "alloc",
+        "100",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let job = stdout
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "its memory limit was 64 MiB: raise it with --memory: `grid retry {job} --failed --memory`"
+        )),
+        "{stderr}"
+    );
+    // Run one here with more room, as it ran on the grid otherwise.
+    let (local, code) = grid_run_json(
+        &[
+            "--nats",
+            &grid.nats.url,
+            "--from",
+            &job,
+            "--task",
+            "1",
+            "--memory",
+            "256MiB",
+        ],
+        b"",
+    );
+    assert_eq!(
+        (code, &local["status"]),
+        (0, &serde_json::json!("succeeded")),
+        "{local}"
+    );
+    // A replacement module takes the job's place, with the job's params and limits.
+    let (fixed, code) = grid_run_json(
+        &[
+            "--nats",
+            &grid.nats.url,
+            hostile.to_str().unwrap(),
+            "--from",
+            &job,
+            "--task",
+            "0",
+        ],
+        b"",
+    );
+    assert_eq!(
+        code, 1,
+        "the same module under the same limit fails again: {fixed}"
+    );
+    assert_eq!(fixed["reason"], "limit: memory");
+    // Limits no node takes are refused, as at submit.
+    let refused = grid.grid(&["retry", &job, "--failed", "--memory", "1TiB"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(said.contains("node-0"), "{said}");
+    // The failed tasks run again in the job, with the new limit.
+    let status = grid.grid_json(
+        &["retry", &job, "--failed", "--memory", "256MiB", "--wait"],
+        0,
+    );
+    assert_eq!(status["tasks"]["succeeded"], 2, "{status}");
 }
 
 #[test]
@@ -1226,6 +1329,8 @@ fn broker_crash_at(point: &str) {
         hostile.to_str().unwrap(),
         "--retries",
         "3",
+        "--timeout",
+        "1s",
         "--json",
         "--",
         "flaky",

@@ -90,6 +90,8 @@ fn usage_of_a_known_job_is_the_sum_of_its_tasks_and_retries_are_billed() {
             hostile.to_str().unwrap(),
             "--retries",
             "2",
+            "--timeout",
+            "1s",
             "--wait",
             "--",
             "flaky",

@@ -211,8 +211,15 @@ fn status_failed_lists_each_failed_task_with_why_in_text_and_json() {
         lines[0].starts_with(&format!("job {job}: ")) && lines[0].contains("2 failed"),
         "{stdout}"
     );
-    assert_eq!(lines[1], "  task 1: failed: exit: 9 (1 attempt, on node-0)");
-    assert_eq!(lines[2], "  task 3: failed: exit: 9 (1 attempt, on node-0)");
+    // Each with its guest's last words (its last line of stderr).
+    assert_eq!(
+        lines[1],
+        "  task 1: failed: exit: 9 — task 1 failing on attempt 0 (1 attempt, on node-0)"
+    );
+    assert_eq!(
+        lines[2],
+        "  task 3: failed: exit: 9 — task 3 failing on attempt 0 (1 attempt, on node-0)"
+    );
 
     let status = grid.grid_json(&["status", &job, "--failed"], 0);
     assert_eq!(status["state"], "failed", "{status}");
@@ -225,9 +232,16 @@ fn status_failed_lists_each_failed_task_with_why_in_text_and_json() {
     assert_eq!(indices, [1, 3], "{status}");
     for task in failed {
         assert_eq!(task["state"], "failed", "{task}");
+        let index = task["index"].as_u64().unwrap();
+        let detail = format!("task {index} failing on attempt 0");
         assert_eq!(task["reason"], "exit: 9", "{task}");
+        assert_eq!(task["detail"], detail.as_str(), "{task}");
         assert_eq!(task["attempts"], 1, "{task}");
-        assert_eq!(task["failures"], serde_json::json!(["exit: 9"]), "{task}");
+        assert_eq!(
+            task["failures"],
+            serde_json::json!([format!("exit: 9 — {detail}")]),
+            "{task}"
+        );
         assert_eq!(task["node"], "node-0", "{task}");
     }
 

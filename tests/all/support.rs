@@ -844,6 +844,7 @@ pub fn empty_result(
         stdout: None,
         stderr: None,
         logs_truncated: false,
+        detail: None,
         seal: task.seal,
         staged: vec![],
     }

@@ -320,6 +320,13 @@ impl Rules {
         }
         ledger::bound_by_elapsed(&mut results, (self.now)());
         for result in &mut results {
+            // The provider's word, shown to the tenant: one bounded line, of a failure only.
+            result.detail = match result.outcome {
+                grid_proto::Outcome::Failed(_) => {
+                    result.detail.as_deref().and_then(grid_proto::detail_line)
+                }
+                grid_proto::Outcome::Succeeded => None,
+            };
             if let Some(job) = self.jobs.get_mut(&result.job_id) {
                 result.usage = result.usage.within(&job.record.spec.limits);
                 job.observe(result);
@@ -419,7 +426,7 @@ impl Rules {
     /// republishes the retry under the same message id, which JetStream drops.)
     pub fn retried(&mut self, result: &ResultMsg) {
         if let Some(job) = self.jobs.get_mut(&result.job_id) {
-            let reason = result.outcome.reason().map(|r| r.to_string());
+            let reason = result.failure();
             job.failures
                 .entry(result.index)
                 .or_default()

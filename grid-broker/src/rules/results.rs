@@ -5,7 +5,7 @@
 //! job's, or an attempt or replica number the broker never sent out is a forgery, and so is
 //! the message that carries it.
 
-use grid_proto::{JobRecord, Outcome, Reason, ResultMsg, Sha256Hex, TaskRecord, TaskState};
+use grid_proto::{JobRecord, Limit, Outcome, Reason, ResultMsg, Sha256Hex, TaskRecord, TaskState};
 
 /// Why `result`'s attempt or replica number cannot be one the broker sent out for `job`, if
 /// so.
@@ -26,10 +26,16 @@ pub fn forged_numbers(job: &JobRecord, result: &ResultMsg) -> Option<String> {
     None
 }
 
-/// Whether a failed attempt with this outcome is worth another (a refused module or a
-/// cancelled task fails the same way every time).
+/// Whether a failed attempt with this outcome is worth another: only a failure that can end
+/// differently on another try — lost (its node died or gave up), or over a time limit (a node
+/// slower or busier than another). A task runs deterministically (fixed clocks, seeded
+/// randomness, the same inputs), so an exit code, a trap (a panic), a memory, output or GPU
+/// buffer limit, a refused module and a cancel fail the same way every time.
 pub fn retryable(outcome: &Outcome) -> bool {
-    matches!(outcome, Outcome::Failed(r) if !matches!(r, Reason::Invalid(_) | Reason::Cancelled))
+    matches!(
+        outcome,
+        Outcome::Failed(Reason::Lost | Reason::Limit(Limit::Time | Limit::GpuTime))
+    )
 }
 
 /// The final record of a task of `job` (without replicas) that `result` ends, given the
@@ -40,9 +46,7 @@ pub fn final_record(job: &JobRecord, result: &ResultMsg, mut failures: Vec<Strin
     } else {
         TaskState::Failed
     };
-    if let Some(reason) = result.outcome.reason() {
-        failures.push(reason.to_string());
-    }
+    failures.extend(result.failure());
     TaskRecord {
         state,
         // This round's; an earlier round's record adds its own when this one replaces it.

@@ -16,7 +16,7 @@
 //! every task that has not succeeded.
 
 use anyhow::{Result, bail};
-use grid_proto::{JobRecord, JobState, TaskCounts};
+use grid_proto::{JobLimits, JobRecord, JobState, TaskCounts};
 
 /// What a retry request does to an ended job's record.
 #[derive(Debug, PartialEq)]
@@ -27,8 +27,10 @@ pub enum Retry {
     TakeUp(JobRecord),
 }
 
-/// The retry of the job whose stored record is `record` (a job the broker does not hold).
-pub fn retry(mut record: JobRecord) -> Result<Retry> {
+/// The retry of the job whose stored record is `record` (a job the broker does not hold), with
+/// new `limits` for its round if given (checked as a submit's are: see
+/// [`grid_proto::JobSpec::validate`]; whether a live node takes them is the caller's to check).
+pub fn retry(mut record: JobRecord, limits: Option<JobLimits>) -> Result<Retry> {
     let job_id = record.id.clone();
     let counts = &record.counts;
     let tasks = counts.failed + counts.disputed + counts.cancelled;
@@ -47,6 +49,10 @@ pub fn retry(mut record: JobRecord) -> Result<Retry> {
             "job {job_id} has been retried {} times: submit it again",
             record.retried
         );
+    }
+    if let Some(limits) = limits {
+        record.spec.limits = limits;
+        record.spec.validate().map_err(anyhow::Error::msg)?;
     }
     record.retried = retried;
     record.state = JobState::Queued;

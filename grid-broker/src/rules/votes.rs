@@ -96,12 +96,7 @@ pub fn decided_record(
         attempts: result.attempt.saturating_sub(first_attempt) + 1,
         round,
         earlier: Vec::new(),
-        failures: result
-            .outcome
-            .reason()
-            .map(|r| r.to_string())
-            .into_iter()
-            .collect(),
+        failures: result.failure().into_iter().collect(),
         votes: votes
             .iter()
             .map(|v| Vote {

@@ -153,7 +153,7 @@ impl Broker {
             RetryRequest::VERB => answer(
                 async {
                     let req = decode::<RetryRequest>(payload)?;
-                    self.retry(&tenant, req.job_id).await
+                    self.retry(&tenant, req.job_id, req.limits).await
                 }
                 .await,
             ),
@@ -265,7 +265,12 @@ impl Broker {
 
     /// Runs an ended job's failed and disputed tasks again, in the same job (see
     /// [`crate::rules::rounds`]).
-    async fn retry(&mut self, tenant: &str, job_id: String) -> Result<Retrying> {
+    async fn retry(
+        &mut self,
+        tenant: &str,
+        job_id: String,
+        limits: Option<grid_proto::JobLimits>,
+    ) -> Result<Retrying> {
         self.check_owner(tenant, &job_id, "retry").await?;
         if let Some(job) = self.rules.job(&job_id) {
             let state = job.record.state.as_str();
@@ -278,10 +283,15 @@ impl Broker {
                 .await?
                 .ok_or_else(|| anyhow!("unknown job {job_id}"))
         };
-        let record = match rounds::retry(read().await?)? {
+        let new_limits = limits.is_some();
+        let record = match rounds::retry(read().await?, limits)? {
             rounds::Retry::TakeUp(record) => return Ok(self.start_round(record)),
             rounds::Retry::Save(record) => record,
         };
+        if new_limits {
+            // As at submit: limits no live node takes are refused rather than left to wait.
+            intake::placeable(&record.spec, &self.grid.live_nodes().await?)?;
+        }
         // Messages of the ended round still queued (a replica not needed once its task was
         // decided) would only run for nothing now.
         store::drop_queued(&self.grid, &record)

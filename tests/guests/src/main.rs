@@ -190,6 +190,15 @@ fn main() {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
         }
+        "alloc" => {
+            // Holds arg 2 MiB at once, then writes how many to /out.
+            let mib: usize = std::env::args()
+                .nth(2)
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(1);
+            let held: Vec<Vec<u8>> = (0..mib).map(|_| vec![1u8; 1 << 20]).collect();
+            fs::write("/out/held.txt", held.len().to_string()).unwrap();
+        }
         "memory-bomb" => {
             let mut keep: Vec<Vec<u8>> = Vec::new();
             loop {
@@ -349,11 +358,12 @@ fn main() {
             println!("all refused");
         }
         "flaky" => {
-            // Fails on its first two attempts, succeeds on the third.
+            // Runs past its time limit on its first two attempts (a failure that can change, so
+            // it is retried), succeeds on the third.
             let attempt: u32 = std::env::var("GRID_ATTEMPT").unwrap().parse().unwrap();
             if attempt < 2 {
-                eprintln!("failing on attempt {attempt}");
-                std::process::exit(9);
+                eprintln!("stuck on attempt {attempt}");
+                std::thread::sleep(std::time::Duration::from_secs(3600));
             }
             fs::write("/out/attempt.txt", attempt.to_string()).unwrap();
         }

@@ -32,6 +32,31 @@ fn a_task_is_counted_once_and_the_job_finishes() {
 }
 
 #[test]
+fn a_failure_that_would_be_the_same_again_is_not_retried() {
+    for reason in [
+        Reason::Exit(1),
+        Reason::Trap("unreachable".into()),
+        Reason::Limit(Limit::Memory),
+        Reason::Limit(Limit::Output),
+        Reason::Invalid("bad module".into()),
+    ] {
+        let mut w = World::new(10);
+        let job = w.submit(spec(1));
+        w.fill();
+        w.take(&job);
+        let shown = reason.to_string();
+        w.deliver(
+            "n0",
+            vec![result(&job, 0, 0, 0, "n0", Outcome::Failed(reason))],
+        );
+        assert!(w.take(&job).is_empty(), "{shown} is retried");
+        let record = w.state(&job);
+        assert_eq!(record.state, JobState::Failed, "{shown}");
+        assert_eq!(w.tasks[&names::task_key(TENANT, &job, 0)].0.attempts, 1);
+    }
+}
+
+#[test]
 fn a_failure_is_retried_until_the_retries_run_out() {
     let mut w = World::new(10);
     let job = w.submit(spec(1));
@@ -50,12 +75,12 @@ fn a_failure_is_retried_until_the_retries_run_out() {
     assert!(w.take(&job).is_empty(), "no retries left");
     let record = w.state(&job);
     assert_eq!(record.state, JobState::Failed);
-    assert_eq!(record.reason.as_deref(), Some("task 0 failed: exit: 1"));
+    assert_eq!(record.reason.as_deref(), Some("task 0 failed: limit: time"));
     let task = &w.tasks[&names::task_key(TENANT, &job, 0)].0;
     assert_eq!(task.attempts, 3);
     assert_eq!(
         task.failures,
-        vec!["exit: 1"; 3],
+        vec!["limit: time"; 3],
         "a redelivered failure is not one more"
     );
     assert_eq!(w.ledger.len(), 3, "every attempt that ran is billed once");

@@ -11,8 +11,8 @@ mod outputs;
 mod replicas;
 mod retry_and_cancel;
 use grid_proto::{
-    InputRef, JobLimits, JobSpec, JobState, NodeInfo, Outcome, Reason, ResultsMsg, Sha256Hex,
-    TaskSource, Usage, UsageEntry,
+    InputRef, JobLimits, JobSpec, JobState, Limit, NodeInfo, Outcome, Reason, ResultsMsg,
+    Sha256Hex, TaskSource, Usage, UsageEntry,
 };
 use std::collections::{BTreeMap, HashMap};
 
@@ -139,6 +139,7 @@ pub(super) fn result(
         stdout: None,
         stderr: None,
         logs_truncated: false,
+        detail: None,
         seal: grid_proto::Seal::default(),
         staged: Vec::new(),
     }
@@ -148,6 +149,7 @@ pub(super) fn ok(job: &str, index: u64, attempt: u32, node: &str) -> ResultMsg {
     result(job, index, attempt, 0, node, Outcome::Succeeded)
 }
 
+/// A failure that can change on another try (the task ran past its time limit): retried.
 pub(super) fn failed(job: &str, index: u64, attempt: u32, node: &str) -> ResultMsg {
     result(
         job,
@@ -155,7 +157,7 @@ pub(super) fn failed(job: &str, index: u64, attempt: u32, node: &str) -> ResultM
         attempt,
         0,
         node,
-        Outcome::Failed(Reason::Exit(1)),
+        Outcome::Failed(Reason::Limit(Limit::Time)),
     )
 }
 
@@ -476,7 +478,7 @@ impl World {
         if self.rules.job(job).is_some() {
             anyhow::bail!("still running");
         }
-        let record = match rounds::retry(self.saved[job].clone())? {
+        let record = match rounds::retry(self.saved[job].clone(), None)? {
             rounds::Retry::Save(record) => {
                 self.saved.insert(job.into(), record.clone());
                 record

@@ -57,7 +57,7 @@ fn a_retry_runs_only_the_failed_tasks_in_a_round_of_their_own() {
     );
     assert_eq!(task.earlier.len(), 1);
     assert_eq!(task.earlier[0].state, TaskState::Failed);
-    assert_eq!(task.failures, vec!["exit: 1"]);
+    assert_eq!(task.failures, vec!["limit: time"]);
     let rounds: Vec<u32> = w
         .ledger
         .values()
@@ -82,12 +82,12 @@ fn a_retry_is_refused_for_running_and_done_jobs() {
         ..record.clone()
     };
     assert_eq!(
-        rounds::retry(done).unwrap_err().to_string(),
+        rounds::retry(done, None).unwrap_err().to_string(),
         format!("job {running} has no failed tasks (done)")
     );
     // A saved round whose reply was lost (queued, held by no broker) is taken up as it is.
     assert_eq!(
-        rounds::retry(record.clone()).unwrap(),
+        rounds::retry(record.clone(), None).unwrap(),
         rounds::Retry::TakeUp(record)
     );
 }
@@ -108,7 +108,7 @@ fn a_retried_round_has_attempt_numbers_of_its_own() {
     record.spec.retries = 3;
     record.state = JobState::Failed;
     record.counts.failed = 1;
-    let err = rounds::retry(record).unwrap_err().to_string();
+    let err = rounds::retry(record, None).unwrap_err().to_string();
     assert!(err.contains("submit it again"), "{err}");
 }
 
@@ -272,4 +272,24 @@ fn a_cancelled_job_ends_its_unfinished_tasks_bills_what_ran_and_can_be_retried()
         ),
         (JobState::Done, 3, 0)
     );
+}
+
+#[test]
+fn a_retry_may_give_the_round_new_limits_checked_as_a_submit() {
+    let mut w = World::new(10);
+    let job = failed_job(&mut w);
+    let record = w.saved[&job].clone();
+    let more = JobLimits {
+        memory_bytes: 1 << 30,
+        ..record.spec.limits.clone()
+    };
+    match rounds::retry(record.clone(), Some(more.clone())).unwrap() {
+        rounds::Retry::Save(saved) => assert_eq!(saved.spec.limits, more),
+        other => panic!("{other:?}"),
+    }
+    let none = JobLimits {
+        memory_bytes: 0,
+        ..record.spec.limits.clone()
+    };
+    assert!(rounds::retry(record, Some(none)).is_err());
 }
