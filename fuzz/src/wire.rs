@@ -82,6 +82,7 @@ fn samples() -> Vec<Vec<u8>> {
                 shared: vec![],
                 program: None,
                 priority: 0,
+                name: String::new(),
             },
             seal: result.seal,
         }),

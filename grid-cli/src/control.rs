@@ -21,7 +21,7 @@ pub fn cancel(args: CancelArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open("cancel").await?;
         let request = CancelRequest {
-            job_id: args.job.clone(),
+            job_id: grid.resolve_job(&args.job).await?,
         };
         let job = grid.grant(&request).await?;
         let record = grid.job_record(&job.job_id).await?;
@@ -56,12 +56,13 @@ pub struct RetryArgs {
 pub fn retry(args: RetryArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open("retry").await?;
+        let job = grid.resolve_job(&args.job).await?;
         let limits = match args.limits.any() {
-            true => Some(args.limits.over(&grid.job_record(&args.job).await?.spec.limits)),
+            true => Some(args.limits.over(&grid.job_record(&job).await?.spec.limits)),
             false => None,
         };
         let request = grid_proto::RetryRequest {
-            job_id: args.job.clone(),
+            job_id: job,
             limits,
         };
         let grid_proto::Retrying { job_id, tasks } = grid.grant(&request).await?;
@@ -96,7 +97,7 @@ pub fn delete(args: DeleteArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open("delete").await?;
         let request = grid_proto::DeleteRequest {
-            job_id: args.job.clone(),
+            job_id: grid.resolve_job(&args.job).await?,
         };
         let grid_proto::Deleted {
             job_id,

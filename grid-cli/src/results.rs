@@ -217,7 +217,7 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
     }
     runtime()?.block_on(async {
         let grid = args.conn.open("results").await?;
-        let record = grid.job_record(&args.job).await?;
+        let record = grid.job_record(&grid.resolve_job(&args.job).await?).await?;
         let tenant = record.spec.tenant.clone();
         std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
         let mut manifest = String::new();
@@ -571,7 +571,7 @@ async fn list_logs(
 pub fn logs(args: LogsArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open("logs").await?;
-        let record = grid.job_record(&args.job).await?;
+        let record = grid.job_record(&grid.resolve_job(&args.job).await?).await?;
         let escape = Escape::new(args.raw);
         if args.follow {
             follow_logs(&grid, record, args.failed, escape.stdout).await?;

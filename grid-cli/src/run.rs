@@ -169,7 +169,8 @@ impl LocalTask {
     async fn from_grid(args: &RunArgs, job: &str, index: u64) -> Result<Self> {
         use grid_proto::TaskSource;
         let grid = args.conn.open("run --from").await?;
-        let record = grid.job_record(job).await?;
+        let record = grid.job_record(&grid.resolve_job(job).await?).await?;
+        let job = record.id.as_str();
         let mut spec = record.spec.clone();
         spec.limits = args.task.limits.over(&spec.limits);
         let spec = &spec;

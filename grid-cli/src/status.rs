@@ -179,6 +179,7 @@ pub(crate) fn status_json(record: &JobRecord) -> serde_json::Value {
     let finished = c.succeeded + c.failed + c.disputed + c.cancelled;
     json!({
         "job_id": record.id,
+        "name": record.spec.name,
         "state": record.state.as_str(),
         "reason": record.reason,
         "retried": record.retried,
@@ -298,12 +299,13 @@ pub struct StatusArgs {
 pub fn status(args: StatusArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let grid = args.conn.open("status").await?;
+        let job = grid.resolve_job(&args.job).await?;
         let record = if args.wait {
-            follow(&grid, &args.job).await?
+            follow(&grid, &job).await?
         } else if args.watch {
-            watch(&grid, &args.job, args.json).await?
+            watch(&grid, &job, args.json).await?
         } else {
-            grid.job_record(&args.job).await?
+            grid.job_record(&job).await?
         };
         if args.failed {
             print_failed(&grid, &record, args.json).await?;
@@ -525,6 +527,7 @@ pub fn jobs(args: ListArgs) -> Result<ExitCode> {
                 grid.tenant
             );
         }
+        let now = grid_client::now_unix_ms();
         for (_, bytes) in entries {
             let Ok(record) = decode::<JobRecord>(&bytes) else {
                 continue;
@@ -532,13 +535,51 @@ pub fn jobs(args: ListArgs) -> Result<ExitCode> {
             if args.json {
                 let mut v = status_json(&record);
                 v["module"] = json!(record.spec.module_name);
+                v["created_unix_ms"] = json!(record.created_unix_ms);
                 println!("{}", crate::terminal::json_line(&v));
             } else {
-                print_status(&record, false);
+                anstream::println!("{}", job_line(&record, now));
             }
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// One job in `grid jobs`: id, name, module, state, progress and age, in columns.
+fn job_line(record: &JobRecord, now_ms: u64) -> String {
+    let c = &record.counts;
+    let name = match record.spec.name.as_str() {
+        "" => "-",
+        name => name,
+    };
+    let failed = match c.failed + c.disputed {
+        0 => String::new(),
+        n => format!(", {n} failed"),
+    };
+    // Padded before it is coloured: the colour's escapes take no room on the screen.
+    let state = record.state.as_str();
+    let pad = " ".repeat(9usize.saturating_sub(state.len()));
+    format!(
+        "{}  {:<16}  {:<20}  {}{pad}  {:>7} of {} succeeded{failed}  {}",
+        record.id,
+        crate::terminal::for_stdout(name),
+        crate::terminal::for_stdout(&record.spec.module_name),
+        crate::style::state(state),
+        c.succeeded,
+        c.total,
+        age(now_ms.saturating_sub(record.created_unix_ms))
+    )
+}
+
+/// How long ago, as a person says it: `42s ago`, `5min ago`, `3h ago`, `2d ago`.
+fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}min ago", s / 60),
+        3600..86400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
 }
 
 pub fn nodes(args: ListArgs) -> Result<ExitCode> {

@@ -34,6 +34,10 @@ pub struct SubmitArgs {
     /// tenants share the grid by the weights the operator gives them.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub priority: i32,
+    /// A name to find the job by: `grid status NAME` means your newest job of that name.
+    /// Letters, digits, -, _ and ., starting with a letter.
+    #[arg(long, value_name = "NAME", value_parser = parse_job_name)]
+    pub name: Option<String>,
     #[command(flatten)]
     pub task: TaskFlags,
     /// Run each task on K distinct nodes and compare their results (outcome and outputs).
@@ -250,6 +254,7 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
             shared: upload(shared.unwrap_or_default()).await?,
             program,
             priority: args.priority,
+            name: args.name.clone().unwrap_or_default(),
         };
         spec.validate().map_err(anyhow::Error::msg)?;
         let job_id = match grid.ask(&SubmitRequest { spec }).await? {
@@ -278,4 +283,9 @@ pub fn submit(args: SubmitArgs) -> Result<ExitCode> {
         }
         crate::status::follow_to_end(&grid, &job_id, args.json).await
     })
+}
+
+/// A job's `--name`, checked as the broker checks it.
+fn parse_job_name(name: &str) -> Result<String, String> {
+    grid_proto::check_job_name(name).map(|()| name.to_string())
 }

@@ -125,6 +125,49 @@ impl Session {
         decode::<JobRecord>(&bytes).map_err(|e| anyhow!("job {job}: {e}"))
     }
 
+    /// The id of the tenant's job that `job` names: its id; a unique prefix of one (`grid
+    /// status 01a2332f`); or its `--name`, the newest job of that name. Anything else comes
+    /// back as it is, for [`Session::job_record`] to say whose it is or that there is none.
+    pub async fn resolve_job(&self, job: &str) -> Result<String> {
+        if names::valid_name(job)
+            && self
+                .jobs()
+                .await?
+                .get(names::job_key(&self.tenant, job))
+                .await
+                .is_ok_and(|b| b.is_some())
+        {
+            return Ok(job.to_string());
+        }
+        let records: Vec<JobRecord> = self
+            .entries(names::JOBS_BUCKET, Some(&self.tenant))
+            .await?
+            .into_iter()
+            .filter_map(|(_, bytes)| decode::<JobRecord>(&bytes).ok())
+            .collect();
+        let started: Vec<&str> = records
+            .iter()
+            .map(|r| r.id.as_str())
+            .filter(|id| !job.is_empty() && id.starts_with(job))
+            .collect();
+        match started.as_slice() {
+            [one] => return Ok(one.to_string()),
+            [] => {}
+            many => bail!(
+                "{job} starts {} jobs' ids ({}…): give more of the id",
+                many.len(),
+                many.iter().take(3).copied().collect::<Vec<_>>().join(", ")
+            ),
+        }
+        // Ids grow with time: the newest of a name has the largest.
+        Ok(records
+            .iter()
+            .filter(|r| r.spec.name == job)
+            .map(|r| r.id.clone())
+            .max()
+            .unwrap_or_else(|| job.to_string()))
+    }
+
     /// Task `index`'s final record of the tenant's job `job`, once it is decided.
     pub async fn task_record(&self, job: &str, index: u64) -> Result<Option<TaskRecord>> {
         let bytes = self

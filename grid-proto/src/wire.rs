@@ -168,6 +168,29 @@ pub struct JobSpec {
     /// Among its tenant's jobs, higher goes first (`grid submit --priority`); tenants share
     /// the grid by their weights whatever their jobs' priorities.
     pub priority: i32,
+    /// A name the tenant gave it (`grid submit --name`), to find it by; empty for none. See
+    /// [`check_job_name`].
+    pub name: String,
+}
+
+/// The most bytes of a job's name.
+pub const JOB_NAME_BYTES: usize = 64;
+
+/// Why `name` cannot name a job, if so: at most [`JOB_NAME_BYTES`] of letters, digits, `-`, `_`
+/// and `.`, starting with a letter (so that a name is never taken for a job id's prefix).
+pub fn check_job_name(name: &str) -> Result<(), String> {
+    let ok = name.len() <= JOB_NAME_BYTES
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "job name {name:?}: use at most {JOB_NAME_BYTES} letters, digits, -, _ and ., starting with a letter"
+        ))
+    }
 }
 
 /// What one job may ask of the grid, checked by `grid submit` and by the broker
@@ -232,6 +255,9 @@ impl JobSpec {
             return Err("the job has no tasks".into());
         }
         check_replicas(self.replicas, self.quorum)?;
+        if !self.name.is_empty() {
+            check_job_name(&self.name)?;
+        }
         self.limits.check()?;
         self.within_caps()
     }
@@ -1354,10 +1380,7 @@ mod tests {
             Some("the guest panicked on purpose")
         );
         let python = b"Traceback (most recent call last):\n  File \"/job/job.py\", line 3\nValueError: no rows\n\n";
-        assert_eq!(
-            last_words(python).as_deref(),
-            Some("ValueError: no rows")
-        );
+        assert_eq!(last_words(python).as_deref(), Some("ValueError: no rows"));
         assert_eq!(last_words(b"\n \n"), None);
         let long = "x".repeat(10_000) + "\n" + &"é".repeat(300);
         let words = last_words(long.as_bytes()).unwrap();

@@ -110,6 +110,7 @@ mod tests {
             shared: vec![file("ref.csv")],
             program: None,
             priority: 0,
+            name: String::new(),
         };
         let own = file("shard-2.csv");
         let task = GridTask {

@@ -208,6 +208,7 @@ fn a_tenant_cannot_submit_as_another_tenant() {
             shared: vec![],
             program: None,
             priority: 0,
+            name: String::new(),
         };
         let reply = alice
             .client

@@ -645,6 +645,72 @@ fn a_panic_says_why_and_a_task_out_of_room_is_run_again_with_more() {
 }
 
 #[test]
+fn a_job_is_found_by_its_name_or_a_prefix_of_its_id_and_listed_with_its_age() {
+    let grid = TestGrid::start(1, &[]);
+    let pi = guest("monte-carlo-pi");
+    let named = |name: &str| {
+        let v = grid.grid_json(
+            &["submit", pi.to_str().unwrap(), "--name", name, "--wait"],
+            0,
+        );
+        v["job_id"].as_str().unwrap().to_string()
+    };
+    let (first, second) = (named("sweep"), named("sweep"));
+    let other = named("other-run");
+    // A name means the newest job of that name.
+    assert_eq!(
+        grid.grid_json(&["status", "sweep"], 0)["job_id"],
+        second.as_str()
+    );
+    assert_eq!(
+        grid.grid_json(&["status", "other-run"], 0)["name"],
+        "other-run"
+    );
+    // A prefix that starts one id is that job; one that starts several is refused, naming them.
+    let unique = (8..first.len())
+        .map(|n| &first[..n])
+        .find(|p| !second.starts_with(p) && !other.starts_with(p))
+        .unwrap();
+    assert_eq!(
+        grid.grid_json(&["status", unique], 0)["job_id"],
+        first.as_str()
+    );
+    let shared: String = first
+        .chars()
+        .zip(second.chars())
+        .take_while(|(a, b)| a == b)
+        .map(|(a, _)| a)
+        .collect();
+    let out = grid.grid(&["status", &shared]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("give more of the id"), "{said}");
+    // Other commands take them too.
+    let dir = tempfile::tempdir().unwrap();
+    let out = grid.grid(&["results", "sweep", "-o", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A bad name is refused before anything is sent.
+    let out = grid.grid(&["submit", pi.to_str().unwrap(), "--name", "9 lives"]);
+    assert_eq!(out.status.code(), Some(2));
+    // `grid jobs`: each job's id, name, module, state, progress and age, on one line.
+    let listing = String::from_utf8_lossy(&grid.grid(&["jobs"]).stdout).into_owned();
+    let line = listing.lines().find(|l| l.starts_with(&second)).unwrap();
+    for word in [
+        "sweep",
+        "monte-carlo-pi.wasm",
+        "done",
+        "1 of 1 succeeded",
+        "s ago",
+    ] {
+        assert!(line.contains(word), "{word}: {line}");
+    }
+}
+
+#[test]
 fn a_small_job_behind_a_large_one_finishes_first() {
     let grid = TestGrid::start(1, &["--window", "4"]);
     let hostile = guest("hostile");

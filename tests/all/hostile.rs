@@ -219,6 +219,7 @@ fn a_job_over_a_cap_is_refused_with_the_cap_named() {
             shared: vec![],
             program: None,
             priority: 0,
+            name: String::new(),
         };
         let reply = alice
             .request(

@@ -73,6 +73,7 @@ pub(super) fn spec(tasks: u64) -> JobSpec {
         shared: Vec::new(),
         program: None,
         priority: 0,
+        name: String::new(),
     }
 }
 
