@@ -350,6 +350,7 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
             ..SandboxConfig::default()
         };
         let sandbox = Sandbox::new(config)?;
+        let shown = tokio::spawn(show_compiles(sandbox.compiling()));
         let loaded = match program_runtime {
             Some(runtime) => {
                 sandbox
@@ -358,6 +359,8 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
             }
             None => sandbox.load(bytes, &limits).await,
         };
+        shown.abort();
+        let _ = shown.await;
         let report = match loaded {
             Ok(module) => sandbox.run(&module, spec).await,
             Err(reason) => grid_sandbox::TaskReport::refused(reason),
@@ -435,6 +438,72 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Shows each compile while it runs, on stderr: a bar with the time it has taken and about how
+/// long it takes on a terminal, one line otherwise. The first run of a Python program compiles
+/// the runtime, minutes on a small machine; after that it comes from the cache.
+async fn show_compiles(
+    mut compiling: tokio::sync::watch::Receiver<Option<grid_sandbox::Compiling>>,
+) {
+    let terminal = std::io::stderr().is_terminal();
+    loop {
+        let Some(c) = compiling.borrow_and_update().clone() else {
+            if compiling.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let about = grid_proto::units::duration_text(std::time::Duration::from_secs(
+            c.estimate.as_secs().max(1),
+        ));
+        let what = format!("grid: compiling {} once for this machine", c.label);
+        // Dropped (and cleared) when the compile ends or the load is over.
+        let bar = match terminal {
+            true => {
+                let bar = indicatif::ProgressBar::new(c.estimate.as_millis().max(1) as u64);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} [{bar:25}] {elapsed} of about {prefix}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar.set_prefix(about);
+                bar.set_message(what);
+                Some(ClearedBar(bar))
+            }
+            false => {
+                eprintln!("{what} (about {about})");
+                None
+            }
+        };
+        loop {
+            tokio::select! {
+                changed = compiling.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
+                    if let Some(bar) = &bar {
+                        let elapsed = c.started.elapsed().unwrap_or_default().as_millis() as u64;
+                        bar.0.set_position(elapsed.min(bar.0.length().unwrap_or(1).saturating_sub(1)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A progress bar cleared from the terminal when dropped (a compile that ends, or a load that
+/// is over and aborts its display).
+struct ClearedBar(indicatif::ProgressBar);
+
+impl Drop for ClearedBar {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
 }
 
 fn write_ignoring_closed_pipe(w: &mut impl Write, bytes: &[u8]) -> Result<()> {

@@ -41,11 +41,22 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
     let mut warned = false;
     let mut polls = 0u64;
     let mut told = std::collections::HashSet::new();
+    // What live nodes are doing before they can run tasks (compiling a runtime), by node.
+    let mut preparing: Vec<(String, grid_proto::Preparing)> = Vec::new();
     loop {
         if let Some(bar) = &bar {
             let c = &record.counts;
             bar.set_position(c.succeeded + c.failed);
-            bar.set_message(format!("failed {} running {}", c.failed, c.in_flight));
+            let now = grid_client::now_unix_ms();
+            // A node's words: shown, not obeyed, on a terminal.
+            let busy: String = preparing
+                .iter()
+                .map(|(node, p)| {
+                    crate::terminal::for_stderr(&format!(" · {node} {}", p.progress(now)))
+                        .into_owned()
+                })
+                .collect();
+            bar.set_message(format!("failed {} running {}{busy}", c.failed, c.in_flight));
         }
         if record.state.is_final() {
             break;
@@ -62,23 +73,33 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
         polls += 1;
         {
             if polls.is_multiple_of(4) {
-                // A quiet job may be waiting for a node that prepares a runtime: say so, once.
+                // A quiet job may be waiting for a node that prepares a runtime: the bar shows
+                // how far along it is; a line says so once.
+                preparing.clear();
                 for node in grid.live_nodes().await.unwrap_or_default() {
-                    if let Some(what) = &node.preparing
-                        && !record.state.is_final()
-                        && told.insert((node.id.clone(), what.clone()))
-                    {
+                    let Some(p) = node.preparing else { continue };
+                    if !record.state.is_final() && told.insert((node.id.clone(), p.what.clone())) {
+                        let about = match p.estimate_ms {
+                            0 => String::new(),
+                            ms => format!(
+                                ", about {}",
+                                grid_proto::units::duration_text(Duration::from_secs(
+                                    ms.div_ceil(1000)
+                                ))
+                            ),
+                        };
                         // The node's own words: shown, not obeyed, on a terminal.
                         let note = format!(
-                            "grid: node {} is {} (once per node; about a minute)",
+                            "grid: node {} is {} (once per machine{about}); its tasks start after",
                             crate::terminal::for_stderr(&node.id),
-                            crate::terminal::for_stderr(what)
+                            crate::terminal::for_stderr(&p.what)
                         );
                         match &bar {
                             Some(bar) => bar.println(note),
                             None => eprintln!("{note}"),
                         }
                     }
+                    preparing.push((node.id, p));
                 }
                 if !warned
                     && !record.state.is_final()
@@ -605,7 +626,7 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
                 // A node's words are its provider's: shown, not obeyed, on a terminal.
                 use crate::terminal::for_stdout;
                 let gpu = node.gpu.as_deref().map(|g| format!("  gpu {}", for_stdout(g))).unwrap_or_default();
-                let preparing = node.preparing.as_deref().map(|p| format!("  ({})", for_stdout(p))).unwrap_or_default();
+                let preparing = node.preparing.as_ref().map(|p| format!("  ({})", for_stdout(&p.progress(grid_client::now_unix_ms())))).unwrap_or_default();
                 let votes = if tally.agreed + tally.outvoted > 0 {
                     format!("  votes agreed {} lost {}", tally.agreed, tally.outvoted)
                 } else {

@@ -93,7 +93,7 @@ struct Node {
     evict_soon: tokio::sync::Notify,
     phase: watch::Sender<Phase>,
     /// What delays tasks now (compiling a runtime), for the heartbeat.
-    preparing: std::sync::Mutex<Option<String>>,
+    preparing: std::sync::Mutex<Option<grid_proto::Preparing>>,
     /// One runtime layout at a time (a 50 MB stdlib fetched and unpacked once).
     runtime_files: Mutex<()>,
     /// Task folders, reused.
@@ -352,11 +352,7 @@ impl Node {
                 memory_budget_bytes: self.config.memory_budget_bytes,
                 tasks_done: self.done.load(Ordering::Relaxed),
                 started_unix_ms,
-                preparing: self
-                    .preparing
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone(),
+                preparing: self.preparing(),
                 accepts: self.config.caps.accepts(),
             };
             let sent = match self.grid.nodes().await {
@@ -641,7 +637,8 @@ impl Node {
         Ok(bytes)
     }
 
-    /// The runtime's interpreter, compiled once per node; the heartbeat says so meanwhile.
+    /// The runtime's interpreter, compiled once per machine (the cache is shared); the
+    /// heartbeat says so meanwhile.
     async fn load_runtime(
         &self,
         job: &JobRecord,
@@ -649,13 +646,42 @@ impl Node {
         delivery: u64,
     ) -> Result<grid_sandbox::LoadedModule, Reason> {
         let fetch = async {
-            *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(format!("compiling the {} runtime", runtime.name));
-            self.module_bytes(job, delivery).await
+            self.set_preparing(Some(format!("fetching the {} runtime", runtime.name)));
+            let bytes = self.module_bytes(job, delivery).await;
+            self.set_preparing(None);
+            bytes
         };
-        let loaded = self.sandbox.load_runtime(runtime, fetch).await;
-        *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        loaded
+        self.sandbox.load_runtime(runtime, fetch).await
+    }
+
+    /// Says in the heartbeat what delays the node's tasks (`None`: nothing now).
+    fn set_preparing(&self, what: Option<String>) {
+        *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) =
+            what.map(|what| grid_proto::Preparing {
+                what,
+                started_unix_ms: now_unix_ms(),
+                estimate_ms: 0,
+            });
+    }
+
+    /// What delays the node's tasks now: a compile the sandbox tells of, with its estimate,
+    /// or what the node said it does.
+    fn preparing(&self) -> Option<grid_proto::Preparing> {
+        if let Some(c) = self.sandbox.compiling().borrow().as_ref() {
+            let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            return Some(grid_proto::Preparing {
+                what: format!("compiling {}", c.label),
+                started_unix_ms: c
+                    .started
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, ms),
+                estimate_ms: ms(c.estimate),
+            });
+        }
+        self.preparing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// A job's program, ready to run: its runtime (checked against the pins), the runtime's files
@@ -697,8 +723,10 @@ impl Node {
                     files
                 }
                 None => {
-                    *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(format!("fetching the {} runtime", runtime.name));
+                    self.set_preparing(Some(format!(
+                        "fetching the {} runtime's files",
+                        runtime.name
+                    )));
                     let stdlib = self
                         .dispatch
                         .fetch(
@@ -718,7 +746,7 @@ impl Node {
                         .and_then(|r| r),
                         Err(e) => Err(e),
                     };
-                    *self.preparing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    self.set_preparing(None);
                     installed?
                 }
             }

@@ -1160,12 +1160,39 @@ pub struct NodeInfo {
     pub memory_budget_bytes: u64,
     pub tasks_done: u64,
     pub started_unix_ms: u64,
-    /// Work that delays its tasks, e.g. `compiling the python runtime` (once per node).
-    pub preparing: Option<String>,
+    /// Work that delays its tasks, e.g. compiling the Python runtime (once per machine).
+    pub preparing: Option<Preparing>,
     /// The largest limits it accepts (its caps): it does not take a task of a job that asks
     /// for more.
     pub accepts: JobLimits,
 }
+/// Work a node does before its tasks can start ([`NodeInfo::preparing`]), and how far along.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preparing {
+    /// `compiling the python runtime`, `fetching the python runtime`.
+    pub what: String,
+    pub started_unix_ms: u64,
+    /// About how long it takes in all; 0 when the node cannot say.
+    pub estimate_ms: u64,
+}
+
+impl Preparing {
+    /// `compiling the python runtime: 0:40 of about 2:20`, as of `now_ms`.
+    pub fn progress(&self, now_ms: u64) -> String {
+        let clock = |ms: u64| format!("{}:{:02}", ms / 60_000, ms / 1000 % 60);
+        let elapsed = now_ms.saturating_sub(self.started_unix_ms);
+        match self.estimate_ms {
+            0 => format!("{}: {}", self.what, clock(elapsed)),
+            estimate => format!(
+                "{}: {} of about {}",
+                self.what,
+                clock(elapsed),
+                clock(estimate)
+            ),
+        }
+    }
+}
+
 impl Message for NodeInfo {
     const KIND: &'static str = "node";
 }

@@ -35,6 +35,8 @@ use wasmtime::{Engine, Module};
 type HmacSha256 = Hmac<Sha256>;
 const TAG_BYTES: usize = 32;
 const KEY_FILE: &str = "node.key";
+/// This machine's compile rate, in core-seconds per MB (see [`ModuleCache::record_compile`]).
+const RATE_FILE: &str = "compile-rate";
 
 pub struct ModuleCache {
     dir: PathBuf,
@@ -123,6 +125,35 @@ impl ModuleCache {
                 None
             }
         }
+    }
+
+    /// Keeps this machine's compile rate (core-seconds per MB of wasm, see
+    /// [`crate::Sandbox::compile_estimate`]) from a compile of `wasm_bytes` that took `took`.
+    /// Small modules say little of the rate: only compiles of 4 MB or more count.
+    pub fn record_compile(&self, wasm_bytes: usize, took: std::time::Duration) {
+        if wasm_bytes < 4_000_000 {
+            return;
+        }
+        let cores = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(16);
+        let rate = took.as_secs_f64() * cores as f64 / (wasm_bytes as f64 / 1e6);
+        let mut tmp = match tempfile::NamedTempFile::new_in(&self.dir) {
+            Ok(tmp) => tmp,
+            Err(_) => return,
+        };
+        if writeln!(tmp, "{rate}").is_ok() {
+            let _ = tmp.persist(self.dir.join(RATE_FILE));
+        }
+    }
+
+    /// The compile rate [`ModuleCache::record_compile`] kept, if any.
+    pub fn compile_rate(&self) -> Option<f64> {
+        let text = fs::read_to_string(self.dir.join(RATE_FILE)).ok()?;
+        text.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|r| r.is_finite() && *r > 0.0)
     }
 
     /// Stores `compiled` for later runs; `variant` tells apart forms of one module (plain, guarded). Failures only cost a recompile later, so they are logged.

@@ -58,6 +58,10 @@ use wasmtime::{Config, Engine, Linker, Module, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p1;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder, WasiView};
 
+/// Core-seconds to compile a megabyte of wasm before this machine has measured its own rate:
+/// the Python runtime (104.5 MB) took about 140 s on 2 cores.
+const DEFAULT_COMPILE_CORE_SECONDS_PER_MB: f64 = 2.7;
+
 /// How often the engine's epoch advances; the granularity of the time limit for running wasm.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
@@ -217,9 +221,50 @@ pub struct Sandbox {
     cache: Option<Arc<ModuleCache>>,
     loaded: Mutex<HashMap<Sha256Hex, LoadedModule>>,
     runtime_compile: tokio::sync::Mutex<()>,
+    /// The compile under way, if any (see [`Sandbox::compiling`]).
+    compiling: tokio::sync::watch::Sender<Option<Compiling>>,
     /// Shown (read-only) at `/in` to tasks that have no inputs.
     empty_in: tempfile::TempDir,
     _ticker: EpochTicker,
+}
+
+/// A compile under way: compiling a large module (a runtime's 100 MB) takes minutes on a small
+/// machine, and whoever waits for it is shown how far along it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compiling {
+    /// What is compiled: `the python runtime`, `the module`.
+    pub label: String,
+    pub started: std::time::SystemTime,
+    /// About how long it takes on this machine ([`Sandbox::compile_estimate`]).
+    pub estimate: Duration,
+}
+
+/// Tells a compile on a [`Sandbox::compiling`] channel until dropped (ended, failed, or given
+/// up by its task).
+struct Told<'a> {
+    channel: &'a tokio::sync::watch::Sender<Option<Compiling>>,
+    started: std::time::SystemTime,
+}
+
+impl<'a> Told<'a> {
+    fn start(channel: &'a tokio::sync::watch::Sender<Option<Compiling>>, c: Compiling) -> Self {
+        let started = c.started;
+        channel.send_replace(Some(c));
+        Self { channel, started }
+    }
+}
+
+impl Drop for Told<'_> {
+    fn drop(&mut self) {
+        // Only its own: another compile may have started since.
+        self.channel.send_if_modified(|now| {
+            let mine = now.as_ref().is_some_and(|c| c.started == self.started);
+            if mine {
+                *now = None;
+            }
+            mine
+        });
+    }
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
@@ -267,9 +312,33 @@ impl Sandbox {
             cache,
             loaded: Mutex::new(HashMap::new()),
             runtime_compile: tokio::sync::Mutex::new(()),
+            compiling: tokio::sync::watch::Sender::new(None),
             empty_in: tempfile::tempdir()?,
             _ticker: ticker,
         })
+    }
+
+    /// The compile under way, told as it starts and ends: a node puts it in its heartbeat,
+    /// `grid run` draws a progress bar of it.
+    pub fn compiling(&self) -> tokio::sync::watch::Receiver<Option<Compiling>> {
+        self.compiling.subscribe()
+    }
+
+    /// About how long compiling `wasm_bytes` of module takes here: this machine's rate from
+    /// its last runtime compile (kept in the cache), or, before any, a rate measured on a 2-core
+    /// machine (a 100 MB runtime in about 140 s), shared by the cores compiling in parallel.
+    /// Other code may compile several times faster: it is an estimate for runtimes first.
+    pub fn compile_estimate(&self, wasm_bytes: usize) -> Duration {
+        let cores = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(16);
+        let core_seconds_per_mb = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.compile_rate())
+            .unwrap_or(DEFAULT_COMPILE_CORE_SECONDS_PER_MB);
+        let seconds = wasm_bytes as f64 / 1e6 * core_seconds_per_mb / cores as f64;
+        Duration::from_secs_f64(seconds.clamp(0.0, 24.0 * 3600.0))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -290,7 +359,8 @@ impl Sandbox {
         if let Some(module) = self.already_loaded(&sha256) {
             return Ok(module);
         }
-        self.compile_and_keep(bytes, sha256, false).await
+        self.compile_and_keep(bytes, sha256, false, "the module")
+            .await
     }
 
     /// The interpreter module of `runtime`, compiled once per sandbox: `fetch` is called for its
@@ -331,7 +401,8 @@ impl Sandbox {
             runtime = runtime.name,
             "loading the runtime (compiled once per node; the first time takes a minute)"
         );
-        self.compile_and_keep(&bytes, sha256, true).await
+        let label = format!("the {} runtime", runtime.name);
+        self.compile_and_keep(&bytes, sha256, true, &label).await
     }
 
     fn already_loaded(&self, sha256: &Sha256Hex) -> Option<LoadedModule> {
@@ -352,17 +423,27 @@ impl Sandbox {
         bytes: &[u8],
         sha256: Sha256Hex,
         reactor: bool,
+        label: &str,
     ) -> Result<LoadedModule, Reason> {
         let guarded = guard::rewrite(bytes).map_err(Reason::Invalid)?;
         let (module, guard) = match guarded {
-            None => (self.compiled(bytes, &sha256, "plain").await?, None),
+            None => (
+                self.compiled(bytes, &sha256, "plain", label, reactor)
+                    .await?,
+                None,
+            ),
             Some(g) => {
-                let guest = self.compiled(&g.module, &sha256, "guarded").await?;
+                let guest = self
+                    .compiled(&g.module, &sha256, "guarded", label, reactor)
+                    .await?;
                 let guard_bytes = guard::guard_module(g.memory);
                 let guard_sha = Sha256Hex::of(&guard_bytes);
                 (
                     guest,
-                    Some(self.compiled(&guard_bytes, &guard_sha, "guard").await?),
+                    Some(
+                        self.compiled(&guard_bytes, &guard_sha, "guard", "its guard", false)
+                            .await?,
+                    ),
                 )
             }
         };
@@ -382,11 +463,17 @@ impl Sandbox {
     }
 
     /// Compiles `bytes`, or fetches them compiled from the cache under (`sha256`, `variant`).
+    /// A compile is told on [`Sandbox::compiling`] while it runs, as `label`; a runtime's
+    /// (`runtime`) also sets this machine's rate for estimating the next (see
+    /// [`Sandbox::compile_estimate`]: runtimes are what is worth estimating well, and their code
+    /// compiles at a rate of its own).
     async fn compiled(
         &self,
         bytes: &[u8],
         sha256: &Sha256Hex,
         variant: &str,
+        label: &str,
+        runtime: bool,
     ) -> Result<Module, Reason> {
         if let Some(m) = self
             .cache
@@ -405,14 +492,31 @@ impl Sandbox {
         let (engine, owned, cache) = (self.engine.clone(), bytes.to_vec(), self.cache.clone());
         let (sha, kind) = (*sha256, variant.to_string());
         let started = Instant::now();
+        // Told when it is worth a word: a second or more.
+        let estimate = self.compile_estimate(bytes.len());
+        let _told = (variant != "guard" && estimate >= Duration::from_secs(1)).then(|| {
+            Told::start(
+                &self.compiling,
+                Compiling {
+                    label: label.to_string(),
+                    started: std::time::SystemTime::now(),
+                    estimate,
+                },
+            )
+        });
+        let len = bytes.len();
         let (module, compiled) = tokio::task::spawn_blocking(move || {
             let _lock = cache.as_ref().map(|c| c.lock(&sha, &kind));
             if let Some(m) = cache.as_ref().and_then(|c| c.get(&engine, &sha, &kind)) {
                 return Ok((m, false));
             }
+            let compile_started = Instant::now();
             let module = Module::new(&engine, &owned)?;
             if let Some(cache) = &cache {
                 cache.put(&sha, &kind, &module);
+                if runtime {
+                    cache.record_compile(len, compile_started.elapsed());
+                }
             }
             Ok((module, true))
         })
