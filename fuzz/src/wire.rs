@@ -96,6 +96,7 @@ fn samples() -> Vec<Vec<u8>> {
             back: vec![3],
             back_delay_ms: 1000,
             holding: vec![4, 5, 6],
+            running: vec![4],
         }),
         encode(&grid_proto::FetchRequest {
             delivery: 7,

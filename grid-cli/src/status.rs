@@ -56,7 +56,12 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
                         .into_owned()
                 })
                 .collect();
-            bar.set_message(format!("failed {} running {}{busy}", c.failed, c.in_flight));
+            bar.set_message(format!(
+                "failed {} running {} waiting {}{busy}",
+                c.failed,
+                c.running,
+                waiting(&record)
+            ));
         }
         if record.state.is_final() {
             break;
@@ -208,14 +213,25 @@ pub(crate) fn status_json(record: &JobRecord) -> serde_json::Value {
         "seed": record.spec.seed,
         "tasks": {
             "total": c.total,
+            // Not sent out yet; sent out but not started (in the queue, or held by a node
+            // until a slot frees); started on a node.
             "queued": c.total.saturating_sub(finished + c.in_flight),
-            "running": c.in_flight,
+            "waiting": c.in_flight.saturating_sub(c.running),
+            "running": c.running,
             "succeeded": c.succeeded,
             "failed": c.failed,
             "disputed": c.disputed,
             "cancelled": c.cancelled,
         }
     })
+}
+
+/// Tasks of a job that have not started: not sent out yet, in the queue, or held by a node
+/// until one of its slots frees.
+fn waiting(record: &JobRecord) -> u64 {
+    let c = &record.counts;
+    c.total
+        .saturating_sub(c.succeeded + c.failed + c.disputed + c.cancelled + c.running)
 }
 
 pub(crate) fn print_status(record: &JobRecord, as_json: bool) {
@@ -243,7 +259,7 @@ pub(crate) fn print_status(record: &JobRecord, as_json: bool) {
         c.failed,
         match record.state {
             JobState::Cancelled => format!("{} cancelled", c.cancelled),
-            _ => format!("{} running", c.in_flight),
+            _ => format!("{} running, {} waiting", c.running, waiting(record)),
         },
         // A reason may quote a provider or a guest: shown, not obeyed, on a terminal.
         record
@@ -633,9 +649,11 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
                     String::new()
                 };
                 println!(
-                    "{}  {}  slots {}  busy {}  memory {} of {}  done {}{votes}{gpu}{preparing}",
+                    // Held: handed to it, running or waiting for one of its slots.
+                    "{}  {}  running {} of {} slots, {} held  memory {} of {}  done {}{votes}{gpu}{preparing}",
                     for_stdout(&node.id),
                     for_stdout(&node.classes.join(",")),
+                    node.running,
                     node.slots,
                     node.busy,
                     bytesize::ByteSize(node.memory_reserved_bytes),

@@ -28,6 +28,8 @@ pub struct Dispatch {
     node: String,
     /// Ids of the deliveries held now.
     holding: Mutex<HashSet<u64>>,
+    /// Of those, the ones whose task runs now.
+    running: Mutex<HashSet<u64>>,
     fetches: tokio::sync::Semaphore,
 }
 
@@ -51,6 +53,7 @@ impl Dispatch {
             client,
             node,
             holding: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashSet::new()),
             fetches: tokio::sync::Semaphore::new(FETCHES_AT_ONCE),
         })
     }
@@ -157,8 +160,16 @@ impl Dispatch {
             if holding.is_empty() {
                 continue;
             }
+            let running = self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .copied()
+                .collect();
             let report = DeliveryReport {
                 holding,
+                running,
                 ..DeliveryReport::default()
             };
             match self.ask(&report).await {
@@ -176,6 +187,20 @@ impl Dispatch {
 }
 
 impl Delivery {
+    /// Marks its task as running (`true`) or waiting (`false`), for the next report.
+    pub fn running(&self, running: bool) {
+        let mut set = self
+            .dispatch
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if running {
+            set.insert(self.id);
+        } else {
+            set.remove(&self.id);
+        }
+    }
+
     /// Its results are published (or it is a message to drop): the broker acks it.
     pub async fn done(self) {
         self.settle(true, Duration::ZERO).await;
@@ -188,11 +213,12 @@ impl Delivery {
 
     async fn settle(self, done: bool, delay: Duration) {
         self.dispatch.holding().remove(&self.id);
+        self.running(false);
         let report = DeliveryReport {
             done: if done { vec![self.id] } else { Vec::new() },
             back: if done { Vec::new() } else { vec![self.id] },
             back_delay_ms: u32::try_from(delay.as_millis()).unwrap_or(u32::MAX),
-            holding: Vec::new(),
+            ..DeliveryReport::default()
         };
         if let Err(e) = self.dispatch.ask(&report).await {
             // Not held any more either way: the broker offers it again after the ack wait.
@@ -207,5 +233,6 @@ impl Delivery {
 impl Drop for Delivery {
     fn drop(&mut self) {
         self.dispatch.holding().remove(&self.id);
+        self.running(false);
     }
 }

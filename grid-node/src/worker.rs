@@ -532,7 +532,10 @@ impl Node {
                 metrics::histogram!("grid_task_queue_wait_seconds").record(waited);
             }
             let running = Running::new(&self.running, slot, memory);
-            match self.run_task(&job, &task, running, msg.id).await {
+            msg.running(true);
+            let ran = self.run_task(&job, &task, running, msg.id).await;
+            msg.running(false);
+            match ran {
                 Ok(result) => results.push(result),
                 Err(e) => {
                     tracing::warn!(job = %task.job_id, index = task.index, "could not run the task here: {e:#}; handing it back");

@@ -541,6 +541,9 @@ pub struct TaskCounts {
     pub in_flight: u64,
     /// Tasks whose replicas never reached a quorum.
     pub disputed: u64,
+    /// Of `in_flight`: tasks a node has started (as nodes report every few seconds); the others
+    /// wait in the queue or for a slot on the node that holds them.
+    pub running: u64,
     /// Of a cancelled job: the tasks that had not ended when it was cancelled (they end
     /// `cancelled`; `grid retry` runs them again).
     pub cancelled: u64,
@@ -731,6 +734,9 @@ pub struct DeliveryReport {
     pub back: Vec<u64>,
     pub back_delay_ms: u32,
     pub holding: Vec<u64>,
+    /// Of `holding`: the deliveries whose task runs now (the others wait for a slot), so that
+    /// `grid status` tells running tasks from those waiting on a node.
+    pub running: Vec<u64>,
 }
 impl Message for DeliveryReport {
     const KIND: &'static str = "report";

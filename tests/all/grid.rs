@@ -711,6 +711,38 @@ fn a_job_is_found_by_its_name_or_a_prefix_of_its_id_and_listed_with_its_age() {
 }
 
 #[test]
+fn running_tasks_are_told_apart_from_those_waiting_on_a_node() {
+    // One node of two slots, and six long tasks: the node holds more than it runs.
+    let grid = TestGrid::start(1, &[]);
+    let hostile = guest("hostile");
+    let job = submit(
+        &grid,
+        &[
+            hostile.to_str().unwrap(),
+            "--tasks",
+            "6",
+            "--",
+            "nap",
+            "600000",
+        ],
+    );
+    let mut status = serde_json::Value::Null;
+    eventually(30, "the job's running tasks were never told", || {
+        status = grid.grid_json(&["status", &job], 0);
+        status["tasks"]["running"] == 2
+    });
+    let tasks = &status["tasks"];
+    assert_eq!(
+        tasks["waiting"].as_u64().unwrap() + tasks["queued"].as_u64().unwrap(),
+        4,
+        "{status}"
+    );
+    let line = String::from_utf8_lossy(&grid.grid(&["status", &job]).stdout).into_owned();
+    assert!(line.contains("0 failed, 2 running, 4 waiting"), "{line}");
+    grid.grid_json(&["cancel", &job], 0);
+}
+
+#[test]
 fn a_small_job_behind_a_large_one_finishes_first() {
     let grid = TestGrid::start(1, &["--window", "4"]);
     let hostile = guest("hostile");

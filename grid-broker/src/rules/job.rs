@@ -123,6 +123,7 @@ impl ActiveJob {
         // Only a task below `enqueued` was counted in flight (see `Rules::plan_fill`).
         if record.result.index < self.record.enqueued {
             counts.in_flight = counts.in_flight.saturating_sub(1);
+            counts.running = counts.running.min(counts.in_flight);
         }
         self.dirty = true;
         true
@@ -171,6 +172,7 @@ impl ActiveJob {
             JobState::Failed
         };
         self.record.finished_unix_ms = Some(now_ms);
+        self.record.counts.running = 0;
         self.dirty = true;
         true
     }

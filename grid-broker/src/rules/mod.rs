@@ -501,6 +501,23 @@ impl Rules {
         job.record.state.is_final() && self.jobs.remove(id).is_some()
     }
 
+    /// How many tasks of each held job run now (from nodes' reports): a job whose count
+    /// changed is saved with it.
+    pub fn set_running(&mut self, running: &HashMap<String, u64>) {
+        for job in self.jobs.values_mut() {
+            let counts = &mut job.record.counts;
+            let now = running
+                .get(&job.record.id)
+                .copied()
+                .unwrap_or(0)
+                .min(counts.in_flight);
+            if counts.running != now && !job.record.state.is_final() {
+                counts.running = now;
+                job.dirty = true;
+            }
+        }
+    }
+
     /// Tasks not yet sent out, tasks in flight, and jobs held: for the metrics.
     pub fn load(&self) -> (u64, u64, usize) {
         let (mut queued, mut in_flight) = (0, 0);

@@ -82,6 +82,7 @@ pub fn cancel(mut record: JobRecord, now_ms: u64) -> Result<JobRecord> {
         .total
         .saturating_sub(counts.succeeded + counts.failed + counts.disputed);
     counts.in_flight = 0;
+    counts.running = 0;
     record.state = JobState::Cancelled;
     record.reason = Some("cancelled".into());
     record.finished_unix_ms = Some(now_ms);

@@ -87,6 +87,9 @@ struct Held {
     deadline: Instant,
     /// When its node last listed it as held.
     reported: Instant,
+    /// Its job, and whether its node last said its task runs (else it waits for a slot).
+    job: String,
+    running: bool,
 }
 
 /// The broker's side of deliveries (see the module docs).
@@ -366,6 +369,8 @@ impl Dispatcher {
                 }),
                 deadline: now + limit + self.grace,
                 reported: now,
+                job: task.job_id.clone(),
+                running: false,
             },
         );
         Delivery {
@@ -383,9 +388,13 @@ impl Dispatcher {
         {
             let mut held = self.held();
             let now = Instant::now();
+            let running: HashSet<u64> = report.running.iter().copied().collect();
             for id in &report.holding {
                 match held.get_mut(id) {
-                    Some(h) if h.node == node => h.reported = now,
+                    Some(h) if h.node == node => {
+                        h.reported = now;
+                        h.running = running.contains(id);
+                    }
                     _ => unknown.push(*id),
                 }
             }
@@ -421,6 +430,16 @@ impl Dispatcher {
             self.release(claim).await;
         }
         Reported { unknown }
+    }
+
+    /// Tasks running now, by job: the messages their nodes last said they run (a run of short
+    /// tasks counts as one, the one it runs).
+    pub(super) fn running_by_job(&self) -> HashMap<String, u64> {
+        let mut running = HashMap::new();
+        for h in self.held().values().filter(|h| h.running) {
+            *running.entry(h.job.clone()).or_default() += 1;
+        }
+        running
     }
 
     /// Keeps held messages alive while their nodes report them and their deadline is ahead;

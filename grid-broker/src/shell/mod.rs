@@ -98,10 +98,11 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
         config.tenant_weights.clone(),
     )
     .await?;
+    let dispatcher = std::sync::Arc::new(dispatcher);
     let provider_settings = providers::Settings {
         stage_quota_bytes: config.stage_quota_bytes,
         stream_replicas: config.stream_replicas,
-        dispatcher: std::sync::Arc::new(dispatcher),
+        dispatcher: dispatcher.clone(),
     };
     let (loads, mut loaded) = tokio::sync::mpsc::unbounded_channel();
     let (taken, mut blobs_taken) = tokio::sync::mpsc::unbounded_channel();
@@ -205,6 +206,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Re
             },
             _ = tick.tick() => {
                 broker.start_loads();
+                broker.rules.set_running(&dispatcher.running_by_job());
                 broker.fill().await;
                 broker.persist().await;
             }
