@@ -36,6 +36,8 @@ pub enum AuthCommand {
 pub enum AddCommand {
     /// Write credentials for NAME (a new key; older files for NAME stay valid).
     Add {
+        /// Whom the credentials are for: the tenant's or provider's name, 1 to 32 letters,
+        /// digits, - and _.
         name: String,
         #[command(flatten)]
         dir: AuthDirArg,

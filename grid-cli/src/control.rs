@@ -10,7 +10,9 @@ use std::process::ExitCode;
 
 #[derive(Args, Debug)]
 pub struct CancelArgs {
+    #[arg(value_name = "JOB", help = crate::help::JOB)]
     pub job: String,
+    /// Print the job's status once cancelled, as `grid status --json` prints it.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -32,6 +34,7 @@ pub fn cancel(args: CancelArgs) -> Result<ExitCode> {
 
 #[derive(Args, Debug)]
 pub struct RetryArgs {
+    #[arg(value_name = "JOB", help = crate::help::JOB)]
     pub job: String,
     /// Run the job's failed and disputed tasks again (required: the tasks to retry).
     #[arg(long, required = true)]
@@ -43,7 +46,8 @@ pub struct RetryArgs {
     /// tasks that failed `limit: memory`, `--timeout 1h` for `limit: time`, …
     #[command(flatten)]
     pub limits: crate::flags::LimitFlags,
-    /// Print one JSON object: the job and how many tasks run again (with --wait, its status).
+    /// Print one JSON object: {job_id, tasks_retried}; with --wait, the job's status at its
+    /// end instead, as `grid status --json` prints it.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -83,7 +87,9 @@ pub fn retry(args: RetryArgs) -> Result<ExitCode> {
 
 #[derive(Args, Debug)]
 pub struct DeleteArgs {
+    #[arg(value_name = "JOB", help = crate::help::JOB)]
     pub job: String,
+    /// Print one JSON object: {job_id, objects_deleted, bytes_freed}.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]

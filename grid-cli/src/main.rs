@@ -9,6 +9,7 @@ mod control;
 mod dashboard;
 mod doctor;
 mod flags;
+mod help;
 mod python;
 mod results;
 mod run;
@@ -44,8 +45,10 @@ enum Command {
     /// Show a job's state.
     Status(status::StatusArgs),
     /// List jobs.
+    #[command(mut_arg("json", |json| json.help(help::JOBS_JSON)))]
     Jobs(status::ListArgs),
     /// List nodes that sent a heartbeat recently.
+    #[command(mut_arg("json", |json| json.help(help::NODES_JSON)))]
     Nodes(status::ListArgs),
     /// Collect a job's outputs into a folder (works while it runs).
     Results(results::ResultsArgs),
@@ -66,6 +69,7 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Print a shell completion script: `grid completions bash > /etc/bash_completion.d/grid`.
     Completions {
+        /// The shell to complete `grid` in.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },

@@ -11,7 +11,7 @@ pub enum PythonCommand {
     /// List the packages in Grid's Python runtime and their versions (read from the runtime's
     /// files, laid out on first use as `grid run job.py` lays them out).
     Packages {
-        /// One JSON object per line: {"name", "version"}.
+        /// Print one JSON object per line, a package each: {name, version}.
         #[arg(long)]
         json: bool,
     },

@@ -21,6 +21,7 @@ fn safe_relative(path: &str) -> Option<PathBuf> {
 
 #[derive(Args, Debug)]
 pub struct ResultsArgs {
+    #[arg(value_name = "JOB", help = crate::help::JOB)]
     pub job: String,
     /// Folder to write DIR/<index>/ and DIR/manifest.jsonl into.
     #[arg(short = 'o', long = "output", value_name = "DIR")]
@@ -336,11 +337,12 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
 
 #[derive(Args, Debug)]
 pub struct LogsArgs {
+    #[arg(value_name = "JOB", help = crate::help::JOB)]
     pub job: String,
     /// Only this task, as `grid run` shows one: its stdout on stdout and its stderr on stderr,
     /// as written and without headers (`grid logs JOB --task 3 > out.txt` is its stdout byte
     /// for byte).
-    #[arg(long)]
+    #[arg(long, value_name = "I")]
     pub task: Option<u64>,
     /// Only the tasks that failed or were disputed (those `grid status JOB --failed` lists).
     #[arg(long, conflicts_with = "task")]

@@ -19,6 +19,8 @@ pub struct RunArgs {
     /// Rerun task --task I of grid job JOB here, exactly as it ran there: its module or
     /// program, params line or input file, shared files, args, env, limits, seed and attempt.
     /// Limit flags (--memory, --timeout, …) raise its limits; a MODULE replaces its module.
+    /// JOB is as `grid status JOB` takes it: an id, a prefix unique among your jobs, or a
+    /// --name.
     #[arg(
         long,
         value_name = "JOB",
@@ -48,7 +50,9 @@ pub struct RunArgs {
     /// Give the task this machine's GPU (through `grid_gpu_v1`); without it, GPU calls say "no GPU".
     #[arg(long)]
     pub gpu: bool,
-    /// Print one JSON object with the result (and the guest's output inside it).
+    /// Print one JSON object: status, exit_code, reason, cpu_seconds, wall_seconds,
+    /// bytes_out, output_dir, and the task's stdout and stderr (logs_truncated: whether they
+    /// were cut short).
     #[arg(long)]
     pub json: bool,
     /// Print the task's stdout and stderr exactly as it wrote them, even on a terminal (where

@@ -313,6 +313,7 @@ async fn watch(grid: &Session, job: &str, as_json: bool) -> Result<JobRecord> {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    #[arg(value_name = "JOB", help = crate::help::JOB)]
     pub job: String,
     /// Follow the job to its end; exit 0 only if it is done (1 if it failed or was cancelled),
     /// as `grid submit --wait` does.
@@ -326,7 +327,9 @@ pub struct StatusArgs {
     /// status's `failed` array of `{index, state, reason, attempts, failures, node, round}`).
     #[arg(long, conflicts_with = "watch")]
     pub failed: bool,
-    /// Print the status as one line of JSON.
+    /// Print the status as one JSON object: job_id, name, state, reason, retried, seed and
+    /// tasks {total, queued, running, succeeded, failed, disputed, cancelled}; with --watch,
+    /// one line per change.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -548,6 +551,8 @@ async fn print_failed(grid: &Grid, record: &JobRecord, as_json: bool) -> Result<
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
+    /// Print one JSON object per line (what each holds: `grid jobs --help`, `grid nodes
+    /// --help`).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]

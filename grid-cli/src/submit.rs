@@ -15,7 +15,7 @@ pub struct SubmitArgs {
     /// The job: a WASI preview 1 command module (.wasm), or a program for a runtime (job.py).
     pub module: PathBuf,
     /// Run N tasks with empty stdin.
-    #[arg(long, conflicts_with_all = ["params", "input"])]
+    #[arg(long, value_name = "N", conflicts_with_all = ["params", "input"])]
     pub tasks: Option<u64>,
     /// One task per non-blank line of this JSONL file (the line is the task's stdin).
     #[arg(long, value_name = "FILE.jsonl", conflicts_with = "input")]
@@ -28,11 +28,16 @@ pub struct SubmitArgs {
     pub shared: Option<PathBuf>,
     /// Attempts after the first for a task that is lost or runs past its time limit (other
     /// failures would be the same again: see `grid retry`).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, value_name = "N", default_value_t = 2)]
     pub retries: u32,
     /// Among your own jobs, higher runs first (may be negative). Other tenants are unaffected:
     /// tenants share the grid by the weights the operator gives them.
-    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_hyphen_values = true
+    )]
     pub priority: i32,
     /// A name to find the job by: `grid status NAME` means your newest job of that name.
     /// Letters, digits, -, _ and ., starting with a letter.
@@ -52,6 +57,8 @@ pub struct SubmitArgs {
     /// Follow the job to its end (progress bar on a terminal), then print its status.
     #[arg(long)]
     pub wait: bool,
+    /// Print one JSON object: {job_id, tasks, seed, module_sha256}; with --wait, the job's
+    /// status at its end instead, as `grid status --json` prints it.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 #[derive(Args, Debug)]
 pub struct UpArgs {
     /// Nodes to start.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, value_name = "N", default_value_t = 2)]
     pub nodes: u32,
     /// Task slots per node [default: CPUs / nodes, at least 1]
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     pub slots: Option<u32>,
     /// Memory all nodes' running tasks together may be given, shared equally among the nodes
     /// (each node's `--memory-budget`), e.g. 8GiB [default: this machine's RAM less an eighth,
@@ -34,7 +34,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub no_gpu: bool,
     /// Run N nats-servers as one JetStream cluster, every stream and bucket kept on min(N, 3)
-    /// of them, so that a server can die without the grid noticing [default: 1, no cluster]
+    /// of them, so that a server can die without the grid noticing (1: no cluster).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cluster: u32,
     /// Run without NATS auth: anyone who reaches the port can do anything (for debugging).

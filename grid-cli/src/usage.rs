@@ -20,19 +20,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Args, Debug)]
 pub struct UsageArgs {
     /// Only this tenant's attempts.
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     pub tenant: Option<String>,
     /// Only attempts this provider's node ran (a node id).
-    #[arg(long)]
+    #[arg(long, value_name = "NODE")]
     pub provider: Option<String>,
-    /// Only this job's attempts.
-    #[arg(long)]
+    /// Only this job's attempts: its whole id as the ledger records it (not a prefix or a
+    /// --name: the ledger outlives the jobs it names).
+    #[arg(long, value_name = "JOB")]
     pub job: Option<String>,
     /// Only attempts recorded since then: a duration back from now (`1h`, `7days`) or an RFC
     /// 3339 time (`2026-11-30T00:00:00Z`).
     #[arg(long, value_name = "WHEN")]
     pub since: Option<String>,
-    /// One JSON object: the total and the sums per job, tenant and provider.
+    /// Print one JSON object: total, and the lists jobs, tenants and providers, each sum
+    /// with attempts, cpu_seconds, wall_seconds, gpu_seconds, peak_memory_bytes, bytes_in,
+    /// bytes_out, withheld (attempts not paid for) and the paid_* seconds.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
