@@ -29,6 +29,7 @@ impl AuthDirArg {
 pub enum AuthCommand {
     /// Make an operator setup: keys, a nats-server config to include, the broker's credentials.
     /// Keeps what exists.
+    #[command(after_help = crate::help::AUTH)]
     Init(AuthDirArg),
 }
 

@@ -27,7 +27,8 @@ use std::process::ExitCode;
 #[command(
     name = "grid",
     version = version(),
-    about = "Run WebAssembly batch jobs in a sandbox, on your machine or a grid"
+    about = "Run WebAssembly batch jobs in a sandbox, on your machine or a grid",
+    after_help = help::GRID
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,59 +38,82 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one task locally, in exactly the sandbox a node uses.
+    #[command(after_help = help::RUN)]
     Run(run::RunArgs),
     /// Start a local grid (nats-server, a broker, nodes) in the foreground.
+    #[command(after_help = help::UP)]
     Up(up::UpArgs),
     /// Submit a job to the grid.
+    #[command(after_help = help::SUBMIT)]
     Submit(submit::SubmitArgs),
     /// Show a job's state.
+    #[command(after_help = help::STATUS)]
     Status(status::StatusArgs),
     /// List jobs.
-    #[command(mut_arg("json", |json| json.help(help::JOBS_JSON)))]
+    #[command(after_help = help::JOBS, mut_arg("json", |json| json.help(help::JOBS_JSON)))]
     Jobs(status::ListArgs),
     /// List nodes that sent a heartbeat recently.
-    #[command(mut_arg("json", |json| json.help(help::NODES_JSON)))]
+    #[command(after_help = help::NODES, mut_arg("json", |json| json.help(help::NODES_JSON)))]
     Nodes(status::ListArgs),
     /// Collect a job's outputs into a folder (works while it runs).
+    #[command(after_help = help::RESULTS)]
     Results(results::ResultsArgs),
     /// Print tasks' captured stdout and stderr, on stdout under a header per task and stream.
+    #[command(after_help = help::LOGS)]
     Logs(results::LogsArgs),
     /// Cancel a job: queued tasks are dropped, running ones stopped.
+    #[command(after_help = help::CANCEL)]
     Cancel(control::CancelArgs),
     /// Run an ended job's failed tasks again, in the same job.
+    #[command(after_help = help::RETRY)]
     Retry(control::RetryArgs),
     /// Delete an ended job: its records, outputs and logs, and inputs no other job uses.
+    #[command(after_help = help::DELETE)]
     Delete(control::DeleteArgs),
     /// What tasks used, from the usage ledger: per job, tenant and provider.
+    #[command(after_help = help::USAGE)]
     Usage(usage::UsageArgs),
     /// Serve a live web dashboard of the grid (nodes, jobs, throughput, usage).
+    #[command(after_help = help::DASHBOARD)]
     Dashboard(dashboard::DashboardArgs),
     /// Check this machine and your grid: wasm target, nats-server, GPU, Python runtime, the grid
     /// and your credentials.
+    #[command(after_help = help::DOCTOR)]
     Doctor(doctor::DoctorArgs),
     /// Print a shell completion script: `grid completions bash > /etc/bash_completion.d/grid`.
+    #[command(after_help = help::COMPLETIONS)]
     Completions {
         /// The shell to complete `grid` in.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
     /// The grid's NATS auth: an operator setup for nats-server.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = help::AUTH)]
     Auth(auth::AuthCommand),
     /// Tenants: who may submit jobs and read their own.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = help::TENANT,
+        mut_subcommand("add", |add| add.after_help(help::TENANT))
+    )]
     Tenant(auth::AddCommand),
     /// Providers: whose nodes may take tasks.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = help::PROVIDER,
+        mut_subcommand("add", |add| add.after_help(help::PROVIDER))
+    )]
     Provider(auth::AddCommand),
     /// Grid's Python runtime: `grid python packages` lists what a `.py` job can import.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = help::PYTHON)]
     Python(python::PythonCommand),
     /// Run a grid's broker against a nats-server (what `grid up` starts; also built as
     /// `grid-broker`).
+    #[command(after_help = help::BROKER)]
     Broker(grid_broker::BrokerArgs),
     /// Run a node: take a grid's tasks and run them here, as a provider (also built as
     /// `grid-node`).
+    #[command(after_help = help::NODE)]
     Node(grid_node::settings::NodeArgs),
 }
 

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 pub enum PythonCommand {
     /// List the packages in Grid's Python runtime and their versions (read from the runtime's
     /// files, laid out on first use as `grid run job.py` lays them out).
+    #[command(after_help = crate::help::PYTHON)]
     Packages {
         /// Print one JSON object per line, a package each: {name, version}.
         #[arg(long)]
