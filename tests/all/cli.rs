@@ -486,3 +486,214 @@ fn empty_listings_say_what_to_do() {
         assert!(stderr.contains(says), "{command}: {stderr}");
     }
 }
+
+/// Every command `grid --help` lists, in its order. A new command goes here, and with it its
+/// examples (`grid-cli/src/help.rs`), so that the test below reads its help too.
+const COMMANDS: [&str; 21] = [
+    "run",
+    "up",
+    "submit",
+    "status",
+    "jobs",
+    "nodes",
+    "results",
+    "logs",
+    "cancel",
+    "retry",
+    "delete",
+    "usage",
+    "dashboard",
+    "doctor",
+    "completions",
+    "auth",
+    "tenant",
+    "provider",
+    "python",
+    "broker",
+    "node",
+];
+
+/// The options and arguments a help text lists, each as the line's name for it (`-o,
+/// --output <DIR>`, `<JOB>`) and its description, clap's own notes (`[default: …]`,
+/// `[possible values: …]`) taken out: what is left is what a person wrote. Clap writes a
+/// description on the name's line after two spaces or more, or (its long layout) under it.
+fn described(help: &str) -> Vec<(String, String)> {
+    let mut entries: Vec<(String, String)> = Vec::new();
+    let mut in_list = false;
+    for line in help.lines() {
+        if !line.is_empty() && !line.starts_with(' ') {
+            in_list = matches!(line, "Arguments:" | "Options:");
+            continue;
+        }
+        if !in_list {
+            continue;
+        }
+        let names_one = line.starts_with("      --")
+            || line
+                .strip_prefix("  ")
+                .is_some_and(|rest| rest.starts_with(['-', '<', '[']));
+        if names_one {
+            let text = line.trim_start();
+            let (name, description) = text.split_once("  ").unwrap_or((text, ""));
+            entries.push((name.to_string(), description.trim().to_string()));
+        } else if let Some((_, description)) = entries.last_mut() {
+            description.push(' ');
+            description.push_str(line.trim());
+        }
+    }
+    for (_, description) in &mut entries {
+        for note in [
+            "[default: ",
+            "[possible values: ",
+            "[env: ",
+            "[alias: ",
+            "[aliases: ",
+        ] {
+            while let Some(at) = description.find(note) {
+                let end = description[at..]
+                    .find(']')
+                    .map_or(description.len(), |end| at + end + 1);
+                description.replace_range(at..end, "");
+            }
+        }
+        *description = description.trim().to_string();
+    }
+    entries
+}
+
+/// The `grid` commands of a help text's `$ …` example lines, each as its words after `grid`,
+/// up to where that command ends: a pipe, `&&`, `;`, `>`, `)`, a `#` comment, or the `--`
+/// after which words are the task's.
+fn example_commands(help: &str) -> Vec<Vec<String>> {
+    let mut found = Vec::new();
+    for line in help.lines() {
+        let Some(line) = line.trim_start().strip_prefix("$ ") else {
+            continue;
+        };
+        let mut words = line.split_whitespace();
+        while let Some(word) = words.next() {
+            if word != "grid" && !word.ends_with("(grid") {
+                continue;
+            }
+            let mut command = Vec::new();
+            for word in words.by_ref() {
+                if ["|", "||", "&&", ";", ">", "#", "--"].contains(&word) {
+                    break;
+                }
+                command.push(word.trim_end_matches(')').to_string());
+                if word.ends_with(')') {
+                    break;
+                }
+            }
+            found.push(command);
+        }
+    }
+    found
+}
+
+/// `--help` as `gh` has it: every flag and argument of every command (groups' subcommands
+/// too) says what it is, `--json` says what it prints, JOB says how a job may be named, and
+/// every command ends with examples — whose flags its help lists, so they cannot rot.
+#[test]
+fn every_command_explains_its_flags_and_shows_examples() {
+    let mut helps = std::collections::BTreeMap::<Vec<String>, String>::new();
+    let mut help = |path: &[String]| -> String {
+        helps
+            .entry(path.to_vec())
+            .or_insert_with(|| help_of(&path.iter().map(String::as_str).collect::<Vec<_>>()))
+            .clone()
+    };
+
+    let top = help(&[]);
+    assert_eq!(
+        commands_listed(&top),
+        COMMANDS,
+        "`grid --help` lists other commands than COMMANDS: add the new one there"
+    );
+    for part in ["Quick start:", "Exit codes:", "RUST_LOG"] {
+        assert!(top.contains(part), "`grid --help` has no {part:?}:\n{top}");
+    }
+
+    let mut paths: Vec<Vec<String>> = COMMANDS.iter().map(|c| vec![c.to_string()]).collect();
+    let mut examples = example_commands(&top);
+    let mut read = 0;
+    while let Some(path) = paths.pop() {
+        let text = help(&path);
+        let shown = format!("grid {} --help", path.join(" "));
+        read += 1;
+        assert!(
+            text.contains("\nExamples:\n  # "),
+            "{shown} has no examples:\n{text}"
+        );
+        let entries = described(&text);
+        assert!(
+            entries.iter().any(|(name, _)| name.contains("--help")),
+            "{shown}: no options found in:\n{text}"
+        );
+        for (name, description) in &entries {
+            assert!(
+                !description.is_empty(),
+                "{shown}: {name} has no description"
+            );
+            if name.contains("--json") {
+                assert!(
+                    description.contains("JSON"),
+                    "{shown}: --json: {description}"
+                );
+            }
+            if name.contains("JOB>") {
+                assert!(
+                    description.contains("prefix") && description.contains("--name"),
+                    "{shown}: {name} does not say how a job is named: {description}"
+                );
+            }
+        }
+        examples.extend(example_commands(&text));
+        for sub in commands_listed(&text) {
+            paths.push([path.clone(), vec![sub]].concat());
+        }
+    }
+    // Four groups' subcommands besides the commands themselves.
+    assert!(read >= COMMANDS.len() + 4, "read {read} helps");
+
+    assert!(
+        examples.len() > 40,
+        "only {} examples found",
+        examples.len()
+    );
+    for command in examples {
+        // The command's path (`tenant add`), then its arguments.
+        let mut path: Vec<String> = Vec::new();
+        while let Some(word) = command.get(path.len())
+            && commands_listed(&help(&path)).contains(word)
+        {
+            path.push(word.clone());
+        }
+        assert!(
+            !path.is_empty(),
+            "an example runs no command: grid {command:?}"
+        );
+        let names: Vec<String> = described(&help(&path))
+            .into_iter()
+            .flat_map(|(name, _)| {
+                name.split([' ', ','])
+                    .filter(|w| w.starts_with('-'))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for word in &command[path.len()..] {
+            let flag = word.split('=').next().unwrap_or_default();
+            let is_flag = flag.starts_with("--")
+                || flag
+                    .strip_prefix('-')
+                    .is_some_and(|rest| rest.starts_with(char::is_alphabetic));
+            assert!(
+                !is_flag || names.iter().any(|n| n == flag),
+                "an example runs `grid {}`, but `grid {} --help` has no {flag}",
+                command.join(" "),
+                path.join(" ")
+            );
+        }
+    }
+}

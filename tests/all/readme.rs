@@ -2,7 +2,7 @@
 //! exist, its `Cargo.toml` snippet names the guest SDK where it is, and its Rust job is the
 //! SDK's own example (which `cargo test` compiles as a doc test).
 
-use crate::support::{grid, workspace_root};
+use crate::support::{commands_listed, help_of, workspace_root};
 use std::path::{Component, Path, PathBuf};
 
 fn readme() -> String {
@@ -89,19 +89,10 @@ fn commands_shown(text: &str) -> Vec<(String, Option<String>)> {
 
 /// The subcommands `grid --help` lists.
 fn help_commands() -> Vec<String> {
-    let out = grid(&["--help"], b"");
-    assert!(out.status.success());
-    let help = String::from_utf8(out.stdout).unwrap();
-    let listed = help
-        .split("Commands:\n")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no command list in:\n{help}"));
+    let help = help_of(&[]);
+    let listed = commands_listed(&help);
+    assert!(!listed.is_empty(), "no command list in:\n{help}");
     listed
-        .lines()
-        .take_while(|l| !l.trim().is_empty())
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect()
 }
 
 /// Every `grid COMMAND` in the README is one `grid --help` lists, and no command line runs

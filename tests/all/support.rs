@@ -202,6 +202,34 @@ fn cli_cache_dir() -> &'static Path {
     DIR.get_or_init(|| tempfile::tempdir().unwrap().keep())
 }
 
+/// `grid COMMAND… --help`, which must exit 0.
+pub fn help_of(command: &[&str]) -> String {
+    let mut args = command.to_vec();
+    args.push("--help");
+    let out = grid(&args, b"");
+    assert!(
+        out.status.success(),
+        "grid {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("help is UTF-8")
+}
+
+/// The subcommands a help text lists under `Commands:`, less clap's own `help`.
+pub fn commands_listed(help: &str) -> Vec<String> {
+    let Some(listed) = help.split("Commands:\n").nth(1) else {
+        return Vec::new();
+    };
+    listed
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect()
+}
+
 /// A params file of `lines` in `dir`.
 pub fn write_params(dir: &Path, lines: impl Iterator<Item = String>) -> PathBuf {
     let path = dir.join("params.jsonl");
