@@ -12,7 +12,7 @@ use std::process::ExitCode;
 pub struct CancelArgs {
     #[arg(value_name = "JOB", help = crate::help::JOB)]
     pub job: String,
-    /// Print the job's status once cancelled, as `grid status --json` prints it.
+    /// Print the job's status once cancelled as one line of JSON, as `grid status --json` does.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
