@@ -1401,7 +1401,12 @@ fn a_node_reads_its_settings_from_a_config_file() {
         ],
         1,
     );
-    assert_eq!(status["reason"], "task 0 failed: limit: memory", "{status}");
+    // With the guest's last words: its allocator's message.
+    assert_eq!(
+        status["reason"],
+        "task 0 failed: limit: memory — memory allocation of 1048576 bytes failed",
+        "{status}"
+    );
     // A mistake in the file is one line naming it.
     std::fs::write(&config, "slotz = 3\n").unwrap();
     let out = crate::support::grid(&["node", "--config", config.to_str().unwrap()], b"");
