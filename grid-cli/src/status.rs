@@ -93,9 +93,15 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
                                 ))
                             ),
                         };
+                        // A compile serves the machine's nodes (their cache is shared); a fetch
+                        // lays the files out in the node's own folder.
+                        let once = match p.what.starts_with("compiling") {
+                            true => "once per machine",
+                            false => "once per node",
+                        };
                         // The node's own words: shown, not obeyed, on a terminal.
                         let note = format!(
-                            "grid: node {} is {} (once per machine{about}); its tasks start after",
+                            "grid: node {} is {} ({once}{about}); its tasks start after",
                             crate::terminal::for_stderr(&node.id),
                             crate::terminal::for_stderr(&p.what)
                         );

@@ -59,8 +59,8 @@ use wasmtime_wasi::p1;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder, WasiView};
 
 /// Core-seconds to compile a megabyte of wasm before this machine has measured its own rate:
-/// the Python runtime (104.5 MB) took about 140 s on 2 cores.
-const DEFAULT_COMPILE_CORE_SECONDS_PER_MB: f64 = 2.7;
+/// the Python runtime (104.5 MB) took about 70 s on 2 cores.
+const DEFAULT_COMPILE_CORE_SECONDS_PER_MB: f64 = 1.4;
 
 /// How often the engine's epoch advances; the granularity of the time limit for running wasm.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -326,7 +326,7 @@ impl Sandbox {
 
     /// About how long compiling `wasm_bytes` of module takes here: this machine's rate from
     /// its last runtime compile (kept in the cache), or, before any, a rate measured on a 2-core
-    /// machine (a 100 MB runtime in about 140 s), shared by the cores compiling in parallel.
+    /// machine (a 100 MB runtime in about 70 s), shared by the cores compiling in parallel.
     /// Other code may compile several times faster: it is an estimate for runtimes first.
     pub fn compile_estimate(&self, wasm_bytes: usize) -> Duration {
         let cores = std::thread::available_parallelism()
