@@ -386,20 +386,11 @@ fn main() {
             fs::create_dir("/out/sub").unwrap();
             fs::write("/out/sub/part-c.csv", format!("task,part\n{index},c\n")).unwrap();
         }
-        "nap" => {
-            // A short task that takes real time: arg 2 is milliseconds.
-            let ms: u64 = std::env::args()
-                .nth(2)
-                .and_then(|m| m.parse().ok())
-                .unwrap_or(200);
-            std::thread::sleep(std::time::Duration::from_millis(ms));
-            let index = std::env::var("GRID_TASK_INDEX").unwrap();
-            fs::write("/out/index.txt", index).unwrap();
-        }
-        "nap-first" => {
-            // Naps arg 2 milliseconds on attempt 0 only: a long task whose retry is quick.
+        mode @ ("nap" | "nap-first") => {
+            // A short task that takes real time: arg 2 is milliseconds. `nap-first` naps on
+            // attempt 0 only: a long task whose retry is quick.
             let attempt: u32 = std::env::var("GRID_ATTEMPT").unwrap().parse().unwrap();
-            if attempt == 0 {
+            if mode == "nap" || attempt == 0 {
                 let ms: u64 = std::env::args()
                     .nth(2)
                     .and_then(|m| m.parse().ok())
