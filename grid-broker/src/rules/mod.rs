@@ -227,7 +227,9 @@ impl Rules {
     /// Keeps a cancelled job's `record` (released already) for [`ledger::SETTLE_MS`], so that
     /// the attempts its nodes stop are billed as they ran, within the cancel's bound (see
     /// [`ledger`]). A broker restarted meanwhile does not bill them.
-    pub fn settle(&mut self, record: JobRecord) {
+    pub fn settle(&mut self, mut record: JobRecord) {
+        // Billing needs the spec's limits and numbers, not its list of input files.
+        record.spec.tasks = grid_proto::TaskSource::Count(record.spec.tasks.len());
         let now = (self.now)();
         self.settling.retain(|_, r| {
             r.finished_unix_ms
