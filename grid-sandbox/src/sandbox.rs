@@ -207,6 +207,15 @@ pub struct LoadedModule {
     reactor: bool,
 }
 
+impl LoadedModule {
+    /// The memory the module declares it starts with, in bytes (its own or its guard's).
+    fn initial_memory_bytes(&self) -> u64 {
+        let pages = |m: &Module| m.resources_required().max_initial_memory_size.unwrap_or(0);
+        let guard = self.guard.as_ref().map_or(0, pages);
+        pages(&self.module).max(guard).saturating_mul(65_536)
+    }
+}
+
 /// How a task's wasm ended, and what it used besides CPU time.
 struct Ran {
     outcome: Outcome,
@@ -549,6 +558,21 @@ impl Sandbox {
         stop: impl Future<Output = ()>,
     ) -> TaskReport {
         let limits = spec.limits.capped_by(&self.config.caps);
+        // Said in the user's terms, not as wasmtime's "minimum size of N pages exceeds memory
+        // limits": a runtime's starting memory is not in any file of theirs.
+        let starts_with = module.initial_memory_bytes();
+        if starts_with > limits.memory_bytes {
+            let what = match &spec.program {
+                Some(p) => format!("the {} runtime", p.runtime.name),
+                None => "the module".to_string(),
+            };
+            let mib = starts_with.div_ceil(1 << 20);
+            return TaskReport::refused(Reason::Invalid(format!(
+                "{what} needs {mib} MiB of memory to start, over the task's memory limit of {}: give --memory {}MiB or more",
+                grid_proto::units::size_text(limits.memory_bytes),
+                mib.next_multiple_of(16)
+            )));
+        }
         let stdout = CappedPipe::new(limits.max_log_bytes);
         let stderr = CappedPipe::new(limits.max_log_bytes);
         let started = Instant::now();

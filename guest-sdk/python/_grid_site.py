@@ -13,6 +13,11 @@ starts with `grid: `:
   `concurrent.futures`, `socket`): the sandbox has none, which CPython reports as "module 'os'
   has no attribute 'pipe'" or "can't start new thread".
 
+It also makes `/out` the working directory: WASI has none of its own (CPython starts in `/`,
+which the sandbox does not show), so `df.to_csv("res.csv")` would fail; it now writes the task's
+output. A relative path that is not found is said to be relative to `/out`, inputs being under
+`/in`.
+
 Every other exception goes to the hook that was there before, untouched. Importing this module
 costs each task next to nothing: the rest is imported only when a task fails.
 """
@@ -43,7 +48,14 @@ _HEADLINERS = ("numpy", "pandas", "scipy", "scikit-learn", "matplotlib", "statsm
 
 
 def install():
-    """Sets the hook. Returns None, so that the prelude's `… or …` chain goes on."""
+    """Sets the hook and the working directory. Returns None, so that the prelude's `… or …`
+    chain goes on."""
+    import os
+
+    try:
+        os.chdir("/out")
+    except OSError:
+        pass
     previous = sys.excepthook
 
     def hook(kind, error, tb):
@@ -70,6 +82,11 @@ def _explain(kind, error, tb):
             f"{module} is not available here (do the work in this process, or split it "
             "into more tasks of the job: `--tasks N`, `--params FILE`)"
         )
+    if isinstance(error, FileNotFoundError) and _relative(error.filename):
+        return (
+            f"{error.filename} is relative to the working directory, /out (the task's output "
+            "folder); inputs are under /in (`--input DIR`, `--shared DIR` at /in/shared)"
+        )
     if isinstance(error, ModuleNotFoundError) and error.name:
         top = error.name.partition(".")[0]
         if top in sys.stdlib_module_names:
@@ -81,6 +98,11 @@ def _explain(kind, error, tb):
             "zip in `--shared` (see the README's Python jobs)"
         )
     return None
+
+
+def _relative(path):
+    """Whether `path` (an error's file name) is a relative path."""
+    return isinstance(path, str) and path != "" and not path.startswith("/")
 
 
 def _host_module(tb):

@@ -394,4 +394,53 @@ fn what_the_sandbox_lacks_is_said_plainly() {
         assert!(stderr.contains(says), "{stderr}");
         assert!(!stderr.contains("site-packages directory"), "{stderr}");
     }
+    // The working directory is /out: a relative write is an output, a relative read that is
+    // not there says where inputs are.
+    let path = dir.path().join("job.py");
+    std::fs::write(
+        &path,
+        "open('res.csv', 'w').write('a\\n1\\n')\nopen('data/in.csv')\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let (v, code) = grid_run_json(
+        &[
+            path.to_str().unwrap(),
+            "--cache-dir",
+            &cache,
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("res.csv")).unwrap(),
+        "a\n1\n"
+    );
+    let stderr = v["stderr"].as_str().unwrap();
+    assert!(
+        stderr.contains("grid: data/in.csv is relative to the working directory, /out"),
+        "{stderr}"
+    );
+    // A memory limit below what the runtime starts with is said in MiB, with the flag.
+    let (v, code) = grid_run_json(
+        &[
+            path.to_str().unwrap(),
+            "--cache-dir",
+            &cache,
+            "--memory",
+            "8MiB",
+        ],
+        b"",
+    );
+    assert_eq!(code, 1, "{v}");
+    let reason = v["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("invalid: the python runtime needs ")
+            && reason.contains(
+                "MiB of memory to start, over the task's memory limit of 8 MiB: give --memory "
+            ),
+        "{reason}"
+    );
 }
