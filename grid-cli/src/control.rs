@@ -76,7 +76,7 @@ pub fn retry(args: RetryArgs) -> Result<ExitCode> {
             } else {
                 println!("{job_id}");
                 eprintln!(
-                    "grid: retrying {tasks} failed task(s) of job {job_id}; follow it with `grid status {job_id} --wait`"
+                    "grid: running {tasks} task(s) of job {job_id} again (those that did not succeed); follow it with `grid status {job_id} --wait`"
                 );
             }
             return Ok(ExitCode::SUCCESS);

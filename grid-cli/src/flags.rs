@@ -93,21 +93,46 @@ impl TaskFlags {
     }
 }
 
-/// How to give a task more room after it ran into `limit` under `limits`: the limit's value
-/// and the flag that raises it (`None` for a limit no flag sets).
-pub fn raise_hint(limit: Limit, limits: &JobLimits) -> Option<String> {
+/// How to give a task more room after it ran into `limit` under `limits`: the limit's value,
+/// and the flag that raises it with twice that (`None` for a limit no flag sets), e.g.
+/// (`its memory limit was 64 MiB`, `--memory 128MiB`).
+pub fn raise_hint(limit: Limit, limits: &JobLimits) -> Option<(String, String)> {
     use grid_proto::units::{millis_text, size_text};
-    let (flag, value) = match limit {
-        Limit::Memory => ("--memory", size_text(limits.memory_bytes)),
-        Limit::Time => ("--timeout", millis_text(limits.timeout_ms)),
-        Limit::Output => ("--max-output", size_text(limits.max_output_bytes)),
-        Limit::GpuMemory => ("--gpu-memory", size_text(limits.gpu_memory_bytes)),
-        Limit::GpuTime => ("--gpu-time", millis_text(limits.gpu_time_ms)),
+    let size = |bytes: u64| (size_text(bytes), size_flag(bytes.saturating_mul(2)));
+    let time = |ms: u64| (millis_text(ms), time_flag(ms.saturating_mul(2)));
+    let (flag, (value, more)) = match limit {
+        Limit::Memory => ("--memory", size(limits.memory_bytes)),
+        Limit::Time => ("--timeout", time(limits.timeout_ms)),
+        Limit::Output => ("--max-output", size(limits.max_output_bytes)),
+        Limit::GpuMemory => ("--gpu-memory", size(limits.gpu_memory_bytes)),
+        Limit::GpuTime => ("--gpu-time", time(limits.gpu_time_ms)),
         _ => return None,
     };
-    Some(format!(
-        "its {limit} limit was {value}: raise it with {flag}"
+    Some((
+        format!("its {limit} limit was {value}"),
+        format!("{flag} {more}"),
     ))
+}
+
+/// `bytes` as a size flag takes it, in whole MiB or GiB (rounded up).
+fn size_flag(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    let mib = bytes.div_ceil(MIB);
+    if mib.is_multiple_of(1024) {
+        format!("{}GiB", mib / 1024)
+    } else {
+        format!("{mib}MiB")
+    }
+}
+
+/// `ms` as a duration flag takes it, in whole minutes or seconds (rounded up).
+fn time_flag(ms: u64) -> String {
+    let s = ms.div_ceil(1000);
+    if s >= 60 && s.is_multiple_of(60) {
+        format!("{}min", s / 60)
+    } else {
+        format!("{s}s")
+    }
 }
 
 /// The limit a job's failure reason (`task 3 failed: limit: memory (…)`) names, if any.
@@ -181,9 +206,24 @@ mod tests {
             Some(Limit::GpuMemory)
         );
         assert_eq!(limit_named("task 1 failed: exit: 3"), None);
+        let hint = |limit| {
+            raise_hint(limit, &limits).map(|(was, flag)| {
+                // What the hint suggests parses as the flag does.
+                let value = flag.split_once(' ').unwrap().1;
+                assert!(
+                    parse_size(value).is_ok() || parse_time_limit(value).is_ok(),
+                    "{flag}"
+                );
+                format!("{was}: {flag}")
+            })
+        };
         assert_eq!(
-            raise_hint(Limit::Memory, &limits).as_deref(),
-            Some("its memory limit was 512 MiB: raise it with --memory")
+            hint(Limit::Memory).as_deref(),
+            Some("its memory limit was 512 MiB: --memory 1GiB")
+        );
+        assert_eq!(
+            hint(Limit::Time).as_deref(),
+            Some("its time limit was 10m: --timeout 20min")
         );
         assert_eq!(raise_hint(Limit::OpenFiles, &limits), None);
     }

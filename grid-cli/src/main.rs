@@ -64,8 +64,16 @@ enum Command {
     /// Cancel a job: queued tasks are dropped, running ones stopped.
     #[command(after_help = help::CANCEL)]
     Cancel(control::CancelArgs),
-    /// Run an ended job's failed tasks again, in the same job.
-    #[command(after_help = help::RETRY)]
+    /// Run an ended job's failed (or cancelled) tasks again, in the same job.
+    #[command(
+        after_help = help::RETRY,
+        // A retry keeps the job's limits unless told: not the defaults a new job gets.
+        mut_arg("memory", |a| a.help("New memory limit for the tasks run again, e.g. 1GiB [default: the job's]")),
+        mut_arg("timeout", |a| a.help("New time limit for the tasks run again, e.g. 1h [default: the job's]")),
+        mut_arg("max_output", |a| a.help("New output limit for the tasks run again, e.g. 2GiB [default: the job's]")),
+        mut_arg("gpu_memory", |a| a.help("New GPU buffer limit for the tasks run again [default: the job's]")),
+        mut_arg("gpu_time", |a| a.help("New GPU time limit for the tasks run again [default: the job's]"))
+    )]
     Retry(control::RetryArgs),
     /// Delete an ended job: its records, outputs and logs, and inputs no other job uses.
     #[command(after_help = help::DELETE)]

@@ -54,6 +54,9 @@ struct Concat {
     joined: Vec<u8>,
     files: u64,
     tasks: u64,
+    /// Tasks collected with no file it matched: how many, and the first few (index, state).
+    left_out: u64,
+    left_out_first: Vec<(u64, &'static str)>,
 }
 
 impl Concat {
@@ -89,6 +92,8 @@ impl Concat {
             joined: Vec::new(),
             files: 0,
             tasks: 0,
+            left_out: 0,
+            left_out_first: Vec::new(),
         })
     }
 }
@@ -273,6 +278,12 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
                 }
                 for (concat, joined) in concats.iter_mut().zip(joined_here) {
                     concat.tasks += u64::from(joined);
+                    if !joined {
+                        concat.left_out += 1;
+                        if concat.left_out_first.len() < 3 {
+                            concat.left_out_first.push((index, task.state.as_str()));
+                        }
+                    }
                 }
                 collected += 1;
                 let mut line = json!({
@@ -319,6 +330,22 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
                 concat.pattern.as_str(),
                 concat.tasks
             );
+            if concat.left_out > 0 {
+                // Which tasks have no row there, so that a missing row is never a surprise.
+                let named: Vec<String> = concat
+                    .left_out_first
+                    .iter()
+                    .map(|(index, state)| format!("task {index} ({state})"))
+                    .collect();
+                let more = concat.left_out - named.len() as u64;
+                eprintln!(
+                    "grid: {} collected task(s) wrote no file matching '{}': {}{}",
+                    concat.left_out,
+                    concat.pattern.as_str(),
+                    named.join(", "),
+                    if more > 0 { format!(" and {more} more") } else { String::new() }
+                );
+            }
         }
         eprintln!(
             "grid: {collected} of {} tasks collected into {} ({})",

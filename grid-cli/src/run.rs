@@ -351,6 +351,9 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
         let config = SandboxConfig {
             gpu,
             cache_dir: args.cache_dir.clone().or_else(default_cache_dir),
+            // This machine is the user's own: the task's limits are the only ceiling (a node's
+            // default caps would quietly lower a limit raised past the defaults).
+            caps: grid_sandbox::NodeCaps(limits.clone()),
             ..SandboxConfig::default()
         };
         let sandbox = Sandbox::new(config)?;
@@ -427,9 +430,9 @@ pub fn main(args: RunArgs) -> Result<ExitCode> {
                 crate::terminal::for_stderr(&reason.to_string())
             );
             if let grid_proto::Reason::Limit(limit) = reason
-                && let Some(hint) = crate::flags::raise_hint(*limit, &task.job_limits)
+                && let Some((was, flag)) = crate::flags::raise_hint(*limit, &task.job_limits)
             {
-                eprintln!("grid: {hint}");
+                eprintln!("grid: {was}: run it again with {flag}");
             }
         }
         match &output_dir {

@@ -41,6 +41,8 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
     let mut warned = false;
     let mut polls = 0u64;
     let mut told = std::collections::HashSet::new();
+    // Ctrl-C stops the waiting, not the job: it says so, and how to go on.
+    let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
     // What live nodes are doing before they can run tasks (compiling a runtime), by node.
     let mut preparing: Vec<(String, grid_proto::Preparing)> = Vec::new();
     loop {
@@ -69,7 +71,16 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
         // Told by the broker when the record changes (a KV watch would need leave to read
         // every job's record); read again at least every half second in case a word is lost.
         let started = tokio::time::Instant::now();
-        let _ = tokio::time::timeout(Duration::from_millis(500), changes.next()).await;
+        tokio::select! {
+            _ = tokio::time::timeout(Duration::from_millis(500), changes.next()) => {}
+            _ = &mut interrupted => {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                eprintln!("{}", left_running(job));
+                std::process::exit(130);
+            }
+        }
         // A closed subscription answers at once: no busy loop. Short, so that a job's end is
         // seen when it is told (the broker tells of a running job's progress once a tick,
         // 100 ms, anyway): a floor of 100 ms here added up to 100 ms to every `--wait`.
@@ -101,7 +112,7 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
                         };
                         // The node's own words: shown, not obeyed, on a terminal.
                         let note = format!(
-                            "grid: node {} is {} ({once}{about}); its tasks start after",
+                            "grid: node {} is {} ({once}{about}); its tasks start once that is done",
                             crate::terminal::for_stderr(&node.id),
                             crate::terminal::for_stderr(&p.what)
                         );
@@ -161,6 +172,13 @@ pub(crate) async fn follow_to_end(grid: &Session, job: &str, json: bool) -> Resu
     Ok(wait_exit_code(&record))
 }
 
+/// What a user who stopped waiting (Ctrl-C) is told: the job goes on.
+fn left_running(job: &str) -> String {
+    format!(
+        "grid: stopped waiting; job {job} keeps running: `grid status {job} --wait` follows it again, `grid cancel {job}` stops it"
+    )
+}
+
 /// What to do about a failed job: for a task over a limit a flag raises, `grid retry` with
 /// that flag; for another failure, where to read why.
 fn retry_hint(record: &JobRecord) -> Option<String> {
@@ -173,9 +191,8 @@ fn retry_hint(record: &JobRecord) -> Option<String> {
         match crate::flags::limit_named(reason)
             .and_then(|limit| crate::flags::raise_hint(limit, &record.spec.limits))
         {
-            Some(hint) => format!(
-                "grid: the failed task ran out of room: {hint}: `grid retry {id} --failed {}`",
-                hint.rsplit(' ').next().unwrap_or_default()
+            Some((was, flag)) => format!(
+                "grid: a task ran out of room ({was}): give the failed tasks more with `grid retry {id} --failed {flag}`"
             ),
             None => format!(
                 "grid: why each task failed: `grid status {id} --failed`, `grid logs {id} --failed`"
@@ -271,6 +288,7 @@ pub(crate) fn print_status(record: &JobRecord, as_json: bool) {
         record
             .reason
             .as_ref()
+            .filter(|r| *r != record.state.as_str())
             .map(|r| format!(" ({})", crate::terminal::for_stdout(r)))
             .unwrap_or_default()
     );

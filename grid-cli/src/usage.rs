@@ -120,13 +120,20 @@ pub fn usage(args: UsageArgs) -> Result<ExitCode> {
         bail!("--tenant {t:?}: not a tenant name");
     }
     let runtime = crate::conn::runtime()?;
-    let wanted = |e: &UsageEntry| {
-        args.provider.as_ref().is_none_or(|p| *p == e.node_id)
-            && args.job.as_ref().is_none_or(|j| *j == e.job_id)
-            && since.is_none_or(|s| e.recorded_unix_ms >= s)
-    };
     let (entries, paid) = runtime.block_on(async {
         let grid = args.conn.open("usage").await?;
+        // A tenant's JOB is found as every command finds it (id, prefix or name).
+        let job = match (&args.job, &grid.identity) {
+            (Some(job), Some(who)) if who.role == grid_client::auth::Role::Tenant => {
+                Some(grid.resolve_job(job).await?)
+            }
+            (job, _) => job.clone(),
+        };
+        let wanted = |e: &UsageEntry| {
+            args.provider.as_ref().is_none_or(|p| *p == e.node_id)
+                && job.as_ref().is_none_or(|j| *j == e.job_id)
+                && since.is_none_or(|s| e.recorded_unix_ms >= s)
+        };
         // A tenant sees its own usage only (its NATS permissions allow no other).
         let tenant = match &grid.identity {
             Some(who) if who.role == grid_client::auth::Role::Tenant => {
@@ -146,6 +153,13 @@ pub fn usage(args: UsageArgs) -> Result<ExitCode> {
             .into_iter()
             .filter(|e| wanted(e))
             .collect();
+        if let Some(job) = &job
+            && entries.is_empty()
+        {
+            eprintln!(
+                "grid: no usage recorded for job {job}: an unknown job, or none of its tasks has ended yet"
+            );
+        }
         // Replicas are paid when they agreed: one task record read per replicated task.
         let mut decided: HashMap<(String, u64), Option<TaskRecord>> = HashMap::new();
         let mut paid = Vec::with_capacity(entries.len());

@@ -154,9 +154,10 @@ impl Session {
             [one] => return Ok(one.to_string()),
             [] => {}
             many => bail!(
-                "{job} starts {} jobs' ids ({}…): give more of the id",
+                "{job} starts {} jobs' ids ({}{}): give more of the id",
                 many.len(),
-                many.iter().take(3).copied().collect::<Vec<_>>().join(", ")
+                many.iter().take(3).copied().collect::<Vec<_>>().join(", "),
+                if many.len() > 3 { ", …" } else { "" }
             ),
         }
         // Ids grow with time: the newest of a name has the largest.

@@ -18,6 +18,8 @@ use std::time::Duration;
 /// take whose answer never arrives leaves tasks handed to this node unseen until the broker
 /// takes them back (a busy broker answers in seconds, not milliseconds).
 const ASK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How soon a change in which held deliveries run is reported (see [`Dispatch::hold_loop`]).
+const RUNNING_TOLD_EVERY: Duration = Duration::from_millis(500);
 /// Fetches a node has in flight at once (the broker answers at most 64 requests of one node at
 /// a time and refuses more).
 const FETCHES_AT_ONCE: usize = 32;
@@ -152,21 +154,30 @@ impl Dispatch {
     }
 
     /// Tells the broker which deliveries this node still holds, every few seconds, until the
-    /// node stops.
+    /// node stops; and which of them run, soon after that changes (at most twice a second), so
+    /// that `grid status` tells running tasks from waiting ones without lagging a keep-alive.
     pub async fn hold_loop(self: Arc<Self>) -> Result<()> {
+        let mut told: Vec<u64> = Vec::new();
+        let mut last = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(TASK_PROGRESS_EVERY).await;
-            let holding: Vec<u64> = self.holding().iter().copied().collect();
-            if holding.is_empty() {
-                continue;
-            }
-            let running = self
+            tokio::time::sleep(RUNNING_TOLD_EVERY).await;
+            let mut running: Vec<u64> = self
                 .running
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
                 .copied()
                 .collect();
+            running.sort_unstable();
+            if running == told && last.elapsed() < TASK_PROGRESS_EVERY {
+                continue;
+            }
+            let holding: Vec<u64> = self.holding().iter().copied().collect();
+            last = tokio::time::Instant::now();
+            told = running.clone();
+            if holding.is_empty() {
+                continue;
+            }
             let report = DeliveryReport {
                 holding,
                 running,

@@ -726,10 +726,7 @@ impl Node {
                     files
                 }
                 None => {
-                    self.set_preparing(Some(format!(
-                        "fetching the {} runtime's files",
-                        runtime.name
-                    )));
+                    self.set_preparing(Some(format!("fetching the {} runtime", runtime.name)));
                     let stdlib = self
                         .dispatch
                         .fetch(

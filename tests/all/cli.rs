@@ -697,3 +697,27 @@ fn every_command_explains_its_flags_and_shows_examples() {
         }
     }
 }
+
+#[test]
+fn grid_run_gives_a_task_the_limits_asked_for_above_the_defaults() {
+    // 600 MiB at once, past the 512 MiB default: refused at the default, run when asked for.
+    let hostile = guest("hostile");
+    let (v, code) = grid_run_json(&[hostile.to_str().unwrap(), "--", "alloc", "600"], b"");
+    assert_eq!(
+        (code, v["reason"].as_str()),
+        (1, Some("limit: memory")),
+        "{v}"
+    );
+    let (v, code) = grid_run_json(
+        &[
+            hostile.to_str().unwrap(),
+            "--memory",
+            "1GiB",
+            "--",
+            "alloc",
+            "600",
+        ],
+        b"",
+    );
+    assert_eq!(code, 0, "{v}");
+}

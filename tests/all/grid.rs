@@ -500,6 +500,10 @@ fn a_cancelled_job_settles_bills_what_ran_and_can_be_retried() {
         line.contains("0 of 6 succeeded, 0 failed, 6 cancelled"),
         "{line}"
     );
+    assert!(
+        !line.contains("(cancelled)"),
+        "the state is said once: {line}"
+    );
     // Its running tasks stop within seconds and their slots go to the next job.
     eventually(10, "the cancelled tasks kept their slots", || {
         grid.grid_json(&["nodes"], 0)["running"] == 0
@@ -590,7 +594,7 @@ fn a_panic_says_why_and_a_task_out_of_room_is_run_again_with_more() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(&format!(
-            "its memory limit was 64 MiB: raise it with --memory: `grid retry {job} --failed --memory`"
+            "grid: a task ran out of room (its memory limit was 64 MiB): give the failed tasks more with `grid retry {job} --failed --memory 128MiB`"
         )),
         "{stderr}"
     );
@@ -739,6 +743,33 @@ fn running_tasks_are_told_apart_from_those_waiting_on_a_node() {
     );
     let line = String::from_utf8_lossy(&grid.grid(&["status", &job]).stdout).into_owned();
     assert!(line.contains("0 failed, 2 running, 4 waiting"), "{line}");
+    grid.grid_json(&["cancel", &job], 0);
+}
+
+#[test]
+fn ctrl_c_stops_the_waiting_not_the_job_and_says_so() {
+    let grid = TestGrid::start(1, &[]);
+    let hostile = guest("hostile");
+    let job = submit(&grid, &[hostile.to_str().unwrap(), "--", "nap", "600000"]);
+    let waiting = std::process::Command::new(env!("CARGO_BIN_EXE_grid"))
+        .args(["status", &job, "--wait", "--nats", &grid.nats.url])
+        .env("GRID_CREDS", tenant_creds(names::DEFAULT_TENANT))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // SAFETY: a signal to a child process of this test.
+    unsafe { libc::kill(waiting.id() as i32, libc::SIGINT) };
+    let out = waiting.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{said}");
+    assert!(
+        said.contains(&format!("grid: stopped waiting; job {job} keeps running")),
+        "{said}"
+    );
+    let status = grid.grid_json(&["status", &job], 0);
+    assert_eq!(status["state"], "running", "{status}");
     grid.grid_json(&["cancel", &job], 0);
 }
 

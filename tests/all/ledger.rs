@@ -125,3 +125,31 @@ fn usage_of_a_known_job_is_the_sum_of_its_tasks_and_retries_are_billed() {
     assert!(table.status.success());
     assert!(String::from_utf8_lossy(&table.stdout).contains(&job));
 }
+
+#[test]
+fn usage_of_a_job_takes_its_name_and_says_when_there_is_none() {
+    let grid = TestGrid::start(1, &[]);
+    let pi = guest("monte-carlo-pi");
+    grid.grid_json(
+        &[
+            "submit",
+            pi.to_str().unwrap(),
+            "--tasks",
+            "2",
+            "--name",
+            "pi-run",
+            "--wait",
+        ],
+        0,
+    );
+    // As the tenant: the name finds the job, as in every command taking JOB.
+    let named = grid.grid_json(&["usage", "--job", "pi-run"], 0);
+    assert_eq!(named["total"]["attempts"], 2, "{named}");
+    let out = grid.grid(&["usage", "--job", "no-such-job"]);
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("grid: no usage recorded for job no-such-job"),
+        "{said}"
+    );
+}

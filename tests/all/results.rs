@@ -191,6 +191,16 @@ fn logs_are_labelled_on_stdout_and_failed_selects_the_failures() {
     );
     let both = grid.grid(&["logs", &job, "--task", "1", "--failed"]);
     assert_eq!(both.status.code(), Some(2), "one task, or the failed ones");
+    // Joined tables say which collected tasks have no row: here the two that failed.
+    let out = tempfile::tempdir().unwrap();
+    let (code, stderr) = results(&grid, &job, out.path(), &["--concat", "attempt.txt"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "grid: 2 collected task(s) wrote no file matching 'attempt.txt': task 1 (failed), task 3 (failed)"
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]
