@@ -1,0 +1,107 @@
+"""`Client.map` against a real local grid: results, failures, cancel, retry, reconnecting."""
+
+import os
+
+import pandas as pd
+import pytest
+
+import grid
+
+
+def simulate(mu: float, sigma: float, n: int) -> dict:
+    import numpy as np
+
+    x = grid.rng().normal(mu, sigma, n)
+    return {"mean": x.mean(), "p99": np.quantile(x, 0.99)}
+
+
+def test_map_over_a_dataframe_gives_what_the_function_gives_here(local_grid):
+    rows = pd.DataFrame({"mu": [0.0, 1.0, 2.0, 3.0], "sigma": [1.0, 1.0, 2.0, 0.5], "n": [1000] * 4})
+    job = local_grid.map(simulate, rows, memory="256MiB", timeout="2min", seed=7)
+    df = job.wait(progress=False).to_pandas().sort_values("index")
+    assert list(df["state"]) == ["succeeded"] * 4
+    assert list(df["mu"]) == [0.0, 1.0, 2.0, 3.0]
+    # The same function here, with each task's seed, gives the same numbers.
+    for i, row in df.iterrows():
+        os.environ["GRID_SEED"] = str(grid.task_seed(7, int(row["index"])))
+        try:
+            here = simulate(row["mu"], row["sigma"], int(row["n"]))
+        finally:
+            del os.environ["GRID_SEED"]
+        assert row["mean"] == pytest.approx(here["mean"], rel=1e-12)
+        assert row["p99"] == pytest.approx(here["p99"], rel=1e-12)
+
+
+def fails_on_odd(k: int) -> dict:
+    if k % 2:
+        raise ValueError(f"odd k: {k}")
+    return {"k": k}
+
+
+def test_failures_come_back_with_why_and_a_retry_can_fix_nothing_deterministic(local_grid):
+    job = local_grid.map(fails_on_odd, [{"k": k} for k in range(4)])
+    with pytest.raises(grid.JobFailed) as failed:
+        job.wait(progress=False)
+    assert failed.value.job is job
+    bad = job.failed()
+    assert sorted(bad["index"]) == [1, 3]
+    assert all(bad["detail"].str.startswith("ValueError: odd k"))
+    assert all(bad["log_tail"].str.contains("Traceback"))
+    # Picked up again from its id, in what could be a new kernel.
+    again = grid.Job(local_grid, job.id)
+    assert again.status()["tasks"]["failed"] == 2
+
+
+class Opaque:
+    pass
+
+
+def test_what_cannot_travel_is_said_before_anything_is_sent(local_grid):
+    thing = Opaque()
+
+    def uses_it(k: int):
+        return thing
+
+    with pytest.raises(grid.GridError, match="uses variables of an enclosing function"):
+        local_grid.map(uses_it, [{"k": 1}])
+
+
+def returns_a_set(k: int):
+    return {k}
+
+
+def imports_torch(k: int):
+    import torch
+
+    return k
+
+
+def test_a_value_json_cannot_hold_or_a_missing_module_fails_with_a_line_that_says_so(local_grid):
+    job = local_grid.map(returns_a_set, [{"k": 1}])
+    with pytest.raises(grid.JobFailed):
+        job.wait(progress=False)
+    assert "cannot travel back as JSON" in job.failed()["detail"][0]
+    job = local_grid.map(imports_torch, [{"k": 1}])
+    with pytest.raises(grid.JobFailed):
+        job.wait(progress=False)
+    assert "torch is not in Grid's Python runtime" in job.failed()["detail"][0]
+
+
+def naps(seconds: float):
+    import time
+
+    time.sleep(seconds)
+    return {"slept": seconds}
+
+
+def test_cancel_then_retry_runs_the_rest(local_grid):
+    job = local_grid.map(naps, [{"seconds": 30.0}] * 3)
+    job.cancel()
+    assert job.status()["state"] == "cancelled"
+    with pytest.raises(grid.JobFailed):
+        job.wait(progress=False)
+
+
+def test_an_unreachable_grid_is_an_exception_with_the_cli_line():
+    with pytest.raises(grid.Unreachable):
+        grid.connect("nats://127.0.0.1:1")
