@@ -14,6 +14,7 @@ mod bench;
 mod chaos;
 mod demo;
 mod fuzz;
+mod python;
 mod setup;
 
 use anyhow::{Context, Result, bail};
@@ -57,17 +58,21 @@ fn run() -> Result<()> {
             ])?;
             build_guests()?;
             cargo_within(&["test", "--workspace", "--locked"], TEST_LIMIT)?;
+            // The Python package and its example notebook, against the `grid` just built.
+            python::test()?;
             // The short chaos run: the grid under kills of every kind of process.
             chaos::run(&["--tasks".into(), "300".into(), "--seed".into(), "1".into()])?;
             // A short fuzz run of every target, seeded so that CI repeats the same inputs (a
             // longer `cargo xtask fuzz --seed S` explores new ones); a finding fails the run.
             fuzz::run(&["--seconds".into(), "20".into(), "--seed".into(), "1".into()])
         }
+        // The Python package's tests alone (after a `cargo build -p grid-cli`).
+        Some("test-python") => python::test(),
         Some("bench") => bench::run(&args[1..]),
         Some("chaos") => chaos::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask <setup|build-guests|demo [python]|test|bench [sandbox|grid|gpu|python] [--json]|bench flat [--largest N]|chaos [--tasks N] [--seed S] [--samples N]|fuzz [--seconds N] [--seed S] [wire|sandbox|gpu...]>"
+            "usage: cargo xtask <setup|build-guests|demo [python]|test|test-python|bench [sandbox|grid|gpu|python] [--json]|bench flat [--largest N]|chaos [--tasks N] [--seed S] [--samples N]|fuzz [--seconds N] [--seed S] [wire|sandbox|gpu...]>"
         ),
     }
 }

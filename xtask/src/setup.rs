@@ -281,7 +281,7 @@ pub fn host_python_with_numpy() -> Result<PathBuf> {
 }
 
 /// Grid's virtual environment, made if missing.
-fn ensure_venv() -> Result<PathBuf> {
+pub fn ensure_venv() -> Result<PathBuf> {
     let venv = venv()?;
     if venv.join("bin/pip").is_file() {
         return Ok(venv);
