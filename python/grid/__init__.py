@@ -157,6 +157,18 @@ class Client:
                 **limits,
             )
 
+    async def submit_async(self, program: str | os.PathLike, **options: Any) -> Job:
+        """`submit` for asyncio."""
+        import asyncio
+
+        return await asyncio.to_thread(lambda: self.submit(program, **options))
+
+    async def map_async(self, fn: Callable, rows: Any, **options: Any) -> Job:
+        """`map` for asyncio."""
+        import asyncio
+
+        return await asyncio.to_thread(lambda: self.map(fn, rows, **options))
+
     def jobs(self):
         """The tenant's jobs, one row each (a DataFrame when pandas is installed)."""
         return _frame(list(self._cli.json_lines(["jobs"])))

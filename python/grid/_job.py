@@ -95,6 +95,18 @@ class Job:
             )
         return self
 
+    async def wait_async(self, cancel_on_interrupt: bool = False) -> "Job":
+        """`wait` for asyncio: the event loop goes on while the job runs (no progress bar)."""
+        import asyncio
+
+        return await asyncio.to_thread(self.wait, False, cancel_on_interrupt)
+
+    async def status_async(self) -> dict:
+        """`status` for asyncio."""
+        import asyncio
+
+        return await asyncio.to_thread(self.status)
+
     def cancel(self) -> dict:
         """Cancels the job: its running tasks stop, the rest never start."""
         return self._cli.json(["cancel", self.id])
@@ -147,6 +159,12 @@ class Job:
 
         return pd.DataFrame(self.tasks())
 
+    def to_polars(self):
+        """`tasks()` as a polars DataFrame (polars must be installed)."""
+        import polars as pl
+
+        return pl.DataFrame(self.tasks())
+
     def failed(self):
         """The tasks that did not succeed, with why and the end of their logs."""
         rows = [t for t in self.tasks() if t["state"] not in ("succeeded", "pending")]
@@ -159,12 +177,30 @@ class Job:
         except ImportError:
             return rows
 
-    def read_csv(self, pattern: str = "*.csv", **read_csv_args: Any):
+    def read_csv(self, pattern: str = "*.csv", engine: str = "pandas", **read_csv_args: Any):
         """Every task's files matching `pattern` (a glob, as `grid results --concat`) read into
-        one DataFrame, with a `task` column saying which task each row came from."""
+        one DataFrame, with a `task` column saying which task each row came from; `engine`
+        `"polars"` reads them with polars."""
         import glob
 
-        import pandas as pd
+        if engine == "polars":
+            import polars as pl
+
+            def read(path, index):
+                return pl.read_csv(path, **read_csv_args).insert_column(0, pl.lit(index).alias("task"))
+
+            def join(frames):
+                return pl.concat(frames, how="diagonal")
+        else:
+            import pandas as pd
+
+            def read(path, index):
+                frame = pd.read_csv(path, **read_csv_args)
+                frame.insert(0, "task", index)
+                return frame
+
+            def join(frames):
+                return pd.concat(frames, ignore_index=True)
 
         with tempfile.TemporaryDirectory(prefix="grid-results-") as tmp:
             self.results(tmp)
@@ -172,12 +208,10 @@ class Job:
             for line in Path(tmp, "manifest.jsonl").read_text().splitlines():
                 index = json.loads(line)["index"]
                 for path in sorted(glob.glob(os.path.join(tmp, str(index), pattern), recursive=True)):
-                    frame = pd.read_csv(path, **read_csv_args)
-                    frame.insert(0, "task", index)
-                    frames.append(frame)
+                    frames.append(read(path, index))
             if not frames:
                 raise GridError(f"no task of job {self.id} wrote a file matching {pattern!r}")
-            return pd.concat(frames, ignore_index=True)
+            return join(frames)
 
 
 def _escape(text: Any) -> str:

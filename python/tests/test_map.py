@@ -110,3 +110,58 @@ def test_cancel_then_retry_runs_the_rest(local_grid):
 def test_an_unreachable_grid_is_an_exception_with_the_cli_line():
     with pytest.raises(grid.Unreachable):
         grid.connect("nats://127.0.0.1:1")
+
+
+def writes_a_table(k: int) -> dict:
+    import pandas as pd
+
+    pd.DataFrame({"k": [k, k * 10]}).to_csv(f"part-{k}.csv", index=False)
+    return {"k": k}
+
+
+def test_a_job_is_picked_up_from_a_new_process_and_its_tables_read_as_one(local_grid):
+    job = local_grid.map(writes_a_table, [{"k": k} for k in range(3)], name="tables")
+    job.wait(progress=False)
+    # Another Python process, as a new kernel would be: the job by its name.
+    script = (
+        "import grid, sys; "
+        "g = grid.Client(sys.argv[1], sys.argv[2]); "
+        "print(grid.Job(g, 'tables').wait(progress=False).status()['job_id'])"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", script, local_grid._cli.nats, local_grid._cli.creds],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GRID_BIN": local_grid._cli.binary, "PYTHONPATH": os.path.dirname(os.path.dirname(grid.__file__))},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == job.id
+    table = job.read_csv("part-*.csv").sort_values(["task", "k"])
+    assert list(table["task"]) == [0, 0, 1, 1, 2, 2]
+    assert list(table["k"]) == [0, 0, 1, 10, 2, 20]
+
+
+def test_async_callers_wait_without_blocking_their_loop(local_grid):
+    import asyncio
+
+    async def main():
+        job = await local_grid.map_async(fails_on_odd, [{"k": 0}, {"k": 2}])
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.05)
+
+        ticker = asyncio.create_task(tick())
+        await job.wait_async()
+        ticker.cancel()
+        return job, ticks
+
+    job, ticks = asyncio.run(main())
+    assert job.status()["state"] == "done"
+    assert ticks > 1, "the loop ran while the job did"
