@@ -49,6 +49,18 @@ class Job:
             f'width:{done:.0f}%;height:.6em"></div></div>{reason}'
         )
 
+    def _ipython_display_(self) -> None:
+        """Shown in Jupyter: a job still running is watched with a progress widget until it
+        ends (interrupt the cell to stop watching; the job goes on), then summed up."""
+        from IPython.display import HTML, display
+
+        try:
+            if self.status()["state"] not in ENDED:
+                self.wait(progress=True)
+        except JobFailed:
+            pass
+        display(HTML(self._repr_html_()))
+
     @property
     def _cli(self):
         return self._client._cli

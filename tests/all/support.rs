@@ -485,7 +485,17 @@ pub fn cluster_url(servers: &[NatsServer]) -> String {
 
 impl GridProcess {
     pub fn broker(nats: &NatsServer, extra: &[&str]) -> Self {
-        Self::spawn(&[&["broker", "--nats", &nats.url], extra].concat())
+        // JetStream reserves each store's quota out of three quarters of the free disk when
+        // the store is made: the defaults (10 GiB a tenant, 4 GiB a node's stage) would make a
+        // test with a few nodes fail on a disk with less than about 40 GB free. Tests write
+        // megabytes; a test of the quotas gives its own.
+        let mut args = vec!["broker", "--nats", &nats.url];
+        for (flag, small) in [("--tenant-quota", "1GiB"), ("--stage-quota", "256MiB")] {
+            if !extra.contains(&flag) {
+                args.extend([flag, small]);
+            }
+        }
+        Self::spawn(&[&args[..], extra].concat())
     }
 
     /// `grid ARGS --nats URL` as a long-running part of a grid (for a cluster's URL list).
