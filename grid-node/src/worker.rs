@@ -58,6 +58,10 @@ pub const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 /// Tasks a node holds per slot: one runs, the others are being fetched or reported (the
 /// broker hands out no more, see [`grid_proto::HELD_PER_SLOT`]).
 pub const HELD_PER_SLOT: usize = grid_proto::HELD_PER_SLOT as usize;
+/// Tasks at least this long (on average, lately) are held one per slot ([`Node::held_per_slot`]).
+const LONG_TASK_SECONDS: f64 = 2.0;
+/// Tasks shorter than this are held [`HELD_PER_SLOT`] per slot; between the two, two per slot.
+const SHORT_TASK_SECONDS: f64 = 0.2;
 
 /// Where a node is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +95,11 @@ struct Node {
     running: AtomicU32,
     /// Wakes the disk loop when a module was added to the caches.
     evict_soon: tokio::sync::Notify,
+    /// A moving average of this node's recent tasks' wall time (f64 bits; NaN before any):
+    /// how many task messages it holds ahead of its slots ([`Node::held_per_slot`]).
+    task_seconds: AtomicU64,
+    /// Told when a delivery is let go of: room to hold another.
+    delivery_done: tokio::sync::Notify,
     phase: watch::Sender<Phase>,
     /// What delays tasks now (compiling a runtime), for the heartbeat.
     preparing: std::sync::Mutex<Option<grid_proto::Preparing>>,
@@ -191,6 +200,8 @@ pub async fn run(
         memory_permits,
         running: AtomicU32::new(0),
         evict_soon: tokio::sync::Notify::new(),
+        task_seconds: AtomicU64::new(f64::NAN.to_bits()),
+        delivery_done: tokio::sync::Notify::new(),
         phase: watch::channel(Phase::Serving).0,
         preparing: std::sync::Mutex::new(None),
         runtime_files: Mutex::new(()),
@@ -254,6 +265,38 @@ impl Node {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.idle()).await;
     }
 
+    /// Task messages held per slot: several for short tasks (fetching and reporting them
+    /// overlap with running), one for long ones or before any has run — else a node that asks
+    /// first would hold a small job's long tasks while another node idles.
+    fn held_per_slot(&self) -> usize {
+        let seconds = f64::from_bits(self.task_seconds.load(Ordering::Relaxed));
+        if !seconds.is_finite() || seconds >= LONG_TASK_SECONDS {
+            1
+        } else if seconds >= SHORT_TASK_SECONDS {
+            2
+        } else {
+            HELD_PER_SLOT
+        }
+    }
+
+    /// Takes a task's wall time into the moving average [`Node::held_per_slot`] reads.
+    fn observe_task_seconds(&self, seconds: f64) {
+        if !seconds.is_finite() {
+            return;
+        }
+        let _ = self
+            .task_seconds
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                let average = f64::from_bits(bits);
+                let next = if average.is_finite() {
+                    0.8 * average + 0.2 * seconds
+                } else {
+                    seconds
+                };
+                Some(next.to_bits())
+            });
+    }
+
     /// Resolves when no task is running.
     async fn idle(&self) {
         while self.busy.load(Ordering::Acquire) > 0 {
@@ -265,7 +308,9 @@ impl Node {
     /// that fetching the next tasks and reporting finished ones (outputs stored, result
     /// published, task acked — round trips to NATS) overlap with running.
     async fn pull_loop(self: Arc<Self>, class: String, slots: Arc<Semaphore>) -> Result<()> {
-        let held = Arc::new(Semaphore::new(slots.available_permits() * HELD_PER_SLOT));
+        let total = slots.available_permits();
+        let capacity = total * HELD_PER_SLOT;
+        let held = Arc::new(Semaphore::new(capacity));
         let mut phase = self.phase.subscribe();
         loop {
             // Wait for room, then ask the broker for as many tasks as there is room for.
@@ -273,7 +318,17 @@ impl Node {
                 permit = held.clone().acquire_owned() => permit?,
                 _ = phase.wait_for(|p| *p != Phase::Serving) => return Ok(()),
             };
-            let free = held.available_permits() + 1;
+            // Held besides this permit's, against what the tasks' length allows.
+            let holding = capacity - held.available_permits() - 1;
+            let allowed = total * self.held_per_slot();
+            if holding >= allowed {
+                drop(first);
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(100), self.delivery_done.notified())
+                        .await;
+                continue;
+            }
+            let free = (held.available_permits() + 1).min(allowed - holding);
             let batch = match self.dispatch.take(&class, free).await {
                 Ok(batch) => batch,
                 Err(e) => {
@@ -301,6 +356,7 @@ impl Node {
                     node.clone().handle(delivery, slots).await;
                     node.busy.fetch_sub(1, Ordering::AcqRel);
                     drop(p);
+                    node.delivery_done.notify_waiters();
                 });
             }
         }
@@ -890,6 +946,7 @@ impl Node {
             Err(reason) => return Ok(failed(reason)),
         };
         record_ran(&report);
+        self.observe_task_seconds(report.wall_seconds);
         if report.outcome == Outcome::Failed(Reason::Lost) {
             // Another task's GPU overrun restarted the GPU worker under this one: not its fault.
             bail!("the GPU worker restarted under it");

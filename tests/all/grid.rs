@@ -774,6 +774,56 @@ fn ctrl_c_stops_the_waiting_not_the_job_and_says_so() {
 }
 
 #[test]
+fn long_tasks_are_not_held_ahead_so_every_node_gets_some() {
+    // Two nodes of one slot each, four tasks of three seconds: a node that asked first used to
+    // hold all four while the other idled.
+    let grid = TestGrid::start(0, &[]);
+    let caches = tempfile::tempdir().unwrap();
+    let _nodes: Vec<GridProcess> = (0..2)
+        .map(|i| {
+            GridProcess::node(
+                &grid.nats,
+                &format!("node-{i}"),
+                &caches.path().join(format!("node-{i}")),
+                1,
+            )
+        })
+        .collect();
+    grid.wait_for_nodes(2);
+    let hostile = guest("hostile");
+    let job = submit(
+        &grid,
+        &[
+            hostile.to_str().unwrap(),
+            "--tasks",
+            "4",
+            "--",
+            "nap",
+            "3000",
+        ],
+    );
+    let mut most_held = 0;
+    loop {
+        let out = grid.grid(&["nodes", "--json"]);
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let node: serde_json::Value = serde_json::from_str(line).unwrap();
+            most_held = most_held.max(node["busy"].as_u64().unwrap_or(0));
+        }
+        if grid.grid_json(&["status", &job], 0)["state"] == "done" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(most_held, 1, "a node held more than its one slot runs");
+    let (_dir, manifest) = grid.results(&job);
+    let nodes: HashSet<&str> = manifest
+        .iter()
+        .map(|t| t["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes.len(), 2, "both nodes ran tasks: {manifest:?}");
+}
+
+#[test]
 fn a_small_job_behind_a_large_one_finishes_first() {
     let grid = TestGrid::start(1, &["--window", "4"]);
     let hostile = guest("hostile");
