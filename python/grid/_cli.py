@@ -66,7 +66,7 @@ def _error(line: str, code: int) -> GridError:
     lowered = text.lower()
     if "cannot reach the grid" in lowered or "nothing listens" in lowered:
         return Unreachable(text)
-    if "permission denied" in lowered or "refused the credentials" in lowered:
+    if "permission denied" in lowered or "answered but refused" in lowered or "refused the credentials" in lowered:
         return PermissionDenied(text)
     if code == 1 and ("refused" in lowered or "invalid:" in lowered):
         return Refused(text)

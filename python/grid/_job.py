@@ -78,10 +78,18 @@ class Job:
         and says how to pick it up, or cancels it when `cancel_on_interrupt`."""
         status = self.status()
         bar = _bar(status["tasks"]["total"], progress)
+        preparing, asked = None, 0.0
         try:
             while status["state"] not in ENDED:
                 if bar is not None:
-                    bar.show(status)
+                    # Nothing runs yet: say what the nodes are doing (a first Python job waits
+                    # for the runtime's compile, a minute or more), asked every few seconds.
+                    if status["tasks"].get("running", 0) == 0:
+                        if time.monotonic() - asked > 3:
+                            preparing, asked = self._preparing(), time.monotonic()
+                    else:
+                        preparing = None
+                    bar.show(status, preparing)
                 time.sleep(0.5)
                 status = self.status()
         except KeyboardInterrupt:
@@ -106,6 +114,22 @@ class Job:
                 job=self,
             )
         return self
+
+    def _preparing(self) -> str | None:
+        """What delays the nodes' tasks now (`grid nodes`' "preparing"), as one phrase."""
+        try:
+            nodes = list(self._cli.json_lines(["nodes"]))
+        except GridError:
+            return None
+        now_ms = time.time() * 1000
+        for node in nodes:
+            p = node.get("preparing")
+            if not p:
+                continue
+            left = (p.get("started_unix_ms", now_ms) + p.get("estimate_ms", 0) - now_ms) / 1000
+            about = f", about {left:.0f} s left" if p.get("estimate_ms") and left > 0 else ""
+            return f"node {node['id']}: {p.get('what', 'preparing')}{about}"
+        return None
 
     async def wait_async(self, cancel_on_interrupt: bool = False) -> "Job":
         """`wait` for asyncio: the event loop goes on while the job runs (no progress bar)."""
@@ -190,40 +214,83 @@ class Job:
             return rows
 
     def read_csv(self, pattern: str = "*.csv", engine: str = "pandas", **read_csv_args: Any):
-        """Every task's files matching `pattern` (a glob, as `grid results --concat`) read into
-        one DataFrame, with a `task` column saying which task each row came from; `engine`
-        `"polars"` reads them with polars."""
-        import glob
-
+        """Every task's CSV files matching `pattern` in one DataFrame: `concat` with the CSV
+        reader of `engine` ("pandas" or "polars"), `read_csv_args` passed to it."""
         if engine == "polars":
             import polars as pl
 
-            def read(path, index):
-                return pl.read_csv(path, **read_csv_args).insert_column(0, pl.lit(index).alias("task"))
+            return self.concat(pattern, lambda path: pl.read_csv(path, **read_csv_args), engine)
+        import pandas as pd
 
-            def join(frames):
-                return pl.concat(frames, how="diagonal")
-        else:
-            import pandas as pd
+        return self.concat(pattern, lambda path: pd.read_csv(path, **read_csv_args), engine)
 
-            def read(path, index):
-                frame = pd.read_csv(path, **read_csv_args)
-                frame.insert(0, "task", index)
-                return frame
+    def concat(self, pattern: str, reader: Any = None, engine: str = "pandas"):
+        """Every task's files matching `pattern` (a glob, as `grid results --concat`) read into
+        one DataFrame, with a `task` column first saying which task each row came from.
 
-            def join(frames):
-                return pd.concat(frames, ignore_index=True)
+        `reader(path)` reads one file into a DataFrame of `engine` ("pandas" or "polars");
+        without one, the file's extension picks the engine's reader: `.csv`, `.tsv`,
+        `.jsonl`/`.ndjson` (a JSON value per line), `.json`, `.parquet`."""
+        import glob
 
+        if engine not in ("pandas", "polars"):
+            raise GridError(f"unknown engine {engine!r}: use \"pandas\" or \"polars\"")
         with tempfile.TemporaryDirectory(prefix="grid-results-") as tmp:
             self.results(tmp)
             frames = []
             for line in Path(tmp, "manifest.jsonl").read_text().splitlines():
                 index = json.loads(line)["index"]
                 for path in sorted(glob.glob(os.path.join(tmp, str(index), pattern), recursive=True)):
-                    frames.append(read(path, index))
+                    frame = (reader or _reader_for(path, engine))(path)
+                    if engine == "polars":
+                        import polars as pl
+
+                        frame = frame.insert_column(0, pl.lit(index).alias("task"))
+                    else:
+                        frame.insert(0, "task", index)
+                    frames.append(frame)
             if not frames:
                 raise GridError(f"no task of job {self.id} wrote a file matching {pattern!r}")
-            return join(frames)
+            if engine == "polars":
+                import polars as pl
+
+                return pl.concat(frames, how="diagonal")
+            import pandas as pd
+
+            return pd.concat(frames, ignore_index=True)
+
+
+def _reader_for(path: str, engine: str):
+    """The reader of `engine` for a file with `path`'s extension."""
+    suffix = Path(path).suffix.lower()
+    if engine == "polars":
+        import polars as pl
+
+        readers = {
+            ".csv": pl.read_csv,
+            ".tsv": lambda p: pl.read_csv(p, separator="\t"),
+            ".jsonl": pl.read_ndjson,
+            ".ndjson": pl.read_ndjson,
+            ".json": pl.read_json,
+            ".parquet": pl.read_parquet,
+        }
+    else:
+        import pandas as pd
+
+        readers = {
+            ".csv": pd.read_csv,
+            ".tsv": lambda p: pd.read_csv(p, sep="\t"),
+            ".jsonl": lambda p: pd.read_json(p, lines=True),
+            ".ndjson": lambda p: pd.read_json(p, lines=True),
+            ".json": pd.read_json,
+            ".parquet": pd.read_parquet,
+        }
+    if suffix not in readers:
+        raise GridError(
+            f"no reader for {suffix or 'files without an extension'} ({Path(path).name}): "
+            f"pass one, e.g. job.concat({Path(path).name!r}, reader=my_reader)"
+        )
+    return readers[suffix]
 
 
 def _escape(text: Any) -> str:
@@ -266,10 +333,10 @@ class _Bar:
         except ImportError:
             pass
 
-    def show(self, status: dict) -> None:
+    def show(self, status: dict, preparing: str | None = None) -> None:
         t = status["tasks"]
         done = t["succeeded"] + t["failed"] + t.get("disputed", 0) + t.get("cancelled", 0)
-        note = f"{t['running']} running, {t['failed']} failed"
+        note = preparing or f"{t['running']} running, {t['failed']} failed"
         if self.tqdm is not None:
             self.tqdm.n = done
             self.tqdm.set_postfix_str(note, refresh=False)

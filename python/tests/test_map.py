@@ -112,10 +112,18 @@ def test_an_unreachable_grid_is_an_exception_with_the_cli_line():
         grid.connect("nats://127.0.0.1:1")
 
 
+def test_a_grid_that_refuses_is_permission_denied_with_the_cli_line(local_grid, monkeypatch):
+    monkeypatch.delenv("GRID_CREDS", raising=False)
+    with pytest.raises(grid.PermissionDenied, match="refused"):
+        grid.connect(local_grid._cli.nats)
+
+
 def writes_a_table(k: int) -> dict:
     import pandas as pd
 
-    pd.DataFrame({"k": [k, k * 10]}).to_csv(f"part-{k}.csv", index=False)
+    table = pd.DataFrame({"k": [k, k * 10]})
+    table.to_csv(f"part-{k}.csv", index=False)
+    table.to_json(f"rows-{k}.jsonl", orient="records", lines=True)
     return {"k": k}
 
 
@@ -142,6 +150,16 @@ def test_a_job_is_picked_up_from_a_new_process_and_its_tables_read_as_one(local_
     table = job.read_csv("part-*.csv").sort_values(["task", "k"])
     assert list(table["task"]) == [0, 0, 1, 1, 2, 2]
     assert list(table["k"]) == [0, 0, 1, 10, 2, 20]
+    # Any format, by its extension or a reader of one's own.
+    rows = job.concat("rows-*.jsonl").sort_values(["task", "k"])
+    assert list(rows["task"]) == [0, 0, 1, 1, 2, 2]
+    assert list(rows["k"]) == [0, 0, 1, 10, 2, 20]
+    import pandas as pd
+
+    firsts = job.concat("part-*.csv", reader=lambda path: pd.read_csv(path).head(1))
+    assert sorted(firsts["k"]) == [0, 1, 2]
+    with pytest.raises(grid.GridError, match="matching 'nothing-\\*'"):
+        job.concat("nothing-*")
 
 
 def test_async_callers_wait_without_blocking_their_loop(local_grid):
