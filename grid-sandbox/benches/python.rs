@@ -1,6 +1,7 @@
 //! The Python benchmark (`cargo xtask bench python` installs numpy on the host and runs it).
 //!
-//! Side by side, in one run: (a) the runtime's cold compile (once per node); (b) the fixed cost
+//! Side by side, in one run: (a) the runtime's cold compile (once per machine), optimised and
+//! quick ([`Compiler`]), with what the quick compile costs the tasks after; (b) the fixed cost
 //! of a warm Python task — instantiate the compiled runtime, start the interpreter, run a
 //! trivial script, collect — through the sandbox; (c) a numpy-heavy script in the sandbox vs the
 //! same script on the host's CPython with numpy, both for the numerical work alone (timed inside
@@ -8,7 +9,7 @@
 
 use grid_proto::runtime::PYTHON;
 use grid_sandbox::runtime::RuntimeFiles;
-use grid_sandbox::{Program, Sandbox, SandboxConfig, TaskSpec};
+use grid_sandbox::{Compiler, LoadedModule, Program, Sandbox, SandboxConfig, TaskSpec};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -39,19 +40,34 @@ fn main() -> anyhow::Result<()> {
     let numpy_work = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/python/numpy_work.py");
     std::fs::copy(&numpy_work, programs.join("numpy_work.py"))?;
 
-    // (a) the cold compile, into an empty cache.
-    let sandbox = Sandbox::new(SandboxConfig {
-        cache_dir: Some(work.path().join("compiled")),
-        ..Default::default()
-    })?;
+    // (a) the cold compile, into an empty cache, with each of Cranelift's settings.
     let module_bytes = std::fs::read(artifacts.join(PYTHON.module_file))?;
-    let started = Instant::now();
-    let module = rt
-        .block_on(sandbox.load_runtime(&PYTHON, async { Ok(module_bytes) }))
-        .map_err(|r| anyhow::anyhow!("{r}"))?;
-    let cold = started.elapsed();
+    let compile = |compiler: Compiler| -> anyhow::Result<(Sandbox, LoadedModule, Duration)> {
+        let sandbox = Sandbox::new(SandboxConfig {
+            cache_dir: Some(work.path().join(format!("compiled-{compiler:?}"))),
+            compiler,
+            ..Default::default()
+        })?;
+        let bytes = module_bytes.clone();
+        let started = Instant::now();
+        let module = rt
+            .block_on(sandbox.load_runtime(&PYTHON, async { Ok(bytes) }))
+            .map_err(|r| anyhow::anyhow!("{r}"))?;
+        Ok((sandbox, module, started.elapsed()))
+    };
+    let (quick_sandbox, quick_module, quick_cold) = compile(Compiler::Quick)?;
+    let (sandbox, module, cold) = compile(Compiler::Optimized)?;
+    println!(
+        "  cold compile of the runtime (once per machine): {:.1} s optimised; {:.1} s quick (Cranelift unoptimised, single-pass registers): {:.2}x",
+        cold.as_secs_f64(),
+        quick_cold.as_secs_f64(),
+        quick_cold.as_secs_f64() / cold.as_secs_f64()
+    );
 
-    let run = |file: &str| -> anyhow::Result<(Duration, String)> {
+    let run_on = |sandbox: &Sandbox,
+                  module: &LoadedModule,
+                  file: &str|
+     -> anyhow::Result<(Duration, String)> {
         let out = tempfile::tempdir()?;
         let mut spec = TaskSpec::new(out.path());
         // Real clocks: the script times its own work.
@@ -63,7 +79,7 @@ fn main() -> anyhow::Result<()> {
             file: file.into(),
         });
         let started = Instant::now();
-        let report = rt.block_on(sandbox.run(&module, spec));
+        let report = rt.block_on(sandbox.run(module, spec));
         let took = started.elapsed();
         anyhow::ensure!(
             report.outcome == grid_proto::Outcome::Succeeded,
@@ -74,6 +90,8 @@ fn main() -> anyhow::Result<()> {
         Ok((took, String::from_utf8_lossy(&report.stdout).into_owned()))
     };
 
+    let run = |file: &str| run_on(&sandbox, &module, file);
+
     // (b) a warm trivial task.
     run("trivial.py")?;
     let warm = median(
@@ -81,6 +99,19 @@ fn main() -> anyhow::Result<()> {
             .map(|_| run("trivial.py").map(|r| r.0))
             .collect::<Result<_, _>>()?,
     );
+    // The same, and the numpy task whole, on the quickly compiled runtime.
+    let quick = |file: &str| -> anyhow::Result<Duration> {
+        run_on(&quick_sandbox, &quick_module, file)?;
+        Ok(median(
+            (0..reps)
+                .map(|_| run_on(&quick_sandbox, &quick_module, file).map(|r| r.0))
+                .collect::<Result<_, _>>()?,
+        ))
+    };
+    // The quick compile's code takes more stack: the numpy task may overflow the default
+    // 1 MiB wasm stack there, which is said rather than fatal to the benchmark.
+    let quick_trivial = quick("trivial.py")?;
+    let quick_numpy = quick("numpy_work.py");
 
     // (c) numpy-heavy: sandbox vs host, alternating.
     let inner = |stdout: &str| -> anyhow::Result<f64> {
@@ -127,10 +158,6 @@ fn main() -> anyhow::Result<()> {
         PYTHON.package, PYTHON.version
     );
     println!(
-        "  cold compile of the runtime (once per node): {:.1} s",
-        cold.as_secs_f64()
-    );
-    println!(
         "  warm trivial task (instantiate + interpreter start + `pass` + collect): {:.1} ms",
         warm.as_secs_f64() * 1e3
     );
@@ -145,6 +172,19 @@ fn main() -> anyhow::Result<()> {
         sw.as_secs_f64(),
         hw.as_secs_f64(),
         sw.as_secs_f64() / hw.as_secs_f64()
+    );
+    println!(
+        "  on the quick compile: trivial task {:.1} ms ({:.2}x); numpy task whole: {}",
+        quick_trivial.as_secs_f64() * 1e3,
+        quick_trivial.as_secs_f64() / warm.as_secs_f64(),
+        match quick_numpy {
+            Ok(took) => format!(
+                "{:.3} s ({:.2}x)",
+                took.as_secs_f64(),
+                took.as_secs_f64() / sw.as_secs_f64()
+            ),
+            Err(e) => format!("fails: {}", grid_proto::one_line(&e.to_string(), " ")),
+        }
     );
     Ok(())
 }

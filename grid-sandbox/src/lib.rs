@@ -37,6 +37,8 @@ pub mod validate;
 
 pub use gpu_worker::{GpuWorker, WorkerCommand};
 pub use limits::{Limits, NodeCaps};
-pub use sandbox::{Compiling, LoadedModule, Program, Sandbox, SandboxConfig, TaskReport, TaskSpec};
+pub use sandbox::{
+    Compiler, Compiling, LoadedModule, Program, Sandbox, SandboxConfig, TaskReport, TaskSpec,
+};
 pub use task::GridTask;
 pub use validate::CompileCaps;

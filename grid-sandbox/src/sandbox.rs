@@ -78,6 +78,22 @@ pub struct SandboxConfig {
     pub cache_dir: Option<PathBuf>,
     /// The node's GPU worker, for tasks that ask for a GPU (`grid_gpu_v1`); `None`: no GPU here.
     pub gpu: Option<Arc<crate::gpu_worker::GpuWorker>>,
+    /// How modules are compiled: the fastest code, or the fastest compile.
+    pub compiler: Compiler,
+}
+
+/// Cranelift's settings for a sandbox's compiles: what a compile costs against how fast the code
+/// runs. (Winch, wasmtime's single-pass compiler, is not offered: wasmtime 48 does not support
+/// epoch interruption with it, and without epochs a guest's loop could not be stopped at its
+/// time limit.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compiler {
+    /// Optimised code and the backtracking register allocator: the fastest code.
+    #[default]
+    Optimized,
+    /// No optimisations and the single-pass register allocator: a quicker compile of slower
+    /// code.
+    Quick,
 }
 
 impl Default for SandboxConfig {
@@ -88,6 +104,7 @@ impl Default for SandboxConfig {
             max_wasm_stack_bytes: 1 << 20,
             cache_dir: None,
             gpu: None,
+            compiler: Compiler::default(),
         }
     }
 }
@@ -302,6 +319,10 @@ impl Sandbox {
             .max_wasm_stack(config.max_wasm_stack_bytes)
             .wasm_multi_memory(false)
             .parallel_compilation(true);
+        if config.compiler == Compiler::Quick {
+            wasm.cranelift_opt_level(wasmtime::OptLevel::None)
+                .cranelift_regalloc_algorithm(wasmtime::RegallocAlgorithm::SinglePass);
+        }
         let engine = Engine::new(&wasm).map_err(wasm_err)?;
         let mut linker: Linker<TaskState> = Linker::new(&engine);
         p1::add_to_linker_async(&mut linker, |s: &mut TaskState| &mut s.wasi).map_err(wasm_err)?;
