@@ -61,6 +61,10 @@ pub struct UpArgs {
     /// Serve no dashboard.
     #[arg(long)]
     pub no_dashboard: bool,
+    /// Do not compile the Python runtime as the grid starts (its first Python task then waits
+    /// for the compile, about a minute the first time on a machine)
+    #[arg(long)]
+    pub no_warm_runtimes: bool,
 }
 
 use grid_client::auth::default_data_dir;
@@ -280,6 +284,9 @@ pub fn up(args: UpArgs) -> Result<ExitCode> {
                             .iter()
                             .flat_map(|d| [std::ffi::OsStr::new("--compiled-dir"), d.as_os_str()]),
                     )
+                    // The Python runtime compiled now, once for the machine, not at the first
+                    // Python task.
+                    .args((!args.no_warm_runtimes).then_some("--warm-runtimes"))
                     // One GPU worker per machine: node-1 serves GPU jobs if there is a GPU.
                     .args((i > 1 || args.no_gpu).then_some("--no-gpu"))
                     // Its share of the machine, not all of it (see `node_memory_budget`).

@@ -14,6 +14,7 @@
 //! class = "cpu"
 //! cache_dir = "/var/cache/grid"
 //! compiled_dir = "/var/cache/grid/compiled"  # share with the provider's other nodes
+//! warm_runtimes = true  # compile the Python runtime at start, not at the first Python task
 //! gpu = true            # look for a GPU and serve the gpu class too
 //! gpu_slots = 1
 //! grace = "30s"         # on shutdown, how long running tasks may finish
@@ -58,6 +59,11 @@ pub struct NodeArgs {
     /// module (a runtime's 100 MB) is compiled once per machine [default: CACHE_DIR/compiled]
     #[arg(long, value_name = "DIR")]
     pub compiled_dir: Option<PathBuf>,
+    /// At start, lay out and compile (in the background) each runtime whose files this machine
+    /// has — GRID_RUNTIME_DIR, or the package `cargo xtask setup` installs — so that the first
+    /// Python task finds it ready instead of waiting a minute for the compile
+    #[arg(long)]
+    pub warm_runtimes: bool,
     /// Capability class to serve: cpu, or gpu (only GPU jobs) [default: cpu]
     #[arg(long)]
     pub class: Option<String>,
@@ -120,6 +126,8 @@ pub struct NodeConfig {
     pub cache_dir: PathBuf,
     /// Compiled code (`grid_sandbox::cache`), perhaps shared with other nodes of this user.
     pub compiled_dir: PathBuf,
+    /// Compile the runtimes whose files this machine has at start (`--warm-runtimes`).
+    pub warm_runtimes: bool,
     /// Look for a GPU and, when there is one, also serve the `gpu` class.
     pub use_gpu: bool,
     /// GPU tasks run at once (they also take turns on the GPU itself).
@@ -150,6 +158,7 @@ struct NodeFile {
     class: Option<String>,
     cache_dir: Option<PathBuf>,
     compiled_dir: Option<PathBuf>,
+    warm_runtimes: Option<bool>,
     gpu: Option<bool>,
     gpu_slots: Option<u32>,
     memory_budget: Option<String>,
@@ -338,6 +347,7 @@ impl NodeArgs {
             slots,
             cache_dir,
             compiled_dir,
+            warm_runtimes: self.warm_runtimes || file.warm_runtimes.unwrap_or(false),
             use_gpu: !self.no_gpu && file.gpu.unwrap_or(true),
             gpu_slots,
             caps: NodeCaps(caps),

@@ -225,6 +225,10 @@ pub async fn run(
     services.spawn(node.dispatch.clone().hold_loop());
     services.spawn(node.clone().disk_loop());
     services.spawn(node.clone().cancel_loop());
+    if node.config.warm_runtimes {
+        // Not a service: it ends once the runtimes are ready.
+        tokio::spawn(node.clone().warm_runtimes());
+    }
     tokio::select! {
         Some(r) = services.join_next() => return r.map_err(|e| anyhow!("{e}"))?,
         () = shutdown => {}
@@ -711,6 +715,61 @@ impl Node {
             bytes
         };
         self.sandbox.load_runtime(runtime, fetch).await
+    }
+
+    /// Lays out and compiles, in the background, each runtime whose files this machine has
+    /// (`GRID_RUNTIME_DIR`, or the package `cargo xtask setup` installs): the first task of a
+    /// runtime then finds it ready, and the heartbeat says what the node does meanwhile. The
+    /// files are checked against the pins as fetched ones are; with a compiled cache shared by
+    /// the machine's nodes, one of them compiles and the others wait for its artifact.
+    async fn warm_runtimes(self: Arc<Self>) {
+        for runtime in grid_proto::runtime::RUNTIMES {
+            let Ok(artifacts) = grid_client::find_runtime(runtime) else {
+                tracing::debug!(
+                    runtime = runtime.name,
+                    "no local files of this runtime to compile at start"
+                );
+                continue;
+            };
+            let root = self.config.cache_dir.join("runtimes");
+            {
+                let _one = self.runtime_files.lock().await;
+                if RuntimeFiles::find(&root, runtime).is_none() {
+                    let stdlib = artifacts.stdlib.clone();
+                    let laid_out = tokio::task::spawn_blocking(move || {
+                        let bytes = std::fs::read(&stdlib)?;
+                        RuntimeFiles::install(&root, runtime, &bytes)
+                    })
+                    .await
+                    .map_err(|e| anyhow!("{e}"))
+                    .and_then(|r| r);
+                    if let Err(e) = laid_out {
+                        tracing::warn!(
+                            runtime = runtime.name,
+                            "laying out the runtime at start: {e:#}"
+                        );
+                        continue;
+                    }
+                }
+            }
+            let module = artifacts.module.clone();
+            let read = async move {
+                tokio::fs::read(&module)
+                    .await
+                    .with_context(|| format!("reading {}", module.display()))
+            };
+            tracing::info!(
+                runtime = runtime.name,
+                "compiling the runtime at start, in the background"
+            );
+            match self.sandbox.load_runtime(runtime, read).await {
+                Ok(_) => tracing::info!(runtime = runtime.name, "runtime ready"),
+                Err(e) => tracing::warn!(
+                    runtime = runtime.name,
+                    "compiling the runtime at start: {e}"
+                ),
+            }
+        }
     }
 
     /// Says in the heartbeat what delays the node's tasks (`None`: nothing now).

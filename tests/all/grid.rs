@@ -1225,6 +1225,7 @@ fn grid_up_serves_until_interrupted_then_stops_everything() {
             "--nodes",
             "2",
             "--no-gpu",
+            "--no-warm-runtimes",
             "--nats",
             "nats://127.0.0.1:0",
             "--data-dir",

@@ -280,6 +280,56 @@ fn a_200_task_python_sweep_runs_through_a_local_grid() {
     assert!(draws.len() > 190, "{} distinct draws", draws.len());
 }
 
+/// A node started with `--warm-runtimes` readies the Python runtime before any task asks for
+/// it (here from the compiled cache the other Python tests share, so no second compile), and
+/// its first Python task then finds the runtime in memory.
+#[test]
+fn a_warm_node_readies_the_runtime_before_the_first_task() {
+    let _turn = turn();
+    // The runtime compiled into the shared cache, if no test did it yet.
+    let (v, code) = run_py("random_bytes.py", &[], &[], b"");
+    assert_eq!(code, 0, "{v}");
+    let mut grid = TestGrid::start(0, &[]);
+    let addr = crate::metrics::free_addr();
+    let node_dir = tempfile::tempdir().unwrap();
+    grid.nodes.push(GridProcess::node_with(
+        &grid.nats,
+        "warm-node",
+        node_dir.path(),
+        1,
+        &[
+            "--no-gpu",
+            "--warm-runtimes",
+            "--compiled-dir",
+            &python_cache(),
+            "--metrics",
+            &addr,
+        ],
+    ));
+    grid.wait_for_nodes(1);
+    let loads = |from: &str| {
+        crate::metrics::value(
+            &crate::metrics::scrape(&addr),
+            "grid_module_loads_total",
+            &[("from", from)],
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while loads("disk") + loads("compiled") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node did not ready the runtime at start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(loads("compiled"), 0.0, "the shared cache had it");
+    let program = program("random_bytes.py");
+    let done = grid.grid_json(&["submit", program.to_str().unwrap(), "--wait"], 0);
+    assert_eq!(done["tasks"]["succeeded"], 1, "{done}");
+    assert_eq!(loads("disk"), 1.0, "loaded once, at start");
+    assert!(loads("memory") >= 1.0, "the task found it in memory");
+}
+
 #[test]
 fn matplotlib_draws_a_figure_and_tempfile_works() {
     let _turn = turn();

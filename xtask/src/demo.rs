@@ -54,6 +54,8 @@ pub fn run(which: Option<&str>) -> Result<()> {
             "--data-dir",
         ])
         .arg(demo.join("data"))
+        // The Rust demo needs no Python runtime: no compile beside it.
+        .args((!python).then_some("--no-warm-runtimes"))
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", grid.display()))?;
