@@ -39,7 +39,10 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
         bar
     });
     let mut warned = false;
-    let mut polls = 0u64;
+    // Long ago: the first poll reads the nodes.
+    let mut nodes_read = tokio::time::Instant::now()
+        .checked_sub(NODES_READ_EVERY)
+        .unwrap_or_else(tokio::time::Instant::now);
     let mut told = std::collections::HashSet::new();
     // Ctrl-C stops the waiting, not the job: it says so, and how to go on.
     let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
@@ -86,9 +89,14 @@ async fn follow(grid: &Session, job: &str) -> Result<JobRecord> {
         // 100 ms, anyway): a floor of 100 ms here added up to 100 ms to every `--wait`.
         tokio::time::sleep_until(started + Duration::from_millis(20)).await;
         record = grid.job_record(job).await?;
-        polls += 1;
+        // Nodes' heartbeats are read (a listing costs the server a consumer) only while none
+        // of the job's tasks runs, and at most every 2 s: what they prepare is news only then.
+        if record.counts.running > 0 {
+            preparing.clear();
+        }
         {
-            if polls.is_multiple_of(4) {
+            if record.counts.running == 0 && nodes_read.elapsed() >= NODES_READ_EVERY {
+                nodes_read = tokio::time::Instant::now();
                 // A quiet job may be waiting for a node that prepares a runtime: the bar shows
                 // how far along it is; a line says so once.
                 preparing.clear();
@@ -428,6 +436,9 @@ pub(crate) async fn for_each_failed(
     }
     Ok(())
 }
+
+/// How often `--wait` reads the nodes' heartbeats while none of its job's tasks runs.
+const NODES_READ_EVERY: Duration = Duration::from_secs(2);
 
 /// Lines of failed tasks `grid status --failed` prints; `--json` has them all.
 const FAILED_LINES: usize = 1000;
