@@ -45,11 +45,15 @@ fn samples() -> Vec<Vec<u8>> {
             handed_unix_ms: 1_700_000_000_500,
             mac: [9; 32],
         },
-        staged: vec![grid_proto::Staged {
-            sha256: sha,
-            bytes: 3,
-            chunks: vec![4],
-        }],
+        staged: vec![
+            grid_proto::Staged {
+                sha256: sha,
+                bytes: 3,
+                chunks: vec![4],
+                inline: Vec::new(),
+            },
+            grid_proto::Staged::inline(b"out".to_vec()),
+        ],
     };
     vec![
         encode(&TaskMsg {

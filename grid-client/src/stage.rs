@@ -8,6 +8,11 @@
 //! hashing as it reads, copies the blob into the tenant's store under the hash it computed —
 //! never under one the node reported — and, once the result is recorded, deletes the chunks.
 //!
+//! A blob of at most [`names::INLINE_BLOB_BYTES`] may instead travel in the result message
+//! itself ([`Staged::inline`], up to [`names::INLINE_MESSAGE_BYTES`] a message, see
+//! [`InlineBudget`]): the broker checks its hash the same way and stores it, and the stage
+//! write, read and delete that a small output or log would cost are saved.
+//!
 //! The stage cannot hurt anyone but its provider: it allows no rollups and no purges, holds at
 //! most its byte quota (a full stage refuses the provider's next chunk: that provider's error,
 //! not the grid's) and forgets what is older than [`STAGE_MAX_AGE`]. Only the operator may
@@ -40,6 +45,33 @@ pub enum Taken {
     Forged(String),
 }
 
+/// What a node may still carry inline in the results message it is building (see the module
+/// docs); a blob that does not fit is staged.
+#[derive(Debug)]
+pub struct InlineBudget(u64);
+
+impl Default for InlineBudget {
+    fn default() -> Self {
+        Self(names::INLINE_MESSAGE_BYTES)
+    }
+}
+
+impl InlineBudget {
+    /// No blob inline: everything is staged.
+    pub fn none() -> Self {
+        Self(0)
+    }
+
+    /// Takes `bytes` of the budget for a blob, if it may go inline.
+    fn take(&mut self, bytes: u64) -> bool {
+        let fits = bytes <= names::INLINE_BLOB_BYTES && bytes <= self.0;
+        if fits {
+            self.0 -= bytes;
+        }
+        fits
+    }
+}
+
 impl Grid {
     /// Makes (or updates) `node`'s stage stream, holding at most `max_bytes`. The broker does
     /// it, so that a provider cannot choose its own limits.
@@ -70,15 +102,30 @@ impl Grid {
     }
 
     /// Stages `file` (whose hash and size the caller computed, open for reading at its start)
-    /// as `node`. An open file rather than a path: a task's output may lie past `PATH_MAX`.
+    /// as `node`, or carries it inline when it is small and `inline` allows. An open file
+    /// rather than a path: a task's output may lie past `PATH_MAX`.
     pub async fn stage_file(
         &self,
         node: &str,
         sha256: Sha256Hex,
         bytes: u64,
         file: std::fs::File,
+        inline: &mut InlineBudget,
     ) -> Result<Staged> {
         let mut file = tokio::fs::File::from_std(file);
+        if inline.take(bytes) {
+            let mut all = Vec::with_capacity(bytes as usize);
+            (&mut file)
+                .take(bytes + 1)
+                .read_to_end(&mut all)
+                .await
+                .map_err(|e| anyhow!("reading the file of blob {sha256}: {e}"))?;
+            let staged = Staged::inline(all);
+            if staged.sha256 != sha256 {
+                return Err(anyhow!("blob {sha256} changed while it was read"));
+            }
+            return Ok(staged);
+        }
         let mut chunks = Vec::new();
         let mut in_flight = std::collections::VecDeque::new();
         let mut left = bytes;
@@ -103,11 +150,20 @@ impl Grid {
             sha256,
             bytes,
             chunks,
+            inline: Vec::new(),
         })
     }
 
-    /// Stages `bytes` (a log) as `node`.
-    pub async fn stage_bytes(&self, node: &str, bytes: &[u8]) -> Result<Staged> {
+    /// Stages `bytes` (a log) as `node`, or carries them inline when `inline` allows.
+    pub async fn stage_bytes(
+        &self,
+        node: &str,
+        bytes: &[u8],
+        inline: &mut InlineBudget,
+    ) -> Result<Staged> {
+        if inline.take(bytes.len() as u64) {
+            return Ok(Staged::inline(bytes.to_vec()));
+        }
         let mut acks = Vec::new();
         for chunk in bytes.chunks(names::STAGE_CHUNK_BYTES as usize) {
             acks.push(self.stage_chunk(node, chunk.to_vec()).await?);
@@ -120,6 +176,7 @@ impl Grid {
             sha256: Sha256Hex::of(bytes),
             bytes: bytes.len() as u64,
             chunks,
+            inline: Vec::new(),
         })
     }
 
@@ -150,6 +207,15 @@ impl Grid {
         staged: &Staged,
         copy: bool,
     ) -> Result<Taken> {
+        if staged.chunks.is_empty() {
+            return self.take_inline(tenant, staged, copy).await;
+        }
+        if !staged.inline.is_empty() {
+            return Ok(Taken::Forged(format!(
+                "blob {} is both staged and carried",
+                staged.sha256
+            )));
+        }
         let expected = staged.bytes.div_ceil(names::STAGE_CHUNK_BYTES);
         if staged.chunks.len() as u64 != expected {
             return Ok(Taken::Forged(format!(
@@ -193,6 +259,30 @@ impl Grid {
                 other
             }
         }
+    }
+
+    /// Takes a blob carried in its result: checks its size and hash, and (with `copy`) stores
+    /// it in `tenant`'s store.
+    async fn take_inline(&self, tenant: &str, staged: &Staged, copy: bool) -> Result<Taken> {
+        let carried = staged.inline.len() as u64;
+        if carried != staged.bytes || carried > names::INLINE_BLOB_BYTES {
+            return Ok(Taken::Forged(format!(
+                "blob {} of {} bytes carried as {carried} (at most {} may be)",
+                staged.sha256,
+                staged.bytes,
+                names::INLINE_BLOB_BYTES
+            )));
+        }
+        if Sha256Hex::of(&staged.inline) != staged.sha256 {
+            return Ok(Taken::Forged(format!(
+                "blob {}'s bytes hash to something else",
+                staged.sha256
+            )));
+        }
+        if copy {
+            self.put_object(tenant, &staged.inline).await?;
+        }
+        Ok(Taken::Verified)
     }
 
     /// Makes a copied blob an object of `tenant`'s store: its metadata, as the object store

@@ -564,6 +564,8 @@ impl Node {
         // runs them again, and their results are dropped as duplicates). A task message handed
         // back midway still reports what it ran.
         let mut results = Vec::with_capacity(task.count as usize);
+        // Small outputs and logs travel in the results message itself, up to a budget for it.
+        let mut inline = grid_client::stage::InlineBudget::default();
         for task in task.split() {
             let mut phase = self.phase.subscribe();
             let run = async {
@@ -593,7 +595,9 @@ impl Node {
             }
             let running = Running::new(&self.running, slot, memory);
             msg.running(true);
-            let ran = self.run_task(&job, &task, running, msg.id).await;
+            let ran = self
+                .run_task(&job, &task, running, msg.id, &mut inline)
+                .await;
             msg.running(false);
             match ran {
                 Ok(result) => results.push(result),
@@ -901,6 +905,7 @@ impl Node {
         task: &TaskMsg,
         running: Running<'_>,
         delivery: u64,
+        inline: &mut grid_client::stage::InlineBudget,
     ) -> Result<ResultMsg> {
         let spec = &job.spec;
         let limits = Limits::of_job(&spec.limits);
@@ -1017,8 +1022,9 @@ impl Node {
                 b"not what the task wrote",
             )?;
         }
-        // Outputs and logs go to this node's stage; the broker checks them and copies them
-        // into the tenant's store (see `grid_client::stage`). Each blob once. A task over its
+        // Outputs and logs go to this node's stage, or inline in the result when small; the
+        // broker checks them and copies them into the tenant's store (see
+        // `grid_client::stage`). Each blob once. A task over its
         // output limit has none; one whose `/out` no result could hold was ended as over it by
         // the sandbox, so a failure to list or read what is left is this node's trouble.
         let node_id = &self.config.node_id;
@@ -1039,7 +1045,7 @@ impl Node {
                 .with_context(|| format!("opening output {}", file.path))?;
             staged.push(
                 self.grid
-                    .stage_file(node_id, file.sha256, file.bytes, opened)
+                    .stage_file(node_id, file.sha256, file.bytes, opened, inline)
                     .await?,
             );
         }
@@ -1050,7 +1056,7 @@ impl Node {
             } else {
                 let sha = Sha256Hex::of(log);
                 if !staged.iter().any(|s| s.sha256 == sha) {
-                    staged.push(self.grid.stage_bytes(node_id, log).await?);
+                    staged.push(self.grid.stage_bytes(node_id, log, inline).await?);
                 }
                 Some(sha)
             });

@@ -116,6 +116,14 @@ pub fn stage_subject(node: &str) -> String {
 }
 /// The bytes of each staged chunk but a blob's last.
 pub const STAGE_CHUNK_BYTES: u64 = 256 * 1024;
+
+/// The largest blob a result may carry in itself instead of staging it (see
+/// [`crate::Staged`]).
+pub const INLINE_BLOB_BYTES: u64 = 16 * 1024;
+
+/// What a node carries inline in one results message at most, all blobs together: the message
+/// stays far below NATS's 1 MiB payload with every other field of its results.
+pub const INLINE_MESSAGE_BYTES: u64 = 256 * 1024;
 /// `grid.provider.<node>.<verb>`: a request of provider `node`'s to the broker.
 pub fn provider_subject(node: &str, verb: &str) -> String {
     format!("grid.provider.{node}.{verb}")

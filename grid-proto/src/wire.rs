@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// Bumped on any incompatible change of a wire type.
-pub const WIRE_VERSION: u16 = 12;
+pub const WIRE_VERSION: u16 = 13;
 
 /// A type that travels over NATS.
 pub trait Message: Serialize + DeserializeOwned {
@@ -661,14 +661,29 @@ pub struct Seal {
     pub mac: [u8; 32],
 }
 
-/// A blob a node staged ([`crate::names::stage_stream`]): its hash and size, and the stream
-/// sequence of each of its chunks, in order (each [`crate::names::STAGE_CHUNK_BYTES`] long
-/// but the last).
+/// A blob a node hands the broker, with its hash and size: staged
+/// ([`crate::names::stage_stream`]), with the stream sequence of each of its chunks in order
+/// (each [`crate::names::STAGE_CHUNK_BYTES`] long but the last); or, when it is at most
+/// [`crate::names::INLINE_BLOB_BYTES`], carried in the result itself (`inline`, no chunks): a
+/// small output or log then costs no stage write, read and delete of its own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Staged {
     pub sha256: Sha256Hex,
     pub bytes: u64,
     pub chunks: Vec<u64>,
+    pub inline: Vec<u8>,
+}
+
+impl Staged {
+    /// A blob carried in the result.
+    pub fn inline(bytes: Vec<u8>) -> Self {
+        Self {
+            sha256: Sha256Hex::of(&bytes),
+            bytes: bytes.len() as u64,
+            chunks: Vec::new(),
+            inline: bytes,
+        }
+    }
 }
 
 /// A provider asks the broker for its stage stream (`grid.provider.<node>.stage`).

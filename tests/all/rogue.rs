@@ -230,7 +230,12 @@ impl Rogue {
     }
 
     async fn stage(&self, bytes: &[u8]) -> grid_proto::Staged {
-        self.grid.stage_bytes("rogue", bytes).await.unwrap()
+        // Staged, never inline: what these tests forge is the stage's chunks.
+        let mut inline = grid_client::stage::InlineBudget::none();
+        self.grid
+            .stage_bytes("rogue", bytes, &mut inline)
+            .await
+            .unwrap()
     }
 
     /// Publishes `subject` with a `Nats-Rollup: all` header through JetStream; true when a
@@ -351,7 +356,7 @@ fn a_provider_cannot_roll_up_purge_delete_or_overwrite_what_is_not_its_own() {
 fn a_provider_cannot_make_forged_bytes_a_tasks_result() {
     let metrics = free_addr();
     let grid = TestGrid::start(0, &["--metrics", &metrics]);
-    let job = submit_nap(&grid, 1, &["--retries", "5"]);
+    let job = submit_nap(&grid, 1, &["--retries", "8"]);
     let (honest, files) = honest_files(0);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -369,6 +374,23 @@ fn a_provider_cannot_make_forged_bytes_a_tasks_result() {
             vec![],
             // The honest bytes, staged, under a digest of something else.
             vec![real.clone()],
+            // Other bytes of the honest size carried in the result, under the honest hash.
+            vec![grid_proto::Staged {
+                inline: vec![b'F'; honest.len()],
+                chunks: Vec::new(),
+                ..real.clone()
+            }],
+            // Both staged and carried.
+            vec![grid_proto::Staged {
+                inline: honest.clone(),
+                ..real.clone()
+            }],
+            // Carried, but more than its size says.
+            vec![grid_proto::Staged {
+                inline: [honest.clone(), vec![0; 20 << 10]].concat(),
+                chunks: Vec::new(),
+                ..real.clone()
+            }],
         ];
         for (i, staged) in variants.into_iter().enumerate() {
             let (task, msg) = pull_tasks(&rogue.client, "rogue", 1).await.remove(0);
@@ -390,14 +412,14 @@ fn a_provider_cannot_make_forged_bytes_a_tasks_result() {
     assert_eq!(status["state"], "done", "{status}");
     assert_honest_outputs(&grid, &job, 1);
     let (_, manifest) = grid.results(&job);
-    assert_eq!(manifest[0]["attempts"], 4, "{manifest:?}");
+    assert_eq!(manifest[0]["attempts"], 7, "{manifest:?}");
     assert_eq!(providers(&grid, &job), ["honest"]);
     let forged = value(
         &scrape(&metrics),
         "grid_results_forged_total",
         &[("node", "rogue")],
     );
-    assert_eq!(forged, 3.0);
+    assert_eq!(forged, 6.0);
 }
 
 #[test]

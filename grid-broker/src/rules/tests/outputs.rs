@@ -17,6 +17,7 @@ fn file(path: &str, bytes: &[u8]) -> (OutputFile, Staged) {
             sha256,
             bytes: bytes.len() as u64,
             chunks: vec![1],
+            inline: Vec::new(),
         },
     )
 }
