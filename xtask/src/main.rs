@@ -6,7 +6,7 @@
 //! | `build-guests` | builds the example jobs and the test guests to `target/wasm32-wasip1/guest/` |
 //! | `demo [python]` | the README's main job: a local grid runs the synthetic-data example (or the scikit-learn sweep) |
 //! | `test` | setup, `cargo fmt --check`, clippy with warnings denied, build-guests, every test of the workspace, then a short chaos run and a short fuzz run |
-//! | `bench [sandbox|grid|gpu|python|flat]` | benchmarks: sandbox vs bare wasmtime vs native; tasks per second through the grid; GPU binding vs native; Python in the sandbox vs host CPython; rate and memory as jobs grow |
+//! | `bench [sandbox|grid|peers|gpu|python|flat]` | benchmarks: sandbox vs bare wasmtime vs native; tasks per second through the grid; Grid beside Ray and Dask; GPU binding vs native; Python in the sandbox vs host CPython; rate and memory as jobs grow |
 //! | `chaos [--tasks N] [--seed S] [--samples N]` | a job on a local grid while nodes, the broker and nats-server are killed at random; checked against a calm run |
 //! | `fuzz [--seconds N] [--seed S] [wire\|sandbox\|gpu…]` | replays `fuzz/regressions/`, then fuzzes wire decoding, the sandbox and the GPU ABI for N seconds each |
 
@@ -72,7 +72,7 @@ fn run() -> Result<()> {
         Some("chaos") => chaos::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask <setup|build-guests|demo [python]|test|test-python|bench [sandbox|grid|gpu|python] [--json]|bench flat [--largest N]|chaos [--tasks N] [--seed S] [--samples N]|fuzz [--seconds N] [--seed S] [wire|sandbox|gpu...]>"
+            "usage: cargo xtask <setup|build-guests|demo [python]|test|test-python|bench [sandbox|grid|peers|gpu|python] [--runs N] [--json]|bench flat [--largest N]|chaos [--tasks N] [--seed S] [--samples N]|fuzz [--seconds N] [--seed S] [wire|sandbox|gpu...]>"
         ),
     }
 }

@@ -20,36 +20,8 @@ const NEEDED: &[(&str, &str)] = &[
 ];
 
 pub fn test() -> Result<()> {
-    let venv = setup::ensure_venv()?;
-    let (python, pip) = (venv.join("bin/python"), venv.join("bin/pip"));
-    let missing: Vec<&str> = NEEDED
-        .iter()
-        .filter(|(module, _)| {
-            !Command::new(&python)
-                .args(["-c", &format!("import {module}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .map(|(_, package)| *package)
-        .collect();
-    if !missing.is_empty() {
-        eprintln!(
-            "xtask: installing {} into {} (for the Python package's tests)",
-            missing.join(", "),
-            venv.display()
-        );
-        let status = Command::new(&pip)
-            .args(["install", "--quiet"])
-            .args(&missing)
-            .status()?;
-        if !status.success() {
-            bail!(
-                "`{} install {}` failed: install them yourself, then rerun",
-                pip.display(),
-                missing.join(" ")
-            );
-        }
-    }
+    let python = setup::ensure_python_modules(NEEDED, "for the Python package's tests")?;
+    let pip = python.with_file_name("pip");
     let package = root().join("python");
     let status = Command::new(&pip)
         .args(["install", "--quiet", "--no-deps", "--force-reinstall"])

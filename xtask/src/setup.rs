@@ -253,28 +253,46 @@ fn ensure_wasm_target() -> Result<()> {
     }
 }
 
-/// The venv `cargo xtask setup` installs nats-server into (the same place `grid` looks).
 /// A Python with numpy for the Python benchmark's host side: Grid's virtual environment, with
 /// numpy installed there when missing.
 pub fn host_python_with_numpy() -> Result<PathBuf> {
+    ensure_python_modules(&[("numpy", "numpy")], "for the benchmark only")
+}
+
+/// Grid's virtual environment's Python, with each `(module, package)` of `needed` importable:
+/// the packages of those that are not are installed with pip (`why` says what for).
+pub fn ensure_python_modules(needed: &[(&str, &str)], why: &str) -> Result<PathBuf> {
     let venv = ensure_venv()?;
-    let python = venv.join("bin/python");
-    let has = |p: &PathBuf| {
-        Command::new(p)
-            .args(["-c", "import numpy"])
-            .output()
-            .is_ok_and(|o| o.status.success())
+    let (python, pip) = (venv.join("bin/python"), venv.join("bin/pip"));
+    let missing = || -> Vec<&str> {
+        needed
+            .iter()
+            .filter(|(module, _)| {
+                !Command::new(&python)
+                    .args(["-c", &format!("import {module}")])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .map(|(_, package)| *package)
+            .collect()
     };
-    if !has(&python) {
+    let absent = missing();
+    if !absent.is_empty() {
         eprintln!(
-            "xtask: installing numpy into {} (for the benchmark only)",
+            "xtask: installing {} into {} ({why})",
+            absent.join(", "),
             venv.display()
         );
-        let status = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "numpy"])
+        let status = Command::new(&pip)
+            .args(["install", "--quiet"])
+            .args(&absent)
             .status()?;
-        if !status.success() || !has(&python) {
-            bail!("`pip install numpy` into {} failed", venv.display());
+        if !status.success() || !missing().is_empty() {
+            bail!(
+                "`{} install {}` failed: install them yourself, then rerun",
+                pip.display(),
+                absent.join(" ")
+            );
         }
     }
     Ok(python)
