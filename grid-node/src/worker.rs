@@ -80,7 +80,7 @@ struct Node {
     /// The classes served: the node's own, and `gpu` when it has a GPU.
     classes: Vec<String>,
     gpu: Option<String>,
-    jobs: Mutex<HashMap<String, Arc<JobRecord>>>,
+    jobs: Mutex<HashMap<String, Arc<JobHere>>>,
     /// When each job the node heard of was last cancelled, by the broker's clock: a task message
     /// the broker sent before then is cancelled ([`cancels_task`]); one of a later round (`grid
     /// retry` of a cancelled job) is not.
@@ -475,7 +475,7 @@ impl Node {
 
     /// The task's job, from the node's cache or the spec the task carries (a node reads no
     /// job records: its NATS permissions do not allow it).
-    async fn job(&self, task: &TaskMsg) -> Arc<JobRecord> {
+    async fn job(&self, task: &TaskMsg) -> Arc<JobHere> {
         let mut jobs = self.jobs.lock().await;
         // A retried round may run with new limits (`grid retry --memory`): the spec its task
         // carries is the job's now.
@@ -490,7 +490,7 @@ impl Node {
         }
         let spec = task.spec.clone();
         let total = spec.tasks.len();
-        let record = Arc::new(JobRecord {
+        let record = Arc::new(JobHere::new(JobRecord {
             id: task.job_id.clone(),
             spec,
             state: JobState::Running,
@@ -503,7 +503,7 @@ impl Node {
             },
             enqueued: 0,
             retried: 0,
-        });
+        }));
         jobs.insert(task.job_id.clone(), record.clone());
         record
     }
@@ -896,19 +896,60 @@ impl Node {
         }))
     }
 
+    /// `job`'s module (and program) ready to run: loaded by its first task here, then kept for
+    /// the rest (no read, hash or check of the module per task). `Ok(Err)`: the job is bad;
+    /// `Err`: this node could not fetch what it needs. Neither is kept: the next task tries
+    /// again.
+    async fn ready<'a>(
+        &self,
+        job: &'a JobHere,
+        delivery: u64,
+    ) -> Result<Result<&'a Ready, Reason>> {
+        let limits = Limits::of_job(&job.spec.limits);
+        let loaded = job
+            .ready
+            .get_or_try_init(|| async {
+                let (loaded, program) = match &job.spec.program {
+                    None => {
+                        let bytes = self
+                            .module_bytes(job, delivery)
+                            .await
+                            .context("fetching the module")
+                            .map_err(NotReady::Fetch)?;
+                        (self.sandbox.load(&bytes, &limits).await, None)
+                    }
+                    Some(program) => match self
+                        .program(job, program, delivery)
+                        .await
+                        .map_err(NotReady::Fetch)?
+                    {
+                        Ok(p) => (self.load_runtime(job, p.runtime, delivery).await, Some(p)),
+                        Err(reason) => (Err(reason), None),
+                    },
+                };
+                let module = loaded.map_err(NotReady::Bad)?;
+                Ok(Ready { module, program })
+            })
+            .await;
+        match loaded {
+            Ok(ready) => Ok(Ok(ready)),
+            Err(NotReady::Bad(reason)) => Ok(Err(reason)),
+            Err(NotReady::Fetch(e)) => Err(e),
+        }
+    }
+
     /// Runs one task; `Err` means this node could not run it (another may), not that it failed.
     /// Runs `task`: fetches what it needs, runs it while `running` holds its slot and memory,
     /// lets them go, then stores its outputs and logs.
     async fn run_task(
         &self,
-        job: &JobRecord,
+        job: &JobHere,
         task: &TaskMsg,
         running: Running<'_>,
         delivery: u64,
         inline: &mut grid_client::stage::InlineBudget,
     ) -> Result<ResultMsg> {
         let spec = &job.spec;
-        let limits = Limits::of_job(&spec.limits);
         let failed = |reason: Reason| self.failed_result(job, task, reason);
         // Listening for a cancel from the start (a cancel may come while the module compiles),
         // then checking that none came before.
@@ -924,27 +965,12 @@ impl Node {
         }
         // A cancel stops a task waiting for its module's compile too (its slot goes to the next
         // job at once); the compile goes on, and its code lands in the cache.
-        let load = async {
-            anyhow::Ok(match &spec.program {
-                None => {
-                    let bytes = self
-                        .module_bytes(job, delivery)
-                        .await
-                        .context("fetching the module")?;
-                    (self.sandbox.load(&bytes, &limits).await, None)
-                }
-                Some(program) => match self.program(job, program, delivery).await? {
-                    Ok(p) => (self.load_runtime(job, p.runtime, delivery).await, Some(p)),
-                    Err(reason) => (Err(reason), None),
-                },
-            })
-        };
-        let (loaded, program) = tokio::select! {
-            loaded = load => loaded?,
+        let ready = tokio::select! {
+            ready = self.ready(job, delivery) => ready?,
             Ok(_) = cancelled.wait_for(|at| cancels_task(*at, task)) => return Ok(failed(Reason::Cancelled)),
         };
-        let module = match loaded {
-            Ok(m) => m,
+        let Ready { module, program } = match ready {
+            Ok(ready) => ready.clone(),
             Err(reason) => return Ok(failed(reason)),
         };
         let grid_task = GridTask {
@@ -1091,6 +1117,42 @@ impl Node {
             staged,
         })
     }
+}
+
+/// A job as this node knows it: its record (built from the spec its tasks carry) and, once
+/// one of its tasks here has loaded them, its module and program.
+struct JobHere {
+    record: JobRecord,
+    ready: tokio::sync::OnceCell<Ready>,
+}
+
+impl JobHere {
+    fn new(record: JobRecord) -> Self {
+        Self {
+            record,
+            ready: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
+impl std::ops::Deref for JobHere {
+    type Target = JobRecord;
+    fn deref(&self) -> &JobRecord {
+        &self.record
+    }
+}
+
+/// What a job's tasks run: its module (or runtime) compiled, and its program laid out.
+#[derive(Clone)]
+struct Ready {
+    module: grid_sandbox::LoadedModule,
+    program: Option<grid_sandbox::Program>,
+}
+
+/// Why a job is not ready here: a bad job, or what it needs could not be fetched.
+enum NotReady {
+    Bad(Reason),
+    Fetch(anyhow::Error),
 }
 
 /// A task that ran in the sandbox, for the metrics (see `grid_client::metrics`).
