@@ -1054,10 +1054,11 @@ impl Node {
         // output limit has none; one whose `/out` no result could hold was ended as over it by
         // the sandbox, so a failure to list or read what is left is this node's trouble.
         let node_id = &self.config.node_id;
-        let files = if matches!(
-            report.outcome,
-            Outcome::Failed(Reason::Limit(Limit::Output | Limit::Files))
-        ) {
+        let files = if report.out_empty
+            || matches!(
+                report.outcome,
+                Outcome::Failed(Reason::Limit(Limit::Output | Limit::Files))
+            ) {
             Vec::new()
         } else {
             grid_sandbox::outputs::manifest(&out_dir).context("listing the task's outputs")?

@@ -190,6 +190,9 @@ pub struct TaskReport {
     /// Apparent size of `/out` when the task ended (a hard-linked file once); 0 after a task
     /// over its output limit, whose `/out` is emptied.
     pub bytes_out: u64,
+    /// `/out` was found empty when the task ended (or emptied, after a task over its output
+    /// limit): there is nothing to list.
+    pub out_empty: bool,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub logs_truncated: bool,
@@ -205,6 +208,7 @@ impl TaskReport {
             gpu_seconds: 0.0,
             peak_memory_bytes: 0,
             bytes_out: 0,
+            out_empty: false,
             stdout: Vec::new(),
             stderr: Vec::new(),
             logs_truncated: false,
@@ -645,14 +649,15 @@ impl Sandbox {
         {
             outcome = Outcome::Failed(Reason::Limit(limit));
         }
-        let bytes_out = if over_output_limit(&outcome) {
+        let left = if over_output_limit(&outcome) {
             // The last write may have left a sparse file past the quota, or one entry too many:
             // a task over its output limit leaves nothing behind.
             crate::outputs::clear(&spec.output_dir);
-            crate::outputs::measure(&spec.output_dir).map_or(0, |m| m.bytes)
+            crate::outputs::measure(&spec.output_dir)
         } else {
-            left.map_or(0, |m| m.bytes)
+            left
         };
+        let (bytes_out, out_empty) = left.map_or((0, false), |m| (m.bytes, m.entries == 0));
         if let Some(dir) = &scratch
             && let Err(e) = crate::tree::remove_contents(dir.path())
         {
@@ -668,6 +673,7 @@ impl Sandbox {
             gpu_seconds: ran.gpu_time.as_secs_f64(),
             peak_memory_bytes: ran.peak_memory_bytes,
             bytes_out,
+            out_empty,
             stdout,
             stderr,
             logs_truncated: out_truncated || err_truncated,

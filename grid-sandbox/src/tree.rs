@@ -196,14 +196,24 @@ pub fn remove_contents(root: &Path) -> io::Result<()> {
     let root = rustix::fs::open(root, dir_flags(), Mode::empty())?;
     let mut moved = 0u64;
     loop {
-        let progress = remove_pass(root.as_fd(), &mut moved)?;
-        if is_empty(root.as_fd())? {
+        let pass = remove_pass(root.as_fd(), &mut moved)?;
+        // A pass that found nothing in the root leaves it as empty as it found it (a task's
+        // folders mostly): no second listing to check.
+        if !pass.found || is_empty(root.as_fd())? {
             return Ok(());
         }
-        if !progress {
+        if !pass.progress {
             return Err(io::Error::other("a folder could not be emptied"));
         }
     }
+}
+
+/// What one pass of [`remove_contents`] saw and did.
+struct Pass {
+    /// The root listed an entry.
+    found: bool,
+    /// It removed or moved something.
+    progress: bool,
 }
 
 /// Removes `path`: a folder with everything in it (see [`remove_contents`]), anything else
@@ -218,8 +228,8 @@ pub fn remove_all(path: &Path) -> io::Result<()> {
 }
 
 /// One pass of [`remove_contents`]: removes what it reaches, and moves folders deeper than
-/// [`MAX_DEPTH`] up into `root`. True if it removed or moved anything.
-fn remove_pass(root: BorrowedFd<'_>, moved: &mut u64) -> io::Result<bool> {
+/// [`MAX_DEPTH`] up into `root`.
+fn remove_pass(root: BorrowedFd<'_>, moved: &mut u64) -> io::Result<Pass> {
     struct Level {
         dir: Dir,
         /// The folder's name in its parent (empty for the root).
@@ -229,11 +239,14 @@ fn remove_pass(root: BorrowedFd<'_>, moved: &mut u64) -> io::Result<bool> {
         dir: Dir::read_from(root)?,
         name: CString::default(),
     }];
-    let mut progress = false;
+    let (mut progress, mut listed) = (false, false);
     loop {
         let depth = levels.len();
         let Some(level) = levels.last_mut() else {
-            return Ok(progress);
+            return Ok(Pass {
+                found: listed,
+                progress,
+            });
         };
         let Some(found) = level.dir.read() else {
             // Its folder is empty now: remove it from its parent (the root stays).
@@ -255,6 +268,7 @@ fn remove_pass(root: BorrowedFd<'_>, moved: &mut u64) -> io::Result<bool> {
         if is_dot(name) {
             continue;
         }
+        listed = true;
         let dir = level.dir.fd()?;
         let is_dir = match found.file_type() {
             FileType::Directory => true,
