@@ -71,8 +71,7 @@ impl WorkDirs {
         })
     }
 
-    fn give_back(&self, path: PathBuf) {
-        let emptied = empty(&path);
+    fn give_back(&self, path: PathBuf, emptied: std::io::Result<()>) {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         if emptied.is_ok() && free.len() < self.keep {
             free.push(path);
@@ -87,11 +86,23 @@ impl WorkDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Gives the folder back as it is, without emptying it: for a caller that knows nothing is
+    /// in it — it wrote no inputs, and the sandbox found `/out` empty once the task had ended
+    /// (nothing else writes there). Spares a trivial task three folder listings.
+    pub fn give_back_unused(mut self) {
+        let path = std::mem::take(&mut self.path);
+        self.pool.give_back(path, Ok(()));
+    }
 }
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        self.pool.give_back(std::mem::take(&mut self.path));
+        let path = std::mem::take(&mut self.path);
+        if !path.as_os_str().is_empty() {
+            let emptied = empty(&path);
+            self.pool.give_back(path, emptied);
+        }
     }
 }
 
@@ -164,6 +175,11 @@ mod tests {
             2,
             "only in/ and out/"
         );
+        // Given back unused (nothing was written): reused as it is.
+        let path = again.path().to_path_buf();
+        again.give_back_unused();
+        let again = pool.take().unwrap();
+        assert_eq!(again.path(), path, "reused");
         // A task that replaced out/ with a file: the folder is not reused.
         std::fs::remove_dir(path.join("out")).unwrap();
         std::fs::write(path.join("out"), b"not a dir").unwrap();

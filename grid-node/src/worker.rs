@@ -988,6 +988,7 @@ impl Node {
         };
         let work = self.work.take()?;
         let (in_dir, out_dir) = (work.path().join("in"), work.path().join("out"));
+        let wrote_inputs = !inputs.is_empty();
         for (path, input) in inputs {
             let path = in_dir.join(path);
             if let Some(parent) = path.parent() {
@@ -1063,6 +1064,9 @@ impl Node {
         } else {
             grid_sandbox::outputs::manifest(&out_dir).context("listing the task's outputs")?
         };
+        if report.out_empty && !wrote_inputs {
+            work.give_back_unused();
+        }
         let mut staged: Vec<Staged> = Vec::new();
         for file in &files {
             if staged.iter().any(|s| s.sha256 == file.sha256) {

@@ -256,6 +256,7 @@ async fn disk_fill_stops_at_the_output_limit_and_leaves_nothing() {
         "a task over its output limit leaves an empty /out"
     );
     assert_eq!(std::fs::read_dir(dirs.output()).unwrap().count(), 0);
+    assert!(r.out_empty, "emptied, and said so");
     assert_a_good_task_runs().await;
 }
 
@@ -333,6 +334,16 @@ async fn a_tree_deeper_than_the_walk_goes_is_over_the_output_limit() {
     let (r, dirs) = hostile_with(&["deep-nest", "10", "200", "8"], output_limits()).await;
     assert_eq!(reason(&r), "succeeded");
     assert_eq!(r.bytes_out, 8 << 20);
+    assert!(!r.out_empty);
+    // Folders without a byte in them are not an empty /out either: the node empties it.
+    let (r, folders) = hostile_with(&["deep-nest", "3", "10", "0"], output_limits()).await;
+    assert_eq!(reason(&r), "succeeded");
+    assert_eq!(r.bytes_out, 0);
+    assert!(
+        !r.out_empty,
+        "{:?}",
+        std::fs::read_dir(folders.output()).unwrap().count()
+    );
     let files = grid_sandbox::outputs::manifest(&dirs.output()).unwrap();
     assert_eq!(files.len(), 2, "{files:?}");
     assert!(

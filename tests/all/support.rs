@@ -133,6 +133,7 @@ pub async fn assert_a_good_task_runs() {
         "stderr: {}",
         String::from_utf8_lossy(&report.stderr)
     );
+    assert!(!report.out_empty, "it wrote estimate.json");
     let estimate = std::fs::read_to_string(dirs.output().join("estimate.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&estimate).unwrap();
     assert_eq!(v["samples"], 20000);
