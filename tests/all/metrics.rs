@@ -187,10 +187,10 @@ fn broker_and_node_metrics_count_what_the_grid_did() {
         11.0,
         "{node}"
     );
-    // One module: compiled (by each of the first tasks that found it missing: its code and its
-    // guard's), then found in memory.
+    // One module: compiled for the first job (whose other tasks reuse it), then found in
+    // memory by each later job's first task.
     let loads = |from: &str| value(&node, "grid_module_loads_total", &[("from", from)]);
-    assert!(loads("compiled") + loads("disk") >= 2.0, "{node}");
+    assert!(loads("compiled") + loads("disk") >= 1.0, "{node}");
     assert!(loads("memory") >= 1.0, "{node}");
 }
 
