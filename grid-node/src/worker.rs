@@ -176,6 +176,12 @@ pub async fn run(
     let sandbox = Sandbox::new(SandboxConfig {
         cache_dir: Some(config.compiled_dir.clone()),
         caps: config.caps.clone(),
+        // Every class's slots: the most tasks that run here at once.
+        pooled_tasks: Some(config.slots.saturating_add(if gpu.is_some() {
+            config.gpu_slots
+        } else {
+            0
+        })),
         gpu,
         ..Default::default()
     })?;

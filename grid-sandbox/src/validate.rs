@@ -159,6 +159,13 @@ pub fn check_module(bytes: &[u8], limits: &Limits, caps: &CompileCaps) -> Result
                 }
             }
             Payload::TableSection(reader) => {
+                if reader.count() > crate::sandbox::MAX_TABLES {
+                    return Err(format!(
+                        "{} tables, over the cap of {}",
+                        reader.count(),
+                        crate::sandbox::MAX_TABLES
+                    ));
+                }
                 for table in reader {
                     let t =
                         table.map_err(|e| format!("malformed table section: {}", e.message()))?;
@@ -268,6 +275,20 @@ mod tests {
             check_module(b"hello", &Limits::default(), &CompileCaps::default())
                 .unwrap_err()
                 .contains("not a WebAssembly module")
+        );
+        // As many tables as a pooled task slot holds pass; one more is named.
+        let tables = |n: u32| {
+            let defs = "(table 1 funcref)".repeat(n as usize);
+            format!(r#"(module {defs} (func (export "_start")))"#)
+        };
+        check(&tables(crate::sandbox::MAX_TABLES)).unwrap();
+        assert_eq!(
+            check(&tables(crate::sandbox::MAX_TABLES + 1)).unwrap_err(),
+            format!(
+                "{} tables, over the cap of {}",
+                crate::sandbox::MAX_TABLES + 1,
+                crate::sandbox::MAX_TABLES
+            )
         );
     }
 }
