@@ -160,6 +160,7 @@ fn samples() -> Vec<Vec<u8>> {
             tasks_done: 9,
             started_unix_ms: 1,
             preparing: None,
+            runtimes_ready: Vec::new(),
             accepts: grid_proto::JobLimits::default(),
         }),
     ]

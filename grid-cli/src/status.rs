@@ -676,13 +676,14 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
             if args.json {
                 println!(
                     "{}",
-                    crate::terminal::json_line(&json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "running": node.running, "memory_reserved_bytes": node.memory_reserved_bytes, "memory_budget_bytes": node.memory_budget_bytes, "tasks_done": node.tasks_done, "votes_agreed": tally.agreed, "votes_lost": tally.outvoted, "preparing": node.preparing, "accepts": {"memory_bytes": node.accepts.memory_bytes, "timeout_ms": node.accepts.timeout_ms, "max_output_bytes": node.accepts.max_output_bytes, "gpu_memory_bytes": node.accepts.gpu_memory_bytes, "gpu_time_ms": node.accepts.gpu_time_ms}}))
+                    crate::terminal::json_line(&json!({"id": node.id, "classes": node.classes, "gpu": node.gpu, "slots": node.slots, "busy": node.busy, "running": node.running, "memory_reserved_bytes": node.memory_reserved_bytes, "memory_budget_bytes": node.memory_budget_bytes, "tasks_done": node.tasks_done, "votes_agreed": tally.agreed, "votes_lost": tally.outvoted, "preparing": node.preparing, "runtimes_ready": node.runtimes_ready, "accepts": {"memory_bytes": node.accepts.memory_bytes, "timeout_ms": node.accepts.timeout_ms, "max_output_bytes": node.accepts.max_output_bytes, "gpu_memory_bytes": node.accepts.gpu_memory_bytes, "gpu_time_ms": node.accepts.gpu_time_ms}}))
                 );
             } else {
                 // A node's words are its provider's: shown, not obeyed, on a terminal.
                 use crate::terminal::for_stdout;
                 let gpu = node.gpu.as_deref().map(|g| format!("  gpu {}", for_stdout(g))).unwrap_or_default();
                 let preparing = node.preparing.as_ref().map(|p| format!("  ({})", for_stdout(&p.progress(grid_client::now_unix_ms())))).unwrap_or_default();
+                let ready = if node.runtimes_ready.is_empty() { String::new() } else { format!("  {} ready", for_stdout(&node.runtimes_ready.join(", "))) };
                 let votes = if tally.agreed + tally.outvoted > 0 {
                     format!("  votes agreed {} lost {}", tally.agreed, tally.outvoted)
                 } else {
@@ -690,7 +691,7 @@ pub fn nodes(args: ListArgs) -> Result<ExitCode> {
                 };
                 println!(
                     // Held: handed to it, running or waiting for one of its slots.
-                    "{}  {}  running {} of {} slots, {} held  memory {} of {}  done {}{votes}{gpu}{preparing}",
+                    "{}  {}  running {} of {} slots, {} held  memory {} of {}  done {}{votes}{gpu}{ready}{preparing}",
                     for_stdout(&node.id),
                     for_stdout(&node.classes.join(",")),
                     node.running,

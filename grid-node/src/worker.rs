@@ -419,6 +419,15 @@ impl Node {
                 tasks_done: self.done.load(Ordering::Relaxed),
                 started_unix_ms,
                 preparing: self.preparing(),
+                runtimes_ready: grid_proto::runtime::RUNTIMES
+                    .iter()
+                    .filter(|r| {
+                        r.module_sha256
+                            .parse()
+                            .is_ok_and(|sha| self.sandbox.is_loaded(&sha))
+                    })
+                    .map(|r| r.name.to_string())
+                    .collect(),
                 accepts: self.config.caps.accepts(),
             };
             let sent = match self.grid.nodes().await {

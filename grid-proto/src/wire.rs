@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// Bumped on any incompatible change of a wire type.
-pub const WIRE_VERSION: u16 = 13;
+pub const WIRE_VERSION: u16 = 14;
 
 /// A type that travels over NATS.
 pub trait Message: Serialize + DeserializeOwned {
@@ -1183,6 +1183,9 @@ pub struct NodeInfo {
     pub started_unix_ms: u64,
     /// Work that delays its tasks, e.g. compiling the Python runtime (once per machine).
     pub preparing: Option<Preparing>,
+    /// The runtimes it has compiled and loaded (`python`): their tasks start at once here, and
+    /// the broker hands them to such nodes first.
+    pub runtimes_ready: Vec<String>,
     /// The largest limits it accepts (its caps): it does not take a task of a job that asks
     /// for more.
     pub accepts: JobLimits,

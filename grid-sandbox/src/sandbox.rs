@@ -493,6 +493,15 @@ impl Sandbox {
         self.compile_and_keep(&bytes, sha256, true, &label).await
     }
 
+    /// Whether the module `sha256` (a runtime's, say) is compiled and loaded here: its tasks
+    /// start without a compile.
+    pub fn is_loaded(&self, sha256: &Sha256Hex) -> bool {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(sha256)
+    }
+
     fn already_loaded(&self, sha256: &Sha256Hex) -> Option<LoadedModule> {
         let found = self
             .loaded

@@ -330,6 +330,86 @@ fn a_warm_node_readies_the_runtime_before_the_first_task() {
     assert!(loads("memory") >= 1.0, "the task found it in memory");
 }
 
+/// A runtime's tasks go first to a node that has the runtime loaded: a node that would first
+/// compile it (a minute or more) gets none of a job that a ready node can take at once.
+#[test]
+fn python_tasks_go_first_to_a_node_with_the_runtime_ready() {
+    let _turn = turn();
+    // The runtime compiled into the shared cache, if no test did it yet.
+    let (v, code) = run_py("random_bytes.py", &[], &[], b"");
+    assert_eq!(code, 0, "{v}");
+    let mut grid = TestGrid::start(0, &[]);
+    let (warm_dir, cold_dir, cold_compiled) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    grid.nodes.push(GridProcess::node_with(
+        &grid.nats,
+        "warm-node",
+        warm_dir.path(),
+        2,
+        &[
+            "--no-gpu",
+            "--warm-runtimes",
+            "--compiled-dir",
+            &python_cache(),
+        ],
+    ));
+    // Its own empty compiled cache, and no compile at start: a Python task here would wait for
+    // a compile.
+    grid.nodes.push(GridProcess::node_with(
+        &grid.nats,
+        "cold-node",
+        cold_dir.path(),
+        2,
+        &[
+            "--no-gpu",
+            "--compiled-dir",
+            cold_compiled.path().to_str().unwrap(),
+        ],
+    ));
+    grid.wait_for_nodes(2);
+    let ready = |id: &str| {
+        let out = grid.grid(&["nodes", "--json"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|n| n["id"] == id && n["runtimes_ready"] == serde_json::json!(["python"]))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !ready("warm-node") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the warm node never said its runtime was ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(!ready("cold-node"));
+    let program = program("random_bytes.py");
+    let done = grid.grid_json(
+        &[
+            "submit",
+            program.to_str().unwrap(),
+            "--tasks",
+            "6",
+            "--wait",
+        ],
+        0,
+    );
+    assert_eq!(done["tasks"]["succeeded"], 6, "{done}");
+    let out = tempfile::tempdir().unwrap();
+    let job = done["job_id"].as_str().unwrap();
+    let r = grid.grid(&["results", job, "-o", out.path().to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(0), "{r:?}");
+    let manifest = std::fs::read_to_string(out.path().join("manifest.jsonl")).unwrap();
+    assert_eq!(manifest.lines().count(), 6, "{manifest}");
+    for line in manifest.lines() {
+        let task: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(task["node"], "warm-node", "{manifest}");
+    }
+}
+
 #[test]
 fn matplotlib_draws_a_figure_and_tempfile_works() {
     let _turn = turn();

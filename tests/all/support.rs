@@ -798,6 +798,7 @@ pub async fn heartbeat(client: &async_nats::Client, node: &str) {
         tasks_done: 0,
         started_unix_ms: grid_client::now_unix_ms(),
         preparing: None,
+        runtimes_ready: Vec::new(),
         accepts: grid_proto::JobLimits {
             memory_bytes: 8 << 30,
             timeout_ms: 86_400_000,

@@ -29,6 +29,12 @@
 //!   a newcomer's job by at most the deliveries nodes already hold, not by its queue: the
 //!   rules keep each tenant's queue short enough for the pool to see every tenant's
 //!   (`--tenant-window`, see `crate::rules`).
+//! - **A runtime's tasks go first to nodes that have it loaded.** A node lists the runtimes it
+//!   has compiled and loaded in its heartbeat (`NodeInfo::runtimes_ready`); a task of a runtime
+//!   goes to another node only once it has waited [`UNREADY_WAIT`] in hand, so that a node
+//!   that would first spend a minute compiling the Python runtime does not sit on tasks that a
+//!   ready node could start now. (A node that lies about it gets tasks sooner, which it could
+//!   get anyway by asking first.)
 //! - **A result comes from the node the message was handed to.** The seal is bound to the node
 //!   on the way out ([`SealKey::bind`]).
 //! - **A provider reads only what its tasks need.** Nodes read tenants' stores through the
@@ -65,12 +71,32 @@ const FETCH_BYTES: usize = 512 * 1024;
 /// Messages of one class pulled ahead and kept in hand, to choose from by fair share.
 pub const POOL_MOST: usize = 8192;
 
+/// How long a task of a runtime (`python`) waits in hand for a node that has the runtime
+/// loaded before a node that would first compile it (a minute or more) may take it. A ready
+/// node with room asks again well within this; one without room leaves the task to the others.
+const UNREADY_WAIT: Duration = Duration::from_secs(3);
+
 /// A message pulled from the queue and not handed out yet.
 struct InHand {
     msg: jetstream::Message,
     task: TaskMsg,
     /// Nodes that hold another replica of its task (asked again after the next keep-alive).
     refused: HashSet<String>,
+    /// When it was pulled from the queue.
+    since: Instant,
+}
+
+impl InHand {
+    /// Whether `node`, which has the runtimes `ready` loaded, may take it now.
+    fn offered_to(&self, node: &str, ready: &[String]) -> bool {
+        !self.refused.contains(node)
+            && self
+                .task
+                .spec
+                .program
+                .as_ref()
+                .is_none_or(|p| ready.contains(&p.runtime) || self.since.elapsed() >= UNREADY_WAIT)
+    }
 }
 
 /// A message handed to a node.
@@ -167,7 +193,8 @@ impl Dispatcher {
         if room == 0 {
             return Ok(Deliveries { deliveries });
         }
-        self.top_up(consumer, node, &req.class).await?;
+        let ready = &info.runtimes_ready;
+        self.top_up(consumer, node, &req.class, ready).await?;
         // Deliveries of the class each tenant holds, counting those handed out here.
         let mut holds: HashMap<String, usize> = HashMap::new();
         for h in self.held().values().filter(|h| h.class == req.class) {
@@ -179,14 +206,20 @@ impl Dispatcher {
                 msg,
                 task,
                 mut refused,
-            }) = self.pick(node, &req.class, &holds)
+                since,
+            }) = self.pick(node, &req.class, &holds, ready)
             else {
                 break;
             };
             // One reply carries the messages: it stays within NATS's largest payload.
             bytes += msg.payload.len();
             if bytes > TAKE_BYTES && !deliveries.is_empty() {
-                self.lock_pool().push(InHand { msg, task, refused });
+                self.lock_pool().push(InHand {
+                    msg,
+                    task,
+                    refused,
+                    since,
+                });
                 break;
             }
             if task.spec.replicas > 1 {
@@ -194,7 +227,12 @@ impl Dispatcher {
                     Ok(true) => {}
                     placed => {
                         refused.insert(node.to_string());
-                        self.lock_pool().push(InHand { msg, task, refused });
+                        self.lock_pool().push(InHand {
+                            msg,
+                            task,
+                            refused,
+                            since,
+                        });
                         placed?;
                         continue;
                     }
@@ -221,12 +259,13 @@ impl Dispatcher {
         consumer: &jetstream::consumer::PullConsumer,
         node: &str,
         class: &str,
+        ready: &[String],
     ) -> Result<()> {
         let (of_class, for_node) = {
             let pool = self.lock_pool();
             let of_class: Vec<&InHand> =
                 pool.iter().filter(|h| h.task.spec.class == class).collect();
-            let for_node = of_class.iter().any(|h| !h.refused.contains(node));
+            let for_node = of_class.iter().any(|h| h.offered_to(node, ready));
             (of_class.len(), for_node)
         };
         let want = POOL_MOST.saturating_sub(of_class);
@@ -252,6 +291,7 @@ impl Dispatcher {
                     msg,
                     task,
                     refused: HashSet::new(),
+                    since: Instant::now(),
                 }),
                 Err(e) => {
                     tracing::error!(subject = %msg.subject, "dropping a task message: {e}");
@@ -263,10 +303,17 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Takes from the pool the message of `class` that `node` should get next: of the tenant
-    /// holding the fewest deliveries for its weight (`holds`), then of its job of highest
-    /// priority, then the oldest job's, lowest task first.
-    fn pick(&self, node: &str, class: &str, holds: &HashMap<String, usize>) -> Option<InHand> {
+    /// Takes from the pool the message of `class` that `node` should get next: of those it may
+    /// take now ([`InHand::offered_to`]), of the tenant holding the fewest deliveries for its
+    /// weight (`holds`), then of its job of highest priority, then the oldest job's, lowest
+    /// task first.
+    fn pick(
+        &self,
+        node: &str,
+        class: &str,
+        holds: &HashMap<String, usize>,
+        ready: &[String],
+    ) -> Option<InHand> {
         let mut pool = self.lock_pool();
         let share = |tenant: &str| {
             let weight = self.weights.get(tenant).copied().unwrap_or(1).max(1);
@@ -275,7 +322,7 @@ impl Dispatcher {
         let at = pool
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.task.spec.class == class && !h.refused.contains(node))
+            .filter(|(_, h)| h.task.spec.class == class && h.offered_to(node, ready))
             .min_by(|(_, a), (_, b)| {
                 let (a, b) = (&a.task, &b.task);
                 share(&a.spec.tenant)

@@ -99,6 +99,7 @@ pub(super) fn node(id: &str) -> NodeInfo {
         tasks_done: 0,
         started_unix_ms: 0,
         preparing: None,
+        runtimes_ready: Vec::new(),
         accepts: JobLimits {
             memory_bytes: 8 << 30,
             timeout_ms: 86_400_000,
