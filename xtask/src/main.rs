@@ -18,7 +18,7 @@ mod python;
 mod setup;
 
 use anyhow::{Context, Result, bail};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -77,9 +77,14 @@ fn run() -> Result<()> {
     }
 }
 
-/// The workspace root (the parent of this crate).
+/// The workspace root (the parent of this crate). `cargo xtask` (a `cargo run` alias) says at
+/// run time where this checkout's xtask is; the path compiled in names the checkout that built
+/// the binary, which is another one when two checkouts share a target folder.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let xtask = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    xtask
         .parent()
         .expect("xtask sits in the workspace")
         .to_path_buf()
