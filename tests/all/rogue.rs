@@ -511,6 +511,39 @@ async fn report(client: &async_nats::Client, report: grid_proto::DeliveryReport)
     }
 }
 
+/// A heartbeat that claims thousands of runtimes (as many as its 64 KiB allow; the broker
+/// checks the list against its pool on every take) counts for the runtimes the grid knows: the
+/// rogue's takes are answered, and an honest node's job completes with its outputs.
+#[test]
+fn a_provider_claiming_thousands_of_runtimes_is_served_and_honest_work_completes() {
+    let grid = TestGrid::start(1, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job = submit_nap(&grid, 6, &[]);
+    rt.block_on(async {
+        let rogue = Rogue::join(&grid.nats.url).await;
+        let mut claimed: Vec<String> = (0..6_000).map(|i| format!("rt{i}")).collect();
+        claimed.push("python".into());
+        heartbeat_ready(&rogue.client, "rogue", claimed).await;
+        for _ in 0..5 {
+            // Whatever it got goes straight back.
+            let held = take(&rogue.client, 8).await;
+            report(
+                &rogue.client,
+                grid_proto::DeliveryReport {
+                    done: Vec::new(),
+                    back: held,
+                    back_delay_ms: 0,
+                    holding: Vec::new(),
+                    running: Vec::new(),
+                },
+            )
+            .await;
+        }
+    });
+    assert_eq!(grid.wait(&job)["state"], "done");
+    assert_honest_outputs(&grid, &job, 6);
+}
+
 #[test]
 fn a_provider_cannot_hoard_tasks_or_settle_another_nodes() {
     let metrics = free_addr();

@@ -785,6 +785,11 @@ impl Taken {
 
 /// A heartbeat for node `node` (class `cpu`, 2 slots), written with `client`.
 pub async fn heartbeat(client: &async_nats::Client, node: &str) {
+    heartbeat_ready(client, node, Vec::new()).await;
+}
+
+/// [`heartbeat`], claiming the runtimes `ready` loaded.
+pub async fn heartbeat_ready(client: &async_nats::Client, node: &str, ready: Vec<String>) {
     let info = grid_proto::NodeInfo {
         id: node.into(),
         classes: vec!["cpu".into()],
@@ -798,7 +803,7 @@ pub async fn heartbeat(client: &async_nats::Client, node: &str) {
         tasks_done: 0,
         started_unix_ms: grid_client::now_unix_ms(),
         preparing: None,
-        runtimes_ready: Vec::new(),
+        runtimes_ready: ready,
         accepts: grid_proto::JobLimits {
             memory_bytes: 8 << 30,
             timeout_ms: 86_400_000,

@@ -193,7 +193,14 @@ impl Dispatcher {
         if room == 0 {
             return Ok(Deliveries { deliveries });
         }
-        let ready = &info.runtimes_ready;
+        // Only names of runtimes this grid knows, at most one each: the list is the provider's
+        // word, and it is checked against every message in the pool on every take.
+        let ready: Vec<String> = grid_proto::runtime::RUNTIMES
+            .iter()
+            .filter(|r| info.runtimes_ready.iter().any(|n| n == r.name))
+            .map(|r| r.name.to_string())
+            .collect();
+        let ready = &ready;
         self.top_up(consumer, node, &req.class, ready).await?;
         // Deliveries of the class each tenant holds, counting those handed out here.
         let mut holds: HashMap<String, usize> = HashMap::new();
