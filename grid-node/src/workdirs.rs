@@ -71,9 +71,10 @@ impl WorkDirs {
         })
     }
 
-    fn give_back(&self, path: PathBuf, emptied: std::io::Result<()>) {
+    /// Keeps `path` for reuse when it was `emptied` and the pool has room; removes it otherwise.
+    fn give_back(&self, path: PathBuf, emptied: bool) {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if emptied.is_ok() && free.len() < self.keep {
+        if emptied && free.len() < self.keep {
             free.push(path);
         } else {
             drop(free);
@@ -92,7 +93,7 @@ impl WorkDir {
     /// (nothing else writes there). Spares a trivial task three folder listings.
     pub fn give_back_unused(mut self) {
         let path = std::mem::take(&mut self.path);
-        self.pool.give_back(path, Ok(()));
+        self.pool.give_back(path, true);
     }
 }
 
@@ -100,7 +101,7 @@ impl Drop for WorkDir {
     fn drop(&mut self) {
         let path = std::mem::take(&mut self.path);
         if !path.as_os_str().is_empty() {
-            let emptied = empty(&path);
+            let emptied = empty(&path).is_ok();
             self.pool.give_back(path, emptied);
         }
     }

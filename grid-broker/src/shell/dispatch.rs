@@ -200,8 +200,7 @@ impl Dispatcher {
             .filter(|r| info.runtimes_ready.iter().any(|n| n == r.name))
             .map(|r| r.name.to_string())
             .collect();
-        let ready = &ready;
-        self.top_up(consumer, node, &req.class, ready).await?;
+        self.top_up(consumer, node, &req.class, &ready).await?;
         // Deliveries of the class each tenant holds, counting those handed out here.
         let mut holds: HashMap<String, usize> = HashMap::new();
         for h in self.held().values().filter(|h| h.class == req.class) {
@@ -214,7 +213,7 @@ impl Dispatcher {
                 task,
                 mut refused,
                 since,
-            }) = self.pick(node, &req.class, &holds, ready)
+            }) = self.pick(node, &req.class, &holds, &ready)
             else {
                 break;
             };
