@@ -213,7 +213,11 @@ impl AuthDir {
              operator: {operator_jwt}\n\
              system_account: {system}\n\
              resolver: MEMORY\n\
-             resolver_preload: {{\n  {account}: {account_jwt}\n  {system}: {system_jwt}\n}}\n",
+             resolver_preload: {{\n  {account}: {account_jwt}\n  {system}: {system_jwt}\n}}\n\
+             # Lets JetStream's API cross the leaf-node links of provider sites (`grid site init`):\n\
+             # nats-server denies it on a non-system account's leaf link unless the account is\n\
+             # mapped to the default domain on both ends.\n\
+             default_js_domain: {{ {account}: \"\" }}\n",
             system = system.public_key(),
             account = account.public_key(),
         );
@@ -415,7 +419,7 @@ fn restrict(dir: &Path) -> Result<()> {
 }
 
 /// Writes a secret: readable by its owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

@@ -99,6 +99,15 @@ pub async fn connect_named(
         .map(|u| u.trim().parse::<async_nats::ServerAddr>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow!("bad NATS URL {url:?}: {e}"))?;
+    // A user and password in the URL (`nats://lab-3:PASS@127.0.0.1:4222`) log in to a site's
+    // leaf node, which maps them to the provider's own link to the core; async-nats reads no
+    // login from a URL, so it is passed on here. The credentials still say who is speaking.
+    if let Some(server) = servers.iter().find(|s| s.username().is_some()) {
+        options = options.user_and_password(
+            server.username().unwrap_or_default().to_string(),
+            server.password().unwrap_or_default().to_string(),
+        );
+    }
     if forever {
         options = options.retry_on_initial_connect().max_reconnects(None);
         return options
