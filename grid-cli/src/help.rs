@@ -203,6 +203,13 @@ pub const PROVIDER: &str = examples!(
         => "grid provider add lab-3 --auth-dir /etc/grid/auth",
 );
 
+pub const SITE: &str = examples!(
+    "A site whose leaf dials the core over TLS for provider lab-3 (credentials and CA from the operator)"
+        => "grid site init /etc/grid/site --hub tls://core-1.example.org:7422,tls://core-2.example.org:7422 --creds lab-3.creds --ca ca.pem",
+    "Then, on the site: its leaf node, and the node"
+        => "nats-server -c /etc/grid/site/leaf.conf & grid-node --config /etc/grid/site/node-lab-3.toml",
+);
+
 pub const PYTHON: &str = examples!(
     "What a .py job can import, and which version"
         => "grid python packages",

@@ -13,6 +13,7 @@ mod help;
 mod python;
 mod results;
 mod run;
+mod site;
 mod status;
 mod style;
 mod submit;
@@ -112,6 +113,9 @@ enum Command {
         mut_subcommand("add", |add| add.after_help(help::PROVIDER))
     )]
     Provider(auth::AddCommand),
+    /// Provider sites: a leaf node that links a site's providers to the grid's core.
+    #[command(subcommand, after_help = help::SITE)]
+    Site(site::SiteCommand),
     /// Grid's Python runtime: `grid python packages` lists what a `.py` job can import.
     #[command(subcommand, after_help = help::PYTHON)]
     Python(python::PythonCommand),
@@ -207,6 +211,7 @@ fn main() -> ExitCode {
         Command::Auth(command) => auth::auth(command),
         Command::Tenant(command) => auth::add(grid_client::auth::Role::Tenant, command),
         Command::Provider(command) => auth::add(grid_client::auth::Role::Provider, command),
+        Command::Site(command) => site::site(command),
         Command::Python(command) => python::python(command),
         Command::Broker(args) => return grid_broker::main(args),
         Command::Node(args) => return grid_node::worker::main(args),
