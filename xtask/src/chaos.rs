@@ -6,11 +6,12 @@
 //! It prints a summary: kills of each kind, retries used, duplicate results the broker dropped,
 //! wall time against the calm run. CI runs a short one (`--tasks 300`).
 
+use crate::part::Part;
 use crate::{build_guests, cargo, guest_wasm, setup, target_dir};
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const NODES: usize = 3;
@@ -106,57 +107,6 @@ struct JobRun {
     duplicates: u64,
     /// Tasks JetStream delivered again (a node died holding them, or handed them back).
     redeliveries: u64,
-}
-
-/// A process of the grid that can be killed and started again the same way.
-struct Part {
-    cmd: Vec<String>,
-    env: Vec<(String, String)>,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Part {
-    fn new(cmd: Vec<String>, env: Vec<(String, String)>, log: PathBuf) -> Result<Self> {
-        let mut part = Self {
-            cmd,
-            env,
-            log,
-            child: None,
-        };
-        part.start()?;
-        Ok(part)
-    }
-
-    fn start(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let child = Command::new(&self.cmd[0])
-            .args(&self.cmd[1..])
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", self.cmd.join(" ")))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Part {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// A small seeded generator (SplitMix64): the same seed gives the same schedule.

@@ -8,12 +8,15 @@
 //! | `test` | setup, `cargo fmt --check`, clippy with warnings denied, build-guests, every test of the workspace, then a short chaos run and a short fuzz run |
 //! | `bench [sandbox|grid|peers|gpu|python|flat]` | benchmarks: sandbox vs bare wasmtime vs native; tasks per second through the grid; Grid beside Ray and Dask; GPU binding vs native; Python in the sandbox vs host CPython; rate and memory as jobs grow |
 //! | `chaos [--tasks N] [--seed S] [--samples N]` | a job on a local grid while nodes, the broker and nats-server are killed at random; checked against a calm run |
+//! | `netgrid [faults [NAME…]\|scale]` | Grid across network namespaces: a 3-server core, the broker and provider sites behind TLS leaf nodes; faults of the network mid-job; 50 providers (needs root) |
 //! | `fuzz [--seconds N] [--seed S] [wire\|sandbox\|gpu…]` | replays `fuzz/regressions/`, then fuzzes wire decoding, the sandbox and the GPU ABI for N seconds each |
 
 mod bench;
 mod chaos;
 mod demo;
 mod fuzz;
+mod netgrid;
+mod part;
 mod python;
 mod setup;
 
@@ -71,8 +74,11 @@ fn run() -> Result<()> {
         Some("bench") => bench::run(&args[1..]),
         Some("chaos") => chaos::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
+        Some("netgrid") => netgrid::run(&args[1..]),
+        // The slow link of `netgrid faults slow-link`, run inside a site's namespace.
+        Some("netgrid-proxy") => netgrid::proxy::run(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask <setup|build-guests|demo [python]|test|test-python|bench [sandbox|grid|peers|gpu|python] [--runs N] [--json]|bench flat [--largest N]|chaos [--tasks N] [--seed S] [--samples N]|fuzz [--seconds N] [--seed S] [wire|sandbox|gpu...]>"
+            "usage: cargo xtask <setup|build-guests|demo [python]|test|test-python|bench [sandbox|grid|peers|gpu|python] [--runs N] [--json]|bench flat [--largest N]|chaos [--tasks N] [--seed S] [--samples N]|fuzz [--seconds N] [--seed S] [wire|sandbox|gpu...]|netgrid [faults [NAME...]|scale]>"
         ),
     }
 }
