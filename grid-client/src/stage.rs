@@ -14,7 +14,7 @@
 //! write, read and delete that a small output or log would cost are saved.
 //!
 //! The stage cannot hurt anyone but its provider: it allows no rollups and no purges, holds at
-//! most its byte quota (a full stage refuses the provider's next chunk: that provider's error,
+//! most its quota in chunks (a full stage refuses the provider's next chunk: that provider's error,
 //! not the grid's) and forgets what is older than [`STAGE_MAX_AGE`]. Only the operator may
 //! delete from it (the provider's permissions name no JetStream API but its consumers').
 
@@ -75,8 +75,17 @@ impl InlineBudget {
 impl Grid {
     /// Makes (or updates) `node`'s stage stream, holding at most `max_bytes`. The broker does
     /// it, so that a provider cannot choose its own limits.
+    ///
+    /// The bound is a count of chunks, each at most a chunk's size, not JetStream's byte limit:
+    /// a stream's byte limit is *reserved* on every server that keeps a copy, so that a core
+    /// with 36 GB of JetStream storage held the stages of 8 providers at the 4 GiB default, and
+    /// refused the 9th provider's stage and every later tenant's store. A count reserves
+    /// nothing and bounds the bytes alike.
     pub async fn create_stage(&self, node: &str, max_bytes: u64, replicas: usize) -> Result<()> {
         let name = names::stage_stream(node);
+        let max_chunks = max_bytes
+            .div_ceil(names::STAGE_CHUNK_BYTES)
+            .clamp(1, i64::MAX as u64);
         self.js
             .create_or_update_stream(stream::Config {
                 name: name.clone(),
@@ -84,7 +93,7 @@ impl Grid {
                 retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
                 num_replicas: replicas,
-                max_bytes: max_bytes.min(i64::MAX as u64) as i64,
+                max_messages: max_chunks as i64,
                 max_age: STAGE_MAX_AGE,
                 // A chunk and its headers.
                 max_message_size: (names::STAGE_CHUNK_BYTES + 4096) as i32,

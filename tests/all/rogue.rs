@@ -809,7 +809,7 @@ fn a_provider_that_fills_its_stage_stops_itself_only() {
                 Ok(_) => stored += 1,
                 Err(e) => {
                     assert!(
-                        e.to_string().to_lowercase().contains("maximum bytes"),
+                        e.to_string().to_lowercase().contains("maximum messages"),
                         "{e}"
                     );
                     break;
