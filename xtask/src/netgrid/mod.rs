@@ -41,16 +41,19 @@ pub fn run(args: &[String]) -> Result<()> {
     build_guests()?;
     cargo(&["build", "--locked", "-p", "grid-cli"])?;
     let work = std::env::temp_dir().join(format!("grid-netgrid-{}", std::process::id()));
+    // `--keep`: the logs, configs and results stay, also when everything passed.
+    let keep = args.iter().any(|a| a == "--keep");
+    let args: Vec<String> = args.iter().filter(|a| *a != "--keep").cloned().collect();
     let result = match args.first().map(String::as_str) {
         None => demo(&work),
         Some("faults") => faults(&work, &args[1..]),
         Some("scale") => scale(&work),
         Some(other) => bail!(
-            "unknown netgrid command {other}; usage: cargo xtask netgrid [faults [{}]|scale]",
+            "unknown netgrid command {other}; usage: cargo xtask netgrid [faults [{}]|scale] [--keep]",
             FAULTS.join("|")
         ),
     };
-    if result.is_ok() {
+    if result.is_ok() && !keep {
         let _ = std::fs::remove_dir_all(&work);
     } else {
         eprintln!("netgrid: logs are in {}", work.display());
