@@ -18,6 +18,7 @@ mod grid;
 mod hostile;
 mod ledger;
 mod metrics;
+mod packaging;
 mod privileges;
 mod python;
 mod readme;
