@@ -5,7 +5,7 @@
 //! | `setup` | installs what is missing (the wasm32-wasip1 target) or says exactly how |
 //! | `build-guests` | builds the example jobs and the test guests to `target/wasm32-wasip1/guest/` |
 //! | `demo [python]` | the README's main job: a local grid runs the synthetic-data example (or the scikit-learn sweep) |
-//! | `test` | setup, `cargo fmt --check`, clippy with warnings denied, build-guests, every test of the workspace, then a short chaos run and a short fuzz run |
+//! | `test` | setup, `cargo fmt --check`, clippy with warnings denied, build-guests, every test of the workspace, then a short chaos run, the netgrid faults and a short fuzz run |
 //! | `bench [sandbox|grid|peers|gpu|python|flat]` | benchmarks: sandbox vs bare wasmtime vs native; tasks per second through the grid; Grid beside Ray and Dask; GPU binding vs native; Python in the sandbox vs host CPython; rate and memory as jobs grow |
 //! | `chaos [--tasks N] [--seed S] [--samples N]` | a job on a local grid while nodes, the broker and nats-server are killed at random; checked against a calm run |
 //! | `netgrid [faults [NAME…]\|scale]` | Grid across network namespaces: a 3-server core, the broker and provider sites behind TLS leaf nodes; faults of the network mid-job; 50 providers (needs root) |
@@ -65,6 +65,9 @@ fn run() -> Result<()> {
             python::test()?;
             // The short chaos run: the grid under kills of every kind of process.
             chaos::run(&["--tasks".into(), "300".into(), "--seed".into(), "1".into()])?;
+            // The grid across network namespaces, under each fault a network has (needs root,
+            // as CI and the development machines are; about 4 minutes).
+            netgrid::run(&["faults".into()])?;
             // A short fuzz run of every target, seeded so that CI repeats the same inputs (a
             // longer `cargo xtask fuzz --seed S` explores new ones); a finding fails the run.
             fuzz::run(&["--seconds".into(), "20".into(), "--seed".into(), "1".into()])

@@ -126,7 +126,7 @@ impl Deployment {
                 "{server_conf}\n\
                  server_name: {name}\n\
                  listen: \"{ip}:4222\"\n\
-                 jetstream {{ store_dir: \"{store}\" }}\n\
+                 jetstream {{ store_dir: \"{store}\", max_file_store: 64G }}\n\
                  cluster {{ name: grid, listen: \"{ip}:6222\", routes: [{routes}] }}\n\
                  leafnodes {{\n  listen: \"{ip}:7422\"\n  tls {{ cert_file: \"{cert}\", key_file: \"{key}\", timeout: 5 }}\n}}\n",
                 store = dir.join(&name).display(),
@@ -163,6 +163,9 @@ impl Deployment {
                 core_urls.clone(),
                 "--stream-replicas".into(),
                 CORE.to_string(),
+                // A store's quota is reserved on each core server (see ARCHITECTURE.md).
+                "--tenant-quota".into(),
+                "1GiB".into(),
                 "--creds".into(),
                 auth.join("creds/operator-broker.creds")
                     .display()
