@@ -489,7 +489,7 @@ fn empty_listings_say_what_to_do() {
 
 /// Every command `grid --help` lists, in its order. A new command goes here, and with it its
 /// examples (`grid-cli/src/help.rs`), so that the test below reads its help too.
-const COMMANDS: [&str; 21] = [
+const COMMANDS: [&str; 22] = [
     "run",
     "up",
     "submit",
@@ -508,6 +508,7 @@ const COMMANDS: [&str; 21] = [
     "auth",
     "tenant",
     "provider",
+    "site",
     "python",
     "broker",
     "node",
