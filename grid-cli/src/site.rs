@@ -184,6 +184,10 @@ impl Site {
         let _ = writeln!(
             text,
             "listen: \"{}:{}\"\n\
+             # A link whose packets vanish (no reset) is dropped after 3 unanswered pings, 5 s\n\
+             # apart, and made again to any core server; nats-server's default waits 2 minutes.\n\
+             ping_interval: \"5s\"\n\
+             ping_max: 3\n\
              # JetStream is the core's; nats-server lets its API cross to the core only for\n\
              # accounts mapped to the default domain (a setting it marks as temporary).\n\
              default_js_domain: {{",
