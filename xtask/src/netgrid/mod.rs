@@ -38,6 +38,7 @@ pub const FAULTS: &[&str] = &["site-cut", "core-cut", "one-way", "broker-cut", "
 
 pub fn run(args: &[String]) -> Result<()> {
     setup::run()?;
+    setup::network_tools()?;
     build_guests()?;
     cargo(&["build", "--locked", "-p", "grid-cli"])?;
     let work = std::env::temp_dir().join(format!("grid-netgrid-{}", std::process::id()));
@@ -78,7 +79,7 @@ fn demo(work: &Path) -> Result<()> {
         grid.providers().count(),
         started.elapsed().as_secs_f64()
     );
-    let outcome = run_job(&grid, 300, |_| Ok(()))?;
+    let outcome = run_job(&grid, 300, |_| Ok(String::new()))?;
     print_where(&grid, &outcome);
     let problems = check(&outcome, None, 300);
     if !problems.is_empty() {
@@ -134,7 +135,7 @@ fn faults(work: &Path, names: &[String]) -> Result<()> {
     };
     let calm = {
         let grid = Deployment::start(&work.join("calm"), &plan(false))?;
-        run_job(&grid, TASKS, |_| Ok(()))?
+        run_job(&grid, TASKS, |_| Ok(String::new()))?
     };
     println!(
         "netgrid: calm run: {TASKS} tasks in {:.1} s",
@@ -143,11 +144,7 @@ fn faults(work: &Path, names: &[String]) -> Result<()> {
     let mut failed = Vec::new();
     for name in names {
         let grid = Deployment::start(&work.join(name), &plan(name == "slow-link"))?;
-        let what = std::cell::RefCell::new(String::new());
-        let outcome = run_job(&grid, TASKS, |grid| {
-            *what.borrow_mut() = inject(grid, name)?;
-            Ok(())
-        });
+        let outcome = run_job(&grid, TASKS, |grid| inject(grid, name));
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
@@ -165,7 +162,7 @@ fn faults(work: &Path, names: &[String]) -> Result<()> {
             .count();
         println!(
             "netgrid: {name}: {}; {:.1} s ({:.2}× calm); retries used {retries}; redelivered {}; duplicate results dropped {}; site-1 ran {ran_on_site_1} tasks; ledger {} attempts",
-            what.borrow(),
+            outcome.during,
             outcome.wall.as_secs_f64(),
             outcome.wall.as_secs_f64() / calm.wall.as_secs_f64(),
             outcome.redeliveries,
@@ -283,7 +280,7 @@ fn scale(work: &Path) -> Result<()> {
     );
     const TASKS: u64 = 5000;
     let before = sample(&grid);
-    let outcome = run_job_with(&grid, TASKS, 1000, |_| Ok(()))?;
+    let outcome = run_job_with(&grid, TASKS, 1000, |_| Ok(String::new()))?;
     let after = sample(&grid);
     let wall = after.0.duration_since(before.0).as_secs_f64();
     let problems = check(&outcome, None, TASKS);
@@ -316,7 +313,10 @@ struct TaskResult {
 }
 
 struct Outcome {
+    /// From submit until the job was done (the fault may still have been healing).
     wall: Duration,
+    /// What was done to the grid meanwhile.
+    during: String,
     tasks: BTreeMap<u64, TaskResult>,
     /// Attempts the usage ledger holds for the job.
     ledger_attempts: u64,
@@ -329,18 +329,18 @@ struct Outcome {
 fn run_job(
     grid: &Deployment,
     tasks: u64,
-    during: impl FnOnce(&Deployment) -> Result<()>,
+    during: impl FnOnce(&Deployment) -> Result<String> + Send,
 ) -> Result<Outcome> {
     run_job_with(grid, tasks, SAMPLES, during)
 }
 
-/// Submits monte-carlo-pi with `tasks` params lines as the tenant, runs `during` while it
-/// runs, waits for it to finish, and reads its results and its ledger.
+/// Submits monte-carlo-pi with `tasks` params lines as the tenant, runs `during` beside it,
+/// waits for both to finish, and reads the job's results and its ledger.
 fn run_job_with(
     grid: &Deployment,
     tasks: u64,
     samples: u64,
-    during: impl FnOnce(&Deployment) -> Result<()>,
+    during: impl FnOnce(&Deployment) -> Result<String> + Send,
 ) -> Result<Outcome> {
     let params = grid.dir.join("params.jsonl");
     std::fs::write(
@@ -368,23 +368,28 @@ fn run_job_with(
     }
     let job = json_field(&String::from_utf8_lossy(&out.stdout), "job_id")
         .context("submit printed no job id")?;
-    during(grid)?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let out = grid.grid(&["status", &job, "--json"])?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if text.contains("\"state\":\"done\"") {
-            break;
-        }
-        if text.contains("\"state\":\"failed\"") || text.contains("\"state\":\"cancelled\"") {
-            bail!("the job ended {text}");
-        }
-        if Instant::now() > deadline {
-            bail!("the job did not finish within 5 min: {text}");
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let wall = started.elapsed();
+    let (wall, during) = std::thread::scope(|scope| -> Result<(Duration, String)> {
+        let during = scope.spawn(|| during(grid));
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let wall = loop {
+            let out = grid.grid(&["status", &job, "--json"])?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains("\"state\":\"done\"") {
+                break started.elapsed();
+            }
+            if text.contains("\"state\":\"failed\"") || text.contains("\"state\":\"cancelled\"") {
+                bail!("the job ended {text}");
+            }
+            if Instant::now() > deadline {
+                bail!("the job did not finish within 5 min: {text}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        let during = during
+            .join()
+            .map_err(|_| anyhow::anyhow!("the fault's thread panicked"))??;
+        Ok((wall, during))
+    })?;
     // Results a cut-off node finished meanwhile arrive once its link is back: give them time to
     // be dropped (or, wrongly, counted) before the ledger is read.
     std::thread::sleep(Duration::from_secs(3));
@@ -430,6 +435,7 @@ fn run_job_with(
     let nodes = |n: &str| n.starts_with("node-");
     Ok(Outcome {
         wall,
+        during,
         tasks: seen,
         ledger_attempts,
         duplicates: grid.count_in_logs(|n| n == "broker", "duplicate result ignored")
