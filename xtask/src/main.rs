@@ -37,7 +37,8 @@ fn run() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("setup") => setup::run()
             .and_then(|()| setup::lint_tools())
-            .and_then(|()| setup::browser()),
+            .and_then(|()| setup::browser())
+            .and_then(|()| setup::network_tools()),
         Some("build-guests") => {
             setup::run()?;
             build_guests()
@@ -47,6 +48,7 @@ fn run() -> Result<()> {
             setup::run()?;
             setup::lint_tools()?;
             setup::browser()?;
+            setup::network_tools()?;
             // House rules first: formatted, and no clippy warning anywhere.
             cargo(&["fmt", "--all", "--check"])
                 .context("the code is not formatted: run `cargo fmt --all`")?;

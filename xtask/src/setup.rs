@@ -13,7 +13,8 @@
 //! For the tests (`cargo xtask test`, `cargo xtask setup`), also `rustfmt` and `clippy` (rustup
 //! components; rustup's default profile has them, its minimal one does not), and what the dashboard's browser
 //! test drives: Debian's `chromium` (apt, as root; or `GRID_CHROMIUM` names one) and Node.js,
-//! and `playwright-core` (`npm ci` in `tests/browser`, pinned by its lock file).
+//! and `playwright-core` (`npm ci` in `tests/browser`, pinned by its lock file); and the tools
+//! of the network tests: `ip`, `openssl`, `setsid`, `systemd-analyze` (apt, as root).
 
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -26,6 +27,33 @@ pub fn run() -> Result<()> {
     ensure_nats_server()?;
     ensure_vulkan_driver()?;
     ensure_python_runtime()
+}
+
+/// What the network tests (`cargo xtask netgrid`) and the packaging test use besides Grid:
+/// `ip` (iproute2) for the namespaces, `openssl` for the CA, `setsid` (util-linux) for the
+/// namespace watchdog, and `systemd-analyze` to check the units in `packaging/`.
+pub fn network_tools() -> Result<()> {
+    let missing: Vec<&str> = [
+        ("ip", "iproute2"),
+        ("openssl", "openssl"),
+        ("setsid", "util-linux"),
+        ("systemd-analyze", "systemd"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| {
+        Command::new(tool)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_err()
+    })
+    .map(|(_, package)| package)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing, "the network tests")
 }
 
 /// Chromium, Node.js and `playwright-core` for the dashboard's browser test.
