@@ -823,3 +823,149 @@ fn a_provider_that_fills_its_stage_stops_itself_only() {
     assert_eq!(grid.wait(&job)["state"], "done");
     assert_honest_outputs(&grid, &job, 4);
 }
+
+/// A provider site's leaf node (`grid site init`) carries a node to the grid, and adds reach,
+/// not rights: a provider speaking raw NATS through the leaf, logged in to its own account
+/// there with its own credentials, gets through on its own subjects only. It cannot forge
+/// another provider's results or heartbeat, nor purge the task stream; the honest node behind
+/// the same leaf completes the job with exact outputs.
+#[test]
+fn a_site_leaf_carries_a_node_and_gives_a_provider_no_more_than_its_credentials() {
+    let (nats, leaf_port) = NatsServer::start_with_leafnodes();
+    let grid = TestGrid::start_on(nats, 0, |nats| GridProcess::broker(nats, &[]));
+    let site = tempfile::tempdir().unwrap();
+    let dir = site.path().join("site");
+    let listen = free_addr();
+    let honest = creds(Role::Provider, "site-honest");
+    let rogue = creds(Role::Provider, "site-rogue");
+    let hub = format!("nats-leaf://127.0.0.1:{leaf_port}");
+    let out = crate::support::grid(
+        &[
+            "site",
+            "init",
+            dir.to_str().unwrap(),
+            "--hub",
+            &hub,
+            "--creds",
+            honest.to_str().unwrap(),
+            "--creds",
+            rogue.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let leaf = KillOnDrop(
+        std::process::Command::new(grid_client::find_nats_server().unwrap())
+            .arg("-c")
+            .arg(dir.join("leaf.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let cache = site.path().join("cache");
+    let _node = GridProcess::start(&[
+        "node",
+        "--config",
+        dir.join("node-site-honest.toml").to_str().unwrap(),
+        "--no-gpu",
+        "--slots",
+        "2",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    grid.wait_for_nodes(1);
+    let job = submit_nap(&grid, 12, &[]);
+    // The rogue's URL on the leaf: its own account's login, from its node config.
+    let config = std::fs::read_to_string(dir.join("node-site-rogue.toml")).unwrap();
+    let url = config
+        .lines()
+        .find_map(|l| l.strip_prefix("nats = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap()
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use futures::StreamExt;
+        let operator = connect_operator(&grid.nats.url).await;
+        let mut results = operator
+            .subscribe("grid.results.site-honest.>")
+            .await
+            .unwrap();
+        let mut heartbeats = operator
+            .subscribe("$KV.grid_nodes.site-honest")
+            .await
+            .unwrap();
+        operator.flush().await.unwrap();
+        let rogue = connect_as(&url, &rogue).await;
+        // Its own subjects cross: the broker answers its stage request through the leaf.
+        let reply = rogue
+            .request(
+                names::provider_subject("site-rogue", "stage"),
+                encode(&grid_proto::StageRequest {}).into(),
+            )
+            .await
+            .expect("the broker answers the rogue's own request through the leaf");
+        let answer: grid_proto::Answer<grid_proto::StoreReady> =
+            grid_proto::decode(&reply.payload).unwrap();
+        assert!(
+            matches!(answer, grid_proto::Answer::Granted(_)),
+            "{answer:?}"
+        );
+        // Another provider's results and heartbeat, and the task stream's purge, do not.
+        rogue
+            .publish("grid.results.site-honest.forged", "forged".into())
+            .await
+            .unwrap();
+        rogue
+            .publish("$KV.grid_nodes.site-honest", "forged".into())
+            .await
+            .unwrap();
+        let purge = tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            rogue.request("$JS.API.STREAM.PURGE.GRID_TASKS", "".into()),
+        )
+        .await;
+        assert!(
+            !matches!(purge, Ok(Ok(_))),
+            "the task stream's purge was answered"
+        );
+        rogue.flush().await.unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, results.next()).await {
+            assert_ne!(
+                &msg.payload[..],
+                b"forged",
+                "a forged result crossed the leaf"
+            );
+        }
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, heartbeats.next()).await {
+            assert_ne!(
+                &msg.payload[..],
+                b"forged",
+                "a forged heartbeat crossed the leaf"
+            );
+        }
+    });
+    assert_eq!(grid.wait(&job)["state"], "done");
+    assert_honest_outputs(&grid, &job, 12);
+    let (_dir, manifest) = grid.results(&job);
+    assert!(manifest.iter().all(|t| t["node"] == "site-honest"));
+    drop(leaf);
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

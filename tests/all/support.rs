@@ -377,7 +377,30 @@ impl NatsServer {
             .collect()
     }
 
+    /// A server that also takes leaf nodes (a provider site's, `grid site init`) on loopback:
+    /// the server and its leaf-node port.
+    pub fn start_with_leafnodes() -> (Self, u16) {
+        let dir = tempfile::tempdir().unwrap();
+        let leaf_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = dir.path().join("hub.conf");
+        let auth = std::fs::read_to_string(test_auth().dir.server_config()).unwrap();
+        std::fs::write(
+            &config,
+            format!("{auth}\nleafnodes {{ listen: \"127.0.0.1:{leaf_port}\" }}\n"),
+        )
+        .unwrap();
+        (Self::start_configured(dir, &config, 0, &[]), leaf_port)
+    }
+
     fn start_with(dir: tempfile::TempDir, port: u16, extra: &[&str]) -> Self {
+        Self::start_configured(dir, &test_auth().dir.server_config(), port, extra)
+    }
+
+    fn start_configured(dir: tempfile::TempDir, config: &Path, port: u16, extra: &[&str]) -> Self {
         let bin = grid_client::find_nats_server().unwrap_or_else(|| {
             panic!(
                 "{} (the tests need a real nats-server)",
@@ -394,7 +417,7 @@ impl NatsServer {
         };
         let child = Command::new(bin)
             .arg("-c")
-            .arg(test_auth().dir.server_config())
+            .arg(config)
             .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
             .arg(dir.path().join("store"))
             .arg("--ports_file_dir")
@@ -637,7 +660,15 @@ impl TestGrid {
 
     /// A grid whose broker `broker` starts (one with test-only fault injection, say).
     pub fn start_with(nodes: usize, broker: impl FnOnce(&NatsServer) -> GridProcess) -> Self {
-        let nats = NatsServer::start();
+        Self::start_on(NatsServer::start(), nodes, broker)
+    }
+
+    /// A grid on `nats` (one that takes leaf nodes, say).
+    pub fn start_on(
+        nats: NatsServer,
+        nodes: usize,
+        broker: impl FnOnce(&NatsServer) -> GridProcess,
+    ) -> Self {
         let broker = broker(&nats);
         let caches = tempfile::tempdir().unwrap();
         let nodes = (0..nodes)
