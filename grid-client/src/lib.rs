@@ -81,6 +81,7 @@ pub async fn connect_named(
     creds: Option<&str>,
     creds_path: Option<&std::path::Path>,
 ) -> Result<async_nats::Client> {
+    let shown = without_password(url);
     let mut options = async_nats::ConnectOptions::new().name("grid");
     if let Some(creds) = creds {
         options = options
@@ -98,7 +99,7 @@ pub async fn connect_named(
         .split(',')
         .map(|u| u.trim().parse::<async_nats::ServerAddr>())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow!("bad NATS URL {url:?}: {e}"))?;
+        .map_err(|e| anyhow!("bad NATS URL {shown:?}: {e}"))?;
     // A user and password in the URL (`nats://lab-3:PASS@127.0.0.1:4222`) log in to a site's
     // leaf node, which maps them to the provider's own link to the core; async-nats reads no
     // login from a URL, so it is passed on here. The credentials still say who is speaking.
@@ -113,7 +114,7 @@ pub async fn connect_named(
         return options
             .connect(servers)
             .await
-            .with_context(|| format!("connecting to {url}"));
+            .with_context(|| format!("connecting to {shown}"));
     }
     let attempt = tokio::time::timeout(Duration::from_secs(5), options.connect(servers)).await;
     match attempt {
@@ -131,20 +132,41 @@ pub async fn connect_named(
                 (None, _) => "a connection without credentials".to_string(),
             };
             bail!(
-                "the grid at {url} answered but refused {presented}: pass yours with --creds FILE or GRID_CREDS (a grid started with `grid up --data-dir DATA` keeps its tenants' in DATA/auth/creds/, e.g. tenant-default.creds)"
+                "the grid at {shown} answered but refused {presented}: pass yours with --creds FILE or GRID_CREDS (a grid started with `grid up --data-dir DATA` keeps its tenants' in DATA/auth/creds/, e.g. tenant-default.creds)"
             )
         }
         Ok(Err(e)) => Err(Unreachable {
-            url: url.to_string(),
+            url: shown.clone(),
             why: e.to_string(),
         }
         .into()),
         Err(_) => Err(Unreachable {
-            url: url.to_string(),
+            url: shown.clone(),
             why: "timed out".into(),
         }
         .into()),
     }
+}
+
+/// `url` as it may be shown in a message or a log: a password in it (a node's login to its
+/// site's leaf) replaced by `***`.
+pub fn without_password(url: &str) -> String {
+    url.split(',')
+        .map(|one| {
+            let Some((scheme, rest)) = one.split_once("://") else {
+                return one.to_string();
+            };
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match authority.rsplit_once('@') {
+                Some((login, host)) if login.contains(':') => {
+                    let user = login.split(':').next().unwrap_or_default();
+                    format!("{scheme}://{user}:***@{host}{path}")
+                }
+                _ => one.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The error when nothing answers as NATS at a grid's URL, as opposed to a grid that answers
@@ -995,5 +1017,25 @@ impl KvFollow {
             return None;
         }
         self.next().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_password;
+
+    #[test]
+    fn a_url_is_shown_without_its_password() {
+        assert_eq!(
+            without_password("nats://lab-3:s3cret@127.0.0.1:4222"),
+            "nats://lab-3:***@127.0.0.1:4222"
+        );
+        assert_eq!(
+            without_password("nats://a:1@h1:4222,nats://h2:4222,tls://b:2@h3:4222/x"),
+            "nats://a:***@h1:4222,nats://h2:4222,tls://b:***@h3:4222/x"
+        );
+        for plain in ["nats://127.0.0.1:4222", "nats://token@h:4222", "h:4222"] {
+            assert_eq!(without_password(plain), plain);
+        }
     }
 }
