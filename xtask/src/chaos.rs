@@ -6,6 +6,7 @@
 //! It prints a summary: kills of each kind, retries used, duplicate results the broker dropped,
 //! wall time against the calm run. CI runs a short one (`--tasks 300`).
 
+use crate::manifest::{self, TaskResult};
 use crate::part::Part;
 use crate::{build_guests, cargo, guest_wasm, setup, target_dir};
 use anyhow::{Context, Result, bail};
@@ -92,11 +93,6 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("chaos: every task counted once, outputs identical to the calm run");
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
-}
-
-struct TaskResult {
-    files: Vec<(String, String)>,
-    attempts: u64,
 }
 
 struct JobRun {
@@ -307,26 +303,7 @@ fn run_job(dir: &Path, tasks: u64, samples: u64, chaos: Option<u64>) -> Result<J
     if !out.status.success() {
         bail!("results: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let manifest = std::fs::read_to_string(results.join("manifest.jsonl"))?;
-    let mut tasks_seen = BTreeMap::new();
-    for line in manifest.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)?;
-        let index = v["index"].as_u64().context("index")?;
-        let mut files: Vec<(String, String)> = v["files"]
-            .as_array()
-            .context("files")?
-            .iter()
-            .map(|f| (f["path"].to_string(), f["sha256"].to_string()))
-            .collect();
-        files.sort();
-        let task = TaskResult {
-            files,
-            attempts: v["attempts"].as_u64().context("attempts")?,
-        };
-        if tasks_seen.insert(index, task).is_some() {
-            bail!("task {index} is in the results twice");
-        }
-    }
+    let tasks_seen = manifest::read(&results.join("manifest.jsonl"))?;
     let count_in_logs = |file: &str, what: &str| {
         std::fs::read_to_string(dir.join("logs").join(file))
             .unwrap_or_default()

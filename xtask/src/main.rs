@@ -15,6 +15,7 @@ mod bench;
 mod chaos;
 mod demo;
 mod fuzz;
+mod manifest;
 mod netgrid;
 mod part;
 mod python;

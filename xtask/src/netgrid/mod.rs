@@ -21,6 +21,7 @@ mod deploy;
 mod lab;
 pub mod proxy;
 
+use crate::manifest::{self, TaskResult};
 use crate::{build_guests, cargo, guest_wasm, setup};
 use anyhow::{Context, Result, bail};
 use deploy::{Deployment, Plan};
@@ -306,12 +307,6 @@ fn scale(work: &Path) -> Result<()> {
     Ok(())
 }
 
-struct TaskResult {
-    files: Vec<(String, String)>,
-    attempts: u64,
-    node: String,
-}
-
 struct Outcome {
     /// From submit until the job was done (the fault may still have been healing).
     wall: Duration,
@@ -399,27 +394,7 @@ fn run_job_with(
     if !out.status.success() {
         bail!("results: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
-    let manifest = std::fs::read_to_string(results.join("manifest.jsonl"))?;
-    let mut seen = BTreeMap::new();
-    for line in manifest.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)?;
-        let index = v["index"].as_u64().context("index")?;
-        let mut files: Vec<(String, String)> = v["files"]
-            .as_array()
-            .context("files")?
-            .iter()
-            .map(|f| (f["path"].to_string(), f["sha256"].to_string()))
-            .collect();
-        files.sort();
-        let task = TaskResult {
-            files,
-            attempts: v["attempts"].as_u64().context("attempts")?,
-            node: v["node"].as_str().unwrap_or_default().to_string(),
-        };
-        if seen.insert(index, task).is_some() {
-            bail!("task {index} is in the results twice");
-        }
-    }
+    let seen = manifest::read(&results.join("manifest.jsonl"))?;
     let out = grid.grid(&["usage", "--job", &job, "--json"])?;
     if !out.status.success() {
         bail!("usage: {}", String::from_utf8_lossy(&out.stderr).trim());
