@@ -8,7 +8,7 @@
 
 use crate::manifest::{self, TaskResult};
 use crate::part::Part;
-use crate::{build_guests, cargo, guest_wasm, setup, target_dir};
+use crate::{build_guests, cargo, grid_operator, guest_wasm, setup, target_dir};
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -49,22 +49,7 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("chaos: calm run {:.1} s", calm.wall.as_secs_f64());
     let chaos = run_job(&work.join("chaos"), tasks, samples, Some(seed))?;
 
-    let mut problems = Vec::new();
-    if chaos.tasks.len() as u64 != tasks {
-        problems.push(format!(
-            "{} of {tasks} tasks in the results",
-            chaos.tasks.len()
-        ));
-    }
-    for (index, task) in &chaos.tasks {
-        match calm.tasks.get(index) {
-            Some(c) if c.files == task.files => {}
-            _ => problems.push(format!("task {index}: outputs differ from the calm run")),
-        }
-        if task.attempts > RETRIES + 1 {
-            problems.push(format!("task {index}: {} attempts", task.attempts));
-        }
-    }
+    let problems = manifest::check(&chaos.tasks, Some(&calm.tasks), tasks, RETRIES + 1);
     let retries: u64 = chaos.tasks.values().map(|t| t.attempts - 1).sum();
     println!(
         "chaos: kills: {} node, {} broker, {} nats-server; redeliveries {}; retries used {retries}; duplicate results dropped {}; wall {:.1} s vs calm {:.1} s ({:.2}×)",
@@ -142,18 +127,7 @@ fn run_job(dir: &Path, tasks: u64, samples: u64, chaos: Option<u64>) -> Result<J
     // With NATS auth on, as a real grid runs: an operator setup, the default tenant, and a
     // provider per node (the `grid` commands that make them).
     let auth = dir.join("auth");
-    let make = |args: &[&str]| -> Result<String> {
-        let out = Command::new(&grid)
-            .args(args)
-            .arg("--auth-dir")
-            .arg(&auth)
-            .stderr(Stdio::inherit())
-            .output()?;
-        if !out.status.success() {
-            bail!("grid {args:?} failed");
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
+    let make = |args: &[&str]| grid_operator(&grid, &auth, args);
     let server_config = make(&["auth", "init"])?;
     let tenant = make(&["tenant", "add", "default"])?;
     let operator = auth

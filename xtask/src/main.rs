@@ -217,6 +217,25 @@ fn descendants(pid: u32) -> Vec<u32> {
     found
 }
 
+/// `grid ARGS --auth-dir AUTH`, one of the operator's commands (`auth init`, `tenant add`,
+/// `provider add`) that set up a test grid's NATS auth: the path it printed.
+pub fn grid_operator(grid: &str, auth: &std::path::Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(grid)
+        .args(args)
+        .arg("--auth-dir")
+        .arg(auth)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .with_context(|| format!("running {grid}"))?;
+    if !out.status.success() {
+        bail!(
+            "grid {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// Runs cargo in the workspace root, failing on a non-zero exit.
 pub fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

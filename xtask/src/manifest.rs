@@ -1,5 +1,6 @@
 //! A job's `manifest.jsonl`, as `grid results` writes it, read for the fault runs' checks
-//! (`cargo xtask chaos`, `cargo xtask netgrid faults`): each task's outputs, attempts and node.
+//! (`cargo xtask chaos`, `cargo xtask netgrid faults`): each task's outputs, attempts and node,
+//! and the checks both runs make of them.
 
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
@@ -38,4 +39,33 @@ pub fn read(path: &Path) -> Result<BTreeMap<u64, TaskResult>> {
         }
     }
     Ok(tasks)
+}
+
+/// What is wrong with `tasks`, if anything: not `expected` tasks; outputs that differ from
+/// `calm`'s (when there is a calm run to compare with); more attempts than `max_attempts`.
+pub fn check(
+    tasks: &BTreeMap<u64, TaskResult>,
+    calm: Option<&BTreeMap<u64, TaskResult>>,
+    expected: u64,
+    max_attempts: u64,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if tasks.len() as u64 != expected {
+        problems.push(format!(
+            "{} of {expected} tasks in the results",
+            tasks.len()
+        ));
+    }
+    for (index, task) in tasks {
+        if let Some(calm) = calm {
+            match calm.get(index) {
+                Some(c) if c.files == task.files => {}
+                _ => problems.push(format!("task {index}: outputs differ from the calm run")),
+            }
+        }
+        if task.attempts > max_attempts {
+            problems.push(format!("task {index}: {} attempts", task.attempts));
+        }
+    }
+    problems
 }

@@ -69,21 +69,7 @@ impl Deployment {
 
         // The operator's side: its setup, a tenant, a provider per node.
         let auth = dir.join("auth");
-        let make = |args: &[&str]| -> Result<String> {
-            let out = Command::new(&grid)
-                .args(args)
-                .arg("--auth-dir")
-                .arg(&auth)
-                .stderr(Stdio::piped())
-                .output()?;
-            if !out.status.success() {
-                bail!(
-                    "grid {args:?}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        };
+        let make = |args: &[&str]| crate::grid_operator(&grid, &auth, args);
         let server_conf = std::fs::read_to_string(make(&["auth", "init"])?)?;
         let tenant_creds = PathBuf::from(make(&["tenant", "add", "default"])?);
         let sites: Vec<(String, Vec<String>)> = (1..=plan.sites)

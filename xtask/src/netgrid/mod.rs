@@ -419,26 +419,9 @@ fn run_job_with(
     })
 }
 
-/// The chaos run's checks; what is wrong, if anything.
+/// The chaos run's checks, and the ledger's; what is wrong, if anything.
 fn check(outcome: &Outcome, calm: Option<&Outcome>, tasks: u64) -> Vec<String> {
-    let mut problems = Vec::new();
-    if outcome.tasks.len() as u64 != tasks {
-        problems.push(format!(
-            "{} of {tasks} tasks in the results",
-            outcome.tasks.len()
-        ));
-    }
-    for (index, task) in &outcome.tasks {
-        if let Some(calm) = calm {
-            match calm.tasks.get(index) {
-                Some(c) if c.files == task.files => {}
-                _ => problems.push(format!("task {index}: outputs differ from the calm run")),
-            }
-        }
-        if task.attempts > RETRIES + 1 {
-            problems.push(format!("task {index}: {} attempts", task.attempts));
-        }
-    }
+    let mut problems = manifest::check(&outcome.tasks, calm.map(|c| &c.tasks), tasks, RETRIES + 1);
     let attempts: u64 = outcome.tasks.values().map(|t| t.attempts).sum();
     if outcome.ledger_attempts != attempts {
         problems.push(format!(
