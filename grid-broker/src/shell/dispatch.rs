@@ -88,14 +88,11 @@ struct InHand {
 
 impl InHand {
     /// Whether `node`, which has the runtimes `ready` loaded, may take it now.
-    fn offered_to(&self, node: &str, ready: &[String]) -> bool {
+    fn offered_to(&self, node: &str, ready: &[&str]) -> bool {
         !self.refused.contains(node)
-            && self
-                .task
-                .spec
-                .program
-                .as_ref()
-                .is_none_or(|p| ready.contains(&p.runtime) || self.since.elapsed() >= UNREADY_WAIT)
+            && self.task.spec.program.as_ref().is_none_or(|p| {
+                ready.contains(&p.runtime.as_str()) || self.since.elapsed() >= UNREADY_WAIT
+            })
     }
 }
 
@@ -195,10 +192,10 @@ impl Dispatcher {
         }
         // Only names of runtimes this grid knows, at most one each: the list is the provider's
         // word, and it is checked against every message in the pool on every take.
-        let ready: Vec<String> = grid_proto::runtime::RUNTIMES
+        let ready: Vec<&'static str> = grid_proto::runtime::RUNTIMES
             .iter()
             .filter(|r| info.runtimes_ready.iter().any(|n| n == r.name))
-            .map(|r| r.name.to_string())
+            .map(|r| r.name)
             .collect();
         self.top_up(consumer, node, &req.class, &ready).await?;
         // Deliveries of the class each tenant holds, counting those handed out here.
@@ -265,7 +262,7 @@ impl Dispatcher {
         consumer: &jetstream::consumer::PullConsumer,
         node: &str,
         class: &str,
-        ready: &[String],
+        ready: &[&str],
     ) -> Result<()> {
         let (of_class, for_node) = {
             let pool = self.lock_pool();
@@ -318,7 +315,7 @@ impl Dispatcher {
         node: &str,
         class: &str,
         holds: &HashMap<String, usize>,
-        ready: &[String],
+        ready: &[&str],
     ) -> Option<InHand> {
         let mut pool = self.lock_pool();
         let share = |tenant: &str| {
