@@ -35,14 +35,7 @@ impl Lab {
                 "netgrid makes network namespaces, which needs root: run it as root (e.g. `sudo -E cargo xtask netgrid`)"
             );
         }
-        if Command::new("ip")
-            .arg("-V")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            bail!("netgrid needs `ip` (iproute2): apt-get install iproute2");
-        }
+        // `ip` itself: `setup::network_tools`, which netgrid runs first.
         sweep_stale();
         let pid = std::process::id();
         let prefix = format!("gridnet-{pid}-");
